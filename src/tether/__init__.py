@@ -1,0 +1,56 @@
+"""tether: inter-process communication for Python.
+
+Framed pipes, child processes with a connected channel, and named channels
+with ``invoke``/``handle`` (request and response) and ``send``/``on`` (events)
+in both directions, over socketpairs, unix sockets and TCP.
+"""
+
+from . import sync as sync
+from .aio import Call as Call
+from .aio import Child as Child
+from .aio import Main as Main
+from .aio import Peer as Peer
+from .aio import Server as Server
+from .aio import connect as connect
+from .errors import BadRequest as BadRequest
+from .errors import ConnectionClosed as ConnectionClosed
+from .errors import ConsumedError as ConsumedError
+from .errors import EndOfStream as EndOfStream
+from .errors import Forbidden as Forbidden
+from .errors import InvokeTimeout as InvokeTimeout
+from .errors import NoHandler as NoHandler
+from .errors import PayloadTooLarge as PayloadTooLarge
+from .errors import PeerGone as PeerGone
+from .errors import ProtocolError as ProtocolError
+from .errors import RemoteError as RemoteError
+from .errors import TetherError as TetherError
+from .pipe import PipeReader as PipeReader
+from .pipe import PipeWriter as PipeWriter
+from .pipe import pipe as pipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadRequest",
+    "Call",
+    "Child",
+    "ConnectionClosed",
+    "ConsumedError",
+    "EndOfStream",
+    "Forbidden",
+    "InvokeTimeout",
+    "Main",
+    "NoHandler",
+    "PayloadTooLarge",
+    "Peer",
+    "PeerGone",
+    "PipeReader",
+    "PipeWriter",
+    "ProtocolError",
+    "RemoteError",
+    "Server",
+    "TetherError",
+    "connect",
+    "pipe",
+    "sync",
+]

@@ -1,0 +1,561 @@
+"""The asyncio side of one connection: :class:`Peer` and :class:`Call`.
+
+The I/O here is deliberately thin: a non-blocking socket watched with
+``loop.add_reader``, bytes fed to :class:`~tether.protocol.Connection`, frames
+dispatched by plain calls (a task only for ``async`` handlers), and the
+outgoing buffer flushed once per loop iteration so many frames share one
+``send`` syscall. Owning the socket (rather than an asyncio transport) keeps
+the door open for ``SCM_RIGHTS`` file-descriptor passing on unix sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Collection
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from .. import codec
+from ..errors import (
+    BadRequest,
+    ConnectionClosed,
+    Forbidden,
+    InvokeTimeout,
+    NoHandler,
+    PayloadTooLarge,
+    PeerGone,
+    ProtocolError,
+    RemoteError,
+    TetherError,
+)
+from ..protocol import Connection, State
+from ..registry import Handler, Registry
+from ..wire import DEFAULT_MAX_FRAME_SIZE, Frame, Kind
+
+__all__ = ["DEFAULT", "Call", "Peer"]
+
+log = logging.getLogger("tether")
+
+T = TypeVar("T")
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Final[Any] = _Default()
+DEFAULT_TIMEOUT: Final = 30.0
+HIGH_WATER: Final = 4 * 1024 * 1024
+LOW_WATER: Final = 1024 * 1024
+_READ_SIZE: Final = 256 * 1024
+
+_INVOKE: Final = int(Kind.INVOKE)
+_RESULT: Final = int(Kind.RESULT)
+_ERROR: Final = int(Kind.ERROR)
+_EVENT: Final = int(Kind.EVENT)
+_CANCEL: Final = int(Kind.CANCEL)
+_GOODBYE: Final = int(Kind.GOODBYE)
+
+
+class Call:
+    """What a handler learns about the call it is answering.
+
+    Attributes:
+        peer: the peer that invoked or sent; invoke it back, or keep it.
+        channel: the channel name.
+        request_id: the invoke's request id (0 for events).
+        route_id: the route addressed (0 = the peer itself).
+    """
+
+    __slots__ = ("channel", "peer", "request_id", "route_id")
+
+    def __init__(self, peer: Peer, channel: str, request_id: int, route_id: int) -> None:
+        self.peer = peer
+        self.channel = channel
+        self.request_id = request_id
+        self.route_id = route_id
+
+    def __repr__(self) -> str:
+        return f"<Call {self.channel!r} #{self.request_id} from {self.peer!r}>"
+
+
+def error_from_info(info: codec.ErrorInfo) -> TetherError:
+    """Turn an ERROR frame's body into the exception the caller sees."""
+    code = info.code
+    if code == "no_handler":
+        return NoHandler(info.message)
+    if code == "forbidden":
+        return Forbidden(info.message)
+    if code == "bad_request":
+        return BadRequest(info.message, info.path)
+    if code == "too_large":
+        return PayloadTooLarge(info.message)
+    return RemoteError(info.type or code, info.message, info.traceback)
+
+
+class Peer:
+    """One connection to another tether endpoint, driven by asyncio.
+
+    Both sides may ``invoke``/``send`` and ``handle``/``on``. A peer made by
+    :func:`tether.connect` or passed to a child's target owns its handlers; a
+    peer that connected to a :class:`~tether.Main` shares the main's handlers.
+
+    Attributes:
+        role: the role granted to the *other* side (``child``, ``client``,
+            ``main``...). Handlers restricted with ``roles=`` check it.
+        timeout: the default invoke timeout in seconds (``None``: wait forever).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        role: str,
+        local_role: str,
+        registry: Registry | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        name: str = "",
+        on_close: Callable[[Peer], None] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._conn = Connection(local_role, name=name, max_frame_size=max_frame_size)
+        self.registry = registry if registry is not None else Registry()
+        self.role = role
+        self.timeout = timeout
+        self.name = name
+        self._on_close = on_close
+        self._chan_cache: dict[str, bytes] = {}
+        self._serving: dict[int, asyncio.Task[Any]] = {}
+        self._wbuf: collections.deque[memoryview] = collections.deque()
+        self._wsize = 0
+        self._writing = False
+        self._flush_handle: asyncio.Handle | None = None
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed: TetherError | None = None
+        self._closed_fut: asyncio.Future[None] = self._loop.create_future()
+        self._hello_fut: asyncio.Future[None] = self._loop.create_future()
+        self._started = False
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        """Start reading and writing. Frames queued before this are kept."""
+        if self._started:
+            return
+        self._started = True
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._flush()
+
+    async def wait_hello(self, timeout: float | None) -> None:
+        """Wait for the other side's HELLO (bounded)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._hello_fut), timeout)
+        except TimeoutError:
+            raise PeerGone(f"{self!r} sent no HELLO within {timeout} s") from None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closed (by either side)."""
+        return self._closed is not None
+
+    @property
+    def remote_hello(self) -> codec.Hello | None:
+        """The other side's HELLO (role it claims, name, pid), once received."""
+        return self._conn.peer_hello
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed, by either side."""
+        await asyncio.shield(self._closed_fut)
+
+    async def close(self, reason: str = "closed", timeout: float = 1.0) -> None:
+        """Say goodbye, flush what is queued (bounded by ``timeout``) and close.
+
+        Pending invokes fail with :class:`ConnectionClosed`.
+        """
+        if self._closed is not None:
+            return
+        self._conn.send_goodbye(reason)
+        self._flush()
+        if self._wsize:
+            with contextlib.suppress(TimeoutError, TetherError):
+                await asyncio.wait_for(self._wait_drained(0), timeout)
+        self._shutdown(ConnectionClosed(f"{self!r} was closed: {reason}"))
+
+    async def __aenter__(self) -> Peer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __await__(self) -> Any:
+        yield from []
+        return self
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Peer {self.name or self._fd} role={self.role} {state}>"
+
+    # -- registering ------------------------------------------------------
+
+    def handle(
+        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+    ) -> Any:
+        """Answer invokes of ``channel`` with ``fn(call, *args)``; a decorator too."""
+        return self.registry.handle(channel, fn, roles=roles)
+
+    def on(
+        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+    ) -> Any:
+        """Call ``fn(call, *args)`` for each event on ``channel``; a decorator too."""
+        return self.registry.on(channel, fn, roles=roles)
+
+    # -- calling ----------------------------------------------------------
+
+    def _chan(self, channel: str) -> bytes:
+        b = self._chan_cache.get(channel)
+        if b is None:
+            b = self._chan_cache[channel] = channel.encode()
+        return b
+
+    async def invoke(
+        self,
+        channel: str,
+        *args: Any,
+        timeout: float | None = DEFAULT,
+        result_type: type[T] | Any = Any,
+    ) -> Any:
+        """Call ``channel`` on the other side and return its result.
+
+        Args:
+            timeout: seconds to wait; defaults to the peer's ``timeout``.
+                ``None`` waits forever. On expiry the remote handler is cancelled.
+            result_type: decode and validate the result as this type.
+
+        Raises:
+            InvokeTimeout, RemoteError, NoHandler, Forbidden, BadRequest,
+            PeerGone, ProtocolError, ConnectionClosed, PayloadTooLarge.
+        """
+        if self._closed is not None:
+            raise self._closed
+        loop = self._loop
+        fut = loop.create_future()
+        rid = self._conn.send_invoke(self._chan(channel), args, fut)
+        self._kick()
+        if timeout is DEFAULT:
+            timeout = self.timeout
+        th = loop.call_later(timeout, self._expire, rid, fut, channel, timeout) if timeout else None
+        try:
+            if self._wsize + self._conn.buffered_out > HIGH_WATER:
+                await self._wait_drained(LOW_WATER)
+            frame: Frame = await fut
+        except asyncio.CancelledError:
+            self._conn.send_cancel(rid)
+            self._kick()
+            raise
+        finally:
+            if th is not None:
+                th.cancel()
+        if result_type is Any:
+            return codec.any_decoder.decode(frame.body)
+        return msgspec.msgpack.decode(frame.body, type=result_type)
+
+    def _expire(self, rid: int, fut: asyncio.Future[Any], channel: str, timeout: float) -> None:
+        if not fut.done():
+            self._conn.send_cancel(rid)
+            self._kick()
+            fut.set_exception(InvokeTimeout(f"no answer on {channel!r} within {timeout} s"))
+
+    async def send(self, channel: str, *args: Any) -> None:
+        """Send a one-way event on ``channel``. Waits only when the peer lags.
+
+        Raises:
+            ConnectionClosed, PeerGone, ProtocolError, PayloadTooLarge.
+        """
+        if self._closed is not None:
+            raise self._closed
+        self._conn.send_event(self._chan(channel), args)
+        self._kick()
+        if self._wsize + self._conn.buffered_out > HIGH_WATER:
+            await self._wait_drained(LOW_WATER)
+
+    # -- writing ----------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._flush_handle is None and self._started:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what the connection queued; keep the rest for the writer callback."""
+        self._flush_handle = None
+        data = self._conn.data_to_send()
+        if not data or self._closed is not None or not self._started:
+            if data:
+                self._requeue(data)
+            return
+        if not self._wbuf:
+            try:
+                n = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._lost(self._gone(exc))
+                return
+            if n == len(data):
+                return
+            self._wbuf.append(memoryview(data)[n:])
+            self._wsize += len(data) - n
+        else:
+            self._wbuf.append(memoryview(data))
+            self._wsize += len(data)
+        if not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _requeue(self, data: bytearray) -> None:
+        # Not started yet: put the bytes back in front of anything queued later.
+        if self._closed is None:
+            rest = self._conn.data_to_send()
+            data += rest
+            self._conn._out = data
+
+    def _on_writable(self) -> None:
+        try:
+            n = self._sock.sendmsg(list(self._wbuf)[:512])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(self._gone(exc))
+            return
+        self._wsize -= n
+        wbuf = self._wbuf
+        while n:
+            head = wbuf[0]
+            if len(head) <= n:
+                n -= len(head)
+                wbuf.popleft()
+            else:
+                wbuf[0] = head[n:]
+                n = 0
+        if not wbuf:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+        if self._drain_waiters and self._wsize <= LOW_WATER:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    async def _wait_drained(self, low: int) -> None:
+        self._flush()
+        while self._wsize > low:
+            if self._closed is not None:
+                raise self._closed
+            w = self._loop.create_future()
+            self._drain_waiters.append(w)
+            await w
+        if self._closed is not None:
+            raise self._closed
+
+    # -- reading ----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(self._gone(exc))
+            return
+        if not data:
+            try:
+                self._conn.receive_eof()
+            except ProtocolError as exc:
+                self._lost(exc)
+            else:
+                self._lost(self._gone(None))
+            return
+        try:
+            frames = self._conn.receive_data(data)
+        except ProtocolError as exc:
+            self._bad_message(exc)
+            return
+        if not self._hello_fut.done() and self._conn.peer_hello is not None:
+            self._hello_fut.set_result(None)
+        for f in frames:
+            k = f.kind
+            if k == _RESULT:
+                fut = self._conn.take_pending(f.request_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(f)
+            elif k == _INVOKE:
+                self._on_invoke(f)
+            elif k == _EVENT:
+                self._on_event(f)
+            elif k == _ERROR:
+                self._on_error(f)
+            elif k == _CANCEL:
+                task = self._serving.pop(f.request_id, None)
+                if task is not None:
+                    task.cancel()
+            elif k == _GOODBYE:
+                reason = self._conn.goodbye_reason or "no reason given"
+                self._lost(PeerGone(f"{self!r} said goodbye: {reason}"))
+                return
+        if self._conn.buffered_out:
+            self._flush()
+
+    def _on_error(self, f: Frame) -> None:
+        fut = self._conn.take_pending(f.request_id)
+        if fut is None or fut.done():
+            return
+        try:
+            info = codec.error_decoder.decode(f.body)
+        except msgspec.MsgspecError as exc:
+            fut.set_exception(RemoteError("ProtocolError", f"malformed error frame: {exc}"))
+            return
+        fut.set_exception(error_from_info(info))
+
+    def _on_invoke(self, f: Frame) -> None:
+        rid = f.request_id
+        h = self.registry.invokes.get(f.channel)
+        if h is None:
+            self._conn.send_error(
+                rid, codec.ErrorInfo("no_handler", f"no handler for channel {f.channel!r}")
+            )
+            return
+        args = self._decode_args(h, f, rid)
+        if args is None:
+            return
+        call = Call(self, f.channel, rid, f.route_id)
+        if h.is_async:
+            self._serving[rid] = self._loop.create_task(self._run_async(h, call, args))
+            return
+        try:
+            result = h.fn(call, *args)
+        except Exception as exc:
+            self._conn.send_error(rid, codec.error_info(exc))
+        else:
+            self._send_result(rid, result)
+
+    def _decode_args(self, h: Handler, f: Frame, rid: int) -> tuple[Any, ...] | None:
+        if h.roles is not None and self.role not in h.roles:
+            if rid:
+                msg = f"channel {f.channel!r} is not exposed to role {self.role!r}"
+                self._conn.send_error(rid, codec.ErrorInfo("forbidden", msg))
+            return None
+        try:
+            return h.spec.decode(f.body)
+        except BadRequest as exc:
+            if rid:
+                self._conn.send_error(
+                    rid, codec.ErrorInfo("bad_request", str(exc), path=exc.path)
+                )
+            else:
+                log.warning("dropped event on %r from %r: %s", f.channel, self, exc)
+            return None
+
+    async def _run_async(self, h: Handler, call: Call, args: tuple[Any, ...]) -> None:
+        rid = call.request_id
+        try:
+            result = await h.fn(call, *args)
+        except asyncio.CancelledError:
+            self._serving.pop(rid, None)
+            raise
+        except Exception as exc:
+            self._serving.pop(rid, None)
+            self._conn.send_error(rid, codec.error_info(exc))
+        else:
+            if self._serving.pop(rid, None) is None:
+                return  # cancelled by the caller meanwhile
+            self._send_result(rid, result)
+        self._kick()
+
+    def _send_result(self, rid: int, result: Any) -> None:
+        try:
+            self._conn.send_result(rid, result)
+        except PayloadTooLarge as exc:
+            self._conn.send_error(rid, codec.ErrorInfo("too_large", f"result too large: {exc}"))
+        except (TypeError, msgspec.EncodeError) as exc:
+            self._conn.send_error(rid, codec.error_info(exc))
+
+    def _on_event(self, f: Frame) -> None:
+        handlers = self.registry.events.get(f.channel)
+        if not handlers:
+            log.debug("no listener for event %r from %r", f.channel, self)
+            return
+        for h in handlers:
+            args = self._decode_args(h, f, 0)
+            if args is None:
+                continue
+            call = Call(self, f.channel, 0, f.route_id)
+            if h.is_async:
+                self._loop.create_task(self._run_event(h, call, args))
+                continue
+            try:
+                h.fn(call, *args)
+            except Exception:
+                log.exception("listener for %r raised", f.channel)
+
+    @staticmethod
+    async def _run_event(h: Handler, call: Call, args: tuple[Any, ...]) -> None:
+        try:
+            await h.fn(call, *args)
+        except Exception:
+            log.exception("listener for %r raised", call.channel)
+
+    # -- ending -----------------------------------------------------------
+
+    def _gone(self, exc: OSError | None) -> PeerGone:
+        err = PeerGone(f"{self!r}: connection lost" + (f": {exc}" if exc else " (EOF)"))
+        err.__cause__ = exc
+        return err
+
+    def _bad_message(self, exc: ProtocolError) -> None:
+        """Chromium's bad-message rule: drop the peer that broke the protocol."""
+        log.warning("%r broke the protocol: %s", self, exc)
+        self._lost(exc)
+
+    def _lost(self, exc: TetherError) -> None:
+        """The connection ended from outside; subclasses may refine ``exc``."""
+        self._shutdown(exc)
+
+    def _shutdown(self, exc: TetherError) -> None:
+        if self._closed is not None:
+            return
+        self._closed = exc
+        self._conn.state = State.CLOSED
+        if self._started:
+            self._loop.remove_reader(self._fd)
+            if self._writing:
+                self._loop.remove_writer(self._fd)
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._sock.close()
+        self._wbuf.clear()
+        self._wsize = 0
+        for fut in self._conn.fail_all():
+            if not fut.done():
+                fut.set_exception(exc)
+        for task in self._serving.values():
+            task.cancel()
+        self._serving.clear()
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_exception(exc)
+        self._drain_waiters.clear()
+        if not self._hello_fut.done():
+            self._hello_fut.set_exception(exc)
+            self._hello_fut.exception()  # mark retrieved
+        self._closed_fut.set_result(None)
+        if self._on_close is not None:
+            self._on_close(self)

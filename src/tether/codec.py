@@ -1,0 +1,150 @@
+"""Payload encodings and the typed decoders built from handler signatures.
+
+Bodies are MessagePack (msgspec). A handler's arguments are decoded straight
+into a named tuple built from its type hints, so validation happens in the
+decoder, before the handler runs, and a mismatch names the bad argument.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import re
+import traceback
+import typing
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+
+from .errors import BadRequest
+
+__all__ = [
+    "ErrorInfo",
+    "Goodbye",
+    "Hello",
+    "PROTOCOL_NAME",
+    "PROTOCOL_VERSION",
+    "ArgsSpec",
+    "error_info",
+]
+
+PROTOCOL_NAME: Final = "tether"
+PROTOCOL_VERSION: Final = 1
+
+encoder: Final = msgspec.msgpack.Encoder()
+any_decoder: Final = msgspec.msgpack.Decoder()
+
+
+class Hello(msgspec.Struct, omit_defaults=True):
+    """First frame each side sends. Unknown fields are ignored (forward compatible)."""
+
+    protocol: str = ""
+    version: int = 0
+    role: str = ""
+    name: str = ""
+    pid: int = 0
+    max_frame_size: int = 0
+    features: list[str] = []
+    credentials: dict[str, str] = {}
+
+
+class ErrorInfo(msgspec.Struct, omit_defaults=True):
+    """Body of an ERROR frame.
+
+    ``code`` is one of ``remote``, ``no_handler``, ``forbidden``,
+    ``bad_request``, ``too_large``, ``cancelled``, ``closed``.
+    """
+
+    code: str
+    message: str
+    type: str = ""
+    traceback: str = ""
+    path: str = ""
+
+
+class Goodbye(msgspec.Struct, omit_defaults=True):
+    """Body of a GOODBYE frame: why the sender is closing."""
+
+    reason: str = ""
+
+
+hello_decoder: Final = msgspec.msgpack.Decoder(Hello)
+error_decoder: Final = msgspec.msgpack.Decoder(ErrorInfo)
+goodbye_decoder: Final = msgspec.msgpack.Decoder(Goodbye)
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """Describe a handler's exception for the caller, traceback included."""
+    tp = type(exc)
+    name = tp.__qualname__ if tp.__module__ == "builtins" else f"{tp.__module__}.{tp.__qualname__}"
+    tb = "".join(traceback.format_exception(exc))
+    return ErrorInfo(code="remote", message=str(exc), type=name, traceback=tb)
+
+
+_INDEX: Final = re.compile(r"^\$\[(\d+)\]")
+
+
+class ArgsSpec:
+    """Decodes a call's positional arguments for one handler.
+
+    Built once per handler from its signature (the first parameter, the
+    :class:`~tether.Call`, is skipped). Unannotated parameters accept anything;
+    ``*args`` makes the whole argument list untyped.
+    """
+
+    __slots__ = ("decoder", "names")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        sig = inspect.signature(fn)
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # unresolvable forward references: fall back to Any
+            hints = {}
+        params = list(sig.parameters.values())[1:]
+        names: list[str] = []
+        types: dict[str, Any] = {}
+        defaults: list[Any] = []
+        variadic = False
+        for p in params:
+            if p.kind is p.VAR_POSITIONAL:
+                variadic = True
+                break
+            if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD):
+                if p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+                    raise TypeError(f"handler {fn!r}: keyword-only parameter {p.name!r} is unsupported")
+                continue
+            names.append(p.name)
+            types[p.name] = hints.get(p.name, Any)
+            if p.default is not p.empty:
+                defaults.append(p.default)
+            elif defaults:
+                raise TypeError(f"handler {fn!r}: parameter {p.name!r} follows a default")
+        self.names = tuple(names)
+        if variadic:
+            self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(tuple[Any, ...])
+            return
+        nt = collections.namedtuple("Args", names, defaults=defaults)  # type: ignore[misc]
+        nt.__annotations__ = types
+        self.decoder = msgspec.msgpack.Decoder(nt)
+
+    def decode(self, body: bytes | memoryview) -> tuple[Any, ...]:
+        """Decode and validate; raises :class:`BadRequest` naming the bad argument."""
+        try:
+            return self.decoder.decode(body)  # type: ignore[no-any-return]
+        except msgspec.ValidationError as exc:
+            raise self._bad(str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"malformed arguments: {exc}") from None
+
+    def _bad(self, text: str) -> BadRequest:
+        msg, _, where = text.rpartition(" - at `")
+        if not msg:
+            return BadRequest(f"bad arguments: {text}")
+        where = where.rstrip("`")
+        m = _INDEX.match(where)
+        if m and int(m.group(1)) < len(self.names):
+            path = self.names[int(m.group(1))] + where[m.end() :]
+        else:
+            path = where
+        return BadRequest(f"bad argument `{path}`: {msg}", path=path)

@@ -1,0 +1,131 @@
+"""Every exception tether raises, under one base class.
+
+::
+
+    TetherError
+    ├── PeerGone              the other side went away (EOF, reset, exit, kill)
+    ├── InvokeTimeout         an invoke got no answer in time (also TimeoutError)
+    ├── RemoteError           the remote handler raised; type, message, traceback kept
+    ├── NoHandler             nothing handles that channel on the other side
+    ├── Forbidden             the channel is not exposed to this peer's role
+    ├── BadRequest            arguments failed validation; ``path`` names the field
+    ├── ProtocolError         the bytes on the wire broke the protocol
+    ├── ConsumedError         an object was moved into a message and is gone
+    ├── PayloadTooLarge       a frame would exceed the size limit (also ValueError)
+    ├── ConnectionClosed      this side closed the connection (or pipe end) already
+    └── EndOfStream           a pipe's writer closed; no more messages will come
+
+The split answers "whose fault, and what now?":
+
+* ``RemoteError``, ``NoHandler``, ``Forbidden`` and ``BadRequest`` concern one
+  call. The connection stays open and other calls are unaffected.
+* ``InvokeTimeout`` concerns one call too; a cancel frame was sent, so the
+  handler on the other side is cancelled as well.
+* ``PeerGone`` and ``ProtocolError`` mean the connection is closed. Every call
+  pending on it failed with the same exception. A spawned child that sent a
+  malformed frame is killed.
+* ``ConnectionClosed`` means *you* closed it; ``PeerGone`` means something
+  outside did (its ``__cause__`` holds the ``OSError`` when there was one).
+* ``PayloadTooLarge`` raised by ``invoke``/``send`` means nothing was sent and
+  the connection is still open.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "ConnectionClosed",
+    "ConsumedError",
+    "EndOfStream",
+    "Forbidden",
+    "InvokeTimeout",
+    "NoHandler",
+    "PayloadTooLarge",
+    "PeerGone",
+    "ProtocolError",
+    "RemoteError",
+    "TetherError",
+]
+
+
+class TetherError(Exception):
+    """Base class of every error tether raises."""
+
+
+class PeerGone(TetherError, ConnectionError):
+    """The peer went away; pending calls on that connection fail with this.
+
+    Attributes:
+        exitcode: for a child process, its exit code, or ``-N`` when it was
+            killed by signal N; ``None`` when unknown or not a child.
+    """
+
+    def __init__(self, message: str, *, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+class InvokeTimeout(TetherError, TimeoutError):
+    """An invoke got no result within its timeout; the remote was told to cancel."""
+
+
+class RemoteError(TetherError):
+    """The remote handler raised.
+
+    Attributes:
+        type_name: the qualified name of the remote exception's type.
+        remote_message: ``str()`` of the remote exception.
+        remote_traceback: the formatted traceback from the remote side.
+    """
+
+    def __init__(self, type_name: str, remote_message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {remote_message}")
+        self.type_name = type_name
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = f"{self.type_name}: {self.remote_message}"
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+
+class NoHandler(TetherError, LookupError):
+    """No handler is registered for the channel on the other side."""
+
+
+class Forbidden(TetherError, PermissionError):
+    """The channel exists but is not exposed to the calling peer's role."""
+
+
+class BadRequest(TetherError, ValueError):
+    """The call's arguments did not match the handler's type hints.
+
+    Attributes:
+        path: where validation failed, e.g. ``"x"`` or ``"point.y"`` or ``"items[2]"``.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ProtocolError(TetherError):
+    """The peer sent bytes that break the protocol; the connection was closed."""
+
+
+class ConsumedError(TetherError, RuntimeError):
+    """The object was moved into a message by send/invoke and may not be used again."""
+
+
+class PayloadTooLarge(TetherError, ValueError):
+    """A frame is larger than the connection's ``max_frame_size``; nothing was sent."""
+
+
+class ConnectionClosed(TetherError, ConnectionError):
+    """This side already closed the connection or pipe end."""
+
+
+class EndOfStream(TetherError, EOFError):
+    """The writing end of a pipe was closed and every message has been read."""

@@ -1,0 +1,134 @@
+"""Child processes: how a spawned child starts, and how its end is described.
+
+``Main.spawn`` (in :mod:`tether.aio.main`) starts :func:`child_entry` in a new
+process through :mod:`multiprocessing` (start methods ``spawn``, ``forkserver``
+and ``fork``), handing it one end of a ``socketpair``. The child runs the
+user's target with a connected peer: an asyncio :class:`~tether.Peer` for an
+``async def`` target, a blocking :class:`tether.sync.Peer` for a plain one.
+
+No orphans: the child asks the kernel to kill it when its parent dies
+(``PR_SET_PDEATHSIG``) and also exits as soon as its connection to main ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import inspect
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["child_entry", "describe_exit", "set_parent_death_signal"]
+
+
+def describe_exit(pid: int, exitcode: int | None) -> str:
+    """Say how a process ended, in words: exit code or signal name."""
+    if exitcode is None:
+        return f"child pid {pid} closed its connection (still running)"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"child pid {pid} was killed by {name}"
+    return f"child pid {pid} exited with code {exitcode}"
+
+
+def set_parent_death_signal(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # parent already gone before prctl
+        os._exit(1)
+
+
+def child_entry(
+    sock: socket.socket,
+    target: Callable[..., Any],
+    args: tuple[Any, ...],
+    options: dict[str, Any],
+) -> None:
+    """Run ``target(peer, *args)`` in this (new) process; exit when it returns.
+
+    Exit code 0 when the target returned, 1 when it raised (the traceback goes
+    to stderr), and 0 when main closed the connection first.
+    """
+    parent_pid = options.get("parent_pid", os.getppid())
+    if options.get("start_method") != "forkserver":
+        set_parent_death_signal(parent_pid)
+    # Allow a child to spawn children of its own.
+    multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
+    code = 0
+    try:
+        if inspect.iscoroutinefunction(target):
+            asyncio.events._set_running_loop(None)  # a forked child inherits the marker
+            from .aio.loop import run
+
+            code = run(_run_async(sock, target, args, options))
+        else:
+            code = _run_sync(sock, target, args, options)
+    except BaseException:  # report, then exit non-zero
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+async def _run_async(
+    sock: socket.socket, target: Callable[..., Any], args: tuple[Any, ...], options: dict[str, Any]
+) -> int:
+    from .aio.peer import Peer
+
+    peer = Peer(
+        sock,
+        role="main",
+        local_role="child",
+        timeout=options.get("timeout", 30.0),
+        max_frame_size=options["max_frame_size"],
+        name=options.get("name", ""),
+    )
+    task = asyncio.ensure_future(target(peer, *args))
+    await asyncio.sleep(0)  # the target runs to its first await: handlers are in place
+    peer.start()
+    closed = asyncio.ensure_future(peer.wait_closed())
+    await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():  # main went away first
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+        return 0
+    closed.cancel()
+    await peer.close("child finished")
+    exc = task.exception()
+    if exc is not None:
+        traceback.print_exception(exc)
+        return 1
+    return 0
+
+
+def _run_sync(
+    sock: socket.socket, target: Callable[..., Any], args: tuple[Any, ...], options: dict[str, Any]
+) -> int:
+    from .sync.peer import Peer
+
+    with Peer(
+        sock,
+        role="main",
+        local_role="child",
+        timeout=options.get("timeout", 30.0),
+        max_frame_size=options["max_frame_size"],
+        name=options.get("name", ""),
+    ) as peer:
+        target(peer, *args)
+    return 0

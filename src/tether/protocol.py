@@ -1,0 +1,268 @@
+"""The connection state machine, sans I/O.
+
+Theory of operation: a :class:`Connection` sits between a byte stream and the
+application. The I/O layer feeds it received bytes (:meth:`receive_data`,
+:meth:`receive_eof`) and writes out whatever :meth:`data_to_send` returns. The
+application calls the ``send_*`` methods, which only append frames to the
+outgoing buffer. Nothing here blocks, sleeps, or touches a socket, thread or
+event loop, so every I/O layer (asyncio, blocking, browser bridge) shares it.
+
+States::
+
+    HANDSHAKE --peer's HELLO--> OPEN --send_goodbye / GOODBYE--> CLOSING
+        \\________________________ \\_______ EOF / ProtocolError ___\\--> CLOSED
+
+Each side sends HELLO first and may pipeline other frames right after it. The
+first frame received must be a HELLO of protocol ``tether`` and a supported
+version; anything else is a :class:`ProtocolError`.
+
+Bad-message policy: :meth:`receive_data` raises :class:`ProtocolError` for any
+malformed frame and the connection moves to CLOSED; the I/O layer closes the
+transport and fails every pending call (and a main kills a spawned child).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterable
+from typing import Any, Final
+
+import msgspec
+
+from . import codec
+from .errors import ConnectionClosed, PayloadTooLarge, ProtocolError
+from .wire import DEFAULT_MAX_FRAME_SIZE, HEADER, HEADER_SIZE, Frame, FrameParser, Kind
+
+__all__ = ["Connection", "State"]
+
+_U32: Final = 0xFFFFFFFF
+_EMPTY_ARRAY: Final = b"\x90"  # msgpack []
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Connection:
+    """Protocol state for one connection. See the module docstring.
+
+    Args:
+        role: the role this side announces in its HELLO (``main``, ``child``,
+            ``client``, ``page``). The receiving side decides what it grants.
+        name: a free-form label for logs.
+        max_frame_size: the largest frame accepted or sent, checked on the
+            length header before anything is allocated.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        *,
+        name: str = "",
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        features: Iterable[str] = (),
+    ) -> None:
+        self.state = State.HANDSHAKE
+        self.max_frame_size = max_frame_size
+        self.peer_hello: codec.Hello | None = None
+        self.goodbye_reason: str | None = None
+        self._parser = FrameParser(max_frame_size)
+        self._out = bytearray()
+        self._next_rid = 0
+        #: request id -> the application's waiter, for invokes awaiting an answer
+        self.pending: dict[int, Any] = {}
+        hello = codec.Hello(
+            protocol=codec.PROTOCOL_NAME,
+            version=codec.PROTOCOL_VERSION,
+            role=role,
+            name=name,
+            pid=os.getpid(),
+            max_frame_size=max_frame_size,
+            features=list(features),
+        )
+        self._emit(Kind.HELLO, 0, 0, b"", codec.encoder.encode(hello))
+
+    # -- receiving --------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Feed received bytes; return the frames the application must act on.
+
+        Frames returned are INVOKE, RESULT, ERROR, EVENT, CANCEL and GOODBYE.
+        HELLO, PING, PONG and ROUTE_OPEN are answered here. ``data`` must not
+        be modified afterwards: frames may hold views into it. After this
+        returns, call :meth:`data_to_send` and write what it gives.
+
+        Raises:
+            ProtocolError: the peer broke the protocol; the state is now CLOSED.
+        """
+        if self.state is State.CLOSED:
+            return []
+        try:
+            frames = self._parser.feed(data)
+            if self.state is State.HANDSHAKE and frames:
+                self._handshake(frames[0])
+                frames = frames[1:]
+            out = []
+            for f in frames:
+                k = f.kind
+                if k == Kind.HELLO:
+                    raise ProtocolError("second HELLO on an open connection")
+                if k == Kind.PING:
+                    self._emit(Kind.PONG, f.request_id, 0, b"", b"")
+                elif k == Kind.PONG:
+                    continue
+                elif k == Kind.ROUTE_OPEN:
+                    # Routes are reserved in protocol version 1: refuse each one.
+                    self._emit(Kind.ROUTE_CLOSE, 0, f.route_id, b"", b"")
+                elif k == Kind.ROUTE_CLOSE:
+                    continue
+                else:
+                    if k == Kind.GOODBYE:
+                        self.goodbye_reason = self._goodbye_reason(f)
+                        self.state = State.CLOSING
+                    out.append(f)
+            return out
+        except ProtocolError:
+            self.state = State.CLOSED
+            raise
+
+    def receive_eof(self) -> None:
+        """The peer closed its end. Raises :class:`ProtocolError` mid-frame."""
+        buffered = self._parser.buffered
+        self.state = State.CLOSED
+        if buffered:
+            raise ProtocolError(f"connection closed in the middle of a frame ({buffered} bytes)")
+
+    def _handshake(self, f: Frame) -> None:
+        if f.kind != Kind.HELLO:
+            raise ProtocolError(f"expected HELLO, got frame kind {f.kind}")
+        try:
+            hello = codec.hello_decoder.decode(f.body)
+        except msgspec.MsgspecError as exc:
+            raise ProtocolError(f"malformed HELLO: {exc}") from None
+        if hello.protocol != codec.PROTOCOL_NAME:
+            raise ProtocolError(f"peer speaks {hello.protocol!r}, not {codec.PROTOCOL_NAME!r}")
+        if hello.version != codec.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"peer speaks protocol version {hello.version}; "
+                f"this side supports {codec.PROTOCOL_VERSION}"
+            )
+        self.peer_hello = hello
+        if self.state is State.HANDSHAKE:
+            self.state = State.OPEN
+
+    @staticmethod
+    def _goodbye_reason(f: Frame) -> str:
+        try:
+            return codec.goodbye_decoder.decode(f.body).reason
+        except msgspec.MsgspecError:
+            return ""
+
+    def take_pending(self, request_id: int) -> Any:
+        """Remove and return the waiter for ``request_id``; ``None`` if unknown.
+
+        A result for an unknown id (a call that timed out or was cancelled)
+        is not an error: it is simply dropped.
+        """
+        return self.pending.pop(request_id, None)
+
+    def fail_all(self) -> list[Any]:
+        """Close for good and hand back every pending waiter, to be failed."""
+        self.state = State.CLOSED
+        waiters = list(self.pending.values())
+        self.pending.clear()
+        return waiters
+
+    # -- sending ----------------------------------------------------------
+
+    def data_to_send(self) -> bytearray:
+        """Return (and forget) the bytes to write. You must write all of them."""
+        out = self._out
+        if out:
+            self._out = bytearray()
+        return out
+
+    @property
+    def buffered_out(self) -> int:
+        """Bytes queued by ``send_*`` and not yet taken by :meth:`data_to_send`."""
+        return len(self._out)
+
+    def send_invoke(self, channel: bytes, args: Any, waiter: Any, route_id: int = 0) -> int:
+        """Queue an INVOKE of ``channel`` with ``args`` (a tuple); return its request id."""
+        self._check_open()
+        rid = self._next_rid = (self._next_rid + 1) & _U32 or 1
+        while rid in self.pending:  # wrapped onto a call still in flight
+            rid = self._next_rid = (rid + 1) & _U32 or 1
+        self._emit_obj(Kind.INVOKE, rid, route_id, channel, args)
+        self.pending[rid] = waiter
+        return rid
+
+    def send_event(self, channel: bytes, args: Any, route_id: int = 0) -> None:
+        """Queue a one-way EVENT on ``channel``."""
+        self._check_open()
+        self._emit_obj(Kind.EVENT, 0, route_id, channel, args)
+
+    def send_result(self, request_id: int, value: Any) -> None:
+        """Queue the RESULT of an incoming invoke.
+
+        Raises:
+            PayloadTooLarge: the value does not fit; send an error instead.
+        """
+        if self.state is not State.CLOSED:
+            self._emit_obj(Kind.RESULT, request_id, 0, b"", value)
+
+    def send_error(self, request_id: int, info: codec.ErrorInfo) -> None:
+        """Queue an ERROR answer to an incoming invoke."""
+        if self.state is not State.CLOSED:
+            self._emit_obj(Kind.ERROR, request_id, 0, b"", info)
+
+    def send_cancel(self, request_id: int) -> None:
+        """Forget the call ``request_id`` and ask the peer to cancel its handler."""
+        self.pending.pop(request_id, None)
+        if self.state in (State.OPEN, State.HANDSHAKE):
+            self._emit(Kind.CANCEL, request_id, 0, b"", b"")
+
+    def send_ping(self, nonce: int) -> None:
+        """Queue a PING; the peer answers with a PONG carrying ``nonce``."""
+        self._check_open()
+        self._emit(Kind.PING, nonce, 0, b"", b"")
+
+    def send_goodbye(self, reason: str = "") -> None:
+        """Queue a GOODBYE; after it, nothing else may be sent."""
+        if self.state in (State.OPEN, State.HANDSHAKE):
+            self._emit(Kind.GOODBYE, 0, 0, b"", codec.encoder.encode(codec.Goodbye(reason)))
+            self.state = State.CLOSING
+
+    def _check_open(self) -> None:
+        if self.state is State.CLOSING or self.state is State.CLOSED:
+            raise ConnectionClosed("the connection is closing or closed")
+
+    def _emit(self, kind: int, rid: int, route: int, channel: bytes, body: bytes) -> None:
+        size = HEADER_SIZE - 4 + len(channel) + len(body)
+        out = self._out
+        out += HEADER.pack(size, kind, 0, len(channel), rid, route, 0, 0)
+        out += channel
+        out += body
+
+    def _emit_obj(self, kind: int, rid: int, route: int, channel: bytes, obj: Any) -> None:
+        """Append a frame whose body is ``obj`` encoded in place (no temporary bytes)."""
+        out = self._out
+        start = len(out)
+        out += HEADER.pack(0, kind, 0, len(channel), rid, route, 0, 0)
+        out += channel
+        try:
+            codec.encoder.encode_into(obj, out, -1)
+        except BaseException:
+            del out[start:]
+            raise
+        size = len(out) - start - 4
+        if size > self.max_frame_size:
+            del out[start:]
+            raise PayloadTooLarge(
+                f"frame of {size} bytes exceeds the limit of {self.max_frame_size} bytes"
+            )
+        HEADER.pack_into(out, start, size, kind, 0, len(channel), rid, route, 0, 0)

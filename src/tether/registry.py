@@ -1,0 +1,81 @@
+"""Handler tables: which function answers which channel, for which roles.
+
+Shared by the asyncio and blocking layers. A :class:`Main` has one registry
+for all its peers; a peer made by ``connect`` or ``spawn`` has its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
+
+from .codec import ArgsSpec
+
+__all__ = ["Handler", "Registry"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Handler:
+    """One registered function with its prebuilt argument decoder."""
+
+    __slots__ = ("fn", "is_async", "roles", "spec")
+
+    def __init__(self, fn: Callable[..., Any], roles: Collection[str] | None) -> None:
+        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.spec = ArgsSpec(fn)
+        self.roles = frozenset(roles) if roles is not None else None
+
+    def allows(self, role: str) -> bool:
+        """Whether a peer with ``role`` may reach this handler."""
+        return self.roles is None or role in self.roles
+
+
+class Registry:
+    """Channel name -> :class:`Handler`, for invokes and for events."""
+
+    __slots__ = ("events", "invokes")
+
+    def __init__(self) -> None:
+        self.invokes: dict[str, Handler] = {}
+        self.events: dict[str, list[Handler]] = {}
+
+    def handle(
+        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+    ) -> Any:
+        """Register ``fn`` to answer invokes on ``channel``; usable as a decorator.
+
+        One handler per channel: registering again replaces the previous one.
+        ``roles`` limits which peers may call it (default: every peer).
+        """
+        if not channel or len(channel.encode()) > 0xFFFF:
+            raise ValueError(f"invalid channel name {channel!r}")
+
+        def register(f: F) -> F:
+            self.invokes[channel] = Handler(f, roles)
+            return f
+
+        return register(fn) if fn is not None else register
+
+    def on(
+        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+    ) -> Any:
+        """Register ``fn`` as a listener for events on ``channel``; usable as a decorator.
+
+        Several listeners may share a channel; they run in registration order.
+        """
+        if not channel or len(channel.encode()) > 0xFFFF:
+            raise ValueError(f"invalid channel name {channel!r}")
+
+        def register(f: F) -> F:
+            self.events.setdefault(channel, []).append(Handler(f, roles))
+            return f
+
+        return register(fn) if fn is not None else register
+
+    def remove(self, channel: str) -> None:
+        """Drop the invoke handler and every event listener of ``channel``."""
+        self.invokes.pop(channel, None)
+        self.events.pop(channel, None)

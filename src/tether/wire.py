@@ -1,0 +1,262 @@
+"""Frame layout: bytes in, frames out. No I/O here.
+
+Every frame is a fixed 20-byte little-endian header followed by a variable
+part (see ``docs/protocol.md`` for the normative description)::
+
+    offset size field
+    0      4    size        bytes that follow this field (16 + everything after the header)
+    4      1    kind        Kind
+    5      1    flags       reserved, 0
+    6      2    chan_len    length of the UTF-8 channel name
+    8      4    request_id  correlates invoke/result/error/cancel; ping/pong nonce
+    12     4    route_id    0 = the peer itself; other values address routes
+    16     2    n_att       number of attachment descriptors
+    18     2    reserved    0
+    20          channel     chan_len bytes, UTF-8
+                att table   n_att descriptors of 16 bytes: u8 where, u8 flags,
+                            u16 reserved, u32 aux, u64 length
+                body        MessagePack, up to the inline attachment data
+                att data    the bytes of every inline attachment, in table order
+
+The size field is checked against the limit before any buffer for the frame
+is allocated, so a hostile length header costs nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+from .errors import PayloadTooLarge, ProtocolError
+
+__all__ = [
+    "ATT_FD",
+    "ATT_INLINE",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HEADER",
+    "Frame",
+    "FrameParser",
+    "Kind",
+    "encode_frame",
+]
+
+DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
+HEADER: Final = struct.Struct("<IBBHIIHH")
+HEADER_SIZE: Final = HEADER.size  # 20
+_REST: Final = struct.Struct("<BBHIIHH")  # the header after the size field
+ATT: Final = struct.Struct("<BBHIQ")
+ATT_SIZE: Final = ATT.size  # 16
+ATT_INLINE: Final = 0  # bytes follow the body in this frame
+ATT_FD: Final = 1  # a file descriptor passed beside the frame (aux = index)
+_MAX_U32: Final = 0xFFFFFFFF
+
+
+class Kind(enum.IntEnum):
+    """Frame kinds. Values are part of the wire format and never change."""
+
+    HELLO = 1
+    INVOKE = 2
+    RESULT = 3
+    ERROR = 4
+    EVENT = 5
+    CANCEL = 6
+    ROUTE_OPEN = 7
+    ROUTE_CLOSE = 8
+    PING = 9
+    PONG = 10
+    GOODBYE = 11
+
+
+_KINDS: Final = frozenset(int(k) for k in Kind)
+
+
+class Frame:
+    """One decoded frame. ``body`` and attachments are views, never copies."""
+
+    __slots__ = ("attachments", "body", "channel", "fds", "kind", "request_id", "route_id")
+
+    def __init__(
+        self,
+        kind: int,
+        request_id: int = 0,
+        route_id: int = 0,
+        channel: str = "",
+        body: bytes | memoryview = b"",
+        attachments: Sequence[memoryview | bytes] = (),
+        fds: Sequence[int] = (),
+    ) -> None:
+        self.kind = kind
+        self.request_id = request_id
+        self.route_id = route_id
+        self.channel = channel
+        self.body = body
+        self.attachments = attachments
+        self.fds = fds
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (
+            self.kind == other.kind
+            and self.request_id == other.request_id
+            and self.route_id == other.route_id
+            and self.channel == other.channel
+            and bytes(self.body) == bytes(other.body)
+            and [bytes(a) for a in self.attachments] == [bytes(a) for a in other.attachments]
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        name = Kind(self.kind).name if self.kind in _KINDS else str(self.kind)
+        return (
+            f"Frame({name}, rid={self.request_id}, route={self.route_id}, "
+            f"channel={self.channel!r}, body={len(self.body)}B, att={len(self.attachments)})"
+        )
+
+
+def encode_frame(
+    out: bytearray,
+    kind: int,
+    request_id: int,
+    route_id: int,
+    channel: bytes,
+    body: bytes | bytearray | memoryview,
+    attachments: Sequence[bytes | bytearray | memoryview] = (),
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+) -> None:
+    """Append one frame with inline attachments to ``out``.
+
+    Raises:
+        PayloadTooLarge: the frame would exceed ``max_frame_size``; ``out`` is
+            left unchanged.
+    """
+    n_att = len(attachments)
+    size = HEADER_SIZE - 4 + len(channel) + len(body)
+    if n_att:
+        size += ATT_SIZE * n_att + sum(memoryview(a).nbytes for a in attachments)
+    if size > max_frame_size or size > _MAX_U32:
+        raise PayloadTooLarge(f"frame of {size} bytes exceeds the limit of {max_frame_size}")
+    out += HEADER.pack(size, kind, 0, len(channel), request_id, route_id, n_att, 0)
+    out += channel
+    for a in attachments:
+        out += ATT.pack(ATT_INLINE, 0, 0, 0, memoryview(a).nbytes)
+    out += body
+    for a in attachments:
+        out += a
+
+
+class FrameParser:
+    """Incremental frame parser: feed bytes with :meth:`feed`, get whole frames.
+
+    Small frames that arrive whole are sliced out of the received chunk without
+    copying. A frame that spans reads is assembled in one buffer allocated at
+    its final size, after its length was checked.
+
+    Any violation raises :class:`ProtocolError`; the parser is then unusable
+    and the connection must be closed.
+    """
+
+    __slots__ = ("_buf", "_fill", "_head", "_need", "max_frame_size")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._head = bytearray()  # partial size field (< 4 bytes)
+        self._buf: bytearray | None = None  # partial frame, allocated at full size
+        self._need = 0
+        self._fill = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame."""
+        return len(self._head) + self._fill
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Consume ``data`` and return every frame it completes, in order."""
+        frames: list[Frame] = []
+        mv = memoryview(data)
+        n = len(mv)
+        pos = 0
+        if self._buf is not None:
+            take = min(self._need - self._fill, n)
+            self._buf[self._fill : self._fill + take] = mv[:take]
+            self._fill += take
+            pos = take
+            if self._fill < self._need:
+                return frames
+            frames.append(self._parse(memoryview(self._buf)))
+            self._buf = None
+        elif self._head:
+            take = min(4 - len(self._head), n)
+            self._head += mv[:take]
+            pos = take
+            if len(self._head) < 4:
+                return frames
+            size = int.from_bytes(self._head, "little")
+            self._head.clear()
+            pos = self._start(size, mv, pos, n, frames, prefix=True)
+        while pos < n:
+            if n - pos < 4:
+                self._head += mv[pos:]
+                break
+            size = int.from_bytes(mv[pos : pos + 4], "little")
+            pos = self._start(size, mv, pos + 4, n, frames, prefix=False)
+        return frames
+
+    def _start(
+        self, size: int, mv: memoryview, pos: int, n: int, frames: list[Frame], prefix: bool
+    ) -> int:
+        """Begin a frame of ``size`` bytes whose body starts at ``mv[pos]``."""
+        if size > self.max_frame_size:
+            raise ProtocolError(
+                f"frame length {size} exceeds the limit of {self.max_frame_size} bytes"
+            )
+        if size < HEADER_SIZE - 4:
+            raise ProtocolError(f"frame length {size} is shorter than a header")
+        if n - pos >= size:
+            frames.append(self._parse(mv[pos : pos + size]))
+            return pos + size
+        buf = bytearray(size)
+        rest = n - pos
+        buf[:rest] = mv[pos:]
+        self._buf, self._need, self._fill = buf, size, rest
+        return n
+
+    def _parse(self, f: memoryview) -> Frame:
+        """Decode one frame whose size field was already removed."""
+        kind, _, chan_len, rid, route, n_att, _ = _REST.unpack_from(f)
+        if kind not in _KINDS:
+            raise ProtocolError(f"unknown frame kind {kind}")
+        pos = HEADER_SIZE - 4
+        end = len(f)
+        if pos + chan_len > end:
+            raise ProtocolError("channel name runs past the end of the frame")
+        try:
+            channel = str(f[pos : pos + chan_len], "utf-8") if chan_len else ""
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("channel name is not valid UTF-8") from exc
+        pos += chan_len
+        if not n_att:
+            return Frame(kind, rid, route, channel, f[pos:])
+        table_end = pos + ATT_SIZE * n_att
+        if table_end > end:
+            raise ProtocolError("attachment table runs past the end of the frame")
+        sizes = []
+        inline = 0
+        for i in range(n_att):
+            where, _, _, _, length = ATT.unpack_from(f, pos + i * ATT_SIZE)
+            if where != ATT_INLINE:
+                raise ProtocolError(f"attachment kind {where} is not supported here")
+            sizes.append(length)
+            inline += length
+        body_end = end - inline
+        if body_end < table_end:
+            raise ProtocolError("attachments are longer than the frame")
+        atts = []
+        p = body_end
+        for length in sizes:
+            atts.append(f[p : p + length])
+            p += length
+        return Frame(kind, rid, route, channel, f[table_end:body_end], atts)
