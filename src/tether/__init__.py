@@ -27,11 +27,15 @@ from .errors import TetherError as TetherError
 from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
 from .pipe import pipe as pipe
+from .shm import Buffer as Buffer
+from .shm import BufferInUse as BufferInUse
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BadRequest",
+    "Buffer",
+    "BufferInUse",
     "Call",
     "Child",
     "ConnectionClosed",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import inspect
 import re
+import threading
 import traceback
 import typing
 from collections.abc import Callable
@@ -32,8 +33,55 @@ __all__ = [
 PROTOCOL_NAME: Final = "tether"
 PROTOCOL_VERSION: Final = 1
 
+#: MessagePack extension codes for attachments (see docs/protocol.md).
+EXT_BYTES: Final = 1  # data: u32 LE attachment index -> read-only memoryview
+EXT_NDARRAY: Final = 2  # data: msgpack [index, dtype str, shape] -> read-only ndarray
+
+_local = threading.local()
+
+
+def ext_hook(code: int, data: memoryview) -> Any:
+    """Resolve an attachment reference against the frame being decoded."""
+    atts = getattr(_local, "attachments", None)
+    if code == EXT_BYTES and atts is not None:
+        return _attachment(atts, int.from_bytes(data, "little"))
+    if code == EXT_NDARRAY and atts is not None:
+        import numpy as np
+
+        index, dtype, shape = msgspec.msgpack.decode(data, type=tuple[int, str, list[int]])
+        view = _attachment(atts, index)
+        return np.frombuffer(view, dtype=np.dtype(dtype)).reshape(shape)
+    return msgspec.msgpack.Ext(code, bytes(data))
+
+
+def _attachment(atts: Any, index: int) -> memoryview:
+    if not 0 <= index < len(atts):
+        raise msgspec.ValidationError(f"attachment {index} does not exist")
+    return memoryview(atts[index]).toreadonly()
+
+
+def decode_with(decoder: msgspec.msgpack.Decoder[Any], body: Any, attachments: Any) -> Any:
+    """Decode ``body``; extension references resolve to ``attachments``."""
+    if not attachments:
+        return decoder.decode(body)
+    _local.attachments = attachments
+    try:
+        return decoder.decode(body)
+    finally:
+        _local.attachments = None
+
+
 encoder: Final = msgspec.msgpack.Encoder()
-any_decoder: Final = msgspec.msgpack.Decoder()
+any_decoder: Final = msgspec.msgpack.Decoder(ext_hook=ext_hook)
+
+
+def _decodable(tp: Any) -> Any:
+    """``tp`` if msgspec can decode it, else ``Any`` (e.g. numpy arrays from attachments)."""
+    try:
+        msgspec.msgpack.Decoder(tp)
+    except TypeError:
+        return Any
+    return tp
 
 
 class Hello(msgspec.Struct, omit_defaults=True):
@@ -115,23 +163,25 @@ class ArgsSpec:
                     raise TypeError(f"handler {fn!r}: keyword-only parameter {p.name!r} is unsupported")
                 continue
             names.append(p.name)
-            types[p.name] = hints.get(p.name, Any)
+            types[p.name] = _decodable(hints.get(p.name, Any))
             if p.default is not p.empty:
                 defaults.append(p.default)
             elif defaults:
                 raise TypeError(f"handler {fn!r}: parameter {p.name!r} follows a default")
         self.names = tuple(names)
         if variadic:
-            self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(tuple[Any, ...])
+            self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+                tuple[Any, ...], ext_hook=ext_hook
+            )
             return
         nt = collections.namedtuple("Args", names, defaults=defaults)  # type: ignore[misc]
         nt.__annotations__ = types
-        self.decoder = msgspec.msgpack.Decoder(nt)
+        self.decoder = msgspec.msgpack.Decoder(nt, ext_hook=ext_hook)
 
-    def decode(self, body: bytes | memoryview) -> tuple[Any, ...]:
+    def decode(self, body: bytes | memoryview, attachments: Any = ()) -> tuple[Any, ...]:
         """Decode and validate; raises :class:`BadRequest` naming the bad argument."""
         try:
-            return self.decoder.decode(body)  # type: ignore[no-any-return]
+            return decode_with(self.decoder, body, attachments)  # type: ignore[no-any-return]
         except msgspec.ValidationError as exc:
             raise self._bad(str(exc)) from None
         except msgspec.DecodeError as exc:

@@ -30,14 +30,33 @@ from typing import Any, Final
 
 import msgspec
 
-from . import codec
+from . import codec, shm
 from .errors import ConnectionClosed, PayloadTooLarge, ProtocolError
-from .wire import DEFAULT_MAX_FRAME_SIZE, HEADER, HEADER_SIZE, Frame, FrameParser, Kind
+from .wire import (
+    ATT,
+    ATT_FD,
+    ATT_INLINE,
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    Frame,
+    FrameParser,
+    Kind,
+)
 
 __all__ = ["Connection", "State"]
 
 _U32: Final = 0xFFFFFFFF
-_EMPTY_ARRAY: Final = b"\x90"  # msgpack []
+_BYTESLIKE: Final = (bytes, bytearray, memoryview)
+
+
+class _Blob:
+    """Marks a large top-level bytes-like argument to travel out of band."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
 
 
 class State(enum.Enum):
@@ -70,8 +89,14 @@ class Connection:
         self.max_frame_size = max_frame_size
         self.peer_hello: codec.Hello | None = None
         self.goodbye_reason: str | None = None
-        self._parser = FrameParser(max_frame_size)
+        features = list(features)
+        self._fd_local = "fd" in features
+        self._send_fds = False  # both sides pass descriptors: set at handshake
+        self._parser = FrameParser(max_frame_size, shm.map_sealed if self._fd_local else None)
         self._out = bytearray()
+        self._fds_out: list[int] = []
+        self._atts: list[tuple[int, Any]] = []
+        self.encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._next_rid = 0
         #: request id -> the application's waiter, for invokes awaiting an answer
         self.pending: dict[int, Any] = {}
@@ -82,11 +107,28 @@ class Connection:
             name=name,
             pid=os.getpid(),
             max_frame_size=max_frame_size,
-            features=list(features),
+            features=features,
         )
         self._emit(Kind.HELLO, 0, 0, b"", codec.encoder.encode(hello))
 
     # -- receiving --------------------------------------------------------
+
+    def receive_fds(self, fds: Iterable[int]) -> None:
+        """Queue descriptors received beside the bytes; frames claim them in order."""
+        if not self._fd_local:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("received file descriptors on a connection that takes none")
+        self._parser.fds.extend(fds)
+
+    def close_fds(self) -> None:
+        """Close every descriptor received or queued but not yet used (on teardown)."""
+        q = self._parser.fds
+        while q:
+            os.close(q.popleft())
+        fds, self._fds_out = self._fds_out, []
+        for fd in fds:
+            os.close(fd)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Feed received bytes; return the frames the application must act on.
@@ -152,6 +194,7 @@ class Connection:
                 f"this side supports {codec.PROTOCOL_VERSION}"
             )
         self.peer_hello = hello
+        self._send_fds = self._fd_local and "fd" in hello.features
         if self.state is State.HANDSHAKE:
             self.state = State.OPEN
 
@@ -186,6 +229,17 @@ class Connection:
             self._out = bytearray()
         return out
 
+    def take_fds(self) -> list[int]:
+        """Return (and forget) descriptors to pass with the next bytes written.
+
+        Send them with the first byte of the :meth:`data_to_send` chunk taken
+        together with them, then close them.
+        """
+        fds = self._fds_out
+        if fds:
+            self._fds_out = []
+        return fds
+
     @property
     def buffered_out(self) -> int:
         """Bytes queued by ``send_*`` and not yet taken by :meth:`data_to_send`."""
@@ -197,14 +251,14 @@ class Connection:
         rid = self._next_rid = (self._next_rid + 1) & _U32 or 1
         while rid in self.pending:  # wrapped onto a call still in flight
             rid = self._next_rid = (rid + 1) & _U32 or 1
-        self._emit_obj(Kind.INVOKE, rid, route_id, channel, args)
+        self._emit_obj(Kind.INVOKE, rid, route_id, channel, _wrap(args))
         self.pending[rid] = waiter
         return rid
 
     def send_event(self, channel: bytes, args: Any, route_id: int = 0) -> None:
         """Queue a one-way EVENT on ``channel``."""
         self._check_open()
-        self._emit_obj(Kind.EVENT, 0, route_id, channel, args)
+        self._emit_obj(Kind.EVENT, 0, route_id, channel, _wrap(args))
 
     def send_result(self, request_id: int, value: Any) -> None:
         """Queue the RESULT of an incoming invoke.
@@ -213,6 +267,8 @@ class Connection:
             PayloadTooLarge: the value does not fit; send an error instead.
         """
         if self.state is not State.CLOSED:
+            if type(value) in _BYTESLIKE and len(value) >= shm.SHM_THRESHOLD:
+                value = _Blob(value)
             self._emit_obj(Kind.RESULT, request_id, 0, b"", value)
 
     def send_error(self, request_id: int, info: codec.ErrorInfo) -> None:
@@ -254,15 +310,85 @@ class Connection:
         start = len(out)
         out += HEADER.pack(0, kind, 0, len(channel), rid, route, 0, 0)
         out += channel
+        body_start = len(out)
         try:
-            codec.encoder.encode_into(obj, out, -1)
+            self.encoder.encode_into(obj, out, -1)
         except BaseException:
             del out[start:]
+            self._drop_atts()
             raise
+        atts = self._atts
+        n_att = len(atts)
+        if n_att:
+            self._atts = []
+            body = bytes(out[body_start:])
+            del out[body_start:]
+            for where, a in atts:
+                length = a[1] if where == ATT_FD else len(a)
+                out += ATT.pack(where, 0, 0, 0, length)
+            out += body
+            for where, a in atts:
+                if where == ATT_INLINE:
+                    out += a
         size = len(out) - start - 4
         if size > self.max_frame_size:
             del out[start:]
+            for where, a in atts:
+                if where == ATT_FD:
+                    os.close(a[0])
             raise PayloadTooLarge(
                 f"frame of {size} bytes exceeds the limit of {self.max_frame_size} bytes"
             )
-        HEADER.pack_into(out, start, size, kind, 0, len(channel), rid, route, 0, 0)
+        HEADER.pack_into(out, start, size, kind, 0, len(channel), rid, route, n_att, 0)
+        if n_att:
+            self._fds_out.extend(a[0] for where, a in atts if where == ATT_FD)
+
+    # -- attachments ------------------------------------------------------
+
+    def _enc_hook(self, obj: Any) -> Any:
+        """Move buffers, arrays and :class:`~tether.Buffer` out of the body."""
+        if isinstance(obj, _Blob):
+            return self._attach_ext(memoryview(obj.data).cast("B"))
+        if isinstance(obj, shm.Buffer):
+            fd, n = obj.take()
+            if self._send_fds:
+                return self._ext_bytes(ATT_FD, (fd, n))
+            return self._ext_bytes(ATT_INLINE, shm.map_sealed(fd, n))
+        if hasattr(obj, "__array_interface__") and type(obj).__module__ == "numpy":
+            import numpy as np
+
+            arr = np.ascontiguousarray(obj)
+            if arr.dtype.hasobject:
+                raise TypeError("numpy arrays of Python objects cannot be sent")
+            ext = self._attach_ext(memoryview(arr.reshape(-1).view(np.uint8)))
+            index = int.from_bytes(ext.data, "little")
+            ref = codec.encoder.encode((index, arr.dtype.str, list(arr.shape)))
+            return msgspec.msgpack.Ext(codec.EXT_NDARRAY, ref)
+        raise NotImplementedError(f"objects of type {type(obj).__name__} cannot be sent")
+
+    def _attach_ext(self, view: memoryview) -> msgspec.msgpack.Ext:
+        if self._send_fds and view.nbytes >= shm.SHM_THRESHOLD:
+            return self._ext_bytes(ATT_FD, shm.segment_from(view))
+        return self._ext_bytes(ATT_INLINE, view)
+
+    def _ext_bytes(self, where: int, att: Any) -> msgspec.msgpack.Ext:
+        index = len(self._atts)
+        self._atts.append((where, att))
+        return msgspec.msgpack.Ext(codec.EXT_BYTES, index.to_bytes(4, "little"))
+
+    def _drop_atts(self) -> None:
+        atts, self._atts = self._atts, []
+        for where, a in atts:
+            if where == ATT_FD:
+                os.close(a[0])
+
+
+def _wrap(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Mark large top-level bytes-like arguments to travel out of band."""
+    for a in args:
+        if type(a) in _BYTESLIKE and len(a) >= shm.SHM_THRESHOLD:
+            return tuple(
+                _Blob(x) if type(x) in _BYTESLIKE and len(x) >= shm.SHM_THRESHOLD else x
+                for x in args
+            )
+    return args

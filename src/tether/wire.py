@@ -24,9 +24,10 @@ is allocated, so a hostile length header costs nothing.
 
 from __future__ import annotations
 
+import collections
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from .errors import PayloadTooLarge, ProtocolError
@@ -159,10 +160,17 @@ class FrameParser:
     and the connection must be closed.
     """
 
-    __slots__ = ("_buf", "_fill", "_head", "_need", "max_frame_size")
+    __slots__ = ("_buf", "_fill", "_head", "_need", "fds", "map_fd", "max_frame_size")
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        map_fd: Callable[[int, int], memoryview] | None = None,
+    ) -> None:
         self.max_frame_size = max_frame_size
+        #: descriptors received beside the bytes, consumed in order by ATT_FD entries
+        self.fds: collections.deque[int] = collections.deque()
+        self.map_fd = map_fd
         self._head = bytearray()  # partial size field (< 4 bytes)
         self._buf: bytearray | None = None  # partial frame, allocated at full size
         self._need = 0
@@ -171,7 +179,7 @@ class FrameParser:
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame."""
-        return len(self._head) + self._fill
+        return len(self._head) + (4 + self._fill if self._buf is not None else 0)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume ``data`` and return every frame it completes, in order."""
@@ -243,20 +251,27 @@ class FrameParser:
         table_end = pos + ATT_SIZE * n_att
         if table_end > end:
             raise ProtocolError("attachment table runs past the end of the frame")
-        sizes = []
+        entries = []
         inline = 0
         for i in range(n_att):
             where, _, _, _, length = ATT.unpack_from(f, pos + i * ATT_SIZE)
-            if where != ATT_INLINE:
+            if where == ATT_INLINE:
+                inline += length
+            elif where != ATT_FD or self.map_fd is None:
                 raise ProtocolError(f"attachment kind {where} is not supported here")
-            sizes.append(length)
-            inline += length
+            entries.append((where, length))
         body_end = end - inline
         if body_end < table_end:
             raise ProtocolError("attachments are longer than the frame")
-        atts = []
+        atts: list[memoryview | bytes] = []
         p = body_end
-        for length in sizes:
-            atts.append(f[p : p + length])
-            p += length
+        for where, length in entries:
+            if where == ATT_INLINE:
+                atts.append(f[p : p + length])
+                p += length
+            else:
+                if not self.fds:
+                    raise ProtocolError("frame refers to a file descriptor that did not arrive")
+                assert self.map_fd is not None
+                atts.append(self.map_fd(self.fds.popleft(), length))
         return Frame(kind, rid, route, channel, f[table_end:body_end], atts)

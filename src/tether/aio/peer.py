@@ -10,10 +10,12 @@ the door open for ``SCM_RIGHTS`` file-descriptor passing on unix sockets.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Callable, Collection
 from typing import Any, Final, TypeVar
@@ -54,6 +56,7 @@ DEFAULT_TIMEOUT: Final = 30.0
 HIGH_WATER: Final = 4 * 1024 * 1024
 LOW_WATER: Final = 1024 * 1024
 _READ_SIZE: Final = 256 * 1024
+_ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 
 _INVOKE: Final = int(Kind.INVOKE)
 _RESULT: Final = int(Kind.RESULT)
@@ -128,7 +131,13 @@ class Peer:
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
-        self._conn = Connection(local_role, name=name, max_frame_size=max_frame_size)
+        self._unix = sock.family == socket.AF_UNIX
+        self._conn = Connection(
+            local_role,
+            name=name,
+            max_frame_size=max_frame_size,
+            features=["fd"] if self._unix else [],
+        )
         self.registry = registry if registry is not None else Registry()
         self.role = role
         self.timeout = timeout
@@ -137,6 +146,7 @@ class Peer:
         self._chan_cache: dict[str, bytes] = {}
         self._serving: dict[int, asyncio.Task[Any]] = {}
         self._wbuf: collections.deque[memoryview] = collections.deque()
+        self._wfds: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
         self._wsize = 0
         self._writing = False
         self._flush_handle: asyncio.Handle | None = None
@@ -251,6 +261,8 @@ class Peer:
         fut = loop.create_future()
         rid = self._conn.send_invoke(self._chan(channel), args, fut)
         self._kick()
+        if self._conn._fds_out:
+            self._flush()  # descriptors go out with their own frame
         if timeout is DEFAULT:
             timeout = self.timeout
         th = loop.call_later(timeout, self._expire, rid, fut, channel, timeout) if timeout else None
@@ -266,8 +278,8 @@ class Peer:
             if th is not None:
                 th.cancel()
         if result_type is Any:
-            return codec.any_decoder.decode(frame.body)
-        return msgspec.msgpack.decode(frame.body, type=result_type)
+            return codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
+        return codec.decode_with(_typed_decoder(result_type), frame.body, frame.attachments)
 
     def _expire(self, rid: int, fut: asyncio.Future[Any], channel: str, timeout: float) -> None:
         if not fut.done():
@@ -285,6 +297,8 @@ class Peer:
             raise self._closed
         self._conn.send_event(self._chan(channel), args)
         self._kick()
+        if self._conn._fds_out:
+            self._flush()
         if self._wsize + self._conn.buffered_out > HIGH_WATER:
             await self._wait_drained(LOW_WATER)
 
@@ -297,10 +311,14 @@ class Peer:
     def _flush(self) -> None:
         """Write what the connection queued; keep the rest for the writer callback."""
         self._flush_handle = None
+        if not self._started or self._closed is not None:
+            return
+        fds = self._conn.take_fds()
         data = self._conn.data_to_send()
-        if not data or self._closed is not None or not self._started:
-            if data:
-                self._requeue(data)
+        if fds:
+            self._send_with_fds(data, fds)
+            return
+        if not data:
             return
         if not self._wbuf:
             try:
@@ -321,16 +339,63 @@ class Peer:
             self._writing = True
             self._loop.add_writer(self._fd, self._on_writable)
 
-    def _requeue(self, data: bytearray) -> None:
-        # Not started yet: put the bytes back in front of anything queued later.
-        if self._closed is None:
-            rest = self._conn.data_to_send()
-            data += rest
-            self._conn._out = data
+    def _send_with_fds(self, data: bytearray, fds: list[int]) -> None:
+        """Write ``data`` with ``fds`` riding on its first byte, then close our copies."""
+        if not self._wbuf:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            try:
+                n = self._sock.sendmsg([data], anc)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                _close_all(fds)
+                self._lost(self._gone(exc))
+                return
+            if n:
+                _close_all(fds)
+                if n == len(data):
+                    return
+                self._wbuf.append(memoryview(data)[n:])
+                self._wsize += len(data) - n
+            else:
+                self._wfds.append((memoryview(data), fds))
+                self._wbuf.append(memoryview(b""))  # placeholder keeps order
+                self._wsize += len(data)
+        else:
+            self._wfds.append((memoryview(data), fds))
+            self._wbuf.append(memoryview(b""))
+            self._wsize += len(data)
+        if not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._on_writable)
 
     def _on_writable(self) -> None:
+        if self._wbuf and not self._wbuf[0]:
+            # An empty placeholder: the next chunk carries descriptors.
+            data, fds = self._wfds[0]
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            try:
+                n = self._sock.sendmsg([data], anc)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._lost(self._gone(exc))
+                return
+            self._wfds.popleft()
+            _close_all(fds)
+            self._wbuf[0] = data[n:]
+            self._wsize -= n
+            if not self._wbuf[0]:
+                self._wbuf.popleft()
+            self._after_write()
+            return
+        chunks = []
+        for c in self._wbuf:
+            if not c or len(chunks) >= 512:
+                break
+            chunks.append(c)
         try:
-            n = self._sock.sendmsg(list(self._wbuf)[:512])
+            n = self._sock.sendmsg(chunks)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -346,6 +411,10 @@ class Peer:
             else:
                 wbuf[0] = head[n:]
                 n = 0
+        self._after_write()
+
+    def _after_write(self) -> None:
+        wbuf = self._wbuf
         if not wbuf:
             self._writing = False
             self._loop.remove_writer(self._fd)
@@ -370,11 +439,19 @@ class Peer:
 
     def _on_readable(self) -> None:
         try:
-            data = self._sock.recv(_READ_SIZE)
+            if self._unix:
+                data, anc, flags, _ = self._sock.recvmsg(_READ_SIZE, _ANC_SPACE)
+                if anc:
+                    self._take_fds(anc, flags)
+            else:
+                data = self._sock.recv(_READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._lost(self._gone(exc))
+            return
+        except ProtocolError as exc:
+            self._bad_message(exc)
             return
         if not data:
             try:
@@ -413,6 +490,16 @@ class Peer:
                 return
         if self._conn.buffered_out:
             self._flush()
+
+    def _take_fds(self, anc: list[tuple[int, int, bytes]], flags: int) -> None:
+        fds = array.array("i")
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            raise ProtocolError("too many file descriptors in one message")
+        self._conn.receive_fds(fds)
 
     def _on_error(self, f: Frame) -> None:
         fut = self._conn.take_pending(f.request_id)
@@ -454,7 +541,7 @@ class Peer:
                 self._conn.send_error(rid, codec.ErrorInfo("forbidden", msg))
             return None
         try:
-            return h.spec.decode(f.body)
+            return h.spec.decode(f.body, f.attachments)
         except BadRequest as exc:
             if rid:
                 self._conn.send_error(
@@ -541,6 +628,10 @@ class Peer:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self._sock.close()
+        self._conn.close_fds()
+        for _, fds in self._wfds:
+            _close_all(fds)
+        self._wfds.clear()
         self._wbuf.clear()
         self._wsize = 0
         for fut in self._conn.fail_all():
@@ -559,3 +650,19 @@ class Peer:
         self._closed_fut.set_result(None)
         if self._on_close is not None:
             self._on_close(self)
+
+
+def _close_all(fds: Any) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+_typed: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def _typed_decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
+    d = _typed.get(tp)
+    if d is None:
+        d = _typed[tp] = msgspec.msgpack.Decoder(tp, ext_hook=codec.ext_hook)
+    return d

@@ -21,7 +21,7 @@ from typing import Any, Final
 import msgspec
 
 from .. import codec
-from ..aio.peer import DEFAULT, DEFAULT_TIMEOUT, error_from_info
+from ..aio.peer import DEFAULT, DEFAULT_TIMEOUT, _typed_decoder, error_from_info
 from ..errors import (
     BadRequest,
     ConnectionClosed,
@@ -219,9 +219,10 @@ class Peer:
         if slot.exc is not None:
             raise slot.exc
         assert slot.frame is not None
+        f = slot.frame
         if result_type is Any:
-            return codec.any_decoder.decode(slot.frame.body)
-        return msgspec.msgpack.decode(slot.frame.body, type=result_type)
+            return codec.decode_with(codec.any_decoder, f.body, f.attachments)
+        return codec.decode_with(_typed_decoder(result_type), f.body, f.attachments)
 
     def send(self, channel: str, *args: Any) -> None:
         """Send a one-way event; blocks only while the peer is not reading."""
@@ -404,7 +405,7 @@ class Peer:
 
     @staticmethod
     def _args(h: Handler, f: Frame) -> tuple[Any, ...]:
-        return h.spec.decode(f.body)
+        return h.spec.decode(f.body, f.attachments)
 
     def _end(self, exc: TetherError) -> None:
         with self._cv:

@@ -1,0 +1,121 @@
+"""Fuzz the sans-I/O core: only ProtocolError may escape the parser.
+
+Run with atheris (coverage-guided)::
+
+    python fuzz/fuzz_protocol.py -runs=20000
+    python fuzz/fuzz_protocol.py -max_total_time=300 corpus_dir/
+
+``TestOneInput`` is also driven by ``tests/test_fuzz.py`` without atheris.
+
+The first input byte picks the target and how the rest is cut into reads:
+
+* bits 0-1: 0 = a bare FrameParser (small limit), 1 = an OPEN Connection,
+  2 = a Connection still in HANDSHAKE, 3 = an OPEN Connection, then EOF;
+* bits 2-7: the read size (1..64 bytes; 0 = everything in one read).
+
+Any exception other than :class:`tether.ProtocolError` is a finding.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tether import codec
+from tether.errors import ProtocolError
+from tether.protocol import Connection, State
+from tether.wire import FrameParser, Kind
+
+MAX_FRAME = 1 << 16
+_RETURNED = frozenset(
+    {Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL, Kind.GOODBYE}
+)
+_PEER_HELLO = bytes(Connection("main", name="fuzz-peer").data_to_send())
+
+
+def _chunks(data: bytes, step: int) -> list[bytes]:
+    if step == 0:
+        return [data]
+    return [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+
+
+def _touch(frame: object) -> None:
+    """Read every field of a frame, as an application would."""
+    repr(frame)
+    bytes(frame.body)  # type: ignore[attr-defined]
+    for a in frame.attachments:  # type: ignore[attr-defined]
+        bytes(a)
+    assert isinstance(frame.channel, str)  # type: ignore[attr-defined]
+    assert 0 <= frame.request_id <= 0xFFFFFFFF  # type: ignore[attr-defined]
+    assert 0 <= frame.route_id <= 0xFFFFFFFF  # type: ignore[attr-defined]
+
+
+def _fuzz_parser(pieces: list[bytes]) -> None:
+    parser = FrameParser(MAX_FRAME)
+    total = 0
+    try:
+        for piece in pieces:
+            for f in parser.feed(piece):
+                assert f.kind in set(Kind)
+                _touch(f)
+            total += len(piece)
+            assert 0 <= parser.buffered <= min(total, MAX_FRAME + 4)
+    except ProtocolError:
+        pass
+
+
+def _fuzz_connection(pieces: list[bytes], *, open_first: bool, eof: bool) -> None:
+    conn = Connection("child", name="fuzz", max_frame_size=MAX_FRAME)
+    conn.data_to_send()
+    if open_first:
+        assert conn.receive_data(_PEER_HELLO) == []
+        assert conn.state is State.OPEN
+    try:
+        for piece in pieces:
+            for f in conn.receive_data(piece):
+                assert f.kind in _RETURNED, f
+                _touch(f)
+                if f.kind == Kind.ERROR:
+                    try:  # what an I/O layer does with an ERROR body
+                        codec.error_decoder.decode(f.body)
+                    except Exception:
+                        pass
+            conn.data_to_send()
+        if eof:
+            conn.receive_eof()
+    except ProtocolError:
+        assert conn.state is State.CLOSED
+        return
+    if open_first:
+        assert conn.state in (State.OPEN, State.CLOSING, State.CLOSED)
+
+
+def TestOneInput(data: bytes) -> None:  # noqa: N802 - atheris' name
+    if not data:
+        return
+    mode, step = data[0] & 3, data[0] >> 2
+    pieces = _chunks(data[1:], step)
+    if mode == 0:
+        _fuzz_parser(pieces)
+    elif mode == 1:
+        _fuzz_connection(pieces, open_first=True, eof=False)
+    elif mode == 2:
+        _fuzz_connection(pieces, open_first=False, eof=False)
+    else:
+        _fuzz_connection(pieces, open_first=True, eof=True)
+
+
+def main() -> None:
+    import atheris
+
+    atheris.Setup(sys.argv, TestOneInput)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    import atheris
+
+    with atheris.instrument_imports():
+        import tether.codec
+        import tether.protocol
+        import tether.wire  # noqa: F401
+    main()

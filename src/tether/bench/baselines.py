@@ -1,0 +1,416 @@
+"""The peers tether is measured against, for small messages.
+
+Round trip (``rt_*``): a raw socketpair with a 4-byte length prefix (the
+floor), ``multiprocessing.Pipe``, pyzmq REQ/REP. One-way events (``ev_*``):
+``multiprocessing.Pipe``, pyzmq PUSH/PULL. Invokes with 256 in flight:
+pyzmq DEALER/ROUTER. Every echo runs in a child started with ``spawn``.
+
+The hot loops use blocking calls without per-call timeouts (a timeout would
+add a ``poll`` syscall to every operation and distort the figure); they are
+bounded by the case's alarm and the runner's hard timeout instead. Waits for
+acknowledgements outside the hot loop have their own timeouts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgspec
+
+from .common import (
+    PAYLOAD,
+    Params,
+    Result,
+    child_init,
+    join_or_kill,
+    latency,
+    rate,
+    scratch_dir,
+    spawn_ctx,
+    time_loop,
+)
+
+__all__ = [
+    "ev_mp_pipe",
+    "ev_zmq",
+    "inflight_zmq",
+    "rt_budget",
+    "rt_mp_pipe",
+    "rt_socketpair",
+    "rt_zmq",
+]
+
+_LEN = struct.Struct("<I")
+ACK_TIMEOUT = 30.0
+
+
+def rt_budget(params: Params) -> dict[str, Any]:
+    """Warm-up, iterations and time cap of a round-trip loop."""
+    if params.get("quick"):
+        return {"warmup": 300, "iters": 5000, "max_s": 1.0}
+    return {"warmup": 2000, "iters": 30000, "max_s": 4.0}
+
+
+def ev_budget(params: Params) -> tuple[int, int, float]:
+    """(events per batch, batches, time cap in seconds) of an event-rate case."""
+    if params.get("quick"):
+        return 20000, 3, 2.0
+    return 100000, 5, 8.0
+
+
+def _recv_ack(conn: Connection, timeout: float = ACK_TIMEOUT) -> Any:
+    if not conn.poll(timeout):
+        raise TimeoutError(f"no acknowledgement within {timeout} s")
+    return conn.recv()
+
+
+# -- raw socketpair -----------------------------------------------------------
+
+
+def _socketpair_echo(sock: socket.socket, parent_pid: int) -> None:
+    child_init(parent_pid)
+    while True:
+        head = sock.recv(4, socket.MSG_WAITALL)
+        if len(head) < 4:
+            return
+        (n,) = _LEN.unpack(head)
+        if n == 0:
+            return
+        body = sock.recv(n, socket.MSG_WAITALL)
+        sock.sendall(head + body)
+
+
+def rt_socketpair(params: Params) -> Result:
+    """Raw socketpair, 4-byte length prefix, msgspec bodies, blocking send/recv."""
+    enc = msgspec.msgpack.Encoder()
+    dec = msgspec.msgpack.Decoder()
+    parent, child = socket.socketpair()
+    proc = spawn_ctx().Process(target=_socketpair_echo, args=(child, os.getpid()), daemon=True)
+    try:
+        proc.start()
+        child.close()
+        recv = parent.recv
+        waitall = socket.MSG_WAITALL
+        unpack = _LEN.unpack
+        pack = _LEN.pack
+
+        def op() -> object:
+            body = enc.encode(PAYLOAD)
+            parent.sendall(pack(len(body)) + body)
+            (n,) = unpack(recv(4, waitall))
+            return dec.decode(recv(n, waitall))
+
+        assert op() == PAYLOAD
+        samples = time_loop(op, **rt_budget(params))
+        parent.sendall(_LEN.pack(0))
+    finally:
+        parent.close()
+        join_or_kill(proc)
+    return {"metrics": [latency("round trip", samples)]}
+
+
+# -- multiprocessing.Pipe ---------------------------------------------------------
+
+
+def _pipe_echo(conn: Connection, parent_pid: int) -> None:
+    child_init(parent_pid)
+    while True:
+        obj = conn.recv()
+        if obj is None:
+            return
+        conn.send(obj)
+
+
+def rt_mp_pipe(params: Params) -> Result:
+    """multiprocessing.Pipe: send a dict, the child sends it back (pickle both ways)."""
+    ctx = spawn_ctx()
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_pipe_echo, args=(child, os.getpid()), daemon=True)
+    try:
+        proc.start()
+        child.close()
+        send, recv = parent.send, parent.recv
+
+        def op() -> object:
+            send(PAYLOAD)
+            return recv()
+
+        assert op() == PAYLOAD
+        samples = time_loop(op, **rt_budget(params))
+        parent.send(None)
+    finally:
+        parent.close()
+        join_or_kill(proc)
+    return {"metrics": [latency("round trip", samples)]}
+
+
+def _pipe_count(conn: Connection, parent_pid: int) -> None:
+    child_init(parent_pid)
+    n = 0
+    while True:
+        obj = conn.recv()
+        if obj.__class__ is dict:
+            n += 1
+        elif obj is None:  # end of a batch: report how many arrived
+            conn.send(n)
+            n = 0
+        else:
+            return
+
+
+def ev_mp_pipe(params: Params) -> Result:
+    """multiprocessing.Pipe one-way: N dicts to a child that counts, then one ack."""
+    ctx = spawn_ctx()
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_pipe_count, args=(child, os.getpid()), daemon=True)
+    n, batches, max_s = ev_budget(params)
+    rates: list[float] = []
+    try:
+        proc.start()
+        child.close()
+        send = parent.send
+
+        def batch(count: int) -> float:
+            t0 = time.perf_counter()
+            for _ in range(count):
+                send(PAYLOAD)
+            send(None)
+            got = _recv_ack(parent)
+            elapsed = time.perf_counter() - t0
+            if got != count:
+                raise RuntimeError(f"child counted {got} events, expected {count}")
+            return count / elapsed
+
+        batch(n // 10)  # warm-up
+        end = time.perf_counter() + max_s
+        for _ in range(batches):
+            rates.append(batch(n))
+            if time.perf_counter() > end:
+                break
+        parent.send("stop")
+    finally:
+        parent.close()
+        join_or_kill(proc)
+    return {"metrics": [rate("events", rates, "/s")]}
+
+
+# -- pyzmq --------------------------------------------------------------------
+
+
+def _zmq_rep(addr: str, parent_pid: int) -> None:
+    import zmq
+
+    child_init(parent_pid)
+    enc = msgspec.msgpack.Encoder()
+    dec = msgspec.msgpack.Decoder()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REP)
+    sock.bind(addr)
+    try:
+        while True:
+            msg = sock.recv()
+            if not msg:
+                sock.send(b"")
+                return
+            sock.send(enc.encode(dec.decode(msg)))
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def rt_zmq(params: Params) -> Result:
+    """pyzmq REQ/REP over ipc:// in /tmp, msgspec-encoded on both sides."""
+    import zmq
+
+    enc = msgspec.msgpack.Encoder()
+    dec = msgspec.msgpack.Decoder()
+    with scratch_dir() as tmp:
+        addr = f"ipc://{tmp}/rt.ipc"
+        proc = spawn_ctx().Process(target=_zmq_rep, args=(addr, os.getpid()), daemon=True)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.RCVTIMEO, int(ACK_TIMEOUT * 1000))
+        try:
+            proc.start()
+            sock.connect(addr)
+            send, recv = sock.send, sock.recv
+
+            def op() -> object:
+                send(enc.encode(PAYLOAD))
+                return dec.decode(recv())
+
+            assert op() == PAYLOAD
+            samples = time_loop(op, **rt_budget(params))
+            sock.send(b"")
+            sock.recv()
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+            join_or_kill(proc)
+    return {"metrics": [latency("round trip", samples)]}
+
+
+def _zmq_pull_count(addr: str, ack_addr: str, parent_pid: int) -> None:
+    import zmq
+
+    child_init(parent_pid)
+    dec = msgspec.msgpack.Decoder()
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(addr)
+    ack = ctx.socket(zmq.PUSH)
+    ack.connect(ack_addr)
+    n = 0
+    try:
+        while True:
+            msg = pull.recv()
+            if len(msg) > 1:
+                dec.decode(msg)  # a real consumer decodes what it counts
+                n += 1
+            elif not msg:
+                ack.send(n.to_bytes(8, "little"))
+                n = 0
+            else:
+                return
+    finally:
+        pull.close(linger=0)
+        ack.close(linger=0)
+        ctx.term()
+
+
+def ev_zmq(params: Params) -> Result:
+    """pyzmq PUSH/PULL one-way, msgspec frames; the child acks each batch on PUSH/PULL."""
+    import zmq
+
+    enc = msgspec.msgpack.Encoder()
+    n, batches, max_s = ev_budget(params)
+    rates: list[float] = []
+    with scratch_dir() as tmp:
+        addr, ack_addr = f"ipc://{tmp}/ev.ipc", f"ipc://{tmp}/ack.ipc"
+        ctx = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
+        ack = ctx.socket(zmq.PULL)
+        ack.setsockopt(zmq.RCVTIMEO, int(ACK_TIMEOUT * 1000))
+        ack.bind(ack_addr)
+        proc = spawn_ctx().Process(
+            target=_zmq_pull_count, args=(addr, ack_addr, os.getpid()), daemon=True
+        )
+        try:
+            proc.start()
+            push.connect(addr)
+            send = push.send
+
+            def batch(count: int) -> float:
+                t0 = time.perf_counter()
+                for _ in range(count):
+                    send(enc.encode(PAYLOAD))
+                send(b"")
+                got = int.from_bytes(ack.recv(), "little")
+                elapsed = time.perf_counter() - t0
+                if got != count:
+                    raise RuntimeError(f"child counted {got} events, expected {count}")
+                return count / elapsed
+
+            batch(n // 10)
+            end = time.perf_counter() + max_s
+            for _ in range(batches):
+                rates.append(batch(n))
+                if time.perf_counter() > end:
+                    break
+            push.send(b"S")
+            proc.join(5.0)
+        finally:
+            push.close(linger=0)
+            ack.close(linger=0)
+            ctx.term()
+            join_or_kill(proc)
+    return {"metrics": [rate("events", rates, "/s")]}
+
+
+def _zmq_router(addr: str, parent_pid: int) -> None:
+    import zmq
+
+    child_init(parent_pid)
+    enc = msgspec.msgpack.Encoder()
+    dec = msgspec.msgpack.Decoder()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(addr)
+    try:
+        while True:
+            ident, rid, body = sock.recv_multipart()
+            if not rid:
+                return
+            sock.send_multipart([ident, rid, enc.encode(dec.decode(body))])
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def inflight_budget(params: Params) -> tuple[int, int, int, float]:
+    """(invokes per batch, batches, in flight, time cap) of an in-flight case."""
+    if params.get("quick"):
+        return 20000, 3, 256, 2.0
+    return 100000, 5, 256, 8.0
+
+
+def inflight_zmq(params: Params) -> Result:
+    """pyzmq DEALER/ROUTER with 256 requests in flight, correlated by request id."""
+    import zmq
+
+    enc = msgspec.msgpack.Encoder()
+    dec = msgspec.msgpack.Decoder()
+    n, batches, window, max_s = inflight_budget(params)
+    rates: list[float] = []
+    with scratch_dir() as tmp:
+        addr = f"ipc://{tmp}/inflight.ipc"
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.RCVTIMEO, int(ACK_TIMEOUT * 1000))
+        proc = spawn_ctx().Process(target=_zmq_router, args=(addr, os.getpid()), daemon=True)
+        try:
+            proc.start()
+            sock.connect(addr)
+            send, recv = sock.send_multipart, sock.recv_multipart
+
+            def batch(count: int) -> float:
+                pending: dict[bytes, int] = {}
+                t0 = time.perf_counter()
+                sent = 0
+                for _ in range(min(window, count)):
+                    rid = sent.to_bytes(4, "little")
+                    pending[rid] = sent
+                    send([rid, enc.encode(PAYLOAD)])
+                    sent += 1
+                for _ in range(count):
+                    rid, body = recv()
+                    dec.decode(body)
+                    del pending[rid]
+                    if sent < count:
+                        rid = sent.to_bytes(4, "little")
+                        pending[rid] = sent
+                        send([rid, enc.encode(PAYLOAD)])
+                        sent += 1
+                elapsed = time.perf_counter() - t0
+                if pending:
+                    raise RuntimeError(f"{len(pending)} requests unanswered")
+                return count / elapsed
+
+            batch(n // 10)
+            end = time.perf_counter() + max_s
+            for _ in range(batches):
+                rates.append(batch(n))
+                if time.perf_counter() > end:
+                    break
+            sock.send_multipart([b"", b""])
+            proc.join(5.0)
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+            join_or_kill(proc)
+    return {"metrics": [rate("invokes", rates, "/s")]}

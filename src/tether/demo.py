@@ -1,0 +1,126 @@
+"""``tether demo``: the seed article's IPC scenarios, run end to end.
+
+1. The C example: a parent writes one message into a pipe, a forked child
+   reads it whole. Here the pipe is :func:`tether.pipe`, so the message is
+   framed and the child gets exactly what was sent, however big.
+2. The Electron example: main handles ``message-from-renderer``; a renderer
+   process invokes it with ``Hola, mundo!`` and prints the reply.
+3. What Electron lacks: main invokes a handler in the child (``compute``).
+
+The child's target must be a module-level function, so the ``spawn`` start
+method can import it in the new interpreter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import traceback
+
+from .aio.loop import run
+from .aio.main import Main
+from .aio.peer import Call, Peer
+from .pipe import pipe
+
+__all__ = ["ELECTRON_MESSAGE", "PIPE_MESSAGE", "electron_demo", "main", "pipe_demo", "renderer"]
+
+PIPE_MESSAGE = "Psst .. hello from parent process!"
+ELECTRON_MESSAGE = "Hola, mundo!"
+_TIMEOUT = 30.0
+
+
+def _heading(text: str, *, first: bool = False) -> None:
+    print(("" if first else "\n") + f"== {text} ==", flush=True)
+
+
+def pipe_demo() -> int:
+    """The C example: parent -> forked child over a framed pipe. Returns the child's exit code."""
+    reader, writer = pipe()
+    # Anything still buffered would be flushed twice, once by each process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # child: read end only
+        code = 0
+        try:
+            writer.close()
+            message = reader.recv(timeout=_TIMEOUT).decode()
+            print(f"Child received message: {message}", flush=True)
+            reader.close()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    # parent: write end only
+    reader.close()
+    print(f"Parent process message: {PIPE_MESSAGE}", flush=True)
+    try:
+        writer.send(PIPE_MESSAGE)
+    finally:
+        writer.close()  # the child sees end-of-stream after this message
+        _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+async def renderer(peer: Peer, message: str) -> None:
+    """The renderer process: invoke main, print the reply, then serve main until told to quit."""
+    quit_requested = asyncio.Event()
+
+    def compute(call: Call, x: int) -> int:
+        return 2 * x
+
+    def on_quit(call: Call) -> None:
+        quit_requested.set()
+
+    # Registered before the first await: nothing main sends can miss them.
+    peer.handle("compute", compute)
+    peer.on("quit", on_quit)
+
+    response = await peer.invoke("message-from-renderer", message, timeout=_TIMEOUT)
+    print(response, flush=True)
+    await peer.send("rendered", response)
+    await asyncio.wait_for(quit_requested.wait(), _TIMEOUT)
+
+
+async def electron_demo() -> int:
+    """The Electron example, plus main -> child invoke. Returns the child's exit code."""
+    rendered: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def reply(call: Call, message: str) -> str:
+        return f"Received: {message}"
+
+    def on_rendered(call: Call, text: str) -> None:
+        if not rendered.done():
+            rendered.set_result(text)
+
+    async with Main() as main:
+        main.handle("message-from-renderer", reply)
+        main.on("rendered", on_rendered)
+
+        _heading("2. Electron: ipcRenderer.invoke -> ipcMain.handle (a spawned child)")
+        child = await main.spawn(renderer, ELECTRON_MESSAGE)
+        await asyncio.wait_for(rendered, _TIMEOUT)  # the child printed its line
+
+        _heading("3. Beyond Electron: main invokes the child")
+        doubled = await child.invoke("compute", 21, timeout=_TIMEOUT)
+        print(f"Main invoked child's compute(21): {doubled}", flush=True)
+        await child.send("quit")
+        return await child.wait(_TIMEOUT)
+
+
+def main() -> int:
+    """Run every scenario; return 0 when all of them succeeded."""
+    _heading("1. C: pipe() + fork(), parent writes, child reads", first=True)
+    code = pipe_demo()
+    if code != 0:
+        print(f"pipe demo: child exited with code {code}", file=sys.stderr)
+        return 1
+    code = run(electron_demo())
+    if code != 0:
+        print(f"electron demo: child exited with code {code}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,211 @@
+"""Sealed shared-memory segments and the zero-copy :class:`Buffer`.
+
+A large attachment crosses a unix socket as a memfd passed with
+``SCM_RIGHTS``. The sender fills the segment, unmaps it and seals it against
+writing, growing and shrinking, so the receiver can map it read-only and trust
+what it reads without copying it first (Chromium warns that its own shared
+buffers need that copy). The receiver checks the seals before mapping; a
+segment that is not sealed is a protocol error.
+
+Memory is freed by the kernel once both sides are done: the sender closes its
+descriptor after the send, the receiver closes its descriptor as soon as it
+has mapped it, and the mapping goes away when the last view of it is dropped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+from typing import Any, Final
+
+from .errors import ConsumedError, ProtocolError, TetherError
+
+__all__ = ["Buffer", "BufferInUse", "SHM_THRESHOLD", "map_sealed", "segment_from"]
+
+#: Attachments at least this large go through shared memory (as Chromium's BigBuffer).
+SHM_THRESHOLD: Final = 64 * 1024
+_SEALS: Final = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK  # type: ignore[attr-defined]
+_SEAL_ALL: Final = _SEALS | fcntl.F_SEAL_SEAL  # type: ignore[attr-defined]
+
+
+class BufferInUse(TetherError, BufferError):
+    """A :class:`Buffer` was sent while views of it were still alive.
+
+    The buffer is consumed anyway and nothing was sent; drop every view
+    (``del arr``) before sending so the pages can be handed over.
+    """
+
+
+def _memfd(nbytes: int, name: str = "tether") -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _seal(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEAL_ALL)  # type: ignore[attr-defined]
+
+
+def segment_from(data: Any) -> tuple[int, int]:
+    """Copy a buffer into a new sealed memfd; return ``(fd, nbytes)``.
+
+    The caller owns the descriptor and must close it after sending it.
+    """
+    src = memoryview(data).cast("B")
+    n = src.nbytes
+    fd = _memfd(max(n, 1))
+    try:
+        if n:
+            m = mmap.mmap(fd, n, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                m[:] = src
+            finally:
+                m.close()
+        _seal(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, n
+
+
+def map_sealed(fd: int, nbytes: int) -> memoryview:
+    """Map a received segment read-only and close ``fd``; the view owns the mapping.
+
+    Raises:
+        ProtocolError: the segment is not sealed against writing, or is
+            smaller than announced.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)  # type: ignore[attr-defined]
+        if seals & _SEALS != _SEALS:
+            raise ProtocolError("shared-memory attachment is not sealed against writing")
+        size = os.fstat(fd).st_size
+        if size < nbytes:
+            raise ProtocolError(f"shared-memory attachment has {size} bytes, {nbytes} announced")
+        if nbytes == 0:
+            return memoryview(b"")
+        m = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+    except OSError as exc:
+        raise ProtocolError(f"cannot map shared-memory attachment: {exc}") from exc
+    finally:
+        os.close(fd)
+    return memoryview(m)
+
+
+class Buffer:
+    """Shared memory a producer fills in place, then hands over without a copy.
+
+    Sending a Buffer (as an argument of ``invoke``/``send`` or a result) *moves*
+    it: the pages go to the receiver in O(1) and this object raises
+    :class:`ConsumedError` on every later use, whether the send succeeded or
+    not — the seed's use-after-free lesson, enforced.
+
+    Example::
+
+        buf = tether.Buffer(64 << 20)
+        buf.array("float32")[:] = 1.0     # write in place
+        await child.invoke("process", buf)
+    """
+
+    __slots__ = ("_fd", "_map", "_nbytes", "__weakref__")
+
+    def __init__(self, nbytes: int) -> None:
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        self._nbytes = nbytes
+        self._fd: int | None = _memfd(max(nbytes, 1), "tether-buffer")
+        self._map: mmap.mmap | None = (
+            mmap.mmap(self._fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if nbytes
+            else None
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def __len__(self) -> int:
+        return self._nbytes
+
+    @property
+    def consumed(self) -> bool:
+        """True once the buffer was sent (or closed)."""
+        return self._fd is None
+
+    def _check(self) -> None:
+        if self._fd is None:
+            raise ConsumedError("this Buffer was moved into a message and can no longer be used")
+
+    def view(self) -> memoryview:
+        """A writable view of the whole buffer. Drop it before sending."""
+        self._check()
+        return memoryview(self._map) if self._map is not None else memoryview(bytearray())
+
+    def array(self, dtype: Any = "uint8", shape: Any = None) -> Any:
+        """A writable NumPy array over the buffer. Drop it before sending."""
+        import numpy as np
+
+        self._check()
+        arr = np.frombuffer(self.view(), dtype=dtype)
+        return arr.reshape(shape) if shape is not None else arr
+
+    def __getitem__(self, index: Any) -> Any:
+        self._check()
+        return self.view()[index]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._check()
+        self.view()[index] = value
+
+    def take(self) -> tuple[int, int]:
+        """Consume the buffer: unmap it, seal it, and return ``(fd, nbytes)``.
+
+        The caller owns the returned descriptor. Called by the send path.
+
+        Raises:
+            ConsumedError: it was already taken.
+            BufferInUse: views are still alive; the buffer is consumed anyway.
+        """
+        self._check()
+        fd, m = self._fd, self._map
+        self._fd = self._map = None
+        assert fd is not None
+        try:
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError as exc:
+                    raise BufferInUse(
+                        "Buffer sent while views of it are alive; drop them before sending"
+                    ) from exc
+            _seal(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, self._nbytes
+
+    def close(self) -> None:
+        """Release the buffer without sending it."""
+        if self._fd is None:
+            return
+        fd, m = self._fd, self._map
+        self._fd = self._map = None
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:
+                pass  # live views keep the mapping; it goes when they do
+        os.close(fd)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "consumed" if self._fd is None else "open"
+        return f"<tether.Buffer {self._nbytes} bytes {state}>"

@@ -1,0 +1,563 @@
+"""Tests for tether.protocol.Connection, driven against each other with no sockets."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tether import codec
+from tether.errors import ConnectionClosed, PayloadTooLarge, ProtocolError
+from tether.protocol import Connection, State
+from tether.wire import HEADER, Frame, FrameParser, Kind, encode_frame
+
+U32 = 0xFFFFFFFF
+
+
+def transfer(src: Connection, dst: Connection) -> list[Frame]:
+    """Move everything ``src`` wants to send into ``dst``; return dst's frames."""
+    return dst.receive_data(bytes(src.data_to_send()))
+
+
+def pair(**kwargs: int) -> tuple[Connection, Connection]:
+    """Two connections with the handshake done."""
+    a = Connection("main", name="A", **kwargs)
+    b = Connection("child", name="B", **kwargs)
+    assert transfer(a, b) == []
+    assert transfer(b, a) == []
+    assert a.state is State.OPEN and b.state is State.OPEN
+    return a, b
+
+
+def outgoing(conn: Connection) -> list[Frame]:
+    """Decode (and consume) what ``conn`` wants to send."""
+    return FrameParser().feed(bytes(conn.data_to_send()))
+
+
+def raw(kind: int, rid: int = 0, route: int = 0, channel: bytes = b"", body: bytes = b"") -> bytes:
+    out = bytearray()
+    encode_frame(out, kind, rid, route, channel, body)
+    return bytes(out)
+
+
+def hello_bytes(**fields: object) -> bytes:
+    h = codec.Hello(**{"protocol": "tether", "version": 1, "role": "x", **fields})  # type: ignore[arg-type]
+    return raw(Kind.HELLO, body=codec.encoder.encode(h))
+
+
+def decode(body: bytes | memoryview) -> object:
+    return codec.any_decoder.decode(body)
+
+
+# -- handshake -----------------------------------------------------------
+
+
+def test_handshake() -> None:
+    a = Connection("main", name="A", max_frame_size=1 << 20, features=["x"])
+    b = Connection("child", name="B")
+    assert a.state is State.HANDSHAKE and b.state is State.HANDSHAKE
+    assert a.peer_hello is None
+    (hello,) = FrameParser().feed(bytes(a.data_to_send()))
+    assert hello.kind == Kind.HELLO
+    assert a.data_to_send() == b""  # data_to_send forgets what it returned
+    assert b.receive_data(raw(Kind.HELLO, body=bytes(hello.body))) == []
+    assert b.state is State.OPEN
+    assert a.state is State.HANDSHAKE
+    assert transfer(b, a) == []
+    assert a.state is State.OPEN
+
+    assert b.peer_hello is not None and a.peer_hello is not None
+    assert b.peer_hello.protocol == "tether"
+    assert b.peer_hello.version == codec.PROTOCOL_VERSION == 1
+    assert b.peer_hello.role == "main"
+    assert b.peer_hello.name == "A"
+    assert b.peer_hello.pid == os.getpid()
+    assert b.peer_hello.max_frame_size == 1 << 20
+    assert b.peer_hello.features == ["x"]
+    assert a.peer_hello.role == "child"
+    assert a.peer_hello.name == "B"
+
+
+def test_hello_split_across_reads() -> None:
+    a = Connection("main")
+    b = Connection("child")
+    data = bytes(a.data_to_send())
+    for i in range(len(data) - 1):
+        assert b.receive_data(data[i : i + 1]) == []
+        assert b.state is State.HANDSHAKE
+    b.receive_data(data[-1:])
+    assert b.state is State.OPEN
+
+
+def test_pipelined_invoke_before_peer_hello() -> None:
+    a = Connection("main")
+    b = Connection("child")
+    rid = a.send_invoke(b"compute", (21,), "waiter")  # still HANDSHAKE on a
+    a.send_event(b"log", ("line",))
+    assert a.state is State.HANDSHAKE
+    frames = transfer(a, b)  # HELLO + INVOKE + EVENT in one read
+    assert [f.kind for f in frames] == [Kind.INVOKE, Kind.EVENT]
+    assert frames[0].request_id == rid
+    assert frames[0].channel == "compute"
+    assert decode(frames[0].body) == [21]
+    assert frames[1].channel == "log"
+    assert decode(frames[1].body) == ["line"]
+    # a has not seen b's HELLO yet; it arrives in the same read as the RESULT.
+    b.send_result(rid, 42)
+    (res,) = transfer(b, a)
+    assert a.state is State.OPEN
+    assert res.kind == Kind.RESULT and res.request_id == rid
+    assert a.take_pending(rid) == "waiter"
+    assert decode(res.body) == 42
+
+
+# -- calls ---------------------------------------------------------------
+
+
+def test_invoke_result_correlation() -> None:
+    a, b = pair()
+    w1, w2, w3 = object(), object(), object()
+    r1 = a.send_invoke(b"add", (1, 2), w1)
+    r2 = a.send_invoke(b"add", (3, 4), w2)
+    r3 = a.send_invoke(b"echo", ("x",), w3)
+    assert len({r1, r2, r3}) == 3
+    assert set(a.pending) == {r1, r2, r3}
+    invokes = transfer(a, b)
+    assert [(f.kind, f.request_id, f.channel) for f in invokes] == [
+        (Kind.INVOKE, r1, "add"),
+        (Kind.INVOKE, r2, "add"),
+        (Kind.INVOKE, r3, "echo"),
+    ]
+    # Answer out of order.
+    for f in reversed(invokes):
+        args = decode(f.body)
+        assert isinstance(args, list)
+        b.send_result(f.request_id, sum(args) if f.channel == "add" else args[0])
+    results = transfer(b, a)
+    got = {f.request_id: (a.take_pending(f.request_id), decode(f.body)) for f in results}
+    assert got == {r1: (w1, 3), r2: (w2, 7), r3: (w3, "x")}
+    assert a.pending == {}
+    assert a.take_pending(r1) is None  # a late duplicate is simply dropped
+
+
+def test_result_bodies_of_many_types() -> None:
+    a, b = pair()
+    values: list[object] = [None, True, -1, 2**63, 1.5, "ü", b"\x00\xff", [1, [2]], {"k": 1}]
+    for v in values:
+        rid = a.send_invoke(b"c", (), None)
+        transfer(a, b)
+        b.send_result(rid, v)
+        (f,) = transfer(b, a)
+        assert decode(f.body) == v
+
+
+def test_error_frames() -> None:
+    a, b = pair()
+    rid = a.send_invoke(b"missing", (), "w")
+    (inv,) = transfer(a, b)
+    info = codec.ErrorInfo(code="no_handler", message="no handler for 'missing'")
+    b.send_error(inv.request_id, info)
+    (err,) = transfer(b, a)
+    assert err.kind == Kind.ERROR and err.request_id == rid
+    assert codec.error_decoder.decode(err.body) == info
+    assert a.take_pending(rid) == "w"
+
+    try:
+        raise KeyError("k")
+    except KeyError as exc:
+        info = codec.error_info(exc)
+    rid = a.send_invoke(b"boom", (), "w2")
+    transfer(a, b)
+    b.send_error(rid, info)
+    (err,) = transfer(b, a)
+    back = codec.error_decoder.decode(err.body)
+    assert back.code == "remote" and back.type == "KeyError"
+    assert "test_error_frames" in back.traceback
+
+
+def test_events_both_ways() -> None:
+    a, b = pair()
+    a.send_event(b"theme", ("dark",))
+    b.send_event(b"log", ("one", 2))
+    b.send_event("ch-ñ".encode(), ())
+    (ev,) = transfer(a, b)
+    assert (ev.kind, ev.request_id, ev.channel, decode(ev.body)) == (
+        Kind.EVENT,
+        0,
+        "theme",
+        ["dark"],
+    )
+    evs = transfer(b, a)
+    assert [(f.channel, decode(f.body)) for f in evs] == [("log", ["one", 2]), ("ch-ñ", [])]
+
+
+def test_route_ids_carried() -> None:
+    a, b = pair()
+    a.send_event(b"e", (1,), route_id=77)
+    a.send_invoke(b"i", (1,), None, route_id=U32)
+    frames = transfer(a, b)
+    assert [f.route_id for f in frames] == [77, U32]
+
+
+def test_cancel() -> None:
+    a, b = pair()
+    rid = a.send_invoke(b"slow", (), "w")
+    transfer(a, b)
+    a.send_cancel(rid)
+    assert rid not in a.pending
+    (c,) = transfer(a, b)
+    assert c.kind == Kind.CANCEL and c.request_id == rid
+    # The handler's answer crosses the cancel: dropped, not an error.
+    b.send_result(rid, "late")
+    (late,) = transfer(b, a)
+    assert a.take_pending(late.request_id) is None
+    # Cancelling an unknown id is harmless.
+    a.send_cancel(12345)
+    (c2,) = transfer(a, b)
+    assert c2.request_id == 12345
+
+
+def test_ping_answered_with_pong() -> None:
+    a, b = pair()
+    a.send_ping(0xDEADBEEF)
+    assert transfer(a, b) == []  # nothing for b's application
+    (pong,) = outgoing(b)
+    assert pong.kind == Kind.PONG and pong.request_id == 0xDEADBEEF
+    # And the PONG itself is swallowed by a.
+    b.send_ping(5)
+    transfer(b, a)
+    assert a.receive_data(raw(Kind.PONG, 5)) == []
+    assert [f.kind for f in outgoing(a)] == [Kind.PONG]
+
+
+def test_route_open_refused_with_route_close() -> None:
+    a, b = pair()
+    assert b.receive_data(raw(Kind.ROUTE_OPEN, 0, 9, b"files", b"\x90")) == []
+    (close,) = outgoing(b)
+    assert close.kind == Kind.ROUTE_CLOSE and close.route_id == 9
+    assert b.receive_data(raw(Kind.ROUTE_CLOSE, 0, 9)) == []  # swallowed
+    assert outgoing(b) == []
+    assert b.state is State.OPEN
+
+
+def test_goodbye() -> None:
+    a, b = pair()
+    a.send_goodbye("shutting down")
+    assert a.state is State.CLOSING
+    (bye,) = transfer(a, b)
+    assert bye.kind == Kind.GOODBYE
+    assert b.state is State.CLOSING
+    assert b.goodbye_reason == "shutting down"
+    # A second goodbye from a CLOSING side sends nothing.
+    a.send_goodbye("again")
+    assert a.data_to_send() == b""
+
+
+def test_goodbye_with_malformed_body_has_empty_reason() -> None:
+    a, b = pair()
+    assert [f.kind for f in b.receive_data(raw(Kind.GOODBYE, body=b"\xc1"))] == [Kind.GOODBYE]
+    assert b.goodbye_reason == ""
+    assert b.state is State.CLOSING
+
+
+def test_send_after_goodbye_is_connection_closed() -> None:
+    a, _ = pair()
+    rid = a.send_invoke(b"x", (), "w")
+    a.send_goodbye()
+    a.data_to_send()
+    with pytest.raises(ConnectionClosed):
+        a.send_invoke(b"x", (), "w")
+    with pytest.raises(ConnectionClosed):
+        a.send_event(b"x", ())
+    with pytest.raises(ConnectionClosed):
+        a.send_ping(1)
+    a.send_cancel(rid)  # allowed quietly, sends nothing once closing
+    assert a.data_to_send() == b""
+    assert a.pending == {}
+
+
+def test_send_after_peer_goodbye_is_connection_closed() -> None:
+    a, b = pair()
+    b.send_goodbye("bye")
+    transfer(b, a)
+    with pytest.raises(ConnectionClosed):
+        a.send_invoke(b"x", (), "w")
+
+
+def test_fail_all_returns_pending_waiters() -> None:
+    a, _ = pair()
+    waiters = [object() for _ in range(5)]
+    for w in waiters:
+        a.send_invoke(b"c", (), w)
+    a.data_to_send()
+    got = a.fail_all()
+    assert sorted(map(id, got)) == sorted(map(id, waiters))
+    assert a.pending == {}
+    assert a.state is State.CLOSED
+    assert a.fail_all() == []
+    with pytest.raises(ConnectionClosed):
+        a.send_invoke(b"c", (), "w")
+    # A closed connection ignores further input and answers nothing.
+    assert a.receive_data(raw(Kind.PING, 1)) == []
+    a.send_result(1, "x")
+    a.send_error(1, codec.ErrorInfo(code="closed", message=""))
+    assert a.data_to_send() == b""
+
+
+# -- bad messages --------------------------------------------------------
+
+
+def test_first_frame_not_hello() -> None:
+    b = Connection("child")
+    with pytest.raises(ProtocolError, match="expected HELLO"):
+        b.receive_data(raw(Kind.INVOKE, 1, 0, b"c", b"\x90"))
+    assert b.state is State.CLOSED
+    assert b.peer_hello is None
+    assert b.receive_data(hello_bytes()) == []  # closed: input ignored
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"protocol": "other"}, "not 'tether'"),
+        ({"protocol": ""}, "not 'tether'"),
+        ({"version": 2}, "version 2"),
+        ({"version": 0}, "version 0"),
+    ],
+)
+def test_wrong_hello(fields: dict[str, object], match: str) -> None:
+    b = Connection("child")
+    with pytest.raises(ProtocolError, match=match):
+        b.receive_data(hello_bytes(**fields))
+    assert b.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"\xc1", b"\x93\x01\x02\x03", msgspec.msgpack.encode({"version": "one"})]
+)
+def test_malformed_hello_body(body: bytes) -> None:
+    b = Connection("child")
+    with pytest.raises(ProtocolError, match="HELLO"):
+        b.receive_data(raw(Kind.HELLO, body=body))
+    assert b.state is State.CLOSED
+
+
+def test_hello_with_unknown_fields_accepted() -> None:
+    b = Connection("child")
+    body = msgspec.msgpack.encode(
+        {"protocol": "tether", "version": 1, "role": "page", "future": [1, 2]}
+    )
+    b.receive_data(raw(Kind.HELLO, body=body))
+    assert b.state is State.OPEN
+    assert b.peer_hello is not None and b.peer_hello.role == "page"
+
+
+def test_second_hello() -> None:
+    a, b = pair()
+    with pytest.raises(ProtocolError, match="second HELLO"):
+        b.receive_data(hello_bytes())
+    assert b.state is State.CLOSED
+
+
+def test_second_hello_in_same_read_as_first() -> None:
+    b = Connection("child")
+    with pytest.raises(ProtocolError):
+        b.receive_data(hello_bytes() + hello_bytes())
+    assert b.state is State.CLOSED
+
+
+def test_malformed_frame_closes() -> None:
+    a, b = pair()
+    bad = HEADER.pack(16, 200, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ProtocolError):
+        b.receive_data(bad)
+    assert b.state is State.CLOSED
+
+
+def test_oversized_frame_from_peer_closes() -> None:
+    a = Connection("main", max_frame_size=1 << 20)
+    b2 = Connection("child", max_frame_size=256)
+    transfer(a, b2)
+    a.send_event(b"e", (b"x" * 1000,))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        transfer(a, b2)
+    assert b2.state is State.CLOSED
+
+
+def test_receive_eof_clean() -> None:
+    a, b = pair()
+    a.send_event(b"e", (b"x" * 5000,))
+    data = bytes(a.data_to_send())
+    # The frame spans several reads; EOF after its last byte is clean.
+    assert b.receive_data(data[:10]) == []
+    assert b.receive_data(data[10:3000]) == []
+    assert len(b.receive_data(data[3000:])) == 1
+    b.receive_eof()
+    assert b.state is State.CLOSED
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 5, 20, 30])
+def test_receive_eof_mid_frame(cut: int) -> None:
+    a, b = pair()
+    a.send_event(b"chan", ("payload",))
+    data = bytes(a.data_to_send())
+    assert b.receive_data(data[:cut]) == []
+    with pytest.raises(ProtocolError, match="middle of a frame"):
+        b.receive_eof()
+    assert b.state is State.CLOSED
+
+
+def test_receive_eof_during_handshake_mid_hello() -> None:
+    a = Connection("main")
+    b = Connection("child")
+    b.receive_data(bytes(a.data_to_send())[:7])
+    with pytest.raises(ProtocolError):
+        b.receive_eof()
+
+
+# -- request ids ---------------------------------------------------------
+
+
+def test_request_ids_unique_across_10k_invokes() -> None:
+    a, b = pair()
+    rids = [a.send_invoke(b"c", (i,), i) for i in range(10_000)]
+    assert len(set(rids)) == 10_000
+    assert all(0 < r <= U32 for r in rids)
+    frames = transfer(a, b)
+    assert [f.request_id for f in frames] == rids
+    assert [decode(f.body) for f in frames[:3]] == [[0], [1], [2]]
+
+
+def test_request_ids_wrap_skipping_zero_and_pending() -> None:
+    a, b = pair()
+    a._next_rid = U32 - 1
+    r1 = a.send_invoke(b"c", (), "w1")
+    r2 = a.send_invoke(b"c", (), "w2")
+    r3 = a.send_invoke(b"c", (), "w3")
+    assert (r1, r2, r3) == (U32, 1, 2)  # 0 is never used
+    # Wrap again while U32, 1 and 2 are still in flight: they are skipped.
+    a._next_rid = U32 - 1
+    r4 = a.send_invoke(b"c", (), "w4")
+    assert r4 == 3
+    assert [f.request_id for f in transfer(a, b)] == [U32, 1, 2, 3]
+    # Once answered, an id may be reused.
+    assert a.take_pending(1) == "w2"
+    a._next_rid = 0
+    assert a.send_invoke(b"c", (), "w5") == 1
+    assert a.pending[U32] == "w1"
+
+
+# -- size limits ---------------------------------------------------------
+
+
+def test_oversized_result_raises_and_leaves_buffer_unchanged() -> None:
+    a, b = pair(max_frame_size=1024)
+    rid = a.send_invoke(b"big", (), "w")
+    transfer(a, b)
+    b.send_event(b"before", (1,))
+    before = bytes(b._out)
+    with pytest.raises(PayloadTooLarge):
+        b.send_result(rid, b"x" * 2000)
+    assert bytes(b._out) == before
+    assert b.buffered_out == len(before)
+    assert b.state is State.OPEN
+    # An error can be sent instead, and the stream stays well formed.
+    b.send_error(rid, codec.ErrorInfo(code="too_large", message="result too large"))
+    frames = transfer(b, a)
+    assert [f.kind for f in frames] == [Kind.EVENT, Kind.ERROR]
+
+
+def test_oversized_invoke_and_event_send_nothing() -> None:
+    a, b = pair(max_frame_size=512)
+    with pytest.raises(PayloadTooLarge):
+        a.send_invoke(b"c", ("y" * 1000,), "w")
+    assert a.pending == {}
+    with pytest.raises(PayloadTooLarge):
+        a.send_event(b"c", ("y" * 1000,))
+    assert a.buffered_out == 0
+    assert a.state is State.OPEN
+    a.send_event(b"c", ("ok",))
+    assert [decode(f.body) for f in transfer(a, b)] == [["ok"]]
+
+
+def test_result_exactly_at_limit() -> None:
+    limit = 200
+    a, b = pair(max_frame_size=limit)
+    rid = a.send_invoke(b"c", (), "w")
+    transfer(a, b)
+    # A msgpack bin 8 of n bytes has a 2-byte prefix; header after size is 16 bytes.
+    n = limit - 16 - 2
+    b.send_result(rid, b"z" * n)
+    (f,) = transfer(b, a)
+    assert decode(f.body) == b"z" * n
+    with pytest.raises(PayloadTooLarge):
+        b.send_result(rid, b"z" * (n + 1))
+
+
+def test_unencodable_value_leaves_buffer_unchanged() -> None:
+    a, b = pair()
+    b.send_event(b"x", ())
+    before = bytes(b._out)
+    with pytest.raises(TypeError):
+        b.send_result(1, object())
+    assert bytes(b._out) == before
+
+
+# -- only ProtocolError escapes ------------------------------------------
+
+
+def frame_like(draw: st.DrawFn) -> bytes:
+    kind = draw(st.integers(0, 14))
+    chan = draw(st.binary(max_size=12))
+    n_att = draw(st.sampled_from([0, 0, 0, 1, 2, 0xFFFF]))
+    rest = draw(st.binary(max_size=80))
+    chan_len = draw(st.sampled_from([len(chan), len(chan), len(chan) + 1, 0xFFFF]))
+    size = 16 + len(chan) + len(rest)
+    size = draw(st.sampled_from([size, size, size - 1, size + 1, 3, 0xFFFFFFFF]))
+    rid = draw(st.integers(0, U32))
+    return (
+        HEADER.pack(size & U32, kind, 0, chan_len, rid, 0, n_att, 0) + chan + rest
+    )
+
+
+frame_like_strategy = st.composite(frame_like)()
+byte_stream = st.lists(
+    st.one_of(st.binary(max_size=64), frame_like_strategy), max_size=6
+).map(b"".join)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=byte_stream, cuts=st.lists(st.integers(0, 600), max_size=4), eof=st.booleans())
+def test_arbitrary_bytes_to_open_connection(data: bytes, cuts: list[int], eof: bool) -> None:
+    a, b = pair(max_frame_size=1 << 16)
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces = [data[i:j] for i, j in zip([0, *points], [*points, len(data)], strict=True)]
+    try:
+        for piece in pieces:
+            for f in b.receive_data(piece):
+                assert f.kind in {
+                    Kind.INVOKE,
+                    Kind.RESULT,
+                    Kind.ERROR,
+                    Kind.EVENT,
+                    Kind.CANCEL,
+                    Kind.GOODBYE,
+                }
+            b.data_to_send()
+        if eof:
+            b.receive_eof()
+    except ProtocolError:
+        assert b.state is State.CLOSED
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=byte_stream)
+def test_arbitrary_bytes_to_handshaking_connection(data: bytes) -> None:
+    b = Connection("child")
+    try:
+        b.receive_data(data)
+    except ProtocolError:
+        assert b.state is State.CLOSED
