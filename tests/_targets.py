@@ -313,6 +313,7 @@ def exit_on_event_sync(peer: tether.sync.Peer, how: str, code: int) -> None:
         go.set()
         time.sleep(60)
 
+    peer.send("started", "sync")  # the first blocking call starts serving ``hold``
     go.wait(60)
     time.sleep(0.2)  # let main queue more invokes behind the first
     if how == "sys.exit":

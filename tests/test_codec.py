@@ -221,11 +221,6 @@ def test_unresolvable_hint_falls_back_to_any() -> None:
     assert tuple(spec.decode(enc((1, "whatever")))) == (1, "whatever")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codec.ArgsSpec drops ALL type hints when any one is unresolvable "
-    "(typing.get_type_hints fails as a whole), so `a: int` is not validated",
-)
 def test_unresolvable_hint_keeps_other_params_typed() -> None:
     bad(ArgsSpec(unresolvable), ("not-int", "whatever"))
 

@@ -126,11 +126,6 @@ def test_errors_with_keyword_attributes_pickle() -> None:
         assert vars(back) == vars(err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RemoteError.__init__ takes two required args but Exception.args holds one "
-    "string, so unpickling fails (e.g. re-raised from a ProcessPoolExecutor worker)",
-)
 def test_remote_error_pickles() -> None:
     err = tether.RemoteError("T", "m", "tb")
     back = pickle.loads(pickle.dumps(err))

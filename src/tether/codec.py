@@ -133,6 +133,17 @@ def error_info(exc: BaseException) -> ErrorInfo:
 _INDEX: Final = re.compile(r"^\$\[(\d+)\]")
 
 
+def _hints_one_by_one(fn: Callable[..., Any]) -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+    ns = getattr(fn, "__globals__", {})
+    for name, ann in getattr(fn, "__annotations__", {}).items():
+        try:
+            hints[name] = eval(ann, ns) if isinstance(ann, str) else ann
+        except Exception:
+            hints[name] = Any
+    return hints
+
+
 class ArgsSpec:
     """Decodes a call's positional arguments for one handler.
 
@@ -147,8 +158,8 @@ class ArgsSpec:
         sig = inspect.signature(fn)
         try:
             hints = typing.get_type_hints(fn)
-        except Exception:  # unresolvable forward references: fall back to Any
-            hints = {}
+        except Exception:  # one unresolvable hint: resolve the others one by one
+            hints = _hints_one_by_one(fn)
         params = list(sig.parameters.values())[1:]
         names: list[str] = []
         types: dict[str, Any] = {}
@@ -160,7 +171,9 @@ class ArgsSpec:
                 break
             if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD):
                 if p.kind is p.KEYWORD_ONLY and p.default is p.empty:
-                    raise TypeError(f"handler {fn!r}: keyword-only parameter {p.name!r} is unsupported")
+                    raise TypeError(
+                        f"handler {fn!r}: keyword-only parameter {p.name!r} is unsupported"
+                    )
                 continue
             names.append(p.name)
             types[p.name] = _decodable(hints.get(p.name, Any))

@@ -64,6 +64,9 @@ class PeerGone(TetherError, ConnectionError):
         super().__init__(message)
         self.exitcode = exitcode
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, {"exitcode": self.exitcode}))
+
 
 class InvokeTimeout(TetherError, TimeoutError):
     """An invoke got no result within its timeout; the remote was told to cancel."""
@@ -83,6 +86,9 @@ class RemoteError(TetherError):
         self.type_name = type_name
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.type_name, self.remote_message, self.remote_traceback))
 
     def __str__(self) -> str:
         text = f"{self.type_name}: {self.remote_message}"
@@ -110,6 +116,9 @@ class BadRequest(TetherError, ValueError):
         super().__init__(message)
         self.path = path
 
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.path))
+
 
 class ProtocolError(TetherError):
     """The peer sent bytes that break the protocol; the connection was closed."""
@@ -129,3 +138,8 @@ class ConnectionClosed(TetherError, ConnectionError):
 
 class EndOfStream(TetherError, EOFError):
     """The writing end of a pipe was closed and every message has been read."""
+
+
+def _rebuild(cls: type[Exception], args: tuple[object, ...], kw: dict[str, object]) -> Exception:
+    """Unpickle an error whose constructor takes keyword-only arguments."""
+    return cls(*args, **kw)

@@ -77,6 +77,12 @@ def child_entry(
             code = run(_run_async(sock, target, args, options))
         else:
             code = _run_sync(sock, target, args, options)
+    except SystemExit as exc:  # sys.exit(n) in the target exits with n, as multiprocessing does
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
     except BaseException:  # report, then exit non-zero
         traceback.print_exc()
         code = 1
@@ -129,6 +135,7 @@ def _run_sync(
         timeout=options.get("timeout", 30.0),
         max_frame_size=options["max_frame_size"],
         name=options.get("name", ""),
+        lazy=True,  # read nothing until the target's first blocking call: handlers are in place
     ) as peer:
         target(peer, *args)
     return 0

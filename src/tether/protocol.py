@@ -360,11 +360,11 @@ class Connection:
             arr = np.ascontiguousarray(obj)
             if arr.dtype.hasobject:
                 raise TypeError("numpy arrays of Python objects cannot be sent")
-            ext = self._attach_ext(memoryview(arr.reshape(-1).view(np.uint8)))
+            ext = self._attach_ext(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
             index = int.from_bytes(ext.data, "little")
             ref = codec.encoder.encode((index, arr.dtype.str, list(arr.shape)))
             return msgspec.msgpack.Ext(codec.EXT_NDARRAY, ref)
-        raise NotImplementedError(f"objects of type {type(obj).__name__} cannot be sent")
+        raise TypeError(f"objects of type {type(obj).__name__} cannot be sent")
 
     def _attach_ext(self, view: memoryview) -> msgspec.msgpack.Ext:
         if self._send_fds and view.nbytes >= shm.SHM_THRESHOLD:

@@ -43,7 +43,11 @@ class Registry:
         self.events: dict[str, list[Handler]] = {}
 
     def handle(
-        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+        self,
+        channel: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        roles: Collection[str] | None = None,
     ) -> Any:
         """Register ``fn`` to answer invokes on ``channel``; usable as a decorator.
 
@@ -60,7 +64,11 @@ class Registry:
         return register(fn) if fn is not None else register
 
     def on(
-        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+        self,
+        channel: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        roles: Collection[str] | None = None,
     ) -> Any:
         """Register ``fn`` as a listener for events on ``channel``; usable as a decorator.
 

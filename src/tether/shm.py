@@ -25,8 +25,8 @@ __all__ = ["Buffer", "BufferInUse", "SHM_THRESHOLD", "map_sealed", "segment_from
 
 #: Attachments at least this large go through shared memory (as Chromium's BigBuffer).
 SHM_THRESHOLD: Final = 64 * 1024
-_SEALS: Final = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK  # type: ignore[attr-defined]
-_SEAL_ALL: Final = _SEALS | fcntl.F_SEAL_SEAL  # type: ignore[attr-defined]
+_SEALS: Final = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+_SEAL_ALL: Final = _SEALS | fcntl.F_SEAL_SEAL
 
 
 class BufferInUse(TetherError, BufferError):
@@ -48,7 +48,7 @@ def _memfd(nbytes: int, name: str = "tether") -> int:
 
 
 def _seal(fd: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEAL_ALL)  # type: ignore[attr-defined]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEAL_ALL)
 
 
 def segment_from(data: Any) -> tuple[int, int]:
@@ -81,7 +81,7 @@ def map_sealed(fd: int, nbytes: int) -> memoryview:
             smaller than announced.
     """
     try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)  # type: ignore[attr-defined]
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         if seals & _SEALS != _SEALS:
             raise ProtocolError("shared-memory attachment is not sealed against writing")
         size = os.fstat(fd).st_size
@@ -112,7 +112,7 @@ class Buffer:
         await child.invoke("process", buf)
     """
 
-    __slots__ = ("_fd", "_map", "_nbytes", "__weakref__")
+    __slots__ = ("__weakref__", "_fd", "_map", "_nbytes")
 
     def __init__(self, nbytes: int) -> None:
         if nbytes < 0:

@@ -20,5 +20,5 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         except ImportError:
             pass
         else:
-            return uvloop.run(main)  # type: ignore[no-any-return]
+            return uvloop.run(main)  # type: ignore[no-any-return,unused-ignore]
     return asyncio.run(main)

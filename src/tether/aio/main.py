@@ -92,13 +92,21 @@ class Main:
         self.servers: list[Server] = []
 
     def handle(
-        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+        self,
+        channel: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        roles: Collection[str] | None = None,
     ) -> Any:
         """Answer invokes of ``channel`` from any peer (``roles`` limits who)."""
         return self.registry.handle(channel, fn, roles=roles)
 
     def on(
-        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+        self,
+        channel: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        roles: Collection[str] | None = None,
     ) -> Any:
         """Listen to events on ``channel`` from any peer (``roles`` limits who)."""
         return self.registry.on(channel, fn, roles=roles)
@@ -148,7 +156,7 @@ class Main:
         method = start_method or self.start_method
         ctx = multiprocessing.get_context(method)
         parent_sock, child_sock = socket.socketpair()
-        label = name or getattr(target, "__name__", "child")
+        label = str(name or getattr(target, "__name__", "child"))
         options = {
             "parent_pid": os.getpid(),
             "start_method": method,
@@ -156,11 +164,14 @@ class Main:
             "timeout": self.timeout,
             "name": label,
         }
-        proc = ctx.Process(
+        proc = ctx.Process(  # type: ignore[attr-defined]
             target=child_entry, args=(child_sock, target, args, options), name=label, daemon=True
         )
         try:
-            await asyncio.get_running_loop().run_in_executor(None, proc.start) if method == "forkserver" else proc.start()  # noqa: E501
+            if method == "forkserver":  # talks to the fork server: keep the loop free
+                await asyncio.get_running_loop().run_in_executor(None, proc.start)
+            else:
+                proc.start()
         finally:
             child_sock.close()
         child = Child(parent_sock, proc, **self._peer_kw(role, label))

@@ -218,13 +218,21 @@ class Peer:
     # -- registering ------------------------------------------------------
 
     def handle(
-        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+        self,
+        channel: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        roles: Collection[str] | None = None,
     ) -> Any:
         """Answer invokes of ``channel`` with ``fn(call, *args)``; a decorator too."""
         return self.registry.handle(channel, fn, roles=roles)
 
     def on(
-        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+        self,
+        channel: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        roles: Collection[str] | None = None,
     ) -> Any:
         """Call ``fn(call, *args)`` for each event on ``channel``; a decorator too."""
         return self.registry.on(channel, fn, roles=roles)
@@ -389,7 +397,7 @@ class Peer:
                 self._wbuf.popleft()
             self._after_write()
             return
-        chunks = []
+        chunks: list[memoryview] = []
         for c in self._wbuf:
             if not c or len(chunks) >= 512:
                 break
@@ -544,9 +552,7 @@ class Peer:
             return h.spec.decode(f.body, f.attachments)
         except BadRequest as exc:
             if rid:
-                self._conn.send_error(
-                    rid, codec.ErrorInfo("bad_request", str(exc), path=exc.path)
-                )
+                self._conn.send_error(rid, codec.ErrorInfo("bad_request", str(exc), path=exc.path))
             else:
                 log.warning("dropped event on %r from %r: %s", f.channel, self, exc)
             return None

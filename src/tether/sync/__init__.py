@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..address import Address, parse_address
+from ..aio.peer import DEFAULT_TIMEOUT
 from ..errors import PeerGone
 from ..wire import DEFAULT_MAX_FRAME_SIZE
-from .peer import DEFAULT_TIMEOUT, Call, Peer
+from .peer import Call, Peer
 
 __all__ = ["Call", "Peer", "connect"]
 

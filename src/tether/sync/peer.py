@@ -10,6 +10,7 @@ one worker thread, so a handler may itself invoke.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import select
 import socket
@@ -127,10 +128,8 @@ class Peer:
             if self._closed is not None:
                 return
             self._conn.send_goodbye(reason)
-            try:
+            with contextlib.suppress(TetherError):
                 self._write(self._conn.data_to_send(), time.monotonic() + 1.0)
-            except TetherError:
-                pass
         self._end(ConnectionClosed(f"{self!r} was closed: {reason}"))
         if self._serving is not None and self._serving is not threading.current_thread():
             self._serving.join(2.0)
@@ -154,18 +153,30 @@ class Peer:
     # -- registering ------------------------------------------------------
 
     def handle(
-        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+        self,
+        channel: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        roles: Collection[str] | None = None,
     ) -> Any:
         """Answer invokes of ``channel``; handlers run on one worker thread, in order."""
+        if fn is None:  # decorator: start serving once the handler is registered
+            return lambda f: self.handle(channel, f, roles=roles)
         r = self.registry.handle(channel, fn, roles=roles)
         if not self._lazy:
             self._start_serving()
         return r
 
     def on(
-        self, channel: str, fn: Callable[..., Any] | None = None, *, roles: Collection[str] | None = None
+        self,
+        channel: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        roles: Collection[str] | None = None,
     ) -> Any:
         """Listen to events on ``channel``."""
+        if fn is None:  # decorator: start serving once the listener is registered
+            return lambda f: self.on(channel, f, roles=roles)
         r = self.registry.on(channel, fn, roles=roles)
         if not self._lazy:
             self._start_serving()
@@ -334,7 +345,7 @@ class Peer:
         wake = False
         for f in frames:
             k = f.kind
-            if k == _RESULT or k == _ERROR:
+            if k in (_RESULT, _ERROR):
                 slot = self._conn.take_pending(f.request_id)
                 if slot is None:
                     continue
@@ -347,7 +358,7 @@ class Peer:
                     slot.frame = f
                 slot.done = True
                 wake = True
-            elif k == _INVOKE or k == _EVENT:
+            elif k in (_INVOKE, _EVENT):
                 self._start_serving(force=True)
                 if self._worker is not None:
                     self._worker.submit(self._run_handler, f)
@@ -372,16 +383,17 @@ class Peer:
                 except Exception:
                     log.exception("listener for %r raised", f.channel)
             return
-        h = self.registry.invokes.get(f.channel)
-        if h is None:
+        handler = self.registry.invokes.get(f.channel)
+        if handler is None:
             reply = codec.ErrorInfo("no_handler", f"no handler for channel {f.channel!r}")
-        elif h.roles is not None and self.role not in h.roles:
+        elif handler.roles is not None and self.role not in handler.roles:
             reply = codec.ErrorInfo(
                 "forbidden", f"channel {f.channel!r} is not exposed to role {self.role!r}"
             )
         else:
             try:
-                result = h.fn(Call(self, f.channel, rid, f.route_id), *self._args(h, f))
+                call = Call(self, f.channel, rid, f.route_id)
+                result = handler.fn(call, *self._args(handler, f))
             except BadRequest as exc:
                 reply = codec.ErrorInfo("bad_request", str(exc), path=exc.path)
             except Exception as exc:
@@ -398,10 +410,8 @@ class Peer:
                     self._conn.send_error(rid, codec.error_info(exc))
             else:
                 self._conn.send_error(rid, reply)
-            try:
+            with contextlib.suppress(TetherError):
                 self._write(self._conn.data_to_send(), time.monotonic() + 30.0)
-            except TetherError:
-                pass
 
     @staticmethod
     def _args(h: Handler, f: Frame) -> tuple[Any, ...]:
@@ -416,7 +426,5 @@ class Peer:
                 slot.exc = exc
                 slot.done = True
             self._cv.notify_all()
-        try:
+        with contextlib.suppress(OSError):
             self._sock.close()
-        except OSError:
-            pass

@@ -1,0 +1,168 @@
+"""The list of scenarios, their variants, and the targets from issue 3.
+
+A scenario is one function ``fn(params) -> Result`` run in a fresh process by
+:mod:`tether.bench.case`. ``peer`` names what a baseline stands for in the
+ratio columns (``mp_pipe``, ``zmq``, ``memcpy``); tether's rows are compared
+with the baselines of the same group, variant and unit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from .common import MiB
+
+__all__ = [
+    "BIG_SIZES",
+    "SCENARIOS",
+    "TARGETS",
+    "Run",
+    "Scenario",
+    "Target",
+    "plan",
+    "select",
+]
+
+BIG_SIZES = (64 * MiB, 256 * MiB)
+QUICK_BIG_SIZES = (64 * MiB,)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    group: str  # rt, ev, inflight, big, kill
+    func: str  # "module:function" inside tether.bench
+    title: str
+    peer: str | None = None  # for baselines: the ratio column it feeds
+    tether: bool = False
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in [
+        Scenario("rt_socketpair", "rt", "baselines:rt_socketpair", "socketpair (floor)", "socketpair"),
+        Scenario("rt_mp_pipe", "rt", "baselines:rt_mp_pipe", "mp.Pipe", "mp_pipe"),
+        Scenario("rt_zmq", "rt", "baselines:rt_zmq", "pyzmq REQ/REP", "zmq"),
+        Scenario("rt_tether_async", "rt", "tether_cases:rt_tether_async", "tether async", tether=True),
+        Scenario("rt_tether_sync", "rt", "tether_cases:rt_tether_sync", "tether blocking", tether=True),
+        Scenario(
+            "rt_tether_main_child", "rt", "tether_cases:rt_tether_main_child", "tether main->child",
+            tether=True,
+        ),
+        Scenario("ev_mp_pipe", "ev", "baselines:ev_mp_pipe", "mp.Pipe", "mp_pipe"),
+        Scenario("ev_zmq", "ev", "baselines:ev_zmq", "pyzmq PUSH/PULL", "zmq"),
+        Scenario("ev_tether", "ev", "tether_cases:ev_tether", "tether send/on", tether=True),
+        Scenario("inflight_zmq", "inflight", "baselines:inflight_zmq", "pyzmq DEALER/ROUTER", "zmq"),
+        Scenario(
+            "inflight_tether", "inflight", "tether_cases:inflight_tether", "tether invoke",
+            tether=True,
+        ),
+        Scenario("big_mp_pipe", "big", "bulk:big_mp_pipe", "mp.Pipe send_bytes", "mp_pipe"),
+        Scenario("big_zmq", "big", "bulk:big_zmq", "pyzmq copy=False", "zmq"),
+        Scenario("big_shm", "big", "bulk:big_shm", "shared_memory (new segment)", "shm"),
+        Scenario("big_memcpy", "big", "bulk:big_memcpy", "memcpy in-process (ceiling)", "memcpy"),
+        Scenario(
+            "big_tether_attach", "big", "tether_cases:big_tether_attach", "tether attachment",
+            tether=True,
+        ),
+        Scenario(
+            "big_tether_buffer", "big", "tether_cases:big_tether_buffer", "tether Buffer",
+            tether=True,
+        ),
+        Scenario(
+            "kill_to_peergone", "kill", "tether_cases:kill_to_peergone", "SIGKILL -> PeerGone",
+            tether=True,
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One scenario with one set of parameters (a big transfer has one run per size)."""
+
+    scenario: Scenario
+    variant: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.scenario.name} {self.variant}" if self.variant else self.scenario.name
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issue: a ratio against a peer, or an absolute bound on the median.
+
+    ``peer`` is ``None`` for an absolute bound (in the metric's unit).
+    """
+
+    scenario: str
+    metric: str
+    op: str  # "<=", ">=", "<"
+    bound: float
+    peer: str | None = None
+
+    def text(self) -> str:
+        if self.peer is None:
+            return f"{self.op}{self.bound:g}"
+        short = {"mp_pipe": "pipe", "zmq": "zmq", "memcpy": "memcpy"}[self.peer]
+        return f"{self.op}{self.bound:g}x {short}"
+
+    def met(self, value: float) -> bool:
+        if self.op == "<=":
+            return value <= self.bound
+        if self.op == ">=":
+            return value >= self.bound
+        return value < self.bound
+
+
+_RT = "round trip"
+TARGETS: list[Target] = [
+    *(
+        t
+        for name in ("rt_tether_async", "rt_tether_sync", "rt_tether_main_child")
+        for t in (Target(name, _RT, "<=", 1.0, "mp_pipe"), Target(name, _RT, "<=", 0.5, "zmq"))
+    ),
+    Target("ev_tether", "events", ">=", 1.0, "zmq"),
+    Target("ev_tether", "events", ">=", 3.0, "mp_pipe"),
+    Target("big_tether_attach", "transfer", ">=", 0.6, "memcpy"),
+    Target("big_tether_attach", "transfer", ">=", 8.0, "mp_pipe"),
+    Target("big_tether_buffer", "handoff", "<", 1.0),
+    Target("kill_to_peergone", "SIGKILL->PeerGone", "<", 10.0),
+]
+
+
+def select(only: str | None) -> list[Scenario]:
+    """Scenarios named in ``only`` (comma-separated names or glob patterns), in table order.
+
+    Raises:
+        ValueError: a name matches no scenario.
+    """
+    if not only:
+        return list(SCENARIOS.values())
+    wanted: set[str] = set()
+    for pat in (p.strip() for p in only.split(",")):
+        if not pat:
+            continue
+        hits = fnmatch.filter(SCENARIOS, pat)
+        if not hits:
+            raise ValueError(f"no scenario matches {pat!r}; known: {', '.join(SCENARIOS)}")
+        wanted.update(hits)
+    return [s for s in SCENARIOS.values() if s.name in wanted]
+
+
+def plan(scenarios: list[Scenario], quick: bool) -> list[Run]:
+    """Expand scenarios into runs (one per transfer size for the ``big`` group)."""
+    runs: list[Run] = []
+    sizes = QUICK_BIG_SIZES if quick else BIG_SIZES
+    for s in scenarios:
+        if s.group == "big":
+            runs.extend(
+                Run(s, f"{size // MiB}MiB", {"quick": quick, "size": size}) for size in sizes
+            )
+        else:
+            runs.append(Run(s, "", {"quick": quick}))
+    return runs

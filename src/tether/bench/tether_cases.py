@@ -1,0 +1,473 @@
+"""tether's own cases: round trips, events, invokes in flight, large payloads, SIGKILL.
+
+Each case runs its measuring side on :func:`tether.aio.loop.run` (uvloop when
+installed) except the blocking client, which uses :func:`tether.sync.connect`.
+Peers are either a child started with :meth:`tether.Main.spawn`, or a server
+process running a :class:`tether.Main` that listens on a unix socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+import tether
+
+from ..aio.loop import run
+from .baselines import ev_budget, inflight_budget, rt_budget
+from .bulk import big_budget, checksum, make_source
+from .common import (
+    PAYLOAD,
+    Params,
+    Result,
+    child_init,
+    join_or_kill,
+    latency,
+    rate,
+    scratch_dir,
+    spawn_ctx,
+    time_loop,
+    time_loop_async,
+    unavailable,
+)
+
+__all__ = [
+    "big_tether_attach",
+    "big_tether_buffer",
+    "ev_tether",
+    "inflight_tether",
+    "kill_to_peergone",
+    "rt_tether_async",
+    "rt_tether_main_child",
+    "rt_tether_sync",
+]
+
+WAIT = 30.0  # bound on every wait outside the hot loops, in seconds
+
+
+def loop_name() -> str:
+    """Which event loop runs the current coroutine (``uvloop`` or ``asyncio``)."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+# -- children and servers (module-level: they are started with ``spawn``) ------------
+
+
+def _echo(call: tether.Call, d: Any) -> Any:
+    return d
+
+
+async def _echo_child(peer: tether.Peer) -> None:
+    peer.handle("echo", _echo)
+    await peer.wait_closed()
+
+
+async def _serve(path: str, ready: Any) -> None:
+    main = tether.Main()
+    main.handle("echo", _echo)
+    async with main:
+        await main.listen(f"unix://{path}")
+        ready.set()
+        await asyncio.get_running_loop().create_future()  # until the parent ends us
+
+
+def _server_process(path: str, ready: Any, parent_pid: int) -> None:
+    child_init(parent_pid)
+    run(_serve(path, ready))
+
+
+class _Server:
+    """A process running a :class:`tether.Main` that answers ``echo`` on a unix socket."""
+
+    def __init__(self, tmp: str) -> None:
+        ctx = spawn_ctx()
+        self.path = f"{tmp}/main.sock"
+        self.address = f"unix://{self.path}"
+        ready = ctx.Event()
+        self.proc = ctx.Process(
+            target=_server_process, args=(self.path, ready, os.getpid()), daemon=True
+        )
+        self.proc.start()
+        if not ready.wait(WAIT):
+            self.stop()
+            raise TimeoutError(f"the tether server did not start within {WAIT} s")
+
+    def stop(self) -> None:
+        if self.proc.exitcode is None:
+            self.proc.terminate()
+        join_or_kill(self.proc)
+
+
+# -- small round trip ------------------------------------------------------------
+
+
+def rt_tether_async(params: Params) -> Result:
+    """An asyncio client invokes ``echo`` on a main process over a unix socket."""
+
+    async def measure(address: str) -> tuple[list[int], str]:
+        async with tether.connect(address, timeout=WAIT) as peer:
+            assert await peer.invoke("echo", PAYLOAD) == PAYLOAD
+            samples = await time_loop_async(
+                lambda: peer.invoke("echo", PAYLOAD), **rt_budget(params)
+            )
+            return samples, loop_name()
+
+    with scratch_dir() as tmp:
+        server = _Server(tmp)
+        try:
+            samples, loop = run(measure(server.address))
+        finally:
+            server.stop()
+    return {"metrics": [latency("round trip", samples)], "info": {"loop": loop}}
+
+
+def rt_tether_sync(params: Params) -> Result:
+    """A blocking client (:func:`tether.sync.connect`) invokes ``echo`` on a main process."""
+    with scratch_dir() as tmp:
+        server = _Server(tmp)
+        try:
+            with tether.sync.connect(server.address, timeout=WAIT) as peer:
+                assert peer.invoke("echo", PAYLOAD) == PAYLOAD
+                samples = time_loop(lambda: peer.invoke("echo", PAYLOAD), **rt_budget(params))
+        finally:
+            server.stop()
+    return {"metrics": [latency("round trip", samples)]}
+
+
+def rt_tether_main_child(params: Params) -> Result:
+    """Main invokes ``echo`` on a child it spawned (main -> child)."""
+
+    async def measure() -> tuple[list[int], str]:
+        async with tether.Main(timeout=WAIT) as main:
+            child = await main.spawn(_echo_child)
+            assert await child.invoke("echo", PAYLOAD) == PAYLOAD
+            samples = await time_loop_async(
+                lambda: child.invoke("echo", PAYLOAD), **rt_budget(params)
+            )
+            return samples, loop_name()
+
+    samples, loop = run(measure())
+    return {"metrics": [latency("round trip", samples)], "info": {"loop": loop}}
+
+
+# -- one-way events --------------------------------------------------------------
+
+
+async def _count_child(peer: tether.Peer) -> None:
+    n = 0
+
+    def on_ev(call: tether.Call, d: Any) -> None:
+        nonlocal n
+        n += 1
+
+    def count(call: tether.Call) -> int:
+        nonlocal n
+        got, n = n, 0
+        return got
+
+    peer.on("ev", on_ev)
+    peer.handle("count", count)
+    await peer.wait_closed()
+
+
+def ev_tether(params: Params) -> Result:
+    """Main ``send``s N events to a child whose ``on`` handler counts them.
+
+    Each batch ends with an invoke of ``count``, answered (FIFO) only after
+    the handler ran for every event, so the rate includes handling.
+    """
+    n, batches, max_s = ev_budget(params)
+
+    async def measure() -> tuple[list[float], str]:
+        async with tether.Main(timeout=WAIT) as main:
+            child = await main.spawn(_count_child)
+
+            async def batch(count: int) -> float:
+                t0 = time.perf_counter()
+                for _ in range(count):
+                    await child.send("ev", PAYLOAD)
+                got = await child.invoke("count")
+                elapsed = time.perf_counter() - t0
+                if got != count:
+                    raise RuntimeError(f"child counted {got} events, expected {count}")
+                return count / elapsed
+
+            await batch(n // 10)
+            rates: list[float] = []
+            end = time.perf_counter() + max_s
+            for _ in range(batches):
+                rates.append(await batch(n))
+                if time.perf_counter() > end:
+                    break
+            return rates, loop_name()
+
+    rates, loop = run(measure())
+    return {"metrics": [rate("events", rates, "/s")], "info": {"loop": loop}}
+
+
+# -- invokes in flight -----------------------------------------------------------
+
+
+def inflight_tether(params: Params) -> Result:
+    """An asyncio client keeps 256 invokes of ``echo`` in flight to a main process."""
+    n, batches, window, max_s = inflight_budget(params)
+
+    async def measure(address: str) -> tuple[list[float], str]:
+        async with tether.connect(address, timeout=WAIT) as peer:
+
+            async def batch(count: int) -> float:
+                left = count
+
+                async def worker() -> None:
+                    nonlocal left
+                    while left > 0:
+                        left -= 1
+                        await peer.invoke("echo", PAYLOAD)
+
+                t0 = time.perf_counter()
+                workers = (worker() for _ in range(window))
+                await asyncio.wait_for(asyncio.gather(*workers), WAIT)
+                return count / (time.perf_counter() - t0)
+
+            await batch(n // 10)
+            rates: list[float] = []
+            end = time.perf_counter() + max_s
+            for _ in range(batches):
+                rates.append(await batch(n))
+                if time.perf_counter() > end:
+                    break
+            return rates, loop_name()
+
+    with scratch_dir() as tmp:
+        server = _Server(tmp)
+        try:
+            rates, loop = run(measure(server.address))
+        finally:
+            server.stop()
+    return {"metrics": [rate("invokes", rates, "/s")], "info": {"loop": loop}}
+
+
+# -- large payloads --------------------------------------------------------------
+
+
+def _as_u8(data: Any) -> Any:
+    """A flat uint8 ndarray over whatever the attachment arrived as."""
+    import numpy as np
+
+    if isinstance(data, np.ndarray):
+        return data.reshape(-1).view(np.uint8)
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except TypeError:
+        array = getattr(data, "array", None)
+        if array is None:
+            raise
+        return _as_u8(array())
+
+
+def _take(call: tether.Call, data: Any) -> int:
+    return checksum(_as_u8(data))
+
+
+def _peek(call: tether.Call, data: Any) -> int:
+    a = _as_u8(data)
+    return int(a[0]) + int(a[-1])
+
+
+async def _sink_child(peer: tether.Peer) -> None:
+    peer.handle("take", _take)
+    peer.handle("peek", _peek)
+    await peer.wait_closed()
+
+
+#: What a missing or unfinished feature raises when a case first tries it.
+_FEATURE_ERRORS = (TypeError, ValueError, NotImplementedError, msgspec.MsgspecError, tether.TetherError)
+
+
+def _reason(what: str, exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{what}: {type(exc).__name__}: {text}"[:160]
+
+
+async def _timed(
+    op: Callable[[], Awaitable[int]], expected: int, reps: int, max_s: float
+) -> list[int]:
+    """Time up to ``reps`` awaited transfers (ns each), checking every answer."""
+    out: list[int] = []
+    end = time.perf_counter() + max_s
+    for _ in range(reps):
+        t0 = time.perf_counter_ns()
+        got = await op()
+        out.append(time.perf_counter_ns() - t0)
+        if got != expected:
+            raise RuntimeError(f"checksum mismatch: got {got}, expected {expected}")
+        if time.perf_counter() > end:
+            break
+    return out
+
+
+def big_tether_attach(params: Params) -> Result:
+    """``await child.invoke("take", arr)``: the ndarray travels as an attachment."""
+    size, reps, max_s = big_budget(params)
+    src = make_source(size)
+    expected = checksum(src)
+
+    async def measure() -> Result:
+        async with tether.Main(timeout=WAIT * 2) as main:
+            child = await main.spawn(_sink_child)
+            try:  # the first transfer doubles as the warm-up
+                got = await child.invoke("take", src)
+            except _FEATURE_ERRORS as exc:
+                return unavailable(_reason("ndarray attachments not supported", exc))
+            if got != expected:
+                raise RuntimeError(f"checksum mismatch: got {got}, expected {expected}")
+            ns = await _timed(lambda: child.invoke("take", src), expected, reps, max_s)
+            return {
+                "metrics": [rate("transfer", [size / t for t in ns], "GB/s")],
+                "info": {"loop": loop_name()},
+            }
+
+    return run(measure())
+
+
+def _buffer_array(buf: Any) -> Any:
+    """A writable uint8 ndarray over a :class:`tether.Buffer`."""
+    import numpy as np
+
+    array = getattr(buf, "array", None)
+    if array is not None:
+        try:
+            a = array()
+        except TypeError:
+            a = array(np.uint8)
+        return a.reshape(-1).view(np.uint8)
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+def big_tether_buffer(params: Params) -> Result:
+    """``tether.Buffer``: fill it in place, then ``invoke("peek", buf)`` hands it over.
+
+    Metrics: the handoff (the invoke, in which the child reads the first and
+    last byte) in ms, and the producer's whole cycle (allocate + fill +
+    handoff) as GB/s.
+    """
+    import numpy as np
+
+    Buffer = getattr(tether, "Buffer", None)
+    if Buffer is None:
+        return unavailable("tether.Buffer does not exist yet")
+    size, reps, max_s = big_budget(params)
+    src = make_source(size)
+    expected = int(src[0]) + int(src[-1])
+
+    async def measure() -> Result:
+        async with tether.Main(timeout=WAIT * 2) as main:
+            child = await main.spawn(_sink_child)
+            handoff: list[int] = []
+            cycle: list[float] = []
+            end = time.perf_counter() + max_s
+            for i in range(reps + 1):  # the first round is the warm-up
+                t0 = time.perf_counter_ns()
+                try:
+                    buf = Buffer(size)
+                    a = _buffer_array(buf)
+                    np.copyto(a, src)
+                    del a
+                    t1 = time.perf_counter_ns()
+                    got = await child.invoke("peek", buf)
+                except _FEATURE_ERRORS as exc:
+                    if i:
+                        raise
+                    return unavailable(_reason("tether.Buffer handoff failed", exc))
+                t2 = time.perf_counter_ns()
+                del buf
+                if got != expected:
+                    raise RuntimeError(f"child read {got}, expected {expected}")
+                if i:
+                    handoff.append(t2 - t1)
+                    cycle.append(size / (t2 - t0))
+                if time.perf_counter() > end:
+                    break
+            return {
+                "metrics": [
+                    latency("handoff", handoff, unit="ms"),
+                    rate("alloc+fill+handoff", cycle, "GB/s"),
+                ],
+                "info": {"loop": loop_name()},
+            }
+
+    return run(measure())
+
+
+# -- SIGKILL -> PeerGone ---------------------------------------------------------
+
+PENDING = 100
+
+
+async def _hang_child(peer: tether.Peer) -> None:
+    arrived = 0
+
+    async def hang(call: tether.Call) -> None:
+        nonlocal arrived
+        arrived += 1
+        await asyncio.get_running_loop().create_future()  # forever
+
+    def count(call: tether.Call) -> int:
+        return arrived
+
+    peer.handle("hang", hang)
+    peer.handle("count", count)
+    await peer.wait_closed()
+
+
+async def _one_kill(child: tether.Child) -> int:
+    """Start 100 invokes the child never answers, SIGKILL it, time until all failed."""
+    loop = asyncio.get_running_loop()
+    failed_at: list[int] = []
+    calls = [asyncio.ensure_future(child.invoke("hang")) for _ in range(PENDING)]
+    for c in calls:
+        c.add_done_callback(lambda _: failed_at.append(time.perf_counter_ns()))
+    try:
+        deadline = loop.time() + WAIT
+        while await child.invoke("count") < PENDING:
+            if loop.time() > deadline:
+                raise TimeoutError(f"the child did not receive {PENDING} invokes in {WAIT} s")
+            await asyncio.sleep(0.001)
+        t0 = time.perf_counter_ns()
+        os.kill(child.pid, signal.SIGKILL)
+        _, pending = await asyncio.wait(calls, timeout=WAIT)
+        if pending:
+            raise TimeoutError(f"{len(pending)} invokes still pending {WAIT} s after SIGKILL")
+        wrong = [c.exception() for c in calls if not isinstance(c.exception(), tether.PeerGone)]
+        if wrong:
+            raise RuntimeError(f"expected PeerGone, got {wrong[0]!r}")
+        return max(failed_at) - t0
+    finally:
+        for c in calls:
+            c.cancel()
+        child.kill()
+
+
+def kill_to_peergone(params: Params) -> Result:
+    """Time from a child's SIGKILL until 100 pending invokes on it all raised PeerGone."""
+    trials = 5 if params.get("quick") else 20
+    per_batch = 5
+
+    async def measure() -> tuple[list[int], str]:
+        samples: list[int] = []
+        async with tether.Main(timeout=WAIT * 2) as main:
+            while len(samples) < trials:
+                k = min(per_batch, trials - len(samples))
+                children = await asyncio.gather(*(main.spawn(_hang_child) for _ in range(k)))
+                for child in children:
+                    samples.append(await _one_kill(child))
+        return samples, loop_name()
+
+    samples, loop = run(measure())
+    return {"metrics": [latency("SIGKILL->PeerGone", samples, unit="ms")], "info": {"loop": loop}}

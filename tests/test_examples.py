@@ -1,0 +1,96 @@
+"""Every script under examples/ runs to completion and prints what it promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# Lines each example must print (whole lines, any order unless noted in the test).
+EXPECTED: dict[str, list[str]] = {
+    "electron_ipc.py": ["Received: Hola, mundo!"],
+    "main_child.py": [
+        "child: got settings {'name': 'w1', 'mode': 'fast'}",
+        "main: child progress 100%",
+        "main: compute(21) = 42",
+        "main: InvokeTimeout: no answer on 'slow' within 0.2 s",
+        "child: theme is now dark",
+        "main: child exited with code 0",
+    ],
+    "server_client.py": [
+        "async client: hello, async client (role client)",
+        "main log: async client was here",
+        "sync client: hello, sync client (role client)",
+    ],
+    "pipe_fork.py": [
+        "Parent process message: Psst .. hello from parent process!",
+        "Child received message: Psst .. hello from parent process!",
+        "child exited with code 0",
+    ],
+    "errors.py": [
+        "RemoteError: ZeroDivisionError: division by zero",
+        "NoHandler: no handler for channel 'no-such-channel'",
+        "BadRequest: bad argument `b`: Expected `int`, got `str`",
+        "Forbidden: channel 'shutdown' is not exposed to role 'guest'",
+        "InvokeTimeout: no answer on 'slow' within 0.2 s",
+        "every error caught",
+    ],
+}
+
+
+def run_example(name: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, f"{name} exited {result.returncode}:\n{result.stderr}"
+    return result.stdout.splitlines()
+
+
+def test_every_example_is_covered() -> None:
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_runs(name: str) -> None:
+    lines = run_example(name)
+    for expected in EXPECTED[name]:
+        assert expected in lines, f"{name} did not print {expected!r}:\n" + "\n".join(lines)
+
+
+@pytest.mark.timeout(120)
+def test_errors_example_reports_each_failure_kind() -> None:
+    lines = run_example("errors.py")
+    kinds = [line.split(":", 1)[0] for line in lines[:-1]]
+    assert kinds == [
+        "RemoteError",
+        "NoHandler",
+        "BadRequest",
+        "Forbidden",
+        "InvokeTimeout",
+        "PayloadTooLarge",
+        "ConnectionClosed",
+        "PeerGone",
+        "PeerGone",
+    ]
+    assert "exited with code 3" in lines[-2]  # the crashed child's exit status reaches the caller
+
+
+@pytest.mark.timeout(120)
+def test_pipe_fork_child_gets_the_big_message_intact() -> None:
+    lines = run_example("pipe_fork.py")
+    sent = [line for line in lines if line.startswith("Parent sends 4194304 bytes, sha256 ")]
+    got = [line for line in lines if line.startswith("Child received 4194304 bytes, sha256 ")]
+    assert len(sent) == 1 and len(got) == 1, lines
+    assert got[0].split("sha256 ")[1] == sent[0].split("sha256 ")[1]
+    assert lines.index("Parent process message: Psst .. hello from parent process!") < lines.index(
+        "Child received message: Psst .. hello from parent process!"
+    )
