@@ -1,4 +1,4 @@
-"""Every error a caller can get, and how to catch it. All are tether.TetherError."""
+"""Every error a caller can get, and how to catch it. Per-call errors keep the connection open."""
 
 import asyncio
 import os
@@ -25,7 +25,7 @@ async def expect(error: type[tether.TetherError], call: Awaitable[object]) -> No
 
 async def main() -> None:
     folder = tempfile.mkdtemp(prefix="tether-", dir="/tmp")
-    async with tether.Main() as hub:
+    async with tether.Main() as hub:  # handlers for a client with role "guest"
 
         @hub.handle("add")
         def add(call: tether.Call, a: int, b: int) -> int:
@@ -46,8 +46,7 @@ async def main() -> None:
             await expect(tether.Forbidden, peer.invoke("shutdown"))  # role "guest" may not
             await expect(tether.InvokeTimeout, peer.invoke("slow", timeout=0.2))
             await expect(tether.PayloadTooLarge, peer.invoke("add", "x" * 100_000, 1))  # unsent
-            # After each error above the connection is still open; now we close it.
-        await expect(tether.ConnectionClosed, peer.invoke("add", 1, 2))
+        await expect(tether.ConnectionClosed, peer.invoke("add", 1, 2))  # used after close
         await expect(tether.PeerGone, tether.connect(f"unix://{folder}/nobody.sock"))
 
         child = await hub.spawn(crasher)

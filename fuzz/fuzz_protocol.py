@@ -11,7 +11,10 @@ The first input byte picks the target and how the rest is cut into reads:
 
 * bits 0-1: 0 = a bare FrameParser (small limit), 1 = an OPEN Connection,
   2 = a Connection still in HANDSHAKE, 3 = an OPEN Connection, then EOF;
-* bits 2-7: the read size (1..64 bytes; 0 = everything in one read).
+* bit 2: 0 = feed the rest as raw bytes; 1 = read the rest as a recipe of
+  mostly well-formed frames (see :func:`_frames_from`), so the fuzzer gets
+  past the header checks quickly;
+* bits 3-7: the read size (1..31 bytes; 0 = everything in one read).
 
 Any exception other than :class:`tether.ProtocolError` is a finding.
 """
@@ -20,10 +23,18 @@ from __future__ import annotations
 
 import sys
 
-from tether import codec
-from tether.errors import ProtocolError
-from tether.protocol import Connection, State
-from tether.wire import FrameParser, Kind
+if __name__ == "__main__":  # coverage-instrument the core before anything imports it
+    import atheris
+
+    with atheris.instrument_imports(include=["tether"]):
+        import tether.codec
+        import tether.protocol
+        import tether.wire
+
+from tether import codec  # noqa: E402
+from tether.errors import ProtocolError  # noqa: E402
+from tether.protocol import Connection, State  # noqa: E402
+from tether.wire import FrameParser, Kind, encode_frame  # noqa: E402
 
 MAX_FRAME = 1 << 16
 _RETURNED = frozenset(
@@ -36,6 +47,41 @@ def _chunks(data: bytes, step: int) -> list[bytes]:
     if step == 0:
         return [data]
     return [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+
+
+def _frames_from(recipe: bytes) -> bytes:
+    """Turn ``recipe`` into a byte stream of frames, some of them corrupted.
+
+    Per frame: kind byte, channel length byte, channel bytes, body length
+    byte, body bytes, attachment count byte, one length byte per attachment,
+    then a corruption byte (if non-zero, that offset of the frame is xored).
+    """
+    out = bytearray()
+    pos = 0
+    n = len(recipe)
+
+    def take(k: int) -> bytes:
+        nonlocal pos
+        piece = recipe[pos : pos + k]
+        pos += k
+        return piece
+
+    def byte() -> int:
+        b = take(1)
+        return b[0] if b else 0
+
+    while pos < n:
+        kind = byte() % 14  # 0, 12, 13 are invalid kinds
+        channel = take(byte() % 24)
+        body = take(byte())
+        atts = [b"\xaa" * byte() for _ in range(byte() % 4)]
+        corrupt = byte()
+        start = len(out)
+        encode_frame(out, kind, byte(), byte() % 3, channel, body, atts)
+        if corrupt:
+            i = start + corrupt % (len(out) - start)
+            out[i] ^= byte() or 0xFF
+    return bytes(out)
 
 
 def _touch(frame: object) -> None:
@@ -92,8 +138,9 @@ def _fuzz_connection(pieces: list[bytes], *, open_first: bool, eof: bool) -> Non
 def TestOneInput(data: bytes) -> None:  # noqa: N802 - atheris' name
     if not data:
         return
-    mode, step = data[0] & 3, data[0] >> 2
-    pieces = _chunks(data[1:], step)
+    mode, step = data[0] & 3, data[0] >> 3
+    rest = _frames_from(data[1:]) if data[0] & 4 else data[1:]
+    pieces = _chunks(rest, step)
     if mode == 0:
         _fuzz_parser(pieces)
     elif mode == 1:
@@ -112,10 +159,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import atheris
-
-    with atheris.instrument_imports():
-        import tether.codec
-        import tether.protocol
-        import tether.wire  # noqa: F401
     main()

@@ -14,6 +14,7 @@ has mapped it, and the mapping goes away when the last view of it is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -196,10 +197,8 @@ class Buffer:
         fd, m = self._fd, self._map
         self._fd = self._map = None
         if m is not None:
-            try:
+            with contextlib.suppress(BufferError):  # live views keep the mapping until dropped
                 m.close()
-            except BufferError:
-                pass  # live views keep the mapping; it goes when they do
         os.close(fd)
 
     def __del__(self) -> None:
