@@ -7,11 +7,11 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-import _targets
 import pytest
-from _targets import Recorder, install_main_handlers
 
+import _targets
 import tether
+from _targets import Recorder, install_main_handlers
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -71,7 +71,7 @@ async def test_child_invokes_main_and_typed_errors_cross(family: Family) -> None
     assert (await child.invoke("call_main", "typed", ["x"]))[1] == "BadRequest"
     assert (await child.invoke("call_main", "nothing-here", []))[1] == "NoHandler"
     # The role a spawned child gets opens child-only channels.
-    assert (await child.invoke("call_main", "child_only", [])) [:2] == ["ok", "secret for child"]
+    assert (await child.invoke("call_main", "child_only", []))[:2] == ["ok", "secret for child"]
 
 
 async def test_main_events_reach_child_in_order(family: Family) -> None:

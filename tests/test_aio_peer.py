@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from _targets import Recorder, install_main_handlers
 
 import tether
+from _targets import Recorder, install_main_handlers
 from tether.protocol import Connection
 
 pytestmark = pytest.mark.timeout(60)

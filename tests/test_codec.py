@@ -40,7 +40,7 @@ def typed(call: Any, x: int, name: str, point: Point, items: list[int]) -> None:
 def with_defaults(call: Any, a: int, b: str = "dflt", c: float = 1.5) -> None: ...
 
 
-def untyped(call: Any, a, b: int):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+def untyped(call: Any, a, b: int):  # type: ignore[no-untyped-def]
     ...
 
 

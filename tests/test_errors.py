@@ -69,7 +69,7 @@ def test_errors_are_distinct() -> None:
 
 
 def test_remote_error_keeps_type_message_traceback() -> None:
-    tb = 'Traceback (most recent call last):\n  File "w.py", line 3, in handler\nKeyError: \'k\'\n'
+    tb = "Traceback (most recent call last):\n  File \"w.py\", line 3, in handler\nKeyError: 'k'\n"
     err = tether.RemoteError("KeyError", "'k'", tb)
     assert err.type_name == "KeyError"
     assert err.remote_message == "'k'"

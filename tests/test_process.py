@@ -16,11 +16,11 @@ import tempfile
 import time
 import uuid
 
-import _targets
 import pytest
-from _targets import install_main_handlers
 
+import _targets
 import tether
+from _targets import install_main_handlers
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,7 +32,8 @@ async def test_sigkilled_child_fails_all_pending_within_100ms(sock_path: str) ->
         loop = asyncio.get_running_loop()
         failed_at: list[float] = []
         pending = [
-            asyncio.ensure_future(child.invoke("forever", f"k{i}", timeout=None)) for i in range(100)
+            asyncio.ensure_future(child.invoke("forever", f"k{i}", timeout=None))
+            for i in range(100)
         ]
         for fut in pending:
             fut.add_done_callback(lambda _f: failed_at.append(loop.time()))
@@ -42,7 +43,7 @@ async def test_sigkilled_child_fails_all_pending_within_100ms(sock_path: str) ->
 
         t_kill = loop.time()
         os.kill(child.pid, signal.SIGKILL)
-        done, not_done = await asyncio.wait(pending, timeout=2.0)
+        _done, not_done = await asyncio.wait(pending, timeout=2.0)
         assert not not_done, f"{len(not_done)} invokes still pending 2 s after SIGKILL"
         latest = max(failed_at) - t_kill
         assert latest < 0.1, f"pending invokes failed {latest * 1000:.0f} ms after the kill"
@@ -89,10 +90,8 @@ async def test_child_exit_code_reaches_pending_calls(target: str, how: str) -> N
             await rec.wait_until(lambda: len(rec.remote_started) == 10, timeout=10.0)
             await child.send("exit")
         else:
-            pending = [
-                asyncio.ensure_future(child.invoke("hold", timeout=None)) for i in range(10)
-            ]
-        done, not_done = await asyncio.wait(pending, timeout=5.0)
+            pending = [asyncio.ensure_future(child.invoke("hold", timeout=None)) for i in range(10)]
+        _done, not_done = await asyncio.wait(pending, timeout=5.0)
         assert not not_done
         errors = [f.exception() for f in pending]
         assert all(isinstance(e, tether.PeerGone) for e in errors), errors[:3]
@@ -110,7 +109,7 @@ async def test_child_that_sends_garbage_is_killed() -> None:
         ]
         await rec.wait_until(lambda: len(rec.remote_started) == 5, timeout=10.0)
         await child.send("garbage", b"\xff\xff\xff\xff" + b"\x00" * 16)
-        done, not_done = await asyncio.wait(pending, timeout=2.0)
+        _done, not_done = await asyncio.wait(pending, timeout=2.0)
         assert not not_done
         errors = [f.exception() for f in pending]
         assert all(isinstance(e, tether.ProtocolError) for e in errors), errors

@@ -234,7 +234,7 @@ def test_ping_answered_with_pong() -> None:
 
 
 def test_route_open_refused_with_route_close() -> None:
-    a, b = pair()
+    _a, b = pair()
     assert b.receive_data(raw(Kind.ROUTE_OPEN, 0, 9, b"files", b"\x90")) == []
     (close,) = outgoing(b)
     assert close.kind == Kind.ROUTE_CLOSE and close.route_id == 9
@@ -257,7 +257,7 @@ def test_goodbye() -> None:
 
 
 def test_goodbye_with_malformed_body_has_empty_reason() -> None:
-    a, b = pair()
+    _a, b = pair()
     assert [f.kind for f in b.receive_data(raw(Kind.GOODBYE, body=b"\xc1"))] == [Kind.GOODBYE]
     assert b.goodbye_reason == ""
     assert b.state is State.CLOSING
@@ -356,7 +356,7 @@ def test_hello_with_unknown_fields_accepted() -> None:
 
 
 def test_second_hello() -> None:
-    a, b = pair()
+    _a, b = pair()
     with pytest.raises(ProtocolError, match="second HELLO"):
         b.receive_data(hello_bytes())
     assert b.state is State.CLOSED
@@ -370,7 +370,7 @@ def test_second_hello_in_same_read_as_first() -> None:
 
 
 def test_malformed_frame_closes() -> None:
-    a, b = pair()
+    _a, b = pair()
     bad = HEADER.pack(16, 200, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ProtocolError):
         b.receive_data(bad)
@@ -498,7 +498,7 @@ def test_result_exactly_at_limit() -> None:
 
 
 def test_unencodable_value_leaves_buffer_unchanged() -> None:
-    a, b = pair()
+    _a, b = pair()
     b.send_event(b"x", ())
     before = bytes(b._out)
     with pytest.raises(TypeError):
@@ -518,21 +518,19 @@ def frame_like(draw: st.DrawFn) -> bytes:
     size = 16 + len(chan) + len(rest)
     size = draw(st.sampled_from([size, size, size - 1, size + 1, 3, 0xFFFFFFFF]))
     rid = draw(st.integers(0, U32))
-    return (
-        HEADER.pack(size & U32, kind, 0, chan_len, rid, 0, n_att, 0) + chan + rest
-    )
+    return HEADER.pack(size & U32, kind, 0, chan_len, rid, 0, n_att, 0) + chan + rest
 
 
 frame_like_strategy = st.composite(frame_like)()
-byte_stream = st.lists(
-    st.one_of(st.binary(max_size=64), frame_like_strategy), max_size=6
-).map(b"".join)
+byte_stream = st.lists(st.one_of(st.binary(max_size=64), frame_like_strategy), max_size=6).map(
+    b"".join
+)
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=byte_stream, cuts=st.lists(st.integers(0, 600), max_size=4), eof=st.booleans())
 def test_arbitrary_bytes_to_open_connection(data: bytes, cuts: list[int], eof: bool) -> None:
-    a, b = pair(max_frame_size=1 << 16)
+    _a, b = pair(max_frame_size=1 << 16)
     points = sorted({c % (len(data) + 1) for c in cuts})
     pieces = [data[i:j] for i, j in zip([0, *points], [*points, len(data)], strict=True)]
     try:
@@ -561,3 +559,18 @@ def test_arbitrary_bytes_to_handshaking_connection(data: bytes) -> None:
         b.receive_data(data)
     except ProtocolError:
         assert b.state is State.CLOSED
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Connection limits sends by its own max_frame_size only, not the smaller "
+    "one the peer announced in its HELLO: the peer then drops the whole connection",
+)
+def test_send_respects_peer_announced_max_frame_size() -> None:
+    a = Connection("main", max_frame_size=1 << 20)
+    b = Connection("child", max_frame_size=256)
+    transfer(a, b)
+    transfer(b, a)
+    assert a.peer_hello is not None and a.peer_hello.max_frame_size == 256
+    with pytest.raises(PayloadTooLarge):
+        a.send_event(b"e", (b"x" * 1000,))

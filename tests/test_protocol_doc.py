@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import struct
 from pathlib import Path
 from typing import Any
@@ -20,19 +21,30 @@ import msgspec
 import pytest
 
 import tether
-from tether import codec, protocol
-from tether.aio.peer import error_from_info
+from tether import codec, shm
+from tether.aio.peer import Peer, error_from_info
 from tether.protocol import Connection, State
-from tether.wire import HEADER, Frame, FrameParser, Kind, encode_frame
+from tether.wire import ATT, ATT_FD, ATT_INLINE, HEADER, Frame, FrameParser, Kind, encode_frame
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 TEXT = DOC.read_text(encoding="utf-8")
 
 EMPTY = object()  # the frame has a zero-length body
 
-_HELLO = {"protocol": "tether", "version": 1, "name": "renderer", "max_frame_size": 64 << 20}
+_HELLO = {
+    "protocol": "tether",
+    "version": 1,
+    "name": "renderer",
+    "max_frame_size": 64 << 20,
+    "features": ["fd"],
+}
+_BUFFER = b"\x01\x02\x03"
+_REF0 = ("ext", 1, b"\x00\x00\x00\x00")  # ext type 1 referring to attachment 0
+_NDARRAY = ("ndarray", "<f4", [2], [1.5, -2.0])
 
-# name -> (kind, request_id, route_id, channel, decoded body or EMPTY, inline attachments)
+# name -> (kind, request_id, route_id, channel, decoded body or EMPTY, attachments)
+# Bodies are decoded with the real decoder (attachment references resolved) and
+# flattened by _plain(): memoryview -> bytes, ndarray -> ("ndarray", ...).
 EXPECTED: dict[str, tuple[Kind, int, int, str, Any, list[bytes]]] = {
     "hello-child": (Kind.HELLO, 0, 0, "", {**_HELLO, "role": "child", "pid": 4242}, []),
     "hello-main": (Kind.HELLO, 0, 0, "", {**_HELLO, "role": "main", "pid": 4241}, []),
@@ -65,8 +77,41 @@ EXPECTED: dict[str, tuple[Kind, int, int, str, Any, list[bytes]]] = {
     "route-open": (Kind.ROUTE_OPEN, 0, 9, "", EMPTY, []),
     "route-close": (Kind.ROUTE_CLOSE, 0, 9, "", EMPTY, []),
     "goodbye": (Kind.GOODBYE, 0, 0, "", {"reason": "child finished"}, []),
-    "event-inline-attachment": (Kind.EVENT, 0, 0, "blob", ["x"], [b"\x01\x02\x03"]),
+    "invoke-buffer": (Kind.INVOKE, 1, 0, "process", [_BUFFER], [_BUFFER]),
+    "invoke-buffer-fd": (Kind.INVOKE, 1, 0, "process", [_BUFFER], [_BUFFER]),
+    "event-ndarray": (Kind.EVENT, 0, 0, "samples", [_NDARRAY], [bytes.fromhex("0000c03f000000c0")]),
 }
+
+# The attachment references as they sit in the body, extensions not resolved.
+RAW_BODIES: dict[str, Any] = {
+    "invoke-buffer": [_REF0],
+    "invoke-buffer-fd": [_REF0],
+    "event-ndarray": [("ext", 2, bytes.fromhex("9300a33c66349102"))],
+}
+# descriptor kinds of the attachment table, where there is one
+DESCRIPTOR_KINDS: dict[str, list[int]] = {
+    "invoke-buffer": [ATT_INLINE],
+    "invoke-buffer-fd": [ATT_FD],
+    "event-ndarray": [ATT_INLINE],
+}
+_FD_BLOCKS = {"invoke-buffer-fd"}
+_NUMPY_BLOCKS = {"event-ndarray"}
+
+needs_memfd = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs memfd")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, memoryview):
+        return bytes(v)
+    if isinstance(v, msgspec.msgpack.Ext):
+        return ("ext", v.code, bytes(v.data))
+    if type(v).__module__ == "numpy" and hasattr(v, "dtype"):
+        return ("ndarray", v.dtype.str, list(v.shape), v.tolist())
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def doc_blocks() -> dict[str, bytes]:
@@ -81,16 +126,47 @@ BLOCKS = doc_blocks()
 
 
 def _connections() -> tuple[Connection, Connection]:
-    """The two ends of the worked example, with the pids the document shows."""
-    with mock.patch.object(protocol.os, "getpid", return_value=4242):
-        child = Connection("child", name="renderer")
-    with mock.patch.object(protocol.os, "getpid", return_value=4241):
-        main = Connection("main", name="renderer")
+    """The two ends of the worked example: asyncio peers on a socketpair."""
+    with mock.patch("os.getpid", return_value=4242):
+        child = Connection("child", name="renderer", features=["fd"])
+    with mock.patch("os.getpid", return_value=4241):
+        main = Connection("main", name="renderer", features=["fd"])
     return child, main
 
 
-def generated() -> dict[str, bytes]:
-    """What the code produces today for each documented frame."""
+def _buffer() -> shm.Buffer:
+    buf = shm.Buffer(len(_BUFFER))
+    buf[:] = _BUFFER
+    return buf
+
+
+def generate(name: str) -> bytes:
+    """What the code produces today for the documented frame ``name``."""
+    if name in _NUMPY_BLOCKS:
+        np = pytest.importorskip("numpy")
+        c = Connection("client")
+        c.data_to_send()
+        c.send_event(b"samples", (np.array([1.5, -2.0], dtype="<f4"),))
+        return bytes(c.data_to_send())
+    if name == "invoke-buffer":
+        c = Connection("client")  # no "fd" feature: the buffer goes inline
+        c.data_to_send()
+        c.send_invoke(b"process", (_buffer(),), object())
+        return bytes(c.data_to_send())
+    if name == "invoke-buffer-fd":
+        child, main = _connections()
+        main.receive_data(bytes(child.data_to_send()))
+        child.receive_data(bytes(main.data_to_send()))  # both said "fd"
+        main.send_invoke(b"process", (_buffer(),), object())
+        fds = main.take_fds()
+        assert len(fds) == 1, "the buffer's memfd rides beside the frame"
+        for fd in fds:
+            os.close(fd)
+        return bytes(main.data_to_send())
+    return _generated_plain()[name]
+
+
+def _generated_plain() -> dict[str, bytes]:
     child, main = _connections()
     out: dict[str, bytes] = {
         "hello-child": bytes(child.data_to_send()),
@@ -120,10 +196,30 @@ def generated() -> dict[str, bytes]:
     out["route-close"] = bytes(main.data_to_send())
     child.send_goodbye("child finished")
     out["goodbye"] = bytes(child.data_to_send())
-    att = bytearray()
-    encode_frame(att, Kind.EVENT, 0, 0, b"blob", msgspec.msgpack.encode(["x"]), [b"\x01\x02\x03"])
-    out["event-inline-attachment"] = bytes(att)
     return out
+
+
+def _parse(name: str, data: bytes, *, one_byte_at_a_time: bool = False) -> list[Frame]:
+    """Parse ``data`` as a receiver would, handing it the memfd a kind-1 entry needs."""
+    if name in _FD_BLOCKS:
+        parser = FrameParser(map_fd=shm.map_sealed)
+        fd, _ = shm.segment_from(_BUFFER)
+        parser.fds.append(fd)
+    else:
+        parser = FrameParser()
+    if not one_byte_at_a_time:
+        return parser.feed(data)
+    frames: list[Frame] = []
+    for i in range(len(data)):
+        frames += parser.feed(data[i : i + 1])
+    return frames
+
+
+def _marks(name: str) -> list[pytest.MarkDecorator]:
+    return [needs_memfd] if name in _FD_BLOCKS | {"invoke-buffer"} else []
+
+
+ALL = [pytest.param(n, marks=_marks(n)) for n in sorted(EXPECTED)]
 
 
 def test_every_hex_block_is_checked() -> None:
@@ -132,34 +228,43 @@ def test_every_hex_block_is_checked() -> None:
     assert {"hello-child", "hello-main", "invoke", "result"} <= set(BLOCKS)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", ALL)
 def test_hex_block_decodes_to_documented_frame(name: str) -> None:
+    if name in _NUMPY_BLOCKS:
+        pytest.importorskip("numpy")
     data = BLOCKS[name]
     kind, rid, route, channel, body, atts = EXPECTED[name]
     assert int.from_bytes(data[:4], "little") == len(data) - 4, "size field"
-    frames = FrameParser().feed(data)
+    frames = _parse(name, data)
     assert len(frames) == 1
     f = frames[0]
     assert (f.kind, f.request_id, f.route_id, f.channel) == (kind, rid, route, channel)
     if body is EMPTY:
         assert bytes(f.body) == b""
     else:
-        assert msgspec.msgpack.decode(f.body) == body
+        decoded = codec.decode_with(codec.any_decoder, f.body, f.attachments)
+        assert _plain(decoded) == body
     assert [bytes(a) for a in f.attachments] == atts
+    if name in RAW_BODIES:
+        raw = msgspec.msgpack.decode(f.body, ext_hook=msgspec.msgpack.Ext)
+        assert _plain(raw) == RAW_BODIES[name]
     # flags and reserved are zero in everything we document
-    _, _, flags, _, _, _, _, reserved = HEADER.unpack_from(data)
+    _, _, flags, chan_len, _, _, n_att, reserved = HEADER.unpack_from(data)
     assert flags == 0 and reserved == 0
+    table = HEADER.size + chan_len
+    kinds = []
+    for i in range(n_att):
+        where, aflags, ares, aux, _length = ATT.unpack_from(data, table + i * ATT.size)
+        assert (aflags, ares, aux) == (0, 0, 0)
+        kinds.append(where)
+    assert kinds == DESCRIPTOR_KINDS.get(name, [])
     # the same bytes fed one at a time give the same frame
-    parser = FrameParser()
-    pieces: list[Frame] = []
-    for i in range(len(data)):
-        pieces += parser.feed(data[i : i + 1])
-    assert pieces == [f]
+    assert _parse(name, data, one_byte_at_a_time=True) == [f]
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", ALL)
 def test_hex_block_is_what_the_code_sends(name: str) -> None:
-    assert BLOCKS[name] == generated()[name], f"regenerate the {name!r} block of {DOC}"
+    assert BLOCKS[name] == generate(name), f"regenerate the {name!r} block of {DOC}"
 
 
 def test_worked_example_conversation() -> None:
@@ -172,6 +277,7 @@ def test_worked_example_conversation() -> None:
     assert main.state is State.OPEN
     assert main.peer_hello is not None
     assert (main.peer_hello.role, main.peer_hello.pid) == ("child", 4242)
+    assert main.peer_hello.features == ["fd"]
     assert [(f.kind, f.request_id, f.channel) for f in frames] == [
         (Kind.INVOKE, 1, "message-from-renderer")
     ]
@@ -207,6 +313,7 @@ def test_documented_body_is_hello_schema() -> None:
         name="renderer",
         pid=4242,
         max_frame_size=64 << 20,
+        features=["fd"],
     )
 
 
@@ -237,8 +344,8 @@ def test_kind_table_matches_code() -> None:
     assert documented == {int(k): k.name for k in Kind}
 
 
-def test_header_table_matches_struct() -> None:
-    rows = _tables("### 3.1 Header")[0]
+def _layout(rows: list[list[str]]) -> tuple[str, list[str]]:
+    """Check a field table's offsets add up; return its struct format and field names."""
     codes = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q"}
     offset = 0
     fmt = "<"
@@ -247,9 +354,13 @@ def test_header_table_matches_struct() -> None:
         assert struct.calcsize("<" + codes[typ]) == int(size)
         fmt += codes[typ]
         offset += int(size)
+    return fmt, [r[3].strip("`") for r in rows]
+
+
+def test_header_table_matches_struct() -> None:
+    fmt, fields = _layout(_tables("### 3.1 Header")[0])
     assert fmt == HEADER.format
-    assert offset == HEADER.size == 20
-    fields = [r[3].strip("`") for r in rows]
+    assert HEADER.size == 20
     assert fields == [
         "size",
         "kind",
@@ -260,6 +371,40 @@ def test_header_table_matches_struct() -> None:
         "n_att",
         "reserved",
     ]
+
+
+def test_attachment_descriptor_table_matches_struct() -> None:
+    fmt, fields = _layout(_tables("### 3.3 Attachment table")[0])
+    assert fmt == ATT.format
+    assert ATT.size == 16
+    assert fields == ["kind", "flags", "reserved", "aux", "length"]
+    assert (ATT_INLINE, ATT_FD) == (0, 1)
+
+
+def test_extension_table_matches_codec() -> None:
+    rows = _tables("### 3.5 Referring to attachments from the body")[0]
+    documented = {int(r[0].split()[0]): r[0].split()[1].strip("()`") for r in rows}
+    assert documented == {codec.EXT_BYTES: "bytes", codec.EXT_NDARRAY: "ndarray"}
+
+
+async def test_asyncio_peer_on_a_socketpair_says_hello_as_documented() -> None:
+    """The worked example's HELLO is what a real asyncio peer puts on a socketpair."""
+    a, b = socket.socketpair()
+    peer = Peer(a, role="main", local_role="child", name="renderer")
+    peer.start()
+    try:
+        b.settimeout(5.0)
+        data = b.recv(4096)
+        frames = FrameParser().feed(data)
+        assert [f.kind for f in frames] == [Kind.HELLO]
+        hello = codec.hello_decoder.decode(frames[0].body)
+        assert (hello.role, hello.name, hello.features) == ("child", "renderer", ["fd"])
+        assert hello.pid == os.getpid()
+        want = codec.hello_decoder.decode(FrameParser().feed(BLOCKS["hello-child"])[0].body)
+        assert hello == msgspec.structs.replace(want, pid=hello.pid)
+    finally:
+        await peer.close()
+        b.close()
 
 
 def test_error_code_table_matches_caller() -> None:
@@ -302,3 +447,13 @@ def test_pipe_example_bytes() -> None:
         w.send("hi")
         assert os.read(r.fileno(), 100) == bytes.fromhex("02 00 00 00 68 69")
     assert "`02 00 00 00 68 69`" in TEXT
+
+
+def test_byte_counts_in_headings_match_the_blocks() -> None:
+    """'### 12.x ... (N bytes)' announces the length of the hex block below it."""
+    found = re.findall(
+        r"^### 12\.\d[^\n]*\((\d+) bytes\)\n.*?^```hex name=([\w-]+)", TEXT, re.M | re.S
+    )
+    assert len(found) == 4  # the two HELLOs, the INVOKE and the RESULT
+    for count, name in found:
+        assert len(BLOCKS[name]) == int(count), name

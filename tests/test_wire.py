@@ -60,9 +60,7 @@ def encode(
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
 ) -> bytes:
     out = bytearray()
-    encode_frame(
-        out, kind, rid, route, channel.encode(), body, attachments or [], max_frame_size
-    )
+    encode_frame(out, kind, rid, route, channel.encode(), body, attachments or [], max_frame_size)
     return bytes(out)
 
 

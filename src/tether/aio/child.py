@@ -18,6 +18,9 @@ __all__ = ["Child"]
 
 # How long to wait, after the connection drops, for the exit status to appear.
 _EXIT_GRACE = 0.05
+# After a GOODBYE the child is on its way out; the exit (seen at once through the
+# sentinel) usually follows within this bound, so errors can say how it ended.
+_GOODBYE_GRACE = 1.0
 
 
 class Child(Peer):
@@ -70,7 +73,8 @@ class Child(Peer):
             return
         # The connection dropped: wait briefly for the exit status so the error can say why.
         self._loop.remove_reader(self._fd)
-        self._loop.call_later(_EXIT_GRACE, self._exit_grace_over, exc)
+        grace = _EXIT_GRACE if self._conn.goodbye_reason is None else _GOODBYE_GRACE
+        self._loop.call_later(grace, self._exit_grace_over, exc)
 
     def _exit_grace_over(self, exc: PeerGone) -> None:
         if self._closed is None:

@@ -39,42 +39,33 @@ class Scenario:
     tether: bool = False
 
 
+def _s(name: str, group: str, title: str, peer: str | None = None) -> Scenario:
+    tether = peer is None
+    module = "tether_cases" if tether else ("bulk" if group == "big" else "baselines")
+    return Scenario(name, group, f"{module}:{name}", title, peer, tether)
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
-        Scenario("rt_socketpair", "rt", "baselines:rt_socketpair", "socketpair (floor)", "socketpair"),
-        Scenario("rt_mp_pipe", "rt", "baselines:rt_mp_pipe", "mp.Pipe", "mp_pipe"),
-        Scenario("rt_zmq", "rt", "baselines:rt_zmq", "pyzmq REQ/REP", "zmq"),
-        Scenario("rt_tether_async", "rt", "tether_cases:rt_tether_async", "tether async", tether=True),
-        Scenario("rt_tether_sync", "rt", "tether_cases:rt_tether_sync", "tether blocking", tether=True),
-        Scenario(
-            "rt_tether_main_child", "rt", "tether_cases:rt_tether_main_child", "tether main->child",
-            tether=True,
-        ),
-        Scenario("ev_mp_pipe", "ev", "baselines:ev_mp_pipe", "mp.Pipe", "mp_pipe"),
-        Scenario("ev_zmq", "ev", "baselines:ev_zmq", "pyzmq PUSH/PULL", "zmq"),
-        Scenario("ev_tether", "ev", "tether_cases:ev_tether", "tether send/on", tether=True),
-        Scenario("inflight_zmq", "inflight", "baselines:inflight_zmq", "pyzmq DEALER/ROUTER", "zmq"),
-        Scenario(
-            "inflight_tether", "inflight", "tether_cases:inflight_tether", "tether invoke",
-            tether=True,
-        ),
-        Scenario("big_mp_pipe", "big", "bulk:big_mp_pipe", "mp.Pipe send_bytes", "mp_pipe"),
-        Scenario("big_zmq", "big", "bulk:big_zmq", "pyzmq copy=False", "zmq"),
-        Scenario("big_shm", "big", "bulk:big_shm", "shared_memory (new segment)", "shm"),
-        Scenario("big_memcpy", "big", "bulk:big_memcpy", "memcpy in-process (ceiling)", "memcpy"),
-        Scenario(
-            "big_tether_attach", "big", "tether_cases:big_tether_attach", "tether attachment",
-            tether=True,
-        ),
-        Scenario(
-            "big_tether_buffer", "big", "tether_cases:big_tether_buffer", "tether Buffer",
-            tether=True,
-        ),
-        Scenario(
-            "kill_to_peergone", "kill", "tether_cases:kill_to_peergone", "SIGKILL -> PeerGone",
-            tether=True,
-        ),
+        _s("rt_socketpair", "rt", "socketpair (floor)", "socketpair"),
+        _s("rt_mp_pipe", "rt", "mp.Pipe", "mp_pipe"),
+        _s("rt_zmq", "rt", "pyzmq REQ/REP", "zmq"),
+        _s("rt_tether_async", "rt", "tether async"),
+        _s("rt_tether_sync", "rt", "tether blocking"),
+        _s("rt_tether_main_child", "rt", "tether main->child"),
+        _s("ev_mp_pipe", "ev", "mp.Pipe", "mp_pipe"),
+        _s("ev_zmq", "ev", "pyzmq PUSH/PULL", "zmq"),
+        _s("ev_tether", "ev", "tether send/on"),
+        _s("inflight_zmq", "inflight", "pyzmq DEALER/ROUTER", "zmq"),
+        _s("inflight_tether", "inflight", "tether invoke"),
+        _s("big_mp_pipe", "big", "mp.Pipe send_bytes", "mp_pipe"),
+        _s("big_zmq", "big", "pyzmq copy=False", "zmq"),
+        _s("big_shm", "big", "shared_memory (new segment)", "shm"),
+        _s("big_memcpy", "big", "memcpy in-process (ceiling)", "memcpy"),
+        _s("big_tether_attach", "big", "tether attachment"),
+        _s("big_tether_buffer", "big", "tether Buffer"),
+        _s("kill_to_peergone", "kill", "SIGKILL -> PeerGone"),
     ]
 }
 

@@ -287,7 +287,13 @@ async def _sink_child(peer: tether.Peer) -> None:
 
 
 #: What a missing or unfinished feature raises when a case first tries it.
-_FEATURE_ERRORS = (TypeError, ValueError, NotImplementedError, msgspec.MsgspecError, tether.TetherError)
+_FEATURE_ERRORS = (
+    TypeError,
+    ValueError,
+    NotImplementedError,
+    msgspec.MsgspecError,
+    tether.TetherError,
+)
 
 
 def _reason(what: str, exc: BaseException) -> str:

@@ -104,6 +104,8 @@ class Peer:
         self._wlock = threading.Lock()  # the Connection and writes to the socket
         self._cv = threading.Condition(threading.Lock())  # who reads; results
         self._reading = False
+        self._rbuf = bytearray(_READ_SIZE)  # only the reading thread touches it
+        self._rview = memoryview(self._rbuf)
         self._closed: TetherError | None = None
         self._serving: threading.Thread | None = None
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
@@ -304,7 +306,8 @@ class Peer:
             if self._closed is not None:
                 raise self._closed
             try:
-                data = sock.recv(_READ_SIZE)
+                n = sock.recv_into(self._rbuf)
+                data = self._rview[:n].tobytes()
             except (BlockingIOError, InterruptedError):
                 if time.perf_counter() < spin_until:
                     continue

@@ -1,0 +1,7 @@
+"""``python -m tether.bench``: the same as ``tether bench``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
