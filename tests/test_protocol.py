@@ -561,11 +561,6 @@ def test_arbitrary_bytes_to_handshaking_connection(data: bytes) -> None:
         assert b.state is State.CLOSED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Connection limits sends by its own max_frame_size only, not the smaller "
-    "one the peer announced in its HELLO: the peer then drops the whole connection",
-)
 def test_send_respects_peer_announced_max_frame_size() -> None:
     a = Connection("main", max_frame_size=1 << 20)
     b = Connection("child", max_frame_size=256)

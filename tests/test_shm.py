@@ -21,14 +21,16 @@ import pytest
 import tether
 from tether import shm
 
-F_SEAL_WRITE: int = fcntl.F_SEAL_WRITE  # type: ignore[attr-defined]
-F_SEAL_GROW: int = fcntl.F_SEAL_GROW  # type: ignore[attr-defined]
-F_SEAL_SHRINK: int = fcntl.F_SEAL_SHRINK  # type: ignore[attr-defined]
-F_SEAL_SEAL: int = fcntl.F_SEAL_SEAL  # type: ignore[attr-defined]
-F_GET_SEALS: int = fcntl.F_GET_SEALS  # type: ignore[attr-defined]
+F_SEAL_WRITE: int = fcntl.F_SEAL_WRITE
+F_SEAL_GROW: int = fcntl.F_SEAL_GROW
+F_SEAL_SHRINK: int = fcntl.F_SEAL_SHRINK
+F_SEAL_SEAL: int = fcntl.F_SEAL_SEAL
+F_GET_SEALS: int = fcntl.F_GET_SEALS
 
 
 def open_fds() -> int:
+    """Open descriptors, after a collection (leftovers of earlier tests go first)."""
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -100,7 +102,7 @@ def test_buffer_written_through_array_and_view_is_what_take_hands_over() -> None
         with pytest.raises(PermissionError):
             os.ftruncate(fd, 2 * n)
         with pytest.raises(PermissionError):
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0)  # type: ignore[attr-defined]
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0)
         # And what the receiver maps is the producer's data.
         assert bytes(shm.map_sealed(os.dup(fd), n)) == expected
     finally:
@@ -133,8 +135,8 @@ def _accessors(buf: tether.Buffer) -> dict[str, Callable[[], Any]]:
         "setitem": setitem,
         "setslice": setslice,
         "take": buf.take,
-        "bytes": lambda: bytes(buf),
-        "list": lambda: list(buf),
+        "bytes": lambda: bytes(buf),  # type: ignore[call-overload]
+        "list": lambda: list(buf),  # type: ignore[call-overload]
         "np.asarray": lambda: np.asarray(buf),
     }
 
@@ -232,7 +234,7 @@ def test_take_does_not_leak_descriptors_or_mappings() -> None:
     for i in range(200):
         buf = tether.Buffer(1 << 16)
         buf.array()[:] = i % 256
-        fd, n = buf.take()
+        fd, _n = buf.take()
         assert read_fd(fd, 1) == bytes([i % 256])
         os.close(fd)
     assert open_fds() == fds0
@@ -301,7 +303,7 @@ def test_map_sealed_maps_read_only_and_closes_the_descriptor() -> None:
     assert mv.readonly
     assert bytes(mv) == data
     with pytest.raises(TypeError):
-        mv[0] = 1  # type: ignore[index]
+        mv[0] = 1
     arr = np.frombuffer(mv, np.uint8)
     assert not arr.flags.writeable
     with pytest.raises(ValueError):
@@ -309,7 +311,7 @@ def test_map_sealed_maps_read_only_and_closes_the_descriptor() -> None:
 
 
 def test_map_sealed_may_map_a_prefix() -> None:
-    fd, n = shm.segment_from(b"abcdefgh")
+    fd, _n = shm.segment_from(b"abcdefgh")
     assert bytes(shm.map_sealed(fd, 3)) == b"abc"
 
 
@@ -320,17 +322,19 @@ def test_map_sealed_rejects_an_unsealed_memfd() -> None:
     assert not fd_is_open(fd)
 
 
-@pytest.mark.parametrize("seals", [F_SEAL_GROW | F_SEAL_SHRINK, F_SEAL_WRITE, F_SEAL_WRITE | F_SEAL_GROW])
+@pytest.mark.parametrize(
+    "seals", [F_SEAL_GROW | F_SEAL_SHRINK, F_SEAL_WRITE, F_SEAL_WRITE | F_SEAL_GROW]
+)
 def test_map_sealed_rejects_a_partially_sealed_memfd(seals: int) -> None:
     fd = unsealed_memfd(b"x" * 8192)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)  # type: ignore[attr-defined]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     with pytest.raises(tether.ProtocolError):
         shm.map_sealed(fd, 8192)
     assert not fd_is_open(fd)
 
 
 def test_map_sealed_rejects_a_segment_smaller_than_announced() -> None:
-    fd, n = shm.segment_from(b"y" * 1000)
+    fd, _n = shm.segment_from(b"y" * 1000)
     with pytest.raises(tether.ProtocolError, match="1000 bytes"):
         shm.map_sealed(fd, 1001)
     assert not fd_is_open(fd)

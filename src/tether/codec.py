@@ -44,13 +44,18 @@ def ext_hook(code: int, data: memoryview) -> Any:
     """Resolve an attachment reference against the frame being decoded."""
     atts = getattr(_local, "attachments", None)
     if code == EXT_BYTES and atts is not None:
+        if len(data) != 4:
+            raise msgspec.ValidationError("malformed attachment reference")
         return _attachment(atts, int.from_bytes(data, "little"))
     if code == EXT_NDARRAY and atts is not None:
         import numpy as np
 
-        index, dtype, shape = msgspec.msgpack.decode(data, type=tuple[int, str, list[int]])
-        view = _attachment(atts, index)
-        return np.frombuffer(view, dtype=np.dtype(dtype)).reshape(shape)
+        try:
+            index, dtype, shape = msgspec.msgpack.decode(data, type=tuple[int, str, list[int]])
+            view = _attachment(atts, index)
+            return np.frombuffer(view, dtype=np.dtype(dtype)).reshape(shape)
+        except (TypeError, ValueError) as exc:  # unknown dtype, shape that doesn't fit
+            raise msgspec.ValidationError(f"malformed array attachment: {exc}") from None
     return msgspec.msgpack.Ext(code, bytes(data))
 
 
@@ -75,8 +80,17 @@ encoder: Final = msgspec.msgpack.Encoder()
 any_decoder: Final = msgspec.msgpack.Decoder(ext_hook=ext_hook)
 
 
+_BUFFER_TYPES: Final = (bytes, bytearray, memoryview)
+
+
 def _decodable(tp: Any) -> Any:
-    """``tp`` if msgspec can decode it, else ``Any`` (e.g. numpy arrays from attachments)."""
+    """``tp`` if msgspec can decode it, else ``Any`` (e.g. numpy arrays from attachments).
+
+    Buffer types become ``Any`` too, checked after decoding: large buffers
+    arrive as attachments (read-only memoryviews), which msgspec would reject.
+    """
+    if tp in _BUFFER_TYPES:
+        return Any
     try:
         msgspec.msgpack.Decoder(tp)
     except TypeError:
@@ -152,7 +166,7 @@ class ArgsSpec:
     ``*args`` makes the whole argument list untyped.
     """
 
-    __slots__ = ("decoder", "names")
+    __slots__ = ("buffers", "decoder", "names")
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         sig = inspect.signature(fn)
@@ -182,6 +196,9 @@ class ArgsSpec:
             elif defaults:
                 raise TypeError(f"handler {fn!r}: parameter {p.name!r} follows a default")
         self.names = tuple(names)
+        self.buffers = tuple(
+            i for i, n in enumerate(names) if types.get(n) is Any and hints.get(n) in _BUFFER_TYPES
+        )
         if variadic:
             self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
                 tuple[Any, ...], ext_hook=ext_hook
@@ -194,7 +211,15 @@ class ArgsSpec:
     def decode(self, body: bytes | memoryview, attachments: Any = ()) -> tuple[Any, ...]:
         """Decode and validate; raises :class:`BadRequest` naming the bad argument."""
         try:
-            return decode_with(self.decoder, body, attachments)  # type: ignore[no-any-return]
+            args: tuple[Any, ...] = decode_with(self.decoder, body, attachments)
+            for i in self.buffers:
+                if i < len(args) and not isinstance(args[i], _BUFFER_TYPES):
+                    got = type(args[i]).__name__
+                    raise BadRequest(
+                        f"bad argument `{self.names[i]}`: Expected `bytes`, got `{got}`",
+                        path=self.names[i],
+                    )
+            return args
         except msgspec.ValidationError as exc:
             raise self._bad(str(exc)) from None
         except msgspec.DecodeError as exc:

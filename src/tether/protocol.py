@@ -48,6 +48,7 @@ __all__ = ["Connection", "State"]
 
 _U32: Final = 0xFFFFFFFF
 _BYTESLIKE: Final = (bytes, bytearray, memoryview)
+_WHILE_CLOSING: Final = frozenset((Kind.GOODBYE, Kind.RESULT, Kind.ERROR))
 
 
 class _Blob:
@@ -87,6 +88,8 @@ class Connection:
     ) -> None:
         self.state = State.HANDSHAKE
         self.max_frame_size = max_frame_size
+        #: the largest frame we send: our limit, lowered to the peer's at handshake
+        self.send_limit = max_frame_size
         self.peer_hello: codec.Hello | None = None
         self.goodbye_reason: str | None = None
         features = list(features)
@@ -153,6 +156,10 @@ class Connection:
                 k = f.kind
                 if k == Kind.HELLO:
                     raise ProtocolError("second HELLO on an open connection")
+                if k == Kind.INVOKE and not f.request_id:
+                    raise ProtocolError("INVOKE with request id 0")
+                if self.state is not State.OPEN and k not in _WHILE_CLOSING:
+                    continue  # closing: only answers to our own calls still matter
                 if k == Kind.PING:
                     self._emit(Kind.PONG, f.request_id, 0, b"", b"")
                 elif k == Kind.PONG:
@@ -195,6 +202,8 @@ class Connection:
             )
         self.peer_hello = hello
         self._send_fds = self._fd_local and "fd" in hello.features
+        if 0 < hello.max_frame_size < self.send_limit:
+            self.send_limit = hello.max_frame_size  # never send what the peer must refuse
         if self.state is State.HANDSHAKE:
             self.state = State.OPEN
 
@@ -247,7 +256,7 @@ class Connection:
 
     def send_invoke(self, channel: bytes, args: Any, waiter: Any, route_id: int = 0) -> int:
         """Queue an INVOKE of ``channel`` with ``args`` (a tuple); return its request id."""
-        self._check_open()
+        self._check_open(args)
         rid = self._next_rid = (self._next_rid + 1) & _U32 or 1
         while rid in self.pending:  # wrapped onto a call still in flight
             rid = self._next_rid = (rid + 1) & _U32 or 1
@@ -257,7 +266,7 @@ class Connection:
 
     def send_event(self, channel: bytes, args: Any, route_id: int = 0) -> None:
         """Queue a one-way EVENT on ``channel``."""
-        self._check_open()
+        self._check_open(args)
         self._emit_obj(Kind.EVENT, 0, route_id, channel, _wrap(args))
 
     def send_result(self, request_id: int, value: Any) -> None:
@@ -293,8 +302,9 @@ class Connection:
             self._emit(Kind.GOODBYE, 0, 0, b"", codec.encoder.encode(codec.Goodbye(reason)))
             self.state = State.CLOSING
 
-    def _check_open(self) -> None:
+    def _check_open(self, args: Any = ()) -> None:
         if self.state is State.CLOSING or self.state is State.CLOSED:
+            shm.consume_all(args)  # a failed send moves its Buffers too
             raise ConnectionClosed("the connection is closing or closed")
 
     def _emit(self, kind: int, rid: int, route: int, channel: bytes, body: bytes) -> None:
@@ -316,6 +326,7 @@ class Connection:
         except BaseException:
             del out[start:]
             self._drop_atts()
+            shm.consume_all(obj)  # Buffers the encoder did not reach are moved too
             raise
         atts = self._atts
         n_att = len(atts)
@@ -331,13 +342,13 @@ class Connection:
                 if where == ATT_INLINE:
                     out += a
         size = len(out) - start - 4
-        if size > self.max_frame_size:
+        if size > self.send_limit:
             del out[start:]
             for where, a in atts:
                 if where == ATT_FD:
                     os.close(a[0])
             raise PayloadTooLarge(
-                f"frame of {size} bytes exceeds the limit of {self.max_frame_size} bytes"
+                f"frame of {size} bytes exceeds the limit of {self.send_limit} bytes"
             )
         HEADER.pack_into(out, start, size, kind, 0, len(channel), rid, route, n_att, 0)
         if n_att:
@@ -357,9 +368,11 @@ class Connection:
         if hasattr(obj, "__array_interface__") and type(obj).__module__ == "numpy":
             import numpy as np
 
-            arr = np.ascontiguousarray(obj)
+            arr = np.asarray(obj, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
             if arr.dtype.hasobject:
                 raise TypeError("numpy arrays of Python objects cannot be sent")
+            if np.dtype(arr.dtype.str) != arr.dtype:  # structured: .str would drop the fields
+                raise TypeError(f"numpy arrays of dtype {arr.dtype} cannot be sent")
             ext = self._attach_ext(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
             index = int.from_bytes(ext.data, "little")
             ref = codec.encoder.encode((index, arr.dtype.str, list(arr.shape)))

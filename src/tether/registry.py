@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from .codec import ArgsSpec
 
-__all__ = ["Handler", "Registry"]
+__all__ = ["Handler", "Handlers", "Registry"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,3 +87,56 @@ class Registry:
         """Drop the invoke handler and every event listener of ``channel``."""
         self.invokes.pop(channel, None)
         self.events.pop(channel, None)
+
+
+class Handlers:
+    """``handle``/``on`` for anything that owns a :class:`Registry` (Main, peers).
+
+    Typed so ``@main.handle("ch")`` keeps the decorated function's type under
+    ``mypy --strict``.
+    """
+
+    registry: Registry
+
+    def _registered(self) -> None:
+        """Called after each registration (the blocking peer starts serving here)."""
+
+    @overload
+    def handle(
+        self, channel: str, fn: None = None, *, roles: Collection[str] | None = None
+    ) -> Callable[[F], F]: ...
+    @overload
+    def handle(self, channel: str, fn: F, *, roles: Collection[str] | None = None) -> F: ...
+    def handle(
+        self, channel: str, fn: F | None = None, *, roles: Collection[str] | None = None
+    ) -> F | Callable[[F], F]:
+        """Answer invokes of ``channel`` with ``fn(call, *args)``; a decorator too.
+
+        ``fn`` may be sync or ``async``; its arguments are validated from its
+        type hints before it runs. ``roles`` limits which peers may call it.
+        """
+
+        def register(f: F) -> F:
+            self.registry.handle(channel, f, roles=roles)
+            self._registered()
+            return f
+
+        return register(fn) if fn is not None else register
+
+    @overload
+    def on(
+        self, channel: str, fn: None = None, *, roles: Collection[str] | None = None
+    ) -> Callable[[F], F]: ...
+    @overload
+    def on(self, channel: str, fn: F, *, roles: Collection[str] | None = None) -> F: ...
+    def on(
+        self, channel: str, fn: F | None = None, *, roles: Collection[str] | None = None
+    ) -> F | Callable[[F], F]:
+        """Call ``fn(call, *args)`` for each event on ``channel``; a decorator too."""
+
+        def register(f: F) -> F:
+            self.registry.on(channel, f, roles=roles)
+            self._registered()
+            return f
+
+        return register(fn) if fn is not None else register

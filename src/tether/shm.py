@@ -98,6 +98,18 @@ def map_sealed(fd: int, nbytes: int) -> memoryview:
     return memoryview(m)
 
 
+def consume_all(obj: Any, _depth: int = 0) -> None:
+    """Consume every :class:`Buffer` in ``obj`` (also inside lists, tuples, sets, dicts).
+
+    A send that fails before or while encoding moves its Buffers all the same.
+    """
+    if isinstance(obj, Buffer):
+        obj.close()
+    elif _depth < 64 and isinstance(obj, (list, tuple, set, frozenset, dict)):
+        for x in obj.values() if isinstance(obj, dict) else obj:
+            consume_all(x, _depth + 1)
+
+
 class Buffer:
     """Shared memory a producer fills in place, then hands over without a copy.
 

@@ -7,13 +7,13 @@ import contextlib
 import multiprocessing
 import os
 import socket
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from ..address import Address, parse_address, tune
 from ..errors import PeerGone, TetherError
 from ..process import child_entry
-from ..registry import Registry
+from ..registry import Handlers, Registry
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .child import Child
 from .peer import DEFAULT_TIMEOUT, Peer
@@ -59,7 +59,7 @@ class Server:
         return f"<Server {self.address} role={self.role}>"
 
 
-class Main:
+class Main(Handlers):
     """The privileged hub (Electron's ``ipcMain``): owns handlers, children, listeners.
 
     Args:
@@ -90,26 +90,6 @@ class Main:
         self.peers: set[Peer] = set()
         self.children: set[Child] = set()
         self.servers: list[Server] = []
-
-    def handle(
-        self,
-        channel: str,
-        fn: Callable[..., Any] | None = None,
-        *,
-        roles: Collection[str] | None = None,
-    ) -> Any:
-        """Answer invokes of ``channel`` from any peer (``roles`` limits who)."""
-        return self.registry.handle(channel, fn, roles=roles)
-
-    def on(
-        self,
-        channel: str,
-        fn: Callable[..., Any] | None = None,
-        *,
-        roles: Collection[str] | None = None,
-    ) -> Any:
-        """Listen to events on ``channel`` from any peer (``roles`` limits who)."""
-        return self.registry.on(channel, fn, roles=roles)
 
     async def __aenter__(self) -> Main:
         return self

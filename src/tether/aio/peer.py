@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -36,7 +36,8 @@ from ..errors import (
     TetherError,
 )
 from ..protocol import Connection, State
-from ..registry import Handler, Registry
+from ..registry import Handler, Handlers, Registry
+from ..shm import consume_all
 from ..wire import DEFAULT_MAX_FRAME_SIZE, Frame, Kind
 
 __all__ = ["DEFAULT", "Call", "Peer"]
@@ -102,7 +103,7 @@ def error_from_info(info: codec.ErrorInfo) -> TetherError:
     return RemoteError(info.type or code, info.message, info.traceback)
 
 
-class Peer:
+class Peer(Handlers):
     """One connection to another tether endpoint, driven by asyncio.
 
     Both sides may ``invoke``/``send`` and ``handle``/``on``. A peer made by
@@ -201,7 +202,9 @@ class Peer:
         if self._wsize:
             with contextlib.suppress(TimeoutError, TetherError):
                 await asyncio.wait_for(self._wait_drained(0), timeout)
-        self._shutdown(ConnectionClosed(f"{self!r} was closed: {reason}"))
+        self._shutdown(
+            ConnectionClosed(f"connection to {self.name or self._fd} was closed: {reason}")
+        )
 
     async def __aenter__(self) -> Peer:
         return self
@@ -218,26 +221,6 @@ class Peer:
         return f"<Peer {self.name or self._fd} role={self.role} {state}>"
 
     # -- registering ------------------------------------------------------
-
-    def handle(
-        self,
-        channel: str,
-        fn: Callable[..., Any] | None = None,
-        *,
-        roles: Collection[str] | None = None,
-    ) -> Any:
-        """Answer invokes of ``channel`` with ``fn(call, *args)``; a decorator too."""
-        return self.registry.handle(channel, fn, roles=roles)
-
-    def on(
-        self,
-        channel: str,
-        fn: Callable[..., Any] | None = None,
-        *,
-        roles: Collection[str] | None = None,
-    ) -> Any:
-        """Call ``fn(call, *args)`` for each event on ``channel``; a decorator too."""
-        return self.registry.on(channel, fn, roles=roles)
 
     # -- calling ----------------------------------------------------------
 
@@ -266,6 +249,7 @@ class Peer:
             PeerGone, ProtocolError, ConnectionClosed, PayloadTooLarge.
         """
         if self._closed is not None:
+            consume_all(args)
             raise self._closed
         loop = self._loop
         fut = loop.create_future()
@@ -287,9 +271,7 @@ class Peer:
         finally:
             if th is not None:
                 th.cancel()
-        if result_type is Any:
-            return codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
-        return codec.decode_with(_typed_decoder(result_type), frame.body, frame.attachments)
+        return decode_result(frame, result_type)
 
     def _expire(self, rid: int, fut: asyncio.Future[Any], channel: str, timeout: float) -> None:
         if not fut.done():
@@ -304,6 +286,7 @@ class Peer:
             ConnectionClosed, PeerGone, ProtocolError, PayloadTooLarge.
         """
         if self._closed is not None:
+            consume_all(args)
             raise self._closed
         self._conn.send_event(self._chan(channel), args)
         self._kick()
@@ -583,7 +566,7 @@ class Peer:
             self._conn.send_result(rid, result)
         except PayloadTooLarge as exc:
             self._conn.send_error(rid, codec.ErrorInfo("too_large", f"result too large: {exc}"))
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, ValueError, msgspec.EncodeError, TetherError) as exc:
             self._conn.send_error(rid, codec.error_info(exc))
 
     def _on_event(self, f: Frame) -> None:
@@ -661,6 +644,17 @@ class Peer:
         self._closed_fut.set_result(None)
         if self._on_close is not None:
             self._on_close(self)
+
+
+def decode_result(frame: Frame, result_type: Any) -> Any:
+    """Decode a RESULT body; a body that is not valid MessagePack is a ProtocolError."""
+    decoder = codec.any_decoder if result_type is Any else _typed_decoder(result_type)
+    try:
+        return codec.decode_with(decoder, frame.body, frame.attachments)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"result does not match {result_type!r}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed result: {exc}") from None
 
 
 def _close_all(fds: Any) -> None:

@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         scenarios = select(args.only)
     except ValueError as exc:
         ap.error(str(exc))
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ModuleNotFoundError:
+            ap.error("--plot needs matplotlib (pip install 'tether-ipc[bench]')")
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 2)
     if repeat < 1:
         ap.error("--repeat must be at least 1")

@@ -127,7 +127,7 @@ def big_mp_pipe(params: Params) -> Result:
     try:
         proc.start()
         child.close()
-        view = memoryview(src)
+        view = src.data
 
         def one() -> int:
             parent.send_bytes(view)
@@ -182,7 +182,7 @@ def big_zmq(params: Params) -> Result:
             proc.start()
 
             def one() -> int:
-                sock.send(src, copy=False)
+                sock.send(src.data, copy=False)
                 return int.from_bytes(sock.recv(), "little")
 
             samples = time_transfers(one, expected, size, reps, max_s)

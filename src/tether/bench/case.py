@@ -25,6 +25,8 @@ from .scenarios import SCENARIOS
 __all__ = ["MARKER", "main", "run_scenario"]
 
 MARKER = "@@tether-bench@@ "
+#: Packages a case may need that tether itself does not.
+OPTIONAL = frozenset({"zmq", "numpy"})
 
 
 def run_scenario(name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="abort the case after this")
     args = ap.parse_args(argv)
     params = json.loads(args.params)
+    params.setdefault("timeout", args.timeout)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, args.timeout)
     gc.collect()
@@ -55,9 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         result = run_scenario(args.name, params)
         code = 0
     except BaseException as exc:  # report any failure as a result, with the traceback on stderr
-        traceback.print_exc()
-        result = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-        code = 1
+        if isinstance(exc, ModuleNotFoundError) and exc.name in OPTIONAL:
+            hint = "pip install 'tether-ipc[bench]'"
+            result = {"unavailable": f"{exc.name} is not installed ({hint})"}
+            code = 0
+        else:
+            traceback.print_exc()
+            text = str(exc) or ("ran out of time" if isinstance(exc, TimeoutError) else "")
+            result = {"error": f"{type(exc).__name__}: {text}"[:300]}
+            code = 1
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     result["elapsed_s"] = round(time.perf_counter() - t0, 3)

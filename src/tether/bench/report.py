@@ -250,13 +250,16 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
     colour = {True: "#d95f02", False: "#7570b3"}
 
-    def metric(row: Row, unit: str) -> MetricStats | None:
-        return next((m for m in row.metrics if m.unit == unit), None)
+    def pick(groups: tuple[str, ...] | None, unit: str) -> list[tuple[Row, MetricStats]]:
+        out: list[tuple[Row, MetricStats]] = []
+        for row in ok:
+            if groups is None or row.run.scenario.group in groups:
+                out.extend((row, m) for m in row.metrics if m.unit == unit)
+        return out
 
     # Round-trip latency (median bar, p99 tick).
     ax = axes[0][0]
-    rt = [(r, metric(r, "us")) for r in ok if r.run.scenario.group == "rt"]
-    rt = [(r, m) for r, m in rt if m is not None]
+    rt = pick(("rt",), "us")
     if rt:
         ys = list(range(len(rt)))
         meds = [m.median for _, m in rt]
@@ -275,10 +278,9 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
 
     # Message rates.
     ax = axes[0][1]
-    ev = [(r, metric(r, "/s")) for r in ok if r.run.scenario.group in ("ev", "inflight")]
-    ev = [(r, m) for r, m in ev if m is not None]
+    ev = pick(("ev", "inflight"), "/s")
     if ev:
-        ys = range(len(ev))
+        ys = list(range(len(ev)))
         vals = [m.median / 1e3 for _, m in ev]
         ax.barh(ys, vals, color=[colour[r.run.scenario.tether] for r, _ in ev])
         labels = [
@@ -286,7 +288,7 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
             + r.run.scenario.title
             for r, _ in ev
         ]
-        ax.set_yticks(list(ys), labels)
+        ax.set_yticks(ys, labels)
         ax.invert_yaxis()
         for y, v in zip(ys, vals, strict=True):
             ax.text(v, y, f" {v:.0f}k", va="center", fontsize=8)
@@ -295,8 +297,7 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
 
     # Large transfers, grouped by size.
     ax = axes[1][0]
-    big = [(r, metric(r, "GB/s")) for r in ok if r.run.scenario.group == "big"]
-    big = [(r, m) for r, m in big if m is not None]
+    big = pick(("big",), "GB/s")
     if big:
         variants = list(dict.fromkeys(r.run.variant for r, _ in big))
         names = list(dict.fromkeys(r.run.scenario.name for r, _ in big))
@@ -319,8 +320,7 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
 
     # Milliseconds: SIGKILL -> PeerGone, Buffer handoff.
     ax = axes[1][1]
-    ms = [(r, metric(r, "ms")) for r in ok]
-    ms = [(r, m) for r, m in ms if m is not None]
+    ms = pick(None, "ms")
     if ms:
         ys = list(range(len(ms)))
         meds = [m.median for _, m in ms]

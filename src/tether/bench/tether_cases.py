@@ -12,8 +12,8 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -49,11 +49,22 @@ __all__ = [
 ]
 
 WAIT = 30.0  # bound on every wait outside the hot loops, in seconds
+T = TypeVar("T")
 
 
 def loop_name() -> str:
     """Which event loop runs the current coroutine (``uvloop`` or ``asyncio``)."""
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def bounded(coro: Coroutine[Any, Any, T], params: Params) -> T:
+    """Run ``coro`` on tether's loop, cancelled (so its cleanup runs) before the case's alarm.
+
+    The ``SIGALRM`` that bounds a case cannot be relied on inside an event
+    loop (it may fire in a callback, whose error the loop only logs).
+    """
+    limit = max(1.0, float(params.get("timeout", 120.0)) - 1.0)
+    return run(asyncio.wait_for(coro, limit))
 
 
 # -- children and servers (module-level: they are started with ``spawn``) ------------
@@ -121,7 +132,7 @@ def rt_tether_async(params: Params) -> Result:
     with scratch_dir() as tmp:
         server = _Server(tmp)
         try:
-            samples, loop = run(measure(server.address))
+            samples, loop = bounded(measure(server.address), params)
         finally:
             server.stop()
     return {"metrics": [latency("round trip", samples)], "info": {"loop": loop}}
@@ -152,7 +163,7 @@ def rt_tether_main_child(params: Params) -> Result:
             )
             return samples, loop_name()
 
-    samples, loop = run(measure())
+    samples, loop = bounded(measure(), params)
     return {"metrics": [latency("round trip", samples)], "info": {"loop": loop}}
 
 
@@ -207,7 +218,7 @@ def ev_tether(params: Params) -> Result:
                     break
             return rates, loop_name()
 
-    rates, loop = run(measure())
+    rates, loop = bounded(measure(), params)
     return {"metrics": [rate("events", rates, "/s")], "info": {"loop": loop}}
 
 
@@ -247,7 +258,7 @@ def inflight_tether(params: Params) -> Result:
     with scratch_dir() as tmp:
         server = _Server(tmp)
         try:
-            rates, loop = run(measure(server.address))
+            rates, loop = bounded(measure(server.address), params)
         finally:
             server.stop()
     return {"metrics": [rate("invokes", rates, "/s")], "info": {"loop": loop}}
@@ -339,7 +350,7 @@ def big_tether_attach(params: Params) -> Result:
                 "info": {"loop": loop_name()},
             }
 
-    return run(measure())
+    return bounded(measure(), params)
 
 
 def _buffer_array(buf: Any) -> Any:
@@ -408,7 +419,7 @@ def big_tether_buffer(params: Params) -> Result:
                 "info": {"loop": loop_name()},
             }
 
-    return run(measure())
+    return bounded(measure(), params)
 
 
 # -- SIGKILL -> PeerGone ---------------------------------------------------------
@@ -475,5 +486,5 @@ def kill_to_peergone(params: Params) -> Result:
                     samples.append(await _one_kill(child))
         return samples, loop_name()
 
-    samples, loop = run(measure())
+    samples, loop = bounded(measure(), params)
     return {"metrics": [latency("SIGKILL->PeerGone", samples, unit="ms")], "info": {"loop": loop}}

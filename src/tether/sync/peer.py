@@ -16,13 +16,12 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection
 from typing import Any, Final
 
 import msgspec
 
 from .. import codec
-from ..aio.peer import DEFAULT, DEFAULT_TIMEOUT, _typed_decoder, error_from_info
+from ..aio.peer import DEFAULT, DEFAULT_TIMEOUT, decode_result, error_from_info
 from ..errors import (
     BadRequest,
     ConnectionClosed,
@@ -33,7 +32,8 @@ from ..errors import (
     TetherError,
 )
 from ..protocol import Connection
-from ..registry import Handler, Registry
+from ..registry import Handler, Handlers, Registry
+from ..shm import consume_all
 from ..wire import DEFAULT_MAX_FRAME_SIZE, Frame, Kind
 
 __all__ = ["Call", "Peer"]
@@ -72,7 +72,7 @@ class _Slot:
         self.exc: BaseException | None = None
 
 
-class Peer:
+class Peer(Handlers):
     """A blocking peer, safe to share between threads.
 
     Args:
@@ -132,7 +132,7 @@ class Peer:
             self._conn.send_goodbye(reason)
             with contextlib.suppress(TetherError):
                 self._write(self._conn.data_to_send(), time.monotonic() + 1.0)
-        self._end(ConnectionClosed(f"{self!r} was closed: {reason}"))
+        self._end(ConnectionClosed(f"connection to {self.name or 'peer'} was closed: {reason}"))
         if self._serving is not None and self._serving is not threading.current_thread():
             self._serving.join(2.0)
         if self._worker is not None:
@@ -154,35 +154,11 @@ class Peer:
 
     # -- registering ------------------------------------------------------
 
-    def handle(
-        self,
-        channel: str,
-        fn: Callable[..., Any] | None = None,
-        *,
-        roles: Collection[str] | None = None,
-    ) -> Any:
-        """Answer invokes of ``channel``; handlers run on one worker thread, in order."""
-        if fn is None:  # decorator: start serving once the handler is registered
-            return lambda f: self.handle(channel, f, roles=roles)
-        r = self.registry.handle(channel, fn, roles=roles)
+    def _registered(self) -> None:
+        # Handlers run on a worker thread, in order; serving starts at the first
+        # registration (a lazy child peer waits for its first blocking call).
         if not self._lazy:
             self._start_serving()
-        return r
-
-    def on(
-        self,
-        channel: str,
-        fn: Callable[..., Any] | None = None,
-        *,
-        roles: Collection[str] | None = None,
-    ) -> Any:
-        """Listen to events on ``channel``."""
-        if fn is None:  # decorator: start serving once the listener is registered
-            return lambda f: self.on(channel, f, roles=roles)
-        r = self.registry.on(channel, fn, roles=roles)
-        if not self._lazy:
-            self._start_serving()
-        return r
 
     def _start_serving(self, force: bool = False) -> None:
         if self._serving is not None or self._closed is not None:
@@ -218,6 +194,7 @@ class Peer:
         slot = _Slot()
         with self._wlock:
             if self._closed is not None:
+                consume_all(args)
                 raise self._closed
             rid = self._conn.send_invoke(channel.encode(), args, slot)
             self._write(self._conn.data_to_send(), deadline)
@@ -232,10 +209,7 @@ class Peer:
         if slot.exc is not None:
             raise slot.exc
         assert slot.frame is not None
-        f = slot.frame
-        if result_type is Any:
-            return codec.decode_with(codec.any_decoder, f.body, f.attachments)
-        return codec.decode_with(_typed_decoder(result_type), f.body, f.attachments)
+        return decode_result(slot.frame, result_type)
 
     def send(self, channel: str, *args: Any) -> None:
         """Send a one-way event; blocks only while the peer is not reading."""
@@ -243,6 +217,7 @@ class Peer:
             self._start_serving()
         with self._wlock:
             if self._closed is not None:
+                consume_all(args)
                 raise self._closed
             self._conn.send_event(channel.encode(), args)
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -380,6 +355,8 @@ class Peer:
         result: Any = None
         if f.kind == _EVENT:
             for h in self.registry.events.get(f.channel, ()):
+                if not h.allows(self.role):
+                    continue
                 try:
                     args = self._args(h, f)
                     h.fn(Call(self, f.channel, 0, f.route_id), *args)
@@ -409,7 +386,7 @@ class Peer:
                     self._conn.send_result(rid, result)
                 except PayloadTooLarge as exc:
                     self._conn.send_error(rid, codec.ErrorInfo("too_large", str(exc)))
-                except (TypeError, msgspec.EncodeError) as exc:
+                except (TypeError, ValueError, msgspec.EncodeError, TetherError) as exc:
                     self._conn.send_error(rid, codec.error_info(exc))
             else:
                 self._conn.send_error(rid, reply)

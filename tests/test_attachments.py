@@ -1,0 +1,912 @@
+"""Out-of-band attachments end to end: arrays, large bytes and ``tether.Buffer``.
+
+Between processes on one host (a spawned child, a unix-socket client) large
+payloads must cross through sealed shared memory and arrive read-only; over
+TCP and to a blocking peer they arrive inline. Either way they arrive equal.
+Every sent :class:`tether.Buffer` is consumed, whether the send worked or not,
+and nothing leaks: not after 10,000 transfers, not after a SIGKILL mid-transfer,
+not for a frame nobody handles.
+
+Where an attachment came from is read off the received object itself: the
+chain of ``.base`` / ``memoryview.obj`` ends at an ``mmap`` for a shared-memory
+segment and at the received ``bytes``/``bytearray`` for inline data.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import gc
+import hashlib
+import multiprocessing.resource_tracker
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tether
+from tether.protocol import Connection
+from tether.shm import SHM_THRESHOLD
+
+pytestmark = pytest.mark.timeout(120)
+
+KIB = 1024
+MIB = 1024 * 1024
+
+
+# -- helpers, used on both sides ------------------------------------------------------
+
+
+def origin(x: Any) -> str:
+    """Type name of the object that finally owns ``x``'s memory (``mmap`` = shared memory)."""
+    o: Any = x
+    for _ in range(64):
+        if isinstance(o, np.ndarray) and o.base is not None:
+            o = o.base
+        elif isinstance(o, memoryview):
+            o = o.obj
+        else:
+            break
+    return type(o).__name__
+
+
+def digest(x: Any) -> str:
+    if isinstance(x, np.ndarray):
+        return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+    return hashlib.sha256(x).hexdigest()
+
+
+def describe(x: Any) -> dict[str, Any]:
+    """What a receiver saw: type, dtype, shape, writability, origin and a content digest."""
+    if isinstance(x, np.ndarray):
+        return {
+            "type": "ndarray",
+            "dtype": x.dtype.str,
+            "shape": list(x.shape),
+            "writeable": bool(x.flags.writeable),
+            "origin": origin(x),
+            "sha": digest(x),
+        }
+    if isinstance(x, memoryview):
+        return {
+            "type": "memoryview",
+            "nbytes": x.nbytes,
+            "writeable": not x.readonly,
+            "origin": origin(x),
+            "sha": digest(x),
+        }
+    return {"type": type(x).__name__}
+
+
+def describe_tree(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: describe_tree(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [describe_tree(v) for v in x]
+    if isinstance(x, (np.ndarray, memoryview)):
+        return describe(x)
+    return x
+
+
+def gen(dtype: str, shape: list[int], seed: int) -> np.ndarray:
+    """A deterministic array with distinct-ish values (no NaN, so array_equal works)."""
+    size = int(np.prod(shape)) if shape else 1
+    rng = np.random.default_rng(seed)
+    base = rng.permutation(size) + seed
+    dt = np.dtype(dtype)
+    a: np.ndarray
+    if dt.kind == "b":
+        a = (base % 3 == 0).astype(dt)
+    elif dt.kind == "c":
+        a = (base + 0.5j * base).astype(dt)
+    elif dt.kind in "Mm":
+        a = base.astype(np.int64).astype(dt)
+    else:
+        a = base.astype(dt)
+    return a.reshape(shape)
+
+
+def open_fds() -> int:
+    """Open descriptors, after a collection (leftovers of earlier tests go first)."""
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
+def tether_maps() -> int:
+    """Mappings of tether memfd segments in this process, after a collection."""
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        return sum("memfd:tether" in line for line in f)
+
+
+def dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+def install_handlers(reg: Any) -> None:
+    """Handlers both main and the child answer (``reg`` is a Main or a Peer)."""
+
+    @reg.handle("describe")
+    def _describe(call: Any, x: Any) -> dict[str, Any]:
+        return describe(x)
+
+    @reg.handle("describe_many")
+    def _describe_many(call: Any, *xs: Any) -> list[dict[str, Any]]:
+        return [describe(x) for x in xs]
+
+    @reg.handle("describe_tree")
+    def _describe_tree(call: Any, x: Any) -> Any:
+        return describe_tree(x)
+
+    @reg.handle("echo")
+    def _echo(call: Any, x: Any) -> Any:
+        return x
+
+    @reg.handle("make")
+    def _make(call: Any, dtype: str, shape: list[int], seed: int) -> np.ndarray:
+        return gen(dtype, shape, seed)
+
+    @reg.handle("make_bytes")
+    def _make_bytes(call: Any, n: int, seed: int) -> bytes:
+        return bytes((seed + i) % 251 for i in range(256)) * (n // 256)
+
+    @reg.handle("make_buffer")
+    def _make_buffer(call: Any, n: int, fill: int) -> tether.Buffer:
+        buf = tether.Buffer(n)
+        buf.array()[:] = fill
+        return buf
+
+    @reg.handle("fds")
+    def _fds(call: Any) -> int:
+        return open_fds()
+
+    @reg.handle("maps")
+    def _maps(call: Any) -> int:
+        return tether_maps()
+
+    @reg.handle("int_only")
+    def _int_only(call: Any, x: int) -> int:
+        return x
+
+
+# -- the spawned child ------------------------------------------------------------------
+
+
+async def serve(peer: tether.Peer) -> None:
+    """The child: answers ``install_handlers`` and pushes arrays and Buffers to main."""
+    install_handlers(peer)
+    received: list[Any] = []
+
+    @peer.handle("push")
+    async def push(call: tether.Call, dtype: str, shape: list[int], seed: int) -> Any:
+        return await call.peer.invoke("describe", gen(dtype, shape, seed))
+
+    @peer.handle("push_bytes")
+    async def push_bytes(call: tether.Call, n: int) -> Any:
+        data = os.urandom(n)
+        seen = await call.peer.invoke("describe", data)
+        return [digest(data), seen]
+
+    @peer.handle("push_buffer")
+    async def push_buffer(call: tether.Call, n: int) -> list[Any]:
+        buf = tether.Buffer(n)
+        a = buf.array("uint32")
+        a[:] = np.arange(a.size, dtype=np.uint32) * 7
+        want = digest(buf.view())
+        del a
+        seen = await call.peer.invoke("describe", buf)
+        try:
+            buf.view()
+        except tether.ConsumedError:
+            consumed = True
+        else:
+            consumed = False
+        return [want, seen, consumed]
+
+    @peer.handle("slow")
+    async def slow(call: tether.Call, x: Any) -> int:
+        await call.peer.send("got", 1)
+        await asyncio.sleep(30)
+        return 0
+
+    @peer.on("keep")
+    def keep(call: tether.Call, x: Any) -> None:
+        received.append(x)
+
+    @peer.handle("kept")
+    def kept(call: tether.Call) -> list[Any]:
+        return [describe(x) for x in received]
+
+    @peer.handle("drop_kept")
+    def drop_kept(call: tether.Call) -> int:
+        n = len(received)
+        received.clear()
+        return n
+
+    await peer.wait_closed()
+
+
+@pytest.fixture
+async def family() -> AsyncIterator[tuple[tether.Main, tether.Child]]:
+    main = tether.Main(timeout=30.0)
+    install_handlers(main)
+    async with main:
+        child = await main.spawn(serve, start_method="spawn")
+        yield main, child
+
+
+# -- the arrays that cross --------------------------------------------------------------
+
+#: (dtype, shape, how it is sliced): "c" C order, "f" Fortran order, "s" a strided slice
+CASES: list[tuple[str, list[int], str]] = [
+    ("<f8", [256, 256], "c"),  # 512 KiB
+    ("<i4", [100_000], "c"),
+    ("|u1", [SHM_THRESHOLD], "c"),  # exactly the threshold: shared memory
+    ("|u1", [SHM_THRESHOLD - 1], "c"),  # one byte below: inline
+    ("<i2", [3, 4], "c"),
+    ("<f4", [400, 1000], "s"),  # [::2, ::3] of it: 200 x 334
+    ("<f8", [300, 200], "f"),
+    ("<u2", [40, 50, 30], "c"),
+    ("|b1", [300_000], "c"),
+    ("<c16", [128, 64], "c"),
+    (">i4", [50_000], "c"),  # big-endian
+    ("<M8[ns]", [20_000], "c"),
+    ("<i8", [7], "s"),
+    ("<f8", [0, 5], "c"),  # empty
+    ("<f8", [], "c"),  # 0-d
+]
+
+
+def build(dtype: str, shape: list[int], layout: str, seed: int) -> np.ndarray:
+    a = gen(dtype, shape, seed)
+    if layout == "f":
+        a = np.asfortranarray(a)
+        assert not a.flags.c_contiguous
+    elif layout == "s":
+        a = a[::2, ::3] if a.ndim == 2 else a[::2]
+        assert not a.flags.c_contiguous
+    return a
+
+
+def expect_local(a: np.ndarray) -> dict[str, Any]:
+    """What a receiver must report for ``a``, except ``origin``."""
+    return {
+        "type": "ndarray",
+        "dtype": a.dtype.str,
+        "shape": list(a.shape),
+        "writeable": False,
+        "sha": digest(a),
+    }
+
+
+def shared(nbytes: int) -> bool:
+    return nbytes >= SHM_THRESHOLD
+
+
+def check_seen(seen: dict[str, Any], a: np.ndarray, via_fd: bool) -> None:
+    origin_seen = seen.pop("origin")
+    assert seen == expect_local(a)
+    if via_fd and shared(a.nbytes):
+        assert origin_seen == "mmap", f"{a.dtype} {a.shape} did not cross via shared memory"
+    else:
+        assert origin_seen in ("bytes", "bytearray"), f"{a.dtype} {a.shape}: {origin_seen}"
+
+
+def check_received(got: Any, a: np.ndarray, via_fd: bool) -> None:
+    assert isinstance(got, np.ndarray)
+    assert got.dtype == a.dtype and got.shape == a.shape, (got.dtype, got.shape, a.dtype, a.shape)
+    assert np.array_equal(got, a)
+    assert not got.flags.writeable
+    with pytest.raises(ValueError):
+        got[...] = 0
+    if via_fd and shared(a.nbytes):
+        assert origin(got) == "mmap"
+    else:
+        assert origin(got) in ("bytes", "bytearray")
+
+
+# -- main <-> spawned child -------------------------------------------------------------
+
+
+async def test_arrays_main_to_child_and_back(family: tuple[tether.Main, tether.Child]) -> None:
+    _, child = family
+    for seed, (dtype, shape, layout) in enumerate(CASES):
+        a = build(dtype, shape, layout, seed)
+        before = a.copy()
+        check_seen(await child.invoke("describe", a), a, via_fd=True)
+        # The result path: the child sends back what it received (a mapped, read-only view).
+        check_received(await child.invoke("echo", a), a, via_fd=True)
+        assert np.array_equal(a, before) and a.flags.writeable  # the sender's array is untouched
+
+
+async def test_arrays_made_by_the_child_are_results(
+    family: tuple[tether.Main, tether.Child],
+) -> None:
+    _, child = family
+    for seed, (dtype, shape, _) in enumerate(CASES):
+        got = await child.invoke("make", dtype, shape, seed)
+        check_received(got, gen(dtype, shape, seed), via_fd=True)
+
+
+async def test_arrays_child_to_main(family: tuple[tether.Main, tether.Child]) -> None:
+    _, child = family
+    for seed, (dtype, shape, _) in enumerate(CASES):
+        seen = await child.invoke("push", dtype, shape, seed)
+        check_seen(seen, gen(dtype, shape, seed), via_fd=True)
+
+
+async def test_many_arrays_in_one_call(family: tuple[tether.Main, tether.Child]) -> None:
+    _, child = family
+    arrays = [build(d, s, lay, i) for i, (d, s, lay) in enumerate(CASES)]
+    seen = await child.invoke("describe_many", *arrays)
+    assert len(seen) == len(arrays)
+    for s, a in zip(seen, arrays, strict=True):
+        check_seen(s, a, via_fd=True)
+
+
+async def test_nested_arrays_in_dicts_and_lists(family: tuple[tether.Main, tether.Child]) -> None:
+    _, child = family
+    big = gen("<f8", [100, 100], 1)
+    small = gen("<i4", [10], 2)
+    deep = gen("|u1", [200_000], 3)
+    payload = {"big": big, "meta": {"name": "x", "parts": [small, 5, {"deep": deep}]}, "n": 1}
+    seen = await child.invoke("describe_tree", payload)
+    assert seen["n"] == 1 and seen["meta"]["name"] == "x" and seen["meta"]["parts"][1] == 5
+    check_seen(seen["big"], big, via_fd=True)
+    check_seen(seen["meta"]["parts"][0], small, via_fd=True)
+    check_seen(seen["meta"]["parts"][2]["deep"], deep, via_fd=True)
+    back = await child.invoke("echo", payload)
+    check_received(back["big"], big, via_fd=True)
+    check_received(back["meta"]["parts"][0], small, via_fd=True)
+    check_received(back["meta"]["parts"][2]["deep"], deep, via_fd=True)
+
+
+async def test_arrays_that_cannot_cross_faithfully_are_refused(
+    family: tuple[tether.Main, tether.Child],
+) -> None:
+    _, child = family
+    structured = np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")])
+    with pytest.raises(TypeError):
+        await child.invoke("describe", structured)  # its dtype string would lose the fields
+    with pytest.raises(TypeError):
+        await child.invoke("describe", np.array([object(), 1], dtype=object))
+    plain = np.arange(5)
+    check_seen(await child.invoke("describe", plain), plain, via_fd=True)
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+async def test_large_bytes_arguments_cross_as_read_only_shared_memory(
+    family: tuple[tether.Main, tether.Child], kind: type
+) -> None:
+    _, child = family
+    raw = os.urandom(300 * KIB)
+    data = kind(raw) if kind is not memoryview else memoryview(bytearray(raw))
+    seen = await child.invoke("describe", data)
+    assert seen == {
+        "type": "memoryview",
+        "nbytes": len(raw),
+        "writeable": False,
+        "origin": "mmap",
+        "sha": digest(raw),
+    }
+    back = await child.invoke("echo", data)
+    assert isinstance(back, memoryview) and back.readonly
+    assert bytes(back) == raw
+    assert origin(back) == "mmap"
+    with pytest.raises(TypeError):
+        back[0] = 1
+
+
+async def test_small_bytes_stay_in_the_body(family: tuple[tether.Main, tether.Child]) -> None:
+    _, child = family
+    data = b"q" * (SHM_THRESHOLD - 1)
+    seen = await child.invoke("describe", data)
+    # Below the threshold bytes are an ordinary msgpack bin: the handler gets bytes.
+    assert seen == {"type": "bytes"}
+    assert await child.invoke("echo", data) == data
+
+
+async def test_large_bytes_results_and_child_to_main(
+    family: tuple[tether.Main, tether.Child],
+) -> None:
+    _, child = family
+    got = await child.invoke("make_bytes", 256 * KIB, 9)
+    assert isinstance(got, memoryview) and got.readonly and origin(got) == "mmap"
+    assert bytes(got) == bytes((9 + i) % 251 for i in range(256)) * 1024
+    want, seen = await child.invoke("push_bytes", 200 * KIB)
+    assert seen == {
+        "type": "memoryview",
+        "nbytes": 200 * KIB,
+        "writeable": False,
+        "origin": "mmap",
+        "sha": want,
+    }
+
+
+async def test_events_carry_attachments(family: tuple[tether.Main, tether.Child]) -> None:
+    _, child = family
+    big, small = gen("<f4", [500, 100], 4), gen("<i8", [3], 5)
+    await child.send("keep", big)
+    await child.send("keep", small)
+    seen = await child.invoke("kept")
+    check_seen(seen[0], big, via_fd=True)
+    check_seen(seen[1], small, via_fd=True)
+    assert await child.invoke("drop_kept") == 2
+
+
+# -- tether.Buffer over a child ---------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_buffer_of_64_mib_arrives_intact_and_is_consumed(
+    family: tuple[tether.Main, tether.Child],
+) -> None:
+    _, child = family
+    buf = tether.Buffer(64 * MIB)
+    a = buf.array("uint32")
+    a[:] = np.arange(a.size, dtype=np.uint32) * 2654435761  # wraps: every word distinct-ish
+    want = hashlib.sha256(buf.view()).hexdigest()
+    del a
+    seen = await child.invoke("describe", buf, timeout=60.0)
+    assert seen == {
+        "type": "memoryview",
+        "nbytes": 64 * MIB,
+        "writeable": False,
+        "origin": "mmap",
+        "sha": want,
+    }
+    assert buf.consumed
+    for access in (buf.view, buf.array, lambda: buf[0], buf.take):
+        with pytest.raises(tether.ConsumedError):
+            access()
+
+
+async def test_buffer_as_array_nested_event_and_result(
+    family: tuple[tether.Main, tether.Child],
+) -> None:
+    _, child = family
+    # Nested inside a payload.
+    buf = tether.Buffer(1 * MIB)
+    buf.array()[:] = 0x5A
+    seen = await child.invoke("describe_tree", {"frame": buf, "i": 3})
+    assert seen["i"] == 3
+    assert seen["frame"]["origin"] == "mmap"
+    assert seen["frame"]["sha"] == digest(b"\x5a" * MIB)
+    assert buf.consumed
+    # Small buffers go through shared memory too: the pages are already there.
+    small = tether.Buffer(100)
+    small[0:3] = b"abc"
+    seen = await child.invoke("describe", small)
+    assert seen["origin"] == "mmap" and seen["nbytes"] == 100
+    assert seen["sha"] == digest(b"abc" + bytes(97))
+    assert small.consumed
+    # An empty one.
+    empty = tether.Buffer(0)
+    seen = await child.invoke("describe", empty)
+    assert seen["nbytes"] == 0 and seen["sha"] == digest(b"")
+    assert empty.consumed
+    # As an event.
+    ev = tether.Buffer(200 * KIB)
+    ev.array()[:] = 1
+    await child.send("keep", ev)
+    assert ev.consumed
+    kept = await child.invoke("kept")
+    assert kept[-1]["nbytes"] == 200 * KIB and kept[-1]["sha"] == digest(b"\x01" * 200 * KIB)
+    await child.invoke("drop_kept")
+    # As a result the child hands back.
+    got = await child.invoke("make_buffer", 3 * MIB, 7)
+    assert isinstance(got, memoryview) and got.readonly and origin(got) == "mmap"
+    assert got.nbytes == 3 * MIB and bytes(got) == b"\x07" * 3 * MIB
+
+
+async def test_buffer_child_to_main(family: tuple[tether.Main, tether.Child]) -> None:
+    _, child = family
+    want, seen, consumed = await child.invoke("push_buffer", 8 * MIB)
+    assert consumed is True
+    assert seen == {
+        "type": "memoryview",
+        "nbytes": 8 * MIB,
+        "writeable": False,
+        "origin": "mmap",
+        "sha": want,
+    }
+
+
+async def test_buffer_sent_with_a_live_view(family: tuple[tether.Main, tether.Child]) -> None:
+    _, child = family
+    buf = tether.Buffer(256 * KIB)
+    arr = buf.array("uint16")
+    arr[:] = np.arange(arr.size, dtype=np.uint16)
+    with pytest.raises(tether.BufferInUse):
+        await child.invoke("describe", buf)
+    assert buf.consumed
+    with pytest.raises(tether.ConsumedError):
+        buf.array()
+    # Nothing was sent, the connection is fine, and the producer's view still
+    # reads the producer's own data, even after other segments came and went.
+    for i in range(5):
+        other = gen("<u2", [128 * KIB], 100 + i)
+        check_received(await child.invoke("echo", other), other, via_fd=True)
+    assert np.array_equal(arr, np.arange(arr.size, dtype=np.uint16))
+    arr[0] = 1234
+    assert arr[0] == 1234
+    del arr
+    # A fresh buffer sent properly afterwards still works.
+    ok = tether.Buffer(128 * KIB)
+    ok.array()[:] = 3
+    assert (await child.invoke("describe", ok))["sha"] == digest(b"\x03" * 128 * KIB)
+
+
+async def test_buffer_is_consumed_when_the_send_fails_to_encode(
+    family: tuple[tether.Main, tether.Child],
+) -> None:
+    _, child = family
+    # The unsendable argument comes first, the Buffer after it.
+    buf = tether.Buffer(128 * KIB)
+    with pytest.raises(TypeError):
+        await child.invoke("describe_many", object(), buf)
+    assert buf.consumed
+    with pytest.raises(tether.ConsumedError):
+        buf.view()
+    buf2 = tether.Buffer(128 * KIB)
+    with pytest.raises(TypeError):
+        await child.send("keep", [buf2, object()])
+    assert buf2.consumed
+    # The connection is unaffected.
+    assert (await child.invoke("describe", b"x"))["type"] == "bytes"
+
+
+async def test_buffer_is_consumed_when_the_peer_is_closed(
+    family: tuple[tether.Main, tether.Child],
+) -> None:
+    _, child = family
+    await child.close()
+    buf = tether.Buffer(1 * MIB)
+    with pytest.raises(tether.TetherError):
+        await child.invoke("describe", buf)
+    assert buf.consumed
+    with pytest.raises(tether.ConsumedError):
+        buf.view()
+    nested = tether.Buffer(1 * MIB)
+    with pytest.raises(tether.TetherError):
+        await child.send("keep", {"b": [nested]})
+    assert nested.consumed
+
+
+async def test_buffer_is_consumed_when_the_peer_died() -> None:
+    async with tether.Main(timeout=10.0) as main:
+        child = await main.spawn(serve, start_method="fork")
+        child.kill()
+        await child.wait(10.0)
+        await wait_for(lambda: child.closed)
+        buf = tether.Buffer(1 * MIB)
+        with pytest.raises(tether.PeerGone):
+            await child.invoke("describe", buf)
+        assert buf.consumed
+
+
+# -- a unix-socket client, TCP, and the blocking client ---------------------------------
+
+
+@pytest.fixture
+async def hub(sock_path: str) -> AsyncIterator[tuple[tether.Main, str, str]]:
+    """A listening Main; yields ``(main, unix address, tcp address)``."""
+    main = tether.Main(timeout=30.0)
+    install_handlers(main)
+    async with main:
+        unix = await main.listen(f"unix://{sock_path}")
+        tcp = await main.listen("tcp://127.0.0.1:0")
+        yield main, str(unix.address), str(tcp.address)
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_arrays_over_an_async_client(
+    hub: tuple[tether.Main, str, str], transport: str
+) -> None:
+    _, unix, tcp = hub
+    via_fd = transport == "unix"
+    async with tether.connect(unix if via_fd else tcp, timeout=30.0) as peer:
+        for seed, (dtype, shape, layout) in enumerate(CASES):
+            a = build(dtype, shape, layout, seed)
+            check_seen(await peer.invoke("describe", a), a, via_fd=via_fd)  # client -> main
+            check_received(await peer.invoke("echo", a), a, via_fd=via_fd)  # main -> client
+            check_received(
+                await peer.invoke("make", dtype, shape, seed), gen(dtype, shape, seed), via_fd
+            )
+        data = os.urandom(100 * KIB)
+        seen = await peer.invoke("describe", data)
+        assert seen["type"] == "memoryview" and seen["sha"] == digest(data)
+        assert seen["origin"] in (("mmap",) if via_fd else ("bytes", "bytearray"))
+        assert not seen["writeable"]
+        nested = {"a": [gen("<f8", [64, 64], 1)], "b": gen("<i2", [5], 2)}
+        tree = await peer.invoke("describe_tree", nested)
+        check_seen(tree["a"][0], nested["a"][0], via_fd=via_fd)  # type: ignore[index]
+        check_seen(tree["b"], nested["b"], via_fd=via_fd)  # type: ignore[arg-type]
+        buf = tether.Buffer(5 * MIB)
+        buf.array()[:] = 0xC3
+        seen = await peer.invoke("describe", buf)
+        assert buf.consumed
+        assert seen["nbytes"] == 5 * MIB and seen["sha"] == digest(b"\xc3" * 5 * MIB)
+        assert seen["origin"] in (("mmap",) if via_fd else ("bytes", "bytearray"))
+
+
+async def test_buffer_too_large_for_a_frame_is_consumed(hub: tuple[tether.Main, str, str]) -> None:
+    _, _, tcp = hub
+    async with tether.connect(tcp, timeout=10.0, max_frame_size=1 * MIB) as peer:
+        buf = tether.Buffer(2 * MIB)
+        buf.array()[:] = 1
+        with pytest.raises(tether.PayloadTooLarge):
+            await peer.invoke("describe", buf)
+        assert buf.consumed
+        with pytest.raises(tether.ConsumedError):
+            buf.view()
+        with pytest.raises(tether.PayloadTooLarge):
+            await peer.invoke("describe", np.zeros(2 * MIB, np.uint8))
+        small = tether.Buffer(100 * KIB)
+        assert (await peer.invoke("describe", small))["nbytes"] == 100 * KIB
+
+
+def _sync_client_session(address: str) -> list[str]:
+    """Runs in a thread: the blocking client sends and receives arrays (always inline)."""
+    problems: list[str] = []
+    with tether.sync.connect(address, timeout=30.0) as peer:
+        for seed, (dtype, shape, layout) in enumerate(CASES):
+            a = build(dtype, shape, layout, seed)
+            seen = peer.invoke("describe", a)
+            try:
+                check_seen(seen, a, via_fd=False)
+                check_received(peer.invoke("echo", a), a, via_fd=False)
+            except AssertionError as exc:
+                problems.append(f"{dtype} {shape} {layout}: {exc}")
+        buf = tether.Buffer(3 * MIB)
+        buf.array()[:] = 9
+        seen = peer.invoke("describe", buf)
+        if not buf.consumed:
+            problems.append("a Buffer sent by the blocking client was not consumed")
+        if seen["sha"] != digest(b"\x09" * 3 * MIB) or seen["origin"] not in ("bytes", "bytearray"):
+            problems.append(f"Buffer arrived wrong: {seen}")
+        got = peer.invoke("make_bytes", 128 * KIB, 1)
+        if bytes(got) != bytes((1 + i) % 251 for i in range(256)) * 512:
+            problems.append("large bytes result differs")
+    return problems
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_arrays_over_the_blocking_client(
+    hub: tuple[tether.Main, str, str], transport: str
+) -> None:
+    _, unix, tcp = hub
+    problems = await asyncio.wait_for(
+        asyncio.to_thread(_sync_client_session, unix if transport == "unix" else tcp), 60.0
+    )
+    assert problems == []
+
+
+# -- the use-after-free lesson, in a process of its own ---------------------------------
+
+USE_AFTER_FREE = textwrap.dedent(
+    """
+    import asyncio, hashlib, sys
+    import numpy as np
+    import tether
+
+    async def child(peer):
+        @peer.handle("digest")
+        def digest(call, data):
+            return hashlib.sha256(data).hexdigest()
+        await peer.wait_closed()
+
+    def reads(buf):
+        def setitem():
+            buf[0] = 1
+        return {
+            "view": buf.view, "array": buf.array,
+            "array2d": lambda: buf.array("float64", (16, -1)),
+            "getitem": lambda: buf[0], "last": lambda: buf[len(buf) - 1],
+            "slice": lambda: buf[0:64], "setitem": setitem, "take": buf.take,
+            "bytes": lambda: bytes(buf), "list": lambda: list(buf),
+            "asarray": lambda: np.asarray(buf), "memoryview": lambda: memoryview(buf),
+            "frombuffer": lambda: np.frombuffer(buf, np.uint8),
+        }
+
+    def probe(buf, tag):
+        n = 0
+        for name, read in reads(buf).items():
+            try:
+                got = read()
+            except tether.ConsumedError:
+                n += 1
+                continue
+            except TypeError:
+                # no buffer protocol at all: nothing to read, nothing returned
+                if name in ("memoryview", "frombuffer"):
+                    continue
+                raise
+            print(f"FAIL {tag}: {name} returned {got!r:.60}", flush=True)
+            sys.exit(3)
+        return n
+
+    async def main():
+        consumed = 0
+        async with tether.Main(timeout=30) as main:
+            c = await main.spawn(child, start_method="fork")
+            for i in range(60):
+                buf = tether.Buffer(1 << 20)
+                a = buf.array()
+                a[:] = i
+                del a
+                want = hashlib.sha256(bytes([i]) * (1 << 20)).hexdigest()
+                assert await c.invoke("digest", buf) == want
+                # A fresh buffer now likely reuses the sent one's descriptor and address.
+                fresh = tether.Buffer(1 << 20)
+                fresh.array()[:] = 255 - i
+                consumed += probe(buf, f"sent {i}")
+                fresh.close()
+                consumed += probe(fresh, f"closed {i}")
+            # A send that failed: a live view.
+            buf = tether.Buffer(1 << 20)
+            v = buf.array()
+            v[:] = 77
+            try:
+                await c.invoke("digest", buf)
+            except tether.BufferInUse:
+                pass
+            consumed += probe(buf, "in use")
+            assert int(v.min()) == 77 == int(v.max())  # the producer's own pages
+            del v
+            # A send that failed: the peer is gone.
+            await c.close()
+            buf = tether.Buffer(1 << 20)
+            try:
+                await c.invoke("digest", buf)
+            except tether.TetherError:
+                pass
+            consumed += probe(buf, "closed peer")
+        print("OK", consumed, flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_reading_a_sent_buffer_never_returns_data_nor_crashes(child_env: dict[str, str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", USE_AFTER_FREE],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # 11 reads that raise ConsumedError per probe; 60 x 2 + 2 probes.
+    assert proc.stdout.strip().splitlines()[-1] == f"OK {11 * (60 * 2 + 2)}"
+
+
+# -- no leaks -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+async def test_ten_thousand_transfers_leak_nothing() -> None:
+    fds0, maps0, shm0 = open_fds(), tether_maps(), dev_shm()
+    arrays = [np.full(16 * KIB, i, dtype=np.float64) for i in range(200)]  # 128 KiB each
+    assert all(a.nbytes == 128 * KIB for a in arrays)
+    async with tether.Main(timeout=60.0) as main:
+        child = await main.spawn(serve, start_method="spawn")
+        assert (await child.invoke("describe", arrays[1]))["origin"] == "mmap"
+        child_fds0 = await child.invoke("fds")
+        child_maps0 = await child.invoke("maps")
+        fds_running = open_fds()
+        t0 = time.monotonic()
+        for _ in range(50):
+            firsts = await asyncio.gather(*(child.invoke("echo", a) for a in arrays))
+            assert [int(r[0]) for r in firsts] == list(range(200))
+            assert all(origin(r) == "mmap" for r in firsts)
+            del firsts
+        elapsed = time.monotonic() - t0
+        assert elapsed < 90, f"10,000 transfers took {elapsed:.1f} s"
+        # The loop's handle that resumed this task still holds the last results
+        # until the loop turns once.
+        await asyncio.sleep(0)
+        gc.collect()
+        assert abs(open_fds() - fds_running) <= 2
+        assert tether_maps() == maps0
+        assert abs(await child.invoke("fds") - child_fds0) <= 2
+        assert await child.invoke("maps") == child_maps0
+    gc.collect()
+    assert abs(open_fds() - fds0) <= 2
+    assert tether_maps() == maps0
+    assert dev_shm() == shm0
+
+
+@pytest.mark.timeout(120)
+async def test_sigkill_mid_transfer_leaks_nothing() -> None:
+    multiprocessing.resource_tracker.ensure_running()  # its descriptor is not ours to count
+    fds0, maps0, shm0 = open_fds(), tether_maps(), dev_shm()
+    async with tether.Main(timeout=30.0) as main:
+        got = asyncio.Event()
+        main.on("got", lambda call, n: got.set())
+        child = await main.spawn(serve, start_method="fork")
+        big = np.ones(1 * MIB, np.uint8)
+        calls = [asyncio.ensure_future(child.invoke("slow", big)) for _ in range(300)]
+        calls += [asyncio.ensure_future(child.invoke("echo", big)) for _ in range(100)]
+        await asyncio.wait_for(got.wait(), 20.0)
+        child.kill()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 20.0)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert len(errors) >= 300  # every slow call at least
+        assert all(isinstance(e, tether.PeerGone) for e in errors), {type(e) for e in errors}
+        del results, calls
+        await child.wait(10.0)
+    gc.collect()
+    assert abs(open_fds() - fds0) <= 2
+    assert tether_maps() == maps0
+    assert dev_shm() == shm0
+
+
+async def test_unhandled_frames_with_descriptors_leak_nothing(
+    family: tuple[tether.Main, tether.Child],
+) -> None:
+    _, child = family
+    big = np.arange(128 * KIB // 8, dtype=np.int64)
+    await child.invoke("describe", big)  # warm up
+    child_fds0, child_maps0 = await child.invoke("fds"), await child.invoke("maps")
+    fds0 = open_fds()
+    for _ in range(5):
+        errs = await asyncio.gather(
+            *(child.invoke("no-such-channel", big, big) for _ in range(100)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(e, tether.NoHandler) for e in errs)
+        errs = await asyncio.gather(
+            *(child.invoke("int_only", big) for _ in range(100)), return_exceptions=True
+        )
+        assert all(isinstance(e, tether.BadRequest) for e in errs)
+        for _ in range(100):
+            await child.send("no-listener", big)
+        b = tether.Buffer(256 * KIB)
+        with pytest.raises(tether.NoHandler):
+            await child.invoke("no-such-channel", b)
+        assert b.consumed
+    assert abs(await child.invoke("fds") - child_fds0) <= 2
+    assert await child.invoke("maps") == child_maps0
+    gc.collect()
+    assert abs(open_fds() - fds0) <= 2
+
+
+async def test_descriptors_no_frame_claims_are_closed_at_teardown(sock_path: str) -> None:
+    """A raw client passes descriptors that no frame refers to, then hangs up."""
+    async with tether.Main(timeout=10.0) as main:
+        server = await main.listen(f"unix://{sock_path}")
+        fds0 = open_fds()
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(5.0)
+        raw.connect(str(server.address.path))
+        hello = bytes(Connection("client", features=["fd"]).data_to_send())
+        passed = [os.memfd_create(f"stray{i}") for i in range(6)]
+        raw.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", passed))])
+        for fd in passed:
+            os.close(fd)
+        # Main holds them (and the accepted socket) while the connection is open...
+        await wait_for(lambda: open_fds() >= fds0 + 7, 5.0)
+        assert len(main.peers) == 1
+        raw.close()
+        # ...and closes every one when it ends.
+        await wait_for(lambda: not main.peers, 5.0)
+        await wait_for(lambda: open_fds() <= fds0, 5.0)
+        assert open_fds() == fds0
