@@ -452,3 +452,23 @@ async def test_send_blocks_when_peer_stops_reading(unix_hub: Hub) -> None:
         assert not stalled.closed
     finally:
         raw.close()
+
+
+async def test_silent_connection_is_dropped_at_the_hello_deadline(sock_path: str) -> None:
+    main = tether.Main(hello_timeout=0.2)
+    async with main:
+        await main.listen(f"unix://{sock_path}")
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(sock_path)
+        raw.settimeout(3.0)
+        t0 = time.monotonic()
+        try:
+            # main's own HELLO arrives first; then EOF once the deadline passes
+            while raw.recv(4096):
+                pass
+        finally:
+            raw.close()
+        elapsed = time.monotonic() - t0
+        assert 0.15 < elapsed < 2.0
+        await asyncio.sleep(0)
+        assert not main.peers

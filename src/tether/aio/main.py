@@ -11,7 +11,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from ..address import Address, parse_address, tune
-from ..errors import PeerGone, TetherError
+from ..errors import PeerGone, ProtocolError, TetherError
 from ..process import child_entry
 from ..registry import Handlers, Registry
 from ..wire import DEFAULT_MAX_FRAME_SIZE
@@ -67,6 +67,7 @@ class Main(Handlers):
         max_frame_size: largest frame accepted or sent on any connection.
         start_method: default for :meth:`spawn`: ``spawn``, ``forkserver`` or ``fork``.
         spawn_timeout: how long a new child may take to say hello.
+        hello_timeout: how long an accepted connection may take to say hello.
         close_timeout: how long :meth:`close` lets children exit before killing them.
     """
 
@@ -77,6 +78,7 @@ class Main(Handlers):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         start_method: str = "spawn",
         spawn_timeout: float = 60.0,
+        hello_timeout: float = 10.0,
         close_timeout: float = 5.0,
         name: str = "main",
     ) -> None:
@@ -85,6 +87,7 @@ class Main(Handlers):
         self.max_frame_size = max_frame_size
         self.start_method = start_method
         self.spawn_timeout = spawn_timeout
+        self.hello_timeout = hello_timeout
         self.close_timeout = close_timeout
         self.name = name
         self.peers: set[Peer] = set()
@@ -112,6 +115,8 @@ class Main(Handlers):
         peer = Peer(sock, **self._peer_kw(role, name))
         self.peers.add(peer)
         peer.start()
+        # An accepted peer that never says hello is dropped (untrusted by default).
+        asyncio.get_running_loop().call_later(self.hello_timeout, _check_hello, peer)
         return peer
 
     def _forget(self, peer: Peer) -> None:
@@ -199,6 +204,11 @@ class Main(Handlers):
                 with contextlib.suppress(TimeoutError):
                     await child.wait(2.0)
         self.children.clear()
+
+
+def _check_hello(peer: Peer) -> None:
+    if peer.remote_hello is None and not peer.closed:
+        peer._bad_message(ProtocolError("no HELLO within the handshake deadline"))
 
 
 class _Connecting:

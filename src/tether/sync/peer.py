@@ -407,4 +407,6 @@ class Peer(Handlers):
                 slot.done = True
             self._cv.notify_all()
         with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in select()
+        with contextlib.suppress(OSError):
             self._sock.close()
