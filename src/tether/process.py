@@ -104,6 +104,7 @@ async def _run_async(
         timeout=options.get("timeout", 30.0),
         max_frame_size=options["max_frame_size"],
         name=options.get("name", ""),
+        spin=options.get("spin", 0.0),
     )
     task = asyncio.ensure_future(target(peer, *args))
     await asyncio.sleep(0)  # the target runs to its first await: handlers are in place

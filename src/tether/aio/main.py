@@ -68,6 +68,7 @@ class Main(Handlers):
         start_method: default for :meth:`spawn`: ``spawn``, ``forkserver`` or ``fork``.
         spawn_timeout: how long a new child may take to say hello.
         hello_timeout: how long an accepted connection may take to say hello.
+        spin: low-latency mode for every peer and child (see :class:`Peer`).
         close_timeout: how long :meth:`close` lets children exit before killing them.
     """
 
@@ -79,6 +80,7 @@ class Main(Handlers):
         start_method: str = "spawn",
         spawn_timeout: float = 60.0,
         hello_timeout: float = 10.0,
+        spin: float = 0.0,
         close_timeout: float = 5.0,
         name: str = "main",
     ) -> None:
@@ -88,6 +90,7 @@ class Main(Handlers):
         self.start_method = start_method
         self.spawn_timeout = spawn_timeout
         self.hello_timeout = hello_timeout
+        self.spin = spin
         self.close_timeout = close_timeout
         self.name = name
         self.peers: set[Peer] = set()
@@ -109,6 +112,7 @@ class Main(Handlers):
             "max_frame_size": self.max_frame_size,
             "name": name,
             "on_close": self._forget,
+            "spin": self.spin,
         }
 
     def _adopt(self, sock: socket.socket, role: str, name: str) -> Peer:
@@ -148,6 +152,7 @@ class Main(Handlers):
             "max_frame_size": self.max_frame_size,
             "timeout": self.timeout,
             "name": label,
+            "spin": self.spin,
         }
         proc = ctx.Process(  # type: ignore[attr-defined]
             target=child_entry, args=(child_sock, target, args, options), name=label, daemon=True
@@ -258,6 +263,7 @@ def connect(
     connect_timeout: float = 10.0,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     registry: Registry | None = None,
+    spin: float = 0.0,
 ) -> _Connecting:
     """Connect to a listening :class:`Main`; ``await`` it or use ``async with``.
 
@@ -271,5 +277,6 @@ def connect(
             "connect_timeout": connect_timeout,
             "max_frame_size": max_frame_size,
             "registry": registry,
+            "spin": spin,
         },
     )

@@ -6,7 +6,7 @@ from ..address import Address, parse_address
 from ..aio.peer import DEFAULT_TIMEOUT
 from ..errors import PeerGone
 from ..wire import DEFAULT_MAX_FRAME_SIZE
-from .peer import Call, Peer
+from .peer import SPIN_SECONDS, Call, Peer
 
 __all__ = ["Call", "Peer", "connect"]
 
@@ -17,6 +17,7 @@ def connect(
     timeout: float | None = DEFAULT_TIMEOUT,
     connect_timeout: float = 10.0,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    spin: float = SPIN_SECONDS,
 ) -> Peer:
     """Connect to a listening main and return a blocking :class:`Peer`.
 
@@ -30,4 +31,4 @@ def connect(
         sock = addr.connect(connect_timeout)
     except OSError as exc:
         raise PeerGone(f"cannot connect to {addr}: {exc}") from exc
-    return Peer(sock, timeout=timeout, max_frame_size=max_frame_size, name=str(addr))
+    return Peer(sock, timeout=timeout, max_frame_size=max_frame_size, name=str(addr), spin=spin)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import os
 import select
 import socket
 import threading
@@ -76,6 +77,8 @@ class Peer(Handlers):
     """A blocking peer, safe to share between threads.
 
     Args:
+        spin: seconds a waiting thread polls the socket before it sleeps
+            (200 us by default: a sleeping thread takes 20-30 us to wake).
         lazy: don't start serving handlers when they are registered; start at
             the first blocking call instead (used for a child's sync target, so
             every handler is in place before anything is read).
@@ -92,6 +95,7 @@ class Peer(Handlers):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         name: str = "",
         lazy: bool = False,
+        spin: float = SPIN_SECONDS,
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
@@ -101,6 +105,7 @@ class Peer(Handlers):
         self.timeout = timeout
         self.name = name
         self._lazy = lazy
+        self.spin = spin
         self._wlock = threading.Lock()  # the Connection and writes to the socket
         self._cv = threading.Condition(threading.Lock())  # who reads; results
         self._reading = False
@@ -276,7 +281,7 @@ class Peer(Handlers):
 
     def _read(self, deadline: float | None) -> list[Frame]:
         sock = self._sock
-        spin_until = time.perf_counter() + SPIN_SECONDS
+        spin_until = time.perf_counter() + self.spin
         while True:
             if self._closed is not None:
                 raise self._closed
@@ -285,6 +290,7 @@ class Peer(Handlers):
                 data = self._rview[:n].tobytes()
             except (BlockingIOError, InterruptedError):
                 if time.perf_counter() < spin_until:
+                    os.sched_yield()  # the peer may share this CPU: let it run
                     continue
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
