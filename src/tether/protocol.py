@@ -23,19 +23,23 @@ transport and fails every pending call (and a main kills a spawned child).
 
 from __future__ import annotations
 
+import collections
 import enum
 import os
+import weakref
 from collections.abc import Iterable
 from typing import Any, Final
 
 import msgspec
 
-from . import codec, shm
+from . import codec, pool, shm
 from .errors import ConnectionClosed, PayloadTooLarge, ProtocolError
 from .wire import (
     ATT,
     ATT_FD,
     ATT_INLINE,
+    ATT_LEASE,
+    ATT_MOVED,
     DEFAULT_MAX_FRAME_SIZE,
     HEADER,
     HEADER_SIZE,
@@ -94,11 +98,20 @@ class Connection:
         self.goodbye_reason: str | None = None
         features = list(features)
         self._fd_local = "fd" in features
+        self._accept_leases = "lease" in features  # this side trusts the peer's pages
         self._send_fds = False  # both sides pass descriptors: set at handshake
-        self._parser = FrameParser(max_frame_size, shm.map_sealed if self._fd_local else None)
+        self._send_leases = False  # the peer accepts lent segments: set at handshake
+        self._parser = FrameParser(max_frame_size, self._map_fd if self._fd_local else None)
         self._out = bytearray()
         self._fds_out: list[int] = []
-        self._atts: list[tuple[int, Any]] = []
+        # encoder's attachments for the frame being built: (where, data, flags, aux)
+        self._atts: list[tuple[int, Any, int, int]] = []
+        self._leases: dict[int, pool.Segment] = {}  # lent out, awaiting RELEASE
+        self._next_lease = 0
+        self._released: collections.deque[int] = collections.deque()
+        #: called (from any thread) when a lease this side holds was released;
+        #: the I/O layer should then write :meth:`data_to_send` soon
+        self.on_release: Any = None
         self.encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._next_rid = 0
         #: request id -> the application's waiter, for invokes awaiting an answer
@@ -125,13 +138,40 @@ class Connection:
         self._parser.fds.extend(fds)
 
     def close_fds(self) -> None:
-        """Close every descriptor received or queued but not yet used (on teardown)."""
+        """Close every descriptor received or queued but not yet used (on teardown).
+
+        Segments still lent out are discarded, never reused: without a
+        RELEASE there is no telling whether the receiver still reads them.
+        """
         q = self._parser.fds
         while q:
             os.close(q.popleft())
         fds, self._fds_out = self._fds_out, []
         for fd in fds:
             os.close(fd)
+        leases, self._leases = self._leases, {}
+        for seg in leases.values():
+            seg.close()
+
+    def _map_fd(self, fd: int, nbytes: int, flags: int, lease: int) -> memoryview:
+        """Map a received descriptor: sealed, or lent by a peer this side trusts."""
+        if not flags & (ATT_LEASE | ATT_MOVED):
+            return shm.map_sealed(fd, nbytes)
+        if not self._accept_leases:
+            os.close(fd)
+            raise ProtocolError("a lent or moved segment from a peer this side does not trust")
+        if flags & ATT_MOVED:
+            return shm.map_moved(fd, nbytes)
+        m = pool.map_lease(fd, nbytes)
+        weakref.finalize(m, self._release, lease)
+        return memoryview(m)
+
+    def _release(self, lease: int) -> None:
+        # Runs when the receiver's last view of a lent segment is gone (any thread).
+        self._released.append(lease)
+        hook = self.on_release
+        if hook is not None and self.state is not State.CLOSED:
+            hook()
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Feed received bytes; return the frames the application must act on.
@@ -169,6 +209,10 @@ class Connection:
                     self._emit(Kind.ROUTE_CLOSE, 0, f.route_id, b"", b"")
                 elif k == Kind.ROUTE_CLOSE:
                     continue
+                elif k == Kind.RELEASE:
+                    seg = self._leases.pop(f.request_id, None)
+                    if seg is not None:
+                        pool.POOL.put(seg)
                 else:
                     if k == Kind.GOODBYE:
                         self.goodbye_reason = self._goodbye_reason(f)
@@ -202,6 +246,7 @@ class Connection:
             )
         self.peer_hello = hello
         self._send_fds = self._fd_local and "fd" in hello.features
+        self._send_leases = self._send_fds and "lease" in hello.features
         if 0 < hello.max_frame_size < self.send_limit:
             self.send_limit = hello.max_frame_size  # never send what the peer must refuse
         if self.state is State.HANDSHAKE:
@@ -233,6 +278,9 @@ class Connection:
 
     def data_to_send(self) -> bytearray:
         """Return (and forget) the bytes to write. You must write all of them."""
+        released = self._released
+        while released and self.state is not State.CLOSED:
+            self._emit(Kind.RELEASE, released.popleft(), 0, b"", b"")
         out = self._out
         if out:
             self._out = bytearray()
@@ -331,28 +379,26 @@ class Connection:
         atts = self._atts
         n_att = len(atts)
         if n_att:
-            self._atts = []
             body = bytes(out[body_start:])
             del out[body_start:]
-            for where, a in atts:
+            for where, a, flags, aux in atts:
                 length = a[1] if where == ATT_FD else len(a)
-                out += ATT.pack(where, 0, 0, 0, length)
+                out += ATT.pack(where, flags, 0, aux, length)
             out += body
-            for where, a in atts:
+            for where, a, _, _ in atts:
                 if where == ATT_INLINE:
                     out += a
         size = len(out) - start - 4
         if size > self.send_limit:
             del out[start:]
-            for where, a in atts:
-                if where == ATT_FD:
-                    os.close(a[0])
+            self._drop_atts()
             raise PayloadTooLarge(
                 f"frame of {size} bytes exceeds the limit of {self.send_limit} bytes"
             )
         HEADER.pack_into(out, start, size, kind, 0, len(channel), rid, route, n_att, 0)
         if n_att:
-            self._fds_out.extend(a[0] for where, a in atts if where == ATT_FD)
+            self._atts = []
+            self._fds_out.extend(a[0] for where, a, _, _ in atts if where == ATT_FD)
 
     # -- attachments ------------------------------------------------------
 
@@ -361,6 +407,8 @@ class Connection:
         if isinstance(obj, _Blob):
             return self._attach_ext(memoryview(obj.data).cast("B"))
         if isinstance(obj, shm.Buffer):
+            if self._send_leases:  # the peer trusts us: O(1) handoff
+                return self._ext_bytes(ATT_FD, obj.take(trusted=True), ATT_MOVED)
             fd, n = obj.take()
             if self._send_fds:
                 return self._ext_bytes(ATT_FD, (fd, n))
@@ -380,20 +428,38 @@ class Connection:
         raise TypeError(f"objects of type {type(obj).__name__} cannot be sent")
 
     def _attach_ext(self, view: memoryview) -> msgspec.msgpack.Ext:
-        if self._send_fds and view.nbytes >= shm.SHM_THRESHOLD:
+        n = view.nbytes
+        if not self._send_fds or n < shm.SHM_THRESHOLD:
+            return self._ext_bytes(ATT_INLINE, view)
+        if not self._send_leases:
             return self._ext_bytes(ATT_FD, shm.segment_from(view))
-        return self._ext_bytes(ATT_INLINE, view)
+        # Lend a pooled segment: pages already faulted in, one copy at memory speed.
+        seg = pool.POOL.get(n)
+        try:
+            seg.fill(view)
+            fd = os.dup(seg.fd)
+        except BaseException:
+            pool.POOL.put(seg)
+            raise
+        lease = self._next_lease = (self._next_lease + 1) & _U32 or 1
+        self._leases[lease] = seg
+        return self._ext_bytes(ATT_FD, (fd, n), ATT_LEASE, lease)
 
-    def _ext_bytes(self, where: int, att: Any) -> msgspec.msgpack.Ext:
+    def _ext_bytes(self, where: int, att: Any, flags: int = 0, aux: int = 0) -> msgspec.msgpack.Ext:
         index = len(self._atts)
-        self._atts.append((where, att))
+        self._atts.append((where, att, flags, aux))
         return msgspec.msgpack.Ext(codec.EXT_BYTES, index.to_bytes(4, "little"))
 
     def _drop_atts(self) -> None:
+        """Undo the attachments of a frame that will not be sent."""
         atts, self._atts = self._atts, []
-        for where, a in atts:
+        for where, a, flags, aux in atts:
             if where == ATT_FD:
                 os.close(a[0])
+                if flags & ATT_LEASE:
+                    seg = self._leases.pop(aux, None)
+                    if seg is not None:
+                        pool.POOL.put(seg)  # never reached the peer: safe to reuse
 
 
 def _wrap(args: tuple[Any, ...]) -> tuple[Any, ...]:

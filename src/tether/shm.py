@@ -18,6 +18,8 @@ import contextlib
 import fcntl
 import mmap
 import os
+import sys
+import threading
 from typing import Any, Final
 
 from .errors import ConsumedError, ProtocolError, TetherError
@@ -28,6 +30,10 @@ __all__ = ["Buffer", "BufferInUse", "SHM_THRESHOLD", "map_sealed", "segment_from
 SHM_THRESHOLD: Final = 64 * 1024
 _SEALS: Final = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
 _SEAL_ALL: Final = _SEALS | fcntl.F_SEAL_SEAL
+_F_SEAL_FUTURE_WRITE: Final = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+#: seals of a Buffer moved to a trusting peer (the sender's mapping is going away)
+MOVE_SEALS: Final = _F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+_MOVE_SEALS: Final = MOVE_SEALS
 
 
 class BufferInUse(TetherError, BufferError):
@@ -74,7 +80,12 @@ def segment_from(data: Any) -> tuple[int, int]:
     return fd, n
 
 
-def map_sealed(fd: int, nbytes: int) -> memoryview:
+def map_moved(fd: int, nbytes: int) -> memoryview:
+    """Map a Buffer moved by a trusted sender (sealed against future writes)."""
+    return map_sealed(fd, nbytes, MOVE_SEALS)
+
+
+def map_sealed(fd: int, nbytes: int, required: int = _SEALS) -> memoryview:
     """Map a received segment read-only and close ``fd``; the view owns the mapping.
 
     Raises:
@@ -83,7 +94,7 @@ def map_sealed(fd: int, nbytes: int) -> memoryview:
     """
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        if seals & _SEALS != _SEALS:
+        if seals & required != required:
             raise ProtocolError("shared-memory attachment is not sealed against writing")
         size = os.fstat(fd).st_size
         if size < nbytes:
@@ -175,10 +186,16 @@ class Buffer:
         self._check()
         self.view()[index] = value
 
-    def take(self) -> tuple[int, int]:
-        """Consume the buffer: unmap it, seal it, and return ``(fd, nbytes)``.
+    def take(self, trusted: bool = False) -> tuple[int, int]:
+        """Consume the buffer: seal it and return ``(fd, nbytes)``.
 
         The caller owns the returned descriptor. Called by the send path.
+
+        Args:
+            trusted: the receiver trusts this side (it accepts lent segments).
+                Then the handoff is O(1): the segment is sealed against future
+                writes and this side's mapping is torn down in the background,
+                instead of unmapping first (O(size)) to seal it against all writes.
 
         Raises:
             ConsumedError: it was already taken.
@@ -188,6 +205,24 @@ class Buffer:
         fd, m = self._fd, self._map
         self._fd = self._map = None
         assert fd is not None
+        if trusted:
+            # References to m are the local and getrefcount's argument, plus one
+            # per live view: any view means the pages could still be written.
+            if m is not None and sys.getrefcount(m) > 2:
+                with contextlib.suppress(BufferError):
+                    m.close()
+                os.close(fd)
+                raise BufferInUse(
+                    "Buffer sent while views of it are alive; drop them before sending"
+                )
+            try:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _MOVE_SEALS)
+            except BaseException:
+                os.close(fd)
+                raise
+            if m is not None:
+                threading.Thread(target=m.close, name="tether-unmap", daemon=True).start()
+            return fd, self._nbytes
         try:
             if m is not None:
                 try:

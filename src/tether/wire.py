@@ -34,6 +34,8 @@ from .errors import PayloadTooLarge, ProtocolError
 
 __all__ = [
     "ATT_FD",
+    "ATT_LEASE",
+    "ATT_MOVED",
     "ATT_INLINE",
     "DEFAULT_MAX_FRAME_SIZE",
     "HEADER",
@@ -50,7 +52,9 @@ _REST: Final = struct.Struct("<BBHIIHH")  # the header after the size field
 ATT: Final = struct.Struct("<BBHIQ")
 ATT_SIZE: Final = ATT.size  # 16
 ATT_INLINE: Final = 0  # bytes follow the body in this frame
-ATT_FD: Final = 1  # a file descriptor passed beside the frame (aux = index)
+ATT_FD: Final = 1  # a file descriptor passed beside the frame, claimed in arrival order
+ATT_LEASE: Final = 1  # descriptor flag: a lent, reusable segment (aux = lease id)
+ATT_MOVED: Final = 2  # descriptor flag: a moved Buffer, sealed against future writes only
 _MAX_U32: Final = 0xFFFFFFFF
 
 
@@ -68,6 +72,7 @@ class Kind(enum.IntEnum):
     PING = 9
     PONG = 10
     GOODBYE = 11
+    RELEASE = 12
 
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
@@ -165,7 +170,7 @@ class FrameParser:
     def __init__(
         self,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        map_fd: Callable[[int, int], memoryview] | None = None,
+        map_fd: Callable[[int, int, int, int], memoryview] | None = None,
     ) -> None:
         self.max_frame_size = max_frame_size
         #: descriptors received beside the bytes, consumed in order by ATT_FD entries
@@ -254,18 +259,18 @@ class FrameParser:
         entries = []
         inline = 0
         for i in range(n_att):
-            where, _, _, _, length = ATT.unpack_from(f, pos + i * ATT_SIZE)
+            where, flags, _, aux, length = ATT.unpack_from(f, pos + i * ATT_SIZE)
             if where == ATT_INLINE:
                 inline += length
             elif where != ATT_FD or self.map_fd is None:
                 raise ProtocolError(f"attachment kind {where} is not supported here")
-            entries.append((where, length))
+            entries.append((where, length, flags, aux))
         body_end = end - inline
         if body_end < table_end:
             raise ProtocolError("attachments are longer than the frame")
         atts: list[memoryview | bytes] = []
         p = body_end
-        for where, length in entries:
+        for where, length, flags, aux in entries:
             if where == ATT_INLINE:
                 atts.append(f[p : p + length])
                 p += length
@@ -273,5 +278,5 @@ class FrameParser:
                 if not self.fds:
                     raise ProtocolError("frame refers to a file descriptor that did not arrive")
                 assert self.map_fd is not None
-                atts.append(self.map_fd(self.fds.popleft(), length))
+                atts.append(self.map_fd(self.fds.popleft(), length, flags, aux))
         return Frame(kind, rid, route, channel, f[table_end:body_end], atts)

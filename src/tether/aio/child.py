@@ -35,31 +35,45 @@ class Child(Peer):
     ) -> None:
         super().__init__(sock, **kw)
         self._process = process
+        pid = process.pid
+        assert pid is not None
+        self._pid = pid
+        self._code: int | None = None
         self._exited: asyncio.Future[int] = self._loop.create_future()
         self._sentinel = process.sentinel
 
     @property
     def pid(self) -> int:
         """The child's process id."""
-        pid = self._process.pid
-        assert pid is not None
-        return pid
+        return self._pid
 
     @property
     def exitcode(self) -> int | None:
         """Exit code; ``-N`` if killed by signal N; ``None`` while running."""
-        return self._process.exitcode
+        return self._poll()
+
+    def _poll(self, wait: float = 0.0) -> int | None:
+        """The exit code once the process has ended; then release its resources."""
+        if self._code is None:
+            if wait:
+                self._process.join(wait)
+            code = self._process.exitcode
+            if code is not None:
+                self._code = code
+                # Frees the sentinel pipe now, not at multiprocessing's next start().
+                with contextlib.suppress(ValueError):
+                    self._loop.remove_reader(self._sentinel)
+                    self._process.close()
+        return self._code
 
     def start(self) -> None:
         super().start()
         self._loop.add_reader(self._sentinel, self._on_exit)
 
     def _on_exit(self) -> None:
-        self._loop.remove_reader(self._sentinel)
-        code = self._process.exitcode
-        if code is None:  # sentinel readable but not yet reaped: reap now
-            self._process.join(0.5)
-            code = self._process.exitcode
+        code = self._poll() if self._code is not None else self._poll(0.5)
+        if code is None:
+            return
         if not self._exited.done():
             self._exited.set_result(code if code is not None else -1)
         if self._closed is None:
@@ -78,7 +92,7 @@ class Child(Peer):
 
     def _exit_grace_over(self, exc: PeerGone) -> None:
         if self._closed is None:
-            code = self._process.exitcode
+            code = self._poll()
             if code is not None:
                 exc = PeerGone(describe_exit(self.pid, code), exitcode=code)
             self._shutdown(exc)
@@ -89,24 +103,24 @@ class Child(Peer):
         Raises:
             TimeoutError: still running after ``timeout`` seconds.
         """
-        if not self._exited.done() and self._process.exitcode is not None:
+        if not self._exited.done() and self._poll() is not None:
             self._on_exit()
         return await asyncio.wait_for(asyncio.shield(self._exited), timeout)
 
     def kill(self) -> None:
         """SIGKILL the child (no-op if it already exited)."""
-        if self._process.exitcode is None and self._process.pid is not None:
+        if self._poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self._process.pid, signal.SIGKILL)
+                os.kill(self._pid, signal.SIGKILL)
 
     def terminate(self) -> None:
         """SIGTERM the child (no-op if it already exited)."""
-        if self._process.exitcode is None and self._process.pid is not None:
+        if self._poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self._process.pid, signal.SIGTERM)
+                os.kill(self._pid, signal.SIGTERM)
 
     def _shutdown(self, exc: TetherError) -> None:
         super()._shutdown(exc)
 
     def __repr__(self) -> str:
-        return f"<Child pid={self._process.pid} exitcode={self._process.exitcode}>"
+        return f"<Child pid={self._pid} exitcode={self._code}>"

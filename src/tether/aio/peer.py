@@ -142,13 +142,16 @@ class Peer(Handlers):
             local_role,
             name=name,
             max_frame_size=max_frame_size,
-            features=["fd"] if self._unix else [],
+            # On unix sockets: pass descriptors; and unless this side is a main,
+            # accept segments lent by the (trusted, privileged) other side.
+            features=(["fd", "lease"] if local_role != "main" else ["fd"]) if self._unix else [],
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
         self.timeout = timeout
         self.name = name
         self._on_close = on_close
+        self._conn.on_release = self._on_release
         #: seconds to poll the socket before the loop sleeps (0: never; low-latency mode)
         self.spin = spin
         self._spinning = False
@@ -309,6 +312,12 @@ class Peer(Handlers):
             await self._wait_drained(LOW_WATER)
 
     # -- writing ----------------------------------------------------------
+
+    def _on_release(self) -> None:
+        # A lent segment was released, maybe from a GC run in another thread.
+        if self._closed is None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self._kick)
 
     def _kick(self) -> None:
         if self._flush_handle is None and self._started:

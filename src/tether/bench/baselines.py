@@ -60,7 +60,7 @@ def ev_budget(params: Params) -> tuple[int, int, float]:
     """(events per batch, batches, time cap in seconds) of an event-rate case."""
     if params.get("quick"):
         return 20000, 3, 2.0
-    return 100000, 5, 8.0
+    return 100000, 5, 5.0
 
 
 def _recv_ack(conn: Connection, timeout: float = ACK_TIMEOUT) -> Any:
@@ -356,7 +356,7 @@ def inflight_budget(params: Params) -> tuple[int, int, int, float]:
     """(invokes per batch, batches, in flight, time cap) of an in-flight case."""
     if params.get("quick"):
         return 20000, 3, 256, 2.0
-    return 100000, 5, 256, 8.0
+    return 50000, 5, 256, 5.0
 
 
 def inflight_zmq(params: Params) -> Result:

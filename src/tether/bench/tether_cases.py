@@ -479,6 +479,7 @@ def kill_to_peergone(params: Params) -> Result:
     async def measure() -> tuple[list[int], str]:
         samples: list[int] = []
         async with tether.Main(timeout=WAIT * 2) as main:
+            await _one_kill(await main.spawn(_hang_child))  # warm-up, not counted
             while len(samples) < trials:
                 k = min(per_batch, trials - len(samples))
                 children = await asyncio.gather(*(main.spawn(_hang_child) for _ in range(k)))
