@@ -1,0 +1,225 @@
+"""Lent segments (leases) and moved Buffers: reuse only what the receiver released.
+
+A child trusts its main, so main lends it pooled segments (one copy into
+pages already faulted in) and hands Buffers over in O(1). A main trusts no
+child: whatever a child sends is sealed, and a lease offered to a main is a
+protocol error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tether
+from tether import codec
+from tether.errors import ProtocolError
+from tether.pool import POOL, SegmentPool, _size_class
+from tether.protocol import Connection
+from tether.wire import Kind
+
+pytestmark = pytest.mark.timeout(60)
+
+KIB = 1024
+
+
+# -- the pool itself ---------------------------------------------------------
+
+
+def test_size_classes_are_powers_of_two_from_64_kib() -> None:
+    assert _size_class(1) == 64 * KIB
+    assert _size_class(64 * KIB) == 64 * KIB
+    assert _size_class(64 * KIB + 1) == 128 * KIB
+    assert _size_class(3 * 1024 * KIB) == 4 * 1024 * KIB
+
+
+def test_pool_reuses_put_segments_and_respects_its_caps() -> None:
+    pool = SegmentPool(max_idle=256 * KIB, max_segments=2)
+    a = pool.get(100 * KIB)
+    assert a.size == 128 * KIB
+    pool.put(a)
+    assert pool.idle_segments == 1 and pool.idle_bytes == 128 * KIB
+    assert pool.get(70 * KIB) is a  # same class: reused
+    b, c, d = pool.get(64 * KIB), pool.get(64 * KIB), pool.get(64 * KIB)
+    for seg in (a, b, c, d):
+        pool.put(seg)
+    assert pool.idle_segments == 2  # the cap closed the rest
+    assert pool.idle_bytes <= 256 * KIB
+    pool.clear()
+    assert pool.idle_segments == 0 and pool.idle_bytes == 0
+
+
+# -- the protocol, sans I/O ------------------------------------------------------
+
+
+def pair(a_features: list[str], b_features: list[str]) -> tuple[Connection, Connection]:
+    a = Connection("main", features=a_features)
+    b = Connection("child", features=b_features)
+    b.receive_data(a.data_to_send())
+    a.receive_data(b.data_to_send())
+    return a, b
+
+
+def deliver(src: Connection, dst: Connection) -> list[Any]:
+    fds = src.take_fds()
+    if fds:
+        # what the I/O layer does: the receiver gets duplicates, the sender closes its own
+        dst.receive_fds([os.dup(fd) for fd in fds])
+        for fd in fds:
+            os.close(fd)
+    return dst.receive_data(src.data_to_send())
+
+
+def test_main_lends_a_segment_and_takes_it_back_on_release() -> None:
+    POOL.clear()
+    a, b = pair(["fd"], ["fd", "lease"])
+    arr = np.arange(64 * KIB, dtype=np.uint32)
+    a.send_event(b"take", (arr,))
+    assert len(a._leases) == 1
+    (frame,) = deliver(a, b)
+    (got,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
+    assert np.array_equal(got, arr) and not got.flags.writeable
+    assert POOL.idle_segments == 0
+    del got, frame
+    gc.collect()
+    # the receiver's last view is gone: it answers with RELEASE
+    out = b.data_to_send()
+    assert out[4] == Kind.RELEASE
+    a.receive_data(out)
+    assert not a._leases and POOL.idle_segments == 1
+    # the next transfer reuses those pages
+    seg = POOL._free[_size_class(arr.nbytes)][0]
+    a.send_event(b"take", (arr + 1,))
+    assert a._leases[max(a._leases)] is seg
+    (frame,) = deliver(a, b)
+    (got,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
+    assert np.array_equal(got, arr + 1)
+    POOL.clear()
+
+
+def test_a_leased_segment_is_never_rewritten_while_the_receiver_holds_it() -> None:
+    POOL.clear()
+    a, b = pair(["fd"], ["fd", "lease"])
+    first = np.full(32 * KIB, 1, dtype=np.uint16)
+    a.send_event(b"take", (first,))
+    (f1,) = deliver(a, b)
+    (held,) = codec.decode_with(codec.any_decoder, f1.body, f1.attachments)
+    for i in range(2, 6):
+        a.send_event(b"take", (np.full(32 * KIB, i, dtype=np.uint16),))
+        (f,) = deliver(a, b)
+        (x,) = codec.decode_with(codec.any_decoder, f.body, f.attachments)
+        assert int(x[0]) == i
+        del x, f
+        gc.collect()
+        a.receive_data(b.data_to_send())  # releases of the others come back
+        assert (held == 1).all()  # still the first payload
+    POOL.clear()
+
+
+def test_a_main_refuses_a_lent_segment() -> None:
+    # A child (sender) that pretends main accepts leases.
+    child = Connection("child", features=["fd", "lease"])
+    main = Connection("main", features=["fd"])
+    main.receive_data(child.data_to_send())
+    child.receive_data(main.data_to_send())
+    child._send_leases = True  # a hostile child ignores main's features
+    child.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
+    with pytest.raises(ProtocolError, match="does not trust"):
+        deliver(child, main)
+    main.close_fds()
+    child.close_fds()
+    POOL.clear()
+
+
+def test_without_lease_feature_segments_are_sealed() -> None:
+    a, b = pair(["fd"], ["fd"])
+    a.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
+    assert not a._leases
+    (frame,) = deliver(a, b)
+    (got,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
+    assert got.nbytes == 64 * KIB
+
+
+def test_a_dead_connection_discards_its_leases() -> None:
+    POOL.clear()
+    a, b = pair(["fd"], ["fd", "lease"])
+    a.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
+    deliver(a, b)
+    assert len(a._leases) == 1
+    a.fail_all()
+    a.close_fds()
+    assert not a._leases and POOL.idle_segments == 0  # not reused: never released
+
+
+# -- end to end ------------------------------------------------------------------
+
+
+async def hold_child(peer: tether.Peer) -> None:
+    held: list[Any] = []
+
+    @peer.handle("hold")
+    def hold(call: tether.Call, arr: Any) -> int:
+        held.append(arr)
+        return int(arr[0])
+
+    @peer.handle("check")
+    def check(call: tether.Call) -> list[int]:
+        return [int(a[0]) for a in held] + [int(a[-1]) for a in held]
+
+    @peer.handle("drop")
+    def drop(call: tether.Call) -> None:
+        held.clear()
+        gc.collect()
+
+    @peer.handle("nbytes")
+    def nbytes(call: tether.Call, buf: Any) -> int:
+        return int(memoryview(buf).nbytes)
+
+    @peer.handle("give")
+    def give(call: tether.Call, n: int) -> Any:
+        return np.full(n, 7, np.uint8)
+
+    await peer.wait_closed()
+
+
+async def test_main_to_child_arrays_are_lent_and_come_back() -> None:
+    POOL.clear()
+    async with tether.Main() as main:
+        child = await main.spawn(hold_child)
+        for i in range(8):
+            assert await child.invoke("hold", np.full(100 * KIB, i, np.uint8)) == i
+        # eight live leases: nothing was reused under the child
+        assert await child.invoke("check") == list(range(8)) * 2
+        assert POOL.idle_segments == 0
+        await child.invoke("drop")
+        for _ in range(100):  # releases travel back asynchronously
+            if POOL.idle_segments == 8:
+                break
+            await asyncio.sleep(0.01)
+        assert POOL.idle_segments == 8
+        # a child's arrays reach main sealed (main lends nothing back to itself)
+        got = await child.invoke("give", 200 * KIB)
+        assert got.nbytes == 200 * KIB and (got == 7).all()
+    POOL.clear()
+
+
+async def test_buffer_moves_to_a_trusting_child_in_constant_time() -> None:
+    async with tether.Main() as main:
+        child = await main.spawn(hold_child)
+        buf = tether.Buffer(64 << 20)
+        buf.array()[:] = 3
+        assert await child.invoke("nbytes", buf) == 64 << 20
+        with pytest.raises(tether.ConsumedError):
+            buf.view()
+        # with a live view the handoff is refused and the buffer consumed
+        held = tether.Buffer(1 << 20)
+        view = held.array()
+        with pytest.raises(tether.BufferInUse):
+            await child.invoke("nbytes", held)
+        assert held.consumed
+        assert int(view[0]) == 0  # the producer's own pages, still readable
