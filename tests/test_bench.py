@@ -78,7 +78,13 @@ def test_unknown_scenario_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
 
 def test_select_accepts_globs_and_keeps_table_order() -> None:
     names = [s.name for s in select("rt_tether_*,rt_mp_pipe")]
-    assert names == ["rt_mp_pipe", "rt_tether_async", "rt_tether_sync", "rt_tether_main_child"]
+    assert names == [
+        "rt_mp_pipe",
+        "rt_tether_async",
+        "rt_tether_sync",
+        "rt_tether_main_child",
+        "rt_tether_spin",
+    ]
     assert len(select(None)) == len(SCENARIOS)
 
 
@@ -87,6 +93,18 @@ def test_plan_runs_big_cases_per_size() -> None:
     assert [r.label for r in plan(big, quick=True)] == ["big_memcpy 64MiB"]
     full = plan(big, quick=False)
     assert [r.params["size"] for r in full] == [64 << 20, 256 << 20]
+    assert all("cpus" not in r.params for r in full)
+    pinned = plan([SCENARIOS["rt_mp_pipe"], *big], quick=True, cpus=[0])
+    assert [r.params["cpus"] for r in pinned] == [[0], [0]]
+
+
+def test_cpus_outside_the_affinity_mask_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--only", "rt_mp_pipe", "--cpus", "4096"])
+    assert exc.value.code == 2
+    assert "usable CPUs" in capsys.readouterr().err
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -223,3 +223,32 @@ async def test_buffer_moves_to_a_trusting_child_in_constant_time() -> None:
             await child.invoke("nbytes", held)
         assert held.consumed
         assert int(view[0]) == 0  # the producer's own pages, still readable
+
+
+def test_a_borrower_cannot_shrink_or_write_a_lent_segment() -> None:
+    import mmap as _mmap
+
+    pool = SegmentPool()
+    seg = pool.get(64 * KIB)
+    borrowed = os.dup(seg.fd)  # what the borrower receives
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(borrowed, 0)
+        with pytest.raises(PermissionError):
+            os.pwrite(borrowed, b"x", 0)
+        with pytest.raises(PermissionError):
+            _mmap.mmap(borrowed, 64 * KIB, _mmap.MAP_SHARED, _mmap.PROT_READ | _mmap.PROT_WRITE)
+        seg.fill(memoryview(b"still writable by the lender"))
+        assert os.pread(borrowed, 5, 0) == b"still"
+    finally:
+        os.close(borrowed)
+        pool.put(seg)
+        pool.clear()
+
+
+def test_an_empty_lease_is_a_protocol_error() -> None:
+    from tether.pool import map_lease
+
+    fd = os.memfd_create("t")
+    with pytest.raises(ProtocolError):
+        map_lease(fd, 0)

@@ -15,6 +15,7 @@ whose connection ends without a RELEASE is discarded, never reused.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import threading
@@ -25,6 +26,12 @@ from .errors import ProtocolError
 __all__ = ["POOL", "Segment", "SegmentPool", "map_lease"]
 
 _MIN_CLASS: Final = 64 * 1024
+_LENDER_SEALS: Final = (
+    getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+    | fcntl.F_SEAL_GROW
+    | fcntl.F_SEAL_SHRINK
+    | fcntl.F_SEAL_SEAL
+)
 
 
 def _size_class(n: int) -> int:
@@ -38,10 +45,14 @@ class Segment:
     __slots__ = ("fd", "map", "size")
 
     def __init__(self, size: int) -> None:
-        self.fd = os.memfd_create("tether-lease", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("tether-lease", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
             self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # Only this mapping may ever write, and the size is fixed: a borrower
+            # can neither tamper with the next borrower's data nor shrink the
+            # segment under the lender (which would SIGBUS on its next fill).
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _LENDER_SEALS)
         except BaseException:
             os.close(self.fd)
             raise
@@ -128,10 +139,12 @@ def map_lease(fd: int, nbytes: int) -> mmap.mmap:
     the receiver dropped its last view, and then releases the lease.
     """
     try:
+        if nbytes <= 0:
+            raise ProtocolError("a lent segment must not be empty")
         if os.fstat(fd).st_size < nbytes:
             raise ProtocolError("lent segment is smaller than announced")
         return mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ProtocolError(f"cannot map lent segment: {exc}") from exc
     finally:
         os.close(fd)

@@ -442,6 +442,8 @@ class Connection:
             pool.POOL.put(seg)
             raise
         lease = self._next_lease = (self._next_lease + 1) & _U32 or 1
+        while lease in self._leases:  # wrapped onto a lease still out
+            lease = self._next_lease = (lease + 1) & _U32 or 1
         self._leases[lease] = seg
         return self._ext_bytes(ATT_FD, (fd, n), ATT_LEASE, lease)
 

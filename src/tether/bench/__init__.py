@@ -12,6 +12,7 @@ Usage: ``tether bench [--quick] [--json PATH] [--plot PATH] [--only NAME[,NAME]]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--timeout", type=float, metavar="S", help="hard limit per case process, in seconds"
     )
+    ap.add_argument(
+        "--cpus",
+        metavar="N[,N]",
+        help="pin every case and its children to these CPUs (default: unpinned)",
+    )
     return ap
 
 
@@ -66,7 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     if repeat < 1:
         ap.error("--repeat must be at least 1")
     timeout = args.timeout or (45.0 if args.quick else 180.0)
-    runs = plan(scenarios, args.quick)
+    cpus: list[int] = []
+    if args.cpus:
+        try:
+            cpus = sorted({int(c) for c in args.cpus.split(",") if c.strip()})
+        except ValueError:
+            ap.error(f"--cpus wants CPU numbers like 0 or 0,1, not {args.cpus!r}")
+        allowed = os.sched_getaffinity(0)
+        if not cpus or not set(cpus) <= allowed:
+            ap.error(f"--cpus {args.cpus!r}: usable CPUs here are {sorted(allowed)}")
+    runs = plan(scenarios, args.quick, cpus)
     mach = report.machine()
     sys.stderr.write(
         f"tether bench: {len(runs)} runs x {repeat}{' (quick)' if args.quick else ''}\n"
@@ -75,8 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_all(runs, repeat=repeat, timeout=timeout, log=sys.stderr)
     report.compare(rows)
     sys.stderr.write(f"done in {time.perf_counter() - t0:.1f} s\n\n")
-    report.print_report(rows, mach)
-    settings = {"quick": args.quick, "repeat": repeat, "only": args.only, "timeout_s": timeout}
+    report.print_report(rows, mach, pinned=cpus)
+    settings = {
+        "quick": args.quick,
+        "repeat": repeat,
+        "only": args.only,
+        "timeout_s": timeout,
+        "cpus": cpus or None,
+    }
     if args.json:
         report.write_json(args.json, report.to_json(rows, settings, mach))
     if args.plot:

@@ -13,6 +13,7 @@ import argparse
 import gc
 import importlib
 import json
+import os
 import signal
 import sys
 import time
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params = json.loads(args.params)
     params.setdefault("timeout", args.timeout)
+    if params.get("cpus"):  # pin this process; every child it starts inherits the mask
+        os.sched_setaffinity(0, params["cpus"])
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, args.timeout)
     gc.collect()

@@ -312,7 +312,11 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
                         cols.append(colour[r.run.scenario.tether])
             bars = ax.bar(xs, vals, width, color=cols, alpha=1.0 - 0.35 * j, label=var)
             ax.bar_label(bars, [f"{v:.2g}" for v in vals], fontsize=7)
-        titles = {r.run.scenario.name: r.run.scenario.title for r, _ in big}
+        titles = {
+            r.run.scenario.name: r.run.scenario.title
+            + ("" if m.metric == "transfer" else f"\n({m.metric})")
+            for r, m in big
+        }
         ax.set_xticks(range(len(names)), [titles[n] for n in names], rotation=20, ha="right")
         ax.set_yscale("log")
         ax.legend(fontsize=8, title="size (lighter: larger)")
@@ -346,6 +350,11 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def print_report(rows: list[Row], mach: dict[str, Any], out: Any = None) -> None:
+def print_report(
+    rows: list[Row], mach: dict[str, Any], out: Any = None, pinned: list[int] | None = None
+) -> None:
     out = out or sys.stdout
-    out.write(table(rows) + "\n\n" + notes(rows) + "\n" + machine_line(mach) + "\n")
+    line = machine_line(mach)
+    if pinned:
+        line += f" | pinned to CPU {','.join(map(str, pinned))}"
+    out.write(table(rows) + "\n\n" + notes(rows) + "\n" + line + "\n")

@@ -1,4 +1,4 @@
-"""tether's own cases: round trips, events, invokes in flight, large payloads, SIGKILL.
+"""tether's own cases: round trips, events, invokes in flight, SIGKILL -> PeerGone.
 
 Each case runs its measuring side on :func:`tether.aio.loop.run` (uvloop when
 installed) except the blocking client, which uses :func:`tether.sync.connect`.
@@ -12,16 +12,13 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
-
-import msgspec
 
 import tether
 
 from ..aio.loop import run
 from .baselines import ev_budget, inflight_budget, rt_budget
-from .bulk import big_budget, checksum, make_source
 from .common import (
     PAYLOAD,
     Params,
@@ -38,13 +35,15 @@ from .common import (
 )
 
 __all__ = [
-    "big_tether_attach",
-    "big_tether_buffer",
+    "WAIT",
+    "bounded",
     "ev_tether",
     "inflight_tether",
     "kill_to_peergone",
+    "loop_name",
     "rt_tether_async",
     "rt_tether_main_child",
+    "rt_tether_spin",
     "rt_tether_sync",
 ]
 
@@ -167,6 +166,36 @@ def rt_tether_main_child(params: Params) -> Result:
     return {"metrics": [latency("round trip", samples)], "info": {"loop": loop}}
 
 
+SPIN = 0.0002  # seconds: the opt-in low-latency mode's polling window
+
+
+def rt_tether_spin(params: Params) -> Result:
+    """Main -> child invoke in the opt-in low-latency mode (``Main(spin=200 us)``).
+
+    Both sides poll their socket briefly instead of sleeping; this burns CPU
+    to save the wake-ups, so it is measured apart from the default.
+    """
+    try:
+        main = tether.Main(timeout=WAIT, spin=SPIN)
+    except TypeError as exc:
+        return unavailable(f"tether.Main has no low-latency mode: {exc}")
+
+    async def measure() -> tuple[list[int], str]:
+        async with main:
+            child = await main.spawn(_echo_child)
+            assert await child.invoke("echo", PAYLOAD) == PAYLOAD
+            samples = await time_loop_async(
+                lambda: child.invoke("echo", PAYLOAD), **rt_budget(params)
+            )
+            return samples, loop_name()
+
+    samples, loop = bounded(measure(), params)
+    return {
+        "metrics": [latency("round trip", samples)],
+        "info": {"loop": loop, "spin_s": SPIN},
+    }
+
+
 # -- one-way events --------------------------------------------------------------
 
 
@@ -262,164 +291,6 @@ def inflight_tether(params: Params) -> Result:
         finally:
             server.stop()
     return {"metrics": [rate("invokes", rates, "/s")], "info": {"loop": loop}}
-
-
-# -- large payloads --------------------------------------------------------------
-
-
-def _as_u8(data: Any) -> Any:
-    """A flat uint8 ndarray over whatever the attachment arrived as."""
-    import numpy as np
-
-    if isinstance(data, np.ndarray):
-        return data.reshape(-1).view(np.uint8)
-    try:
-        return np.frombuffer(data, dtype=np.uint8)
-    except TypeError:
-        array = getattr(data, "array", None)
-        if array is None:
-            raise
-        return _as_u8(array())
-
-
-def _take(call: tether.Call, data: Any) -> int:
-    return checksum(_as_u8(data))
-
-
-def _peek(call: tether.Call, data: Any) -> int:
-    a = _as_u8(data)
-    return int(a[0]) + int(a[-1])
-
-
-async def _sink_child(peer: tether.Peer) -> None:
-    peer.handle("take", _take)
-    peer.handle("peek", _peek)
-    await peer.wait_closed()
-
-
-#: What a missing or unfinished feature raises when a case first tries it.
-_FEATURE_ERRORS = (
-    TypeError,
-    ValueError,
-    NotImplementedError,
-    msgspec.MsgspecError,
-    tether.TetherError,
-)
-
-
-def _reason(what: str, exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{what}: {type(exc).__name__}: {text}"[:160]
-
-
-async def _timed(
-    op: Callable[[], Awaitable[int]], expected: int, reps: int, max_s: float
-) -> list[int]:
-    """Time up to ``reps`` awaited transfers (ns each), checking every answer."""
-    out: list[int] = []
-    end = time.perf_counter() + max_s
-    for _ in range(reps):
-        t0 = time.perf_counter_ns()
-        got = await op()
-        out.append(time.perf_counter_ns() - t0)
-        if got != expected:
-            raise RuntimeError(f"checksum mismatch: got {got}, expected {expected}")
-        if time.perf_counter() > end:
-            break
-    return out
-
-
-def big_tether_attach(params: Params) -> Result:
-    """``await child.invoke("take", arr)``: the ndarray travels as an attachment."""
-    size, reps, max_s = big_budget(params)
-    src = make_source(size)
-    expected = checksum(src)
-
-    async def measure() -> Result:
-        async with tether.Main(timeout=WAIT * 2) as main:
-            child = await main.spawn(_sink_child)
-            try:  # the first transfer doubles as the warm-up
-                got = await child.invoke("take", src)
-            except _FEATURE_ERRORS as exc:
-                return unavailable(_reason("ndarray attachments not supported", exc))
-            if got != expected:
-                raise RuntimeError(f"checksum mismatch: got {got}, expected {expected}")
-            ns = await _timed(lambda: child.invoke("take", src), expected, reps, max_s)
-            return {
-                "metrics": [rate("transfer", [size / t for t in ns], "GB/s")],
-                "info": {"loop": loop_name()},
-            }
-
-    return bounded(measure(), params)
-
-
-def _buffer_array(buf: Any) -> Any:
-    """A writable uint8 ndarray over a :class:`tether.Buffer`."""
-    import numpy as np
-
-    array = getattr(buf, "array", None)
-    if array is not None:
-        try:
-            a = array()
-        except TypeError:
-            a = array(np.uint8)
-        return a.reshape(-1).view(np.uint8)
-    return np.frombuffer(buf, dtype=np.uint8)
-
-
-def big_tether_buffer(params: Params) -> Result:
-    """``tether.Buffer``: fill it in place, then ``invoke("peek", buf)`` hands it over.
-
-    Metrics: the handoff (the invoke, in which the child reads the first and
-    last byte) in ms, and the producer's whole cycle (allocate + fill +
-    handoff) as GB/s.
-    """
-    import numpy as np
-
-    Buffer = getattr(tether, "Buffer", None)
-    if Buffer is None:
-        return unavailable("tether.Buffer does not exist yet")
-    size, reps, max_s = big_budget(params)
-    src = make_source(size)
-    expected = int(src[0]) + int(src[-1])
-
-    async def measure() -> Result:
-        async with tether.Main(timeout=WAIT * 2) as main:
-            child = await main.spawn(_sink_child)
-            handoff: list[int] = []
-            cycle: list[float] = []
-            end = time.perf_counter() + max_s
-            for i in range(reps + 1):  # the first round is the warm-up
-                t0 = time.perf_counter_ns()
-                try:
-                    buf = Buffer(size)
-                    a = _buffer_array(buf)
-                    np.copyto(a, src)
-                    del a
-                    t1 = time.perf_counter_ns()
-                    got = await child.invoke("peek", buf)
-                except _FEATURE_ERRORS as exc:
-                    if i:
-                        raise
-                    return unavailable(_reason("tether.Buffer handoff failed", exc))
-                t2 = time.perf_counter_ns()
-                del buf
-                if got != expected:
-                    raise RuntimeError(f"child read {got}, expected {expected}")
-                if i:
-                    handoff.append(t2 - t1)
-                    cycle.append(size / (t2 - t0))
-                if time.perf_counter() > end:
-                    break
-            return {
-                "metrics": [
-                    latency("handoff", handoff, unit="ms"),
-                    rate("alloc+fill+handoff", cycle, "GB/s"),
-                ],
-                "info": {"loop": loop_name()},
-            }
-
-    return bounded(measure(), params)
 
 
 # -- SIGKILL -> PeerGone ---------------------------------------------------------
