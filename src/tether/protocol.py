@@ -52,7 +52,11 @@ __all__ = ["Connection", "State"]
 
 _U32: Final = 0xFFFFFFFF
 _BYTESLIKE: Final = (bytes, bytearray, memoryview)
-_WHILE_CLOSING: Final = frozenset((Kind.GOODBYE, Kind.RESULT, Kind.ERROR))
+_WHILE_CLOSING: Final = frozenset(int(k) for k in (Kind.GOODBYE, Kind.RESULT, Kind.ERROR))
+_TO_APP: Final = frozenset(
+    int(k) for k in (Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL)
+)
+_INVOKE: Final = int(Kind.INVOKE)
 
 
 class _Blob:
@@ -191,9 +195,17 @@ class Connection:
             if self.state is State.HANDSHAKE and frames:
                 self._handshake(frames[0])
                 frames = frames[1:]
-            out = []
+            out: list[Frame] = []
+            append = out.append
+            is_open = self.state is State.OPEN
             for f in frames:
                 k = f.kind
+                if k in _TO_APP:  # the common case, kept short
+                    if k == _INVOKE and not f.request_id:
+                        raise ProtocolError("INVOKE with request id 0")
+                    if is_open or k in _WHILE_CLOSING:
+                        append(f)
+                    continue
                 if k == Kind.HELLO:
                     raise ProtocolError("second HELLO on an open connection")
                 if k == Kind.INVOKE and not f.request_id:

@@ -76,6 +76,7 @@ class Kind(enum.IntEnum):
 
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
+_CHANNEL_CACHE: Final = 256  # a hostile peer can't grow it past this
 
 
 class Frame:
@@ -165,7 +166,7 @@ class FrameParser:
     and the connection must be closed.
     """
 
-    __slots__ = ("_buf", "_fill", "_head", "_need", "fds", "map_fd", "max_frame_size")
+    __slots__ = ("_buf", "_chans", "_fill", "_head", "_need", "fds", "map_fd", "max_frame_size")
 
     def __init__(
         self,
@@ -178,6 +179,7 @@ class FrameParser:
         self.map_fd = map_fd
         self._head = bytearray()  # partial size field (< 4 bytes)
         self._buf: bytearray | None = None  # partial frame, allocated at full size
+        self._chans: dict[bytes, str] = {}  # channel names seen, decoded once
         self._need = 0
         self._fill = 0
 
@@ -210,6 +212,8 @@ class FrameParser:
             size = int.from_bytes(self._head, "little")
             self._head.clear()
             pos = self._start(size, mv, pos, n, frames, prefix=True)
+        if type(data) is bytes:
+            pos = self._fast(data, mv, pos, n, frames)
         while pos < n:
             if n - pos < 4:
                 self._head += mv[pos:]
@@ -217,6 +221,39 @@ class FrameParser:
             size = int.from_bytes(mv[pos : pos + 4], "little")
             pos = self._start(size, mv, pos + 4, n, frames, prefix=False)
         return frames
+
+    def _fast(self, data: bytes, mv: memoryview, pos: int, n: int, frames: list[Frame]) -> int:
+        """Slice out whole, attachment-free frames: the common case, kept short.
+
+        Stops at the first frame it cannot take whole and valid; the general
+        path then handles (or rejects) it.
+        """
+        unpack = HEADER.unpack_from
+        limit = self.max_frame_size
+        chans = self._chans
+        append = frames.append
+        while n - pos >= HEADER_SIZE:
+            size, kind, _, chan_len, rid, route, n_att, _ = unpack(data, pos)
+            end = pos + 4 + size
+            start = pos + HEADER_SIZE
+            cend = start + chan_len
+            if n_att or end > n or size > limit or cend > end or kind not in _KINDS:
+                break
+            if chan_len:
+                key = data[start:cend]
+                channel = chans.get(key)
+                if channel is None:
+                    try:
+                        channel = key.decode()
+                    except UnicodeDecodeError:
+                        break
+                    if len(chans) < _CHANNEL_CACHE:
+                        chans[key] = channel
+            else:
+                channel = ""
+            append(Frame(kind, rid, route, channel, mv[cend:end]))
+            pos = end
+        return pos
 
     def _start(
         self, size: int, mv: memoryview, pos: int, n: int, frames: list[Frame], prefix: bool

@@ -57,6 +57,7 @@ DEFAULT: Final[Any] = _Default()
 DEFAULT_TIMEOUT: Final = 30.0
 HIGH_WATER: Final = 4 * 1024 * 1024
 LOW_WATER: Final = 1024 * 1024
+FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at the next turn
 _READ_SIZE: Final = 256 * 1024
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 
@@ -304,11 +305,17 @@ class Peer(Handlers):
         if self._closed is not None:
             consume_all(args)
             raise self._closed
-        self._conn.send_event(self._chan(channel), args)
-        self._kick()
-        if self._conn._fds_out:
+        conn = self._conn
+        conn.send_event(self._chan(channel), args)
+        queued = conn.buffered_out
+        if queued >= FLUSH_SIZE or conn._fds_out:
+            # Write now rather than when the loop turns: the peer starts reading
+            # while this side keeps producing (a loop that never yields would
+            # otherwise alternate with its reader instead of overlapping).
             self._flush()
-        if self._wsize + self._conn.buffered_out > HIGH_WATER:
+        else:
+            self._kick()
+        if self._wsize + queued > HIGH_WATER:
             await self._wait_drained(LOW_WATER)
 
     # -- writing ----------------------------------------------------------
