@@ -120,6 +120,13 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def drop_kept_mappings(peer: Any) -> None:
+    """A receiver keeps its mappings of lent segments for reuse: a cache, not a leak."""
+    gc.collect()
+    peer._conn.poll_releases()
+    peer._conn.borrowed.drop_idle()
+
+
 def tether_maps() -> int:
     """Mappings of tether memfd segments in this process, after a collection."""
     gc.collect()
@@ -174,10 +181,12 @@ def install_handlers(reg: Any) -> None:
 
     @reg.handle("fds")
     def _fds(call: Any) -> int:
+        drop_kept_mappings(call.peer)
         return open_fds()
 
     @reg.handle("maps")
     def _maps(call: Any) -> int:
+        drop_kept_mappings(call.peer)
         return tether_maps()
 
     @reg.handle("int_only")

@@ -88,6 +88,7 @@ def test_main_lends_a_segment_and_takes_it_back_on_release() -> None:
     del got, frame
     gc.collect()
     # the receiver's last view is gone: it answers with RELEASE
+    assert b.poll_releases()
     out = b.data_to_send()
     assert out[4] == Kind.RELEASE
     a.receive_data(out)
@@ -116,6 +117,7 @@ def test_a_leased_segment_is_never_rewritten_while_the_receiver_holds_it() -> No
         assert int(x[0]) == i
         del x, f
         gc.collect()
+        assert b.poll_releases()
         a.receive_data(b.data_to_send())  # releases of the others come back
         assert (held == 1).all()  # still the first payload
     POOL.clear()
@@ -252,3 +254,26 @@ def test_an_empty_lease_is_a_protocol_error() -> None:
     fd = os.memfd_create("t")
     with pytest.raises(ProtocolError):
         map_lease(fd, 0)
+
+
+def test_the_receiver_keeps_one_mapping_per_segment_and_releases_by_views() -> None:
+    POOL.clear()
+    a, b = pair(["fd"], ["fd", "lease"])
+    seen = []
+    for i in range(4):
+        a.send_event(b"take", (np.full(64 * KIB, i, np.uint8),))
+        (f,) = deliver(a, b)
+        (x,) = codec.decode_with(codec.any_decoder, f.body, f.attachments)
+        view = x[10:20]  # a derived view keeps the lease out
+        del x, f
+        assert not b.poll_releases()
+        assert int(view[0]) == i
+        seen.append(id(memoryview(view).obj))
+        del view
+        assert b.poll_releases()
+        a.receive_data(b.data_to_send())
+    # the same segment came back each time, and the receiver mapped it once
+    assert POOL.idle_segments == 1
+    assert len(b.borrowed._maps) == 1
+    b.close_fds()
+    POOL.clear()

@@ -250,6 +250,7 @@ def generate(name: str) -> bytes:
             assert len(frames) == 1 and bytes(child.data_to_send()) == b""
             del frames  # the child's last view of the lent segment
             gc.collect()
+            assert child.poll_releases()
             return bytes(child.data_to_send())
     return _generated_plain()[name]
 
@@ -515,10 +516,13 @@ def test_lease_conversation_matches_the_doc(spy_pool: _SpyPool) -> None:
     array = codec.decode_with(codec.any_decoder, frames[0].body, frames[0].attachments)[0]
     assert array.shape == (256, 256) and bytes(array) == _FRAME
     assert not array.flags.writeable
+    assert not child.poll_releases()
     assert bytes(child.data_to_send()) == b"", "no RELEASE while a view is alive"
     del array, frames
     gc.collect()
+    assert child.poll_releases()
     assert bytes(child.data_to_send()) == BLOCKS["release"]
+    assert not child.poll_releases()
     assert bytes(child.data_to_send()) == b"", "exactly one RELEASE per lease"
     assert spy_pool.idle_segments == 0
     assert main.receive_data(BLOCKS["release"]) == [], "never given to the application"
@@ -550,6 +554,7 @@ def test_closed_side_sends_no_release(spy_pool: _SpyPool) -> None:
     assert child.state is State.CLOSED
     del frames
     gc.collect()
+    child.poll_releases()
     assert bytes(child.data_to_send()) == b""
     main.close_fds()
 

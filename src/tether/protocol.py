@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import enum
 import os
-import weakref
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -113,9 +112,8 @@ class Connection:
         self._leases: dict[int, pool.Segment] = {}  # lent out, awaiting RELEASE
         self._next_lease = 0
         self._released: collections.deque[int] = collections.deque()
-        #: called (from any thread) when a lease this side holds was released;
-        #: the I/O layer should then write :meth:`data_to_send` soon
-        self.on_release: Any = None
+        #: segments the peer lent this side (see :meth:`poll_releases`)
+        self.borrowed = pool.Borrowed()
         self.encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._next_rid = 0
         #: request id -> the application's waiter, for invokes awaiting an answer
@@ -156,6 +154,7 @@ class Connection:
         leases, self._leases = self._leases, {}
         for seg in leases.values():
             seg.close()
+        self.borrowed.clear()
 
     def _map_fd(self, fd: int, nbytes: int, flags: int, lease: int) -> memoryview:
         """Map a received descriptor: sealed, or lent by a peer this side trusts."""
@@ -166,16 +165,19 @@ class Connection:
             raise ProtocolError("a lent or moved segment from a peer this side does not trust")
         if flags & ATT_MOVED:
             return shm.map_moved(fd, nbytes)
-        m = pool.map_lease(fd, nbytes)
-        weakref.finalize(m, self._release, lease)
-        return memoryview(m)
+        return self.borrowed.take(fd, nbytes, lease)
 
-    def _release(self, lease: int) -> None:
-        # Runs when the receiver's last view of a lent segment is gone (any thread).
-        self._released.append(lease)
-        hook = self.on_release
-        if hook is not None and self.state is not State.CLOSED:
-            hook()
+    def poll_releases(self) -> bool:
+        """Queue RELEASE for every lent segment this side no longer views.
+
+        Call it when views may have been dropped (after handling frames, and
+        now and then while :attr:`borrowed` has leases out). Returns whether
+        anything was queued: then write :meth:`data_to_send`.
+        """
+        done = self.borrowed.released()
+        if done and self.state is not State.CLOSED:
+            self._released.extend(done)
+        return bool(done)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Feed received bytes; return the frames the application must act on.

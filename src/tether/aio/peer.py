@@ -59,6 +59,7 @@ HIGH_WATER: Final = 4 * 1024 * 1024
 LOW_WATER: Final = 1024 * 1024
 FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at the next turn
 _READ_SIZE: Final = 256 * 1024
+_LEASE_POLL: Final = 0.002  # seconds between checks for dropped views of lent segments
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 
 _INVOKE: Final = int(Kind.INVOKE)
@@ -152,7 +153,7 @@ class Peer(Handlers):
         self.timeout = timeout
         self.name = name
         self._on_close = on_close
-        self._conn.on_release = self._on_release
+        self._lease_timer: asyncio.TimerHandle | None = None
         #: seconds to poll the socket before the loop sleeps (0: never; low-latency mode)
         self.spin = spin
         self._spinning = False
@@ -320,11 +321,15 @@ class Peer(Handlers):
 
     # -- writing ----------------------------------------------------------
 
-    def _on_release(self) -> None:
-        # A lent segment was released, maybe from a GC run in another thread.
-        if self._closed is None:
-            with contextlib.suppress(RuntimeError):  # the loop is already closed
-                self._loop.call_soon_threadsafe(self._kick)
+    def _poll_leases(self) -> None:
+        """Release lent segments whose views are gone; re-check while some are out."""
+        self._lease_timer = None
+        if self._closed is not None:
+            return
+        if self._conn.poll_releases():
+            self._kick()
+        if self._conn.borrowed.outstanding:
+            self._lease_timer = self._loop.call_later(_LEASE_POLL, self._poll_leases)
 
     def _kick(self) -> None:
         if self._flush_handle is None and self._started:
@@ -462,8 +467,11 @@ class Peer(Handlers):
     # -- reading ----------------------------------------------------------
 
     def _on_readable(self) -> None:
-        if self._read_once() and self.spin and not self._spinning:
-            self._spin()  # more is likely on its way: answer it without sleeping
+        if self._read_once():
+            if self._conn.borrowed.outstanding and self._lease_timer is None:
+                self._poll_leases()  # handlers may have dropped what they were lent
+            if self.spin and not self._spinning:
+                self._spin()  # more is likely on its way: answer it without sleeping
 
     def _spin(self) -> None:
         """Low-latency mode: poll the socket for up to ``spin`` seconds.
@@ -681,6 +689,8 @@ class Peer(Handlers):
                 self._loop.remove_writer(self._fd)
         if self._flush_handle is not None:
             self._flush_handle.cancel()
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
         self._sock.close()
         self._conn.close_fds()
         for _, fds in self._wfds:
