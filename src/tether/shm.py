@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import mmap
 import os
+import queue
 import sys
 import threading
 from typing import Any, Final
@@ -34,6 +35,33 @@ _F_SEAL_FUTURE_WRITE: Final = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 #: seals of a Buffer moved to a trusting peer (the sender's mapping is going away)
 MOVE_SEALS: Final = _F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
 _MOVE_SEALS: Final = MOVE_SEALS
+
+
+_unmapper: queue.SimpleQueue[mmap.mmap] | None = None
+
+
+def _unmap_later(m: mmap.mmap) -> None:
+    """Unmap on a background thread: munmap is O(size) and releases the GIL."""
+    global _unmapper
+    if _unmapper is None:
+        _unmapper = queue.SimpleQueue()
+        threading.Thread(
+            target=_unmap_loop, args=(_unmapper,), name="tether-unmap", daemon=True
+        ).start()
+    _unmapper.put(m)
+
+
+def _unmap_loop(q: queue.SimpleQueue[mmap.mmap]) -> None:
+    while True:
+        q.get().close()
+
+
+def _forget_unmapper() -> None:
+    global _unmapper
+    _unmapper = None  # the thread did not survive the fork
+
+
+os.register_at_fork(after_in_child=_forget_unmapper)
 
 
 class BufferInUse(TetherError, BufferError):
@@ -221,7 +249,7 @@ class Buffer:
                 os.close(fd)
                 raise
             if m is not None:
-                threading.Thread(target=m.close, name="tether-unmap", daemon=True).start()
+                _unmap_later(m)
             return fd, self._nbytes
         try:
             if m is not None:
