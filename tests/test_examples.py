@@ -31,6 +31,11 @@ EXPECTED: dict[str, list[str]] = {
         "Child received message: Psst .. hello from parent process!",
         "child exited with code 0",
     ],
+    "arrays.py": [
+        "stats of a 4 MB array: mean 499999.5, max 999999, writeable 0.0",
+        "checksum of a 64 MiB Buffer: 67108864",
+        "the sent Buffer is gone from main: ConsumedError",
+    ],
     "errors.py": [
         "RemoteError: ZeroDivisionError: division by zero",
         "NoHandler: no handler for channel 'no-such-channel'",

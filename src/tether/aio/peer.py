@@ -156,6 +156,10 @@ class Peer(Handlers):
         self._on_close = on_close
         self._lease_timer: asyncio.TimerHandle | None = None
         self._last_direct = 0.0  # when an invoke last flushed on its own
+        # rid -> (deadline, future, channel, timeout) of invokes with a timeout
+        self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str, float]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         #: seconds to poll the socket before the loop sleeps (0: never; low-latency mode)
         self.spin = spin
         self._spinning = False
@@ -164,6 +168,7 @@ class Peer(Handlers):
         self._serving: dict[int, asyncio.Task[Any]] = {}
         self._rbuf = bytearray(_READ_SIZE)
         self._rview = memoryview(self._rbuf)
+        self._rbufs = [self._rbuf]
         self._wbuf: collections.deque[memoryview] = collections.deque()
         self._wfds: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
         self._wsize = 0
@@ -173,6 +178,7 @@ class Peer(Handlers):
         self._closed: TetherError | None = None
         self._closed_fut: asyncio.Future[None] = self._loop.create_future()
         self._hello_fut: asyncio.Future[None] = self._loop.create_future()
+        self._awaiting_hello = True
         self._started = False
 
     # -- lifecycle --------------------------------------------------------
@@ -280,11 +286,12 @@ class Peer(Handlers):
             self._kick()
         if timeout is DEFAULT:
             timeout = self.timeout
-        th = (
-            loop.call_later(timeout, self._expire, rid, fut, channel, timeout)
-            if timeout is not None
-            else None
-        )
+        deadlines = self._deadlines
+        if timeout is not None:
+            at = loop.time() + timeout
+            deadlines[rid] = (at, fut, channel, timeout)
+            if self._timer is None or at < self._timer_at:
+                self._arm(at)
         try:
             if self._wsize + self._conn.buffered_out > HIGH_WATER:
                 await self._wait_drained(LOW_WATER)
@@ -294,9 +301,26 @@ class Peer(Handlers):
             self._kick()
             raise
         finally:
-            if th is not None:
-                th.cancel()
+            deadlines.pop(rid, None)
         return decode_result(frame, result_type)
+
+    def _arm(self, at: float) -> None:
+        # One timer per peer, set for the earliest deadline: cheaper than a
+        # timer per invoke, which a sequence of calls would create and cancel.
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(at, self._on_deadline)
+        self._timer_at = at
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        due = [rid for rid, d in self._deadlines.items() if d[0] <= now]
+        for rid in due:
+            _, fut, channel, timeout = self._deadlines.pop(rid)
+            self._expire(rid, fut, channel, timeout)
+        if self._deadlines and self._closed is None:
+            self._arm(min(d[0] for d in self._deadlines.values()))
 
     def _expire(self, rid: int, fut: asyncio.Future[Any], channel: str, timeout: float) -> None:
         if not fut.done():
@@ -506,7 +530,7 @@ class Peer(Handlers):
         self._woke = False
         try:
             if self._unix:
-                n, anc, flags, _ = self._sock.recvmsg_into([self._rbuf], _ANC_SPACE)
+                n, anc, flags, _ = self._sock.recvmsg_into(self._rbufs, _ANC_SPACE)
                 if anc:
                     self._take_fds(anc, flags)
             else:
@@ -533,18 +557,20 @@ class Peer(Handlers):
         except ProtocolError as exc:
             self._bad_message(exc)
             return False
-        if not self._hello_fut.done() and self._conn.peer_hello is not None:
+        if self._awaiting_hello and self._conn.peer_hello is not None:
+            self._awaiting_hello = False
             self._hello_fut.set_result(None)
-        # Anything but invokes (answered inline below) hands work to the loop.
-        self._woke = any(f.kind != _INVOKE for f in frames)
+        take = self._conn.take_pending
         for f in frames:
             k = f.kind
+            if k == _INVOKE:
+                self._on_invoke(f)  # answered inline, or a task (which sets _woke)
+                continue
+            self._woke = True  # anything else hands work to the loop
             if k == _RESULT:
-                fut = self._conn.take_pending(f.request_id)
+                fut = take(f.request_id)
                 if fut is not None and not fut.done():
                     fut.set_result(f)
-            elif k == _INVOKE:
-                self._on_invoke(f)
             elif k == _EVENT:
                 self._on_event(f)
             elif k == _ERROR:
@@ -698,6 +724,9 @@ class Peer(Handlers):
             self._flush_handle.cancel()
         if self._lease_timer is not None:
             self._lease_timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._deadlines.clear()
         self._sock.close()
         self._conn.close_fds()
         for _, fds in self._wfds:
