@@ -42,6 +42,7 @@ from .wire import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER,
     HEADER_SIZE,
+    K_INVOKE,
     Frame,
     FrameParser,
     Kind,
@@ -55,7 +56,6 @@ _WHILE_CLOSING: Final = frozenset(int(k) for k in (Kind.GOODBYE, Kind.RESULT, Ki
 _TO_APP: Final = frozenset(
     int(k) for k in (Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL)
 )
-_INVOKE: Final = int(Kind.INVOKE)
 
 
 class _Blob:
@@ -203,7 +203,7 @@ class Connection:
             for f in frames:
                 k = f.kind
                 if k in _TO_APP:  # the common case, kept short
-                    if k == _INVOKE and not f.request_id:
+                    if k == K_INVOKE and not f.request_id:
                         raise ProtocolError("INVOKE with request id 0")
                     if is_open or k in _WHILE_CLOSING:
                         append(f)

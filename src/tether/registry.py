@@ -12,9 +12,32 @@ from typing import Any, TypeVar, overload
 
 from .codec import ArgsSpec
 
-__all__ = ["Handler", "Handlers", "Registry"]
+__all__ = ["Call", "Handler", "Handlers", "Registry"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Call:
+    """What a handler learns about the call it is answering.
+
+    Attributes:
+        peer: the peer that invoked or sent (a :class:`tether.Peer`, or a
+            :class:`tether.sync.Peer` in blocking code); invoke it back, or keep it.
+        channel: the channel name.
+        request_id: the invoke's request id (0 for events).
+        route_id: the route addressed (0 = the peer itself).
+    """
+
+    __slots__ = ("channel", "peer", "request_id", "route_id")
+
+    def __init__(self, peer: Any, channel: str, request_id: int, route_id: int) -> None:
+        self.peer = peer
+        self.channel = channel
+        self.request_id = request_id
+        self.route_id = route_id
+
+    def __repr__(self) -> str:
+        return f"<Call {self.channel!r} #{self.request_id} from {self.peer!r}>"
 
 
 class Handler:

@@ -75,6 +75,15 @@ class Kind(enum.IntEnum):
     RELEASE = 12
 
 
+# Plain ints for the hot paths (comparing with IntEnum members costs ~10x more).
+K_HELLO: Final = 1
+K_INVOKE: Final = 2
+K_RESULT: Final = 3
+K_ERROR: Final = 4
+K_EVENT: Final = 5
+K_CANCEL: Final = 6
+K_GOODBYE: Final = 11
+
 _KINDS: Final = frozenset(int(k) for k in Kind)
 _CHANNEL_CACHE: Final = 256  # a hostile peer can't grow it past this
 

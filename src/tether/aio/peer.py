@@ -37,9 +37,18 @@ from ..errors import (
     TetherError,
 )
 from ..protocol import Connection, State
-from ..registry import Handler, Handlers, Registry
+from ..registry import Call, Handler, Handlers, Registry
 from ..shm import consume_all
-from ..wire import DEFAULT_MAX_FRAME_SIZE, Frame, Kind
+from ..wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    K_CANCEL,
+    K_ERROR,
+    K_EVENT,
+    K_GOODBYE,
+    K_INVOKE,
+    K_RESULT,
+    Frame,
+)
 
 __all__ = ["DEFAULT", "Call", "Peer"]
 
@@ -62,35 +71,6 @@ _READ_SIZE: Final = 256 * 1024
 _BURST: Final = 10e-6  # invokes closer together than this are coalesced into one write
 _LEASE_POLL: Final = 0.002  # seconds between checks for dropped views of lent segments
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
-
-_INVOKE: Final = int(Kind.INVOKE)
-_RESULT: Final = int(Kind.RESULT)
-_ERROR: Final = int(Kind.ERROR)
-_EVENT: Final = int(Kind.EVENT)
-_CANCEL: Final = int(Kind.CANCEL)
-_GOODBYE: Final = int(Kind.GOODBYE)
-
-
-class Call:
-    """What a handler learns about the call it is answering.
-
-    Attributes:
-        peer: the peer that invoked or sent; invoke it back, or keep it.
-        channel: the channel name.
-        request_id: the invoke's request id (0 for events).
-        route_id: the route addressed (0 = the peer itself).
-    """
-
-    __slots__ = ("channel", "peer", "request_id", "route_id")
-
-    def __init__(self, peer: Peer, channel: str, request_id: int, route_id: int) -> None:
-        self.peer = peer
-        self.channel = channel
-        self.request_id = request_id
-        self.route_id = route_id
-
-    def __repr__(self) -> str:
-        return f"<Call {self.channel!r} #{self.request_id} from {self.peer!r}>"
 
 
 def error_from_info(info: codec.ErrorInfo) -> TetherError:
@@ -563,23 +543,23 @@ class Peer(Handlers):
         take = self._conn.take_pending
         for f in frames:
             k = f.kind
-            if k == _INVOKE:
+            if k == K_INVOKE:
                 self._on_invoke(f)  # answered inline, or a task (which sets _woke)
                 continue
             self._woke = True  # anything else hands work to the loop
-            if k == _RESULT:
+            if k == K_RESULT:
                 fut = take(f.request_id)
                 if fut is not None and not fut.done():
                     fut.set_result(f)
-            elif k == _EVENT:
+            elif k == K_EVENT:
                 self._on_event(f)
-            elif k == _ERROR:
+            elif k == K_ERROR:
                 self._on_error(f)
-            elif k == _CANCEL:
+            elif k == K_CANCEL:
                 task = self._serving.pop(f.request_id, None)
                 if task is not None:
                     task.cancel()
-            elif k == _GOODBYE:
+            elif k == K_GOODBYE:
                 reason = self._conn.goodbye_reason or "no reason given"
                 self._lost(PeerGone(f"{self!r} said goodbye: {reason}"))
                 return True

@@ -33,9 +33,17 @@ from ..errors import (
     TetherError,
 )
 from ..protocol import Connection
-from ..registry import Handler, Handlers, Registry
+from ..registry import Call, Handler, Handlers, Registry
 from ..shm import consume_all
-from ..wire import DEFAULT_MAX_FRAME_SIZE, Frame, Kind
+from ..wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    K_ERROR,
+    K_EVENT,
+    K_GOODBYE,
+    K_INVOKE,
+    K_RESULT,
+    Frame,
+)
 
 __all__ = ["Call", "Peer"]
 
@@ -44,24 +52,6 @@ log = logging.getLogger("tether")
 SPIN_SECONDS: Final = 0.0002
 _READ_SIZE: Final = 256 * 1024
 _POLL_SLICE: Final = 0.25
-_RESULT: Final = int(Kind.RESULT)
-_ERROR: Final = int(Kind.ERROR)
-_INVOKE: Final = int(Kind.INVOKE)
-_EVENT: Final = int(Kind.EVENT)
-_CANCEL: Final = int(Kind.CANCEL)
-_GOODBYE: Final = int(Kind.GOODBYE)
-
-
-class Call:
-    """What a blocking handler learns about its call (see :class:`tether.Call`)."""
-
-    __slots__ = ("channel", "peer", "request_id", "route_id")
-
-    def __init__(self, peer: Peer, channel: str, request_id: int, route_id: int) -> None:
-        self.peer = peer
-        self.channel = channel
-        self.request_id = request_id
-        self.route_id = route_id
 
 
 class _Slot:
@@ -329,11 +319,11 @@ class Peer(Handlers):
         wake = False
         for f in frames:
             k = f.kind
-            if k in (_RESULT, _ERROR):
+            if k in (K_RESULT, K_ERROR):
                 slot = self._conn.take_pending(f.request_id)
                 if slot is None:
                     continue
-                if k == _ERROR:
+                if k == K_ERROR:
                     try:
                         slot.exc = error_from_info(codec.error_decoder.decode(f.body))
                     except msgspec.MsgspecError as exc:
@@ -342,11 +332,11 @@ class Peer(Handlers):
                     slot.frame = f
                 slot.done = True
                 wake = True
-            elif k in (_INVOKE, _EVENT):
+            elif k in (K_INVOKE, K_EVENT):
                 self._start_serving(force=True)
                 if self._worker is not None:
                     self._worker.submit(self._run_handler, f)
-            elif k == _GOODBYE:
+            elif k == K_GOODBYE:
                 reason = self._conn.goodbye_reason or "no reason given"
                 self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
                 return
@@ -359,7 +349,7 @@ class Peer(Handlers):
         rid = f.request_id
         reply: codec.ErrorInfo | None = None
         result: Any = None
-        if f.kind == _EVENT:
+        if f.kind == K_EVENT:
             for h in self.registry.events.get(f.channel, ()):
                 if not h.allows(self.role):
                     continue
