@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("name", choices=sorted(SCENARIOS))
     ap.add_argument("--params", default="{}", help="JSON object passed to the case")
     ap.add_argument("--timeout", type=float, default=120.0, help="abort the case after this")
+    ap.add_argument("--out", help="write the result here instead of stdout")
     args = ap.parse_args(argv)
     params = json.loads(args.params)
     params.setdefault("timeout", args.timeout)
@@ -73,8 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     result["elapsed_s"] = round(time.perf_counter() - t0, 3)
-    sys.stdout.write(MARKER + json.dumps(result) + "\n")
-    sys.stdout.flush()
+    if args.out:
+        # A file, not stdout: children share stdout, and a line longer than a
+        # pipe's atomic write can be interleaved with what they print.
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    else:
+        sys.stdout.write(MARKER + json.dumps(result) + "\n")
+        sys.stdout.flush()
     return code
 
 

@@ -14,11 +14,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .case import MARKER
 from .common import percentile
 from .scenarios import Run
 
@@ -54,6 +54,8 @@ class Row:
 
 def run_once(run: Run, timeout: float) -> dict[str, Any]:
     """Run ``run`` once in a new process; return the case's result dict."""
+    fd, out_path = tempfile.mkstemp(prefix="tether-bench-", suffix=".json")
+    os.close(fd)
     cmd = [
         sys.executable,
         "-m",
@@ -63,6 +65,8 @@ def run_once(run: Run, timeout: float) -> dict[str, Any]:
         json.dumps(run.params),
         "--timeout",
         str(max(5.0, timeout - 5.0)),
+        "--out",
+        out_path,
     ]
     proc = subprocess.Popen(
         cmd,
@@ -73,16 +77,23 @@ def run_once(run: Run, timeout: float) -> dict[str, Any]:
         start_new_session=True,
     )
     try:
-        out, err = proc.communicate(timeout=timeout)
+        _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the case and every child it started
         proc.communicate()
+        with contextlib.suppress(OSError):
+            os.unlink(out_path)
         return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(out.splitlines()):
-        if line.startswith(MARKER):
-            result: dict[str, Any] = json.loads(line[len(MARKER) :])
-            return result
+    try:
+        with open(out_path) as f:
+            result: dict[str, Any] = json.load(f)
+        return result
+    except (OSError, ValueError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(out_path)
     tail = err.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
     return {"error": f"no result: {tail[0]}"[:300]}
 
