@@ -345,3 +345,8 @@ def main_script(mode: str, method: str, arg: str) -> None:
                 raise ValueError(mode)
 
     asyncio.run(run())
+
+
+def deaf_sync(peer: tether.sync.Peer, seconds: float) -> None:
+    """Never reads: it cannot hear main's goodbye, so main must kill it."""
+    time.sleep(seconds)

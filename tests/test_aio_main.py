@@ -156,3 +156,15 @@ async def test_main_close_ends_children_and_fails_pending_calls() -> None:
     assert all(isinstance(r, tether.ConnectionClosed) for r in results), results
     assert child.exitcode == 0
     assert not main.children and not main.peers
+
+
+@pytest.mark.timeout(30)
+async def test_close_ends_deaf_children_together() -> None:
+    main = tether.Main(close_timeout=1.0)
+    async with main:
+        children = [await main.spawn(_targets.deaf_sync, 60.0) for _ in range(3)]
+        t0 = time.monotonic()
+        await main.close()
+        elapsed = time.monotonic() - t0
+    assert all(c.exitcode == -9 for c in children)
+    assert elapsed < 2.5, f"children were waited for one after another ({elapsed:.1f} s)"

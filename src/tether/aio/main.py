@@ -200,15 +200,17 @@ class Main(Handlers):
         self.servers.clear()
         peers = list(self.peers)
         await asyncio.gather(*(p.close("main closing") for p in peers), return_exceptions=True)
-        children = list(self.children)
-        for child in children:
-            try:
-                await child.wait(self.close_timeout)
-            except TimeoutError:
-                child.kill()
-                with contextlib.suppress(TimeoutError):
-                    await child.wait(2.0)
+        await asyncio.gather(*(self._end_child(c) for c in list(self.children)))
         self.children.clear()
+
+    async def _end_child(self, child: Child) -> None:
+        # All children get their grace period at once, not one after another.
+        try:
+            await child.wait(self.close_timeout)
+        except TimeoutError:
+            child.kill()
+            with contextlib.suppress(TimeoutError):
+                await child.wait(2.0)
 
 
 def _check_hello(peer: Peer) -> None:
