@@ -30,8 +30,9 @@ import pytest
 
 import tether
 from tether import codec, pool, shm
-from tether.aio.peer import Peer, error_from_info
+from tether.aio.peer import Peer
 from tether.protocol import Connection, State
+from tether.results import error_from_info
 from tether.wire import (
     ATT,
     ATT_FD,

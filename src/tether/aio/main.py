@@ -14,9 +14,10 @@ from ..address import Address, parse_address, tune
 from ..errors import PeerGone, ProtocolError, TetherError
 from ..process import child_entry
 from ..registry import Handlers, Registry
+from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .child import Child
-from .peer import DEFAULT_TIMEOUT, Peer
+from .peer import Peer
 
 __all__ = ["Main", "Server", "connect"]
 

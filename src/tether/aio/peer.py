@@ -27,17 +27,15 @@ from .. import codec
 from ..errors import (
     BadRequest,
     ConnectionClosed,
-    Forbidden,
     InvokeTimeout,
-    NoHandler,
     PayloadTooLarge,
     PeerGone,
     ProtocolError,
-    RemoteError,
     TetherError,
 )
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
+from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -57,13 +55,6 @@ log = logging.getLogger("tether")
 T = TypeVar("T")
 
 
-class _Default:
-    def __repr__(self) -> str:
-        return "DEFAULT"
-
-
-DEFAULT: Final[Any] = _Default()
-DEFAULT_TIMEOUT: Final = 30.0
 HIGH_WATER: Final = 4 * 1024 * 1024
 LOW_WATER: Final = 1024 * 1024
 FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at the next turn
@@ -71,20 +62,6 @@ _READ_SIZE: Final = 256 * 1024
 _BURST: Final = 10e-6  # invokes closer together than this are coalesced into one write
 _LEASE_POLL: Final = 0.002  # seconds between checks for dropped views of lent segments
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
-
-
-def error_from_info(info: codec.ErrorInfo) -> TetherError:
-    """Turn an ERROR frame's body into the exception the caller sees."""
-    code = info.code
-    if code == "no_handler":
-        return NoHandler(info.message)
-    if code == "forbidden":
-        return Forbidden(info.message)
-    if code == "bad_request":
-        return BadRequest(info.message, info.path)
-    if code == "too_large":
-        return PayloadTooLarge(info.message)
-    return RemoteError(info.type or code, info.message, info.traceback)
 
 
 class Peer(Handlers):
@@ -213,10 +190,6 @@ class Peer(Handlers):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def __await__(self) -> Any:
-        yield from []
-        return self
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -581,12 +554,7 @@ class Peer(Handlers):
         fut = self._conn.take_pending(f.request_id)
         if fut is None or fut.done():
             return
-        try:
-            info = codec.error_decoder.decode(f.body)
-        except msgspec.MsgspecError as exc:
-            fut.set_exception(RemoteError("ProtocolError", f"malformed error frame: {exc}"))
-            return
-        fut.set_exception(error_from_info(info))
+        fut.set_exception(decode_error(f))
 
     def _on_invoke(self, f: Frame) -> None:
         rid = f.request_id
@@ -732,28 +700,7 @@ class Peer(Handlers):
             self._on_close(self)
 
 
-def decode_result(frame: Frame, result_type: Any) -> Any:
-    """Decode a RESULT body; a body that is not valid MessagePack is a ProtocolError."""
-    decoder = codec.any_decoder if result_type is Any else _typed_decoder(result_type)
-    try:
-        return codec.decode_with(decoder, frame.body, frame.attachments)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"result does not match {result_type!r}: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed result: {exc}") from None
-
-
 def _close_all(fds: Any) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-_typed: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
-
-
-def _typed_decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
-    d = _typed.get(tp)
-    if d is None:
-        d = _typed[tp] = msgspec.msgpack.Decoder(tp, ext_hook=codec.ext_hook)
-    return d

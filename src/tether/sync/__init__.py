@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..address import Address, parse_address
-from ..aio.peer import DEFAULT_TIMEOUT
 from ..errors import PeerGone
+from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .peer import SPIN_SECONDS, Call, Peer
 

@@ -22,7 +22,6 @@ from typing import Any, Final
 import msgspec
 
 from .. import codec
-from ..aio.peer import DEFAULT, DEFAULT_TIMEOUT, decode_result, error_from_info
 from ..errors import (
     BadRequest,
     ConnectionClosed,
@@ -34,6 +33,7 @@ from ..errors import (
 )
 from ..protocol import Connection
 from ..registry import Call, Handler, Handlers, Registry
+from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -324,10 +324,7 @@ class Peer(Handlers):
                 if slot is None:
                     continue
                 if k == K_ERROR:
-                    try:
-                        slot.exc = error_from_info(codec.error_decoder.decode(f.body))
-                    except msgspec.MsgspecError as exc:
-                        slot.exc = ProtocolError(f"malformed error frame: {exc}")
+                    slot.exc = decode_error(f)
                 else:
                     slot.frame = f
                 slot.done = True
