@@ -26,8 +26,9 @@ if pid == 0:  # child: close the write end, read until the parent closes its end
 reader.close()  # parent: close the read end, write, close, wait
 message = "Psst .. hello from parent process!"
 print(f"Parent process message: {message}", flush=True)
-writer.send(message)
+# Both parent lines go out before the child can print: their output shares a pipe.
 print(f"Parent sends {len(big)} bytes, sha256 {hashlib.sha256(big).hexdigest()[:16]}", flush=True)
+writer.send(message)
 writer.send(big)
 writer.close()  # the child's loop ends after the last message
 _, status = os.waitpid(pid, 0)

@@ -42,6 +42,7 @@ from .wire import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER,
     HEADER_SIZE,
+    K_EVENT,
     K_INVOKE,
     Frame,
     FrameParser,
@@ -52,6 +53,7 @@ __all__ = ["Connection", "State"]
 
 _U32: Final = 0xFFFFFFFF
 _BYTESLIKE: Final = (bytes, bytearray, memoryview)
+_BLANK_HEADER: Final = bytes(HEADER_SIZE)
 _WHILE_CLOSING: Final = frozenset(int(k) for k in (Kind.GOODBYE, Kind.RESULT, Kind.ERROR))
 _TO_APP: Final = frozenset(
     int(k) for k in (Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL)
@@ -318,18 +320,20 @@ class Connection:
 
     def send_invoke(self, channel: bytes, args: Any, waiter: Any, route_id: int = 0) -> int:
         """Queue an INVOKE of ``channel`` with ``args`` (a tuple); return its request id."""
-        self._check_open(args)
+        if self.state is not State.OPEN:
+            self._check_open(args)
         rid = self._next_rid = (self._next_rid + 1) & _U32 or 1
         while rid in self.pending:  # wrapped onto a call still in flight
             rid = self._next_rid = (rid + 1) & _U32 or 1
-        self._emit_obj(Kind.INVOKE, rid, route_id, channel, _wrap(args))
+        self._emit_obj(K_INVOKE, rid, route_id, channel, _wrap(args))
         self.pending[rid] = waiter
         return rid
 
     def send_event(self, channel: bytes, args: Any, route_id: int = 0) -> None:
         """Queue a one-way EVENT on ``channel``."""
-        self._check_open(args)
-        self._emit_obj(Kind.EVENT, 0, route_id, channel, _wrap(args))
+        if self.state is not State.OPEN:
+            self._check_open(args)
+        self._emit_obj(K_EVENT, 0, route_id, channel, _wrap(args))
 
     def send_result(self, request_id: int, value: Any) -> None:
         """Queue the RESULT of an incoming invoke.
@@ -380,7 +384,7 @@ class Connection:
         """Append a frame whose body is ``obj`` encoded in place (no temporary bytes)."""
         out = self._out
         start = len(out)
-        out += HEADER.pack(0, kind, 0, len(channel), rid, route, 0, 0)
+        out += _BLANK_HEADER  # filled in once the size is known
         out += channel
         body_start = len(out)
         try:
