@@ -211,7 +211,10 @@ class ArgsSpec:
     def decode(self, body: bytes | memoryview, attachments: Any = ()) -> tuple[Any, ...]:
         """Decode and validate; raises :class:`BadRequest` naming the bad argument."""
         try:
-            args: tuple[Any, ...] = decode_with(self.decoder, body, attachments)
+            if attachments:
+                args: tuple[Any, ...] = decode_with(self.decoder, body, attachments)
+            else:
+                args = self.decoder.decode(body)
             for i in self.buffers:
                 if i < len(args) and not isinstance(args[i], _BUFFER_TYPES):
                     got = type(args[i]).__name__

@@ -291,7 +291,8 @@ class Peer(Handlers):
             consume_all(args)
             raise self._closed
         conn = self._conn
-        conn.send_event(self._chan(channel), args)
+        chan = self._chan_cache.get(channel)
+        conn.send_event(chan if chan is not None else self._chan(channel), args)
         queued = conn.buffered_out
         if queued >= FLUSH_SIZE or conn._fds_out:
             # Write now rather than when the loop turns: the peer starts reading
