@@ -86,7 +86,7 @@ class Child(Peer):
             self._shutdown(exc)
             return
         # The connection dropped: wait briefly for the exit status so the error can say why.
-        self._loop.remove_reader(self._fd)
+        self._stream.stop_reading()
         grace = _EXIT_GRACE if self._conn.goodbye_reason is None else _GOODBYE_GRACE
         self._loop.call_later(grace, self._exit_grace_over, exc)
 

@@ -10,9 +10,7 @@ the door open for ``SCM_RIGHTS`` file-descriptor passing on unix sockets.
 
 from __future__ import annotations
 
-import array
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -47,6 +45,7 @@ from ..wire import (
     K_RESULT,
     Frame,
 )
+from .stream import SocketStream
 
 __all__ = ["DEFAULT", "Call", "Peer"]
 
@@ -58,10 +57,8 @@ T = TypeVar("T")
 HIGH_WATER: Final = 4 * 1024 * 1024
 LOW_WATER: Final = 1024 * 1024
 FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at the next turn
-_READ_SIZE: Final = 256 * 1024
 _BURST: Final = 10e-6  # invokes closer together than this are coalesced into one write
 _LEASE_POLL: Final = 0.002  # seconds between checks for dropped views of lent segments
-_ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 
 
 class Peer(Handlers):
@@ -94,17 +91,20 @@ class Peer(Handlers):
         spin: float = 0.0,
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        sock.setblocking(False)
         self._sock = sock
-        self._fd = sock.fileno()
-        self._unix = sock.family == socket.AF_UNIX
+        self._stream = SocketStream(
+            sock, self._loop, self._on_readable, self._write_failed, LOW_WATER
+        )
+        self._fd = self._stream.fd
         self._conn = Connection(
             local_role,
             name=name,
             max_frame_size=max_frame_size,
             # On unix sockets: pass descriptors; and unless this side is a main,
             # accept segments lent by the (trusted, privileged) other side.
-            features=(["fd", "lease"] if local_role != "main" else ["fd"]) if self._unix else [],
+            features=(["fd", "lease"] if local_role != "main" else ["fd"])
+            if self._stream.unix
+            else [],
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
@@ -123,15 +123,7 @@ class Peer(Handlers):
         self._woke = False  # the last read resolved a future or started a task
         self._chan_cache: dict[str, bytes] = {}
         self._serving: dict[int, asyncio.Task[Any]] = {}
-        self._rbuf = bytearray(_READ_SIZE)
-        self._rview = memoryview(self._rbuf)
-        self._rbufs = [self._rbuf]
-        self._wbuf: collections.deque[memoryview] = collections.deque()
-        self._wfds: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
-        self._wsize = 0
-        self._writing = False
         self._flush_handle: asyncio.Handle | None = None
-        self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: TetherError | None = None
         self._closed_fut: asyncio.Future[None] = self._loop.create_future()
         self._hello_fut: asyncio.Future[None] = self._loop.create_future()
@@ -145,7 +137,7 @@ class Peer(Handlers):
         if self._started:
             return
         self._started = True
-        self._loop.add_reader(self._fd, self._on_readable)
+        self._stream.start()
         self._flush()
 
     async def wait_hello(self, timeout: float | None) -> None:
@@ -178,7 +170,7 @@ class Peer(Handlers):
             return
         self._conn.send_goodbye(reason)
         self._flush()
-        if self._wsize:
+        if self._stream.buffered:
             with contextlib.suppress(TimeoutError, TetherError):
                 await asyncio.wait_for(self._wait_drained(0), timeout)
         self._shutdown(
@@ -246,7 +238,7 @@ class Peer(Handlers):
             if self._timer is None or at < self._timer_at:
                 self._arm(at)
         try:
-            if self._wsize + self._conn.buffered_out > HIGH_WATER:
+            if self._stream.buffered + self._conn.buffered_out > HIGH_WATER:
                 await self._wait_drained(LOW_WATER)
             frame: Frame = await fut
         except asyncio.CancelledError:
@@ -301,7 +293,7 @@ class Peer(Handlers):
             self._flush()
         else:
             self._kick()
-        if self._wsize + queued > HIGH_WATER:
+        if self._stream.buffered + queued > HIGH_WATER:
             await self._wait_drained(LOW_WATER)
 
     # -- writing ----------------------------------------------------------
@@ -321,131 +313,28 @@ class Peer(Handlers):
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Write what the connection queued; keep the rest for the writer callback."""
+        """Write what the connection queued (the stream keeps what the socket won't take)."""
         self._flush_handle = None
         if not self._started or self._closed is not None:
             return
         fds = self._conn.take_fds()
         data = self._conn.data_to_send()
-        if fds:
-            self._send_with_fds(data, fds)
-            return
         if not data:
             return
-        if not self._wbuf:
-            try:
-                n = self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as exc:
-                self._lost(self._gone(exc))
-                return
-            if n == len(data):
-                if self.spin and self._conn.pending and not self._spinning:
-                    self._spin()  # our caller awaits an answer: poll for it
-                return
-            self._wbuf.append(memoryview(data)[n:])
-            self._wsize += len(data) - n
-        else:
-            self._wbuf.append(memoryview(data))
-            self._wsize += len(data)
-        if not self._writing:
-            self._writing = True
-            self._loop.add_writer(self._fd, self._on_writable)
-
-    def _send_with_fds(self, data: bytearray, fds: list[int]) -> None:
-        """Write ``data`` with ``fds`` riding on its first byte, then close our copies."""
-        if not self._wbuf:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            try:
-                n = self._sock.sendmsg([data], anc)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as exc:
-                _close_all(fds)
-                self._lost(self._gone(exc))
-                return
-            if n:
-                _close_all(fds)
-                if n == len(data):
-                    return
-                self._wbuf.append(memoryview(data)[n:])
-                self._wsize += len(data) - n
-            else:
-                self._wfds.append((memoryview(data), fds))
-                self._wbuf.append(memoryview(b""))  # placeholder keeps order
-                self._wsize += len(data)
-        else:
-            self._wfds.append((memoryview(data), fds))
-            self._wbuf.append(memoryview(b""))
-            self._wsize += len(data)
-        if not self._writing:
-            self._writing = True
-            self._loop.add_writer(self._fd, self._on_writable)
-
-    def _on_writable(self) -> None:
-        if self._wbuf and not self._wbuf[0]:
-            # An empty placeholder: the next chunk carries descriptors.
-            data, fds = self._wfds[0]
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            try:
-                n = self._sock.sendmsg([data], anc)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._lost(self._gone(exc))
-                return
-            self._wfds.popleft()
-            _close_all(fds)
-            self._wbuf[0] = data[n:]
-            self._wsize -= n
-            if not self._wbuf[0]:
-                self._wbuf.popleft()
-            self._after_write()
-            return
-        chunks: list[memoryview] = []
-        for c in self._wbuf:
-            if not c or len(chunks) >= 512:
-                break
-            chunks.append(c)
         try:
-            n = self._sock.sendmsg(chunks)
-        except (BlockingIOError, InterruptedError):
-            return
+            done = self._stream.write(data, fds)
         except OSError as exc:
             self._lost(self._gone(exc))
             return
-        self._wsize -= n
-        wbuf = self._wbuf
-        while n:
-            head = wbuf[0]
-            if len(head) <= n:
-                n -= len(head)
-                wbuf.popleft()
-            else:
-                wbuf[0] = head[n:]
-                n = 0
-        self._after_write()
+        if done and self.spin and self._conn.pending and not self._spinning:
+            self._spin()  # our caller awaits an answer: poll for it
 
-    def _after_write(self) -> None:
-        wbuf = self._wbuf
-        if not wbuf:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
-        if self._drain_waiters and self._wsize <= LOW_WATER:
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+    def _write_failed(self, exc: OSError) -> None:
+        self._lost(self._gone(exc))
 
     async def _wait_drained(self, low: int) -> None:
         self._flush()
-        while self._wsize > low:
-            if self._closed is not None:
-                raise self._closed
-            w = self._loop.create_future()
-            self._drain_waiters.append(w)
-            await w
+        await self._stream.drain(low)
         if self._closed is not None:
             raise self._closed
 
@@ -479,24 +368,16 @@ class Peer(Handlers):
 
     def _read_once(self) -> bool:
         """Read and handle what is available; True if bytes arrived."""
-        # Read into one reused buffer, then copy out only what arrived: a fresh
-        # 256 KiB allocation per read costs more than the round trip itself.
         self._woke = False
         try:
-            if self._unix:
-                n, anc, flags, _ = self._sock.recvmsg_into(self._rbufs, _ANC_SPACE)
-                if anc:
-                    self._take_fds(anc, flags)
-            else:
-                n = self._sock.recv_into(self._rbuf)
-            data = self._rview[:n].tobytes()
-        except (BlockingIOError, InterruptedError):
-            return False
+            data = self._stream.recv(self._conn.receive_fds)
         except OSError as exc:
             self._lost(self._gone(exc))
             return False
         except ProtocolError as exc:
             self._bad_message(exc)
+            return False
+        if data is None:
             return False
         if not data:
             try:
@@ -540,16 +421,6 @@ class Peer(Handlers):
         if self._conn.buffered_out:
             self._flush()
         return True
-
-    def _take_fds(self, anc: list[tuple[int, int, bytes]], flags: int) -> None:
-        fds = array.array("i")
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-        if flags & socket.MSG_CTRUNC:
-            _close_all(fds)
-            raise ProtocolError("too many file descriptors in one message")
-        self._conn.receive_fds(fds)
 
     def _on_error(self, f: Frame) -> None:
         fut = self._conn.take_pending(f.request_id)
@@ -665,10 +536,7 @@ class Peer(Handlers):
             return
         self._closed = exc
         self._conn.state = State.CLOSED
-        if self._started:
-            self._loop.remove_reader(self._fd)
-            if self._writing:
-                self._loop.remove_writer(self._fd)
+        self._stream.close(exc)
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         if self._lease_timer is not None:
@@ -676,32 +544,16 @@ class Peer(Handlers):
         if self._timer is not None:
             self._timer.cancel()
         self._deadlines.clear()
-        self._sock.close()
         self._conn.close_fds()
-        for _, fds in self._wfds:
-            _close_all(fds)
-        self._wfds.clear()
-        self._wbuf.clear()
-        self._wsize = 0
         for fut in self._conn.fail_all():
             if not fut.done():
                 fut.set_exception(exc)
         for task in self._serving.values():
             task.cancel()
         self._serving.clear()
-        for w in self._drain_waiters:
-            if not w.done():
-                w.set_exception(exc)
-        self._drain_waiters.clear()
         if not self._hello_fut.done():
             self._hello_fut.set_exception(exc)
             self._hello_fut.exception()  # mark retrieved
         self._closed_fut.set_result(None)
         if self._on_close is not None:
             self._on_close(self)
-
-
-def _close_all(fds: Any) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)

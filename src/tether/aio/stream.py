@@ -1,0 +1,246 @@
+"""A non-blocking socket driven by the event loop: bytes and descriptors, no frames.
+
+This is the transport under an asyncio :class:`~tether.Peer`. It only moves
+bytes, and on unix sockets file descriptors with ``SCM_RIGHTS``; the peer
+decides what they mean. Owning the socket (rather than using an asyncio
+transport) is what makes descriptor passing possible, and keeps the read and
+write paths to one syscall each.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from ..errors import ProtocolError, TetherError
+
+__all__ = ["SocketStream", "close_all"]
+
+READ_SIZE: Final = 256 * 1024
+_ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
+_SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+
+
+def close_all(fds: Iterable[int]) -> None:
+    """Close descriptors, ignoring those already closed."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class SocketStream:
+    """One connected socket, read when readable and written without blocking.
+
+    Args:
+        on_readable: called by the loop when bytes (or EOF) can be read.
+        on_error: called when a write the loop retried later failed.
+        low_water: :meth:`drain` waiters wake once the queue is this small.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        on_readable: Callable[[], None],
+        on_error: Callable[[OSError], None],
+        low_water: int,
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        #: a unix socket: descriptors can ride along
+        self.unix = sock.family == socket.AF_UNIX
+        self._loop = loop
+        self._on_readable = on_readable
+        self._on_error = on_error
+        self._low = low_water
+        # Reads go into one reused buffer and only what arrived is copied out:
+        # a fresh 256 KiB allocation per read costs more than a round trip.
+        self._rbuf = bytearray(READ_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._rbufs = [self._rbuf]
+        # Unsent chunks; an empty chunk stands for the next entry of _wfds,
+        # whose descriptors must ride on its first byte.
+        self._wbuf: collections.deque[memoryview] = collections.deque()
+        self._wfds: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        #: bytes accepted by :meth:`write` and not yet taken by the kernel
+        self.buffered = 0
+        self._writing = False
+        self._reading = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+
+    def start(self) -> None:
+        """Start watching for readability."""
+        if not self._reading and not self._closed:
+            self._reading = True
+            self._loop.add_reader(self.fd, self._on_readable)
+
+    def stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.fd)
+
+    # -- reading ----------------------------------------------------------
+
+    def recv(self, on_fds: Callable[[array.array[int]], None]) -> bytes | None:
+        """One read: the bytes that arrived, ``b""`` at EOF, ``None`` if none yet.
+
+        Descriptors that came along go to ``on_fds`` before the bytes are returned.
+
+        Raises:
+            OSError: the read failed (the connection is broken).
+            ProtocolError: more descriptors arrived than fit (they are closed).
+        """
+        try:
+            if self.unix:
+                n, anc, flags, _ = self.sock.recvmsg_into(self._rbufs, _ANC_SPACE)
+                if anc:
+                    fds = array.array("i")
+                    for level, kind, cdata in anc:
+                        if (level, kind) == _SCM:
+                            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                    if flags & socket.MSG_CTRUNC:
+                        close_all(fds)
+                        raise ProtocolError("too many file descriptors in one message")
+                    on_fds(fds)
+            else:
+                n = self.sock.recv_into(self._rbuf)
+        except (BlockingIOError, InterruptedError):
+            return None
+        return self._rview[:n].tobytes()
+
+    # -- writing ----------------------------------------------------------
+
+    def write(self, data: bytearray, fds: list[int] | None = None) -> bool:
+        """Write ``data`` now, or queue what the socket does not take.
+
+        ``fds`` ride on the first byte of ``data``; they are closed here once
+        sent (or when the stream closes). Returns True if everything went out.
+
+        Raises:
+            OSError: the write failed (the connection is broken).
+        """
+        if fds:
+            return self._write_fds(data, fds)
+        if self._wbuf:
+            self._queue(memoryview(data))
+            return False
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n == len(data):
+            return True
+        self._queue(memoryview(data)[n:])
+        return False
+
+    def _write_fds(self, data: bytearray, fds: list[int]) -> bool:
+        if not self._wbuf:
+            try:
+                n = self.sock.sendmsg([data], [(*_SCM, array.array("i", fds))])
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                close_all(fds)
+                raise
+            if n:
+                close_all(fds)
+                if n == len(data):
+                    return True
+                self._queue(memoryview(data)[n:])
+                return False
+        self._wfds.append((memoryview(data), fds))
+        self._queue(memoryview(b""), len(data))
+        return False
+
+    def _queue(self, chunk: memoryview, size: int | None = None) -> None:
+        self._wbuf.append(chunk)
+        self.buffered += len(chunk) if size is None else size
+        if not self._writing:
+            self._writing = True
+            self._loop.add_writer(self.fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            self._write_queued()
+        except OSError as exc:
+            self._on_error(exc)
+
+    def _write_queued(self) -> None:
+        wbuf = self._wbuf
+        if wbuf and not wbuf[0]:
+            data, fds = self._wfds[0]
+            try:
+                n = self.sock.sendmsg([data], [(*_SCM, array.array("i", fds))])
+            except (BlockingIOError, InterruptedError):
+                return
+            self._wfds.popleft()
+            close_all(fds)
+            self.buffered -= n
+            if n < len(data):
+                wbuf[0] = data[n:]
+            else:
+                wbuf.popleft()
+        else:
+            chunks: list[memoryview] = []
+            for c in wbuf:
+                if not c or len(chunks) >= 512:
+                    break
+                chunks.append(c)
+            try:
+                n = self.sock.sendmsg(chunks)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.buffered -= n
+            while n:
+                head = wbuf[0]
+                if len(head) <= n:
+                    n -= len(head)
+                    wbuf.popleft()
+                else:
+                    wbuf[0] = head[n:]
+                    n = 0
+        if not wbuf:
+            self._writing = False
+            self._loop.remove_writer(self.fd)
+        if self._drain_waiters and self.buffered <= self._low:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    async def drain(self, low: int) -> None:
+        """Wait until at most ``low`` bytes are queued (woken at low water)."""
+        while self.buffered > low and not self._closed:
+            w = self._loop.create_future()
+            self._drain_waiters.append(w)
+            await w
+
+    # -- ending -----------------------------------------------------------
+
+    def close(self, exc: TetherError) -> None:
+        """Stop watching, close the socket, drop what is queued; waiters get ``exc``."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stop_reading()
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self.fd)
+        self.sock.close()
+        for _, fds in self._wfds:
+            close_all(fds)
+        self._wfds.clear()
+        self._wbuf.clear()
+        self.buffered = 0
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_exception(exc)
