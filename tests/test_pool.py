@@ -277,3 +277,23 @@ def test_the_receiver_keeps_one_mapping_per_segment_and_releases_by_views() -> N
     assert len(b.borrowed._maps) == 1
     b.close_fds()
     POOL.clear()
+
+
+def test_a_peer_that_hoards_lent_arrays_gets_sealed_ones_past_the_cap() -> None:
+    from tether.protocol import MAX_LEASES
+
+    POOL.clear()
+    a, b = pair(["fd"], ["fd", "lease"])
+    held = []
+    for _ in range(MAX_LEASES + 5):
+        a.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
+        (f,) = deliver(a, b)
+        held.append(codec.decode_with(codec.any_decoder, f.body, f.attachments)[0])
+    assert len(a._leases) == MAX_LEASES  # the rest went sealed: main holds nothing for them
+    del held, f
+    gc.collect()
+    assert b.poll_releases()
+    a.receive_data(b.data_to_send())
+    assert not a._leases
+    b.close_fds()
+    POOL.clear()

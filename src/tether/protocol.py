@@ -53,6 +53,8 @@ __all__ = ["Connection", "State"]
 
 _U32: Final = 0xFFFFFFFF
 _BYTESLIKE: Final = (bytes, bytearray, memoryview)
+#: leases one connection may have out at once; past it, segments are sealed one-offs
+MAX_LEASES: Final = 64
 _BLANK_HEADER: Final = bytes(HEADER_SIZE)
 _WHILE_CLOSING: Final = frozenset(int(k) for k in (Kind.GOODBYE, Kind.RESULT, Kind.ERROR))
 _TO_APP: Final = frozenset(
@@ -449,7 +451,9 @@ class Connection:
         n = view.nbytes
         if not self._send_fds or n < shm.SHM_THRESHOLD:
             return self._ext_bytes(ATT_INLINE, view)
-        if not self._send_leases:
+        if not self._send_leases or len(self._leases) >= MAX_LEASES:
+            # Sealed and given away: nothing stays held here however long the
+            # peer keeps it (a lease holds two descriptors until released).
             return self._ext_bytes(ATT_FD, shm.segment_from(view))
         # Lend a pooled segment: pages already faulted in, one copy at memory speed.
         seg = pool.POOL.get(n)
