@@ -248,12 +248,37 @@ def test_a_borrower_cannot_shrink_or_write_a_lent_segment() -> None:
         pool.clear()
 
 
-def test_an_empty_lease_is_a_protocol_error() -> None:
-    from tether.pool import map_lease
+def test_an_empty_or_short_lease_is_a_protocol_error() -> None:
+    from tether.pool import Borrowed
 
-    fd = os.memfd_create("t")
-    with pytest.raises(ProtocolError):
-        map_lease(fd, 0)
+    borrowed = Borrowed()
+    for nbytes in (0, 64 * KIB + 1):
+        fd = os.memfd_create("t")
+        os.ftruncate(fd, 64 * KIB)
+        with pytest.raises(ProtocolError):
+            borrowed.take(fd, nbytes, 1)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed all the same
+
+
+def test_a_peer_that_hoards_lent_arrays_gets_sealed_ones_past_the_cap() -> None:
+    from tether.protocol import MAX_LEASES
+
+    POOL.clear()
+    a, b = pair(["fd"], ["fd", "lease"])
+    held = []
+    for _ in range(MAX_LEASES + 5):
+        a.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
+        (f,) = deliver(a, b)
+        held.append(codec.decode_with(codec.any_decoder, f.body, f.attachments)[0])
+    assert len(a._leases) == MAX_LEASES  # the rest went sealed: main holds nothing for them
+    del held, f
+    gc.collect()
+    assert b.poll_releases()
+    a.receive_data(b.data_to_send())
+    assert not a._leases
+    b.close_fds()
+    POOL.clear()
 
 
 def test_the_receiver_keeps_one_mapping_per_segment_and_releases_by_views() -> None:
@@ -275,25 +300,5 @@ def test_the_receiver_keeps_one_mapping_per_segment_and_releases_by_views() -> N
     # the same segment came back each time, and the receiver mapped it once
     assert POOL.idle_segments == 1
     assert len(b.borrowed._maps) == 1
-    b.close_fds()
-    POOL.clear()
-
-
-def test_a_peer_that_hoards_lent_arrays_gets_sealed_ones_past_the_cap() -> None:
-    from tether.protocol import MAX_LEASES
-
-    POOL.clear()
-    a, b = pair(["fd"], ["fd", "lease"])
-    held = []
-    for _ in range(MAX_LEASES + 5):
-        a.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
-        (f,) = deliver(a, b)
-        held.append(codec.decode_with(codec.any_decoder, f.body, f.attachments)[0])
-    assert len(a._leases) == MAX_LEASES  # the rest went sealed: main holds nothing for them
-    del held, f
-    gc.collect()
-    assert b.poll_releases()
-    a.receive_data(b.data_to_send())
-    assert not a._leases
     b.close_fds()
     POOL.clear()

@@ -25,7 +25,7 @@ from typing import Final
 
 from .errors import ProtocolError
 
-__all__ = ["POOL", "Borrowed", "Segment", "SegmentPool", "map_lease"]
+__all__ = ["POOL", "Borrowed", "Segment", "SegmentPool"]
 
 _MIN_CLASS: Final = 64 * 1024
 _LENDER_SEALS: Final = (
@@ -134,22 +134,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=POOL._forget)
 
 
-def map_lease(fd: int, nbytes: int) -> mmap.mmap:
-    """Map a lent segment read-only and close ``fd``; the mapping is the handout.
-
-    The caller watches the returned object (a weak reference) to learn when
-    the receiver dropped its last view, and then releases the lease.
-    """
-    try:
-        if nbytes <= 0:
-            raise ProtocolError("a lent segment must not be empty")
-        if os.fstat(fd).st_size < nbytes:
-            raise ProtocolError("lent segment is smaller than announced")
-        return mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
-    except (OSError, ValueError) as exc:
-        raise ProtocolError(f"cannot map lent segment: {exc}") from exc
-    finally:
-        os.close(fd)
 
 
 class Borrowed:
