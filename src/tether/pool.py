@@ -134,8 +134,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=POOL._forget)
 
 
-
-
 class Borrowed:
     """The receiving side of leases: one read-only mapping kept per lent segment.
 
