@@ -20,8 +20,9 @@ import traceback
 
 from .aio.loop import run
 from .aio.main import Main
-from .aio.peer import Call, Peer
+from .aio.peer import Peer
 from .pipe import pipe
+from .registry import Call
 
 __all__ = ["ELECTRON_MESSAGE", "PIPE_MESSAGE", "electron_demo", "main", "pipe_demo", "renderer"]
 

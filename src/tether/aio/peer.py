@@ -1,11 +1,10 @@
-"""The asyncio side of one connection: :class:`Peer` and :class:`Call`.
+"""The asyncio side of one connection: :class:`Peer`.
 
-The I/O here is deliberately thin: a non-blocking socket watched with
-``loop.add_reader``, bytes fed to :class:`~tether.protocol.Connection`, frames
-dispatched by plain calls (a task only for ``async`` handlers), and the
-outgoing buffer flushed once per loop iteration so many frames share one
-``send`` syscall. Owning the socket (rather than an asyncio transport) keeps
-the door open for ``SCM_RIGHTS`` file-descriptor passing on unix sockets.
+Thin over the protocol core: bytes from the :class:`~.stream.SocketStream`
+go to :class:`~tether.protocol.Connection`, the frames it returns are
+dispatched by plain calls (a task only for ``async`` handlers), and what the
+connection queued is written once per loop turn, so frames issued together
+share one ``send`` syscall.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ from ..wire import (
 )
 from .stream import SocketStream
 
-__all__ = ["DEFAULT", "Call", "Peer"]
+__all__ = ["Peer"]
 
 log = logging.getLogger("tether")
 
