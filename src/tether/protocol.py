@@ -32,7 +32,7 @@ from typing import Any, Final
 import msgspec
 
 from . import codec, pool, shm
-from .errors import ConnectionClosed, PayloadTooLarge, ProtocolError
+from .errors import ConnectionClosed, PayloadTooLarge, ProtocolError, TetherError
 from .wire import (
     ATT,
     ATT_FD,
@@ -347,6 +347,19 @@ class Connection:
             if type(value) in _BYTESLIKE and len(value) >= shm.SHM_THRESHOLD:
                 value = _Blob(value)
             self._emit_obj(Kind.RESULT, request_id, 0, b"", value)
+
+    def answer(self, request_id: int, value: Any) -> None:
+        """Queue the RESULT of an incoming invoke, or the ERROR saying why it can't be sent.
+
+        Every invoke gets exactly one answer: a value that does not encode or
+        does not fit becomes an error for the caller, never a lost reply.
+        """
+        try:
+            self.send_result(request_id, value)
+        except PayloadTooLarge as exc:
+            self.send_error(request_id, codec.ErrorInfo("too_large", f"result too large: {exc}"))
+        except (TypeError, ValueError, msgspec.EncodeError, TetherError) as exc:
+            self.send_error(request_id, codec.error_info(exc))
 
     def send_error(self, request_id: int, info: codec.ErrorInfo) -> None:
         """Queue an ERROR answer to an incoming invoke."""

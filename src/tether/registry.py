@@ -10,7 +10,9 @@ import inspect
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar, overload
 
-from .codec import ArgsSpec
+from .codec import ArgsSpec, ErrorInfo
+from .errors import BadRequest
+from .wire import Frame
 
 __all__ = ["Call", "Handler", "Handlers", "Registry"]
 
@@ -66,50 +68,50 @@ class Registry:
         self.events: dict[str, list[Handler]] = {}
 
     def handle(
-        self,
-        channel: str,
-        fn: Callable[..., Any] | None = None,
-        *,
-        roles: Collection[str] | None = None,
-    ) -> Any:
-        """Register ``fn`` to answer invokes on ``channel``; usable as a decorator.
+        self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | None = None
+    ) -> None:
+        """Register ``fn`` to answer invokes on ``channel``.
 
         One handler per channel: registering again replaces the previous one.
         ``roles`` limits which peers may call it (default: every peer).
         """
-        if not channel or len(channel.encode()) > 0xFFFF:
-            raise ValueError(f"invalid channel name {channel!r}")
-
-        def register(f: F) -> F:
-            self.invokes[channel] = Handler(f, roles)
-            return f
-
-        return register(fn) if fn is not None else register
+        self.invokes[_checked(channel)] = Handler(fn, roles)
 
     def on(
-        self,
-        channel: str,
-        fn: Callable[..., Any] | None = None,
-        *,
-        roles: Collection[str] | None = None,
-    ) -> Any:
-        """Register ``fn`` as a listener for events on ``channel``; usable as a decorator.
+        self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | None = None
+    ) -> None:
+        """Register ``fn`` as a listener for events on ``channel``.
 
         Several listeners may share a channel; they run in registration order.
         """
-        if not channel or len(channel.encode()) > 0xFFFF:
-            raise ValueError(f"invalid channel name {channel!r}")
+        self.events.setdefault(_checked(channel), []).append(Handler(fn, roles))
 
-        def register(f: F) -> F:
-            self.events.setdefault(channel, []).append(Handler(f, roles))
-            return f
+    def resolve(self, f: Frame, role: str) -> tuple[Handler, tuple[Any, ...]] | ErrorInfo:
+        """The handler of an INVOKE and its validated arguments, or the ERROR to answer.
 
-        return register(fn) if fn is not None else register
+        Both I/O layers dispatch through this, so a caller gets the same
+        NoHandler / Forbidden / BadRequest whatever kind of peer it called.
+        """
+        h = self.invokes.get(f.channel)
+        if h is None:
+            return ErrorInfo("no_handler", f"no handler for channel {f.channel!r}")
+        if h.roles is not None and role not in h.roles:
+            return ErrorInfo("forbidden", f"channel {f.channel!r} is not exposed to role {role!r}")
+        try:
+            return h, h.spec.decode(f.body, f.attachments)
+        except BadRequest as exc:
+            return ErrorInfo("bad_request", str(exc), path=exc.path)
 
     def remove(self, channel: str) -> None:
         """Drop the invoke handler and every event listener of ``channel``."""
         self.invokes.pop(channel, None)
         self.events.pop(channel, None)
+
+
+def _checked(channel: str) -> str:
+    if not channel or len(channel.encode()) > 0xFFFF:
+        raise ValueError(f"invalid channel name {channel!r}")
+    return channel
 
 
 class Handlers:

@@ -18,14 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-import msgspec
-
 from .. import codec
 from ..errors import (
     BadRequest,
     ConnectionClosed,
     InvokeTimeout,
-    PayloadTooLarge,
     PeerGone,
     ProtocolError,
     TetherError,
@@ -429,15 +426,11 @@ class Peer(Handlers):
 
     def _on_invoke(self, f: Frame) -> None:
         rid = f.request_id
-        h = self.registry.invokes.get(f.channel)
-        if h is None:
-            self._conn.send_error(
-                rid, codec.ErrorInfo("no_handler", f"no handler for channel {f.channel!r}")
-            )
+        found = self.registry.resolve(f, self.role)
+        if isinstance(found, codec.ErrorInfo):
+            self._conn.send_error(rid, found)
             return
-        args = self._decode_args(h, f, rid)
-        if args is None:
-            return
+        h, args = found
         call = Call(self, f.channel, rid, f.route_id)
         if h.is_async:
             self._serving[rid] = self._loop.create_task(self._run_async(h, call, args))
@@ -448,22 +441,7 @@ class Peer(Handlers):
         except Exception as exc:
             self._conn.send_error(rid, codec.error_info(exc))
         else:
-            self._send_result(rid, result)
-
-    def _decode_args(self, h: Handler, f: Frame, rid: int) -> tuple[Any, ...] | None:
-        if h.roles is not None and self.role not in h.roles:
-            if rid:
-                msg = f"channel {f.channel!r} is not exposed to role {self.role!r}"
-                self._conn.send_error(rid, codec.ErrorInfo("forbidden", msg))
-            return None
-        try:
-            return h.spec.decode(f.body, f.attachments)
-        except BadRequest as exc:
-            if rid:
-                self._conn.send_error(rid, codec.ErrorInfo("bad_request", str(exc), path=exc.path))
-            else:
-                log.warning("dropped event on %r from %r: %s", f.channel, self, exc)
-            return None
+            self._conn.answer(rid, result)
 
     async def _run_async(self, h: Handler, call: Call, args: tuple[Any, ...]) -> None:
         rid = call.request_id
@@ -478,16 +456,8 @@ class Peer(Handlers):
         else:
             if self._serving.pop(rid, None) is None:
                 return  # cancelled by the caller meanwhile
-            self._send_result(rid, result)
+            self._conn.answer(rid, result)
         self._kick()
-
-    def _send_result(self, rid: int, result: Any) -> None:
-        try:
-            self._conn.send_result(rid, result)
-        except PayloadTooLarge as exc:
-            self._conn.send_error(rid, codec.ErrorInfo("too_large", f"result too large: {exc}"))
-        except (TypeError, ValueError, msgspec.EncodeError, TetherError) as exc:
-            self._conn.send_error(rid, codec.error_info(exc))
 
     def _on_event(self, f: Frame) -> None:
         handlers = self.registry.events.get(f.channel)
@@ -495,8 +465,12 @@ class Peer(Handlers):
             log.debug("no listener for event %r from %r", f.channel, self)
             return
         for h in handlers:
-            args = self._decode_args(h, f, 0)
-            if args is None:
+            if h.roles is not None and self.role not in h.roles:
+                continue
+            try:
+                args = h.spec.decode(f.body, f.attachments)
+            except BadRequest as exc:
+                log.warning("dropped event on %r from %r: %s", f.channel, self, exc)
                 continue
             call = Call(self, f.channel, 0, f.route_id)
             if h.is_async:

@@ -19,20 +19,16 @@ import threading
 import time
 from typing import Any, Final
 
-import msgspec
-
 from .. import codec
 from ..errors import (
-    BadRequest,
     ConnectionClosed,
     InvokeTimeout,
-    PayloadTooLarge,
     PeerGone,
     ProtocolError,
     TetherError,
 )
 from ..protocol import Connection
-from ..registry import Call, Handler, Handlers, Registry
+from ..registry import Call, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
 from ..shm import consume_all
 from ..wire import (
@@ -351,44 +347,29 @@ class Peer(Handlers):
                 if not h.allows(self.role):
                     continue
                 try:
-                    args = self._args(h, f)
+                    args = h.spec.decode(f.body, f.attachments)
                     h.fn(Call(self, f.channel, 0, f.route_id), *args)
                 except Exception:
                     log.exception("listener for %r raised", f.channel)
             return
-        handler = self.registry.invokes.get(f.channel)
-        if handler is None:
-            reply = codec.ErrorInfo("no_handler", f"no handler for channel {f.channel!r}")
-        elif handler.roles is not None and self.role not in handler.roles:
-            reply = codec.ErrorInfo(
-                "forbidden", f"channel {f.channel!r} is not exposed to role {self.role!r}"
-            )
+        found = self.registry.resolve(f, self.role)
+        if isinstance(found, codec.ErrorInfo):
+            reply = found
         else:
+            handler, args = found
             try:
-                call = Call(self, f.channel, rid, f.route_id)
-                result = handler.fn(call, *self._args(handler, f))
-            except BadRequest as exc:
-                reply = codec.ErrorInfo("bad_request", str(exc), path=exc.path)
+                result = handler.fn(Call(self, f.channel, rid, f.route_id), *args)
             except Exception as exc:
                 reply = codec.error_info(exc)
         with self._wlock:
             if self._closed is not None:
                 return
             if reply is None:
-                try:
-                    self._conn.send_result(rid, result)
-                except PayloadTooLarge as exc:
-                    self._conn.send_error(rid, codec.ErrorInfo("too_large", str(exc)))
-                except (TypeError, ValueError, msgspec.EncodeError, TetherError) as exc:
-                    self._conn.send_error(rid, codec.error_info(exc))
+                self._conn.answer(rid, result)
             else:
                 self._conn.send_error(rid, reply)
             with contextlib.suppress(TetherError):
                 self._write(self._conn.data_to_send(), time.monotonic() + 30.0)
-
-    @staticmethod
-    def _args(h: Handler, f: Frame) -> tuple[Any, ...]:
-        return h.spec.decode(f.body, f.attachments)
 
     def _end(self, exc: TetherError) -> None:
         with self._cv:
