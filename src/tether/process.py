@@ -92,20 +92,23 @@ def child_entry(
     os._exit(code)
 
 
+def _peer_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The child's side of the connection, for either kind of peer."""
+    return {
+        "role": "main",
+        "local_role": "child",
+        "timeout": options.get("timeout", 30.0),
+        "max_frame_size": options["max_frame_size"],
+        "name": options.get("name", ""),
+    }
+
+
 async def _run_async(
     sock: socket.socket, target: Callable[..., Any], args: tuple[Any, ...], options: dict[str, Any]
 ) -> int:
     from .aio.peer import Peer
 
-    peer = Peer(
-        sock,
-        role="main",
-        local_role="child",
-        timeout=options.get("timeout", 30.0),
-        max_frame_size=options["max_frame_size"],
-        name=options.get("name", ""),
-        spin=options.get("spin", 0.0),
-    )
+    peer = Peer(sock, **_peer_options(options), spin=options.get("spin", 0.0))
     task = asyncio.ensure_future(target(peer, *args))
     await asyncio.sleep(0)  # the target runs to its first await: handlers are in place
     peer.start()
@@ -129,14 +132,7 @@ def _run_sync(
 ) -> int:
     from .sync.peer import Peer
 
-    with Peer(
-        sock,
-        role="main",
-        local_role="child",
-        timeout=options.get("timeout", 30.0),
-        max_frame_size=options["max_frame_size"],
-        name=options.get("name", ""),
-        lazy=True,  # read nothing until the target's first blocking call: handlers are in place
-    ) as peer:
+    # lazy: read nothing until the target's first blocking call, so its handlers are in place
+    with Peer(sock, **_peer_options(options), lazy=True) as peer:
         target(peer, *args)
     return 0
