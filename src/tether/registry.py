@@ -7,6 +7,7 @@ for all its peers; a peer made by ``connect`` or ``spawn`` has its own.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar, overload
 
@@ -15,6 +16,8 @@ from .errors import BadRequest
 from .wire import Frame
 
 __all__ = ["Call", "Handler", "Handlers", "Registry"]
+
+log = logging.getLogger("tether")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -101,11 +104,41 @@ class Registry:
             return h, h.spec.decode(f.body, f.attachments)
         except BadRequest as exc:
             return ErrorInfo("bad_request", str(exc), path=exc.path)
+        except Exception as exc:  # e.g. an ndarray reference where numpy is missing
+            return ErrorInfo("bad_request", f"cannot decode arguments: {_describe(exc)}")
+
+    def listeners(self, f: Frame, role: str) -> list[tuple[Handler, tuple[Any, ...]]]:
+        """The listeners of an EVENT that ``role`` may reach, each with its decoded arguments.
+
+        A listener whose arguments fail to decode is skipped with one warning
+        (an event has no answer to carry the error). Both I/O layers dispatch
+        events through this, so they treat bad events alike.
+        """
+        handlers = self.events.get(f.channel)
+        if not handlers:
+            log.debug("no listener for event %r", f.channel)
+            return []
+        out: list[tuple[Handler, tuple[Any, ...]]] = []
+        for h in handlers:
+            if h.roles is not None and role not in h.roles:
+                continue
+            try:
+                out.append((h, h.spec.decode(f.body, f.attachments)))
+            except Exception as exc:
+                log.warning("dropped event on %r from role %r: %s", f.channel, role, _describe(exc))
+        return out
 
     def remove(self, channel: str) -> None:
         """Drop the invoke handler and every event listener of ``channel``."""
         self.invokes.pop(channel, None)
         self.events.pop(channel, None)
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return type(exc).__name__
 
 
 def _checked(channel: str) -> str:
