@@ -285,6 +285,10 @@ class Connection:
         """
         return self.pending.pop(request_id, None)
 
+    def abort(self) -> None:
+        """Move to CLOSED at once: the I/O layer dropped the connection."""
+        self.state = State.CLOSED
+
     def fail_all(self) -> list[Any]:
         """Close for good and hand back every pending waiter, to be failed."""
         self.state = State.CLOSED
