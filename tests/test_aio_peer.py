@@ -9,18 +9,21 @@ reading.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import socket
 import stat
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 import tether
 from _targets import Recorder, install_main_handlers
+from tether import codec, wire
 from tether.protocol import Connection
 
 pytestmark = pytest.mark.timeout(60)
@@ -476,3 +479,607 @@ async def test_silent_connection_is_dropped_at_the_hello_deadline(sock_path: str
         assert 0.15 < elapsed < 2.0
         await asyncio.sleep(0)
         assert not main.peers
+
+
+# -- a client speaking the protocol by hand ---------------------------------------------
+
+
+def _out(conn: Connection) -> bytes:
+    """The bytes a sans-I/O connection queued (whatever shape ``data_to_send`` returns)."""
+    data: Any = conn.data_to_send()
+    return bytes(data[0] if isinstance(data, tuple) else data)
+
+
+class RawClient:
+    """A blocking unix-socket client that encodes and decodes with the sans-I/O core.
+
+    ``out`` encodes what is sent (its HELLO goes first); ``inp`` decodes what
+    arrives, so a sender and a reader thread never share a connection object.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30.0)
+        self.sock.connect(path)
+        self.out = Connection("client")
+        self.inp = Connection("client")
+        self.rids: list[int] = []
+
+    def invoke(self, channel: str, *args: Any) -> int:
+        rid = self.out.send_invoke(channel.encode(), args, None)
+        self.out.pending.clear()  # nothing waits here: answers are read as frames
+        self.rids.append(rid)
+        return rid
+
+    def event(self, channel: str, *args: Any) -> None:
+        self.out.send_event(channel.encode(), args)
+
+    def flush(self) -> None:
+        self.sock.sendall(_out(self.out))
+
+    def read_answers(self, n: int) -> dict[int, Any]:
+        """Read until ``n`` RESULT/ERROR frames came: rid -> value or ErrorInfo."""
+        got: dict[int, Any] = {}
+        while len(got) < n:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise EOFError(f"connection closed after {len(got)} of {n} answers")
+            for f in self.inp.receive_data(data):
+                if f.kind == wire.K_RESULT:
+                    got[f.request_id] = codec.any_decoder.decode(f.body)
+                elif f.kind == wire.K_ERROR:
+                    got[f.request_id] = codec.error_decoder.decode(f.body)
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def _main_peer(main: tether.Main) -> tether.Peer:
+    """The one peer a test's raw client made on ``main``, once its HELLO was read."""
+    deadline = time.monotonic() + 10.0
+    while not any(p.remote_hello is not None for p in main.peers):
+        assert time.monotonic() < deadline, "the raw client never completed its handshake"
+        await asyncio.sleep(0.005)
+    (peer,) = main.peers
+    return peer
+
+
+# -- every invoke gets exactly one answer ------------------------------------------------
+
+
+class CustomBase(BaseException):
+    """A BaseException of the user's own."""
+
+
+RAISED: dict[str, Callable[[], BaseException]] = {
+    "cancelled": asyncio.CancelledError,
+    "generator_exit": GeneratorExit,
+    "custom": lambda: CustomBase("custom base"),
+    "value": lambda: ValueError("plain"),
+}
+
+
+def _install_raisers(main: tether.Main) -> None:
+    @main.handle("raise_sync")
+    def raise_sync(call: tether.Call, kind: str) -> None:
+        raise RAISED[kind]()
+
+    @main.handle("raise_async")
+    async def raise_async(call: tether.Call, kind: str) -> None:
+        await asyncio.sleep(0)
+        raise RAISED[kind]()
+
+    @main.handle("echo")
+    def echo(call: tether.Call, x: Any) -> Any:
+        return x
+
+    @main.handle("huge_int")
+    def huge_int(call: tether.Call) -> int:
+        return 2**70  # msgpack has no such integer: OverflowError while encoding
+
+
+@pytest.mark.parametrize("how", ["raise_sync", "raise_async"])
+@pytest.mark.parametrize("kind", sorted(RAISED))
+async def test_any_exception_a_handler_raises_is_answered(
+    sock_path: str, how: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its own CancelledError, GeneratorExit, a custom BaseException: the caller gets an ERROR."""
+    async with tether.Main() as main:
+        _install_raisers(main)
+        server = await main.listen(f"unix://{sock_path}")
+        async with tether.connect(str(server.address), timeout=5.0) as peer:
+            with pytest.raises(tether.RemoteError) as ei:
+                await peer.invoke(how, kind)
+            expected = type(RAISED[kind]()).__name__
+            assert ei.value.type_name.endswith(expected)
+            assert await peer.invoke("echo", "next") == "next"
+    logged = [r for r in caplog.records if "answered with an ERROR" in r.getMessage()]
+    # Exceptions are the caller's business; other BaseExceptions are logged too.
+    assert len(logged) == (0 if kind == "value" else 1)
+
+
+async def test_one_bad_answer_costs_no_other_in_the_same_read(sock_path: str) -> None:
+    """Frames after a handler that raised a BaseException, or a result that cannot be
+    encoded, are still handled, and answers queued before it are not held back."""
+    async with tether.Main() as main:
+        _install_raisers(main)
+        server = await main.listen(f"unix://{sock_path}")
+        raw = RawClient(server.address.path)
+        try:
+            calls: list[tuple[str, tuple[Any, ...]]] = [
+                ("echo", (1,)),
+                ("raise_sync", ("custom",)),
+                ("echo", (2,)),
+                ("huge_int", ()),
+                ("echo", (3,)),
+                ("raise_sync", ("generator_exit",)),
+                ("raise_sync", ("cancelled",)),
+                ("echo", (4,)),
+            ]
+            for channel, args in calls:
+                raw.invoke(channel, *args)
+            raw.flush()  # one write: main reads them together
+            got = await asyncio.to_thread(raw.read_answers, len(calls))
+        finally:
+            raw.close()
+    answers = [got[rid] for rid in raw.rids]
+    described = [a.type if isinstance(a, codec.ErrorInfo) else a for a in answers]
+    assert described == [
+        1,
+        f"{__name__}.CustomBase",
+        2,
+        "OverflowError",
+        3,
+        "GeneratorExit",
+        "asyncio.exceptions.CancelledError",
+        4,
+    ]
+
+
+async def test_an_error_without_traceback_for_peers_not_trusted_with_one() -> None:
+    """``Peer(tracebacks=False)`` answers with type and message only (D19)."""
+    a, b = socket.socketpair()
+    serving = tether.Peer(a, role="client", local_role="main", tracebacks=False)
+    calling = tether.Peer(b, role="main", local_role="client")
+    trusting = None
+    try:
+
+        @serving.handle("boom")
+        def boom(call: tether.Call) -> None:
+            raise ValueError("secret path /home/x")
+
+        serving.start()
+        calling.start()
+        with pytest.raises(tether.RemoteError) as ei:
+            await calling.invoke("boom", timeout=5.0)
+        assert ei.value.remote_message == "secret path /home/x"
+        assert ei.value.remote_traceback == ""
+        # The default keeps it.
+        c, d = socket.socketpair()
+        trusting = tether.Peer(c, role="client", local_role="main")
+        trusting.handle("boom", boom)
+        other = tether.Peer(d, role="main", local_role="client")
+        trusting.start()
+        other.start()
+        with pytest.raises(tether.RemoteError) as ei:
+            await other.invoke("boom", timeout=5.0)
+        assert "def boom" in ei.value.remote_traceback or "boom" in ei.value.remote_traceback
+        await other.close()
+    finally:
+        await calling.close()
+        await serving.close()
+        if trusting is not None:
+            await trusting.close()
+
+
+async def exiting_child(peer: tether.Peer, how: str, kind: str) -> None:
+    """Answers ``echo``; ``quit`` raises SystemExit(3) or KeyboardInterrupt."""
+
+    def stop() -> None:
+        raise SystemExit(3) if kind == "exit" else KeyboardInterrupt()
+
+    @peer.handle("echo")
+    def echo(call: tether.Call, x: Any) -> Any:
+        return x
+
+    if how == "sync":
+
+        @peer.handle("quit")
+        def quit_sync(call: tether.Call) -> None:
+            stop()
+
+    else:
+
+        @peer.handle("quit")
+        async def quit_async(call: tether.Call) -> None:
+            await asyncio.sleep(0)
+            stop()
+
+    await peer.wait_closed()
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+async def test_system_exit_in_a_handler_answers_then_stops_the_process(how: str, kind: str) -> None:
+    async with tether.Main(timeout=10.0) as main:
+        child = await main.spawn(exiting_child, how, kind)
+        # Issued together, read together: the echo's RESULT is not lost to the exit.
+        echoed, quit_err = await asyncio.gather(
+            child.invoke("echo", 1), child.invoke("quit"), return_exceptions=True
+        )
+        assert echoed == 1
+        assert isinstance(quit_err, tether.RemoteError), quit_err
+        assert quit_err.type_name == ("SystemExit" if kind == "exit" else "KeyboardInterrupt")
+        assert await child.wait(10.0) == (3 if kind == "exit" else 1)
+
+
+async def test_caller_cancel_is_not_answered_but_own_cancelled_error_is() -> None:
+    a, b = socket.socketpair()
+    serving = tether.Peer(a, role="client", local_role="main")
+    calling = tether.Peer(b, role="main", local_role="client")
+    started = asyncio.Event()
+    ended: list[str] = []
+
+    @serving.handle("wait")
+    async def wait(call: tether.Call) -> str:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+        return "late"
+
+    @serving.handle("own")
+    async def own(call: tether.Call) -> None:
+        raise asyncio.CancelledError
+
+    serving.start()
+    calling.start()
+    try:
+        task = asyncio.ensure_future(calling.invoke("wait", timeout=None))
+        await asyncio.wait_for(started.wait(), 5.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 5.0
+        while not ended and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert ended == ["cancelled"]
+        with pytest.raises(tether.RemoteError) as ei:
+            await calling.invoke("own", timeout=5.0)
+        assert ei.value.type_name.endswith("CancelledError")
+        assert not serving._serving and not serving._tasks
+    finally:
+        await calling.close()
+        await serving.close()
+
+
+# -- inbound flow control (D4) --------------------------------------------------------------
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _until_stalled(progress: Callable[[], int], done: Callable[[], bool]) -> None:
+    """Wait until ``progress()`` stops growing for 0.5 s, or ``done()``; bounded."""
+    last, since = progress(), time.monotonic()
+    deadline = since + 30.0
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > 0.5:
+            return
+
+
+async def test_a_client_that_never_reads_cannot_grow_main(sock_path: str) -> None:
+    """3,000 pipelined 60 KB invokes, answers never read: main stops reading (D4)."""
+    n, size = 3000, 60_000
+    MiB = 1 << 20
+    async with tether.Main(timeout=10.0) as main:
+
+        @main.handle("blob")
+        def blob(call: tether.Call, data: bytes) -> bytes:
+            return data
+
+        server = await main.listen(f"unix://{sock_path}")
+        raw = RawClient(server.address.path)
+        payload = os.urandom(size)
+        sent = 0
+
+        def sender() -> None:
+            nonlocal sent
+            raw.flush()
+            for i in range(n):
+                raw.invoke("blob", payload)
+                if i % 10 == 9 or i == n - 1:
+                    raw.flush()
+                sent = i + 1
+
+        base = _rss_now()
+        sending = asyncio.ensure_future(asyncio.to_thread(sender))
+        try:
+            peer = await _main_peer(main)
+            peak = 0
+
+            async def sample() -> None:
+                nonlocal peak
+                while True:
+                    peak = max(peak, peer._stream.buffered + peer._conn.buffered_out)
+                    await asyncio.sleep(0.002)
+
+            sampler = asyncio.ensure_future(sample())
+            await _until_stalled(lambda: sent, sending.done)
+            sampler.cancel()
+            queued = peer._stream.buffered + peer._conn.buffered_out
+            grown = _rss_now() - base
+            assert not sending.done(), "main read all 180 MB without anyone reading its answers"
+            assert max(peak, queued) < 12 * MiB, f"{max(peak, queued) / MiB:.0f} MiB queued"
+            assert grown < 100 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
+            # Reading resumes as soon as the client reads: every invoke is answered.
+            got = await asyncio.to_thread(raw.read_answers, n)
+            await asyncio.wait_for(sending, 30.0)
+        finally:
+            raw.sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sending, 30.0)
+            raw.close()
+    assert sorted(got) == sorted(raw.rids)
+    assert all(len(v) == size for v in got.values())
+
+
+async def test_events_without_reading_do_not_make_a_task_each(sock_path: str) -> None:
+    """100k async events while every listener waits: a bounded number of tasks (D4, D14)."""
+    n = 100_000
+    async with tether.Main(timeout=10.0) as main:
+        gate = asyncio.Event()
+        seen: list[int] = []
+        finished = 0
+
+        @main.on("tick")
+        async def tick(call: tether.Call, i: int) -> None:
+            nonlocal finished
+            seen.append(i)
+            await gate.wait()
+            finished += 1
+
+        server = await main.listen(f"unix://{sock_path}")
+        raw = RawClient(server.address.path)
+        sent = 0
+
+        def sender() -> None:
+            nonlocal sent
+            raw.flush()
+            for i in range(n):
+                raw.event("tick", i)
+                if i % 1000 == 999:
+                    raw.flush()
+                    sent = i + 1
+
+        sending = asyncio.ensure_future(asyncio.to_thread(sender))
+        try:
+            await _main_peer(main)
+            await _until_stalled(lambda: len(seen), sending.done)
+            assert len(seen) <= 2 * 1024, f"{len(seen)} listener tasks at once"
+            assert len(seen) >= 512  # it did run them, up to its limit
+            gate.set()
+            deadline = time.monotonic() + 50.0
+            while finished < n and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.wait_for(sending, 10.0)
+        finally:
+            raw.close()
+    assert finished == n
+    assert seen == list(range(n))  # held back in order, never dropped
+
+
+async def test_handlers_awaiting_the_same_peer_finish_while_it_is_paused(
+    unix_hub: Hub,
+) -> None:
+    """Past the task limit reading pauses, but answers owed to main are still read."""
+    async with tether.connect(unix_hub.address, timeout=30.0) as client:
+
+        @client.handle("triple")
+        def triple(call: tether.Call, x: int) -> int:
+            return 3 * x
+
+        # Each "register" invokes the client back and waits for its answer.
+        got = await asyncio.gather(*(client.invoke("register", i) for i in range(1500)))
+        assert got == [3 * i + 1 for i in range(1500)]
+
+
+# -- listener tasks belong to the peer (D14) ----------------------------------------------
+
+
+async def test_listener_tasks_are_held_and_cancelled_on_close(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    main = tether.Main()
+    started: list[int] = []
+    ended: list[int] = []
+
+    @main.on("hang")
+    async def hang(call: tether.Call, i: int) -> None:
+        started.append(i)
+        try:
+            await asyncio.Event().wait()  # nothing else holds this task
+        finally:
+            ended.append(i)
+
+    server = await main.listen(f"unix://{sock_path}")
+    async with tether.connect(str(server.address)) as client:
+        for i in range(3):
+            await client.send("hang", i)
+        deadline = time.monotonic() + 5.0
+        while len(started) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert started == [0, 1, 2]
+        gc.collect()
+        await asyncio.sleep(0)
+        await asyncio.wait_for(main.close(), 5.0)
+        assert sorted(ended) == [0, 1, 2]  # cancelled, and awaited by close()
+    assert not [r for r in caplog.records if "Task was destroyed" in r.getMessage()]
+
+
+# -- invoke and send before HELLO and after GOODBYE (D8, D15) ----------------------------
+
+
+async def test_first_call_before_hello_waits_for_it_and_uses_shared_memory() -> None:
+    """A call issued before the peer's HELLO is encoded after it: large data as an fd (D8)."""
+    a, b = socket.socketpair(socket.AF_UNIX)
+    early = tether.Peer(a, role="main", local_role="child")
+    late = tether.Peer(b, role="child", local_role="main")
+
+    @late.handle("carrier")
+    def carrier(call: tether.Call, data: bytes) -> str:
+        return type(memoryview(data).obj).__name__
+
+    try:
+        early.start()  # the other side has not started: no HELLO yet
+        call = asyncio.ensure_future(early.invoke("carrier", bytes(1 << 20), timeout=10.0))
+        await asyncio.sleep(0.05)
+        assert not call.done()
+        late.start()
+        assert await asyncio.wait_for(call, 10.0) == "mmap"  # not inline bytes
+    finally:
+        await early.close()
+        await late.close()
+
+
+async def test_call_waiting_for_hello_is_bounded_by_its_timeout() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    early = tether.Peer(a, role="main", local_role="child")
+    try:
+        early.start()
+        t0 = time.monotonic()
+        with pytest.raises(tether.InvokeTimeout):
+            await early.invoke("x", timeout=0.2)
+        assert 0.15 < time.monotonic() - t0 < 2.0
+    finally:
+        await early.close()
+        b.close()
+
+
+async def leaving_child(peer: tether.Peer) -> None:
+    """Says goodbye, then lingers: main sees the goodbye before the exit."""
+    await asyncio.sleep(0.2)  # started and greeted
+    await peer.send("leaving")
+    await peer.close("done here")
+    await asyncio.sleep(0.8)
+
+
+async def test_invoke_after_the_peer_said_goodbye_raises_peer_gone() -> None:
+    """During a child's goodbye grace, calls raise PeerGone, not ConnectionClosed (D15)."""
+    async with tether.Main() as main:
+        left = asyncio.Event()
+        main.on("leaving", lambda call: left.set())
+        child = await main.spawn(leaving_child)
+        await asyncio.wait_for(left.wait(), 10.0)
+        deadline = time.monotonic() + 5.0
+        while child._conn.goodbye_reason is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert not child.closed  # still in its grace period
+        with pytest.raises(tether.PeerGone) as ei:
+            await child.invoke("anything", timeout=1.0)
+        assert "done here" in str(ei.value)
+        with pytest.raises(tether.PeerGone):
+            await child.send("anything")
+        await child.wait(10.0)
+
+
+# -- API: abort, channel type ------------------------------------------------------------
+
+
+async def test_abort_drops_the_peer_at_once(unix_hub: Hub) -> None:
+    async with tether.connect(unix_hub.address) as client:
+
+        @client.handle("triple")
+        def triple(call: tether.Call, x: int) -> int:
+            return 3 * x
+
+        @client.handle("forever")
+        async def forever(call: tether.Call) -> None:
+            await asyncio.sleep(30)
+
+        assert await client.invoke("register", 1) == 4  # main now knows this peer
+        (server_side,) = unix_hub.rec.peers
+        pending = asyncio.ensure_future(server_side.invoke("forever", timeout=None))
+        await asyncio.sleep(0.05)
+        server_side.abort(tether.ProtocolError("dropped by test"))
+        assert server_side.closed
+        with pytest.raises(tether.ProtocolError):
+            await asyncio.wait_for(pending, 1.0)
+        await asyncio.wait_for(client.wait_closed(), 2.0)  # no goodbye: just dropped
+        with pytest.raises(tether.PeerGone):
+            await client.invoke("echo", 1)
+        assert server_side not in unix_hub.main.peers
+
+
+@pytest.mark.parametrize("channel", [5, b"echo", None, ["echo"]])
+async def test_non_str_channel_raises_type_error_naming_it(unix_hub: Hub, channel: Any) -> None:
+    async with tether.connect(unix_hub.address) as peer:
+        with pytest.raises(TypeError, match="channel"):
+            await peer.invoke(channel, 1)
+        with pytest.raises(TypeError, match="channel"):
+            await peer.send(channel, 1)
+        assert await peer.invoke("echo", 1) == 1
+
+
+# -- timeouts count from the call (re-entrancy) -----------------------------------------
+
+
+async def test_invoke_deadline_is_set_before_writing_can_block() -> None:
+    """With spin, writing an invoke may poll (and run handlers) before the call waits; its
+    timeout still counts from the call, not from when writing returned."""
+    a, b = socket.socketpair()
+    caller = tether.Peer(a, role="main", local_role="client", spin=0.3)
+    answering = tether.Peer(b, role="client", local_role="main")
+    answering.handle("echo", lambda call, x: x)
+    caller.start()
+    answering.start()
+    try:
+        await asyncio.sleep(0.05)  # handshake done
+        t0 = time.monotonic()
+        with pytest.raises(tether.InvokeTimeout):
+            # The 0.3 s poll blocks the loop, so the answer cannot come in time.
+            await caller.invoke("echo", 1, timeout=0.05)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        await caller.close()
+        await answering.close()
+
+
+# -- leases: no fast polling while a view is kept (D17) -----------------------------------
+
+
+async def test_a_kept_lent_view_is_polled_ever_less_often(sock_path: str) -> None:
+    async with tether.Main() as main:
+        main.handle("big", lambda call: bytes(1 << 20))
+        main.handle("echo", lambda call, x: x)
+        server = await main.listen(f"unix://{sock_path}")
+        async with tether.connect(str(server.address)) as client:
+            view = await client.invoke("big")
+            assert client._conn.borrowed.outstanding == 1  # lent, not copied
+            polls = 0
+            poll = client._poll_leases
+
+            def counted() -> None:
+                nonlocal polls
+                polls += 1
+                poll()
+
+            client._poll_leases = counted  # type: ignore[method-assign]
+            await asyncio.sleep(0.5)
+            assert polls < 20, f"{polls} release checks in 0.5 s while idle"
+            assert len(view) == 1 << 20
+            del view
+            assert await client.invoke("echo", 1) == 1  # frames handled: checked at once
+            deadline = time.monotonic() + 2.0
+            while client._conn.borrowed.outstanding and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert client._conn.borrowed.outstanding == 0

@@ -5,22 +5,31 @@ go to :class:`~tether.protocol.Connection`, the frames it returns are
 dispatched by plain calls (a task only for ``async`` handlers), and what the
 connection queued is written once per loop turn, so frames issued together
 share one ``send`` syscall.
+
+Inbound flow control (websockets' ``Assembler`` pattern): what a peer makes
+this side hold -- answers not yet written, handler and listener tasks still
+running -- is bounded. Past a high-water mark the peer's socket is no longer
+read (the kernel's buffer then pushes back on the sender); under the low-water
+mark reading resumes. The bound is on reading, not parsing: frames already
+parsed when the mark is passed wait, in order, in a backlog. While paused,
+the answers to this side's own calls are still read (a handler awaiting this
+peer can finish), within a bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
 from .. import codec
 from ..errors import (
-    BadRequest,
     ConnectionClosed,
     InvokeTimeout,
     PeerGone,
@@ -50,11 +59,19 @@ log = logging.getLogger("tether")
 T = TypeVar("T")
 
 
-HIGH_WATER: Final = 4 * 1024 * 1024
-LOW_WATER: Final = 1024 * 1024
+HIGH_WATER: Final = 4 * 1024 * 1024  # unsent bytes past which senders wait and reading stops
+LOW_WATER: Final = 1024 * 1024  # ...and under which they go on
+MAX_TASKS: Final = 1024  # handler and listener tasks past which reading stops
+TASKS_LOW: Final = 256  # ...and under which it resumes
+MAX_HELD: Final = 1024 * 1024  # bytes read while paused (for answers) before reading stops
 FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at the next turn
 _BURST: Final = 10e-6  # invokes closer together than this are coalesced into one write
-_LEASE_POLL: Final = 0.002  # seconds between checks for dropped views of lent segments
+_LEASE_POLL: Final = 0.002  # first wait between checks for dropped views of lent segments
+_LEASE_POLL_MAX: Final = 1.0  # the wait doubles up to this while nothing is released
+_HELLO_WAIT: Final = 10.0  # a call with no timeout waits this long for the peer's HELLO
+_OPEN: Final = State.OPEN
+_ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
+_EXITS: Final = (SystemExit, KeyboardInterrupt)
 
 
 class Peer(Handlers):
@@ -64,13 +81,27 @@ class Peer(Handlers):
     :func:`tether.connect` or passed to a child's target owns its handlers; a
     peer that connected to a :class:`~tether.Main` shares the main's handlers.
 
+    Every invoke this side receives gets exactly one answer. A handler that
+    raises any exception -- also a ``BaseException`` such as ``SystemExit``,
+    ``KeyboardInterrupt``, ``GeneratorExit`` or a ``CancelledError`` it raised
+    itself -- is answered with an ERROR (code ``remote``, the exception's type
+    name). Then ``SystemExit`` and ``KeyboardInterrupt`` propagate, as Python
+    would (the event loop stops), once the ERROR was written; any other
+    ``BaseException`` is only answered and logged. A handler cancelled because
+    the caller sent CANCEL (or timed out) is not answered: the caller forgot
+    the call; nor is one cancelled from outside (its task cancelled, as when
+    the loop ends with the process): the caller gets :class:`PeerGone` then.
+
     Attributes:
         role: the role granted to the *other* side (``child``, ``client``,
             ``main``...). Handlers restricted with ``roles=`` check it.
         timeout: the default invoke timeout in seconds (``None``: wait forever).
         spin: low-latency mode: seconds to keep polling the socket, instead of
             sleeping, while an answer or the next request is expected. It
-            blocks the event loop while it polls; 0 (the default) turns it off.
+            blocks the event loop while it polls (at most ``spin`` seconds at a
+            time, so other peers get their turn); 0 (the default) turns it off.
+        tracebacks: whether ERRORs this side sends carry the handler's
+            traceback (file paths, source lines): only for peers trusted to see them.
     """
 
     def __init__(
@@ -85,6 +116,7 @@ class Peer(Handlers):
         name: str = "",
         on_close: Callable[[Peer], None] | None = None,
         spin: float = 0.0,
+        tracebacks: bool = True,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -106,8 +138,10 @@ class Peer(Handlers):
         self.role = role
         self.timeout = timeout
         self.name = name
+        self.tracebacks = tracebacks
         self._on_close = on_close
         self._lease_timer: asyncio.TimerHandle | None = None
+        self._lease_wait = _LEASE_POLL
         self._last_direct = 0.0  # when an invoke last flushed on its own
         # rid -> (deadline, future, channel, timeout) of invokes with a timeout
         self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str, float]] = {}
@@ -118,7 +152,16 @@ class Peer(Handlers):
         self._spinning = False
         self._woke = False  # the last read resolved a future or started a task
         self._chan_cache: dict[str, bytes] = {}
-        self._serving: dict[int, asyncio.Task[Any]] = {}
+        # invokes being served by a task and still owing an answer (CANCEL pops them)
+        self._serving: dict[int, asyncio.Task[Any] | None] = {}
+        # every handler and listener task until it ends: held, counted, cancelled on close
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # inbound flow control
+        self._paused = False
+        self._backlog: collections.deque[Frame] = collections.deque()
+        self._held = 0  # bytes read while paused
+        self._drainer: asyncio.Task[None] | None = None
+        self._ending = False  # the connection dropped; reading never resumes
         self._flush_handle: asyncio.Handle | None = None
         self._closed: TetherError | None = None
         self._closed_fut: asyncio.Future[None] = self._loop.create_future()
@@ -133,7 +176,7 @@ class Peer(Handlers):
         if self._started:
             return
         self._started = True
-        self._stream.start()
+        self._set_reading()
         self._flush()
 
     async def wait_hello(self, timeout: float | None) -> None:
@@ -158,20 +201,47 @@ class Peer(Handlers):
         await asyncio.shield(self._closed_fut)
 
     async def close(self, reason: str = "closed", timeout: float = 1.0) -> None:
-        """Say goodbye, flush what is queued (bounded by ``timeout``) and close.
+        """Say goodbye, flush what is queued and close; all bounded by ``timeout``.
 
-        Pending invokes fail with :class:`ConnectionClosed`.
+        Pending invokes fail with :class:`ConnectionClosed`. Handler and
+        listener tasks still running are cancelled and waited for.
+        """
+        end = self._loop.time() + timeout
+        if self._closed is None:
+            self._conn.send_goodbye(reason)
+            self._flush()
+            if self._stream.buffered:
+                with contextlib.suppress(TimeoutError, TetherError):
+                    await asyncio.wait_for(self._wait_drained(0), timeout)
+            self._shutdown(
+                ConnectionClosed(f"connection to {self.name or self._fd} was closed: {reason}")
+            )
+        await self._reap(max(0.0, end - self._loop.time()))
+
+    async def _reap(self, timeout: float) -> None:
+        """Wait (bounded) for the cancelled handler and listener tasks to end."""
+        me = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not me]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    def abort(self, exc: TetherError) -> None:
+        """Drop this peer now: pending calls fail with ``exc``, the socket closes.
+
+        The bad-message rule (Chromium's): a peer that broke the protocol is
+        dropped without a goodbye, and a spawned child is killed. Use it for
+        any reason to end a connection at once; a :class:`ProtocolError` is
+        logged as a warning.
         """
         if self._closed is not None:
             return
-        self._conn.send_goodbye(reason)
-        self._flush()
-        if self._stream.buffered:
-            with contextlib.suppress(TimeoutError, TetherError):
-                await asyncio.wait_for(self._wait_drained(0), timeout)
-        self._shutdown(
-            ConnectionClosed(f"connection to {self.name or self._fd} was closed: {reason}")
-        )
+        if isinstance(exc, ProtocolError):
+            log.warning("%r broke the protocol: %s", self, exc)
+        self._ending = True
+        if isinstance(exc, PeerGone):
+            self._shutdown(exc)
+        else:
+            self._lost(exc)
 
     async def __aenter__(self) -> Peer:
         return self
@@ -183,14 +253,13 @@ class Peer(Handlers):
         state = "closed" if self._closed else "open"
         return f"<Peer {self.name or self._fd} role={self.role} {state}>"
 
-    # -- registering ------------------------------------------------------
-
     # -- calling ----------------------------------------------------------
 
-    def _chan(self, channel: str) -> bytes:
-        b = self._chan_cache.get(channel)
-        if b is None:
-            b = self._chan_cache[channel] = channel.encode()
+    def _new_chan(self, channel: object, args: tuple[Any, ...]) -> bytes:
+        if type(channel) is not str:
+            consume_all(args)  # a failed send moves its Buffers too
+            raise TypeError(f"channel must be a str, not {type(channel).__name__}")
+        b = self._chan_cache[channel] = channel.encode()
         return b
 
     async def invoke(
@@ -202,6 +271,10 @@ class Peer(Handlers):
     ) -> Any:
         """Call ``channel`` on the other side and return its result.
 
+        A call made before the other side's HELLO arrived waits for it (within
+        ``timeout``), so it is encoded with the features the peer announced
+        (shared memory for large arrays).
+
         Args:
             timeout: seconds to wait; defaults to the peer's ``timeout``.
                 ``None`` waits forever. On expiry the remote handler is cancelled.
@@ -209,41 +282,79 @@ class Peer(Handlers):
 
         Raises:
             InvokeTimeout, RemoteError, NoHandler, Forbidden, BadRequest,
-            PeerGone, ProtocolError, ConnectionClosed, PayloadTooLarge.
+            PeerGone (also when the peer said goodbye), ProtocolError,
+            ConnectionClosed (this side closed it), PayloadTooLarge.
+            TypeError: ``channel`` is not a str.
         """
-        if self._closed is not None:
-            consume_all(args)
-            raise self._closed
+        if timeout is DEFAULT:
+            timeout = self.timeout
+        conn = self._conn
+        if conn.state is not _OPEN:
+            timeout = await self._until_open(args, timeout)
+        try:
+            chan = self._chan_cache[channel]
+        except (KeyError, TypeError):
+            chan = self._new_chan(channel, args)
         loop = self._loop
         fut = loop.create_future()
-        rid = self._conn.send_invoke(self._chan(channel), args, fut)
+        rid = conn.send_invoke(chan, args, fut)
+        deadlines = self._deadlines
+        if timeout is not None:
+            # Before anything is written: writing may read (spin) and run handlers.
+            at = loop.time() + timeout
+            deadlines[rid] = (at, fut, channel, timeout)
+            if self._timer is None or at < self._timer_at:
+                self._arm(at)
+        if self._paused:
+            self._set_reading()  # answers to this call must still be read
         now = time.perf_counter()
-        if self._conn._fds_out or (now - self._last_direct > _BURST and self._flush_handle is None):
+        if conn._fds_out or (now - self._last_direct > _BURST and self._flush_handle is None):
             # A lone invoke goes out now, saving a turn of the loop on the round
             # trip; invokes issued back to back share one write at the next turn.
             self._last_direct = now
             self._flush()
         else:
             self._kick()
-        if timeout is DEFAULT:
-            timeout = self.timeout
-        deadlines = self._deadlines
-        if timeout is not None:
-            at = loop.time() + timeout
-            deadlines[rid] = (at, fut, channel, timeout)
-            if self._timer is None or at < self._timer_at:
-                self._arm(at)
         try:
-            if self._stream.buffered + self._conn.buffered_out > HIGH_WATER:
+            if self._stream.buffered + conn.buffered_out > HIGH_WATER:
                 await self._wait_drained(LOW_WATER)
             frame: Frame = await fut
         except asyncio.CancelledError:
-            self._conn.send_cancel(rid)
+            conn.send_cancel(rid)
             self._kick()
             raise
         finally:
             deadlines.pop(rid, None)
         return decode_result(frame, result_type)
+
+    async def _until_open(self, args: tuple[Any, ...], timeout: float | None) -> float | None:
+        """Wait for the peer's HELLO, or raise why nothing can be sent; the time left."""
+        conn = self._conn
+        while conn.state is State.HANDSHAKE and self._closed is None:
+            t0 = self._loop.time()
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(self._hello_fut), _HELLO_WAIT if timeout is None else timeout
+                )
+            except TimeoutError:
+                if timeout is None:
+                    return None  # no HELLO yet: the call waits behind our own
+                consume_all(args)
+                raise InvokeTimeout(f"{self!r} sent no HELLO within {timeout} s") from None
+            except TetherError:
+                break  # closed meanwhile
+            if timeout is not None:
+                timeout = max(0.0, timeout - (self._loop.time() - t0))
+        if conn.state is _OPEN:
+            return timeout
+        consume_all(args)  # a failed send moves its Buffers too
+        if self._closed is not None:
+            raise self._closed
+        if conn.goodbye_reason is not None:
+            raise PeerGone(f"{self!r} said goodbye: {conn.goodbye_reason or 'no reason given'}")
+        if conn.state is State.CLOSED:
+            raise PeerGone(f"{self!r}: connection lost")
+        raise ConnectionClosed("the connection is closing or closed")
 
     def _arm(self, at: float) -> None:
         # One timer per peer, set for the earliest deadline: cheaper than a
@@ -272,15 +383,21 @@ class Peer(Handlers):
     async def send(self, channel: str, *args: Any) -> None:
         """Send a one-way event on ``channel``. Waits only when the peer lags.
 
+        Like :meth:`invoke`, an event sent before the peer's HELLO waits for it.
+
         Raises:
-            ConnectionClosed, PeerGone, ProtocolError, PayloadTooLarge.
+            ConnectionClosed (this side closed it), PeerGone (also when the
+            peer said goodbye), ProtocolError, PayloadTooLarge.
+            TypeError: ``channel`` is not a str.
         """
-        if self._closed is not None:
-            consume_all(args)
-            raise self._closed
         conn = self._conn
-        chan = self._chan_cache.get(channel)
-        conn.send_event(chan if chan is not None else self._chan(channel), args)
+        if conn.state is not _OPEN:
+            await self._until_open(args, None)
+        try:
+            chan = self._chan_cache[channel]
+        except (KeyError, TypeError):
+            chan = self._new_chan(channel, args)
+        conn.send_event(chan, args)
         queued = conn.buffered_out
         if queued >= FLUSH_SIZE or conn._fds_out:
             # Write now rather than when the loop turns: the peer starts reading
@@ -295,13 +412,28 @@ class Peer(Handlers):
     # -- writing ----------------------------------------------------------
 
     def _poll_leases(self) -> None:
-        """Release lent segments whose views are gone; re-check while some are out."""
+        """Release lent segments whose views are gone; re-check, backing off, while some are out."""
         self._lease_timer = None
         if self._closed is not None:
             return
         if self._conn.poll_releases():
+            self._lease_wait = _LEASE_POLL
             self._kick()
+        else:
+            # Nothing dropped lately: wait longer (an idle peer holding a view
+            # costs a timer a second, not one every 2 ms).
+            self._lease_wait = min(2 * self._lease_wait, _LEASE_POLL_MAX)
         if self._conn.borrowed.outstanding:
+            self._lease_timer = self._loop.call_later(self._lease_wait, self._poll_leases)
+
+    def _leases_active(self) -> None:
+        """Frames were handled while leases are out: views may go soon, check soon."""
+        self._lease_wait = _LEASE_POLL
+        timer = self._lease_timer
+        if timer is None:
+            self._poll_leases()
+        elif timer.when() - self._loop.time() > 2 * _LEASE_POLL:
+            timer.cancel()
             self._lease_timer = self._loop.call_later(_LEASE_POLL, self._poll_leases)
 
     def _kick(self) -> None:
@@ -309,24 +441,30 @@ class Peer(Handlers):
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Write what the connection queued (the stream keeps what the socket won't take)."""
+        """Write what the connection queued; in spin mode, then poll for the answer."""
+        if self._write_out() and self.spin and self._conn.pending and not self._spinning:
+            self._spin()  # our caller awaits an answer: poll for it
+
+    def _write_out(self) -> bool:
+        """Write what the connection queued (the stream keeps what the socket won't take).
+
+        Returns True if everything went out.
+        """
         self._flush_handle = None
         if not self._started or self._closed is not None:
-            return
+            return False
         fds = self._conn.take_fds()
         data = self._conn.data_to_send()
         if not data:
-            return
+            return False
         try:
-            done = self._stream.write(data, fds)
+            return self._stream.write(data, fds)
         except OSError as exc:
-            self._lost(self._gone(exc))
-            return
-        if done and self.spin and self._conn.pending and not self._spinning:
-            self._spin()  # our caller awaits an answer: poll for it
+            self._end(self._gone(exc))
+            return False
 
     def _write_failed(self, exc: OSError) -> None:
-        self._lost(self._gone(exc))
+        self._end(self._gone(exc))
 
     async def _wait_drained(self, low: int) -> None:
         self._flush()
@@ -334,12 +472,85 @@ class Peer(Handlers):
         if self._closed is not None:
             raise self._closed
 
+    # -- inbound flow control ---------------------------------------------
+
+    def _overloaded(self) -> bool:
+        return (
+            self._stream.buffered + self._conn.buffered_out > HIGH_WATER
+            or len(self._tasks) > MAX_TASKS
+        )
+
+    def _pause(self) -> None:
+        """Stop reading: this peer made this side hold too much (unless the kernel takes it)."""
+        self._write_out()
+        if not self._overloaded():
+            return
+        self._paused = True
+        self._set_reading()
+        if self._stream.buffered > LOW_WATER:
+            self._watch_drain()
+
+    def _set_reading(self) -> None:
+        """Read the socket unless paused; while paused, only for answers owed to us."""
+        if not self._started or self._closed is not None or self._ending:
+            return
+        if not self._paused or (self._conn.pending and self._held < MAX_HELD):
+            self._stream.start()
+        else:
+            self._stream.stop_reading()
+
+    def _watch_drain(self) -> None:
+        if self._drainer is None:
+            self._drainer = self._loop.create_task(self._drained())
+
+    async def _drained(self) -> None:
+        try:
+            await self._stream.drain(LOW_WATER)
+        except TetherError:
+            return  # closed
+        finally:
+            self._drainer = None
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        """Resume reading once answers and tasks are back under the low-water marks."""
+        if not self._paused or self._closed is not None:
+            return
+        self._write_out()
+        if self._stream.buffered + self._conn.buffered_out > LOW_WATER:
+            self._watch_drain()
+            return
+        if len(self._tasks) > TASKS_LOW:
+            return  # the next task to end checks again
+        self._paused = False
+        self._held = 0
+        backlog = self._backlog
+        while backlog and not self._paused and self._closed is None:
+            self._dispatch(iter((backlog.popleft(),)))
+        if self._conn.buffered_out:
+            self._flush()
+        self._set_reading()
+
+    def _hold(self, frames: Iterable[Frame]) -> None:
+        """Paused: answers to our calls are handled now, everything else waits in order."""
+        backlog = self._backlog
+        for f in frames:
+            k = f.kind
+            if k in _ANSWERS:
+                self._woke = True
+                self._on_answer(f)
+            elif k == K_CANCEL and (task := self._serving.get(f.request_id)) is not None:
+                del self._serving[f.request_id]
+                task.cancel()  # running already: cancelling it now means less to hold
+            else:
+                backlog.append(f)
+
     # -- reading ----------------------------------------------------------
 
     def _on_readable(self) -> None:
         if self._read_once():
-            if self._conn.borrowed.outstanding and self._lease_timer is None:
-                self._poll_leases()  # handlers may have dropped what they were lent
+            if self._conn.borrowed.outstanding:
+                self._leases_active()  # handlers may have dropped what they were lent
             if self.spin and not self._spinning:
                 self._spin()  # more is likely on its way: answer it without sleeping
 
@@ -347,16 +558,21 @@ class Peer(Handlers):
         """Low-latency mode: poll the socket for up to ``spin`` seconds.
 
         Blocks the event loop while it polls, trading CPU for the 20-30 us a
-        sleeping process takes to wake; only used when asked for.
+        sleeping process takes to wake; only used when asked for. The window
+        is never extended: however busy this peer is, the loop gets a turn
+        (and other peers theirs) every ``spin`` seconds.
         """
         self._spinning = True
         try:
             deadline = time.perf_counter() + self.spin
-            while self._closed is None and time.perf_counter() < deadline:
+            while self._closed is None and not self._paused:
                 if self._read_once():
                     if self._woke:
                         return  # a result or a task is ready: let the loop run it
-                    deadline = time.perf_counter() + self.spin
+                    if time.perf_counter() >= deadline:
+                        return
+                elif time.perf_counter() >= deadline:
+                    return
                 else:
                     os.sched_yield()  # the peer may share this CPU: let it run
         finally:
@@ -368,10 +584,10 @@ class Peer(Handlers):
         try:
             data = self._stream.recv(self._conn.receive_fds)
         except OSError as exc:
-            self._lost(self._gone(exc))
+            self._end(self._gone(exc))
             return False
         except ProtocolError as exc:
-            self._bad_message(exc)
+            self.abort(exc)
             return False
         if data is None:
             return False
@@ -379,114 +595,213 @@ class Peer(Handlers):
             try:
                 self._conn.receive_eof()
             except ProtocolError as exc:
-                self._lost(exc)
+                self._end(exc)
             else:
-                self._lost(self._gone(None))
+                self._end(self._gone(None))
             return False
         try:
             frames = self._conn.receive_data(data)
         except ProtocolError as exc:
-            self._bad_message(exc)
+            self.abort(exc)
             return False
         if self._awaiting_hello and self._conn.peer_hello is not None:
             self._awaiting_hello = False
             self._hello_fut.set_result(None)
-        take = self._conn.take_pending
+        if self._paused or self._backlog:
+            self._held += len(data)
+            self._hold(frames)
+            self._set_reading()
+        else:
+            it = iter(frames)
+            if self._dispatch(it):
+                self._hold(it)  # paused midway: the rest waits
+        if self._conn.buffered_out:
+            self._flush()
+        return True
+
+    def _dispatch(self, frames: Iterator[Frame]) -> bool:
+        """Act on frames in order; True if reading paused midway (the rest is left in ``frames``).
+
+        Nothing a handler raises stops the frames after it: each invoke gets
+        its answer (see :class:`Peer`). Only ``SystemExit`` and
+        ``KeyboardInterrupt`` propagate, after the ERROR was written.
+        """
         for f in frames:
             k = f.kind
             if k == K_INVOKE:
                 self._on_invoke(f)  # answered inline, or a task (which sets _woke)
+                if self._paused:
+                    return True
                 continue
             self._woke = True  # anything else hands work to the loop
             if k == K_RESULT:
-                fut = take(f.request_id)
+                fut = self._conn.take_pending(f.request_id)
                 if fut is not None and not fut.done():
                     fut.set_result(f)
             elif k == K_EVENT:
                 self._on_event(f)
+                if self._paused:
+                    return True
             elif k == K_ERROR:
-                self._on_error(f)
+                self._on_answer(f)
             elif k == K_CANCEL:
                 task = self._serving.pop(f.request_id, None)
                 if task is not None:
                     task.cancel()
             elif k == K_GOODBYE:
+                self._write_out()  # answers to what it asked before leaving
                 reason = self._conn.goodbye_reason or "no reason given"
-                self._lost(PeerGone(f"{self!r} said goodbye: {reason}"))
-                return True
-        if self._conn.buffered_out:
-            self._flush()
-        return True
+                self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
+                return False
+        return False
 
-    def _on_error(self, f: Frame) -> None:
+    def _on_answer(self, f: Frame) -> None:
         fut = self._conn.take_pending(f.request_id)
         if fut is None or fut.done():
             return
-        fut.set_exception(decode_error(f))
+        if f.kind == K_RESULT:
+            fut.set_result(f)
+        else:
+            fut.set_exception(decode_error(f))
 
     def _on_invoke(self, f: Frame) -> None:
         rid = f.request_id
         found = self.registry.resolve(f, self.role)
         if isinstance(found, codec.ErrorInfo):
-            self._conn.send_error(rid, found)
+            self._send_error(rid, found)
             return
         h, args = found
         call = Call(self, f.channel, rid, f.route_id)
         if h.is_async:
-            self._serving[rid] = self._loop.create_task(self._run_async(h, call, args))
+            serving = self._serving
+            serving[rid] = None  # the task may end inside create_task (eager task factories)
+            task = self._loop.create_task(self._run_async(h, call, args))
+            if not task.done():
+                serving[rid] = task
+                self._tasks.add(task)
+                if len(self._tasks) > MAX_TASKS:
+                    self._pause()
             self._woke = True
             return
         try:
             result = h.fn(call, *args)
-        except Exception as exc:
-            self._conn.send_error(rid, codec.error_info(exc))
+        except BaseException as exc:
+            if self._fail(call, exc):
+                raise
         else:
+            self._answer(rid, result)
+        if self._stream.buffered + self._conn.buffered_out > HIGH_WATER:
+            self._pause()
+
+    def _answer(self, rid: int, result: Any) -> None:
+        try:
             self._conn.answer(rid, result)
+        except Exception as exc:  # a value the core could not even turn into an ERROR
+            self._send_error(rid, self._describe(exc))
+
+    def _describe(self, exc: BaseException) -> codec.ErrorInfo:
+        try:
+            return codec.error_info(exc, traceback=self.tracebacks)
+        except Exception:
+            return codec.ErrorInfo("remote", "the handler's exception cannot be described")
+
+    def _send_error(self, rid: int, info: codec.ErrorInfo) -> None:
+        try:
+            self._conn.send_error(rid, info)
+        except Exception:  # too large even without its traceback
+            self._conn.send_error(rid, codec.ErrorInfo(info.code, "(error too large)", info.type))
+
+    def _fail(self, call: Call, exc: BaseException) -> bool:
+        """Answer a handler's exception with an ERROR; True if it must propagate.
+
+        ``SystemExit`` and ``KeyboardInterrupt`` propagate (their ERROR, and
+        every answer queued before it, written first); other exceptions that
+        are not ``Exception`` are logged, since nothing else would show them.
+        """
+        self._send_error(call.request_id, self._describe(exc))
+        if isinstance(exc, Exception):
+            return False
+        if isinstance(exc, _EXITS):
+            self._write_out()
+            return True
+        log.error(
+            "handler for %r raised %s; answered with an ERROR",
+            call.channel,
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        return False
 
     async def _run_async(self, h: Handler, call: Call, args: tuple[Any, ...]) -> None:
         rid = call.request_id
         try:
             result = await h.fn(call, *args)
-        except asyncio.CancelledError:
-            self._serving.pop(rid, None)
-            raise
-        except Exception as exc:
-            self._serving.pop(rid, None)
-            self._conn.send_error(rid, codec.error_info(exc))
+        except BaseException as exc:
+            if self._serving.pop(rid, None) is None:
+                # The caller's CANCEL or timeout, or the connection ended: no
+                # one awaits an answer any more.
+                if isinstance(exc, (asyncio.CancelledError, *_EXITS)):
+                    raise
+                return
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                # Cancelled from outside, e.g. by the loop ending with the process:
+                # the caller learns it from the connection (PeerGone, exit code).
+                raise
+            if self._fail(call, exc):
+                raise
         else:
             if self._serving.pop(rid, None) is None:
                 return  # cancelled by the caller meanwhile
-            self._conn.answer(rid, result)
+            self._answer(rid, result)
+        finally:
+            self._tasks.discard(asyncio.current_task())
+            if self._paused:
+                self._maybe_resume()
         self._kick()
 
     def _on_event(self, f: Frame) -> None:
-        handlers = self.registry.events.get(f.channel)
-        if not handlers:
-            log.debug("no listener for event %r from %r", f.channel, self)
-            return
-        for h in handlers:
-            if h.roles is not None and self.role not in h.roles:
-                continue
-            try:
-                args = h.spec.decode(f.body, f.attachments)
-            except BadRequest as exc:
-                log.warning("dropped event on %r from %r: %s", f.channel, self, exc)
-                continue
+        for h, args in self.registry.listeners(f, self.role):
             call = Call(self, f.channel, 0, f.route_id)
             if h.is_async:
-                self._loop.create_task(self._run_event(h, call, args))
+                task = self._loop.create_task(self._run_event(h, call, args))
+                if not task.done():
+                    self._tasks.add(task)
+                    if len(self._tasks) > MAX_TASKS:
+                        self._pause()
                 continue
             try:
                 h.fn(call, *args)
             except Exception:
                 log.exception("listener for %r raised", f.channel)
+            except BaseException as exc:
+                if self._listener_raised(call, exc):
+                    raise
 
-    @staticmethod
-    async def _run_event(h: Handler, call: Call, args: tuple[Any, ...]) -> None:
+    def _listener_raised(self, call: Call, exc: BaseException) -> bool:
+        if isinstance(exc, _EXITS):
+            self._write_out()
+            return True
+        log.error("listener for %r raised %s", call.channel, type(exc).__name__, exc_info=exc)
+        return False
+
+    async def _run_event(self, h: Handler, call: Call, args: tuple[Any, ...]) -> None:
         try:
             await h.fn(call, *args)
         except Exception:
             log.exception("listener for %r raised", call.channel)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the peer closed (or the loop is ending)
+            log.error("listener for %r raised CancelledError", call.channel)
+        except BaseException as exc:
+            if self._listener_raised(call, exc):
+                raise
+        finally:
+            self._tasks.discard(asyncio.current_task())
+            if self._paused:
+                self._maybe_resume()
 
     # -- ending -----------------------------------------------------------
 
@@ -495,9 +810,9 @@ class Peer(Handlers):
         err.__cause__ = exc
         return err
 
-    def _bad_message(self, exc: ProtocolError) -> None:
-        """Chromium's bad-message rule: drop the peer that broke the protocol."""
-        log.warning("%r broke the protocol: %s", self, exc)
+    def _end(self, exc: TetherError) -> None:
+        """The connection dropped (EOF, a failed read or write, the peer's GOODBYE)."""
+        self._ending = True
         self._lost(exc)
 
     def _lost(self, exc: TetherError) -> None:
@@ -508,7 +823,7 @@ class Peer(Handlers):
         if self._closed is not None:
             return
         self._closed = exc
-        self._conn.state = State.CLOSED
+        self._conn.abort()
         self._stream.close(exc)
         if self._flush_handle is not None:
             self._flush_handle.cancel()
@@ -517,13 +832,14 @@ class Peer(Handlers):
         if self._timer is not None:
             self._timer.cancel()
         self._deadlines.clear()
+        self._backlog.clear()
         self._conn.close_fds()
         for fut in self._conn.fail_all():
             if not fut.done():
                 fut.set_exception(exc)
-        for task in self._serving.values():
-            task.cancel()
-        self._serving.clear()
+        self._serving.clear()  # cancelled below: no answer is owed any more
+        for task in self._tasks:
+            task.cancel()  # still held in _tasks until each has ended
         if not self._hello_fut.done():
             self._hello_fut.set_exception(exc)
             self._hello_fut.exception()  # mark retrieved
