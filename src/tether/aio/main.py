@@ -216,7 +216,7 @@ class Main(Handlers):
 
 def _check_hello(peer: Peer) -> None:
     if peer.remote_hello is None and not peer.closed:
-        peer._bad_message(ProtocolError("no HELLO within the handshake deadline"))
+        peer.abort(ProtocolError("no HELLO within the handshake deadline"))
 
 
 class _Connecting:
@@ -243,7 +243,7 @@ class _Connecting:
         try:
             await peer.wait_hello(connect_timeout)
         except BaseException:
-            peer._shutdown(PeerGone(f"{addr} did not complete the handshake"))
+            peer.abort(PeerGone(f"{addr} did not complete the handshake"))
             raise
         return peer
 
