@@ -440,28 +440,26 @@ class Peer(Handlers):
         if self._flush_handle is None and self._started:
             self._flush_handle = self._loop.call_soon(self._flush)
 
-    def _flush(self) -> None:
-        """Write what the connection queued; in spin mode, then poll for the answer."""
-        if self._write_out() and self.spin and self._conn.pending and not self._spinning:
-            self._spin()  # our caller awaits an answer: poll for it
-
-    def _write_out(self) -> bool:
+    def _flush(self, poll: bool = True) -> None:
         """Write what the connection queued (the stream keeps what the socket won't take).
 
-        Returns True if everything went out.
+        In spin mode, once all went out and an answer is awaited, poll for it
+        (unless ``poll`` is false).
         """
         self._flush_handle = None
         if not self._started or self._closed is not None:
-            return False
+            return
         fds = self._conn.take_fds()
         data = self._conn.data_to_send()
         if not data:
-            return False
+            return
         try:
-            return self._stream.write(data, fds)
+            done = self._stream.write(data, fds)
         except OSError as exc:
             self._end(self._gone(exc))
-            return False
+            return
+        if done and poll and self.spin and self._conn.pending and not self._spinning:
+            self._spin()  # our caller awaits an answer: poll for it
 
     def _write_failed(self, exc: OSError) -> None:
         self._end(self._gone(exc))
@@ -482,7 +480,7 @@ class Peer(Handlers):
 
     def _pause(self) -> None:
         """Stop reading: this peer made this side hold too much (unless the kernel takes it)."""
-        self._write_out()
+        self._flush(poll=False)
         if not self._overloaded():
             return
         self._paused = True
@@ -516,7 +514,7 @@ class Peer(Handlers):
         """Resume reading once answers and tasks are back under the low-water marks."""
         if not self._paused or self._closed is not None:
             return
-        self._write_out()
+        self._flush(poll=False)
         if self._stream.buffered + self._conn.buffered_out > LOW_WATER:
             self._watch_drain()
             return
@@ -649,7 +647,7 @@ class Peer(Handlers):
                 if task is not None:
                     task.cancel()
             elif k == K_GOODBYE:
-                self._write_out()  # answers to what it asked before leaving
+                self._flush(poll=False)  # answers to what it asked before leaving
                 reason = self._conn.goodbye_reason or "no reason given"
                 self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
                 return False
@@ -689,14 +687,17 @@ class Peer(Handlers):
             if self._fail(call, exc):
                 raise
         else:
-            self._answer(rid, result)
+            try:
+                self._conn.answer(rid, result)
+            except Exception as exc:  # a value the core could not even turn into an ERROR
+                self._send_error(rid, self._describe(exc))
         if self._stream.buffered + self._conn.buffered_out > HIGH_WATER:
             self._pause()
 
     def _answer(self, rid: int, result: Any) -> None:
         try:
             self._conn.answer(rid, result)
-        except Exception as exc:  # a value the core could not even turn into an ERROR
+        except Exception as exc:  # see _on_invoke
             self._send_error(rid, self._describe(exc))
 
     def _describe(self, exc: BaseException) -> codec.ErrorInfo:
@@ -722,7 +723,7 @@ class Peer(Handlers):
         if isinstance(exc, Exception):
             return False
         if isinstance(exc, _EXITS):
-            self._write_out()
+            self._flush(poll=False)
             return True
         log.error(
             "handler for %r raised %s; answered with an ERROR",
@@ -780,7 +781,7 @@ class Peer(Handlers):
 
     def _listener_raised(self, call: Call, exc: BaseException) -> bool:
         if isinstance(exc, _EXITS):
-            self._write_out()
+            self._flush(poll=False)
             return True
         log.error("listener for %r raised %s", call.channel, type(exc).__name__, exc_info=exc)
         return False
