@@ -578,6 +578,10 @@ def _install_raisers(main: tether.Main) -> None:
     def huge_int(call: tether.Call) -> int:
         return 2**70  # msgpack has no such integer: OverflowError while encoding
 
+    @main.on("raise_event")
+    def raise_event(call: tether.Call, kind: str) -> None:
+        raise RAISED[kind]()
+
 
 @pytest.mark.parametrize("how", ["raise_sync", "raise_async"])
 @pytest.mark.parametrize("kind", sorted(RAISED))
@@ -617,8 +621,10 @@ async def test_one_bad_answer_costs_no_other_in_the_same_read(sock_path: str) ->
                 ("raise_sync", ("cancelled",)),
                 ("echo", (4,)),
             ]
-            for channel, args in calls:
+            for i, (channel, args) in enumerate(calls):
                 raw.invoke(channel, *args)
+                if i == 4:
+                    raw.event("raise_event", "custom")  # listeners' errors cost nothing either
             raw.flush()  # one write: main reads them together
             got = await asyncio.to_thread(raw.read_answers, len(calls))
         finally:
