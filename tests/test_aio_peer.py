@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import tether
+import tether.aio.child
 from _targets import Recorder, install_main_handlers
 from tether import codec, wire
 from tether.protocol import Connection
@@ -976,11 +977,15 @@ async def leaving_child(peer: tether.Peer) -> None:
     await asyncio.sleep(0.2)  # started and greeted
     await peer.send("leaving")
     await peer.close("done here")
-    await asyncio.sleep(0.8)
+    time.sleep(10.0)  # still alive, busy (as if cleaning up): main kills it once done
 
 
-async def test_invoke_after_the_peer_said_goodbye_raises_peer_gone() -> None:
+async def test_invoke_after_the_peer_said_goodbye_raises_peer_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """During a child's goodbye grace, calls raise PeerGone, not ConnectionClosed (D15)."""
+    # A longer grace than the default 1 s, so a loaded machine still sees the window.
+    monkeypatch.setattr(tether.aio.child, "_GOODBYE_GRACE", 5.0, raising=False)
     async with tether.Main() as main:
         left = asyncio.Event()
         main.on("leaving", lambda call: left.set())
@@ -995,6 +1000,7 @@ async def test_invoke_after_the_peer_said_goodbye_raises_peer_gone() -> None:
         assert "done here" in str(ei.value)
         with pytest.raises(tether.PeerGone):
             await child.send("anything")
+        child.kill()
         await child.wait(10.0)
 
 

@@ -33,6 +33,10 @@ async def spin_child(peer: tether.Peer) -> None:
     async def ask_main(call: tether.Call, x: int) -> int:
         return int(await call.peer.invoke("triple", x)) + 1
 
+    @peer.handle("nap")
+    async def nap(call: tether.Call) -> None:
+        await asyncio.sleep(0.5)
+
     @peer.handle("report")
     async def report(call: tether.Call, n: int) -> int:
         for i in range(n):
@@ -70,7 +74,7 @@ async def test_spinning_main_and_child_answer_every_kind_of_call() -> None:
         assert await child.invoke("report", 300) == 300
         assert seen == list(range(300))
         with pytest.raises(tether.InvokeTimeout):
-            await child.invoke("slow_double", 1, timeout=0.0)
+            await child.invoke("nap", timeout=0.0)
 
 
 @pytest.mark.parametrize("spin", [0.0, 0.05])
@@ -171,7 +175,7 @@ async def test_one_trickling_peer_does_not_starve_the_others(sock_path: str) -> 
     """Spin polls one peer; a peer whose invokes keep arriving must not hold the loop."""
     ctx = multiprocessing.get_context("spawn")
     go, results = ctx.Event(), ctx.Queue()
-    async with tether.Main(spin=0.005) as main:
+    async with tether.Main(spin=0.02) as main:
         main.handle("echo", lambda call, x: x)
         await main.listen(f"unix://{sock_path}")
         procs = [
@@ -187,32 +191,52 @@ async def test_one_trickling_peer_does_not_starve_the_others(sock_path: str) -> 
                 await asyncio.to_thread(p.join, 10.0)
                 if p.exitcode is None:
                     p.kill()
-    # Each answered within 150 ms (~15 ms seen); without fairness some wait 0.3-3 s.
-    assert latencies[-1] < 0.15, [round(x, 4) for x in latencies]
+    # Each answered within 250 ms (~20-40 ms seen); without fairness some wait for seconds.
+    assert latencies[-1] < 0.25, [round(x, 4) for x in latencies]
 
 
 # -- the blocking peer -------------------------------------------------------------------
 
 
-async def test_sync_peer_polls_only_when_asked_to(sock_path: str) -> None:
-    """A blocking invoke with spin burns CPU while it waits; with ``spin=0`` it sleeps."""
-    async with tether.Main() as main:
+async def test_sync_peer_polls_only_when_asked_to() -> None:
+    """A blocking invoke with spin polls the socket while it waits; with ``spin=0`` it sleeps."""
+    reads = 0
 
-        @main.handle("nap")
+    class CountingSocket(socket.socket):
+        def recv_into(self, *args: Any, **kw: Any) -> int:
+            nonlocal reads
+            reads += 1
+            return super().recv_into(*args, **kw)
+
+        def recv(self, *args: Any, **kw: Any) -> bytes:
+            nonlocal reads
+            reads += 1
+            return super().recv(*args, **kw)
+
+    async def reads_while_waiting(spin: float) -> int:
+        nonlocal reads
+        a, b = socket.socketpair()
+        answering = tether.Peer(a, role="client", local_role="main")
+
+        @answering.handle("nap")
         async def nap(call: tether.Call, seconds: float) -> str:
             await asyncio.sleep(seconds)
             return "rested"
 
-        server = await main.listen(f"unix://{sock_path}")
+        answering.start()
+        blocking = tether.sync.Peer(CountingSocket(fileno=b.detach()), spin=spin)
+        try:
+            assert blocking.spin == spin
+            assert await asyncio.to_thread(blocking.invoke, "nap", 0.0) == "rested"  # handshake
+            reads = 0
+            assert await asyncio.to_thread(blocking.invoke, "nap", 0.4) == "rested"
+            return reads
+        finally:
+            await asyncio.to_thread(blocking.close)
+            await answering.close()
 
-        def cpu_while_waiting(spin: float) -> float:
-            with tether.sync.connect(str(server.address), spin=spin) as peer:
-                assert peer.spin == spin
-                t0 = time.thread_time()
-                assert peer.invoke("nap", 0.4) == "rested"
-                return time.thread_time() - t0
-
-        sleeping = await asyncio.to_thread(cpu_while_waiting, 0.0)
-        polling = await asyncio.to_thread(cpu_while_waiting, 5.0)
-    assert sleeping < 0.03, sleeping
-    assert polling > 0.05, polling
+    sleeping = await reads_while_waiting(0.0)
+    polling = await reads_while_waiting(5.0)
+    # Polling tries the socket thousands of times in 0.4 s (hundreds on a loaded machine).
+    assert sleeping < 20, sleeping
+    assert polling > 100, polling
