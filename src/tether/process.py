@@ -13,6 +13,7 @@ No orphans: the child asks the kernel to kill it when its parent dies
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import inspect
 import multiprocessing
@@ -21,7 +22,7 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["child_entry", "describe_exit", "set_parent_death_signal"]
@@ -52,6 +53,24 @@ def set_parent_death_signal(parent_pid: int) -> None:
         os._exit(1)
 
 
+def close_inherited(fds: Iterable[int]) -> None:
+    """Close descriptors a forked child inherited from main (already closed ones are skipped)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def allow_children() -> None:
+    """Let this child start children of its own.
+
+    Main starts children as daemons (multiprocessing then ends them if main
+    exits without closing them), and multiprocessing refuses to let a daemon
+    start processes. Inside the child its own process object has not been
+    started from here, so the public ``daemon`` setter may clear the flag.
+    """
+    multiprocessing.current_process().daemon = False
+
+
 def child_entry(
     sock: socket.socket,
     target: Callable[..., Any],
@@ -63,15 +82,18 @@ def child_entry(
     Exit code 0 when the target returned, 1 when it raised (the traceback goes
     to stderr), and 0 when main closed the connection first.
     """
+    # Forked: drop main's listeners and connections first, so that a closed
+    # listener refuses connections and a dropped peer sees EOF at once.
+    close_inherited(options.get("close_fds", ()))
     parent_pid = options.get("parent_pid", os.getppid())
     if options.get("start_method") != "forkserver":
         set_parent_death_signal(parent_pid)
-    # Allow a child to spawn children of its own.
-    multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
+    allow_children()
+    # No running-loop marker to reset in a forked child: Python 3.11 ignores a
+    # marker set in another pid, and 3.12+ clears it at fork.
     code = 0
     try:
         if inspect.iscoroutinefunction(target):
-            asyncio.events._set_running_loop(None)  # a forked child inherits the marker
             from .aio.loop import run
 
             code = run(_run_async(sock, target, args, options))

@@ -148,6 +148,14 @@ class Peer(Handlers):
         """Whether the connection is closed (by either side)."""
         return self._closed is not None
 
+    def fileno(self) -> int:
+        """The connection's socket descriptor (-1 once closed)."""
+        return self._sock.fileno()
+
+    def abort(self, exc: TetherError) -> None:
+        """Drop the connection now, without a goodbye: pending invokes fail with ``exc``."""
+        self._shutdown(exc)
+
     @property
     def remote_hello(self) -> codec.Hello | None:
         """The other side's HELLO (role it claims, name, pid), once received."""
