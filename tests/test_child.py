@@ -49,6 +49,14 @@ def goodbye_then_linger(peer: tether.sync.Peer, seconds: float) -> None:
     time.sleep(seconds)
 
 
+async def fails_at_start(peer: tether.Peer) -> None:
+    raise ValueError("no config file at /etc/demo.toml")
+
+
+def fails_at_start_sync(peer: tether.sync.Peer) -> None:
+    raise ValueError("no config file at /etc/demo.toml")
+
+
 # -- helpers -------------------------------------------------------------------------
 
 
@@ -214,6 +222,34 @@ async def test_spawn_after_close_raises_instead_of_starting_an_orphan() -> None:
         await main.spawn(_targets.serve_basic, start_method="fork")
     assert {p.pid for p in multiprocessing.active_children()} == before
     assert not main.children
+
+
+# -- a child that cannot start -------------------------------------------------------
+
+
+async def test_spawn_checks_target_and_arguments_in_main() -> None:
+    async with tether.Main() as main:
+        with pytest.raises(TypeError, match="callable"):
+            await main.spawn(42)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="missing"):
+            await main.spawn(_targets.exit_on_event, "os._exit")  # needs ``code`` too
+        with pytest.raises(TypeError, match="too many"):
+            await main.spawn(_targets.serve_basic, 1)
+        assert not main.children
+
+
+@pytest.mark.parametrize("target", [fails_at_start, fails_at_start_sync])
+async def test_child_whose_target_raises_reports_its_error(target: Any) -> None:
+    async with tether.Main(timeout=10.0) as main:
+        child = await main.spawn(target, start_method="fork")
+        await asyncio.wait_for(child.wait_closed(), 5.0)
+        assert child.closed
+        with pytest.raises(tether.PeerGone, match="ValueError: no config file"):
+            await child.invoke("double", 1)
+        assert await child.wait(5.0) == 1
+        with pytest.raises(tether.PeerGone, match=r"code 1.*ValueError: no config file") as ei:
+            await child.invoke("double", 1)
+        assert ei.value.exitcode == 1
 
 
 # -- item 5 of the issue: nothing outlives a closed main -------------------------------

@@ -25,7 +25,40 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["child_entry", "describe_exit", "set_parent_death_signal"]
+__all__ = [
+    "FINISHED",
+    "check_target",
+    "child_entry",
+    "describe_exit",
+    "failure_reason",
+    "set_parent_death_signal",
+]
+
+
+_REASON_MAX = 1000  # characters of a failed target's error sent to main
+#: The GOODBYE reason of a child whose target returned.
+FINISHED = "child finished"
+
+
+def check_target(target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Refuse, in main, a target the child could not even call with ``(peer, *args)``.
+
+    Raises:
+        TypeError: not callable, or the arguments do not fit its signature.
+    """
+    if not callable(target):
+        raise TypeError(f"spawn() needs a callable target, not {type(target).__name__}")
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):  # no signature to check (some builtins)
+        return
+    try:
+        sig.bind(None, *args)
+    except TypeError as exc:
+        name = getattr(target, "__qualname__", repr(target))
+        raise TypeError(
+            f"spawn({name}, ...) with {len(args)} argument(s) after the peer: {exc}"
+        ) from None
 
 
 def describe_exit(pid: int, exitcode: int | None) -> str:
@@ -141,8 +174,10 @@ async def _run_async(
         await asyncio.wait({task}, timeout=1.0)
         return 0
     closed.cancel()
-    await peer.close("child finished")
-    exc = task.exception()
+    exc = None if task.cancelled() else task.exception()
+    await peer.close(FINISHED if exc is None else failure_reason(exc))
+    if task.cancelled():
+        task.result()  # the target raised CancelledError itself: reported as a failure
     if exc is not None:
         traceback.print_exception(exc)
         return 1
@@ -156,5 +191,19 @@ def _run_sync(
 
     # lazy: read nothing until the target's first blocking call, so its handlers are in place
     with Peer(sock, **_peer_options(options), lazy=True) as peer:
-        target(peer, *args)
+        try:
+            target(peer, *args)
+        except Exception as exc:
+            peer.close(failure_reason(exc))
+            raise
+        peer.close(FINISHED)
     return 0
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The GOODBYE reason of a child whose target raised: main puts it in its errors."""
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:  # a __str__ that raises still names the type
+        text = type(exc).__name__
+    return "child failed: " + text[:_REASON_MAX]

@@ -28,7 +28,7 @@ from collections.abc import Coroutine
 from typing import Any, Final, NoReturn
 
 from ..errors import PeerGone, TetherError
-from ..process import describe_exit
+from ..process import FINISHED, describe_exit
 from ..results import DEFAULT
 from ..shm import consume_all
 from .peer import Peer
@@ -69,6 +69,7 @@ class Child(Peer):
         # Set when the child's side of the connection ended (EOF, GOODBYE) before
         # its exit was seen: the child counts as closed from then on.
         self._ending: PeerGone | None = None
+        self._drained = False  # nothing more to read from the child (EOF, GOODBYE)
         self._end_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -159,12 +160,12 @@ class Child(Peer):
             self._exited.set_result(code)
         if self._closed is not None:
             return
-        if self._ending is not None:
+        if self._drained:
             self._finish()
-        elif self._end_timer is None:
-            # Still connected: let the socket deliver what the child wrote before
-            # it died (its EOF normally follows at once), then end regardless.
-            self._end_timer = self._loop.call_later(_EXIT_GRACE, self._finish)
+        else:
+            # Let the socket deliver what the child wrote before it died (its EOF
+            # normally follows at once), then end regardless.
+            self._end_in(_EXIT_GRACE)
 
     # -- ending the connection ---------------------------------------------
 
@@ -173,18 +174,26 @@ class Child(Peer):
             self.kill()  # bad-message rule: a child that broke the protocol dies
             self._shutdown(exc)
             return
-        if self._closed is not None or self._ending is not None:
+        if self._closed is not None or self._drained:
             return
-        self._ending = exc
+        if isinstance(exc.__cause__, BrokenPipeError):
+            # Only our write failed: the child closed its end, and what it wrote
+            # before (a GOODBYE with its error, answers) is still to be read; EOF follows.
+            self._ending = self._ending or exc
+            return
+        self._ending = exc  # its GOODBYE (with a reason) or EOF
+        self._drained = True
         self._stream.stop_reading()
         if self._poll() is not None:  # the exit is known: end with it now
             self._finish()
             return
         # Wait (bounded) for the exit status, so the error can say how it ended.
-        grace = _EXIT_GRACE if self._conn.goodbye_reason is None else _GOODBYE_GRACE
+        self._end_in(_EXIT_GRACE if self._conn.goodbye_reason is None else _GOODBYE_GRACE)
+
+    def _end_in(self, delay: float) -> None:
         if self._end_timer is not None:
             self._end_timer.cancel()
-        self._end_timer = self._loop.call_later(grace, self._finish)
+        self._end_timer = self._loop.call_later(delay, self._finish)
 
     def _finish(self) -> None:
         """End the connection with the best description of the child's end."""
@@ -193,7 +202,11 @@ class Child(Peer):
             return
         code = self._poll()
         if code is not None:
-            exc: TetherError = PeerGone(describe_exit(self._pid, code), exitcode=code)
+            how = describe_exit(self._pid, code)
+            said = self._conn.goodbye_reason
+            if said and said != FINISHED:  # e.g. the error its target raised
+                how += f" ({said})"
+            exc: TetherError = PeerGone(how, exitcode=code)
         else:
             exc = self._ending or PeerGone(describe_exit(self._pid, None))
         self._shutdown(exc)

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..address import Address, parse_address, tune
 from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
-from ..process import child_entry, describe_exit
+from ..process import check_target, child_entry, describe_exit
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
@@ -145,11 +145,15 @@ class Main(Handlers):
         main's use of it.
 
         Raises:
+            TypeError: ``target`` is not callable or ``args`` do not fit it.
             ConnectionClosed: this main was closed.
             PeerGone: the child died or stayed silent before saying hello.
+                Once started, a child whose target raised is gone with a
+                :class:`PeerGone` that carries the error's type and message.
         """
         if self._closing:
             raise ConnectionClosed(f"{self.name} is closed: no new children")
+        check_target(target, args)
         method = start_method or self.start_method
         ctx = multiprocessing.get_context(method)
         parent_sock, child_sock = socket.socketpair()
