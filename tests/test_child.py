@@ -187,6 +187,21 @@ async def test_forked_child_sees_main_drop_its_connection() -> None:
         assert await child.wait(3.0) == 0
 
 
+async def test_forked_child_does_not_inherit_main_loop_signal_handlers() -> None:
+    loop = asyncio.get_running_loop()
+    hits: list[int] = []
+    loop.add_signal_handler(signal.SIGTERM, hits.append, 1)
+    try:
+        async with tether.Main(timeout=10.0) as main:
+            child = await main.spawn(_targets.serve_basic, start_method="fork")
+            child.terminate()
+            assert await child.wait(3.0) == -signal.SIGTERM
+            await asyncio.sleep(0.05)
+            assert hits == []  # the child's signal was not delivered to main's loop
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 # -- D15: after a child's GOODBYE ---------------------------------------------------
 
 

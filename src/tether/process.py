@@ -93,6 +93,25 @@ def close_inherited(fds: Iterable[int]) -> None:
             os.close(fd)
 
 
+def reset_signals() -> None:
+    """Give a forked child the signal handling a spawned one starts with.
+
+    Handlers main installed belong to main: asyncio's ``add_signal_handler``
+    leaves a no-op Python handler (a forked child would then ignore
+    :meth:`Child.terminate`) and a wake-up descriptor that is main's loop.
+    """
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        if callable(handler) and handler is not signal.default_int_handler:
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, default)
+
+
 def allow_children() -> None:
     """Let this child start children of its own.
 
@@ -117,7 +136,9 @@ def child_entry(
     """
     # Forked: drop main's listeners and connections first, so that a closed
     # listener refuses connections and a dropped peer sees EOF at once.
-    close_inherited(options.get("close_fds", ()))
+    if options.get("start_method") == "fork":
+        close_inherited(options.get("close_fds", ()))
+        reset_signals()
     parent_pid = options.get("parent_pid", os.getppid())
     if options.get("start_method") != "forkserver":
         set_parent_death_signal(parent_pid)
