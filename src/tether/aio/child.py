@@ -35,6 +35,9 @@ from .peer import Peer
 
 __all__ = ["Child"]
 
+_peer_invoke = Peer.invoke
+_peer_send = Peer.send
+
 # After the connection drops (EOF), how long to wait for the exit status.
 _EXIT_GRACE: Final = 0.05
 # After a GOODBYE the child is on its way out; its exit usually follows within
@@ -226,13 +229,15 @@ class Child(Peer):
         """As :meth:`Peer.invoke`; once the child has left, raises :class:`PeerGone`."""
         if self._ending is not None and self._closed is None:
             return self._refuse(self._ending, args)
-        return super().invoke(channel, *args, timeout=timeout, result_type=result_type)
+        if timeout is DEFAULT and result_type is Any:  # the common call: no keywords to pass on
+            return _peer_invoke(self, channel, *args)
+        return _peer_invoke(self, channel, *args, timeout=timeout, result_type=result_type)
 
     def send(self, channel: str, *args: Any) -> Coroutine[Any, Any, None]:
         """As :meth:`Peer.send`; once the child has left, raises :class:`PeerGone`."""
         if self._ending is not None and self._closed is None:
             return self._refuse(self._ending, args)
-        return super().send(channel, *args)
+        return _peer_send(self, channel, *args)
 
     # -- public control ----------------------------------------------------
 
