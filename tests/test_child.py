@@ -57,6 +57,10 @@ def fails_at_start_sync(peer: tether.sync.Peer) -> None:
     raise ValueError("no config file at /etc/demo.toml")
 
 
+async def silent_at_start(peer: tether.Peer) -> None:
+    time.sleep(10)  # blocks before its first await: no HELLO goes out
+
+
 # -- helpers -------------------------------------------------------------------------
 
 
@@ -251,6 +255,16 @@ async def test_spawn_checks_target_and_arguments_in_main() -> None:
         with pytest.raises(TypeError, match="too many"):
             await main.spawn(_targets.serve_basic, 1)
         assert not main.children
+
+
+async def test_silent_child_is_killed_and_spawn_says_why() -> None:
+    async with tether.Main(spawn_timeout=0.3) as main:
+        t0 = time.monotonic()
+        with pytest.raises(tether.PeerGone, match=r"no HELLO within 0\.3 s") as ei:
+            await main.spawn(silent_at_start, start_method="fork")
+        assert time.monotonic() - t0 < 3.0
+        assert ei.value.exitcode == -signal.SIGKILL
+        assert not main.children and not main.peers
 
 
 @pytest.mark.parametrize("target", [fails_at_start, fails_at_start_sync])

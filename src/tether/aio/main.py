@@ -188,13 +188,14 @@ class Main(Handlers):
         try:
             await child.wait_hello(self.spawn_timeout)
         except TetherError as exc:
+            silent = child.exitcode is None  # still running: it never said hello
             child.kill()
             with contextlib.suppress(TimeoutError):
                 await child.wait(2.0)
             code = child.exitcode
             child.abort(exc if isinstance(exc, PeerGone) else PeerGone(str(exc)))
             self.children.discard(child)
-            how = describe_exit(child.pid, code)
+            how = f"{exc} (killed)" if silent else describe_exit(child.pid, code)
             raise PeerGone(f"{label} failed to start: {how}", exitcode=code) from exc
         if self._closing:  # main was closed while the child started: end it too
             await child.close("main closing")
