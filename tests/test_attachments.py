@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 import tether
-from tether.pool import POOL
+from tether.attachments import MemfdStore
 from tether.protocol import Connection
 from tether.shm import SHM_THRESHOLD
 
@@ -124,7 +124,7 @@ def drop_kept_mappings(peer: Any) -> None:
     """A receiver keeps its mappings of lent segments for reuse: a cache, not a leak."""
     gc.collect()
     peer._conn.poll_releases()
-    peer._conn.borrowed.drop_idle()
+    peer._conn.store.borrowed.drop_idle()
 
 
 def tether_maps() -> int:
@@ -135,7 +135,8 @@ def tether_maps() -> int:
 
 
 def dev_shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+    """POSIX shared memory files (not semaphores: other processes' multiprocessing locks)."""
+    return {n for n in os.listdir("/dev/shm") if not n.startswith("sem.")}
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -814,7 +815,6 @@ def test_reading_a_sent_buffer_never_returns_data_nor_crashes(child_env: dict[st
 @pytest.mark.timeout(180)
 async def test_ten_thousand_transfers_leak_nothing() -> None:
     multiprocessing.resource_tracker.ensure_running()  # its descriptor is not ours to count
-    POOL.clear()  # segments earlier tests lent and got back
     fds0, maps0, shm0 = open_fds(), tether_maps(), dev_shm()
     arrays = [np.full(16 * KIB, i, dtype=np.float64) for i in range(200)]  # 128 KiB each
     assert all(a.nbytes == 128 * KIB for a in arrays)
@@ -823,6 +823,9 @@ async def test_ten_thousand_transfers_leak_nothing() -> None:
         assert (await child.invoke("describe", arrays[1]))["origin"] == "mmap"
         child_fds0 = await child.invoke("fds")
         child_maps0 = await child.invoke("maps")
+        store = child._conn.store
+        assert isinstance(store, MemfdStore)
+        await settle(child)
         fds_running = open_fds()
         t0 = time.monotonic()
         for _ in range(50):
@@ -836,31 +839,29 @@ async def test_ten_thousand_transfers_leak_nothing() -> None:
         # until the loop turns once.
         await asyncio.sleep(0)
         gc.collect()
-        # main -> child arrays went through lent segments: main's pool keeps a
-        # bounded number of them mapped for reuse (two descriptors each).
+        # main -> child arrays went through lent segments: this connection's
+        # pool keeps a bounded number of them mapped for reuse (two descriptors each).
         for _ in range(500):  # RELEASEs travel back as the child drops its views
-            if not child._conn._leases:
+            if not store.leases_out:
                 break
             await asyncio.sleep(0.01)
-        assert not child._conn._leases
-        idle = POOL.idle_segments
-        assert 0 < idle <= POOL.max_segments
-        assert abs(open_fds() - fds_running - 2 * idle) <= 2, sorted(
+        assert not store.leases_out
+        idle = store.idle_segments
+        assert 0 < idle <= store._pool.max_segments
+        assert open_fds() == fds_running + 2 * idle, sorted(
             os.readlink(f"/proc/self/fd/{x}")
             for x in os.listdir("/proc/self/fd")
             if os.path.exists(f"/proc/self/fd/{x}")
         )
-        POOL.clear()
-        assert abs(open_fds() - fds_running) <= 2
+        store._pool.clear()
+        assert open_fds() == fds_running
         assert tether_maps() == maps0
-        assert abs(await child.invoke("fds") - child_fds0) <= 2
+        assert await child.invoke("fds") == child_fds0
         assert await child.invoke("maps") == child_maps0
     gc.collect()
-    # Releases still in flight when main closed returned their segments to
-    # the pool (or, once the connection was gone, discarded them).
-    assert POOL.idle_segments <= POOL.max_segments
-    POOL.clear()
-    assert abs(open_fds() - fds0) <= 2, "; ".join(
+    # Closing the connection closed its store: segments lent, idle or in flight.
+    assert store.closed and store.idle_segments == 0 and not store.leases_out
+    assert open_fds() == fds0, "; ".join(
         [
             os.readlink(f"/proc/self/fd/{x}")
             for x in os.listdir("/proc/self/fd")
@@ -891,7 +892,7 @@ async def test_sigkill_mid_transfer_leaks_nothing() -> None:
         del results, calls
         await child.wait(10.0)
     gc.collect()
-    assert abs(open_fds() - fds0) <= 2
+    assert open_fds() == fds0
     assert tether_maps() == maps0
     assert dev_shm() == shm0
 
@@ -921,10 +922,10 @@ async def test_unhandled_frames_with_descriptors_leak_nothing(
         with pytest.raises(tether.NoHandler):
             await child.invoke("no-such-channel", b)
         assert b.consumed
-    assert abs(await child.invoke("fds") - child_fds0) <= 2
+    assert await child.invoke("fds") == child_fds0
     assert await child.invoke("maps") == child_maps0
     await settle(child)
-    assert abs(open_fds() - fds0) <= 2
+    assert open_fds() == fds0
 
 
 async def settle(child: tether.Child) -> None:
@@ -933,13 +934,15 @@ async def settle(child: tether.Child) -> None:
     The pool keeps released segments mapped for reuse (bounded): a cache, not a
     leak, so descriptor counts are compared without it.
     """
+    store = child._conn.store
+    assert isinstance(store, MemfdStore)
     for _ in range(500):
         gc.collect()
-        if not child._conn._leases:
+        if not store.leases_out:
             break
         await asyncio.sleep(0.01)
-    assert not child._conn._leases
-    POOL.clear()
+    assert not store.leases_out
+    store._pool.clear()
     gc.collect()
 
 
@@ -951,7 +954,7 @@ async def test_descriptors_no_frame_claims_are_closed_at_teardown(sock_path: str
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         raw.settimeout(5.0)
         raw.connect(str(server.address.path))
-        hello = bytes(Connection("client", features=["fd"]).data_to_send())
+        hello = bytes(Connection("client", store=MemfdStore()).data_to_send()[0])
         passed = [os.memfd_create(f"stray{i}") for i in range(6)]
         raw.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", passed))])
         for fd in passed:

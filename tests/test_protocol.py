@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tether import codec
+from tether.attachments import MemfdStore
 from tether.errors import ConnectionClosed, PayloadTooLarge, ProtocolError
 from tether.protocol import Connection, State
 from tether.wire import HEADER, Frame, FrameParser, Kind, encode_frame
@@ -19,7 +18,7 @@ U32 = 0xFFFFFFFF
 
 def transfer(src: Connection, dst: Connection) -> list[Frame]:
     """Move everything ``src`` wants to send into ``dst``; return dst's frames."""
-    return dst.receive_data(bytes(src.data_to_send()))
+    return dst.receive_data(bytes(src.data_to_send()[0]))
 
 
 def pair(**kwargs: int) -> tuple[Connection, Connection]:
@@ -34,7 +33,7 @@ def pair(**kwargs: int) -> tuple[Connection, Connection]:
 
 def outgoing(conn: Connection) -> list[Frame]:
     """Decode (and consume) what ``conn`` wants to send."""
-    return FrameParser().feed(bytes(conn.data_to_send()))
+    return FrameParser().feed(bytes(conn.data_to_send()[0]))
 
 
 def raw(kind: int, rid: int = 0, route: int = 0, channel: bytes = b"", body: bytes = b"") -> bytes:
@@ -56,13 +55,14 @@ def decode(body: bytes | memoryview) -> object:
 
 
 def test_handshake() -> None:
-    a = Connection("main", name="A", max_frame_size=1 << 20, features=["x"])
+    store = MemfdStore()
+    a = Connection("main", name="A", pid=4242, max_frame_size=1 << 20, store=store)
     b = Connection("child", name="B")
     assert a.state is State.HANDSHAKE and b.state is State.HANDSHAKE
     assert a.peer_hello is None
-    (hello,) = FrameParser().feed(bytes(a.data_to_send()))
+    (hello,) = FrameParser().feed(bytes(a.data_to_send()[0]))
     assert hello.kind == Kind.HELLO
-    assert a.data_to_send() == b""  # data_to_send forgets what it returned
+    assert a.data_to_send()[0] == b""  # data_to_send forgets what it returned
     assert b.receive_data(raw(Kind.HELLO, body=bytes(hello.body))) == []
     assert b.state is State.OPEN
     assert a.state is State.HANDSHAKE
@@ -74,9 +74,9 @@ def test_handshake() -> None:
     assert b.peer_hello.version == codec.PROTOCOL_VERSION == 1
     assert b.peer_hello.role == "main"
     assert b.peer_hello.name == "A"
-    assert b.peer_hello.pid == os.getpid()
+    assert b.peer_hello.pid == 4242  # given by the I/O layer: the core calls no getpid
     assert b.peer_hello.max_frame_size == 1 << 20
-    assert b.peer_hello.features == ["x"]
+    assert b.peer_hello.features == ["fd"]  # what the store supports
     assert a.peer_hello.role == "child"
     assert a.peer_hello.name == "B"
 
@@ -84,7 +84,7 @@ def test_handshake() -> None:
 def test_hello_split_across_reads() -> None:
     a = Connection("main")
     b = Connection("child")
-    data = bytes(a.data_to_send())
+    data = bytes(a.data_to_send()[0])
     for i in range(len(data) - 1):
         assert b.receive_data(data[i : i + 1]) == []
         assert b.state is State.HANDSHAKE
@@ -253,7 +253,7 @@ def test_goodbye() -> None:
     assert b.goodbye_reason == "shutting down"
     # A second goodbye from a CLOSING side sends nothing.
     a.send_goodbye("again")
-    assert a.data_to_send() == b""
+    assert a.data_to_send()[0] == b""
 
 
 def test_goodbye_with_malformed_body_has_empty_reason() -> None:
@@ -267,7 +267,7 @@ def test_send_after_goodbye_is_connection_closed() -> None:
     a, _ = pair()
     rid = a.send_invoke(b"x", (), "w")
     a.send_goodbye()
-    a.data_to_send()
+    a.data_to_send()[0]
     with pytest.raises(ConnectionClosed):
         a.send_invoke(b"x", (), "w")
     with pytest.raises(ConnectionClosed):
@@ -275,7 +275,7 @@ def test_send_after_goodbye_is_connection_closed() -> None:
     with pytest.raises(ConnectionClosed):
         a.send_ping(1)
     a.send_cancel(rid)  # allowed quietly, sends nothing once closing
-    assert a.data_to_send() == b""
+    assert a.data_to_send()[0] == b""
     assert a.pending == {}
 
 
@@ -292,7 +292,7 @@ def test_fail_all_returns_pending_waiters() -> None:
     waiters = [object() for _ in range(5)]
     for w in waiters:
         a.send_invoke(b"c", (), w)
-    a.data_to_send()
+    a.data_to_send()[0]
     got = a.fail_all()
     assert sorted(map(id, got)) == sorted(map(id, waiters))
     assert a.pending == {}
@@ -304,7 +304,7 @@ def test_fail_all_returns_pending_waiters() -> None:
     assert a.receive_data(raw(Kind.PING, 1)) == []
     a.send_result(1, "x")
     a.send_error(1, codec.ErrorInfo(code="closed", message=""))
-    assert a.data_to_send() == b""
+    assert a.data_to_send()[0] == b""
 
 
 # -- bad messages --------------------------------------------------------
@@ -379,9 +379,9 @@ def test_malformed_frame_closes() -> None:
 
 def test_oversized_frame_from_peer_closes() -> None:
     a = Connection("main", max_frame_size=1 << 20)
-    b2 = Connection("child", max_frame_size=256)
+    b2 = Connection("child", max_frame_size=4096)
     transfer(a, b2)
-    a.send_event(b"e", (b"x" * 1000,))
+    a.send_event(b"e", (b"x" * 5000,))
     with pytest.raises(ProtocolError, match="exceeds"):
         transfer(a, b2)
     assert b2.state is State.CLOSED
@@ -390,7 +390,7 @@ def test_oversized_frame_from_peer_closes() -> None:
 def test_receive_eof_clean() -> None:
     a, b = pair()
     a.send_event(b"e", (b"x" * 5000,))
-    data = bytes(a.data_to_send())
+    data = bytes(a.data_to_send()[0])
     # The frame spans several reads; EOF after its last byte is clean.
     assert b.receive_data(data[:10]) == []
     assert b.receive_data(data[10:3000]) == []
@@ -403,7 +403,7 @@ def test_receive_eof_clean() -> None:
 def test_receive_eof_mid_frame(cut: int) -> None:
     a, b = pair()
     a.send_event(b"chan", ("payload",))
-    data = bytes(a.data_to_send())
+    data = bytes(a.data_to_send()[0])
     assert b.receive_data(data[:cut]) == []
     with pytest.raises(ProtocolError, match="middle of a frame"):
         b.receive_eof()
@@ -413,7 +413,7 @@ def test_receive_eof_mid_frame(cut: int) -> None:
 def test_receive_eof_during_handshake_mid_hello() -> None:
     a = Connection("main")
     b = Connection("child")
-    b.receive_data(bytes(a.data_to_send())[:7])
+    b.receive_data(bytes(a.data_to_send()[0])[:7])
     with pytest.raises(ProtocolError):
         b.receive_eof()
 
@@ -454,13 +454,13 @@ def test_request_ids_wrap_skipping_zero_and_pending() -> None:
 
 
 def test_oversized_result_raises_and_leaves_buffer_unchanged() -> None:
-    a, b = pair(max_frame_size=1024)
+    a, b = pair(max_frame_size=4096)
     rid = a.send_invoke(b"big", (), "w")
     transfer(a, b)
     b.send_event(b"before", (1,))
     before = bytes(b._out)
     with pytest.raises(PayloadTooLarge):
-        b.send_result(rid, b"x" * 2000)
+        b.send_result(rid, b"x" * 5000)
     assert bytes(b._out) == before
     assert b.buffered_out == len(before)
     assert b.state is State.OPEN
@@ -471,12 +471,12 @@ def test_oversized_result_raises_and_leaves_buffer_unchanged() -> None:
 
 
 def test_oversized_invoke_and_event_send_nothing() -> None:
-    a, b = pair(max_frame_size=512)
+    a, b = pair(max_frame_size=4096)
     with pytest.raises(PayloadTooLarge):
-        a.send_invoke(b"c", ("y" * 1000,), "w")
+        a.send_invoke(b"c", ("y" * 5000,), "w")
     assert a.pending == {}
     with pytest.raises(PayloadTooLarge):
-        a.send_event(b"c", ("y" * 1000,))
+        a.send_event(b"c", ("y" * 5000,))
     assert a.buffered_out == 0
     assert a.state is State.OPEN
     a.send_event(b"c", ("ok",))
@@ -484,12 +484,12 @@ def test_oversized_invoke_and_event_send_nothing() -> None:
 
 
 def test_result_exactly_at_limit() -> None:
-    limit = 200
+    limit = 4096
     a, b = pair(max_frame_size=limit)
     rid = a.send_invoke(b"c", (), "w")
     transfer(a, b)
-    # A msgpack bin 8 of n bytes has a 2-byte prefix; header after size is 16 bytes.
-    n = limit - 16 - 2
+    # A msgpack bin 16 of n bytes has a 3-byte prefix; header after size is 16 bytes.
+    n = limit - 16 - 3
     b.send_result(rid, b"z" * n)
     (f,) = transfer(b, a)
     assert decode(f.body) == b"z" * n
@@ -544,7 +544,7 @@ def test_arbitrary_bytes_to_open_connection(data: bytes, cuts: list[int], eof: b
                     Kind.CANCEL,
                     Kind.GOODBYE,
                 }
-            b.data_to_send()
+            b.data_to_send()[0]
         if eof:
             b.receive_eof()
     except ProtocolError:
@@ -563,9 +563,9 @@ def test_arbitrary_bytes_to_handshaking_connection(data: bytes) -> None:
 
 def test_send_respects_peer_announced_max_frame_size() -> None:
     a = Connection("main", max_frame_size=1 << 20)
-    b = Connection("child", max_frame_size=256)
+    b = Connection("child", max_frame_size=4096)
     transfer(a, b)
     transfer(b, a)
-    assert a.peer_hello is not None and a.peer_hello.max_frame_size == 256
+    assert a.peer_hello is not None and a.peer_hello.max_frame_size == 4096
     with pytest.raises(PayloadTooLarge):
-        a.send_event(b"e", (b"x" * 1000,))
+        a.send_event(b"e", (b"x" * 5000,))

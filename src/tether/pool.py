@@ -10,7 +10,9 @@ sends RELEASE (its last view of the data was dropped). A main never accepts
 leases: what an untrusted child sends it is always sealed.
 
 Safety rules: a segment is written only while no lease on it is out; a lease
-whose connection ends without a RELEASE is discarded, never reused.
+whose connection ends without a RELEASE is discarded, never reused; and pools
+are per connection (:class:`tether.attachments.MemfdStore`), so a segment lent
+to one peer is only ever refilled for that same peer.
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ import fcntl
 import mmap
 import os
 import sys
-import threading
 from typing import Final
 
 from .errors import ProtocolError
 
-__all__ = ["POOL", "Borrowed", "Segment", "SegmentPool"]
+__all__ = ["Borrowed", "Segment", "SegmentPool"]
 
 _MIN_CLASS: Final = 64 * 1024
 _LENDER_SEALS: Final = (
@@ -74,36 +75,34 @@ class SegmentPool:
     """Idle segments by size class, up to ``max_idle`` bytes and ``max_segments`` in all.
 
     Each idle segment holds two descriptors (its memfd and the mapping's), so
-    the count is capped as well as the bytes.
+    the count is capped as well as the bytes. One pool belongs to one
+    connection, used by whoever holds that connection's lock: it has none.
     """
 
-    def __init__(self, max_idle: int = 1 << 30, max_segments: int = 32) -> None:
+    def __init__(self, max_idle: int = 256 << 20, max_segments: int = 8) -> None:
         self.max_idle = max_idle
         self.max_segments = max_segments
         self._free: dict[int, list[Segment]] = {}
         self._idle = 0
         self._count = 0
-        self._lock = threading.Lock()
 
     def get(self, nbytes: int) -> Segment:
         """An idle segment of at least ``nbytes``, or a new one."""
         cls = _size_class(nbytes)
-        with self._lock:
-            free = self._free.get(cls)
-            if free:
-                self._idle -= cls
-                self._count -= 1
-                return free.pop()
+        free = self._free.get(cls)
+        if free:
+            self._idle -= cls
+            self._count -= 1
+            return free.pop()
         return Segment(cls)
 
     def put(self, seg: Segment) -> None:
         """Take back a segment whose lease was released."""
-        with self._lock:
-            if self._idle + seg.size <= self.max_idle and self._count < self.max_segments:
-                self._free.setdefault(seg.size, []).append(seg)
-                self._idle += seg.size
-                self._count += 1
-                return
+        if self._idle + seg.size <= self.max_idle and self._count < self.max_segments:
+            self._free.setdefault(seg.size, []).append(seg)
+            self._idle += seg.size
+            self._count += 1
+            return
         seg.close()
 
     @property
@@ -118,20 +117,10 @@ class SegmentPool:
 
     def clear(self) -> None:
         """Close every idle segment."""
-        with self._lock:
-            free, self._free, self._idle, self._count = self._free, {}, 0, 0
+        free, self._free, self._idle, self._count = self._free, {}, 0, 0
         for segs in free.values():
             for seg in segs:
                 seg.close()
-
-    def _forget(self) -> None:
-        # In a forked child: the parent still owns these segments; never write them.
-        self._free, self._idle, self._count, self._lock = {}, 0, 0, threading.Lock()
-
-
-POOL: Final = SegmentPool()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=POOL._forget)
 
 
 class Borrowed:
@@ -159,7 +148,9 @@ class Borrowed:
         """Map (or reuse the mapping of) a lent segment; closes ``fd``."""
         try:
             st = os.fstat(fd)
-            if nbytes <= 0 or st.st_size < nbytes:
+            if nbytes <= 0 or st.st_size < nbytes or st.st_size > _size_class(nbytes):
+                # The whole segment is mapped: it may not be larger than the
+                # size class of what was announced (which the frame limit bounds).
                 raise ProtocolError(f"lent segment of {st.st_size} bytes, {nbytes} announced")
             if lease in self._out:
                 raise ProtocolError(f"lease {lease} is already out")
