@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -569,3 +571,163 @@ def test_send_respects_peer_announced_max_frame_size() -> None:
     assert a.peer_hello is not None and a.peer_hello.max_frame_size == 4096
     with pytest.raises(PayloadTooLarge):
         a.send_event(b"e", (b"x" * 5000,))
+
+
+# -- issue 6: goodbye per frame (D16), one answer per invoke, frame-size floor ---------
+
+
+def test_frames_after_goodbye_in_the_same_read_are_ignored() -> None:
+    _, b = pair()
+    event = raw(Kind.EVENT, channel=b"e", body=codec.encoder.encode([1]))
+    frames = b.receive_data(raw(Kind.GOODBYE, body=codec.encoder.encode({"reason": "x"})) + event)
+    assert [f.kind for f in frames] == [Kind.GOODBYE]
+    assert b.their_goodbye and not b.our_goodbye and b.goodbye_reason == "x"
+    assert b.state is State.CLOSING
+
+
+def test_frames_after_goodbye_in_a_later_read_are_ignored() -> None:
+    _, b = pair()
+    assert [f.kind for f in b.receive_data(raw(Kind.GOODBYE))] == [Kind.GOODBYE]
+    later = raw(Kind.EVENT, channel=b"e", body=codec.encoder.encode([1]))
+    later += raw(Kind.RESULT, rid=1, body=codec.encoder.encode(1))
+    later += raw(Kind.PING, rid=5)
+    assert b.receive_data(later) == []
+    assert b.data_to_send()[0] == b"", "no PONG after the peer's GOODBYE"
+
+
+def test_after_our_goodbye_only_answers_to_our_calls_count() -> None:
+    a, b = pair()
+    rid = a.send_invoke(b"c", (), "w")
+    transfer(a, b)
+    a.send_goodbye("done")
+    assert a.our_goodbye and not a.their_goodbye
+    b.send_result(rid, 7)
+    b.send_event(b"e", ())
+    b.send_ping(9)
+    assert [f.kind for f in transfer(b, a)] == [Kind.RESULT]
+    assert a.data_to_send()[0][4] == Kind.GOODBYE  # the GOODBYE, and no PONG after it
+    a.send_result(1, "late")
+    a.send_error(1, codec.ErrorInfo("remote", "late"))
+    assert a.data_to_send()[0] == b"", "nothing is sent after our GOODBYE"
+
+
+def _deep(n: int) -> list[object]:
+    x: list[object] = []
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+class _Unencodable:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "error_type"),
+    [
+        (2**70, "OverflowError"),
+        (_deep(100_000), "RecursionError"),
+        (_Unencodable(), "TypeError"),
+        ({"k": [1, 2, 2**64]}, "OverflowError"),
+    ],
+)
+def test_answer_turns_any_encoding_failure_into_one_error(value: object, error_type: str) -> None:
+    a, b = pair()
+    rid = a.send_invoke(b"c", (), "w")
+    transfer(a, b)
+    b.send_event(b"before", ())
+    b.answer(rid, value)
+    b.send_event(b"after", ())
+    frames = outgoing(b)  # the buffer parses whole: no half frame was left behind
+    assert [f.kind for f in frames] == [Kind.EVENT, Kind.ERROR, Kind.EVENT]
+    info = codec.error_decoder.decode(frames[1].body)
+    assert (info.code, info.type) == ("remote", error_type)
+    assert info.traceback == ""  # tether's encoder frames are nobody's business
+    assert frames[1].request_id == rid
+
+
+def test_answer_with_an_attachment_then_a_failure_leaves_nothing_behind() -> None:
+    from tether.shm import Buffer
+
+    a = Connection("main", store=MemfdStore())
+    b = Connection("child", store=MemfdStore())
+    transfer(a, b)
+    transfer(b, a)
+    rid = a.send_invoke(b"c", (), "w")
+    transfer(a, b)
+    fds0 = len(os.listdir("/proc/self/fd"))
+    buf = Buffer(100_000)
+    b.answer(rid, [buf, 2**70])  # the Buffer became a descriptor, then encoding failed
+    assert buf.consumed
+    data, fds = b.data_to_send()
+    assert fds == [] and len(os.listdir("/proc/self/fd")) == fds0
+    (f,) = FrameParser().feed(bytes(data))
+    assert f.kind == Kind.ERROR and not f.attachments
+    a.abort()
+    b.abort()
+
+
+def _big_error() -> codec.ErrorInfo:
+    tb = "".join(f"  File 'h.py', line {i}, in f{i}\n" for i in range(5000)) + "ValueError: boom\n"
+    return codec.ErrorInfo("remote", "boom", "ValueError", tb)
+
+
+def test_an_error_too_large_for_the_peer_keeps_the_end_of_its_traceback() -> None:
+    a = Connection("main")
+    b = Connection("child", max_frame_size=4096)
+    transfer(a, b)
+    transfer(b, a)
+    info = _big_error()
+    assert len(codec.encoder.encode(info)) > 4096
+    a.send_error(1, info)
+    a.send_event(b"after", ())
+    frames = b.receive_data(bytes(a.data_to_send()[0]))
+    assert [f.kind for f in frames] == [Kind.ERROR, Kind.EVENT]
+    got = codec.error_decoder.decode(frames[0].body)
+    assert (got.code, got.message, got.type) == ("remote", "boom", "ValueError")
+    assert 0 < len(got.traceback) < 4096 and got.traceback.endswith("ValueError: boom\n")
+    assert info.traceback.endswith(got.traceback)
+
+
+def test_an_error_whose_message_does_not_fit_becomes_code_and_truncated_message() -> None:
+    a = Connection("main")
+    b = Connection("child", max_frame_size=4096)
+    transfer(a, b)
+    transfer(b, a)
+    a.send_error(1, codec.ErrorInfo("remote", "é" * 50_000, "X", "tb" * 10_000, "$.x"))
+    (f,) = b.receive_data(bytes(a.data_to_send()[0]))
+    got = codec.error_decoder.decode(f.body)
+    assert got.code == "remote" and got.traceback == "" and got.type == "X"
+    assert len(got.message) > 0 and set(got.message) == {"é"}
+
+
+def test_an_error_with_text_that_cannot_encode_is_still_answered() -> None:
+    a, b = pair()
+    a.send_error(1, codec.ErrorInfo("remote", "bad \ud800 surrogate"))
+    (f,) = b.receive_data(bytes(a.data_to_send()[0]))
+    assert codec.error_decoder.decode(f.body).code == "remote"
+
+
+def test_max_frame_size_has_a_floor() -> None:
+    with pytest.raises(ValueError, match="at least 4096"):
+        Connection("main", max_frame_size=4095)
+    b = Connection("child")
+    with pytest.raises(ProtocolError, match="floor"):
+        b.receive_data(hello_bytes(max_frame_size=200))
+    assert b.state is State.CLOSED
+
+
+def test_a_hello_that_would_not_fit_the_floor_is_refused() -> None:
+    with pytest.raises(ValueError, match="HELLO"):
+        Connection("main", name="n" * 5000)
+
+
+def test_abort_closes_the_core_and_drops_what_is_queued() -> None:
+    a, _ = pair()
+    a.send_invoke(b"c", (), "w")
+    a.abort()
+    assert a.state is State.CLOSED
+    assert a.data_to_send() == (b"", [])
+    assert a.receive_data(raw(Kind.PING, rid=1)) == []
+    with pytest.raises(ConnectionClosed):
+        a.send_event(b"e", ())
