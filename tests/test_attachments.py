@@ -1208,3 +1208,34 @@ async def test_a_main_lends_to_its_children_only(sock_path: str) -> None:
             assert client._conn.leases_held == 0  # sealed: nothing lent to a stranger
             (peer,) = main.peers
             assert peer._conn.store.leases_out == 0
+
+
+async def test_a_listening_main_limited_to_1_mib_drops_a_sparse_gigabyte_memfd(
+    sock_path: str,
+) -> None:
+    """D7 end to end: the descriptor is closed unmapped and the client dropped."""
+    import fcntl
+
+    async with tether.Main(timeout=10.0, max_frame_size=1 * MIB) as main:
+        server = await main.listen(f"unix://{sock_path}")
+        maps0 = tether_maps()
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(5.0)
+        raw.connect(str(server.address.path))
+        fd = os.memfd_create("tether-evil", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 1 << 30)
+        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        hello_conn = Connection("client", store=MemfdStore())
+        msg = bytes(hello_conn.data_to_send()[0]) + _fd_event(1 << 30)
+        fds0 = open_fds()
+        raw.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        os.close(fd)
+        # main may have written its own HELLO before it read ours: read to EOF
+        while await asyncio.to_thread(raw.recv, 65536):
+            pass
+        await wait_for(lambda: not main.peers, 5.0)
+        assert tether_maps() == maps0
+        assert open_fds() == fds0 - 1  # our own copy closed; main kept nothing
+        raw.close()
+        hello_conn.abort()
