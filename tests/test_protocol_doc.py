@@ -793,3 +793,22 @@ def test_byte_counts_in_headings_match_the_blocks() -> None:
     assert len(found) == 4  # the two HELLOs, the INVOKE and the RESULT
     for count, name in found:
         assert len(BLOCKS[name]) == int(count), name
+
+
+async def test_eof_in_the_middle_of_a_frame_is_logged_as_a_protocol_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """10.2: EOF mid-frame is a protocol error, logged like any other."""
+    import asyncio
+
+    a, b = socket.socketpair()
+    peer = Peer(a, role="client", local_role="main")
+    peer.start()
+    hello = bytes(Connection("client").data_to_send()[0])
+    b.sendall(hello + b"\x30\x00\x00\x00\x02")  # a frame of 48 bytes, cut after 1
+    b.shutdown(socket.SHUT_WR)  # EOF (close() with main's HELLO unread would reset, 10.2)
+    with caplog.at_level("WARNING", logger="tether"):
+        await asyncio.wait_for(peer.wait_closed(), 5.0)
+    b.close()
+    assert "middle of a frame" in caplog.text
+    assert isinstance(peer._closed, tether.ProtocolError)

@@ -186,7 +186,8 @@ class Connection:
         self.their_goodbye = False
         self._store = store
         self._send_fds = False  # both sides pass descriptors: set at handshake
-        self._send_leases = False  # the peer accepts lent segments: set at handshake
+        self._send_moved = False  # the peer trusts our pages (``lease``): set at handshake
+        self._send_leases = False  # ... and our store lends to it: set at handshake
         self._peer_fd = False  # the peer announced ``fd``: set at handshake
         self._early_claims = 0  # descriptors claimed before the peer's HELLO was read
         self._parser = FrameParser(max_frame_size, self._claim if store is not None else None)
@@ -357,9 +358,8 @@ class Connection:
         self.peer_hello = hello
         store = self._store
         self._send_fds = store is not None and self._peer_fd
-        self._send_leases = (
-            store is not None and self._peer_fd and store.lend and "lease" in hello.features
-        )
+        self._send_moved = self._send_fds and "lease" in hello.features
+        self._send_leases = self._send_moved and store is not None and store.lend
         if hello.max_frame_size and hello.max_frame_size < self.send_limit:
             self.send_limit = hello.max_frame_size  # never send what the peer must refuse
         if self.state is State.HANDSHAKE:
@@ -617,7 +617,7 @@ class Connection:
             if store is None or not self._send_fds or self._fd_count() >= MAX_UNCLAIMED_FDS:
                 view = obj.take_bytes()
                 return self._ext(_Att(WHERE_INLINE, view.nbytes, data=view))
-            if self._send_leases:  # the peer trusts us: O(1) handoff
+            if self._send_moved:  # the peer trusts us: O(1) handoff
                 fd, n = store.move(obj, True)
                 return self._ext(_Att(WHERE_FD, n, fd=fd, flags=FLAG_MOVED))
             fd, n = store.move(obj, False)

@@ -386,7 +386,7 @@ class Peer(Handlers):
             try:
                 self._conn.receive_eof()
             except ProtocolError as exc:
-                self._lost(exc)
+                self._bad_message(exc)  # EOF mid-frame: logged like any protocol error
             else:
                 self._lost(self._gone(None))
             return False
