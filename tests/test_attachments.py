@@ -1043,9 +1043,14 @@ def _fd_event(length: int) -> bytes:
 
 
 def test_a_hello_before_an_fd_frame_without_fd_is_refused_in_one_read() -> None:
+    import fcntl
+
     a = Connection("main")  # announces no "fd", yet passes a descriptor
     b = Connection("child", store=MemfdStore())
     fds = _memfds(1)
+    fcntl.fcntl(
+        fds[0], fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
+    )
     b.receive_fds(fds)  # arrives before its HELLO is read: held
     with pytest.raises(tether.ProtocolError, match="did not announce fd"):
         b.receive_data(bytes(a.data_to_send()[0]) + _fd_event(4096))

@@ -183,6 +183,10 @@ async def hold_child(peer: tether.Peer) -> None:
     def nbytes(call: tether.Call, buf: Any) -> int:
         return int(memoryview(buf).nbytes)
 
+    @peer.handle("polling")
+    def polling(call: tether.Call) -> bool:
+        return call.peer._lease_timer is not None  # type: ignore[attr-defined]
+
     @peer.handle("give")
     def give(call: tether.Call, n: int) -> Any:
         return np.full(n, 7, np.uint8)
@@ -297,3 +301,38 @@ def test_the_receiver_keeps_one_mapping_per_segment_and_releases_by_views() -> N
     assert len(store(b).borrowed._maps) == 1
     a.abort()
     b.abort()
+
+
+def test_a_dropped_lease_is_reported_without_polling() -> None:
+    """D17: the store calls back when the last view of a lease goes; no timer needed."""
+    a, b = pair()
+    calls: list[int] = []
+    store(b).on_release = lambda: calls.append(1)
+    assert store(b).notifies
+    a.send_event(b"take", (np.full(64 * KIB, 3, np.uint8),))
+    (frame,) = deliver(a, b)
+    (got,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
+    view = got[5:9]
+    del got, frame
+    assert calls == [] and store(b).outstanding == 1
+    del view  # the last view: reported at once, no collection, no poll
+    assert calls == [1]
+    assert b.poll_releases()
+    a.receive_data(b.data_to_send()[0])
+    assert not store(a).leases_out
+    a.abort()
+    b.abort()
+
+
+async def test_a_child_holding_a_lease_runs_no_poll_timer() -> None:
+    async with tether.Main() as main:
+        child = await main.spawn(hold_child)
+        assert await child.invoke("hold", np.full(100 * KIB, 1, np.uint8)) == 1
+        assert await child.invoke("polling") is False
+        assert store(child._conn).leases_out == 1
+        await child.invoke("drop")
+        for _ in range(200):  # the release comes back without a poll
+            if not store(child._conn).leases_out:
+                break
+            await asyncio.sleep(0.01)
+        assert not store(child._conn).leases_out

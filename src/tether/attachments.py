@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import os
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from . import shm
@@ -112,6 +112,24 @@ class MemfdStore:
     def outstanding(self) -> int:
         """Leases from the peer whose views are still alive."""
         return self.borrowed.outstanding
+
+    @property
+    def notifies(self) -> bool:
+        """Whether :attr:`on_release` is called when a lease's last view goes (no polling)."""
+        return self.borrowed.notifies
+
+    @property
+    def on_release(self) -> Callable[[], None] | None:
+        """Called, from any thread, when the last view of a lease from the peer was dropped.
+
+        Then call :meth:`tether.protocol.Connection.poll_releases` (on the
+        connection's own thread or loop) and write what it queued.
+        """
+        return self.borrowed.on_release
+
+    @on_release.setter
+    def on_release(self, cb: Callable[[], None] | None) -> None:
+        self.borrowed.on_release = cb
 
     # -- sending ----------------------------------------------------------
 

@@ -17,16 +17,34 @@ to one peer is only ever refilled for that same peer.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import mmap
 import os
 import sys
-from typing import Final
+import weakref
+from collections.abc import Callable
+from typing import Any, Final
 
 from .errors import ProtocolError
 
 __all__ = ["Borrowed", "Segment", "SegmentPool"]
+
+_np: Any = False  # numpy, imported at the first lease (None: not installed)
+
+
+def _numpy() -> Any:
+    global _np
+    if _np is False:
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover - numpy is optional
+            _np = None
+        else:
+            _np = numpy
+    return _np
+
 
 _MIN_CLASS: Final = 64 * 1024
 _LENDER_SEALS: Final = (
@@ -129,8 +147,13 @@ class Borrowed:
     Mapping a segment afresh for every lease costs a page fault per 4 KiB on
     first read (tens of ms for 256 MiB). Instead the mapping of each segment
     is kept and reused when the same segment is lent again. A lease is
-    released when no view of its mapping is left: every view holds a
-    reference to the mapping, so the mapping's reference count tells.
+    released when no view of its mapping is left. With NumPy installed each
+    lease is handed out through its own small read-only array over the
+    mapping: when the last view is dropped that array is freed and
+    :attr:`on_release` is called, from whichever thread dropped it, so nobody
+    needs to poll (:attr:`notifies`). Without NumPy, every view holds a
+    reference to the mapping, so the mapping's reference count tells, and
+    :meth:`released` must be polled.
     """
 
     #: references to a handed-out mapping with no view alive: the cache, the
@@ -143,6 +166,10 @@ class Borrowed:
         self._maps: dict[tuple[int, int], mmap.mmap] = {}  # (dev, inode) -> mapping, LRU
         self._bytes = 0
         self._out: dict[int, mmap.mmap] = {}  # lease id -> mapping handed out
+        self._dropped: collections.deque[int] = collections.deque()  # leases seen freed
+        #: called (from any thread) when a lease's last view was dropped; then
+        #: call :meth:`released`. Exceptions it raises are ignored.
+        self.on_release: Callable[[], None] | None = None
 
     def take(self, fd: int, nbytes: int, lease: int) -> memoryview:
         """Map (or reuse the mapping of) a lent segment; closes ``fd``."""
@@ -168,17 +195,43 @@ class Borrowed:
             os.close(fd)
         self._out[lease] = m
         self._trim()
-        return memoryview(m)[:nbytes]
+        np = _numpy()
+        if np is None:
+            return memoryview(m)[:nbytes]
+        holder = np.frombuffer(m, np.uint8, count=nbytes)
+        weakref.finalize(holder, self._gone, lease)
+        return memoryview(holder)
+
+    @property
+    def notifies(self) -> bool:
+        """Whether :attr:`on_release` is called (else :meth:`released` must be polled)."""
+        return _numpy() is not None
+
+    def _gone(self, lease: int) -> None:
+        """Finalizer of a lease's holder: its last view was dropped."""
+        self._dropped.append(lease)
+        cb = self.on_release
+        if cb is not None:
+            with contextlib.suppress(Exception):
+                cb()
 
     def released(self) -> list[int]:
         """Lease ids none of whose views is alive any more (and forget them)."""
         out = self._out
         if not out:
             return []
-        # (no loop variable may hold a mapping while it is counted)
-        done = [lease for lease in out if sys.getrefcount(out[lease]) <= self._IDLE_REFS]
-        for lease in done:
-            del out[lease]
+        if self.notifies:
+            done = []
+            dropped = self._dropped
+            while dropped:
+                lease = dropped.popleft()
+                if out.pop(lease, None) is not None:
+                    done.append(lease)
+        else:
+            # (no loop variable may hold a mapping while it is counted)
+            done = [lease for lease in out if sys.getrefcount(out[lease]) <= self._IDLE_REFS]
+            for lease in done:
+                del out[lease]
         if done:
             self._trim()
         return done
@@ -216,6 +269,8 @@ class Borrowed:
     def clear(self) -> None:
         """Forget every mapping (on teardown; live views keep theirs)."""
         maps, self._maps, self._out, self._bytes = self._maps, {}, {}, 0
+        self.on_release = None
+        self._dropped.clear()
         for m in maps.values():
             with contextlib.suppress(BufferError):
                 m.close()

@@ -82,6 +82,7 @@ _TO_APP: Final = frozenset(
     int(k) for k in (Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL)
 )
 _NO_FDS: Final[list[int]] = []
+_NO_FRAMES: Final[list[Frame]] = []
 #: room kept in an ERROR frame for everything but its message and traceback
 _ERROR_OVERHEAD: Final = 512
 
@@ -189,7 +190,7 @@ class Connection:
         self._send_moved = False  # the peer trusts our pages (``lease``): set at handshake
         self._send_leases = False  # ... and our store lends to it: set at handshake
         self._peer_fd = False  # the peer announced ``fd``: set at handshake
-        self._early_claims = 0  # descriptors claimed before the peer's HELLO was read
+        self._hello_read = False  # the peer's HELLO was taken off the frames
         self._parser = FrameParser(max_frame_size, self._claim if store is not None else None)
         self._out = bytearray()
         self._fds_out: list[int] = []
@@ -240,8 +241,13 @@ class Connection:
     def _claim(self, nbytes: int, flags: int, aux: int) -> memoryview:
         """The parser's callback for a descriptor attachment."""
         if self.peer_hello is None:
-            self._early_claims += 1  # checked once the HELLO before it is read
-        elif not self._peer_fd:
+            # A frame right behind the HELLO, in the same read: the HELLO was
+            # parsed first, so take it now and know whether fds are allowed.
+            parsed = self._parser.parsed
+            if not parsed:
+                raise ProtocolError("expected HELLO, got a frame with a file descriptor")
+            self._handshake(parsed[0])
+        if not self._peer_fd:
             raise ProtocolError("file descriptor attachment from a peer that did not announce fd")
         assert self._store is not None
         return self._store.claim(nbytes, flags, aux)
@@ -276,9 +282,13 @@ class Connection:
         if self.state is State.CLOSED:
             return []
         try:
-            frames = self._parser.feed(data)
-            if self.peer_hello is None and frames:
-                self._handshake(frames[0])
+            parser = self._parser
+            frames = parser.feed(data)
+            parser.parsed = _NO_FRAMES  # (it would keep this read's frames alive)
+            if not self._hello_read and frames:
+                if self.peer_hello is None:  # (else taken while parsing, see _claim)
+                    self._handshake(frames[0])
+                self._hello_read = True
                 frames = frames[1:]
             out: list[Frame] = []
             append = out.append
@@ -353,8 +363,6 @@ class Connection:
                 f"of {MIN_MAX_FRAME_SIZE} bytes"
             )
         self._peer_fd = "fd" in hello.features
-        if self._early_claims and not self._peer_fd:
-            raise ProtocolError("file descriptor attachment from a peer that did not announce fd")
         self.peer_hello = hello
         store = self._store
         self._send_fds = store is not None and self._peer_fd
@@ -397,6 +405,7 @@ class Connection:
         self.state = State.CLOSED
         self._out = bytearray()
         self._released.clear()
+        self._parser.parsed = _NO_FRAMES
         fds, self._fds_out = self._fds_out, []
         ready, self._ready = self._ready, collections.deque()
         store = self._store

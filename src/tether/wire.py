@@ -187,7 +187,16 @@ class FrameParser:
             descriptor attachments are a protocol error.
     """
 
-    __slots__ = ("_buf", "_chans", "_fill", "_head", "_need", "claim_fd", "max_frame_size")
+    __slots__ = (
+        "_buf",
+        "_chans",
+        "_fill",
+        "_head",
+        "_need",
+        "claim_fd",
+        "max_frame_size",
+        "parsed",
+    )
 
     def __init__(
         self,
@@ -196,6 +205,10 @@ class FrameParser:
     ) -> None:
         self.max_frame_size = max_frame_size
         self.claim_fd = claim_fd
+        #: the frames the current :meth:`feed` has completed so far (``claim_fd``
+        #: may look at them: the HELLO before a frame says whether it may use
+        #: fds); reset it after :meth:`feed`, or it keeps them alive
+        self.parsed: list[Frame] = []
         self._head = bytearray()  # partial size field (< 4 bytes)
         self._buf: bytearray | None = None  # partial frame, allocated at full size
         self._chans: dict[bytes, str] = {}  # channel names seen, decoded once
@@ -210,6 +223,7 @@ class FrameParser:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume ``data`` and return every frame it completes, in order."""
         frames: list[Frame] = []
+        self.parsed = frames
         mv = memoryview(data)
         n = len(mv)
         pos = 0

@@ -111,6 +111,9 @@ class Peer(Handlers):
         self.name = name
         self._on_close = on_close
         self._lease_timer: asyncio.TimerHandle | None = None
+        store = self._conn.store
+        if isinstance(store, MemfdStore):
+            store.on_release = self._lease_released
         self._last_direct = 0.0  # when an invoke last flushed on its own
         # rid -> (deadline, future, channel, timeout) of invokes with a timeout
         self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str, float]] = {}
@@ -306,8 +309,14 @@ class Peer(Handlers):
             return
         if self._conn.poll_releases():
             self._kick()
-        if self._conn.leases_held:
+        store = self._conn.store
+        if self._conn.leases_held and not (isinstance(store, MemfdStore) and store.notifies):
             self._lease_timer = self._loop.call_later(_LEASE_POLL, self._poll_leases)
+
+    def _lease_released(self) -> None:
+        """The store saw a lent segment's last view go (any thread): release it."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to release
+            self._loop.call_soon_threadsafe(self._poll_leases)
 
     def _kick(self) -> None:
         if self._flush_handle is None and self._started:
