@@ -191,6 +191,7 @@ class Connection:
         self._send_leases = False  # ... and our store lends to it: set at handshake
         self._peer_fd = False  # the peer announced ``fd``: set at handshake
         self._hello_read = False  # the peer's HELLO was taken off the frames
+        self._fds_in = False  # descriptors arrived that frames may not have claimed yet
         self._parser = FrameParser(max_frame_size, self._claim if store is not None else None)
         self._out = bytearray()
         self._fds_out: list[int] = []
@@ -234,6 +235,7 @@ class Connection:
             self.state = State.CLOSED
             raise ProtocolError("received file descriptors on a connection that takes none")
         store.receive_fds(fds)
+        self._fds_in = True
         if self.peer_hello is not None and not self._peer_fd:
             self.abort()
             raise ProtocolError("received file descriptors from a peer that did not announce fd")
@@ -322,15 +324,20 @@ class Connection:
                     # Routes are reserved in protocol version 1: refuse each one.
                     self._emit(Kind.ROUTE_CLOSE, 0, f.route_id, b"", b"")
                 # PONG, ROUTE_CLOSE: nothing to do
-            store = self._store
-            if store is not None and store.unclaimed > MAX_UNCLAIMED_FDS:
-                raise ProtocolError(
-                    f"{store.unclaimed} file descriptors arrived that no frame claims"
-                )
+            if self._fds_in:
+                self._check_unclaimed()
             return out
         except ProtocolError:
             self.abort()
             raise
+
+    def _check_unclaimed(self) -> None:
+        store = self._store
+        assert store is not None
+        n = store.unclaimed
+        if n > MAX_UNCLAIMED_FDS:
+            raise ProtocolError(f"{n} file descriptors arrived that no frame claims")
+        self._fds_in = n > 0
 
     def receive_eof(self) -> None:
         """The peer closed its end; the state is now CLOSED.
