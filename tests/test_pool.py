@@ -259,7 +259,7 @@ def test_an_empty_or_short_lease_is_a_protocol_error() -> None:
         fd = os.memfd_create("t")
         os.ftruncate(fd, 64 * KIB)
         with pytest.raises(ProtocolError):
-            borrowed.take(fd, nbytes, 1)
+            borrowed.map_lease(fd, nbytes, 1)
         with pytest.raises(OSError):
             os.fstat(fd)  # closed all the same
 

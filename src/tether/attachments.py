@@ -102,7 +102,7 @@ class MemfdStore:
             raise ProtocolError("a lent or moved segment from a peer this side does not trust")
         if flags & FLAG_MOVED:
             return shm.map_moved(fd, nbytes)
-        return self.borrowed.take(fd, nbytes, aux)
+        return self.borrowed.map_lease(fd, nbytes, aux)
 
     def released(self) -> list[int]:
         """Leases the peer lent whose views are all gone (send RELEASE for each)."""

@@ -171,7 +171,7 @@ class Borrowed:
         #: call :meth:`released`. Exceptions it raises are ignored.
         self.on_release: Callable[[], None] | None = None
 
-    def take(self, fd: int, nbytes: int, lease: int) -> memoryview:
+    def map_lease(self, fd: int, nbytes: int, lease: int) -> memoryview:
         """Map (or reuse the mapping of) a lent segment; closes ``fd``."""
         try:
             st = os.fstat(fd)

@@ -145,8 +145,9 @@ class Connection:
     """Protocol state for one connection. See the module docstring.
 
     Args:
-        role: the role this side announces in its HELLO (``main``, ``child``,
-            ``client``, ``page``). The receiving side decides what it grants.
+        local_role: the role *this* side announces in its HELLO (``main``,
+            ``child``, ``client``, ``page``); the receiving side decides what
+            it grants. (A peer's ``role`` is the other side's.)
         name: a free-form label for logs.
         pid: this process's id, announced in the HELLO (the I/O layer knows it;
             0 announces none).
@@ -164,7 +165,7 @@ class Connection:
 
     def __init__(
         self,
-        role: str,
+        local_role: str,
         *,
         name: str = "",
         pid: int = 0,
@@ -207,7 +208,7 @@ class Connection:
             codec.Hello(
                 protocol=codec.PROTOCOL_NAME,
                 version=codec.PROTOCOL_VERSION,
-                role=role,
+                role=local_role,
                 name=name,
                 pid=pid,
                 max_frame_size=max_frame_size,
@@ -704,8 +705,8 @@ def _smaller_errors(info: codec.ErrorInfo, limit: int) -> Iterable[codec.ErrorIn
                 tb = tb[len(tb) // 8 + 1 :]
             yield codec.ErrorInfo(info.code, info.message, info.type, tb, info.path)
     msg = info.message.encode("utf-8", "replace")[: room // 2].decode("utf-8", "ignore")
-    yield codec.ErrorInfo(info.code, msg, info.type[:256])
-    yield codec.ErrorInfo(info.code, "(the error could not be described)")
+    yield codec.ErrorInfo(info.code[:64], msg, info.type[:256])
+    yield codec.ErrorInfo("remote", "(the error could not be described)")
 
 
 def _consume_all(obj: Any, _depth: int = 0) -> None:
