@@ -336,3 +336,18 @@ async def test_a_child_holding_a_lease_runs_no_poll_timer() -> None:
                 break
             await asyncio.sleep(0.01)
         assert not store(child._conn).leases_out
+
+
+def test_no_release_follows_our_goodbye() -> None:
+    """8.4/8.5: GOODBYE is the last frame; a lease dropped after it is not released."""
+    a, b = pair()
+    a.send_event(b"take", (np.full(64 * KIB, 1, np.uint8),))
+    (frame,) = deliver(a, b)
+    (got,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
+    b.send_goodbye("bye")
+    del got, frame
+    b.poll_releases()
+    data, _ = b.data_to_send()
+    assert [data[4]] == [Kind.GOODBYE] and len(data) == int.from_bytes(data[:4], "little") + 4
+    a.abort()
+    b.abort()
