@@ -1244,3 +1244,19 @@ async def test_a_listening_main_limited_to_1_mib_drops_a_sparse_gigabyte_memfd(
         assert open_fds() == fds0 - 1  # our own copy closed; main kept nothing
         raw.close()
         hello_conn.abort()
+
+
+def test_a_sender_refuses_descriptor_attachments_past_the_peers_limit() -> None:
+    a, b = _stored_pair(max_frame_size=1 * MIB)
+    fds0 = open_fds()
+    with pytest.raises(tether.PayloadTooLarge, match="in descriptors"):
+        a.send_event(b"e", (np.zeros(2 * MIB, np.uint8),))
+    assert a.data_to_send() == (b"", [])
+    assert open_fds() == fds0  # the sealed segment made for it was closed
+    a.send_event(b"e", (np.zeros(1 * MIB, np.uint8),))  # exactly the limit: fine
+    data, fds = a.data_to_send()
+    assert len(fds) == 1
+    b.receive_fds(fds)
+    assert len(b.receive_data(data)) == 1
+    a.abort()
+    b.abort()
