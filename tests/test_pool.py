@@ -351,3 +351,12 @@ def test_no_release_follows_our_goodbye() -> None:
     assert [data[4]] == [Kind.GOODBYE] and len(data) == int.from_bytes(data[:4], "little") + 4
     a.abort()
     b.abort()
+
+
+def test_a_segment_dropped_without_close_closes_its_descriptor() -> None:
+    seg = SegmentPool().get(64 * KIB)
+    fd = seg.fd
+    del seg
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)

@@ -75,7 +75,10 @@ class Segment:
             # segment under the lender (which would SIGBUS on its next fill).
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _LENDER_SEALS)
         except BaseException:
-            os.close(self.fd)
+            fd, self.fd = self.fd, -1  # (so __del__ closes nothing twice)
+            if hasattr(self, "map"):
+                self.map.close()
+            os.close(fd)
             raise
         self.size = size
 
@@ -84,9 +87,17 @@ class Segment:
         self.map[: data.nbytes] = data
 
     def close(self) -> None:
-        """Unmap and close; a receiver's own mapping keeps the pages alive."""
-        self.map.close()
-        os.close(self.fd)
+        """Unmap and close (once); a receiver's own mapping keeps the pages alive."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            self.map.close()
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # A pool dropped without close() (a connection nobody aborted) must not
+        # leak the descriptor: the mapping closes itself, the fd does not.
+        if getattr(self, "fd", -1) >= 0:
+            self.close()
 
 
 class SegmentPool:
