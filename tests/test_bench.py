@@ -18,7 +18,7 @@ from tether.bench.report import compare, fmt_value, plot, table, to_json
 from tether.bench.runner import MIN_P99_SAMPLES, MetricStats, Row, _pool, run_once
 from tether.bench.scenarios import SCENARIOS, Run, plan, select
 
-SUBSET = ["rt_mp_pipe", "rt_tether_sync", "ev_tether", "kill_to_peergone"]
+SUBSET = ["rt_mp_pipe", "rt_tether_sync", "rt_tether_sync_nospin", "ev_tether", "kill_to_peergone"]
 
 
 @pytest.mark.timeout(200)
@@ -76,6 +76,9 @@ def test_quick_run_prints_table_and_writes_json_and_png(tmp_path: Path) -> None:
     sync = results["rt_tether_sync"]["metrics"][0]
     assert math.isclose(sync["ratios"]["mp_pipe"], sync["median"] / pipe)
     assert "zmq" not in sync["ratios"]  # pyzmq did not run: no ratio invented
+    # The blocking client with and without its polling window, side by side.
+    assert results["rt_tether_sync"]["info"]["spin_s"] > 0
+    assert results["rt_tether_sync_nospin"]["info"]["spin_s"] == 0.0
     kill = results["kill_to_peergone"]["metrics"][0]
     assert kill["unit"] == "ms" and kill["targets"][0]["target"] == "<10"
     assert kill["targets"][0]["pass"] == (kill["median"] < 10)
@@ -96,6 +99,7 @@ def test_select_accepts_globs_and_keeps_table_order() -> None:
         "rt_mp_pipe",
         "rt_tether_async",
         "rt_tether_sync",
+        "rt_tether_sync_nospin",
         "rt_tether_main_child",
         "rt_tether_spin",
     ]

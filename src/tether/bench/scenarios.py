@@ -71,6 +71,7 @@ SCENARIOS: dict[str, Scenario] = {
         _s("rt_zmq", "rt", "pyzmq REQ/REP", "zmq"),
         _s("rt_tether_async", "rt", "tether async"),
         _s("rt_tether_sync", "rt", "tether blocking"),
+        _s("rt_tether_sync_nospin", "rt", "tether blocking, spin=0"),
         _s("rt_tether_main_child", "rt", "tether main->child"),
         _s("rt_tether_spin", "rt", "tether main->child, spin"),
         _s("ev_mp_pipe", "ev", "mp.Pipe", "mp_pipe"),

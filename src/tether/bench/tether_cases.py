@@ -46,6 +46,7 @@ __all__ = [
     "rt_tether_main_child",
     "rt_tether_spin",
     "rt_tether_sync",
+    "rt_tether_sync_nospin",
 ]
 
 WAIT = 30.0  # bound on every wait outside the hot loops, in seconds
@@ -139,12 +140,16 @@ def rt_tether_async(params: Params) -> Result:
     return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"loop": loop}}
 
 
-def rt_tether_sync(params: Params) -> Result:
-    """A blocking client (:func:`tether.sync.connect`) invokes ``echo`` on a main process."""
+def rt_tether_sync(params: Params, spin: float | None = None) -> Result:
+    """A blocking client (:func:`tether.sync.connect`) invokes ``echo`` on a main process.
+
+    ``spin``: the client's polling window (default: the library's, 200 us).
+    """
+    kw: dict[str, Any] = {} if spin is None else {"spin": spin}
     with scratch_dir() as tmp:
         server = _Server(tmp)
         try:
-            with tether.sync.connect(server.address, timeout=WAIT) as peer:
+            with tether.sync.connect(server.address, timeout=WAIT, **kw) as peer:
                 assert peer.invoke("echo", PAYLOAD) == PAYLOAD
                 meter = CpuMeter(server.proc.pid)
                 samples = time_loop(
@@ -154,6 +159,14 @@ def rt_tether_sync(params: Params) -> Result:
         finally:
             server.stop()
     return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"spin_s": peer.spin}}
+
+
+def rt_tether_sync_nospin(params: Params) -> Result:
+    """:func:`rt_tether_sync` with ``spin=0``: the client sleeps in ``select`` at once.
+
+    Beside the default row, it shows what the default's polling buys and costs (CPU column).
+    """
+    return rt_tether_sync(params, spin=0.0)
 
 
 def rt_tether_main_child(params: Params) -> Result:
