@@ -151,9 +151,11 @@ def _serve(mode: str, path: str) -> None:
 
 
 def _hello(features: list[str] | None = None) -> bytes:
-    from tether.protocol import Connection
+    from tether.codec import Hello, encoder
+    from tether.wire import Kind
 
-    return bytes(Connection("client", name="fuzz", features=features or []).data_to_send())
+    hello = Hello(protocol="tether", version=1, role="client", name="fuzz", features=features or [])
+    return _frame(Kind.HELLO, 0, b"", encoder.encode(hello))
 
 
 def _frame(

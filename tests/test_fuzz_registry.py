@@ -41,16 +41,6 @@ def _load() -> ModuleType:
 fuzz = _load()
 CHANNELS = [name for name, _, _ in fuzz.HANDLERS]
 
-# Library defect: msgspec raises RecursionError for deeply nested values decoded as Any
-# (untyped, bytes-typed, *args parameters); ArgsSpec.decode lets it out instead of
-# BadRequest. Registry.resolve still answers bad_request (its catch-all), so no invoke
-# goes unanswered, but decode's contract is broken. The marks flip when codec catches it.
-DEEP_NESTING_LEAKS = pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="defect: ArgsSpec.decode lets msgspec's RecursionError out for a body nested "
-    "~1000 deep (params typed Any/bytes/*args), instead of BadRequest",
-)
 
 # --- hypothesis: msgpack values built from a strategy -----------------------------------
 
@@ -141,7 +131,6 @@ def test_harness_on_seeded_random_inputs(monkeypatch: pytest.MonkeyPatch) -> Non
         fuzz.TestOneInput(rng.randbytes(2 + rng.randrange(120)))
 
 
-@DEEP_NESTING_LEAKS
 @pytest.mark.parametrize("channel", ["bytes", "any", "variadic", "ndarray", "memoryview"])
 def test_deeply_nested_body_is_a_bad_request(channel: str) -> None:
     body = b"\x93" + b"\x91" * 5000 + b"\x00" + b"\xc0\xc0"  # 3 args, the first 5000 deep
@@ -220,7 +209,6 @@ def _run_atheris(runs: int, seed: int, corpus: Path) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not _atheris_available(), reason="atheris is not installed")
-@DEEP_NESTING_LEAKS
 def test_atheris_short_run(tmp_path: Path) -> None:
     _run_atheris(5000, seed=1, corpus=tmp_path)
 
@@ -237,12 +225,6 @@ class _ArgsUnprintable(Exception):
     pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="defect: codec.error_info raises when the exception's __str__ raises "
-    "(the invoke then gets no answer)",
-)
 def test_error_info_describes_an_exception_whose_str_raises() -> None:
     info = codec.error_info(_StrRaises())
     assert info.code == "remote" and "_StrRaises" in info.type

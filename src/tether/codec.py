@@ -259,6 +259,8 @@ class ArgsSpec:
             raise self._bad(str(exc)) from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed arguments: {exc}") from None
+        except RecursionError:  # msgspec's depth guard, for values decoded as Any
+            raise BadRequest("malformed arguments: nested too deeply") from None
 
     def _bad(self, text: str) -> BadRequest:
         msg, _, where = text.rpartition(" - at `")
