@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
 from .. import codec
+from ..attachments import MemfdStore
 from ..errors import (
     ConnectionClosed,
     InvokeTimeout,
@@ -127,12 +128,14 @@ class Peer(Handlers):
         self._conn = Connection(
             local_role,
             name=name,
+            pid=os.getpid(),
             max_frame_size=max_frame_size,
-            # On unix sockets: pass descriptors; and unless this side is a main,
-            # accept segments lent by the (trusted, privileged) other side.
-            features=(["fd", "lease"] if local_role != "main" else ["fd"])
+            # On unix sockets: pass descriptors. A main lends its segments only
+            # to the children it spawned; the other sides accept segments lent
+            # by the (trusted, privileged) main.
+            store=MemfdStore(lend=role == "child", borrow=local_role != "main")
             if self._stream.unix
-            else [],
+            else None,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
@@ -142,6 +145,9 @@ class Peer(Handlers):
         self._on_close = on_close
         self._lease_timer: asyncio.TimerHandle | None = None
         self._lease_wait = _LEASE_POLL
+        store = self._conn.store
+        if isinstance(store, MemfdStore):
+            store.on_release = self._lease_released
         self._last_direct = 0.0  # when an invoke last flushed on its own
         # rid -> (deadline, future, channel, timeout) of invokes with a timeout
         self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str, float]] = {}
@@ -161,7 +167,7 @@ class Peer(Handlers):
         self._backlog: collections.deque[Frame] = collections.deque()
         self._held = 0  # bytes read while paused
         self._drainer: asyncio.Task[None] | None = None
-        self._ending = False  # the connection dropped; reading never resumes
+        self._dropped = False  # the connection dropped; reading never resumes
         self._flush_handle: asyncio.Handle | None = None
         self._closed: TetherError | None = None
         self._closed_fut: asyncio.Future[None] = self._loop.create_future()
@@ -190,6 +196,10 @@ class Peer(Handlers):
     def closed(self) -> bool:
         """Whether the connection is closed (by either side)."""
         return self._closed is not None
+
+    def fileno(self) -> int:
+        """The connection's socket descriptor (-1 once closed)."""
+        return self._sock.fileno()
 
     @property
     def remote_hello(self) -> codec.Hello | None:
@@ -237,7 +247,7 @@ class Peer(Handlers):
             return
         if isinstance(exc, ProtocolError):
             log.warning("%r broke the protocol: %s", self, exc)
-        self._ending = True
+        self._dropped = True
         if isinstance(exc, PeerGone):
             self._shutdown(exc)
         else:
@@ -308,7 +318,7 @@ class Peer(Handlers):
         if self._paused:
             self._set_reading()  # answers to this call must still be read
         now = time.perf_counter()
-        if conn._fds_out or (now - self._last_direct > _BURST and self._flush_handle is None):
+        if conn.fds_queued or (now - self._last_direct > _BURST and self._flush_handle is None):
             # A lone invoke goes out now, saving a turn of the loop on the round
             # trip; invokes issued back to back share one write at the next turn.
             self._last_direct = now
@@ -350,7 +360,7 @@ class Peer(Handlers):
         consume_all(args)  # a failed send moves its Buffers too
         if self._closed is not None:
             raise self._closed
-        if conn.goodbye_reason is not None:
+        if conn.their_goodbye:
             raise PeerGone(f"{self!r} said goodbye: {conn.goodbye_reason or 'no reason given'}")
         if conn.state is State.CLOSED:
             raise PeerGone(f"{self!r}: connection lost")
@@ -399,7 +409,7 @@ class Peer(Handlers):
             chan = self._new_chan(channel, args)
         conn.send_event(chan, args)
         queued = conn.buffered_out
-        if queued >= FLUSH_SIZE or conn._fds_out:
+        if queued >= FLUSH_SIZE or conn.fds_queued:
             # Write now rather than when the loop turns: the peer starts reading
             # while this side keeps producing (a loop that never yields would
             # otherwise alternate with its reader instead of overlapping).
@@ -423,7 +433,9 @@ class Peer(Handlers):
             # Nothing dropped lately: wait longer (an idle peer holding a view
             # costs a timer a second, not one every 2 ms).
             self._lease_wait = min(2 * self._lease_wait, _LEASE_POLL_MAX)
-        if self._conn.borrowed.outstanding:
+        store = self._conn.store
+        if self._conn.leases_held and not (isinstance(store, MemfdStore) and store.notifies):
+            # Only without release notifications (no numpy): poll, backing off.
             self._lease_timer = self._loop.call_later(self._lease_wait, self._poll_leases)
 
     def _leases_active(self) -> None:
@@ -435,6 +447,11 @@ class Peer(Handlers):
         elif timer.when() - self._loop.time() > 2 * _LEASE_POLL:
             timer.cancel()
             self._lease_timer = self._loop.call_later(_LEASE_POLL, self._poll_leases)
+
+    def _lease_released(self) -> None:
+        """The store saw a lent segment's last view go (any thread): release it."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to release
+            self._loop.call_soon_threadsafe(self._poll_leases)
 
     def _kick(self) -> None:
         if self._flush_handle is None and self._started:
@@ -449,20 +466,22 @@ class Peer(Handlers):
         self._flush_handle = None
         if not self._started or self._closed is not None:
             return
-        fds = self._conn.take_fds()
-        data = self._conn.data_to_send()
+        data, fds = self._conn.data_to_send()
         if not data:
             return
         try:
             done = self._stream.write(data, fds)
+            while self._conn.fds_queued:  # more descriptors than one chunk carries
+                data, fds = self._conn.data_to_send()
+                done = self._stream.write(data, fds)
         except OSError as exc:
-            self._end(self._gone(exc))
+            self._lost(self._gone(exc))  # only the write failed: what was sent may still be read
             return
         if done and poll and self.spin and self._conn.pending and not self._spinning:
             self._spin()  # our caller awaits an answer: poll for it
 
     def _write_failed(self, exc: OSError) -> None:
-        self._end(self._gone(exc))
+        self._lost(self._gone(exc))
 
     async def _wait_drained(self, low: int) -> None:
         self._flush()
@@ -490,7 +509,7 @@ class Peer(Handlers):
 
     def _set_reading(self) -> None:
         """Read the socket unless paused; while paused, only for answers owed to us."""
-        if not self._started or self._closed is not None or self._ending:
+        if not self._started or self._closed is not None or self._dropped:
             return
         if not self._paused or (self._conn.pending and self._held < MAX_HELD):
             self._stream.start()
@@ -499,9 +518,9 @@ class Peer(Handlers):
 
     def _watch_drain(self) -> None:
         if self._drainer is None:
-            self._drainer = self._loop.create_task(self._drained())
+            self._drainer = self._loop.create_task(self._resume_when_drained())
 
-    async def _drained(self) -> None:
+    async def _resume_when_drained(self) -> None:
         try:
             await self._stream.drain(LOW_WATER)
         except TetherError:
@@ -547,7 +566,7 @@ class Peer(Handlers):
 
     def _on_readable(self) -> None:
         if self._read_once():
-            if self._conn.borrowed.outstanding:
+            if self._conn.leases_held:
                 self._leases_active()  # handlers may have dropped what they were lent
             if self.spin and not self._spinning:
                 self._spin()  # more is likely on its way: answer it without sleeping
@@ -593,7 +612,7 @@ class Peer(Handlers):
             try:
                 self._conn.receive_eof()
             except ProtocolError as exc:
-                self._end(exc)
+                self.abort(exc)  # EOF mid-frame: logged like any protocol error
             else:
                 self._end(self._gone(None))
             return False
@@ -813,7 +832,7 @@ class Peer(Handlers):
 
     def _end(self, exc: TetherError) -> None:
         """The connection dropped (EOF, a failed read or write, the peer's GOODBYE)."""
-        self._ending = True
+        self._dropped = True
         self._lost(exc)
 
     def _lost(self, exc: TetherError) -> None:
@@ -824,8 +843,8 @@ class Peer(Handlers):
         if self._closed is not None:
             return
         self._closed = exc
-        self._conn.abort()
         self._stream.close(exc)
+        self._conn.abort()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         if self._lease_timer is not None:
@@ -834,7 +853,6 @@ class Peer(Handlers):
             self._timer.cancel()
         self._deadlines.clear()
         self._backlog.clear()
-        self._conn.close_fds()
         for fut in self._conn.fail_all():
             if not fut.done():
                 fut.set_exception(exc)
