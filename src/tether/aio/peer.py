@@ -69,6 +69,7 @@ FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at t
 _BURST: Final = 10e-6  # invokes closer together than this are coalesced into one write
 _LEASE_POLL: Final = 0.002  # first wait between checks for dropped views of lent segments
 _LEASE_POLL_MAX: Final = 1.0  # the wait doubles up to this while nothing is released
+_SPIN_EXTEND: Final = 0.002  # how far answering inline may stretch one spin window
 _HELLO_WAIT: Final = 10.0  # a call with no timeout waits this long for the peer's HELLO
 _OPEN: Final = State.OPEN
 _ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
@@ -575,19 +576,24 @@ class Peer(Handlers):
         """Low-latency mode: poll the socket for up to ``spin`` seconds.
 
         Blocks the event loop while it polls, trading CPU for the 20-30 us a
-        sleeping process takes to wake; only used when asked for. The window
-        is never extended: however busy this peer is, the loop gets a turn
-        (and other peers theirs) every ``spin`` seconds.
+        sleeping process takes to wake; only used when asked for. Each request
+        answered inline extends the window, but never past ``spin`` plus
+        ``_SPIN_EXTEND`` in all: however busy this peer is, the loop (and every
+        other peer) gets a turn at least that often.
         """
         self._spinning = True
         try:
-            deadline = time.perf_counter() + self.spin
+            now = time.perf_counter()
+            deadline = now + self.spin
+            limit = deadline + _SPIN_EXTEND
             while self._closed is None and not self._paused:
                 if self._read_once():
                     if self._woke:
                         return  # a result or a task is ready: let the loop run it
-                    if time.perf_counter() >= deadline:
+                    now = time.perf_counter()
+                    if now >= limit:
                         return
+                    deadline = min(now + self.spin, limit)
                 elif time.perf_counter() >= deadline:
                     return
                 else:
