@@ -26,6 +26,7 @@ import tether.aio.child
 import tether.pool
 from _targets import Recorder, install_main_handlers
 from tether import codec, wire
+from tether.aio import peer as peer_module
 from tether.protocol import Connection
 
 pytestmark = pytest.mark.timeout(60)
@@ -1100,3 +1101,47 @@ async def test_a_kept_lent_view_is_polled_ever_less_often(
             while client._conn.leases_held and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert client._conn.leases_held == 0
+
+
+async def test_a_paused_peer_holds_little_even_in_descriptor_attachments(sock_path: str) -> None:
+    """Paused, main still reads for answers it awaits; frames carrying shared memory
+    count against that bound by their size, not by their few bytes on the socket."""
+    MiB = 1 << 20
+    async with tether.Main(timeout=10.0) as main:
+        gate = asyncio.Event()
+        blobs: list[int] = []
+
+        @main.on("wait")
+        async def wait(call: tether.Call) -> None:
+            await gate.wait()
+
+        @main.on("blob")
+        def blob(call: tether.Call, data: bytes) -> None:
+            blobs.append(len(data))
+
+        server = await main.listen(f"unix://{sock_path}")
+        async with tether.connect(str(server.address), timeout=10.0) as client:
+
+            @client.handle("never")
+            async def never(call: tether.Call) -> None:
+                await asyncio.sleep(30)
+
+            for _ in range(peer_module.MAX_TASKS + 10):
+                await client.send("wait")
+            main_side = await _main_peer(main)
+            deadline = time.monotonic() + 10.0
+            while not main_side._paused and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert main_side._paused  # too many listener tasks: reading stopped
+            asking = asyncio.ensure_future(main_side.invoke("never", timeout=None))
+            for _ in range(40):
+                await client.send("blob", bytes(MiB))  # a sealed segment each
+            await asyncio.sleep(0.5)
+            held = sum(memoryview(a).nbytes for f in main_side._backlog for a in f.attachments)
+            assert held <= 4 * MiB, f"{held / MiB:.0f} MiB of attachments held while paused"
+            gate.set()
+            deadline = time.monotonic() + 20.0
+            while len(blobs) < 40 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert blobs == [MiB] * 40
+            asking.cancel()

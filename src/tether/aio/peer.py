@@ -166,7 +166,7 @@ class Peer(Handlers):
         # inbound flow control
         self._paused = False
         self._backlog: collections.deque[Frame] = collections.deque()
-        self._held = 0  # bytes read while paused
+        self._held = 0  # bytes read, and attachment bytes held, while paused
         self._drainer: asyncio.Task[None] | None = None
         self._dropped = False  # the connection dropped; reading never resumes
         self._flush_handle: asyncio.Handle | None = None
@@ -562,6 +562,8 @@ class Peer(Handlers):
                 task.cancel()  # running already: cancelling it now means less to hold
             else:
                 backlog.append(f)
+                for a in f.attachments:  # mapped segments count as held too
+                    self._held += memoryview(a).nbytes
 
     # -- reading ----------------------------------------------------------
 
