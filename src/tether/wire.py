@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import mmap
 import struct
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -86,6 +87,7 @@ K_GOODBYE: Final = 11
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
 _CHANNEL_CACHE: Final = 256  # a hostile peer can't grow it past this
+_EAGER_BUFFER: Final = 64 * 1024  # partial frames larger than this get a lazily mapped buffer
 
 
 class Frame:
@@ -187,7 +189,7 @@ class FrameParser:
         self.fds: collections.deque[int] = collections.deque()
         self.map_fd = map_fd
         self._head = bytearray()  # partial size field (< 4 bytes)
-        self._buf: bytearray | None = None  # partial frame, allocated at full size
+        self._buf: bytearray | mmap.mmap | None = None  # partial frame, at full size
         self._chans: dict[bytes, str] = {}  # channel names seen, decoded once
         self._need = 0
         self._fill = 0
@@ -277,7 +279,9 @@ class FrameParser:
         if n - pos >= size:
             frames.append(self._parse(mv[pos : pos + size]))
             return pos + size
-        buf = bytearray(size)
+        # Past a page or so, map the buffer instead: its pages cost memory only
+        # once bytes arrive, so a length claimed and never sent costs nothing.
+        buf = bytearray(size) if size <= _EAGER_BUFFER else mmap.mmap(-1, size)
         rest = n - pos
         buf[:rest] = mv[pos:]
         self._buf, self._need, self._fill = buf, size, rest
