@@ -85,6 +85,7 @@ class Peer(Handlers):
         name: str = "",
         on_close: Callable[[Peer], None] | None = None,
         spin: float = 0.0,
+        tracebacks: bool = True,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -106,6 +107,8 @@ class Peer(Handlers):
         self.role = role
         self.timeout = timeout
         self.name = name
+        #: whether ERRORs sent to the other side carry the handler's traceback
+        self.tracebacks = tracebacks
         self._on_close = on_close
         self._lease_timer: asyncio.TimerHandle | None = None
         self._last_direct = 0.0  # when an invoke last flushed on its own
@@ -495,6 +498,10 @@ class Peer(Handlers):
         err.__cause__ = exc
         return err
 
+    def abort(self, exc: TetherError) -> None:
+        """Drop this peer now: no goodbye; pending calls fail with ``exc``."""
+        self._shutdown(exc)
+
     def _bad_message(self, exc: ProtocolError) -> None:
         """Chromium's bad-message rule: drop the peer that broke the protocol."""
         log.warning("%r broke the protocol: %s", self, exc)
@@ -507,6 +514,14 @@ class Peer(Handlers):
     def _shutdown(self, exc: TetherError) -> None:
         if self._closed is not None:
             return
+        # Tracebacks hold this peer's frames: without them a closed peer is
+        # freed at once, not at the next cyclic garbage collection.
+        e: BaseException | None = exc
+        for _ in range(8):
+            if e is None:
+                break
+            e.__traceback__ = None
+            e = e.__cause__ or e.__context__
         self._closed = exc
         self._conn.state = State.CLOSED
         self._stream.close(exc)
