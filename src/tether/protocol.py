@@ -44,6 +44,7 @@ from .wire import (
     HEADER_SIZE,
     K_EVENT,
     K_INVOKE,
+    MAX_FIRST_FRAME,
     Frame,
     FrameParser,
     Kind,
@@ -108,7 +109,11 @@ class Connection:
         self._accept_leases = "lease" in features  # this side trusts the peer's pages
         self._send_fds = False  # both sides pass descriptors: set at handshake
         self._send_leases = False  # the peer accepts lent segments: set at handshake
-        self._parser = FrameParser(max_frame_size, self._map_fd if self._fd_local else None)
+        self._parser = FrameParser(
+            max_frame_size,
+            self._map_fd if self._fd_local else None,
+            first_limit=min(MAX_FIRST_FRAME, max_frame_size),
+        )
         self._out = bytearray()
         self._fds_out: list[int] = []
         # encoder's attachments for the frame being built: (where, data, flags, aux)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import mmap
 import struct
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -87,7 +86,9 @@ K_GOODBYE: Final = 11
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
 _CHANNEL_CACHE: Final = 256  # a hostile peer can't grow it past this
-_EAGER_BUFFER: Final = 64 * 1024  # partial frames larger than this get a lazily mapped buffer
+#: the largest first frame (a HELLO) a connection accepts: a stranger's claimed
+#: length is not allocated before the handshake
+MAX_FIRST_FRAME: Final = 64 * 1024
 
 
 class Frame:
@@ -177,19 +178,32 @@ class FrameParser:
     and the connection must be closed.
     """
 
-    __slots__ = ("_buf", "_chans", "_fill", "_head", "_need", "fds", "map_fd", "max_frame_size")
+    __slots__ = (
+        "_buf",
+        "_chans",
+        "_fill",
+        "_head",
+        "_need",
+        "fds",
+        "first_limit",
+        "map_fd",
+        "max_frame_size",
+    )
 
     def __init__(
         self,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         map_fd: Callable[[int, int, int, int], memoryview] | None = None,
+        first_limit: int = 0,
     ) -> None:
         self.max_frame_size = max_frame_size
+        #: until a first frame was read, a longer one is refused (0: no such limit)
+        self.first_limit = first_limit
         #: descriptors received beside the bytes, consumed in order by ATT_FD entries
         self.fds: collections.deque[int] = collections.deque()
         self.map_fd = map_fd
         self._head = bytearray()  # partial size field (< 4 bytes)
-        self._buf: bytearray | mmap.mmap | None = None  # partial frame, at full size
+        self._buf: bytearray | None = None  # partial frame, allocated at full size
         self._chans: dict[bytes, str] = {}  # channel names seen, decoded once
         self._need = 0
         self._fill = 0
@@ -231,6 +245,8 @@ class FrameParser:
                 break
             size = int.from_bytes(mv[pos : pos + 4], "little")
             pos = self._start(size, mv, pos + 4, n, frames, prefix=False)
+        if frames and self.first_limit:
+            self.first_limit = 0
         return frames
 
     def _fast(self, data: bytes, mv: memoryview, pos: int, n: int, frames: list[Frame]) -> int:
@@ -276,12 +292,14 @@ class FrameParser:
             )
         if size < HEADER_SIZE - 4:
             raise ProtocolError(f"frame length {size} is shorter than a header")
+        if size > self.first_limit > 0 and not frames:
+            raise ProtocolError(
+                f"first frame length {size} exceeds {self.first_limit} bytes (a HELLO is smaller)"
+            )
         if n - pos >= size:
             frames.append(self._parse(mv[pos : pos + size]))
             return pos + size
-        # Past a page or so, map the buffer instead: its pages cost memory only
-        # once bytes arrive, so a length claimed and never sent costs nothing.
-        buf = bytearray(size) if size <= _EAGER_BUFFER else mmap.mmap(-1, size)
+        buf = bytearray(size)
         rest = n - pos
         buf[:rest] = mv[pos:]
         self._buf, self._need, self._fill = buf, size, rest
