@@ -19,6 +19,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
 
+import msgspec
 import pytest
 
 import _targets
@@ -144,6 +145,23 @@ def test_garbage_flood_leaves_main_rss_and_peak_within_100_mib(sock_path: str) -
     assert stats["end_kib"] - stats["start_kib"] < limit, stats
     assert stats["peak_kib"] - stats["start_kib"] < limit, stats
     print(f"20,000 garbage connections: {stats}")
+
+
+def test_a_first_frame_claiming_more_than_a_hello_is_refused_before_allocation() -> None:
+    """A stranger's length field is not allocated: main refuses it, whatever arrives next."""
+    from tether.protocol import Connection
+
+    conn = Connection("main")
+    with pytest.raises(tether.ProtocolError, match="first frame"):
+        conn.receive_data((60 << 20).to_bytes(4, "little") + bytes(296))
+    # After a HELLO, a large frame may follow at once (pipelined) and span reads.
+    conn = Connection("main")
+    big = bytearray()
+    encode_frame(big, Kind.EVENT, 0, 0, b"ev", msgspec.msgpack.encode([bytes(200_000)]))
+    data = _hello_bytes() + bytes(big)
+    assert conn.receive_data(data[:1000]) == []
+    (frame,) = conn.receive_data(data[1000:])
+    assert frame.channel == "ev" and conn.peer_hello is not None
 
 
 # -- accept backs off when out of descriptors ---------------------------------------------------
