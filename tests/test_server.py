@@ -339,6 +339,35 @@ async def test_remove_handler_on_main_and_on_a_peer(main: tether.Main, sock_path
             await theirs.invoke("ask")
 
 
+# -- arguments are checked at construction ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "error"),
+    [
+        ({"timeout": "5"}, TypeError),
+        ({"timeout": -1}, ValueError),
+        ({"timeout": 0}, ValueError),
+        ({"hello_timeout": 0}, ValueError),
+        ({"spawn_timeout": None}, TypeError),
+        ({"close_timeout": float("nan")}, ValueError),
+        ({"spin": -0.1}, ValueError),
+        ({"max_frame_size": 0}, ValueError),
+        ({"max_frame_size": 1.5}, TypeError),
+        ({"start_method": "thread"}, ValueError),
+    ],
+)
+def test_main_refuses_impossible_arguments_at_once(kw: dict[str, object], error: type) -> None:
+    name = next(iter(kw))
+    with pytest.raises(error, match=name):
+        tether.Main(**kw)  # type: ignore[arg-type]
+
+
+def test_main_accepts_its_documented_arguments() -> None:
+    main = tether.Main(timeout=None, spin=0.0, hello_timeout=1, start_method="fork")
+    assert main.timeout is None and main.hello_timeout == 1 and main.start_method == "fork"
+
+
 # -- which peers get tracebacks -----------------------------------------------------------------
 
 

@@ -63,8 +63,10 @@ class Server:
         for _ in range(64):
             try:
                 conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:
+                continue  # that one hung up already; others may be waiting
             except OSError as exc:
                 if exc.errno in _OUT_OF_RESOURCES:
                     self._back_off(exc)
@@ -121,7 +123,8 @@ class Main(Handlers):
             ``"all"`` or ``"none"``.
 
     Raises:
-        ValueError: ``tracebacks`` is not one of the three values.
+        TypeError, ValueError: an argument has the wrong type or an impossible
+            value (checked here, so a mistake fails at construction).
     """
 
     def __init__(
@@ -141,6 +144,22 @@ class Main(Handlers):
             raise ValueError(
                 f"tracebacks must be one of {', '.join(map(repr, _TRACEBACKS))}, not {tracebacks!r}"
             )
+        if timeout is not None:
+            _seconds("timeout", timeout)
+        for arg, value in (
+            ("spawn_timeout", spawn_timeout),
+            ("hello_timeout", hello_timeout),
+            ("close_timeout", close_timeout),
+        ):
+            _seconds(arg, value)
+        _seconds("spin", spin, zero=True)
+        if not isinstance(max_frame_size, int) or isinstance(max_frame_size, bool):
+            raise TypeError(f"max_frame_size must be an int, not {type(max_frame_size).__name__}")
+        if max_frame_size <= 0:
+            raise ValueError(f"max_frame_size must be positive, not {max_frame_size}")
+        methods = multiprocessing.get_all_start_methods()
+        if start_method not in methods:
+            raise ValueError(f"start_method must be one of {methods}, not {start_method!r}")
         self.registry = Registry()
         self.timeout = timeout
         self.max_frame_size = max_frame_size
@@ -297,6 +316,14 @@ class Main(Handlers):
             child.kill()
             with contextlib.suppress(TimeoutError):
                 await child.wait(2.0)
+
+
+def _seconds(name: str, value: object, *, zero: bool = False) -> None:
+    """Check a duration argument: a real number of seconds, positive (or zero if allowed)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not (value >= 0 if zero else value > 0):
+        raise ValueError(f"{name} must be {'zero or more' if zero else 'positive'}, not {value}")
 
 
 class _Connecting:
