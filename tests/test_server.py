@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 import weakref
 from collections.abc import AsyncIterator, Iterator
 
@@ -138,7 +139,8 @@ def test_main_holds_ten_thousand_idle_connections(sock_path: str) -> None:
 
 
 def test_garbage_flood_leaves_main_rss_and_peak_within_100_mib(sock_path: str) -> None:
-    """20,000 connections of 300 random bytes each (half after main's HELLO)."""
+    """20,000 connections of 300 bytes each: random, random after main's HELLO, or a
+    HELLO and a frame header claiming 60 MiB (see :func:`tether.bench.connmem.flood`)."""
     limit = 100 * KiB  # KiB
     stats = connmem.flood(20000, sock_path, stop_above_kib=limit)
     assert not stats["stopped"], f"RSS grew past 100 MiB after {stats['n']} connections: {stats}"
@@ -162,6 +164,23 @@ def test_a_first_frame_claiming_more_than_a_hello_is_refused_before_allocation()
     assert conn.receive_data(data[:1000]) == []
     (frame,) = conn.receive_data(data[1000:])
     assert frame.channel == "ev" and conn.peer_hello is not None
+
+
+def test_a_claimed_frame_length_costs_only_the_bytes_that_arrived() -> None:
+    """After the HELLO too: 60 MiB announced and 296 bytes sent is 296 bytes buffered."""
+    from tether.protocol import Connection
+
+    conn = Connection("main")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        conn.receive_data(_hello_bytes() + (60 << 20).to_bytes(4, "little") + bytes(296))
+        for _ in range(3):
+            conn.receive_data(bytes(1000))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 256 * KiB, f"{grown} bytes held for 3,296 bytes received"
 
 
 # -- accept backs off when out of descriptors ---------------------------------------------------

@@ -171,8 +171,9 @@ class FrameParser:
     """Incremental frame parser: feed bytes with :meth:`feed`, get whole frames.
 
     Small frames that arrive whole are sliced out of the received chunk without
-    copying. A frame that spans reads is assembled in one buffer allocated at
-    its final size, after its length was checked.
+    copying. A frame that spans reads is assembled in one buffer that grows as
+    its bytes arrive (after its length was checked): a length claimed but not
+    sent costs nothing, and growing reallocates in place, without zeroing.
 
     Any violation raises :class:`ProtocolError`; the parser is then unusable
     and the connection must be closed.
@@ -203,7 +204,7 @@ class FrameParser:
         self.fds: collections.deque[int] = collections.deque()
         self.map_fd = map_fd
         self._head = bytearray()  # partial size field (< 4 bytes)
-        self._buf: bytearray | None = None  # partial frame, allocated at full size
+        self._buf: bytearray | None = None  # partial frame: the bytes received so far
         self._chans: dict[bytes, str] = {}  # channel names seen, decoded once
         self._need = 0
         self._fill = 0
@@ -221,7 +222,7 @@ class FrameParser:
         pos = 0
         if self._buf is not None:
             take = min(self._need - self._fill, n)
-            self._buf[self._fill : self._fill + take] = mv[:take]
+            self._buf += mv[:take]
             self._fill += take
             pos = take
             if self._fill < self._need:
@@ -299,10 +300,8 @@ class FrameParser:
         if n - pos >= size:
             frames.append(self._parse(mv[pos : pos + size]))
             return pos + size
-        buf = bytearray(size)
         rest = n - pos
-        buf[:rest] = mv[pos:]
-        self._buf, self._need, self._fill = buf, size, rest
+        self._buf, self._need, self._fill = bytearray(mv[pos:]), size, rest
         return n
 
     def _parse(self, f: memoryview) -> Frame:

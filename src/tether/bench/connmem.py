@@ -10,10 +10,12 @@ on the same event loop (uvloop when installed). This process is the client.
   server's ``VmRSS`` from ``/proc`` before and after. KiB per idle connection
   is the growth over ``n``. A few connections are opened first, so one-off
   allocations (the shared read buffer, lazily imported code) are not counted.
-* ``flood``: ``n`` connections that each send 300 random bytes and hang up;
-  every other one first reads main's HELLO, so its garbage reaches the frame
-  parser rather than a socket main already found closed. Reported: the growth
-  of ``VmRSS`` and of peak RSS (``VmHWM``) once main has dropped them all.
+* ``flood``: ``n`` connections that each send 300 bytes and hang up, in
+  turn: random bytes at once; random bytes after reading main's HELLO (so they
+  reach the frame parser rather than a socket main already found closed); a
+  valid HELLO, then a frame header claiming 60 MiB and a few bytes of it.
+  Reported: the growth of ``VmRSS`` and of peak RSS (``VmHWM``) once main
+  has dropped them all.
 
 Both need many descriptors: the soft ``RLIMIT_NOFILE`` is raised to the hard
 limit here and in the servers; a hard limit too low for ``n`` makes the case
@@ -298,6 +300,7 @@ def flood(n: int, path: str, *, stop_above_kib: int | None = None, seed: int = 6
     of exhausting the machine; ``stopped`` then says after how many.
     """
     rnd = random.Random(seed)
+    hello = _tether_hello()
     with raised_nofile(WARMUP + SPARE_FDS), ServerProcess("tether", path) as server:
         start = server.status()
         t0 = time.perf_counter()
@@ -308,9 +311,13 @@ def flood(n: int, path: str, *, stop_above_kib: int | None = None, seed: int = 6
                 sock.settimeout(WAIT)
                 sock.connect(server.path)
                 try:
-                    if i % 2:
+                    if i % 3:
                         _recv_some(sock)  # main's HELLO: main is reading us now
-                    sock.sendall(rnd.randbytes(GARBAGE))
+                    if i % 3 == 2:  # a HELLO, then a length claimed and not sent
+                        claim = hello + (60 << 20).to_bytes(4, "little")
+                        sock.sendall(claim + bytes(GARBAGE - len(claim) % GARBAGE))
+                    else:
+                        sock.sendall(rnd.randbytes(GARBAGE))
                 except OSError:
                     pass  # main may drop us first: that is its right
             sent += 1
