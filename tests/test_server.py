@@ -406,10 +406,13 @@ async def test_tracebacks_policy_reaches_accepted_peers_and_children(
 ) -> None:
     async with tether.Main(tracebacks=mode, timeout=20.0) as main:
         await main.listen(f"unix://{sock_path}")
-        async with tether.connect(f"unix://{sock_path}"):
+        async with tether.connect(f"unix://{sock_path}") as client:
             await _until(lambda: main.peers)
             (accepted,) = main.peers
             assert accepted.tracebacks is listened
+            assert client.tracebacks is True  # a client trusts main by default
+        async with tether.connect(f"unix://{sock_path}", tracebacks=False) as client:
+            assert client.tracebacks is False
         kid = await main.spawn(_targets.serve_basic, start_method="fork")
         assert kid.tracebacks is child
 

@@ -25,8 +25,9 @@ __all__ = ["Main", "Server", "connect"]
 
 log = logging.getLogger("tether")
 
-# accept() errors that retrying at once cannot fix: wait for descriptors or memory.
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() errors about one connection only (it hung up, or a firewall refused
+# it); any other error (EMFILE, ENFILE, ENOBUFS, ENOMEM...) makes the server back off.
+_ONE_CONNECTION = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _TRACEBACKS = ("children", "all", "none")
 
 
@@ -36,8 +37,8 @@ class Server:
     When the process runs out of descriptors (``EMFILE``/``ENFILE``) or
     kernel memory, ``accept`` fails while the listener stays readable; the
     server then stops watching the listener for :data:`ACCEPT_RETRY` seconds
-    instead of retrying at once, so a full descriptor table never makes the
-    loop spin. Connections wait in the backlog meanwhile.
+    (logging a warning) instead of retrying at once, so a full descriptor
+    table never makes the loop spin. Connections wait in the backlog meanwhile.
     """
 
     #: seconds to stop accepting after ``accept`` ran out of descriptors or memory
@@ -65,13 +66,10 @@ class Server:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionAbortedError:
-                continue  # that one hung up already; others may be waiting
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    self._back_off(exc)
-                else:
-                    log.warning("%r: accept failed: %s", self, exc)
+                if exc.errno in _ONE_CONNECTION:
+                    continue  # that one failed; others may be waiting
+                self._back_off(exc)  # out of descriptors or memory, or worse
                 return
             tune(conn)
             self.main._adopt(conn, self.role, self._name)
@@ -87,7 +85,11 @@ class Server:
             self._loop.add_reader(self._fd, self._accept)
 
     def close(self) -> None:
-        """Stop accepting; connected peers stay. Removes a unix socket file."""
+        """Stop accepting; connected peers stay. Removes its unix socket file.
+
+        Only the file this server bound is removed: if the path now names
+        another socket (someone removed ours and listened there), it stays.
+        """
         if self._closed:
             return
         self._closed = True
