@@ -132,7 +132,12 @@ def serve(kind: str, path: str, lifetime: float, parent_pid: int) -> None:
 
 
 class ServerProcess:
-    """One server in a fresh process; ``with`` it to start and stop it."""
+    """One server in a fresh process; ``with`` it to start and stop it.
+
+    For tether, a control connection (a blocking client) is opened first and
+    kept, so its descriptor stays low (the blocking client waits with
+    ``select``); :meth:`held` asks main through it how many peers it holds.
+    """
 
     def __init__(self, kind: str, path: str, lifetime: float = 300.0) -> None:
         self.kind = kind
@@ -141,6 +146,7 @@ class ServerProcess:
         self._proc = spawn_ctx().Process(
             target=serve, args=(kind, path, lifetime, os.getpid()), daemon=True
         )
+        self._control: Any = None
 
     def __enter__(self) -> ServerProcess:
         self._proc.start()
@@ -152,11 +158,27 @@ class ServerProcess:
             if not self._proc.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the {self.kind} server did not start listening")
             time.sleep(0.02)
+        if self.kind == "tether":
+            from .. import sync
+
+            try:
+                self._control = sync.connect(self.address, timeout=WAIT)
+            except BaseException:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         self._proc.terminate()
         join_or_kill(self._proc)
+
+    def held(self) -> int:
+        """How many connections a tether main holds, besides the control one."""
+        n: int = self._control.invoke("peers")
+        return n - 1
 
     @property
     def pid(self) -> int:
@@ -233,21 +255,13 @@ def _open(server: ServerProcess, hello: bytes) -> socket.socket:
     return sock
 
 
-def _tether_peers(server: ServerProcess) -> int:
-    from .. import sync
-
-    with sync.connect(server.address, timeout=WAIT) as peer:
-        n: int = peer.invoke("peers")
-        return n - 1  # not counting this one
-
-
 def _settle(server: ServerProcess, expected: int) -> None:
     """Wait until the server holds ``expected`` peers (tether) or a moment (websockets)."""
     if server.kind != "tether":
         time.sleep(0.5)
         return
     deadline = time.monotonic() + WAIT
-    while (held := _tether_peers(server)) != expected:
+    while (held := server.held()) != expected:
         if time.monotonic() > deadline:
             raise RuntimeError(f"main holds {held} connections, expected {expected}")
         time.sleep(0.05)
