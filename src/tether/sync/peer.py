@@ -85,7 +85,9 @@ class Peer(Handlers):
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
-        self._conn = Connection(local_role, name=name, max_frame_size=max_frame_size)
+        self._conn = Connection(
+            local_role, name=name, pid=os.getpid(), max_frame_size=max_frame_size
+        )
         self.registry = registry if registry is not None else Registry()
         self.role = role
         self.timeout = timeout
@@ -101,7 +103,7 @@ class Peer(Handlers):
         self._serving: threading.Thread | None = None
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         with self._wlock:
-            self._write(self._conn.data_to_send(), time.monotonic() + 10.0)
+            self._write(self._conn.data_to_send()[0], time.monotonic() + 10.0)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -122,7 +124,7 @@ class Peer(Handlers):
                 return
             self._conn.send_goodbye(reason)
             with contextlib.suppress(TetherError):
-                self._write(self._conn.data_to_send(), time.monotonic() + 1.0)
+                self._write(self._conn.data_to_send()[0], time.monotonic() + 1.0)
         self._end(ConnectionClosed(f"connection to {self.name or 'peer'} was closed: {reason}"))
         if self._serving is not None and self._serving is not threading.current_thread():
             self._serving.join(2.0)
@@ -188,14 +190,14 @@ class Peer(Handlers):
                 consume_all(args)
                 raise self._closed
             rid = self._conn.send_invoke(channel.encode(), args, slot)
-            self._write(self._conn.data_to_send(), deadline)
+            self._write(self._conn.data_to_send()[0], deadline)
         try:
             self._wait(slot, deadline)
         except InvokeTimeout:
             with self._wlock:
                 if self._closed is None:
                     self._conn.send_cancel(rid)
-                    self._write(self._conn.data_to_send(), time.monotonic() + 1.0)
+                    self._write(self._conn.data_to_send()[0], time.monotonic() + 1.0)
             raise InvokeTimeout(f"no answer on {channel!r} within {timeout} s") from None
         if slot.exc is not None:
             raise slot.exc
@@ -212,7 +214,7 @@ class Peer(Handlers):
                 raise self._closed
             self._conn.send_event(channel.encode(), args)
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
-            self._write(self._conn.data_to_send(), deadline)
+            self._write(self._conn.data_to_send()[0], deadline)
 
     # -- I/O --------------------------------------------------------------
 
@@ -309,7 +311,7 @@ class Peer(Handlers):
                 raise
             finally:
                 if self._conn.buffered_out and self._closed is None:
-                    self._write(self._conn.data_to_send(), time.monotonic() + 10.0)
+                    self._write(self._conn.data_to_send()[0], time.monotonic() + 10.0)
 
     def _dispatch(self, frames: list[Frame]) -> None:
         wake = False
@@ -369,7 +371,7 @@ class Peer(Handlers):
             else:
                 self._conn.send_error(rid, reply)
             with contextlib.suppress(TetherError):
-                self._write(self._conn.data_to_send(), time.monotonic() + 30.0)
+                self._write(self._conn.data_to_send()[0], time.monotonic() + 30.0)
 
     def _end(self, exc: TetherError) -> None:
         with self._cv:
