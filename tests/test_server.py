@@ -247,8 +247,10 @@ async def test_accept_out_of_descriptors_backs_off(
         [sys.executable, "-c", _EMFILE_SERVER, sock_path, loop_name],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env=child_env,
     )
+    err = b""
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20.0)
@@ -275,13 +277,15 @@ async def test_accept_out_of_descriptors_backs_off(
             finally:
                 waiting.close()
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
         try:
-            proc.wait(10)
+            _, err = proc.communicate(timeout=10)  # closes stdin: the server ends
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(5)
+            proc.communicate(timeout=5)
+    # One warning when accepting stopped and one when it resumed, not one per retry.
+    log = err.decode()
+    assert log.count("accept failed") == 1, log
+    assert log.count("accepting again") == 1, log
 
 
 # -- listen ----------------------------------------------------------------------------------------

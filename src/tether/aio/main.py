@@ -53,6 +53,7 @@ class Server:
         self._name = f"{role}@{address}"
         self._loop = asyncio.get_running_loop()
         self._retry: asyncio.TimerHandle | None = None
+        self._backed_off = 0  # back-offs since the last accepted connection
         self._closed = False
         self._inode = 0  # of our socket file: close() removes that one only
         if address.scheme == "unix":
@@ -71,11 +72,16 @@ class Server:
                     continue  # that one failed; others may be waiting
                 self._back_off(exc)  # out of descriptors or memory, or worse
                 return
+            if self._backed_off:
+                log.warning("%r: accepting again after %d retries", self, self._backed_off)
+                self._backed_off = 0
             tune(conn)
             self.main._adopt(conn, self.role, self._name)
 
     def _back_off(self, exc: OSError) -> None:
-        log.warning("%r: accept failed (%s); retrying in %s s", self, exc, self.ACCEPT_RETRY)
+        if not self._backed_off:  # once per episode, not ten times a second
+            log.warning("%r: accept failed (%s); retrying every %s s", self, exc, self.ACCEPT_RETRY)
+        self._backed_off += 1
         self._loop.remove_reader(self._fd)
         self._retry = self._loop.call_later(self.ACCEPT_RETRY, self._resume)
 
