@@ -43,7 +43,7 @@ class Hub:
 @pytest.fixture(params=["unix", "tcp"])
 async def hub(request: pytest.FixtureRequest, sock_path: str) -> AsyncIterator[Hub]:
     """A listening Main with the standard handlers, on a unix socket or on tcp."""
-    main = tether.Main(timeout=10.0)
+    main = tether.Main(timeout=10.0, tracebacks="all")  # these tests check tracebacks cross
     rec = install_main_handlers(main)
     async with main:
         url = f"unix://{sock_path}" if request.param == "unix" else "tcp://127.0.0.1:0"
@@ -100,6 +100,18 @@ async def test_sync_handler_error_keeps_type_message_and_traceback(hub: Hub) -> 
         assert "bad value 42" in str(err)
         # One call failed; the connection did not.
         assert await peer.invoke("echo", "still here") == "still here"
+
+
+async def test_peers_from_listen_get_no_traceback_by_default(sock_path: str) -> None:
+    """Main(tracebacks="children") by default: a connected client gets type and message (D19)."""
+    async with tether.Main() as main:
+        install_main_handlers(main)
+        server = await main.listen(f"unix://{sock_path}")
+        async with tether.connect(str(server.address)) as peer:
+            with pytest.raises(tether.RemoteError) as ei:
+                await peer.invoke("boom", 42)
+            assert ei.value.remote_message == "bad value 42"
+            assert ei.value.remote_traceback == ""
 
 
 async def test_async_handler_error_keeps_qualified_type(hub: Hub) -> None:
