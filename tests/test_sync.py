@@ -54,7 +54,7 @@ class Hub:
 
 @pytest.fixture(params=["unix", "tcp"])
 async def hub(request: pytest.FixtureRequest, sock_path: str) -> AsyncIterator[Hub]:
-    main = tether.Main(timeout=10.0)
+    main = tether.Main(timeout=10.0, tracebacks="all")  # test_blocking_errors reads one
     rec = install_main_handlers(main)
     async with main:
         url = f"unix://{sock_path}" if request.param == "unix" else "tcp://127.0.0.1:0"
