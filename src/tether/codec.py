@@ -11,7 +11,7 @@ import collections
 import inspect
 import re
 import threading
-import traceback
+import traceback as _traceback
 import typing
 from collections.abc import Callable
 from typing import Any, Final
@@ -136,12 +136,24 @@ error_decoder: Final = msgspec.msgpack.Decoder(ErrorInfo)
 goodbye_decoder: Final = msgspec.msgpack.Decoder(Goodbye)
 
 
-def error_info(exc: BaseException) -> ErrorInfo:
-    """Describe a handler's exception for the caller, traceback included."""
+def error_info(exc: BaseException, *, traceback: bool = True) -> ErrorInfo:
+    """Describe a handler's exception for the caller; never raises.
+
+    ``traceback=False`` leaves the traceback out (for peers not trusted with it).
+    """
     tp = type(exc)
     name = tp.__qualname__ if tp.__module__ == "builtins" else f"{tp.__module__}.{tp.__qualname__}"
-    tb = "".join(traceback.format_exception(exc))
-    return ErrorInfo(code="remote", message=str(exc), type=name, traceback=tb)
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<{name}: str() raised>"
+    tb = ""
+    if traceback:
+        try:
+            tb = "".join(_traceback.format_exception(exc))
+        except Exception:
+            tb = ""
+    return ErrorInfo(code="remote", message=message, type=name, traceback=tb)
 
 
 _INDEX: Final = re.compile(r"^\$\[(\d+)\]")
