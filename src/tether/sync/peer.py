@@ -775,9 +775,9 @@ class Peer(Handlers):
         """A handler raised SystemExit or KeyboardInterrupt: stop as Python would."""
         if isinstance(exc, SystemExit):
             self._fatal = exc
+        else:
+            _thread.interrupt_main()  # raised in the main thread once it runs again
         self.close(f"handler raised {type(exc).__name__}")
-        if isinstance(exc, KeyboardInterrupt):
-            _thread.interrupt_main()
 
     def _poll_releases(self) -> None:
         """RELEASE lent segments whose views are gone (after handlers and results)."""
