@@ -400,3 +400,26 @@ def test_closing_under_busy_readers_raises_only_tether_errors() -> None:
         finally:
             a.close()
             b.close()
+
+
+def test_both_sides_flooding_invokes_past_the_queue_mark_make_progress() -> None:
+    """More calls in flight each way than the job queue holds, all writing big frames.
+
+    Readers pause, so answers must not wait behind a writer stuck on a full
+    socket: the worker leaves its answer to the lock's holder and moves on.
+    """
+    a, b = pair(timeout=30.0)
+    payload = "q" * (128 * 1024)
+    try:
+        for p in (a, b):
+            p.handle("echo", lambda call, s: len(s))
+
+        def calls(p: tether.sync.Peer) -> int:
+            return sum(p.invoke("echo", payload) for _ in range(3))
+
+        n = HIGH_JOBS + 16
+        results = run_threads(*(lambda p=p: calls(p) for p in (a, b) for _ in range(n)), timeout=50)
+        assert results == [3 * len(payload)] * (2 * n), {repr(r)[:80] for r in results}
+    finally:
+        a.close()
+        b.close()

@@ -94,6 +94,8 @@ _POLL_SLICE: Final = 0.25
 _TAKE_TURN: Final = 0.01  # a blocked writer re-checks this often whether it may read
 _REPLY_WRITE: Final = 10.0  # seconds to write what the reader queued (PONG, RELEASE)
 _ANSWER_WRITE: Final = 30.0  # seconds to write a handler's answer
+#: queued output past which the worker waits for the write lock (below it, the holder writes)
+OUT_HIGH: Final = 4 * 1024 * 1024
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 _FATAL: Final = (SystemExit, KeyboardInterrupt)
@@ -175,6 +177,7 @@ class Peer(Handlers):
         self._reading = False
         self._reader_tid = 0  # thread that holds the reader role
         self._releases_due = False  # poll_releases queued RELEASEs not yet taken
+        self._worker_out = 0  # bytes the worker queued since the last take (under _lock)
         self._rbuf = bytearray(_READ_SIZE)  # only the reading thread touches it
         self._rview = memoryview(self._rbuf)
         self._rbufs = [self._rbuf]
@@ -363,8 +366,24 @@ class Peer(Handlers):
         with self._lock:
             if self._closed is not None or self._conn.goodbye_reason is not None:
                 raise self._refused(args)
+            before = self._conn.buffered_out
             self._conn.send_event(chan, args)
-        self._flush(None if self.timeout is None else time.monotonic() + self.timeout)
+            block = self._may_block(before)
+        self._flush(None if self.timeout is None else time.monotonic() + self.timeout, block)
+
+    def _may_block(self, before: int) -> bool:
+        """Whether this thread waits for the write lock, rather than leave its frames to the holder.
+
+        Called holding ``_lock`` after queueing, with the queue's size before.
+        The worker waits only once it queued :data:`OUT_HIGH` bytes since the
+        holder last took the queue: blocked on the lock it would stop draining
+        the job queue, and a paused reader with it, while the peer may be
+        waiting for this side to read (both sides flooding each other).
+        """
+        if self._worker_tid != threading.get_ident():
+            return True
+        self._worker_out += self._conn.buffered_out - before
+        return self._worker_out > OUT_HIGH
 
     def _raise_fatal(self) -> None:
         if self._fatal is not None:
@@ -375,15 +394,17 @@ class Peer(Handlers):
     def _take_out(self) -> tuple[bytearray, list[int]]:
         """What the Connection queued: bytes, and descriptors for their first byte (holds _lock)."""
         self._releases_due = False
+        self._worker_out = 0
         fds = self._conn.take_fds()
         return self._conn.data_to_send(), fds
 
     def _flush(self, deadline: float | None, block: bool = True) -> None:
         """Write everything queued.
 
-        With ``block=False`` (the reader) return at once if another thread
-        holds the write lock: that thread writes what was queued, since each
-        holder checks for more after it lets go of the lock.
+        With ``block=False`` (the reader; the worker, unless much is queued)
+        return at once if another thread holds the write lock: that thread
+        writes what was queued, since each holder checks for more after it
+        lets go of the lock.
         """
         wlock = self._wlock
         conn = self._conn
@@ -756,6 +777,7 @@ class Peer(Handlers):
         with self._lock:
             if self._closed is not None:
                 return
+            before = conn.buffered_out
             try:
                 if info is None:
                     conn.answer(rid, result)
@@ -768,8 +790,9 @@ class Peer(Handlers):
                     conn.send_error(rid, codec.ErrorInfo(info.code, info.message[:1000], info.type))
                 except BaseException:
                     conn.send_error(rid, codec.ErrorInfo("remote", "the error could not be sent"))
+            block = self._may_block(before)
         with contextlib.suppress(TetherError):
-            self._flush(time.monotonic() + _ANSWER_WRITE)
+            self._flush(time.monotonic() + _ANSWER_WRITE, block)
 
     def _stop_process(self, exc: BaseException) -> None:
         """A handler raised SystemExit or KeyboardInterrupt: stop as Python would."""
