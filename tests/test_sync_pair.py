@@ -423,3 +423,33 @@ def test_both_sides_flooding_invokes_past_the_queue_mark_make_progress() -> None
     finally:
         a.close()
         b.close()
+
+
+def test_close_while_a_writer_is_stuck_is_prompt_and_says_connection_closed() -> None:
+    """The other end never reads: the stuck writer gets ConnectionClosed, close() returns soon."""
+    sa, sb = socket.socketpair()
+    peer = tether.sync.Peer(sa, role="client", timeout=30.0)
+    out: list[BaseException] = []
+    stuck = threading.Event()
+
+    def write() -> None:
+        try:
+            stuck.set()
+            peer.send("big", "w" * (8 * MIB))
+        except BaseException as exc:
+            out.append(exc)
+
+    th = threading.Thread(target=write)
+    try:
+        th.start()
+        stuck.wait(5)
+        time.sleep(0.3)  # the writer is now waiting for room in the socket
+        t0 = time.monotonic()
+        peer.close()
+        assert time.monotonic() - t0 < 5.0
+        th.join(10)
+        assert not th.is_alive()
+        assert len(out) == 1 and type(out[0]) is tether.ConnectionClosed, out
+    finally:
+        peer.close()
+        sb.close()

@@ -233,8 +233,8 @@ class Peer(Handlers):
             if self._closed is not None:
                 return
             self._conn.send_goodbye(reason)
-        with contextlib.suppress(TetherError):
-            self._flush(time.monotonic() + 1.0)
+        with contextlib.suppress(TetherError):  # bounded: a stuck writer holds the lock
+            self._flush(time.monotonic() + 1.0, True, 1.0)
         self._end(ConnectionClosed(f"connection to {self.name or 'peer'} was closed: {reason}"))
         with self._mu:
             self._jobs.clear()  # handlers not started yet don't run
@@ -340,7 +340,7 @@ class Peer(Handlers):
             with self._lock:
                 self._conn.send_cancel(rid)
             with contextlib.suppress(TetherError):
-                self._flush(time.monotonic() + 1.0)
+                self._flush(time.monotonic() + 1.0, block=False)
             raise InvokeTimeout(f"no answer on {channel!r} within {timeout} s") from None
         finally:
             if worker:
@@ -398,8 +398,8 @@ class Peer(Handlers):
         fds = self._conn.take_fds()
         return self._conn.data_to_send(), fds
 
-    def _flush(self, deadline: float | None, block: bool = True) -> None:
-        """Write everything queued.
+    def _flush(self, deadline: float | None, block: bool = True, wait: float = -1) -> None:
+        """Write everything queued (waiting at most ``wait`` seconds for the write lock).
 
         With ``block=False`` (the reader; the worker, unless much is queued)
         return at once if another thread holds the write lock: that thread
@@ -409,7 +409,7 @@ class Peer(Handlers):
         wlock = self._wlock
         conn = self._conn
         while True:
-            if not wlock.acquire(block):
+            if not wlock.acquire(block, wait if block else -1):
                 return
             try:
                 while conn.buffered_out or self._releases_due:
