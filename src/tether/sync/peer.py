@@ -12,12 +12,23 @@ holds the write lock then writes everything queued, its own frames and those
 other threads queued meanwhile. A writer blocked on a full socket keeps
 reading while no other thread reads, and the reader never waits for the write
 lock (it writes only when the lock is free, else the holder writes for it):
-two blocking peers writing to each other at once both make progress.
+two blocking peers writing to each other at once both make progress. The
+worker leaves its answers to the holder the same way (until it has queued
+:data:`OUT_HIGH` bytes), so it keeps draining the job queue while a caller's
+write is stuck. ``close()`` waits at most a second for the lock.
+
+Shared memory. On unix sockets the peer announces ``fd`` (descriptors ride
+with the bytes: ``recvmsg``/``sendmsg``) and, unless it is a main, ``lease``
+(it accepts segments lent by the privileged side). Large arrays and bytes then
+cross as memory, not inline. A lent segment is released once its views are
+gone, checked after each handler, read and call: no timer.
 
 Inbound flow control. Invokes and events wait in a queue for the worker. Past
 :data:`HIGH_JOBS` jobs or :data:`HIGH_BYTES` bytes the reader stops reading
 until the worker has drained the queue to :data:`LOW_JOBS`/:data:`LOW_BYTES`;
-the kernel's socket buffer then pushes back on the sender. The one exception:
+the kernel's socket buffer then pushes back on the sender. Frames of the last
+read that do not fit wait in the reader's backlog (one read at most). The
+one exception:
 while the worker itself waits in an ``invoke`` (a handler calling back), the
 reader keeps reading, since the answer it waits for may be behind the queue.
 
@@ -134,6 +145,10 @@ class Peer(Handlers):
             every handler is in place before anything is read).
         tracebacks: send the handler's traceback with an ERROR (default); off,
             the caller gets the exception's type and message only.
+
+    Attributes:
+        max_queued: the most jobs ever queued for the worker at once (never
+            above :data:`HIGH_JOBS` unless a handler waited in ``invoke``).
     """
 
     def __init__(
