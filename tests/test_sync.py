@@ -340,7 +340,7 @@ async def test_arrays_to_and_from_a_blocking_client_use_fd_attachments(unix_hub:
     ready = threading.Event()
     done = threading.Event()
 
-    def run() -> tuple[str, bool, int, int]:
+    def run() -> tuple[str, bool, int, int, int]:
         with tether.sync.connect(unix_hub.address) as peer:
 
             @peer.handle("take")
@@ -356,14 +356,15 @@ async def test_arrays_to_and_from_a_blocking_client_use_fd_attachments(unix_hub:
             released = peer._conn.borrowed.outstanding
             ready.set()
             done.wait(20)
-            return origin, equal, held, released
+            after_handler = peer._conn.borrowed.outstanding  # released once "take" returned
+            return origin, equal, held, released, after_handler
 
     worker = asyncio.ensure_future(in_thread(run))
     await asyncio.get_running_loop().run_in_executor(None, ready.wait, 20)
     (remote,) = unix_hub.main.peers
     assert await remote.invoke("take", a) == float(a.sum())
     done.set()
-    assert await worker == ("mmap", True, 1, 0)
+    assert await worker == ("mmap", True, 1, 0, 0)
     assert seen == ["mmap"]
 
 

@@ -332,7 +332,9 @@ class Peer(Handlers):
         Raises:
             TypeError: ``channel`` is not a str.
         """
-        chan = self._chan(channel, args)
+        chan = self._chan_cache.get(channel) if type(channel) is str else None
+        if chan is None:
+            chan = self._chan(channel, args)
         if self._lazy:
             self._start_serving()
         if timeout is DEFAULT:
@@ -427,11 +429,13 @@ class Peer(Handlers):
             if not wlock.acquire(block, wait if block else -1):
                 return
             try:
-                while conn.buffered_out or self._releases_due:
+                while True:
                     with self._lock:
                         data, fds = self._take_out()
                     if data:
                         self._write(data, fds, deadline)
+                    if not (conn.buffered_out or self._releases_due):
+                        break
             finally:
                 wlock.release()
             if not (conn.buffered_out or self._releases_due) or self._closed is not None:
@@ -443,8 +447,18 @@ class Peer(Handlers):
         A stalled peer is bounded by ``deadline``; meanwhile this thread reads
         when nobody else does.
         """
-        view = memoryview(data)
         sock = self._sock
+        n = 0
+        if not fds:  # the common case: one send takes it all
+            try:
+                n = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except (OSError, ValueError) as exc:
+                raise self._lost(exc) from exc
+            if n == len(data):
+                return
+        view = memoryview(data)[n:]
         try:
             while view:
                 try:
@@ -497,6 +511,8 @@ class Peer(Handlers):
                 data = self._recv()
                 if data is not None:
                     self._handle(data)
+                    if self._conn.borrowed.outstanding:
+                        self._poll_releases()
         finally:
             if claimed:
                 with self._mu:
@@ -528,6 +544,10 @@ class Peer(Handlers):
                     self._make_room(wait=True, deadline=deadline)
                 data = self._recv_wait(deadline)
                 self._handle(data)
+                if self._conn.borrowed.outstanding:
+                    # After _handle let go of the frames; the worker checks
+                    # again after each handler: one of the two sees them dropped.
+                    self._poll_releases()
         finally:
             with cv:
                 self._reading = False
@@ -656,8 +676,6 @@ class Peer(Handlers):
         if goodbye:
             reason = conn.goodbye_reason or "no reason given"
             self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
-        elif conn.borrowed.outstanding:
-            self._poll_releases()
 
     # -- the job queue (flow control) -----------------------------------------
 
