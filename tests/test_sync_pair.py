@@ -7,6 +7,8 @@ whatever the handler does, and the errors callers see at the edges.
 
 from __future__ import annotations
 
+import array
+import os
 import socket
 import threading
 import time
@@ -453,3 +455,32 @@ def test_close_while_a_writer_is_stuck_is_prompt_and_says_connection_closed() ->
     finally:
         peer.close()
         sb.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_descriptors_that_do_not_fit_are_a_protocol_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MSG_CTRUNC (more descriptors than the ancillary buffer holds): closed, ProtocolError."""
+    import tether.sync.peer as sync_peer
+
+    monkeypatch.setattr(sync_peer, "_ANC_SPACE", socket.CMSG_SPACE(4))  # room for two
+    sa, sb = socket.socketpair()
+    fds0 = _open_fds()
+    peer = tether.sync.Peer(sb, role="client", timeout=5.0)
+    peer.on("x", lambda call: None)  # starts the reader
+    r1, w1 = os.pipe()
+    try:
+        sa.sendmsg(
+            [b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r1, w1, r1, w1]))]
+        )
+        wait_until(lambda: peer.closed)
+        with pytest.raises(tether.ProtocolError):
+            peer.invoke("x")
+    finally:
+        peer.close()
+        sa.close()
+        os.close(r1)
+        os.close(w1)
+    wait_until(lambda: _open_fds() <= fds0)
