@@ -41,7 +41,7 @@ from tether.wire import FrameParser, Kind, encode_frame
 
 MAX_FRAME = 1 << 16
 _RETURNED = frozenset({Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL, Kind.GOODBYE})
-_PEER_HELLO = bytes(Connection("main", name="fuzz-peer").data_to_send())
+_PEER_HELLO = bytes(Connection("main", name="fuzz-peer").data_to_send()[0])
 
 
 def _chunks(data: bytes, step: int) -> list[bytes]:

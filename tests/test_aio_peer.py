@@ -359,7 +359,7 @@ async def _closed_by_main(s: socket.socket, within: float) -> bool:
 
 
 def _hello() -> bytes:
-    return bytes(Connection("client").data_to_send())
+    return bytes(Connection("client").data_to_send()[0])
 
 
 BAD_INPUTS = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -12,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from tether.bench import main
-from tether.bench.common import percentile
+from tether.bench.common import CpuMeter, percentile
 from tether.bench.report import compare, fmt_value, plot, table, to_json
-from tether.bench.runner import MetricStats, Row, run_once
+from tether.bench.runner import MIN_P99_SAMPLES, MetricStats, Row, _pool, run_once
 from tether.bench.scenarios import SCENARIOS, Run, plan, select
 
-SUBSET = ["rt_mp_pipe", "rt_tether_sync", "ev_tether", "kill_to_peergone"]
+SUBSET = ["rt_mp_pipe", "rt_tether_sync", "rt_tether_sync_nospin", "ev_tether", "kill_to_peergone"]
 
 
 @pytest.mark.timeout(200)
@@ -55,13 +56,29 @@ def test_quick_run_prints_table_and_writes_json_and_png(tmp_path: Path) -> None:
             assert isinstance(m["median"], float) and m["median"] > 0, (name, m)
             assert m["n"] > 0
             if m["better"] == "lower":
-                assert m["p99"] >= m["median"]
+                assert m["max"] >= m["median"]
+                # A p99 only where there are enough samples for one; else None, and "max" shown.
+                assert (m["p99"] is None) == (m["n"] < MIN_P99_SAMPLES), (name, m["n"], m["p99"])
+                if m["p99"] is not None:
+                    assert m["median"] <= m["p99"] <= m["max"]
+            if name != "kill_to_peergone":  # every round-trip and rate row has its CPU time
+                assert 0 < m["cpu_pct"] < 100 * 64, (name, m)
+                assert 0 < m["cpu_us_per_op"] < 1e6, (name, m)
+    kill_row = results["kill_to_peergone"]["metrics"][0]
+    assert kill_row["p99"] is None and kill_row["n"] < MIN_P99_SAMPLES
+    assert f"max {fmt_value(kill_row['max'], 'ms')}" in proc.stdout
+    header = lines[0]
+    for column in ("p99 / max", "CPU", "CPU/op", "vs shm reuse"):
+        assert column in header
 
     # The ratio printed for tether is tether's median over the peer's, from this run.
     pipe = results["rt_mp_pipe"]["metrics"][0]["median"]
     sync = results["rt_tether_sync"]["metrics"][0]
     assert math.isclose(sync["ratios"]["mp_pipe"], sync["median"] / pipe)
     assert "zmq" not in sync["ratios"]  # pyzmq did not run: no ratio invented
+    # The blocking client with and without its polling window, side by side.
+    assert results["rt_tether_sync"]["info"]["spin_s"] > 0
+    assert results["rt_tether_sync_nospin"]["info"]["spin_s"] == 0.0
     kill = results["kill_to_peergone"]["metrics"][0]
     assert kill["unit"] == "ms" and kill["targets"][0]["target"] == "<10"
     assert kill["targets"][0]["pass"] == (kill["median"] < 10)
@@ -82,6 +99,7 @@ def test_select_accepts_globs_and_keeps_table_order() -> None:
         "rt_mp_pipe",
         "rt_tether_async",
         "rt_tether_sync",
+        "rt_tether_sync_nospin",
         "rt_tether_main_child",
         "rt_tether_spin",
     ]
@@ -96,6 +114,18 @@ def test_plan_runs_big_cases_per_size() -> None:
     assert all("cpus" not in r.params for r in full)
     pinned = plan([SCENARIOS["rt_mp_pipe"], *big], quick=True, cpus=[0])
     assert [r.params["cpus"] for r in pinned] == [[0], [0]]
+
+
+def test_plan_runs_transfers_both_ways() -> None:
+    names = ["big_mp_pipe", "big_zmq", "big_shm", "big_shm_reuse", "big_tether_attach"]
+    for name in names:
+        runs = plan([SCENARIOS[name]], quick=True)
+        assert [r.label for r in runs] == [f"{name} 64MiB m->c", f"{name} 64MiB c->m"]
+        assert [r.params["direction"] for r in runs] == ["m2c", "c2m"]
+    assert [r.label for r in plan([SCENARIOS["big_tether_buffer"]], quick=True)] == [
+        "big_tether_buffer 64MiB m->c"
+    ]
+    assert SCENARIOS["big_shm_reuse"].peer == "shm_reuse"
 
 
 def test_cpus_outside_the_affinity_mask_is_a_usage_error(
@@ -116,11 +146,19 @@ def test_percentile_is_nearest_rank() -> None:
     assert math.isnan(percentile([], 50))
 
 
-def _row(name: str, median: float, unit: str, metric: str, variant: str = "") -> Row:
+def _row(
+    name: str, median: float, unit: str, metric: str, variant: str = "", direction: str = ""
+) -> Row:
     better = "lower" if unit in ("us", "ms") else "higher"
     p99 = median * 2 if better == "lower" else None
     m = MetricStats(metric, unit, better, median, p99, 10, [median])
-    return Row(Run(SCENARIOS[name], variant), "ok", metrics=[m])
+    params: dict[str, object] = {}
+    if variant:
+        params["size"] = int(variant.split("MiB")[0]) << 20
+    if direction:
+        params["direction"] = direction
+    label = f"{variant} {direction}".strip()
+    return Row(Run(SCENARIOS[name], label, params), "ok", metrics=[m])
 
 
 def test_compare_fills_ratios_and_targets() -> None:
@@ -131,10 +169,10 @@ def test_compare_fills_ratios_and_targets() -> None:
         _row("ev_mp_pipe", 100e3, "/s", "events"),
         _row("ev_zmq", 700e3, "/s", "events"),
         _row("ev_tether", 400e3, "/s", "events"),
-        _row("big_mp_pipe", 0.5, "GB/s", "transfer", "256MiB"),
-        _row("big_memcpy", 10.0, "GB/s", "transfer", "256MiB"),
+        _row("big_mp_pipe", 0.5, "GB/s", "transfer", "256MiB", "m2c"),
         _row("big_memcpy", 20.0, "GB/s", "transfer", "64MiB"),
-        _row("big_tether_attach", 7.0, "GB/s", "transfer", "256MiB"),
+        _row("big_memcpy", 10.0, "GB/s", "transfer", "256MiB"),
+        _row("big_tether_attach", 7.0, "GB/s", "transfer", "256MiB", "m2c"),
         Row(Run(SCENARIOS["big_tether_buffer"], "256MiB"), "unavailable", "no Buffer"),
     ]
     compare(rows)
@@ -153,7 +191,8 @@ def test_compare_fills_ratios_and_targets() -> None:
     text = table(rows)
     assert "0.75x" in text and "0.30x" in text
     assert "MISS" in text and "PASS" in text
-    assert "big_tether_buffer 256MiB  unavailable  no Buffer" in text
+    assert re.search(r"big_tether_buffer 256MiB +unavailable  no Buffer", text)
+    assert "  max " not in text and "p99 80 us" in text  # every latency row here has a p99
     data = to_json(rows, {"quick": False}, {"cpu": "x"})
     assert data["results"][10]["status"] == "unavailable"
     assert data["results"][2]["metrics"][0]["ratios"]["zmq"] == 0.3
@@ -186,3 +225,100 @@ def test_a_hung_case_is_killed_at_its_timeout() -> None:
     result = run_once(Run(SCENARIOS["kill_to_peergone"], "", {"quick": False}), timeout=1.0)
     assert time.monotonic() - t0 < 10
     assert result == {"error": "timed out after 1 s"}
+
+
+def test_compare_matches_size_direction_and_metric() -> None:
+    rows = [
+        _row("big_shm_reuse", 8.0, "GB/s", "transfer", "64MiB", "m2c"),
+        _row("big_shm_reuse", 4.0, "GB/s", "transfer", "64MiB", "c2m"),
+        _row("big_shm_reuse", 16.0, "GB/s", "transfer", "256MiB", "c2m"),
+        _row("big_memcpy", 10.0, "GB/s", "transfer", "64MiB"),
+        _row("big_tether_attach", 2.0, "GB/s", "transfer", "64MiB", "c2m"),
+        _row("big_tether_attach", 6.0, "GB/s", "transfer", "64MiB", "m2c"),
+    ]
+    cold_peer = rows[1].metrics
+    cold_peer.append(MetricStats("cold transfer", "GB/s", "higher", 0.5, None, 1, [0.5]))
+    rows[4].metrics.append(MetricStats("cold transfer", "GB/s", "higher", 0.25, None, 1, [0.25]))
+    compare(rows)
+    c2m, c2m_cold = rows[4].metrics
+    assert c2m.ratios == {"shm_reuse": 0.5, "memcpy": 0.2}  # same size and direction only
+    assert c2m_cold.ratios["shm_reuse"] == 0.5  # cold against cold, not against warm
+    assert rows[5].metrics[0].ratios == {"shm_reuse": 0.75, "memcpy": 0.6}
+    assert "vs shm reuse" in table(rows)
+
+
+def test_pool_labels_few_samples_max_and_sums_cpu() -> None:
+    few = {"metric": "handoff", "unit": "ms", "better": "lower", "samples": [1.0, 2.0, 9.0]}
+    many = {
+        "metric": "rt",
+        "unit": "us",
+        "better": "lower",
+        "samples": [float(i) for i in range(1, 201)],
+    }
+    cpu1 = {"cpu_s": 0.5, "wall_s": 1.0, "ops": 1000}
+    cpu2 = {"cpu_s": 1.5, "wall_s": 1.0, "ops": 1000}
+    ev = [
+        {"metric": "events", "unit": "/s", "better": "higher", "samples": [1.0], "cpu": cpu1},
+        {"metric": "events", "unit": "/s", "better": "higher", "samples": [3.0], "cpu": cpu2},
+    ]
+    (f,) = _pool([{"metrics": [few]}])
+    assert f.p99 is None and f.max == 9.0 and f.tail() == ("max", 9.0)
+    (m,) = _pool([{"metrics": [many]}])
+    assert m.p99 == 198.0 and m.max == 200.0 and m.tail() == ("p99", 198.0)
+    (e,) = _pool([{"metrics": [ev[0]]}, {"metrics": [ev[1]]}])  # two repeats
+    assert e.tail() is None
+    assert e.cpu_pct == pytest.approx(100.0)  # 2 CPU s over 2 wall s
+    assert e.cpu_us_per_op == pytest.approx(1000.0)  # 2 CPU s over 2000 events
+    rows = [Row(Run(SCENARIOS["big_tether_buffer"], "64MiB m->c"), "ok", metrics=[f, e])]
+    text = table(rows)
+    assert "max 9 ms" in text and "100%" in text and "1 ms" in text
+
+
+def test_cpu_meter_counts_a_peer_process() -> None:
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time() + 3\nwhile time.time() < t: pass"]
+    )
+    try:
+        meter = CpuMeter(busy.pid)
+        time.sleep(0.3)  # let it start
+        meter.start()
+        time.sleep(1.0)
+        cpu = meter.stop(ops=10)
+    finally:
+        busy.kill()
+        busy.wait(5)
+    assert cpu["ops"] == 10 and 0.9 <= cpu["wall_s"] < 5
+    # This process slept; the CPU time is the busy peer's (a loaded machine gives it less).
+    assert 0.05 <= cpu["cpu_s"] <= 1.5, cpu
+
+
+TINY = 1 << 20
+NEW_TRANSFERS = [
+    ("big_shm_reuse", "m2c"),
+    ("big_shm_reuse", "c2m"),
+    ("big_shm", "c2m"),
+    ("big_mp_pipe", "c2m"),
+    ("big_zmq", "c2m"),
+    ("big_tether_attach", "c2m"),
+    ("big_tether_attach", "m2c"),
+    ("big_memcpy", ""),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("name", "direction"), NEW_TRANSFERS)
+def test_transfer_cases_report_cold_warm_and_cpu(name: str, direction: str) -> None:
+    params: dict[str, object] = {"quick": True, "size": TINY}
+    if direction:
+        params["direction"] = direction
+    result = run_once(Run(SCENARIOS[name], "1MiB", params), timeout=45.0)
+    assert "error" not in result and "unavailable" not in result, result
+    metrics = {m["metric"]: m for m in result["metrics"]}
+    assert set(metrics) == {"transfer", "cold transfer"}
+    warm, cold = metrics["transfer"], metrics["cold transfer"]
+    assert len(cold["samples"]) == 1 and 0 < cold["samples"][0] < 1000  # GB/s
+    assert warm["samples"] and all(0 < s < 1000 for s in warm["samples"])
+    cpu = warm["cpu"]
+    assert cpu["ops"] == len(warm["samples"])
+    assert 0 < cpu["wall_s"] < 30 and 0 <= cpu["cpu_s"] < 60
+    assert "cpu" not in cold

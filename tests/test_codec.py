@@ -291,3 +291,39 @@ def test_error_info_omits_defaults_on_the_wire() -> None:
         "code": "no_handler",
         "message": "m",
     }
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+class _BadRepr(Exception):
+    def __str__(self) -> str:
+        return "bad \ud800 text"
+
+
+def test_error_info_never_raises_for_an_exception_whose_str_raises() -> None:
+    try:
+        raise _Unprintable("x")
+    except _Unprintable as e:
+        info = error_info(e)
+    assert info.code == "remote"
+    assert info.type.endswith("_Unprintable")
+    assert "_Unprintable" in info.message
+    codec.encoder.encode(info)  # and it encodes
+
+
+def test_error_info_text_always_encodes() -> None:
+    info = error_info(_BadRepr())
+    assert codec.error_decoder.decode(codec.encoder.encode(info)).message == "bad ? text"
+
+
+def test_error_info_without_traceback() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError as e:
+        info = error_info(e, traceback=False)
+        full = error_info(e)
+    assert (info.type, info.message, info.traceback) == ("ValueError", "boom", "")
+    assert "raise ValueError" in full.traceback

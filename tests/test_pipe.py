@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import array
+import fcntl
 import hashlib
 import os
 import select
 import signal
 import struct
+import termios
 import threading
 import time
 import traceback
@@ -30,6 +32,7 @@ from tether.pipe import PipeReader, PipeWriter, pipe
 
 SEED_MESSAGE = "Psst .. hello from parent process!"
 MiB = 1024 * 1024
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)  # Linux
 
 
 @pytest.fixture
@@ -370,15 +373,31 @@ def test_send_after_reader_closed_is_peer_gone(ends: tuple[PipeReader, PipeWrite
     assert isinstance(info.value, ConnectionError)
 
 
+def pipe_is_full(reader: PipeReader) -> bool:
+    """Whether the unread bytes fill the pipe's kernel buffer (a writer would block)."""
+    pending = fcntl.ioctl(reader.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return struct.unpack("i", pending)[0] >= fcntl.fcntl(reader.fileno(), F_GETPIPE_SZ)
+
+
 @pytest.mark.timeout(30)
 def test_reader_closing_mid_message_closes_writer() -> None:
+    # The reader closes only once the writer has filled the pipe and is blocked
+    # mid-frame, whatever the load: no timer races the payload's generation.
+    payload = os.urandom(16 * MiB)
     reader, writer = pipe()
+
+    def close_when_full() -> None:
+        deadline = time.monotonic() + 20.0
+        while not pipe_is_full(reader) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        reader.close()
+
     with writer:
-        timer = threading.Timer(0.2, reader.close)
-        timer.start()
+        closer = in_thread(close_when_full)
         with pytest.raises(PeerGone):
-            writer.send(os.urandom(16 * MiB))  # blocks once the pipe is full
-        timer.join()
+            writer.send(payload)  # blocks once the pipe is full
+        closer.join(timeout=25.0)
+        assert not closer.is_alive()
         assert writer.closed  # half a frame went out; the stream is unusable
 
 

@@ -18,8 +18,9 @@ import pytest
 
 import tether
 from tether import codec
+from tether.attachments import MAX_LEASES, MemfdStore
 from tether.errors import ProtocolError
-from tether.pool import POOL, SegmentPool, _size_class
+from tether.pool import SegmentPool, _size_class
 from tether.protocol import Connection
 from tether.wire import Kind
 
@@ -57,55 +58,59 @@ def test_pool_reuses_put_segments_and_respects_its_caps() -> None:
 # -- the protocol, sans I/O ------------------------------------------------------
 
 
-def pair(a_features: list[str], b_features: list[str]) -> tuple[Connection, Connection]:
-    a = Connection("main", features=a_features)
-    b = Connection("child", features=b_features)
-    b.receive_data(a.data_to_send())
-    a.receive_data(b.data_to_send())
+def pair(lend: bool = True, borrow: bool = True) -> tuple[Connection, Connection]:
+    """A main (lending when ``lend``) and a child (borrowing when ``borrow``), each with a store."""
+    a = Connection("main", store=MemfdStore(lend=lend))
+    b = Connection("child", store=MemfdStore(borrow=borrow))
+    b.receive_data(a.data_to_send()[0])
+    a.receive_data(b.data_to_send()[0])
     return a, b
 
 
+def store(c: Connection) -> MemfdStore:
+    st = c.store
+    assert isinstance(st, MemfdStore)
+    return st
+
+
 def deliver(src: Connection, dst: Connection) -> list[Any]:
-    fds = src.take_fds()
+    data, fds = src.data_to_send()
     if fds:
         # what the I/O layer does: the receiver gets duplicates, the sender closes its own
         dst.receive_fds([os.dup(fd) for fd in fds])
         for fd in fds:
             os.close(fd)
-    return dst.receive_data(src.data_to_send())
+    return dst.receive_data(data)
 
 
 def test_main_lends_a_segment_and_takes_it_back_on_release() -> None:
-    POOL.clear()
-    a, b = pair(["fd"], ["fd", "lease"])
+    a, b = pair()
     arr = np.arange(64 * KIB, dtype=np.uint32)
     a.send_event(b"take", (arr,))
-    assert len(a._leases) == 1
+    assert store(a).leases_out == 1
     (frame,) = deliver(a, b)
     (got,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
     assert np.array_equal(got, arr) and not got.flags.writeable
-    assert POOL.idle_segments == 0
+    assert store(a).idle_segments == 0
     del got, frame
     gc.collect()
     # the receiver's last view is gone: it answers with RELEASE
     assert b.poll_releases()
-    out = b.data_to_send()
+    out = b.data_to_send()[0]
     assert out[4] == Kind.RELEASE
     a.receive_data(out)
-    assert not a._leases and POOL.idle_segments == 1
+    assert not store(a).leases_out and store(a).idle_segments == 1
     # the next transfer reuses those pages
-    seg = POOL._free[_size_class(arr.nbytes)][0]
+    seg = store(a)._pool._free[_size_class(arr.nbytes)][0]
     a.send_event(b"take", (arr + 1,))
-    assert a._leases[max(a._leases)] is seg
+    assert store(a)._leases[max(store(a)._leases)] is seg
     (frame,) = deliver(a, b)
     (got,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
     assert np.array_equal(got, arr + 1)
-    POOL.clear()
 
 
 def test_a_leased_segment_is_never_rewritten_while_the_receiver_holds_it() -> None:
-    POOL.clear()
-    a, b = pair(["fd"], ["fd", "lease"])
+    a, b = pair()
     first = np.full(32 * KIB, 1, dtype=np.uint16)
     a.send_event(b"take", (first,))
     (f1,) = deliver(a, b)
@@ -118,44 +123,40 @@ def test_a_leased_segment_is_never_rewritten_while_the_receiver_holds_it() -> No
         del x, f
         gc.collect()
         assert b.poll_releases()
-        a.receive_data(b.data_to_send())  # releases of the others come back
+        a.receive_data(b.data_to_send()[0])  # releases of the others come back
         assert (held == 1).all()  # still the first payload
-    POOL.clear()
 
 
 def test_a_main_refuses_a_lent_segment() -> None:
     # A child (sender) that pretends main accepts leases.
-    child = Connection("child", features=["fd", "lease"])
-    main = Connection("main", features=["fd"])
-    main.receive_data(child.data_to_send())
-    child.receive_data(main.data_to_send())
+    child = Connection("child", store=MemfdStore(lend=True, borrow=True))
+    main = Connection("main", store=MemfdStore())
+    main.receive_data(child.data_to_send()[0])
+    child.receive_data(main.data_to_send()[0])
     child._send_leases = True  # a hostile child ignores main's features
     child.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
     with pytest.raises(ProtocolError, match="does not trust"):
         deliver(child, main)
-    main.close_fds()
-    child.close_fds()
-    POOL.clear()
+    main.abort()
+    child.abort()
 
 
 def test_without_lease_feature_segments_are_sealed() -> None:
-    a, b = pair(["fd"], ["fd"])
+    a, b = pair(borrow=False)
     a.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
-    assert not a._leases
+    assert not store(a).leases_out
     (frame,) = deliver(a, b)
     (got,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
     assert got.nbytes == 64 * KIB
 
 
 def test_a_dead_connection_discards_its_leases() -> None:
-    POOL.clear()
-    a, b = pair(["fd"], ["fd", "lease"])
+    a, b = pair()
     a.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
     deliver(a, b)
-    assert len(a._leases) == 1
+    assert store(a).leases_out == 1
     a.fail_all()
-    a.close_fds()
-    assert not a._leases and POOL.idle_segments == 0  # not reused: never released
+    assert not store(a).leases_out and store(a).idle_segments == 0  # not reused: never released
 
 
 # -- end to end ------------------------------------------------------------------
@@ -182,6 +183,10 @@ async def hold_child(peer: tether.Peer) -> None:
     def nbytes(call: tether.Call, buf: Any) -> int:
         return int(memoryview(buf).nbytes)
 
+    @peer.handle("polling")
+    def polling(call: tether.Call) -> bool:
+        return call.peer._lease_timer is not None  # type: ignore[attr-defined]
+
     @peer.handle("give")
     def give(call: tether.Call, n: int) -> Any:
         return np.full(n, 7, np.uint8)
@@ -190,24 +195,22 @@ async def hold_child(peer: tether.Peer) -> None:
 
 
 async def test_main_to_child_arrays_are_lent_and_come_back() -> None:
-    POOL.clear()
     async with tether.Main() as main:
         child = await main.spawn(hold_child)
         for i in range(8):
             assert await child.invoke("hold", np.full(100 * KIB, i, np.uint8)) == i
         # eight live leases: nothing was reused under the child
         assert await child.invoke("check") == list(range(8)) * 2
-        assert POOL.idle_segments == 0
+        assert store(child._conn).idle_segments == 0
         await child.invoke("drop")
         for _ in range(100):  # releases travel back asynchronously
-            if POOL.idle_segments == 8:
+            if store(child._conn).idle_segments == 8:
                 break
             await asyncio.sleep(0.01)
-        assert POOL.idle_segments == 8
+        assert store(child._conn).idle_segments == 8
         # a child's arrays reach main sealed (main lends nothing back to itself)
         got = await child.invoke("give", 200 * KIB)
         assert got.nbytes == 200 * KIB and (got == 7).all()
-    POOL.clear()
 
 
 async def test_buffer_moves_to_a_trusting_child_in_constant_time() -> None:
@@ -256,34 +259,30 @@ def test_an_empty_or_short_lease_is_a_protocol_error() -> None:
         fd = os.memfd_create("t")
         os.ftruncate(fd, 64 * KIB)
         with pytest.raises(ProtocolError):
-            borrowed.take(fd, nbytes, 1)
+            borrowed.map_lease(fd, nbytes, 1)
         with pytest.raises(OSError):
             os.fstat(fd)  # closed all the same
 
 
 def test_a_peer_that_hoards_lent_arrays_gets_sealed_ones_past_the_cap() -> None:
-    from tether.protocol import MAX_LEASES
-
-    POOL.clear()
-    a, b = pair(["fd"], ["fd", "lease"])
+    a, b = pair()
     held = []
     for _ in range(MAX_LEASES + 5):
         a.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
         (f,) = deliver(a, b)
         held.append(codec.decode_with(codec.any_decoder, f.body, f.attachments)[0])
-    assert len(a._leases) == MAX_LEASES  # the rest went sealed: main holds nothing for them
+    assert store(a).leases_out == MAX_LEASES  # the rest went sealed: main holds nothing for them
     del held, f
     gc.collect()
     assert b.poll_releases()
-    a.receive_data(b.data_to_send())
-    assert not a._leases
-    b.close_fds()
-    POOL.clear()
+    a.receive_data(b.data_to_send()[0])
+    assert not store(a).leases_out
+    a.abort()
+    b.abort()
 
 
 def test_the_receiver_keeps_one_mapping_per_segment_and_releases_by_views() -> None:
-    POOL.clear()
-    a, b = pair(["fd"], ["fd", "lease"])
+    a, b = pair()
     seen = []
     for i in range(4):
         a.send_event(b"take", (np.full(64 * KIB, i, np.uint8),))
@@ -296,9 +295,68 @@ def test_the_receiver_keeps_one_mapping_per_segment_and_releases_by_views() -> N
         seen.append(id(memoryview(view).obj))
         del view
         assert b.poll_releases()
-        a.receive_data(b.data_to_send())
+        a.receive_data(b.data_to_send()[0])
     # the same segment came back each time, and the receiver mapped it once
-    assert POOL.idle_segments == 1
-    assert len(b.borrowed._maps) == 1
-    b.close_fds()
-    POOL.clear()
+    assert store(a).idle_segments == 1
+    assert len(store(b).borrowed._maps) == 1
+    a.abort()
+    b.abort()
+
+
+def test_a_dropped_lease_is_reported_without_polling() -> None:
+    """D17: the store calls back when the last view of a lease goes; no timer needed."""
+    a, b = pair()
+    calls: list[int] = []
+    store(b).on_release = lambda: calls.append(1)
+    assert store(b).notifies
+    a.send_event(b"take", (np.full(64 * KIB, 3, np.uint8),))
+    (frame,) = deliver(a, b)
+    (got,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
+    view = got[5:9]
+    del got, frame
+    assert calls == [] and store(b).outstanding == 1
+    del view  # the last view: reported at once, no collection, no poll
+    assert calls == [1]
+    assert b.poll_releases()
+    a.receive_data(b.data_to_send()[0])
+    assert not store(a).leases_out
+    a.abort()
+    b.abort()
+
+
+async def test_a_child_holding_a_lease_runs_no_poll_timer() -> None:
+    async with tether.Main() as main:
+        child = await main.spawn(hold_child)
+        assert await child.invoke("hold", np.full(100 * KIB, 1, np.uint8)) == 1
+        assert await child.invoke("polling") is False
+        assert store(child._conn).leases_out == 1
+        await child.invoke("drop")
+        for _ in range(200):  # the release comes back without a poll
+            if not store(child._conn).leases_out:
+                break
+            await asyncio.sleep(0.01)
+        assert not store(child._conn).leases_out
+
+
+def test_no_release_follows_our_goodbye() -> None:
+    """8.4/8.5: GOODBYE is the last frame; a lease dropped after it is not released."""
+    a, b = pair()
+    a.send_event(b"take", (np.full(64 * KIB, 1, np.uint8),))
+    (frame,) = deliver(a, b)
+    (got,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
+    b.send_goodbye("bye")
+    del got, frame
+    b.poll_releases()
+    data, _ = b.data_to_send()
+    assert [data[4]] == [Kind.GOODBYE] and len(data) == int.from_bytes(data[:4], "little") + 4
+    a.abort()
+    b.abort()
+
+
+def test_a_segment_dropped_without_close_closes_its_descriptor() -> None:
+    seg = SegmentPool().get(64 * KIB)
+    fd = seg.fd
+    del seg
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)

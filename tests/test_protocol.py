@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tether import codec
+from tether.attachments import MemfdStore
 from tether.errors import ConnectionClosed, PayloadTooLarge, ProtocolError
 from tether.protocol import Connection, State
 from tether.wire import HEADER, Frame, FrameParser, Kind, encode_frame
@@ -19,7 +20,7 @@ U32 = 0xFFFFFFFF
 
 def transfer(src: Connection, dst: Connection) -> list[Frame]:
     """Move everything ``src`` wants to send into ``dst``; return dst's frames."""
-    return dst.receive_data(bytes(src.data_to_send()))
+    return dst.receive_data(bytes(src.data_to_send()[0]))
 
 
 def pair(**kwargs: int) -> tuple[Connection, Connection]:
@@ -34,7 +35,7 @@ def pair(**kwargs: int) -> tuple[Connection, Connection]:
 
 def outgoing(conn: Connection) -> list[Frame]:
     """Decode (and consume) what ``conn`` wants to send."""
-    return FrameParser().feed(bytes(conn.data_to_send()))
+    return FrameParser().feed(bytes(conn.data_to_send()[0]))
 
 
 def raw(kind: int, rid: int = 0, route: int = 0, channel: bytes = b"", body: bytes = b"") -> bytes:
@@ -56,13 +57,14 @@ def decode(body: bytes | memoryview) -> object:
 
 
 def test_handshake() -> None:
-    a = Connection("main", name="A", max_frame_size=1 << 20, features=["x"])
+    store = MemfdStore()
+    a = Connection("main", name="A", pid=4242, max_frame_size=1 << 20, store=store)
     b = Connection("child", name="B")
     assert a.state is State.HANDSHAKE and b.state is State.HANDSHAKE
     assert a.peer_hello is None
-    (hello,) = FrameParser().feed(bytes(a.data_to_send()))
+    (hello,) = FrameParser().feed(bytes(a.data_to_send()[0]))
     assert hello.kind == Kind.HELLO
-    assert a.data_to_send() == b""  # data_to_send forgets what it returned
+    assert a.data_to_send()[0] == b""  # data_to_send forgets what it returned
     assert b.receive_data(raw(Kind.HELLO, body=bytes(hello.body))) == []
     assert b.state is State.OPEN
     assert a.state is State.HANDSHAKE
@@ -74,9 +76,9 @@ def test_handshake() -> None:
     assert b.peer_hello.version == codec.PROTOCOL_VERSION == 1
     assert b.peer_hello.role == "main"
     assert b.peer_hello.name == "A"
-    assert b.peer_hello.pid == os.getpid()
+    assert b.peer_hello.pid == 4242  # given by the I/O layer: the core calls no getpid
     assert b.peer_hello.max_frame_size == 1 << 20
-    assert b.peer_hello.features == ["x"]
+    assert b.peer_hello.features == ["fd"]  # what the store supports
     assert a.peer_hello.role == "child"
     assert a.peer_hello.name == "B"
 
@@ -84,7 +86,7 @@ def test_handshake() -> None:
 def test_hello_split_across_reads() -> None:
     a = Connection("main")
     b = Connection("child")
-    data = bytes(a.data_to_send())
+    data = bytes(a.data_to_send()[0])
     for i in range(len(data) - 1):
         assert b.receive_data(data[i : i + 1]) == []
         assert b.state is State.HANDSHAKE
@@ -253,7 +255,7 @@ def test_goodbye() -> None:
     assert b.goodbye_reason == "shutting down"
     # A second goodbye from a CLOSING side sends nothing.
     a.send_goodbye("again")
-    assert a.data_to_send() == b""
+    assert a.data_to_send()[0] == b""
 
 
 def test_goodbye_with_malformed_body_has_empty_reason() -> None:
@@ -267,7 +269,7 @@ def test_send_after_goodbye_is_connection_closed() -> None:
     a, _ = pair()
     rid = a.send_invoke(b"x", (), "w")
     a.send_goodbye()
-    a.data_to_send()
+    a.data_to_send()[0]
     with pytest.raises(ConnectionClosed):
         a.send_invoke(b"x", (), "w")
     with pytest.raises(ConnectionClosed):
@@ -275,7 +277,7 @@ def test_send_after_goodbye_is_connection_closed() -> None:
     with pytest.raises(ConnectionClosed):
         a.send_ping(1)
     a.send_cancel(rid)  # allowed quietly, sends nothing once closing
-    assert a.data_to_send() == b""
+    assert a.data_to_send()[0] == b""
     assert a.pending == {}
 
 
@@ -292,7 +294,7 @@ def test_fail_all_returns_pending_waiters() -> None:
     waiters = [object() for _ in range(5)]
     for w in waiters:
         a.send_invoke(b"c", (), w)
-    a.data_to_send()
+    a.data_to_send()[0]
     got = a.fail_all()
     assert sorted(map(id, got)) == sorted(map(id, waiters))
     assert a.pending == {}
@@ -304,7 +306,7 @@ def test_fail_all_returns_pending_waiters() -> None:
     assert a.receive_data(raw(Kind.PING, 1)) == []
     a.send_result(1, "x")
     a.send_error(1, codec.ErrorInfo(code="closed", message=""))
-    assert a.data_to_send() == b""
+    assert a.data_to_send()[0] == b""
 
 
 # -- bad messages --------------------------------------------------------
@@ -379,9 +381,9 @@ def test_malformed_frame_closes() -> None:
 
 def test_oversized_frame_from_peer_closes() -> None:
     a = Connection("main", max_frame_size=1 << 20)
-    b2 = Connection("child", max_frame_size=256)
+    b2 = Connection("child", max_frame_size=4096)
     transfer(a, b2)
-    a.send_event(b"e", (b"x" * 1000,))
+    a.send_event(b"e", (b"x" * 5000,))
     with pytest.raises(ProtocolError, match="exceeds"):
         transfer(a, b2)
     assert b2.state is State.CLOSED
@@ -390,7 +392,7 @@ def test_oversized_frame_from_peer_closes() -> None:
 def test_receive_eof_clean() -> None:
     a, b = pair()
     a.send_event(b"e", (b"x" * 5000,))
-    data = bytes(a.data_to_send())
+    data = bytes(a.data_to_send()[0])
     # The frame spans several reads; EOF after its last byte is clean.
     assert b.receive_data(data[:10]) == []
     assert b.receive_data(data[10:3000]) == []
@@ -403,7 +405,7 @@ def test_receive_eof_clean() -> None:
 def test_receive_eof_mid_frame(cut: int) -> None:
     a, b = pair()
     a.send_event(b"chan", ("payload",))
-    data = bytes(a.data_to_send())
+    data = bytes(a.data_to_send()[0])
     assert b.receive_data(data[:cut]) == []
     with pytest.raises(ProtocolError, match="middle of a frame"):
         b.receive_eof()
@@ -413,7 +415,7 @@ def test_receive_eof_mid_frame(cut: int) -> None:
 def test_receive_eof_during_handshake_mid_hello() -> None:
     a = Connection("main")
     b = Connection("child")
-    b.receive_data(bytes(a.data_to_send())[:7])
+    b.receive_data(bytes(a.data_to_send()[0])[:7])
     with pytest.raises(ProtocolError):
         b.receive_eof()
 
@@ -454,13 +456,13 @@ def test_request_ids_wrap_skipping_zero_and_pending() -> None:
 
 
 def test_oversized_result_raises_and_leaves_buffer_unchanged() -> None:
-    a, b = pair(max_frame_size=1024)
+    a, b = pair(max_frame_size=4096)
     rid = a.send_invoke(b"big", (), "w")
     transfer(a, b)
     b.send_event(b"before", (1,))
     before = bytes(b._out)
     with pytest.raises(PayloadTooLarge):
-        b.send_result(rid, b"x" * 2000)
+        b.send_result(rid, b"x" * 5000)
     assert bytes(b._out) == before
     assert b.buffered_out == len(before)
     assert b.state is State.OPEN
@@ -471,12 +473,12 @@ def test_oversized_result_raises_and_leaves_buffer_unchanged() -> None:
 
 
 def test_oversized_invoke_and_event_send_nothing() -> None:
-    a, b = pair(max_frame_size=512)
+    a, b = pair(max_frame_size=4096)
     with pytest.raises(PayloadTooLarge):
-        a.send_invoke(b"c", ("y" * 1000,), "w")
+        a.send_invoke(b"c", ("y" * 5000,), "w")
     assert a.pending == {}
     with pytest.raises(PayloadTooLarge):
-        a.send_event(b"c", ("y" * 1000,))
+        a.send_event(b"c", ("y" * 5000,))
     assert a.buffered_out == 0
     assert a.state is State.OPEN
     a.send_event(b"c", ("ok",))
@@ -484,12 +486,12 @@ def test_oversized_invoke_and_event_send_nothing() -> None:
 
 
 def test_result_exactly_at_limit() -> None:
-    limit = 200
+    limit = 4096
     a, b = pair(max_frame_size=limit)
     rid = a.send_invoke(b"c", (), "w")
     transfer(a, b)
-    # A msgpack bin 8 of n bytes has a 2-byte prefix; header after size is 16 bytes.
-    n = limit - 16 - 2
+    # A msgpack bin 16 of n bytes has a 3-byte prefix; header after size is 16 bytes.
+    n = limit - 16 - 3
     b.send_result(rid, b"z" * n)
     (f,) = transfer(b, a)
     assert decode(f.body) == b"z" * n
@@ -544,7 +546,7 @@ def test_arbitrary_bytes_to_open_connection(data: bytes, cuts: list[int], eof: b
                     Kind.CANCEL,
                     Kind.GOODBYE,
                 }
-            b.data_to_send()
+            b.data_to_send()[0]
         if eof:
             b.receive_eof()
     except ProtocolError:
@@ -563,9 +565,169 @@ def test_arbitrary_bytes_to_handshaking_connection(data: bytes) -> None:
 
 def test_send_respects_peer_announced_max_frame_size() -> None:
     a = Connection("main", max_frame_size=1 << 20)
-    b = Connection("child", max_frame_size=256)
+    b = Connection("child", max_frame_size=4096)
     transfer(a, b)
     transfer(b, a)
-    assert a.peer_hello is not None and a.peer_hello.max_frame_size == 256
+    assert a.peer_hello is not None and a.peer_hello.max_frame_size == 4096
     with pytest.raises(PayloadTooLarge):
-        a.send_event(b"e", (b"x" * 1000,))
+        a.send_event(b"e", (b"x" * 5000,))
+
+
+# -- issue 6: goodbye per frame (D16), one answer per invoke, frame-size floor ---------
+
+
+def test_frames_after_goodbye_in_the_same_read_are_ignored() -> None:
+    _, b = pair()
+    event = raw(Kind.EVENT, channel=b"e", body=codec.encoder.encode([1]))
+    frames = b.receive_data(raw(Kind.GOODBYE, body=codec.encoder.encode({"reason": "x"})) + event)
+    assert [f.kind for f in frames] == [Kind.GOODBYE]
+    assert b.their_goodbye and not b.our_goodbye and b.goodbye_reason == "x"
+    assert b.state is State.CLOSING
+
+
+def test_frames_after_goodbye_in_a_later_read_are_ignored() -> None:
+    _, b = pair()
+    assert [f.kind for f in b.receive_data(raw(Kind.GOODBYE))] == [Kind.GOODBYE]
+    later = raw(Kind.EVENT, channel=b"e", body=codec.encoder.encode([1]))
+    later += raw(Kind.RESULT, rid=1, body=codec.encoder.encode(1))
+    later += raw(Kind.PING, rid=5)
+    assert b.receive_data(later) == []
+    assert b.data_to_send()[0] == b"", "no PONG after the peer's GOODBYE"
+
+
+def test_after_our_goodbye_only_answers_to_our_calls_count() -> None:
+    a, b = pair()
+    rid = a.send_invoke(b"c", (), "w")
+    transfer(a, b)
+    a.send_goodbye("done")
+    assert a.our_goodbye and not a.their_goodbye
+    b.send_result(rid, 7)
+    b.send_event(b"e", ())
+    b.send_ping(9)
+    assert [f.kind for f in transfer(b, a)] == [Kind.RESULT]
+    assert a.data_to_send()[0][4] == Kind.GOODBYE  # the GOODBYE, and no PONG after it
+    a.send_result(1, "late")
+    a.send_error(1, codec.ErrorInfo("remote", "late"))
+    assert a.data_to_send()[0] == b"", "nothing is sent after our GOODBYE"
+
+
+def _deep(n: int) -> list[object]:
+    x: list[object] = []
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+class _Unencodable:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "error_type"),
+    [
+        (2**70, "OverflowError"),
+        (_deep(100_000), "RecursionError"),
+        (_Unencodable(), "TypeError"),
+        ({"k": [1, 2, 2**64]}, "OverflowError"),
+    ],
+)
+def test_answer_turns_any_encoding_failure_into_one_error(value: object, error_type: str) -> None:
+    a, b = pair()
+    rid = a.send_invoke(b"c", (), "w")
+    transfer(a, b)
+    b.send_event(b"before", ())
+    b.answer(rid, value)
+    b.send_event(b"after", ())
+    frames = outgoing(b)  # the buffer parses whole: no half frame was left behind
+    assert [f.kind for f in frames] == [Kind.EVENT, Kind.ERROR, Kind.EVENT]
+    info = codec.error_decoder.decode(frames[1].body)
+    assert (info.code, info.type) == ("remote", error_type)
+    assert info.traceback == ""  # tether's encoder frames are nobody's business
+    assert frames[1].request_id == rid
+
+
+def test_answer_with_an_attachment_then_a_failure_leaves_nothing_behind() -> None:
+    from tether.shm import Buffer
+
+    a = Connection("main", store=MemfdStore())
+    b = Connection("child", store=MemfdStore())
+    transfer(a, b)
+    transfer(b, a)
+    rid = a.send_invoke(b"c", (), "w")
+    transfer(a, b)
+    fds0 = len(os.listdir("/proc/self/fd"))
+    buf = Buffer(100_000)
+    b.answer(rid, [buf, 2**70])  # the Buffer became a descriptor, then encoding failed
+    assert buf.consumed
+    data, fds = b.data_to_send()
+    assert fds == [] and len(os.listdir("/proc/self/fd")) == fds0
+    (f,) = FrameParser().feed(bytes(data))
+    assert f.kind == Kind.ERROR and not f.attachments
+    a.abort()
+    b.abort()
+
+
+def _big_error() -> codec.ErrorInfo:
+    tb = "".join(f"  File 'h.py', line {i}, in f{i}\n" for i in range(5000)) + "ValueError: boom\n"
+    return codec.ErrorInfo("remote", "boom", "ValueError", tb)
+
+
+def test_an_error_too_large_for_the_peer_keeps_the_end_of_its_traceback() -> None:
+    a = Connection("main")
+    b = Connection("child", max_frame_size=4096)
+    transfer(a, b)
+    transfer(b, a)
+    info = _big_error()
+    assert len(codec.encoder.encode(info)) > 4096
+    a.send_error(1, info)
+    a.send_event(b"after", ())
+    frames = b.receive_data(bytes(a.data_to_send()[0]))
+    assert [f.kind for f in frames] == [Kind.ERROR, Kind.EVENT]
+    got = codec.error_decoder.decode(frames[0].body)
+    assert (got.code, got.message, got.type) == ("remote", "boom", "ValueError")
+    assert 0 < len(got.traceback) < 4096 and got.traceback.endswith("ValueError: boom\n")
+    assert info.traceback.endswith(got.traceback)
+
+
+def test_an_error_whose_message_does_not_fit_becomes_code_and_truncated_message() -> None:
+    a = Connection("main")
+    b = Connection("child", max_frame_size=4096)
+    transfer(a, b)
+    transfer(b, a)
+    a.send_error(1, codec.ErrorInfo("remote", "é" * 50_000, "X", "tb" * 10_000, "$.x"))
+    (f,) = b.receive_data(bytes(a.data_to_send()[0]))
+    got = codec.error_decoder.decode(f.body)
+    assert got.code == "remote" and got.traceback == "" and got.type == "X"
+    assert len(got.message) > 0 and set(got.message) == {"é"}
+
+
+def test_an_error_with_text_that_cannot_encode_is_still_answered() -> None:
+    a, b = pair()
+    a.send_error(1, codec.ErrorInfo("remote", "bad \ud800 surrogate"))
+    (f,) = b.receive_data(bytes(a.data_to_send()[0]))
+    assert codec.error_decoder.decode(f.body).code == "remote"
+
+
+def test_max_frame_size_has_a_floor() -> None:
+    with pytest.raises(ValueError, match="at least 4096"):
+        Connection("main", max_frame_size=4095)
+    b = Connection("child")
+    with pytest.raises(ProtocolError, match="floor"):
+        b.receive_data(hello_bytes(max_frame_size=200))
+    assert b.state is State.CLOSED
+
+
+def test_a_hello_that_would_not_fit_the_floor_is_refused() -> None:
+    with pytest.raises(ValueError, match="HELLO"):
+        Connection("main", name="n" * 5000)
+
+
+def test_abort_closes_the_core_and_drops_what_is_queued() -> None:
+    a, _ = pair()
+    a.send_invoke(b"c", (), "w")
+    a.abort()
+    assert a.state is State.CLOSED
+    assert a.data_to_send() == (b"", [])
+    assert a.receive_data(raw(Kind.PING, rid=1)) == []
+    with pytest.raises(ConnectionClosed):
+        a.send_event(b"e", ())

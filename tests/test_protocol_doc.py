@@ -23,23 +23,23 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import msgspec
 import pytest
 
 import tether
-from tether import codec, pool, shm
+from tether import attachments, codec, pool, shm
 from tether.aio.peer import Peer
+from tether.attachments import MemfdStore
 from tether.protocol import Connection, State
 from tether.results import error_from_info
 from tether.wire import (
     ATT,
-    ATT_FD,
-    ATT_INLINE,
-    ATT_LEASE,
-    ATT_MOVED,
+    FLAG_LEASE,
+    FLAG_MOVED,
     HEADER,
+    WHERE_FD,
+    WHERE_INLINE,
     Frame,
     FrameParser,
     Kind,
@@ -129,11 +129,11 @@ RAW_BODIES: dict[str, Any] = {
 }
 # the attachment table, where there is one: (kind, flags, aux, length) per descriptor
 DESCRIPTORS: dict[str, list[tuple[int, int, int, int]]] = {
-    "invoke-buffer": [(ATT_INLINE, 0, 0, 3)],
-    "invoke-buffer-fd": [(ATT_FD, 0, 0, 3)],
-    "invoke-buffer-moved": [(ATT_FD, ATT_MOVED, 0, 3)],
-    "event-ndarray": [(ATT_INLINE, 0, 0, 8)],
-    "event-ndarray-lease": [(ATT_FD, ATT_LEASE, 1, len(_FRAME))],
+    "invoke-buffer": [(WHERE_INLINE, 0, 0, 3)],
+    "invoke-buffer-fd": [(WHERE_FD, 0, 0, 3)],
+    "invoke-buffer-moved": [(WHERE_FD, FLAG_MOVED, 0, 3)],
+    "event-ndarray": [(WHERE_INLINE, 0, 0, 8)],
+    "event-ndarray-lease": [(WHERE_FD, FLAG_LEASE, 1, len(_FRAME))],
 }
 # blocks whose attachment is a descriptor: (sender, receiver) in the worked example
 FD_BLOCKS: dict[str, tuple[str, str]] = {
@@ -173,18 +173,17 @@ BLOCKS = doc_blocks()
 
 def _connections() -> tuple[Connection, Connection]:
     """The two ends of the worked example: asyncio peers on a socketpair."""
-    with mock.patch("os.getpid", return_value=4242):
-        child = Connection("child", name="renderer", features=FEATURES["child"])
-    with mock.patch("os.getpid", return_value=4241):
-        main = Connection("main", name="renderer", features=FEATURES["main"])
+    child = Connection("child", name="renderer", pid=4242, store=MemfdStore(borrow=True))
+    main = Connection("main", name="renderer", pid=4241, store=MemfdStore(lend=True))
+    assert [list(c.store.features) for c in (child, main)] == [FEATURES["child"], FEATURES["main"]]
     return child, main
 
 
 def _open_pair() -> dict[str, Connection]:
     """Both ends of the worked example with their HELLOs exchanged."""
     child, main = _connections()
-    main.receive_data(bytes(child.data_to_send()))
-    child.receive_data(bytes(main.data_to_send()))
+    main.receive_data(bytes(child.data_to_send()[0]))
+    child.receive_data(bytes(main.data_to_send()[0]))
     assert child.state is State.OPEN and main.state is State.OPEN
     return {"child": child, "main": main}
 
@@ -218,13 +217,13 @@ def _fd_send(name: str) -> Iterator[tuple[Connection, bytes, list[int]]]:
         sender.send_event(b"frame", (_frame_array(),))
     else:
         sender.send_invoke(b"process", (_buffer(),), object())
-    fds = sender.take_fds()
+    data, fds = sender.data_to_send()
     assert len(fds) == 1, "one memfd rides beside the frame"
     try:
-        yield ends[receiver_role], bytes(sender.data_to_send()), fds
+        yield ends[receiver_role], bytes(data), fds
     finally:
-        sender.close_fds()
-        ends[receiver_role].close_fds()
+        sender.abort()
+        ends[receiver_role].abort()
 
 
 def generate(name: str) -> bytes:
@@ -232,14 +231,14 @@ def generate(name: str) -> bytes:
     if name == "event-ndarray":
         np = pytest.importorskip("numpy")
         c = Connection("client")
-        c.data_to_send()
+        c.data_to_send()[0]
         c.send_event(b"samples", (np.array([1.5, -2.0], dtype="<f4"),))
-        return bytes(c.data_to_send())
+        return bytes(c.data_to_send()[0])
     if name == "invoke-buffer":
         c = Connection("client")  # no "fd" feature: the buffer goes inline
-        c.data_to_send()
+        c.data_to_send()[0]
         c.send_invoke(b"process", (_buffer(),), object())
-        return bytes(c.data_to_send())
+        return bytes(c.data_to_send()[0])
     if name in FD_BLOCKS:
         with _fd_send(name) as (_, data, fds):
             _close(fds)
@@ -248,44 +247,44 @@ def generate(name: str) -> bytes:
         with _fd_send("event-ndarray-lease") as (child, data, fds):
             child.receive_fds(fds)
             frames = child.receive_data(data)
-            assert len(frames) == 1 and bytes(child.data_to_send()) == b""
+            assert len(frames) == 1 and bytes(child.data_to_send()[0]) == b""
             del frames  # the child's last view of the lent segment
             gc.collect()
             assert child.poll_releases()
-            return bytes(child.data_to_send())
+            return bytes(child.data_to_send()[0])
     return _generated_plain()[name]
 
 
 def _generated_plain() -> dict[str, bytes]:
     child, main = _connections()
     out: dict[str, bytes] = {
-        "hello-child": bytes(child.data_to_send()),
-        "hello-main": bytes(main.data_to_send()),
+        "hello-child": bytes(child.data_to_send()[0]),
+        "hello-main": bytes(main.data_to_send()[0]),
     }
     child.send_invoke(b"message-from-renderer", ("Hola, mundo!",), object())
-    out["invoke"] = bytes(child.data_to_send())
+    out["invoke"] = bytes(child.data_to_send()[0])
     main.send_result(1, "Received: Hola, mundo!")
-    out["result"] = bytes(main.data_to_send())
+    out["result"] = bytes(main.data_to_send()[0])
     main.send_error(2, codec.ErrorInfo("no_handler", "no handler for channel 'nope'"))
-    out["error-no-handler"] = bytes(main.data_to_send())
+    out["error-no-handler"] = bytes(main.data_to_send()[0])
     bad = codec.ErrorInfo("bad_request", "bad argument `x`: Expected `int`, got `str`", path="x")
     main.send_error(3, bad)
-    out["error-bad-request"] = bytes(main.data_to_send())
+    out["error-bad-request"] = bytes(main.data_to_send()[0])
     main.send_event(b"theme", ("dark",))
-    out["event"] = bytes(main.data_to_send())
+    out["event"] = bytes(main.data_to_send()[0])
     child.send_cancel(7)
-    out["cancel"] = bytes(child.data_to_send())
+    out["cancel"] = bytes(child.data_to_send()[0])
     child.send_ping(0xDEADBEEF)
-    out["ping"] = bytes(child.data_to_send())
+    out["ping"] = bytes(child.data_to_send()[0])
     main.receive_data(out["hello-child"] + out["ping"])
-    out["pong"] = bytes(main.data_to_send())
+    out["pong"] = bytes(main.data_to_send()[0])
     route_open = bytearray()
     encode_frame(route_open, Kind.ROUTE_OPEN, 0, 9, b"", b"")
     out["route-open"] = bytes(route_open)
     main.receive_data(out["route-open"])
-    out["route-close"] = bytes(main.data_to_send())
+    out["route-close"] = bytes(main.data_to_send()[0])
     child.send_goodbye("child finished")
-    out["goodbye"] = bytes(child.data_to_send())
+    out["goodbye"] = bytes(child.data_to_send()[0])
     return out
 
 
@@ -362,8 +361,8 @@ def test_hex_block_is_what_the_code_sends(name: str) -> None:
 def test_worked_example_conversation() -> None:
     """Feed each side the other's documented bytes: handshake, invoke, result."""
     child, main = _connections()
-    child.data_to_send()
-    main.data_to_send()
+    child.data_to_send()[0]
+    main.data_to_send()[0]
     # The child pipelines its INVOKE right behind its HELLO.
     frames = main.receive_data(BLOCKS["hello-child"] + BLOCKS["invoke"])
     assert main.state is State.OPEN
@@ -377,7 +376,7 @@ def test_worked_example_conversation() -> None:
 
     waiter = object()
     assert child.send_invoke(b"message-from-renderer", ("Hola, mundo!",), waiter) == 1
-    assert bytes(child.data_to_send()) == BLOCKS["invoke"]
+    assert bytes(child.data_to_send()[0]) == BLOCKS["invoke"]
     frames = child.receive_data(BLOCKS["hello-main"] + BLOCKS["result"])
     assert child.state is State.OPEN
     assert child.peer_hello is not None and child.peer_hello.role == "main"
@@ -392,9 +391,9 @@ def test_worked_example_conversation() -> None:
 
 def test_automatic_answers_match_the_doc() -> None:
     _, main = _connections()
-    main.data_to_send()
+    main.data_to_send()[0]
     assert main.receive_data(BLOCKS["hello-child"] + BLOCKS["ping"] + BLOCKS["route-open"]) == []
-    assert bytes(main.data_to_send()) == BLOCKS["pong"] + BLOCKS["route-close"]
+    assert bytes(main.data_to_send()[0]) == BLOCKS["pong"] + BLOCKS["route-close"]
 
 
 def test_documented_body_is_hello_schema() -> None:
@@ -463,7 +462,7 @@ def test_flagged_descriptor_needs_the_lease_feature(name: str) -> None:
                 strict.receive_data(data)
             assert strict.state is State.CLOSED
         finally:
-            strict.close_fds()
+            strict.abort()
 
 
 @needs_memfd
@@ -475,7 +474,7 @@ def test_moved_segment_without_its_seals_is_refused() -> None:
     child.receive_fds([fd])
     with pytest.raises(tether.ProtocolError):
         child.receive_data(BLOCKS["invoke-buffer-moved"])
-    child.close_fds()
+    child.abort()
 
 
 class _SpyPool(pool.SegmentPool):
@@ -494,15 +493,15 @@ class _SpyPool(pool.SegmentPool):
 @pytest.fixture
 def spy_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[_SpyPool]:
     spy = _SpyPool()
-    monkeypatch.setattr(pool, "POOL", spy)
+    monkeypatch.setattr(attachments, "SegmentPool", lambda *a: spy)
     yield spy
     spy.clear()
 
 
 def _lend(main: Connection) -> tuple[bytes, list[int]]:
     main.send_event(b"frame", (_frame_array(),))
-    fds = main.take_fds()
-    return bytes(main.data_to_send()), fds
+    data, fds = main.data_to_send()
+    return bytes(data), fds
 
 
 @needs_memfd
@@ -518,13 +517,13 @@ def test_lease_conversation_matches_the_doc(spy_pool: _SpyPool) -> None:
     assert array.shape == (256, 256) and bytes(array) == _FRAME
     assert not array.flags.writeable
     assert not child.poll_releases()
-    assert bytes(child.data_to_send()) == b"", "no RELEASE while a view is alive"
+    assert bytes(child.data_to_send()[0]) == b"", "no RELEASE while a view is alive"
     del array, frames
     gc.collect()
     assert child.poll_releases()
-    assert bytes(child.data_to_send()) == BLOCKS["release"]
+    assert bytes(child.data_to_send()[0]) == BLOCKS["release"]
     assert not child.poll_releases()
-    assert bytes(child.data_to_send()) == b"", "exactly one RELEASE per lease"
+    assert bytes(child.data_to_send()[0]) == b"", "exactly one RELEASE per lease"
     assert spy_pool.idle_segments == 0
     assert main.receive_data(BLOCKS["release"]) == [], "never given to the application"
     assert spy_pool.idle_segments == 1
@@ -539,9 +538,9 @@ def test_lease_conversation_matches_the_doc(spy_pool: _SpyPool) -> None:
     assert spy_pool.idle_segments == 0
     assert spy_pool.lent[1] is spy_pool.lent[0]
     table = HEADER.size + len("frame")
-    assert ATT.unpack_from(data, table)[1:4] == (ATT_LEASE, 0, 2)
-    main.close_fds()
-    child.close_fds()
+    assert ATT.unpack_from(data, table)[1:4] == (FLAG_LEASE, 0, 2)
+    main.abort()
+    child.abort()
 
 
 @needs_memfd
@@ -556,8 +555,9 @@ def test_closed_side_sends_no_release(spy_pool: _SpyPool) -> None:
     del frames
     gc.collect()
     child.poll_releases()
-    assert bytes(child.data_to_send()) == b""
-    main.close_fds()
+    assert bytes(child.data_to_send()[0]) == b""
+    main.abort()
+    child.abort()
 
 
 @needs_memfd
@@ -567,7 +567,7 @@ def test_lease_without_release_is_discarded(spy_pool: _SpyPool) -> None:
     _, fds = _lend(main)
     _close(fds)
     (seg,) = spy_pool.lent
-    main.close_fds()  # the connection ended
+    main.abort()  # the connection ended
     assert seg.map.closed
     assert main.receive_data(BLOCKS["release"]) == []  # too late: nothing to give back
     assert spy_pool.idle_segments == 0
@@ -640,13 +640,13 @@ def test_attachment_descriptor_table_matches_struct() -> None:
     assert fmt == ATT.format
     assert ATT.size == 16
     assert fields == ["kind", "flags", "reserved", "aux", "length"]
-    assert (ATT_INLINE, ATT_FD) == (0, 1)
+    assert (WHERE_INLINE, WHERE_FD) == (0, 1)
 
 
 def test_descriptor_flag_table_matches_code() -> None:
     rows = _tables("### 3.5 Leases and moved buffers")[0]
     documented = {r[2].strip("`"): (int(r[0]), int(r[1].strip("`"), 16)) for r in rows}
-    assert documented == {"LEASE": (0, ATT_LEASE), "MOVED": (1, ATT_MOVED)}
+    assert documented == {"LEASE": (0, FLAG_LEASE), "MOVED": (1, FLAG_MOVED)}
     for bit, mask in documented.values():
         assert mask == 1 << bit
 
@@ -657,9 +657,12 @@ def test_move_seals_match_the_doc() -> None:
 
 
 def test_pool_limits_match_the_doc() -> None:
-    p = pool.POOL
-    assert (p.max_segments, p.max_idle) == (32, 1 << 30)
-    assert f"at most {p.max_segments} idle segments and {p.max_idle >> 30} GiB" in FLAT
+    st = MemfdStore()
+    p = st._pool
+    assert (p.max_segments, p.max_idle, attachments.MAX_LEASES) == (8, 256 << 20, 64)
+    assert f"at most {p.max_segments} idle segments and {p.max_idle >> 20} MiB" in FLAT
+    assert f"at most {attachments.MAX_LEASES} leases" in FLAT
+    st.close()
     assert shm.SHM_THRESHOLD == 64 * 1024 and "at least 64 KiB" in FLAT
 
 
@@ -790,3 +793,22 @@ def test_byte_counts_in_headings_match_the_blocks() -> None:
     assert len(found) == 4  # the two HELLOs, the INVOKE and the RESULT
     for count, name in found:
         assert len(BLOCKS[name]) == int(count), name
+
+
+async def test_eof_in_the_middle_of_a_frame_is_logged_as_a_protocol_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """10.2: EOF mid-frame is a protocol error, logged like any other."""
+    import asyncio
+
+    a, b = socket.socketpair()
+    peer = Peer(a, role="client", local_role="main")
+    peer.start()
+    hello = bytes(Connection("client").data_to_send()[0])
+    b.sendall(hello + b"\x30\x00\x00\x00\x02")  # a frame of 48 bytes, cut after 1
+    b.shutdown(socket.SHUT_WR)  # EOF (close() with main's HELLO unread would reset, 10.2)
+    with caplog.at_level("WARNING", logger="tether"):
+        await asyncio.wait_for(peer.wait_closed(), 5.0)
+    b.close()
+    assert "middle of a frame" in caplog.text
+    assert isinstance(peer._closed, tether.ProtocolError)

@@ -174,7 +174,7 @@ def test_flood_is_bounded_by_the_job_queue() -> None:
     for i in range(n):
         flooder.send_invoke(b"work", (i, pad), i)
         flooder.send_event(b"note", (i, pad))
-    wire = bytes(flooder.data_to_send())
+    wire = bytes(flooder.data_to_send()[0])
     sent = threading.Event()
     answers: list[int] = []
 

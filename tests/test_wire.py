@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from tether.errors import PayloadTooLarge, ProtocolError
 from tether.wire import (
-    ATT_FD,
-    ATT_INLINE,
     DEFAULT_MAX_FRAME_SIZE,
     HEADER,
     HEADER_SIZE,
+    WHERE_FD,
+    WHERE_INLINE,
     Frame,
     FrameParser,
     Kind,
@@ -338,7 +338,7 @@ def test_invalid_utf8_channel(bad: bytes) -> None:
 
 def test_attachment_table_past_end() -> None:
     # Two descriptors announced, room for one.
-    one = ATT.pack(ATT_INLINE, 0, 0, 0, 0)
+    one = ATT.pack(WHERE_INLINE, 0, 0, 0, 0)
     with pytest.raises(ProtocolError, match="attachment table"):
         FrameParser().feed(raw_frame(Kind.EVENT, n_att=2, rest=one))
     with pytest.raises(ProtocolError, match="attachment table"):
@@ -346,10 +346,10 @@ def test_attachment_table_past_end() -> None:
 
 
 def test_attachment_longer_than_frame() -> None:
-    desc = ATT.pack(ATT_INLINE, 0, 0, 0, 11)
+    desc = ATT.pack(WHERE_INLINE, 0, 0, 0, 11)
     with pytest.raises(ProtocolError, match="longer than the frame"):
         FrameParser().feed(raw_frame(Kind.EVENT, n_att=1, rest=desc + b"x" * 10))
-    huge = ATT.pack(ATT_INLINE, 0, 0, 0, 0xFFFFFFFFFFFFFFFF)
+    huge = ATT.pack(WHERE_INLINE, 0, 0, 0, 0xFFFFFFFFFFFFFFFF)
     with pytest.raises(ProtocolError):
         FrameParser().feed(raw_frame(Kind.EVENT, n_att=1, rest=huge))
     # Exactly fitting is fine, and an empty body is allowed.
@@ -359,7 +359,7 @@ def test_attachment_longer_than_frame() -> None:
 
 
 def test_fd_attachment_not_accepted_inline() -> None:
-    desc = ATT.pack(ATT_FD, 0, 0, 0, 0)
+    desc = ATT.pack(WHERE_FD, 0, 0, 0, 0)
     with pytest.raises(ProtocolError, match="not supported"):
         FrameParser().feed(raw_frame(Kind.EVENT, n_att=1, rest=desc))
 

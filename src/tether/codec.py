@@ -139,21 +139,41 @@ goodbye_decoder: Final = msgspec.msgpack.Decoder(Goodbye)
 def error_info(exc: BaseException, *, traceback: bool = True) -> ErrorInfo:
     """Describe a handler's exception for the caller; never raises.
 
-    ``traceback=False`` leaves the traceback out (for peers not trusted with it).
+    Args:
+        traceback: include the formatted traceback (for peers this side
+            trusts: it shows paths and source lines). ``False``: type and
+            message only.
+
+    An exception whose ``__str__`` (or formatting) raises is still described,
+    by its type; text that is not valid UTF-8 (lone surrogates) is replaced,
+    so the result always encodes.
     """
     tp = type(exc)
-    name = tp.__qualname__ if tp.__module__ == "builtins" else f"{tp.__module__}.{tp.__qualname__}"
     try:
-        message = str(exc)
+        mod, qual = tp.__module__, tp.__qualname__
+        name = qual if mod == "builtins" else f"{mod}.{qual}"
     except Exception:
-        message = f"<{name}: str() raised>"
+        name = "<unknown>"
+    try:
+        message = _clean(str(exc))
+    except BaseException:
+        message = f"<{name} whose message could not be read>"
     tb = ""
     if traceback:
         try:
-            tb = "".join(_traceback.format_exception(exc))
-        except Exception:
+            tb = _clean("".join(_traceback.format_exception(exc)))
+        except BaseException:
             tb = ""
-    return ErrorInfo(code="remote", message=message, type=name, traceback=tb)
+    return ErrorInfo(code="remote", message=message, type=_clean(name), traceback=tb)
+
+
+def _clean(text: str) -> str:
+    """``text`` as a str that encodes to UTF-8 (lone surrogates replaced)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 _INDEX: Final = re.compile(r"^\$\[(\d+)\]")
@@ -239,6 +259,8 @@ class ArgsSpec:
             raise self._bad(str(exc)) from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed arguments: {exc}") from None
+        except RecursionError:  # msgspec's depth guard, for values decoded as Any
+            raise BadRequest("malformed arguments: nested too deeply") from None
 
     def _bad(self, text: str) -> BadRequest:
         msg, _, where = text.rpartition(" - at `")

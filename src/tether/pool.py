@@ -10,22 +10,41 @@ sends RELEASE (its last view of the data was dropped). A main never accepts
 leases: what an untrusted child sends it is always sealed.
 
 Safety rules: a segment is written only while no lease on it is out; a lease
-whose connection ends without a RELEASE is discarded, never reused.
+whose connection ends without a RELEASE is discarded, never reused; and pools
+are per connection (:class:`tether.attachments.MemfdStore`), so a segment lent
+to one peer is only ever refilled for that same peer.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import mmap
 import os
 import sys
-import threading
-from typing import Final
+import weakref
+from collections.abc import Callable
+from typing import Any, Final
 
 from .errors import ProtocolError
 
-__all__ = ["POOL", "Borrowed", "Segment", "SegmentPool"]
+__all__ = ["Borrowed", "Segment", "SegmentPool"]
+
+_np: Any = False  # numpy, imported at the first lease (None: not installed)
+
+
+def _numpy() -> Any:
+    global _np
+    if _np is False:
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover - numpy is optional
+            _np = None
+        else:
+            _np = numpy
+    return _np
+
 
 _MIN_CLASS: Final = 64 * 1024
 _LENDER_SEALS: Final = (
@@ -56,7 +75,10 @@ class Segment:
             # segment under the lender (which would SIGBUS on its next fill).
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _LENDER_SEALS)
         except BaseException:
-            os.close(self.fd)
+            fd, self.fd = self.fd, -1  # (so __del__ closes nothing twice)
+            if hasattr(self, "map"):
+                self.map.close()
+            os.close(fd)
             raise
         self.size = size
 
@@ -65,45 +87,51 @@ class Segment:
         self.map[: data.nbytes] = data
 
     def close(self) -> None:
-        """Unmap and close; a receiver's own mapping keeps the pages alive."""
-        self.map.close()
-        os.close(self.fd)
+        """Unmap and close (once); a receiver's own mapping keeps the pages alive."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            self.map.close()
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # A pool dropped without close() (a connection nobody aborted) must not
+        # leak the descriptor: the mapping closes itself, the fd does not.
+        if getattr(self, "fd", -1) >= 0:
+            self.close()
 
 
 class SegmentPool:
     """Idle segments by size class, up to ``max_idle`` bytes and ``max_segments`` in all.
 
     Each idle segment holds two descriptors (its memfd and the mapping's), so
-    the count is capped as well as the bytes.
+    the count is capped as well as the bytes. One pool belongs to one
+    connection, used by whoever holds that connection's lock: it has none.
     """
 
-    def __init__(self, max_idle: int = 1 << 30, max_segments: int = 32) -> None:
+    def __init__(self, max_idle: int = 256 << 20, max_segments: int = 8) -> None:
         self.max_idle = max_idle
         self.max_segments = max_segments
         self._free: dict[int, list[Segment]] = {}
         self._idle = 0
         self._count = 0
-        self._lock = threading.Lock()
 
     def get(self, nbytes: int) -> Segment:
         """An idle segment of at least ``nbytes``, or a new one."""
         cls = _size_class(nbytes)
-        with self._lock:
-            free = self._free.get(cls)
-            if free:
-                self._idle -= cls
-                self._count -= 1
-                return free.pop()
+        free = self._free.get(cls)
+        if free:
+            self._idle -= cls
+            self._count -= 1
+            return free.pop()
         return Segment(cls)
 
     def put(self, seg: Segment) -> None:
         """Take back a segment whose lease was released."""
-        with self._lock:
-            if self._idle + seg.size <= self.max_idle and self._count < self.max_segments:
-                self._free.setdefault(seg.size, []).append(seg)
-                self._idle += seg.size
-                self._count += 1
-                return
+        if self._idle + seg.size <= self.max_idle and self._count < self.max_segments:
+            self._free.setdefault(seg.size, []).append(seg)
+            self._idle += seg.size
+            self._count += 1
+            return
         seg.close()
 
     @property
@@ -118,20 +146,10 @@ class SegmentPool:
 
     def clear(self) -> None:
         """Close every idle segment."""
-        with self._lock:
-            free, self._free, self._idle, self._count = self._free, {}, 0, 0
+        free, self._free, self._idle, self._count = self._free, {}, 0, 0
         for segs in free.values():
             for seg in segs:
                 seg.close()
-
-    def _forget(self) -> None:
-        # In a forked child: the parent still owns these segments; never write them.
-        self._free, self._idle, self._count, self._lock = {}, 0, 0, threading.Lock()
-
-
-POOL: Final = SegmentPool()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=POOL._forget)
 
 
 class Borrowed:
@@ -140,8 +158,13 @@ class Borrowed:
     Mapping a segment afresh for every lease costs a page fault per 4 KiB on
     first read (tens of ms for 256 MiB). Instead the mapping of each segment
     is kept and reused when the same segment is lent again. A lease is
-    released when no view of its mapping is left: every view holds a
-    reference to the mapping, so the mapping's reference count tells.
+    released when no view of its mapping is left. With NumPy installed each
+    lease is handed out through its own small read-only array over the
+    mapping: when the last view is dropped that array is freed and
+    :attr:`on_release` is called, from whichever thread dropped it, so nobody
+    needs to poll (:attr:`notifies`). Without NumPy, every view holds a
+    reference to the mapping, so the mapping's reference count tells, and
+    :meth:`released` must be polled.
     """
 
     #: references to a handed-out mapping with no view alive: the cache, the
@@ -154,12 +177,18 @@ class Borrowed:
         self._maps: dict[tuple[int, int], mmap.mmap] = {}  # (dev, inode) -> mapping, LRU
         self._bytes = 0
         self._out: dict[int, mmap.mmap] = {}  # lease id -> mapping handed out
+        self._dropped: collections.deque[int] = collections.deque()  # leases seen freed
+        #: called (from any thread) when a lease's last view was dropped; then
+        #: call :meth:`released`. Exceptions it raises are ignored.
+        self.on_release: Callable[[], None] | None = None
 
-    def take(self, fd: int, nbytes: int, lease: int) -> memoryview:
+    def map_lease(self, fd: int, nbytes: int, lease: int) -> memoryview:
         """Map (or reuse the mapping of) a lent segment; closes ``fd``."""
         try:
             st = os.fstat(fd)
-            if nbytes <= 0 or st.st_size < nbytes:
+            if nbytes <= 0 or st.st_size < nbytes or st.st_size > _size_class(nbytes):
+                # The whole segment is mapped: it may not be larger than the
+                # size class of what was announced (which the frame limit bounds).
                 raise ProtocolError(f"lent segment of {st.st_size} bytes, {nbytes} announced")
             if lease in self._out:
                 raise ProtocolError(f"lease {lease} is already out")
@@ -177,17 +206,43 @@ class Borrowed:
             os.close(fd)
         self._out[lease] = m
         self._trim()
-        return memoryview(m)[:nbytes]
+        np = _numpy()
+        if np is None:
+            return memoryview(m)[:nbytes]
+        holder = np.frombuffer(m, np.uint8, count=nbytes)
+        weakref.finalize(holder, self._gone, lease)
+        return memoryview(holder)
+
+    @property
+    def notifies(self) -> bool:
+        """Whether :attr:`on_release` is called (else :meth:`released` must be polled)."""
+        return _numpy() is not None
+
+    def _gone(self, lease: int) -> None:
+        """Finalizer of a lease's holder: its last view was dropped."""
+        self._dropped.append(lease)
+        cb = self.on_release
+        if cb is not None:
+            with contextlib.suppress(Exception):
+                cb()
 
     def released(self) -> list[int]:
         """Lease ids none of whose views is alive any more (and forget them)."""
         out = self._out
         if not out:
             return []
-        # (no loop variable may hold a mapping while it is counted)
-        done = [lease for lease in out if sys.getrefcount(out[lease]) <= self._IDLE_REFS]
-        for lease in done:
-            del out[lease]
+        if self.notifies:
+            done = []
+            dropped = self._dropped
+            while dropped:
+                lease = dropped.popleft()
+                if out.pop(lease, None) is not None:
+                    done.append(lease)
+        else:
+            # (no loop variable may hold a mapping while it is counted)
+            done = [lease for lease in out if sys.getrefcount(out[lease]) <= self._IDLE_REFS]
+            for lease in done:
+                del out[lease]
         if done:
             self._trim()
         return done
@@ -225,6 +280,8 @@ class Borrowed:
     def clear(self) -> None:
         """Forget every mapping (on teardown; live views keep theirs)."""
         maps, self._maps, self._out, self._bytes = self._maps, {}, {}, 0
+        self.on_release = None
+        self._dropped.clear()
         for m in maps.values():
             with contextlib.suppress(BufferError):
                 m.close()

@@ -13,6 +13,7 @@ No orphans: the child asks the kernel to kill it when its parent dies
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import inspect
 import multiprocessing
@@ -21,10 +22,43 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["child_entry", "describe_exit", "set_parent_death_signal"]
+__all__ = [
+    "FINISHED",
+    "check_target",
+    "child_entry",
+    "describe_exit",
+    "failure_reason",
+    "set_parent_death_signal",
+]
+
+
+_REASON_MAX = 1000  # characters of a failed target's error sent to main
+#: The GOODBYE reason of a child whose target returned.
+FINISHED = "child finished"
+
+
+def check_target(target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Refuse, in main, a target the child could not even call with ``(peer, *args)``.
+
+    Raises:
+        TypeError: not callable, or the arguments do not fit its signature.
+    """
+    if not callable(target):
+        raise TypeError(f"spawn() needs a callable target, not {type(target).__name__}")
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):  # no signature to check (some builtins)
+        return
+    try:
+        sig.bind(None, *args)
+    except TypeError as exc:
+        name = getattr(target, "__qualname__", repr(target))
+        raise TypeError(
+            f"spawn({name}, ...) with {len(args)} argument(s) after the peer: {exc}"
+        ) from None
 
 
 def describe_exit(pid: int, exitcode: int | None) -> str:
@@ -52,6 +86,43 @@ def set_parent_death_signal(parent_pid: int) -> None:
         os._exit(1)
 
 
+def close_inherited(fds: Iterable[int]) -> None:
+    """Close descriptors a forked child inherited from main (already closed ones are skipped)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def reset_signals() -> None:
+    """Give a forked child the signal handling a spawned one starts with.
+
+    Handlers main installed belong to main: asyncio's ``add_signal_handler``
+    leaves a no-op Python handler (a forked child would then ignore
+    :meth:`Child.terminate`) and a wake-up descriptor that is main's loop.
+    """
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        if callable(handler) and handler is not signal.default_int_handler:
+            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, default)
+
+
+def allow_children() -> None:
+    """Let this child start children of its own.
+
+    Main starts children as daemons (multiprocessing then ends them if main
+    exits without closing them), and multiprocessing refuses to let a daemon
+    start processes. Inside the child its own process object has not been
+    started from here, so the public ``daemon`` setter may clear the flag.
+    """
+    multiprocessing.current_process().daemon = False
+
+
 def child_entry(
     sock: socket.socket,
     target: Callable[..., Any],
@@ -63,15 +134,20 @@ def child_entry(
     Exit code 0 when the target returned, 1 when it raised (the traceback goes
     to stderr), and 0 when main closed the connection first.
     """
+    # Forked: drop main's listeners and connections first, so that a closed
+    # listener refuses connections and a dropped peer sees EOF at once.
+    if options.get("start_method") == "fork":
+        close_inherited(options.get("close_fds", ()))
+        reset_signals()
     parent_pid = options.get("parent_pid", os.getppid())
     if options.get("start_method") != "forkserver":
         set_parent_death_signal(parent_pid)
-    # Allow a child to spawn children of its own.
-    multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
+    allow_children()
+    # No running-loop marker to reset in a forked child: Python 3.11 ignores a
+    # marker set in another pid, and 3.12+ clears it at fork.
     code = 0
     try:
         if inspect.iscoroutinefunction(target):
-            asyncio.events._set_running_loop(None)  # a forked child inherits the marker
             from .aio.loop import run
 
             code = run(_run_async(sock, target, args, options))
@@ -119,8 +195,10 @@ async def _run_async(
         await asyncio.wait({task}, timeout=1.0)
         return 0
     closed.cancel()
-    await peer.close("child finished")
-    exc = task.exception()
+    exc = None if task.cancelled() else task.exception()
+    await peer.close(FINISHED if exc is None else failure_reason(exc))
+    if task.cancelled():
+        task.result()  # the target raised CancelledError itself: reported as a failure
     if exc is not None:
         traceback.print_exception(exc)
         return 1
@@ -134,5 +212,19 @@ def _run_sync(
 
     # lazy: read nothing until the target's first blocking call, so its handlers are in place
     with Peer(sock, **_peer_options(options), lazy=True) as peer:
-        target(peer, *args)
+        try:
+            target(peer, *args)
+        except Exception as exc:
+            peer.close(failure_reason(exc))
+            raise
+        peer.close(FINISHED)
     return 0
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The GOODBYE reason of a child whose target raised: main puts it in its errors."""
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:  # a __str__ that raises still names the type
+        text = type(exc).__name__
+    return "child failed: " + text[:_REASON_MAX]

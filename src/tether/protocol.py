@@ -4,62 +4,125 @@ Theory of operation: a :class:`Connection` sits between a byte stream and the
 application. The I/O layer feeds it received bytes (:meth:`receive_data`,
 :meth:`receive_eof`) and writes out whatever :meth:`data_to_send` returns. The
 application calls the ``send_*`` methods, which only append frames to the
-outgoing buffer. Nothing here blocks, sleeps, or touches a socket, thread or
-event loop, so every I/O layer (asyncio, blocking, browser bridge) shares it.
+outgoing buffer. Nothing here blocks, sleeps, or touches a socket, descriptor,
+mapping, thread or event loop, and nothing here is process-wide, so every I/O
+layer (asyncio, blocking, browser bridge) shares it. Out-of-band attachments
+(descriptors, shared-memory segments, leases) go through the
+:class:`AttachmentStore` the I/O layer injects per connection
+(:class:`tether.attachments.MemfdStore`); a connection without one passes no
+descriptors and needs none.
 
-States::
+States (only this class changes them; the I/O layer calls :meth:`abort`)::
 
-    HANDSHAKE --peer's HELLO--> OPEN --send_goodbye / GOODBYE--> CLOSING
-        \\________________________ \\_______ EOF / ProtocolError ___\\--> CLOSED
+    HANDSHAKE --peer's HELLO--> OPEN
+        |                         |
+        | send_goodbye            | send_goodbye / peer's GOODBYE
+        v                         v
+        +-----------------------> CLOSING
+    any state --EOF / ProtocolError / abort()--> CLOSED
+
+:attr:`Connection.our_goodbye` and :attr:`Connection.their_goodbye` say which
+side said goodbye (h11's ``our_state``/``their_state``): after our GOODBYE we
+send nothing more and still take RESULT/ERROR for our own calls; after theirs
+every later frame is ignored, whatever read it arrives in.
 
 Each side sends HELLO first and may pipeline other frames right after it. The
 first frame received must be a HELLO of protocol ``tether`` and a supported
 version; anything else is a :class:`ProtocolError`.
 
 Bad-message policy: :meth:`receive_data` raises :class:`ProtocolError` for any
-malformed frame and the connection moves to CLOSED; the I/O layer closes the
-transport and fails every pending call (and a main kills a spawned child).
+malformed frame and the connection moves to CLOSED (its store is closed); the
+I/O layer closes the transport and fails every pending call (and a main kills
+a spawned child).
 """
 
 from __future__ import annotations
 
 import collections
 import enum
-import os
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 
-from . import codec, pool, shm
-from .errors import ConnectionClosed, PayloadTooLarge, ProtocolError, TetherError
+from . import codec
+from .errors import ConnectionClosed, PayloadTooLarge, ProtocolError
 from .wire import (
     ATT,
-    ATT_FD,
-    ATT_INLINE,
-    ATT_LEASE,
-    ATT_MOVED,
     DEFAULT_MAX_FRAME_SIZE,
+    FLAG_LEASE,
+    FLAG_MOVED,
     HEADER,
     HEADER_SIZE,
+    K_ERROR,
     K_EVENT,
+    K_GOODBYE,
+    K_HELLO,
     K_INVOKE,
+    K_RESULT,
+    MIN_MAX_FRAME_SIZE,
+    SHM_THRESHOLD,
+    WHERE_FD,
+    WHERE_INLINE,
     Frame,
     FrameParser,
     Kind,
 )
 
-__all__ = ["Connection", "State"]
+__all__ = ["AttachmentStore", "Connection", "MAX_UNCLAIMED_FDS", "State"]
 
 _U32: Final = 0xFFFFFFFF
 _BYTESLIKE: Final = (bytes, bytearray, memoryview)
-#: leases one connection may have out at once; past it, segments are sealed one-offs
-MAX_LEASES: Final = 64
+#: descriptors received that no frame claimed, past which the peer broke the protocol;
+#: also the most descriptors one frame, or one chunk of :meth:`Connection.data_to_send`, carries
+MAX_UNCLAIMED_FDS: Final = 16
 _BLANK_HEADER: Final = bytes(HEADER_SIZE)
-_WHILE_CLOSING: Final = frozenset(int(k) for k in (Kind.GOODBYE, Kind.RESULT, Kind.ERROR))
+_WHILE_CLOSING: Final = frozenset((K_RESULT, K_ERROR))  # after our GOODBYE: answers to our calls
 _TO_APP: Final = frozenset(
     int(k) for k in (Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL)
 )
+_NO_FDS: Final[list[int]] = []
+_NO_FRAMES: Final[list[Frame]] = []
+#: room kept in an ERROR frame for everything but its message and traceback
+_ERROR_OVERHEAD: Final = 512
+
+
+class AttachmentStore(Protocol):
+    """What a :class:`Connection` asks of its store (see :mod:`tether.attachments`)."""
+
+    lend: bool
+    features: tuple[str, ...]
+
+    def receive_fds(self, fds: Iterable[int]) -> None: ...
+    @property
+    def unclaimed(self) -> int: ...
+    def claim(self, nbytes: int, flags: int, aux: int) -> memoryview: ...
+    def released(self) -> list[int]: ...
+    @property
+    def outstanding(self) -> int: ...
+    def seal(self, data: memoryview) -> tuple[int, int]: ...
+    def lend_segment(self, data: memoryview) -> tuple[int, int] | None: ...
+    def move(self, buf: Any, trusted: bool) -> tuple[int, int]: ...
+    def returned(self, lease: int) -> None: ...
+    def unsent(self, fd: int, lease: int) -> None: ...
+    def close_fds(self, fds: Iterable[int]) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Att:
+    """One attachment of the frame being encoded."""
+
+    __slots__ = ("aux", "data", "fd", "flags", "length", "where")
+
+    def __init__(
+        self, where: int, length: int, data: Any = None, fd: int = -1, flags: int = 0, aux: int = 0
+    ) -> None:
+        self.where = where  # WHERE_INLINE (``data`` follows the body) or WHERE_FD (``fd``)
+        self.length = length
+        self.data = data
+        self.fd = fd
+        self.flags = flags  # FLAG_LEASE (``aux`` = lease id) or FLAG_MOVED
+        self.aux = aux
 
 
 class _Blob:
@@ -82,104 +145,127 @@ class Connection:
     """Protocol state for one connection. See the module docstring.
 
     Args:
-        role: the role this side announces in its HELLO (``main``, ``child``,
-            ``client``, ``page``). The receiving side decides what it grants.
+        local_role: the role *this* side announces in its HELLO (``main``,
+            ``child``, ``client``, ``page``); the receiving side decides what
+            it grants. (A peer's ``role`` is the other side's.)
         name: a free-form label for logs.
+        pid: this process's id, announced in the HELLO (the I/O layer knows it;
+            0 announces none).
         max_frame_size: the largest frame accepted or sent, checked on the
-            length header before anything is allocated.
+            length header before anything is allocated; at least
+            :data:`~tether.wire.MIN_MAX_FRAME_SIZE`.
+        store: the attachment store of this connection; with one, this side
+            announces ``fd`` (and ``lease`` if the store borrows). ``None``:
+            no descriptors cross (TCP, or a peer without descriptor support).
+
+    Raises:
+        ValueError: ``max_frame_size`` is below the floor, or the HELLO would
+            not fit in it.
     """
 
     def __init__(
         self,
-        role: str,
+        local_role: str,
         *,
         name: str = "",
+        pid: int = 0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        features: Iterable[str] = (),
+        store: AttachmentStore | None = None,
     ) -> None:
+        if max_frame_size < MIN_MAX_FRAME_SIZE:
+            raise ValueError(
+                f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE} bytes, not {max_frame_size}"
+            )
         self.state = State.HANDSHAKE
         self.max_frame_size = max_frame_size
         #: the largest frame we send: our limit, lowered to the peer's at handshake
         self.send_limit = max_frame_size
         self.peer_hello: codec.Hello | None = None
         self.goodbye_reason: str | None = None
-        features = list(features)
-        self._fd_local = "fd" in features
-        self._accept_leases = "lease" in features  # this side trusts the peer's pages
+        #: this side sent GOODBYE (it sends nothing more)
+        self.our_goodbye = False
+        #: the peer sent GOODBYE (what it sends after is ignored)
+        self.their_goodbye = False
+        self._store = store
         self._send_fds = False  # both sides pass descriptors: set at handshake
-        self._send_leases = False  # the peer accepts lent segments: set at handshake
-        self._parser = FrameParser(max_frame_size, self._map_fd if self._fd_local else None)
+        self._send_moved = False  # the peer trusts our pages (``lease``): set at handshake
+        self._send_leases = False  # ... and our store lends to it: set at handshake
+        self._peer_fd = False  # the peer announced ``fd``: set at handshake
+        self._hello_read = False  # the peer's HELLO was taken off the frames
+        self._fds_in = False  # descriptors arrived that frames may not have claimed yet
+        self._parser = FrameParser(max_frame_size, self._claim if store is not None else None)
         self._out = bytearray()
         self._fds_out: list[int] = []
-        # encoder's attachments for the frame being built: (where, data, flags, aux)
-        self._atts: list[tuple[int, Any, int, int]] = []
-        self._leases: dict[int, pool.Segment] = {}  # lent out, awaiting RELEASE
-        self._next_lease = 0
+        # chunks cut off so that none carries more than MAX_UNCLAIMED_FDS descriptors
+        self._ready: collections.deque[tuple[bytearray, list[int]]] = collections.deque()
+        self._atts: list[_Att] = []  # the encoder's attachments for the frame being built
         self._released: collections.deque[int] = collections.deque()
-        #: segments the peer lent this side (see :meth:`poll_releases`)
-        self.borrowed = pool.Borrowed()
         self.encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._next_rid = 0
         #: request id -> the application's waiter, for invokes awaiting an answer
         self.pending: dict[int, Any] = {}
-        hello = codec.Hello(
-            protocol=codec.PROTOCOL_NAME,
-            version=codec.PROTOCOL_VERSION,
-            role=role,
-            name=name,
-            pid=os.getpid(),
-            max_frame_size=max_frame_size,
-            features=features,
+        hello = codec.encoder.encode(
+            codec.Hello(
+                protocol=codec.PROTOCOL_NAME,
+                version=codec.PROTOCOL_VERSION,
+                role=local_role,
+                name=name,
+                pid=pid,
+                max_frame_size=max_frame_size,
+                features=list(store.features) if store is not None else [],
+            )
         )
-        self._emit(Kind.HELLO, 0, 0, b"", codec.encoder.encode(hello))
+        if HEADER_SIZE + len(hello) > MIN_MAX_FRAME_SIZE:
+            raise ValueError(f"HELLO of {len(hello)} bytes: role or name too long")
+        self._emit(Kind.HELLO, 0, 0, b"", hello)
 
     # -- receiving --------------------------------------------------------
 
     def receive_fds(self, fds: Iterable[int]) -> None:
-        """Queue descriptors received beside the bytes; frames claim them in order."""
-        if not self._fd_local:
-            for fd in fds:
-                os.close(fd)
-            raise ProtocolError("received file descriptors on a connection that takes none")
-        self._parser.fds.extend(fds)
+        """Hand over descriptors received beside the bytes; frames claim them in order.
 
-    def close_fds(self) -> None:
-        """Close every descriptor received or queued but not yet used (on teardown).
+        Call it before :meth:`receive_data` with the bytes they came with.
 
-        Segments still lent out are discarded, never reused: without a
-        RELEASE there is no telling whether the receiver still reads them.
+        Raises:
+            ProtocolError: this connection takes no descriptors (then they are
+                still the caller's to close), or the peer did not announce
+                ``fd`` (then they are closed); the state is now CLOSED.
         """
-        q = self._parser.fds
-        while q:
-            os.close(q.popleft())
-        fds, self._fds_out = self._fds_out, []
-        for fd in fds:
-            os.close(fd)
-        leases, self._leases = self._leases, {}
-        for seg in leases.values():
-            seg.close()
-        self.borrowed.clear()
+        store = self._store
+        if store is None:
+            self.state = State.CLOSED
+            raise ProtocolError("received file descriptors on a connection that takes none")
+        store.receive_fds(fds)
+        self._fds_in = True
+        if self.peer_hello is not None and not self._peer_fd:
+            self.abort()
+            raise ProtocolError("received file descriptors from a peer that did not announce fd")
 
-    def _map_fd(self, fd: int, nbytes: int, flags: int, lease: int) -> memoryview:
-        """Map a received descriptor: sealed, or lent by a peer this side trusts."""
-        if not flags & (ATT_LEASE | ATT_MOVED):
-            return shm.map_sealed(fd, nbytes)
-        if not self._accept_leases:
-            os.close(fd)
-            raise ProtocolError("a lent or moved segment from a peer this side does not trust")
-        if flags & ATT_MOVED:
-            return shm.map_moved(fd, nbytes)
-        return self.borrowed.take(fd, nbytes, lease)
+    def _claim(self, nbytes: int, flags: int, aux: int) -> memoryview:
+        """The parser's callback for a descriptor attachment."""
+        if self.peer_hello is None:
+            # A frame right behind the HELLO, in the same read: the HELLO was
+            # parsed first, so take it now and know whether fds are allowed.
+            parsed = self._parser.parsed
+            if not parsed:
+                raise ProtocolError("expected HELLO, got a frame with a file descriptor")
+            self._handshake(parsed[0])
+        if not self._peer_fd:
+            raise ProtocolError("file descriptor attachment from a peer that did not announce fd")
+        assert self._store is not None
+        return self._store.claim(nbytes, flags, aux)
 
     def poll_releases(self) -> bool:
         """Queue RELEASE for every lent segment this side no longer views.
 
         Call it when views may have been dropped (after handling frames, and
-        now and then while :attr:`borrowed` has leases out). Returns whether
-        anything was queued: then write :meth:`data_to_send`.
+        now and then while the store has leases from the peer). Returns
+        whether anything was queued: then write :meth:`data_to_send`.
         """
-        done = self.borrowed.released()
-        if done and self.state is not State.CLOSED:
+        if self._store is None:
+            return False
+        done = self._store.released()
+        if done and self.state is not State.CLOSED and not self.our_goodbye:
             self._released.extend(done)
         return bool(done)
 
@@ -187,62 +273,79 @@ class Connection:
         """Feed received bytes; return the frames the application must act on.
 
         Frames returned are INVOKE, RESULT, ERROR, EVENT, CANCEL and GOODBYE.
-        HELLO, PING, PONG and ROUTE_OPEN are answered here. ``data`` must not
-        be modified afterwards: frames may hold views into it. After this
-        returns, call :meth:`data_to_send` and write what it gives.
+        HELLO, PING, PONG, ROUTE_OPEN and RELEASE are answered here. Nothing
+        after the peer's GOODBYE is returned, in this read or a later one.
+        ``data`` must not be modified afterwards: frames may hold views into
+        it. After this returns, call :meth:`data_to_send` and write what it gives.
 
         Raises:
-            ProtocolError: the peer broke the protocol; the state is now CLOSED.
+            ProtocolError: the peer broke the protocol; the state is now CLOSED
+                and the store closed.
         """
         if self.state is State.CLOSED:
             return []
         try:
-            frames = self._parser.feed(data)
-            if self.state is State.HANDSHAKE and frames:
-                self._handshake(frames[0])
+            parser = self._parser
+            frames = parser.feed(data)
+            parser.parsed = _NO_FRAMES  # (it would keep this read's frames alive)
+            if not self._hello_read and frames:
+                if self.peer_hello is None:  # (else taken while parsing, see _claim)
+                    self._handshake(frames[0])
+                self._hello_read = True
                 frames = frames[1:]
             out: list[Frame] = []
             append = out.append
-            is_open = self.state is State.OPEN
+            take_all = self.state is State.OPEN  # checked again after each GOODBYE
             for f in frames:
                 k = f.kind
                 if k in _TO_APP:  # the common case, kept short
                     if k == K_INVOKE and not f.request_id:
                         raise ProtocolError("INVOKE with request id 0")
-                    if is_open or k in _WHILE_CLOSING:
+                    if take_all or (k in _WHILE_CLOSING and not self.their_goodbye):
                         append(f)
                     continue
-                if k == Kind.HELLO:
+                if k == K_HELLO:
                     raise ProtocolError("second HELLO on an open connection")
-                if k == Kind.INVOKE and not f.request_id:
-                    raise ProtocolError("INVOKE with request id 0")
-                if self.state is not State.OPEN and k not in _WHILE_CLOSING:
-                    continue  # closing: only answers to our own calls still matter
-                if k == Kind.PING:
+                if self.their_goodbye:
+                    continue  # nothing the peer sends after its GOODBYE counts
+                if k == K_GOODBYE:
+                    self.goodbye_reason = self._goodbye_reason(f)
+                    self.their_goodbye = True
+                    self.state = State.CLOSING
+                    take_all = False
+                    append(f)
+                elif k == Kind.RELEASE:
+                    if self._store is not None:
+                        self._store.returned(f.request_id)
+                elif not take_all:
+                    continue  # we said goodbye: no PONG or ROUTE_CLOSE any more
+                elif k == Kind.PING:
                     self._emit(Kind.PONG, f.request_id, 0, b"", b"")
-                elif k == Kind.PONG:
-                    continue
                 elif k == Kind.ROUTE_OPEN:
                     # Routes are reserved in protocol version 1: refuse each one.
                     self._emit(Kind.ROUTE_CLOSE, 0, f.route_id, b"", b"")
-                elif k == Kind.ROUTE_CLOSE:
-                    continue
-                elif k == Kind.RELEASE:
-                    seg = self._leases.pop(f.request_id, None)
-                    if seg is not None:
-                        pool.POOL.put(seg)
-                else:
-                    if k == Kind.GOODBYE:
-                        self.goodbye_reason = self._goodbye_reason(f)
-                        self.state = State.CLOSING
-                    out.append(f)
+                # PONG, ROUTE_CLOSE: nothing to do
+            if self._fds_in:
+                self._check_unclaimed()
             return out
         except ProtocolError:
-            self.state = State.CLOSED
+            self.abort()
             raise
 
+    def _check_unclaimed(self) -> None:
+        store = self._store
+        assert store is not None
+        n = store.unclaimed
+        if n > MAX_UNCLAIMED_FDS:
+            raise ProtocolError(f"{n} file descriptors arrived that no frame claims")
+        self._fds_in = n > 0
+
     def receive_eof(self) -> None:
-        """The peer closed its end. Raises :class:`ProtocolError` mid-frame."""
+        """The peer closed its end; the state is now CLOSED.
+
+        Raises:
+            ProtocolError: the stream ended in the middle of a frame.
+        """
         buffered = self._parser.buffered
         self.state = State.CLOSED
         if buffered:
@@ -262,10 +365,18 @@ class Connection:
                 f"peer speaks protocol version {hello.version}; "
                 f"this side supports {codec.PROTOCOL_VERSION}"
             )
+        if 0 < hello.max_frame_size < MIN_MAX_FRAME_SIZE:
+            raise ProtocolError(
+                f"peer's max_frame_size {hello.max_frame_size} is below the floor "
+                f"of {MIN_MAX_FRAME_SIZE} bytes"
+            )
+        self._peer_fd = "fd" in hello.features
         self.peer_hello = hello
-        self._send_fds = self._fd_local and "fd" in hello.features
-        self._send_leases = self._send_fds and "lease" in hello.features
-        if 0 < hello.max_frame_size < self.send_limit:
+        store = self._store
+        self._send_fds = store is not None and self._peer_fd
+        self._send_moved = self._send_fds and "lease" in hello.features
+        self._send_leases = self._send_moved and store is not None and store.lend
+        if hello.max_frame_size and hello.max_frame_size < self.send_limit:
             self.send_limit = hello.max_frame_size  # never send what the peer must refuse
         if self.state is State.HANDSHAKE:
             self.state = State.OPEN
@@ -287,38 +398,80 @@ class Connection:
 
     def fail_all(self) -> list[Any]:
         """Close for good and hand back every pending waiter, to be failed."""
-        self.state = State.CLOSED
+        self.abort()
         waiters = list(self.pending.values())
         self.pending.clear()
         return waiters
 
+    def abort(self) -> None:
+        """End the connection now: CLOSED, nothing more to send, the store closed.
+
+        The I/O layer calls it when the transport is gone or it drops the
+        peer; every descriptor and mapping the store holds is released (views
+        the application still holds keep their own mappings). Idempotent.
+        """
+        self.state = State.CLOSED
+        self._out = bytearray()
+        self._released.clear()
+        self._parser.parsed = _NO_FRAMES
+        fds, self._fds_out = self._fds_out, []
+        ready, self._ready = self._ready, collections.deque()
+        store = self._store
+        if store is not None:
+            for _, chunk_fds in ready:
+                store.close_fds(chunk_fds)
+            store.close_fds(fds)
+            self._drop_atts()
+            store.close()
+
     # -- sending ----------------------------------------------------------
 
-    def data_to_send(self) -> bytearray:
-        """Return (and forget) the bytes to write. You must write all of them."""
+    def data_to_send(self) -> tuple[bytearray, list[int]]:
+        """Return (and forget) the bytes to write and the descriptors that go with them.
+
+        Send the descriptors with the first byte of the bytes, then close
+        them. You must write all of the bytes. When frames queued carry more
+        than :data:`MAX_UNCLAIMED_FDS` descriptors in all, they come in
+        several chunks: call again until the bytes are empty.
+        """
+        if self._ready:
+            return self._ready.popleft()
         released = self._released
-        while released and self.state is not State.CLOSED:
+        while released:
             self._emit(Kind.RELEASE, released.popleft(), 0, b"", b"")
         out = self._out
         if out:
             self._out = bytearray()
-        return out
-
-    def take_fds(self) -> list[int]:
-        """Return (and forget) descriptors to pass with the next bytes written.
-
-        Send them with the first byte of the :meth:`data_to_send` chunk taken
-        together with them, then close them.
-        """
         fds = self._fds_out
         if fds:
             self._fds_out = []
-        return fds
+            return out, fds
+        return out, _NO_FDS
+
+    @property
+    def store(self) -> AttachmentStore | None:
+        """The attachment store injected at construction (``None``: no descriptors)."""
+        return self._store
+
+    @property
+    def leases_held(self) -> int:
+        """Segments the peer lent this side whose views are still alive.
+
+        While it is not 0, call :meth:`poll_releases` now and then.
+        """
+        return self._store.outstanding if self._store is not None else 0
 
     @property
     def buffered_out(self) -> int:
         """Bytes queued by ``send_*`` and not yet taken by :meth:`data_to_send`."""
+        if self._ready:
+            return len(self._out) + sum(len(c) for c, _ in self._ready)
         return len(self._out)
+
+    @property
+    def fds_queued(self) -> bool:
+        """Whether descriptors are queued (write them soon: each holds a segment open)."""
+        return bool(self._fds_out or self._ready)
 
     def send_invoke(self, channel: bytes, args: Any, waiter: Any, route_id: int = 0) -> int:
         """Queue an INVOKE of ``channel`` with ``args`` (a tuple); return its request id."""
@@ -338,33 +491,50 @@ class Connection:
         self._emit_obj(K_EVENT, 0, route_id, channel, _wrap(args))
 
     def send_result(self, request_id: int, value: Any) -> None:
-        """Queue the RESULT of an incoming invoke.
+        """Queue the RESULT of an incoming invoke (dropped once this side said goodbye).
 
         Raises:
             PayloadTooLarge: the value does not fit; send an error instead.
+            Exception: whatever encoding ``value`` raised (nothing was queued).
         """
-        if self.state is not State.CLOSED:
-            if type(value) in _BYTESLIKE and len(value) >= shm.SHM_THRESHOLD:
-                value = _Blob(value)
-            self._emit_obj(Kind.RESULT, request_id, 0, b"", value)
+        if self.state is not State.OPEN and (self.state is State.CLOSED or self.our_goodbye):
+            _consume_all(value)
+            return
+        if type(value) in _BYTESLIKE and len(value) >= SHM_THRESHOLD:
+            value = _Blob(value)
+        self._emit_obj(K_RESULT, request_id, 0, b"", value)
 
     def answer(self, request_id: int, value: Any) -> None:
         """Queue the RESULT of an incoming invoke, or the ERROR saying why it can't be sent.
 
-        Every invoke gets exactly one answer: a value that does not encode or
-        does not fit becomes an error for the caller, never a lost reply.
+        Every invoke gets exactly one answer: a value that does not encode
+        (any exception: TypeError, OverflowError, RecursionError...) or does
+        not fit becomes an error for the caller, never a lost reply. The
+        error carries no traceback: it would show tether's encoder, not the
+        handler.
         """
         try:
             self.send_result(request_id, value)
         except PayloadTooLarge as exc:
             self.send_error(request_id, codec.ErrorInfo("too_large", f"result too large: {exc}"))
-        except (TypeError, ValueError, msgspec.EncodeError, TetherError) as exc:
-            self.send_error(request_id, codec.error_info(exc))
+        except Exception as exc:
+            self.send_error(request_id, codec.error_info(exc, traceback=False))
 
     def send_error(self, request_id: int, info: codec.ErrorInfo) -> None:
-        """Queue an ERROR answer to an incoming invoke."""
-        if self.state is not State.CLOSED:
-            self._emit_obj(Kind.ERROR, request_id, 0, b"", info)
+        """Queue an ERROR answer to an incoming invoke; it always fits.
+
+        An ERROR larger than the peer accepts is cut down: first its
+        traceback (the end kept), then to a bare code and message (the
+        message truncated). Dropped once this side said goodbye.
+        """
+        if self.state is not State.OPEN and (self.state is State.CLOSED or self.our_goodbye):
+            return
+        for attempt in _smaller_errors(info, self.send_limit):
+            try:
+                self._emit_obj(K_ERROR, request_id, 0, b"", attempt)
+                return
+            except Exception:  # too large, or a str that does not encode: smaller
+                continue
 
     def send_cancel(self, request_id: int) -> None:
         """Forget the call ``request_id`` and ask the peer to cancel its handler."""
@@ -373,19 +543,25 @@ class Connection:
             self._emit(Kind.CANCEL, request_id, 0, b"", b"")
 
     def send_ping(self, nonce: int) -> None:
-        """Queue a PING; the peer answers with a PONG carrying ``nonce``."""
+        """Queue a PING; the peer answers with a PONG carrying ``nonce``.
+
+        A PING is not a barrier: the PONG says the peer's reader is alive,
+        not that answers to earlier invokes were sent.
+        """
         self._check_open()
         self._emit(Kind.PING, nonce, 0, b"", b"")
 
     def send_goodbye(self, reason: str = "") -> None:
-        """Queue a GOODBYE; after it, nothing else may be sent."""
+        """Queue a GOODBYE; it is the last frame this side sends."""
         if self.state in (State.OPEN, State.HANDSHAKE):
             self._emit(Kind.GOODBYE, 0, 0, b"", codec.encoder.encode(codec.Goodbye(reason)))
+            self.our_goodbye = True
+            self._released.clear()
             self.state = State.CLOSING
 
     def _check_open(self, args: Any = ()) -> None:
         if self.state is State.CLOSING or self.state is State.CLOSED:
-            shm.consume_all(args)  # a failed send moves its Buffers too
+            _consume_all(args)  # a failed send moves its Buffers too
             raise ConnectionClosed("the connection is closing or closed")
 
     def _emit(self, kind: int, rid: int, route: int, channel: bytes, body: bytes) -> None:
@@ -396,7 +572,11 @@ class Connection:
         out += body
 
     def _emit_obj(self, kind: int, rid: int, route: int, channel: bytes, obj: Any) -> None:
-        """Append a frame whose body is ``obj`` encoded in place (no temporary bytes)."""
+        """Append a frame whose body is ``obj`` encoded in place (no temporary bytes).
+
+        On any failure nothing of the frame stays queued and its attachments
+        are undone (descriptors closed, lent segments taken back).
+        """
         out = self._out
         start = len(out)
         out += _BLANK_HEADER  # filled in once the size is known
@@ -407,31 +587,41 @@ class Connection:
         except BaseException:
             del out[start:]
             self._drop_atts()
-            shm.consume_all(obj)  # Buffers the encoder did not reach are moved too
+            _consume_all(obj)  # Buffers the encoder did not reach are moved too
             raise
         atts = self._atts
         n_att = len(atts)
+        fd_bytes = 0
         if n_att:
             body = bytes(out[body_start:])
             del out[body_start:]
-            for where, a, flags, aux in atts:
-                length = a[1] if where == ATT_FD else len(a)
-                out += ATT.pack(where, flags, 0, aux, length)
+            for a in atts:
+                out += ATT.pack(a.where, a.flags, 0, a.aux, a.length)
+                if a.where == WHERE_FD:
+                    fd_bytes += a.length
             out += body
-            for where, a, _, _ in atts:
-                if where == ATT_INLINE:
-                    out += a
+            for a in atts:
+                if a.where == WHERE_INLINE:
+                    out += a.data
         size = len(out) - start - 4
-        if size > self.send_limit:
+        if size > self.send_limit or fd_bytes > self.send_limit:
             del out[start:]
             self._drop_atts()
             raise PayloadTooLarge(
-                f"frame of {size} bytes exceeds the limit of {self.send_limit} bytes"
+                f"frame of {size} bytes (and {fd_bytes} in descriptors) exceeds "
+                f"the limit of {self.send_limit} bytes"
             )
         HEADER.pack_into(out, start, size, kind, 0, len(channel), rid, route, n_att, 0)
         if n_att:
             self._atts = []
-            self._fds_out.extend(a[0] for where, a, _, _ in atts if where == ATT_FD)
+            if fd_bytes or any(a.where == WHERE_FD for a in atts):
+                fds = [a.fd for a in atts if a.where == WHERE_FD]
+                if self._fds_out and len(self._fds_out) + len(fds) > MAX_UNCLAIMED_FDS:
+                    # Cut here: the peer holds at most one chunk's descriptors unclaimed.
+                    self._ready.append((out[:start], self._fds_out))
+                    del out[:start]
+                    self._fds_out = []
+                self._fds_out.extend(fds)
 
     # -- attachments ------------------------------------------------------
 
@@ -439,13 +629,16 @@ class Connection:
         """Move buffers, arrays and :class:`~tether.Buffer` out of the body."""
         if isinstance(obj, _Blob):
             return self._attach_ext(memoryview(obj.data).cast("B"))
-        if isinstance(obj, shm.Buffer):
-            if self._send_leases:  # the peer trusts us: O(1) handoff
-                return self._ext_bytes(ATT_FD, obj.take(trusted=True), ATT_MOVED)
-            fd, n = obj.take()
-            if self._send_fds:
-                return self._ext_bytes(ATT_FD, (fd, n))
-            return self._ext_bytes(ATT_INLINE, shm.map_sealed(fd, n))
+        if getattr(obj, "__tether_buffer__", False):
+            store = self._store
+            if store is None or not self._send_fds or self._fd_count() >= MAX_UNCLAIMED_FDS:
+                view = obj.take_bytes()
+                return self._ext(_Att(WHERE_INLINE, view.nbytes, data=view))
+            if self._send_moved:  # the peer trusts us: O(1) handoff
+                fd, n = store.move(obj, True)
+                return self._ext(_Att(WHERE_FD, n, fd=fd, flags=FLAG_MOVED))
+            fd, n = store.move(obj, False)
+            return self._ext(_Att(WHERE_FD, n, fd=fd))
         if hasattr(obj, "__array_interface__") and type(obj).__module__ == "numpy":
             import numpy as np
 
@@ -460,51 +653,79 @@ class Connection:
             return msgspec.msgpack.Ext(codec.EXT_NDARRAY, ref)
         raise TypeError(f"objects of type {type(obj).__name__} cannot be sent")
 
+    def _fd_count(self) -> int:
+        return sum(1 for a in self._atts if a.where == WHERE_FD)
+
     def _attach_ext(self, view: memoryview) -> msgspec.msgpack.Ext:
         n = view.nbytes
-        if not self._send_fds or n < shm.SHM_THRESHOLD:
-            return self._ext_bytes(ATT_INLINE, view)
-        if not self._send_leases or len(self._leases) >= MAX_LEASES:
-            # Sealed and given away: nothing stays held here however long the
-            # peer keeps it (a lease holds two descriptors until released).
-            return self._ext_bytes(ATT_FD, shm.segment_from(view))
-        # Lend a pooled segment: pages already faulted in, one copy at memory speed.
-        seg = pool.POOL.get(n)
-        try:
-            seg.fill(view)
-            fd = os.dup(seg.fd)
-        except BaseException:
-            pool.POOL.put(seg)
-            raise
-        lease = self._next_lease = (self._next_lease + 1) & _U32 or 1
-        while lease in self._leases:  # wrapped onto a lease still out
-            lease = self._next_lease = (lease + 1) & _U32 or 1
-        self._leases[lease] = seg
-        return self._ext_bytes(ATT_FD, (fd, n), ATT_LEASE, lease)
+        store = self._store
+        if (
+            store is None
+            or not self._send_fds
+            or n < SHM_THRESHOLD
+            or self._fd_count() >= MAX_UNCLAIMED_FDS
+        ):
+            return self._ext(_Att(WHERE_INLINE, n, data=view))
+        if self._send_leases:
+            # Lend a pooled segment: pages already faulted in, one copy at memory speed.
+            lent = store.lend_segment(view)
+            if lent is not None:
+                fd, lease = lent
+                return self._ext(_Att(WHERE_FD, n, fd=fd, flags=FLAG_LEASE, aux=lease))
+        # Sealed and given away: nothing stays held here however long the peer keeps it.
+        fd, n = store.seal(view)
+        return self._ext(_Att(WHERE_FD, n, fd=fd))
 
-    def _ext_bytes(self, where: int, att: Any, flags: int = 0, aux: int = 0) -> msgspec.msgpack.Ext:
+    def _ext(self, att: _Att) -> msgspec.msgpack.Ext:
         index = len(self._atts)
-        self._atts.append((where, att, flags, aux))
+        self._atts.append(att)
         return msgspec.msgpack.Ext(codec.EXT_BYTES, index.to_bytes(4, "little"))
 
     def _drop_atts(self) -> None:
         """Undo the attachments of a frame that will not be sent."""
         atts, self._atts = self._atts, []
-        for where, a, flags, aux in atts:
-            if where == ATT_FD:
-                os.close(a[0])
-                if flags & ATT_LEASE:
-                    seg = self._leases.pop(aux, None)
-                    if seg is not None:
-                        pool.POOL.put(seg)  # never reached the peer: safe to reuse
+        store = self._store
+        if store is None:
+            return
+        for a in atts:
+            if a.where == WHERE_FD:
+                store.unsent(a.fd, a.aux if a.flags & FLAG_LEASE else 0)
+
+
+def _smaller_errors(info: codec.ErrorInfo, limit: int) -> Iterable[codec.ErrorInfo]:
+    """``info``, then ever smaller versions of it, the last one sure to fit ``limit``."""
+    yield info
+    room = max(limit - _ERROR_OVERHEAD, 64)
+    if info.traceback:
+        fixed = len(info.message.encode("utf-8", "replace")) + len(info.type) + len(info.path)
+        keep = room - fixed
+        if keep > 0:
+            tb = info.traceback[-keep:]  # the end: where it was raised
+            while len(tb.encode("utf-8", "replace")) > keep:
+                tb = tb[len(tb) // 8 + 1 :]
+            yield codec.ErrorInfo(info.code, info.message, info.type, tb, info.path)
+    msg = info.message.encode("utf-8", "replace")[: room // 2].decode("utf-8", "ignore")
+    yield codec.ErrorInfo(info.code[:64], msg, info.type[:256])
+    yield codec.ErrorInfo("remote", "(the error could not be described)")
+
+
+def _consume_all(obj: Any, _depth: int = 0) -> None:
+    """Consume every :class:`~tether.Buffer` in ``obj`` (also inside containers).
+
+    A send that fails before or while encoding moves its Buffers all the same.
+    """
+    if getattr(obj, "__tether_buffer__", False):
+        obj.close()
+    elif _depth < 64 and isinstance(obj, (list, tuple, set, frozenset, dict)):
+        for x in obj.values() if isinstance(obj, dict) else obj:
+            _consume_all(x, _depth + 1)
 
 
 def _wrap(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Mark large top-level bytes-like arguments to travel out of band."""
     for a in args:
-        if type(a) in _BYTESLIKE and len(a) >= shm.SHM_THRESHOLD:
+        if type(a) in _BYTESLIKE and len(a) >= SHM_THRESHOLD:
             return tuple(
-                _Blob(x) if type(x) in _BYTESLIKE and len(x) >= shm.SHM_THRESHOLD else x
-                for x in args
+                _Blob(x) if type(x) in _BYTESLIKE and len(x) >= SHM_THRESHOLD else x for x in args
             )
     return args

@@ -66,6 +66,8 @@ def decode_result(frame: Frame, result_type: Any) -> Any:
         raise BadRequest(f"result does not match {result_type!r}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"malformed result: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("malformed result: nested too deeply") from None
 
 
 _typed: dict[Any, msgspec.msgpack.Decoder[Any]] = {}

@@ -24,11 +24,12 @@ import threading
 from typing import Any, Final
 
 from .errors import ConsumedError, ProtocolError, TetherError
+from .wire import SHM_THRESHOLD
 
-__all__ = ["Buffer", "BufferInUse", "SHM_THRESHOLD", "map_sealed", "segment_from"]
+__all__ = ["Buffer", "BufferInUse", "SHM_THRESHOLD", "close_fds", "map_sealed", "segment_from"]
 
-#: Attachments at least this large go through shared memory (as Chromium's BigBuffer).
-SHM_THRESHOLD: Final = 64 * 1024
+# (SHM_THRESHOLD: attachments at least this large go through shared memory, as
+# Chromium's BigBuffer; defined in wire so the core needs no import of this module.)
 _SEALS: Final = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK
 _SEAL_ALL: Final = _SEALS | fcntl.F_SEAL_SEAL
 _F_SEAL_FUTURE_WRITE: Final = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
@@ -70,6 +71,13 @@ class BufferInUse(TetherError, BufferError):
     The buffer is consumed anyway and nothing was sent; drop every view
     (``del arr``) before sending so the pages can be handed over.
     """
+
+
+def close_fds(fds: Any) -> None:
+    """Close descriptors, ignoring those already closed."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _memfd(nbytes: int, name: str = "tether") -> int:
@@ -165,6 +173,9 @@ class Buffer:
     """
 
     __slots__ = ("__weakref__", "_fd", "_map", "_nbytes")
+
+    #: how the protocol core recognizes a Buffer without importing this module
+    __tether_buffer__: Final = True
 
     def __init__(self, nbytes: int) -> None:
         if nbytes < 0:
@@ -264,6 +275,16 @@ class Buffer:
             os.close(fd)
             raise
         return fd, self._nbytes
+
+    def take_bytes(self) -> memoryview:
+        """Consume the buffer and return its contents, read-only (for a peer without ``fd``).
+
+        Raises:
+            ConsumedError: it was already taken.
+            BufferInUse: views are still alive; the buffer is consumed anyway.
+        """
+        fd, n = self.take()
+        return map_sealed(fd, n)
 
     def close(self) -> None:
         """Release the buffer without sending it."""

@@ -24,7 +24,6 @@ is allocated, so a hostile length header costs nothing.
 
 from __future__ import annotations
 
-import collections
 import enum
 import struct
 from collections.abc import Callable, Sequence
@@ -33,11 +32,12 @@ from typing import Final
 from .errors import PayloadTooLarge, ProtocolError
 
 __all__ = [
-    "ATT_FD",
-    "ATT_LEASE",
-    "ATT_MOVED",
-    "ATT_INLINE",
     "DEFAULT_MAX_FRAME_SIZE",
+    "FLAG_LEASE",
+    "FLAG_MOVED",
+    "MIN_MAX_FRAME_SIZE",
+    "WHERE_FD",
+    "WHERE_INLINE",
     "HEADER",
     "Frame",
     "FrameParser",
@@ -51,10 +51,16 @@ HEADER_SIZE: Final = HEADER.size  # 20
 _REST: Final = struct.Struct("<BBHIIHH")  # the header after the size field
 ATT: Final = struct.Struct("<BBHIQ")
 ATT_SIZE: Final = ATT.size  # 16
-ATT_INLINE: Final = 0  # bytes follow the body in this frame
-ATT_FD: Final = 1  # a file descriptor passed beside the frame, claimed in arrival order
-ATT_LEASE: Final = 1  # descriptor flag: a lent, reusable segment (aux = lease id)
-ATT_MOVED: Final = 2  # descriptor flag: a moved Buffer, sealed against future writes only
+#: smallest ``max_frame_size`` a side may announce or use; every HELLO fits in it
+MIN_MAX_FRAME_SIZE: Final = 4096
+#: large ``bytes``-like values at least this big travel as attachments, not in the body
+SHM_THRESHOLD: Final = 64 * 1024
+# An attachment descriptor's ``where`` field: where its bytes are.
+WHERE_INLINE: Final = 0  # bytes follow the body in this frame
+WHERE_FD: Final = 1  # a file descriptor passed beside the frame, claimed in arrival order
+# Its ``flags`` field (bits; only meaningful with WHERE_FD).
+FLAG_LEASE: Final = 1  # a lent, reusable segment (aux = lease id)
+FLAG_MOVED: Final = 2  # a moved Buffer, sealed against future writes only
 _MAX_U32: Final = 0xFFFFFFFF
 
 
@@ -158,7 +164,7 @@ def encode_frame(
     out += HEADER.pack(size, kind, 0, len(channel), request_id, route_id, n_att, 0)
     out += channel
     for a in attachments:
-        out += ATT.pack(ATT_INLINE, 0, 0, 0, memoryview(a).nbytes)
+        out += ATT.pack(WHERE_INLINE, 0, 0, 0, memoryview(a).nbytes)
     out += body
     for a in attachments:
         out += a
@@ -173,19 +179,36 @@ class FrameParser:
 
     Any violation raises :class:`ProtocolError`; the parser is then unusable
     and the connection must be closed.
+
+    Args:
+        claim_fd: called as ``claim_fd(nbytes, flags, aux)`` for each
+            descriptor attachment, in order; it takes the next descriptor that
+            arrived beside the bytes and returns its mapped contents. ``None``:
+            descriptor attachments are a protocol error.
     """
 
-    __slots__ = ("_buf", "_chans", "_fill", "_head", "_need", "fds", "map_fd", "max_frame_size")
+    __slots__ = (
+        "_buf",
+        "_chans",
+        "_fill",
+        "_head",
+        "_need",
+        "claim_fd",
+        "max_frame_size",
+        "parsed",
+    )
 
     def __init__(
         self,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        map_fd: Callable[[int, int, int, int], memoryview] | None = None,
+        claim_fd: Callable[[int, int, int], memoryview] | None = None,
     ) -> None:
         self.max_frame_size = max_frame_size
-        #: descriptors received beside the bytes, consumed in order by ATT_FD entries
-        self.fds: collections.deque[int] = collections.deque()
-        self.map_fd = map_fd
+        self.claim_fd = claim_fd
+        #: the frames the current :meth:`feed` has completed so far (``claim_fd``
+        #: may look at them: the HELLO before a frame says whether it may use
+        #: fds); reset it after :meth:`feed`, or it keeps them alive
+        self.parsed: list[Frame] = []
         self._head = bytearray()  # partial size field (< 4 bytes)
         self._buf: bytearray | None = None  # partial frame, allocated at full size
         self._chans: dict[bytes, str] = {}  # channel names seen, decoded once
@@ -200,6 +223,7 @@ class FrameParser:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume ``data`` and return every frame it completes, in order."""
         frames: list[Frame] = []
+        self.parsed = frames
         mv = memoryview(data)
         n = len(mv)
         pos = 0
@@ -220,7 +244,7 @@ class FrameParser:
                 return frames
             size = int.from_bytes(self._head, "little")
             self._head.clear()
-            pos = self._start(size, mv, pos, n, frames, prefix=True)
+            pos = self._start(size, mv, pos, n, frames)
         if type(data) is bytes:
             pos = self._fast(data, mv, pos, n, frames)
         while pos < n:
@@ -228,7 +252,7 @@ class FrameParser:
                 self._head += mv[pos:]
                 break
             size = int.from_bytes(mv[pos : pos + 4], "little")
-            pos = self._start(size, mv, pos + 4, n, frames, prefix=False)
+            pos = self._start(size, mv, pos + 4, n, frames)
         return frames
 
     def _fast(self, data: bytes, mv: memoryview, pos: int, n: int, frames: list[Frame]) -> int:
@@ -264,9 +288,7 @@ class FrameParser:
             pos = end
         return pos
 
-    def _start(
-        self, size: int, mv: memoryview, pos: int, n: int, frames: list[Frame], prefix: bool
-    ) -> int:
+    def _start(self, size: int, mv: memoryview, pos: int, n: int, frames: list[Frame]) -> int:
         """Begin a frame of ``size`` bytes whose body starts at ``mv[pos]``."""
         if size > self.max_frame_size:
             raise ProtocolError(
@@ -304,25 +326,34 @@ class FrameParser:
             raise ProtocolError("attachment table runs past the end of the frame")
         entries = []
         inline = 0
+        out_of_band = 0
         for i in range(n_att):
             where, flags, _, aux, length = ATT.unpack_from(f, pos + i * ATT_SIZE)
-            if where == ATT_INLINE:
+            if where == WHERE_INLINE:
                 inline += length
-            elif where != ATT_FD or self.map_fd is None:
+            elif where != WHERE_FD or self.claim_fd is None:
                 raise ProtocolError(f"attachment kind {where} is not supported here")
+            else:
+                out_of_band += length
             entries.append((where, length, flags, aux))
+        if out_of_band > self.max_frame_size:
+            # Descriptor attachments are bounded by the limit too (counted apart
+            # from the frame's own bytes): a peer limited to small frames must
+            # not be handed a gigabyte to map.
+            raise ProtocolError(
+                f"frame with {out_of_band} bytes of descriptor attachments exceeds "
+                f"the limit of {self.max_frame_size} bytes"
+            )
         body_end = end - inline
         if body_end < table_end:
             raise ProtocolError("attachments are longer than the frame")
         atts: list[memoryview | bytes] = []
         p = body_end
         for where, length, flags, aux in entries:
-            if where == ATT_INLINE:
+            if where == WHERE_INLINE:
                 atts.append(f[p : p + length])
                 p += length
             else:
-                if not self.fds:
-                    raise ProtocolError("frame refers to a file descriptor that did not arrive")
-                assert self.map_fd is not None
-                atts.append(self.map_fd(self.fds.popleft(), length, flags, aux))
+                assert self.claim_fd is not None
+                atts.append(self.claim_fd(length, flags, aux))
         return Frame(kind, rid, route, channel, f[table_end:body_end], atts)

@@ -11,8 +11,8 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from ..address import Address, parse_address, tune
-from ..errors import PeerGone, ProtocolError, TetherError
-from ..process import child_entry
+from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
+from ..process import check_target, child_entry, describe_exit
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
@@ -97,6 +97,7 @@ class Main(Handlers):
         self.peers: set[Peer] = set()
         self.children: set[Child] = set()
         self.servers: list[Server] = []
+        self._closing = False
 
     async def __aenter__(self) -> Main:
         return self
@@ -139,15 +140,25 @@ class Main(Handlers):
 
         Returns once the child said hello. Messages main sends after this
         reach handlers the child registered before its first ``await``.
+        A ``fork`` child closes, first thing, every listener and connection
+        of this main (its own socketpair end included), so none outlives
+        main's use of it.
 
         Raises:
+            TypeError: ``target`` is not callable or ``args`` do not fit it.
+            ConnectionClosed: this main was closed.
             PeerGone: the child died or stayed silent before saying hello.
+                Once started, a child whose target raised is gone with a
+                :class:`PeerGone` that carries the error's type and message.
         """
+        if self._closing:
+            raise ConnectionClosed(f"{self.name} is closed: no new children")
+        check_target(target, args)
         method = start_method or self.start_method
         ctx = multiprocessing.get_context(method)
         parent_sock, child_sock = socket.socketpair()
         label = str(name or getattr(target, "__name__", "child"))
-        options = {
+        options: dict[str, Any] = {
             "parent_pid": os.getpid(),
             "start_method": method,
             "max_frame_size": self.max_frame_size,
@@ -155,6 +166,8 @@ class Main(Handlers):
             "name": label,
             "spin": self.spin,
         }
+        if method == "fork":
+            options["close_fds"] = [parent_sock.fileno(), *self._descriptors()]
         proc = ctx.Process(  # type: ignore[attr-defined]
             target=child_entry, args=(child_sock, target, args, options), name=label, daemon=True
         )
@@ -163,6 +176,9 @@ class Main(Handlers):
                 await asyncio.get_running_loop().run_in_executor(None, proc.start)
             else:
                 proc.start()
+        except BaseException:
+            parent_sock.close()
+            raise
         finally:
             child_sock.close()
         child = Child(parent_sock, proc, **self._peer_kw(role, label))
@@ -171,13 +187,28 @@ class Main(Handlers):
         child.start()
         try:
             await child.wait_hello(self.spawn_timeout)
-        except TetherError:
+        except TetherError as exc:
+            silent = child.exitcode is None  # still running: it never said hello
             child.kill()
             with contextlib.suppress(TimeoutError):
-                await child.wait(1.0)
-            await asyncio.sleep(0.06)  # let the exit status reach the error
-            raise child._closed or PeerGone(f"{child!r} failed to start") from None
+                await child.wait(2.0)
+            code = child.exitcode
+            child.abort(exc if isinstance(exc, PeerGone) else PeerGone(str(exc)))
+            self.children.discard(child)
+            how = f"{exc} (killed)" if silent else describe_exit(child.pid, code)
+            raise PeerGone(f"{label} failed to start: {how}", exitcode=code) from exc
+        if self._closing:  # main was closed while the child started: end it too
+            await child.close("main closing")
+            await self._end_child(child)
+            raise ConnectionClosed(f"{self.name} was closed while {label} started")
         return child
+
+    def _descriptors(self) -> list[int]:
+        """Every listener and connection of this main: what a forked child must close."""
+        fds = [server._sock.fileno() for server in self.servers]
+        for peer in self.peers:
+            fds.extend(peer.descriptors() if isinstance(peer, Child) else [peer.fileno()])
+        return [fd for fd in fds if fd >= 0]
 
     async def listen(self, address: str | Address, *, role: str = "client") -> Server:
         """Accept peers on ``unix:///path`` or ``tcp://host:port`` (port 0 picks one).
@@ -194,8 +225,9 @@ class Main(Handlers):
         """Stop listening, say goodbye to every peer, and end every child.
 
         Children get ``close_timeout`` seconds to exit after the goodbye;
-        any still running are killed.
+        any still running are killed. Afterwards :meth:`spawn` refuses.
         """
+        self._closing = True
         for server in self.servers:
             server.close()
         self.servers.clear()
@@ -211,7 +243,7 @@ class Main(Handlers):
         except TimeoutError:
             child.kill()
             with contextlib.suppress(TimeoutError):
-                await child.wait(2.0)
+                await child.wait(2.0)  # SIGKILL: the exit follows at once
 
 
 def _check_hello(peer: Peer) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 from .. import codec
+from ..attachments import MemfdStore
 from ..errors import (
     BadRequest,
     ConnectionClosed,
@@ -27,7 +28,7 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
-from ..protocol import Connection, State
+from ..protocol import Connection
 from ..registry import Call, Handler, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
 from ..shm import consume_all
@@ -95,12 +96,14 @@ class Peer(Handlers):
         self._conn = Connection(
             local_role,
             name=name,
+            pid=os.getpid(),
             max_frame_size=max_frame_size,
-            # On unix sockets: pass descriptors; and unless this side is a main,
-            # accept segments lent by the (trusted, privileged) other side.
-            features=(["fd", "lease"] if local_role != "main" else ["fd"])
+            # On unix sockets: pass descriptors. A main lends its segments only
+            # to the children it spawned; the other sides accept segments lent
+            # by the (trusted, privileged) main.
+            store=MemfdStore(lend=role == "child", borrow=local_role != "main")
             if self._stream.unix
-            else [],
+            else None,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
@@ -108,6 +111,9 @@ class Peer(Handlers):
         self.name = name
         self._on_close = on_close
         self._lease_timer: asyncio.TimerHandle | None = None
+        store = self._conn.store
+        if isinstance(store, MemfdStore):
+            store.on_release = self._lease_released
         self._last_direct = 0.0  # when an invoke last flushed on its own
         # rid -> (deadline, future, channel, timeout) of invokes with a timeout
         self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str, float]] = {}
@@ -147,6 +153,14 @@ class Peer(Handlers):
     def closed(self) -> bool:
         """Whether the connection is closed (by either side)."""
         return self._closed is not None
+
+    def fileno(self) -> int:
+        """The connection's socket descriptor (-1 once closed)."""
+        return self._sock.fileno()
+
+    def abort(self, exc: TetherError) -> None:
+        """Drop the connection now, without a goodbye: pending invokes fail with ``exc``."""
+        self._shutdown(exc)
 
     @property
     def remote_hello(self) -> codec.Hello | None:
@@ -218,7 +232,9 @@ class Peer(Handlers):
         fut = loop.create_future()
         rid = self._conn.send_invoke(self._chan(channel), args, fut)
         now = time.perf_counter()
-        if self._conn._fds_out or (now - self._last_direct > _BURST and self._flush_handle is None):
+        if self._conn.fds_queued or (
+            now - self._last_direct > _BURST and self._flush_handle is None
+        ):
             # A lone invoke goes out now, saving a turn of the loop on the round
             # trip; invokes issued back to back share one write at the next turn.
             self._last_direct = now
@@ -282,7 +298,7 @@ class Peer(Handlers):
         chan = self._chan_cache.get(channel)
         conn.send_event(chan if chan is not None else self._chan(channel), args)
         queued = conn.buffered_out
-        if queued >= FLUSH_SIZE or conn._fds_out:
+        if queued >= FLUSH_SIZE or conn.fds_queued:
             # Write now rather than when the loop turns: the peer starts reading
             # while this side keeps producing (a loop that never yields would
             # otherwise alternate with its reader instead of overlapping).
@@ -301,8 +317,14 @@ class Peer(Handlers):
             return
         if self._conn.poll_releases():
             self._kick()
-        if self._conn.borrowed.outstanding:
+        store = self._conn.store
+        if self._conn.leases_held and not (isinstance(store, MemfdStore) and store.notifies):
             self._lease_timer = self._loop.call_later(_LEASE_POLL, self._poll_leases)
+
+    def _lease_released(self) -> None:
+        """The store saw a lent segment's last view go (any thread): release it."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to release
+            self._loop.call_soon_threadsafe(self._poll_leases)
 
     def _kick(self) -> None:
         if self._flush_handle is None and self._started:
@@ -313,12 +335,14 @@ class Peer(Handlers):
         self._flush_handle = None
         if not self._started or self._closed is not None:
             return
-        fds = self._conn.take_fds()
-        data = self._conn.data_to_send()
+        data, fds = self._conn.data_to_send()
         if not data:
             return
         try:
             done = self._stream.write(data, fds)
+            while self._conn.fds_queued:  # more descriptors than one chunk carries
+                data, fds = self._conn.data_to_send()
+                done = self._stream.write(data, fds)
         except OSError as exc:
             self._lost(self._gone(exc))
             return
@@ -338,7 +362,7 @@ class Peer(Handlers):
 
     def _on_readable(self) -> None:
         if self._read_once():
-            if self._conn.borrowed.outstanding and self._lease_timer is None:
+            if self._conn.leases_held and self._lease_timer is None:
                 self._poll_leases()  # handlers may have dropped what they were lent
             if self.spin and not self._spinning:
                 self._spin()  # more is likely on its way: answer it without sleeping
@@ -379,7 +403,7 @@ class Peer(Handlers):
             try:
                 self._conn.receive_eof()
             except ProtocolError as exc:
-                self._lost(exc)
+                self._bad_message(exc)  # EOF mid-frame: logged like any protocol error
             else:
                 self._lost(self._gone(None))
             return False
@@ -508,8 +532,8 @@ class Peer(Handlers):
         if self._closed is not None:
             return
         self._closed = exc
-        self._conn.state = State.CLOSED
         self._stream.close(exc)
+        self._conn.abort()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         if self._lease_timer is not None:
@@ -517,7 +541,6 @@ class Peer(Handlers):
         if self._timer is not None:
             self._timer.cancel()
         self._deadlines.clear()
-        self._conn.close_fds()
         for fut in self._conn.fail_all():
             if not fut.done():
                 fut.set_exception(exc)

@@ -24,6 +24,7 @@ import msgspec
 
 from .common import (
     PAYLOAD,
+    CpuMeter,
     Params,
     Result,
     child_init,
@@ -106,12 +107,14 @@ def rt_socketpair(params: Params) -> Result:
             return dec.decode(recv(n, waitall))
 
         assert op() == PAYLOAD
-        samples = time_loop(op, **rt_budget(params))
+        meter = CpuMeter(proc.pid)
+        samples = time_loop(op, **rt_budget(params), meter=meter)
+        cpu = meter.stop(len(samples))
         parent.sendall(_LEN.pack(0))
     finally:
         parent.close()
         join_or_kill(proc)
-    return {"metrics": [latency("round trip", samples)]}
+    return {"metrics": [latency("round trip", samples, cpu=cpu)]}
 
 
 # -- multiprocessing.Pipe ---------------------------------------------------------
@@ -141,12 +144,14 @@ def rt_mp_pipe(params: Params) -> Result:
             return recv()
 
         assert op() == PAYLOAD
-        samples = time_loop(op, **rt_budget(params))
+        meter = CpuMeter(proc.pid)
+        samples = time_loop(op, **rt_budget(params), meter=meter)
+        cpu = meter.stop(len(samples))
         parent.send(None)
     finally:
         parent.close()
         join_or_kill(proc)
-    return {"metrics": [latency("round trip", samples)]}
+    return {"metrics": [latency("round trip", samples, cpu=cpu)]}
 
 
 def _pipe_count(conn: Connection, parent_pid: int) -> None:
@@ -187,16 +192,19 @@ def ev_mp_pipe(params: Params) -> Result:
             return count / elapsed
 
         batch(n // 10)  # warm-up
+        meter = CpuMeter(proc.pid)
+        meter.start()
         end = time.perf_counter() + max_s
         for _ in range(batches):
             rates.append(batch(n))
             if time.perf_counter() > end:
                 break
+        cpu = meter.stop(n * len(rates))
         parent.send("stop")
     finally:
         parent.close()
         join_or_kill(proc)
-    return {"metrics": [rate("events", rates, "/s")]}
+    return {"metrics": [rate("events", rates, "/s", cpu=cpu)]}
 
 
 # -- pyzmq --------------------------------------------------------------------
@@ -245,14 +253,16 @@ def rt_zmq(params: Params) -> Result:
                 return dec.decode(recv())
 
             assert op() == PAYLOAD
-            samples = time_loop(op, **rt_budget(params))
+            meter = CpuMeter(proc.pid)
+            samples = time_loop(op, **rt_budget(params), meter=meter)
+            cpu = meter.stop(len(samples))
             sock.send(b"")
             sock.recv()
         finally:
             sock.close(linger=0)
             ctx.term()
             join_or_kill(proc)
-    return {"metrics": [latency("round trip", samples)]}
+    return {"metrics": [latency("round trip", samples, cpu=cpu)]}
 
 
 def _zmq_pull_count(addr: str, ack_addr: str, parent_pid: int) -> None:
@@ -317,11 +327,14 @@ def ev_zmq(params: Params) -> Result:
                 return count / elapsed
 
             batch(n // 10)
+            meter = CpuMeter(proc.pid)
+            meter.start()
             end = time.perf_counter() + max_s
             for _ in range(batches):
                 rates.append(batch(n))
                 if time.perf_counter() > end:
                     break
+            cpu = meter.stop(n * len(rates))
             push.send(b"S")
             proc.join(5.0)
         finally:
@@ -329,7 +342,7 @@ def ev_zmq(params: Params) -> Result:
             ack.close(linger=0)
             ctx.term()
             join_or_kill(proc)
-    return {"metrics": [rate("events", rates, "/s")]}
+    return {"metrics": [rate("events", rates, "/s", cpu=cpu)]}
 
 
 def _zmq_router(addr: str, parent_pid: int) -> None:
@@ -402,15 +415,18 @@ def inflight_zmq(params: Params) -> Result:
                 return count / elapsed
 
             batch(n // 10)
+            meter = CpuMeter(proc.pid)
+            meter.start()
             end = time.perf_counter() + max_s
             for _ in range(batches):
                 rates.append(batch(n))
                 if time.perf_counter() > end:
                     break
+            cpu = meter.stop(n * len(rates))
             sock.send_multipart([b"", b""])
             proc.join(5.0)
         finally:
             sock.close(linger=0)
             ctx.term()
             join_or_kill(proc)
-    return {"metrics": [rate("invokes", rates, "/s")]}
+    return {"metrics": [rate("invokes", rates, "/s", cpu=cpu)]}

@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import multiprocessing.context
 import os
+import resource
 import shutil
 import signal
 import tempfile
@@ -21,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
 __all__ = [
+    "CpuMeter",
     "MiB",
     "PAYLOAD",
     "Metric",
@@ -80,20 +82,74 @@ def scratch_dir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def latency(name: str, samples_ns: list[int], unit: str = "us") -> Metric:
-    """A lower-is-better metric from per-operation durations in nanoseconds."""
+_TICK: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """user+sys CPU seconds of process ``pid`` (every thread), from ``/proc``; 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+class CpuMeter:
+    """CPU time (user+sys) of this process and its peer processes over a measurement.
+
+    ``start()`` after the warm-up, ``stop(ops)`` after the timed loop; the
+    result is a metric's ``cpu`` entry: CPU seconds of every process together,
+    wall seconds, and how many operations they covered. Two reads per
+    measurement, none per operation. A peer's figure comes from ``/proc`` in
+    clock ticks (10 ms), so measurements are kept near a second or longer.
+    """
+
+    def __init__(self, *pids: int | None) -> None:
+        self.pids = [p for p in pids if p]
+        self._t0 = 0.0
+        self._cpu0 = 0.0
+
+    def _cpu(self) -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return own.ru_utime + own.ru_stime + sum(_proc_cpu_s(p) for p in self.pids)
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._cpu0 = self._cpu()
+
+    def stop(self, ops: int) -> dict[str, float]:
+        cpu = self._cpu() - self._cpu0
+        wall = time.perf_counter() - self._t0
+        return {"cpu_s": round(cpu, 4), "wall_s": round(wall, 4), "ops": ops}
+
+
+def latency(
+    name: str, samples_ns: list[int], unit: str = "us", cpu: dict[str, float] | None = None
+) -> Metric:
+    """A lower-is-better metric from per-operation durations in nanoseconds.
+
+    ``cpu``: what a :class:`CpuMeter` measured over the same operations.
+    """
     scale = {"us": 1e3, "ms": 1e6}[unit]
-    return {
+    m: Metric = {
         "metric": name,
         "unit": unit,
         "better": "lower",
         "samples": [round(s / scale, 4) for s in samples_ns],
     }
+    if cpu is not None:
+        m["cpu"] = cpu
+    return m
 
 
-def rate(name: str, samples: list[float], unit: str) -> Metric:
-    """A higher-is-better metric (events/s, invokes/s, GB/s)."""
-    return {"metric": name, "unit": unit, "better": "higher", "samples": samples}
+def rate(name: str, samples: list[float], unit: str, cpu: dict[str, float] | None = None) -> Metric:
+    """A higher-is-better metric (events/s, invokes/s, GB/s), optionally with its CPU time."""
+    m: Metric = {"metric": name, "unit": unit, "better": "higher", "samples": samples}
+    if cpu is not None:
+        m["cpu"] = cpu
+    return m
 
 
 def unavailable(reason: str) -> Result:
@@ -109,13 +165,23 @@ def percentile(sorted_samples: list[float], q: float) -> float:
     return sorted_samples[min(k, len(sorted_samples) - 1)]
 
 
-def time_loop(op: Callable[[], object], *, warmup: int, iters: int, max_s: float) -> list[int]:
+def time_loop(
+    op: Callable[[], object],
+    *,
+    warmup: int,
+    iters: int,
+    max_s: float,
+    meter: CpuMeter | None = None,
+) -> list[int]:
     """Run ``op`` ``warmup`` times, then time each of up to ``iters`` calls (ns).
 
-    Stops early once ``max_s`` seconds of measuring have passed.
+    Stops early once ``max_s`` seconds of measuring have passed. ``meter`` is
+    started after the warm-up; the caller stops it.
     """
     for _ in range(warmup):
         op()
+    if meter is not None:
+        meter.start()
     pc = time.perf_counter_ns
     out: list[int] = []
     append = out.append
@@ -131,11 +197,18 @@ def time_loop(op: Callable[[], object], *, warmup: int, iters: int, max_s: float
 
 
 async def time_loop_async(
-    op: Callable[[], Awaitable[object]], *, warmup: int, iters: int, max_s: float
+    op: Callable[[], Awaitable[object]],
+    *,
+    warmup: int,
+    iters: int,
+    max_s: float,
+    meter: CpuMeter | None = None,
 ) -> list[int]:
     """:func:`time_loop` for a coroutine function."""
     for _ in range(warmup):
         await op()
+    if meter is not None:
+        meter.start()
     pc = time.perf_counter_ns
     out: list[int] = []
     append = out.append

@@ -15,25 +15,38 @@ from .scenarios import TARGETS
 
 __all__ = ["compare", "machine", "machine_line", "plot", "table", "to_json"]
 
-PEERS = ("mp_pipe", "zmq", "memcpy")
-PEER_TITLES = {"mp_pipe": "vs mp.Pipe", "zmq": "vs pyzmq", "memcpy": "vs memcpy"}
+PEERS = ("mp_pipe", "zmq", "shm_reuse", "memcpy")
+PEER_TITLES = {
+    "mp_pipe": "vs mp.Pipe",
+    "zmq": "vs pyzmq",
+    "shm_reuse": "vs shm reuse",
+    "memcpy": "vs memcpy",
+}
 
 
 # -- ratios and targets ------------------------------------------------------------
 
 
-def _baseline(rows: list[Row], row: Row, peer: str, unit: str) -> MetricStats | None:
+def _same_case(row: Row, other: Row) -> bool:
+    """Same group, and for transfers the same size and direction (memcpy has none)."""
+    if other.run.scenario.group != row.run.scenario.group:
+        return False
+    if row.run.scenario.group != "big":
+        return other.run.variant == row.run.variant
+    mine, theirs = row.run.params, other.run.params
+    if mine.get("size") != theirs.get("size"):
+        return False
+    return "direction" not in theirs or theirs["direction"] == mine.get("direction")
+
+
+def _baseline(rows: list[Row], row: Row, peer: str, m: MetricStats) -> MetricStats | None:
+    """The peer's metric to compare ``m`` with: same name, else the first of the same unit."""
     for other in rows:
-        s = other.run.scenario
-        if (
-            s.peer == peer
-            and s.group == row.run.scenario.group
-            and other.run.variant == row.run.variant
-            and other.status == "ok"
-        ):
-            for m in other.metrics:
-                if m.unit == unit:
-                    return m
+        if other.run.scenario.peer == peer and other.status == "ok" and _same_case(row, other):
+            same_unit = [b for b in other.metrics if b.unit == m.unit]
+            named = [b for b in same_unit if b.metric == m.metric]
+            if named or same_unit:
+                return (named or same_unit)[0]
     return None
 
 
@@ -44,7 +57,7 @@ def compare(rows: list[Row]) -> None:
             continue
         for m in row.metrics:
             for peer in PEERS:
-                base = _baseline(rows, row, peer, m.unit)
+                base = _baseline(rows, row, peer, m)
                 if base is not None and base.median > 0:
                     m.ratios[peer] = m.median / base.median
             for t in TARGETS:
@@ -135,13 +148,38 @@ def _ratio(m: MetricStats, peer: str) -> str:
     return "" if r is None else f"{r:.2f}x"
 
 
+def fmt_tail(m: MetricStats) -> str:
+    """``p99 41.2 us`` with enough samples, else ``max 9.1 ms``; empty for rates."""
+    tail = m.tail()
+    return "" if tail is None else f"{tail[0]} {fmt_value(tail[1], m.unit)}"
+
+
+def fmt_cpu(m: MetricStats) -> tuple[str, str]:
+    """(CPU as % of one core, CPU per operation): user+sys of every process of the case."""
+    if m.cpu_pct is None or m.cpu_us_per_op is None:
+        return "", ""
+    per_op = m.cpu_us_per_op
+    op = f"{per_op:.3g} us" if per_op < 1000 else f"{per_op / 1000:.3g} ms"
+    return f"{m.cpu_pct:.0f}%", op
+
+
 def table(rows: list[Row]) -> str:
     """The printed table: one line per metric, ratios and targets for tether's rows."""
-    head = ["scenario", "metric", "median", "p99", *PEER_TITLES.values(), "target", ""]
+    head = [
+        "scenario",
+        "metric",
+        "median",
+        "p99 / max",
+        "CPU",
+        "CPU/op",
+        *PEER_TITLES.values(),
+        "target",
+        "",
+    ]
     lines: list[list[str]] = []
     for row in rows:
         if row.status != "ok":
-            lines.append([row.run.label, row.status, row.reason, "", "", "", "", "", ""])
+            lines.append([row.run.label, row.status, row.reason] + [""] * (len(head) - 3))
             continue
         for m in row.metrics:
             targets = " ".join(t["target"] for t in m.targets)
@@ -154,7 +192,8 @@ def table(rows: list[Row]) -> str:
                     row.run.label,
                     m.metric,
                     fmt_value(m.median, m.unit),
-                    fmt_value(m.p99, m.unit) if m.p99 is not None else "",
+                    fmt_tail(m),
+                    *fmt_cpu(m),
                     *(_ratio(m, p) for p in PEERS),
                     targets,
                     ok,
@@ -166,7 +205,7 @@ def table(rows: list[Row]) -> str:
             if ln[1] in ("error", "unavailable") and i == 2:
                 continue  # the reason may overflow its column
             widths[i] = max(widths[i], len(cell))
-    right = {2, 3, 4, 5, 6}
+    right = set(range(2, 6 + len(PEERS)))
 
     def render(cells: list[str]) -> str:
         if cells[1] in ("error", "unavailable"):
@@ -199,7 +238,12 @@ def notes(rows: list[Row]) -> str:
     """How to read the ratio columns."""
     return (
         "ratios: tether / peer, same run. Latencies: below 1x is faster; "
-        "rates and GB/s: above 1x is faster."
+        "rates and GB/s: above 1x is faster.\n"
+        "p99 / max: the p99 with 100 samples or more, else the maximum (so labelled).\n"
+        "CPU: user+sys time of both processes over the timed span, as % of one core, "
+        "and per operation (round trip, event, invoke or transfer).\n"
+        "big: m->c main -> child, c->m child -> main; 'cold transfer' is each process's "
+        "first transfer, left out of 'transfer'."
     )
 
 
@@ -263,7 +307,7 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
     if rt:
         ys = list(range(len(rt)))
         meds = [m.median for _, m in rt]
-        p99s = [m.p99 or 0.0 for _, m in rt]
+        p99s = [(m.tail() or ("", 0.0))[1] for _, m in rt]
         limit = 3.0 * max(meds)  # a p99 tail far out would squash the medians
         ax.barh(ys, meds, color=[colour[r.run.scenario.tether] for r, _ in rt])
         shown = [(p, y) for p, y in zip(p99s, ys, strict=True) if p <= limit]
@@ -271,10 +315,10 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
         ax.set_xlim(0, limit)
         ax.set_yticks(ys, [r.run.scenario.title for r, _ in rt])
         ax.invert_yaxis()
-        for y, v, p in zip(ys, meds, p99s, strict=True):
-            ax.text(v, y, f" {v:.1f}  (p99 {p:.0f})", va="center", fontsize=8)
+        for y, v, (_, m) in zip(ys, meds, rt, strict=True):
+            ax.text(v, y, f" {v:.1f}  ({fmt_tail(m)})", va="center", fontsize=8)
     ax.set_title("small round trip, median (us, lower is better)")
-    ax.set_xlabel("microseconds (|: p99 when it fits)")
+    ax.set_xlabel("microseconds (|: p99, or max with few samples, when it fits)")
 
     # Message rates.
     ax = axes[0][1]
@@ -297,7 +341,7 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
 
     # Large transfers, grouped by size.
     ax = axes[1][0]
-    big = pick(("big",), "GB/s")
+    big = [(r, m) for r, m in pick(("big",), "GB/s") if m.metric != "cold transfer"]
     if big:
         variants = list(dict.fromkeys(r.run.variant for r, _ in big))
         names = list(dict.fromkeys(r.run.scenario.name for r, _ in big))
@@ -310,7 +354,8 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
                         xs.append(i + (j - (len(variants) - 1) / 2) * width)
                         vals.append(m.median)
                         cols.append(colour[r.run.scenario.tether])
-            bars = ax.bar(xs, vals, width, color=cols, alpha=1.0 - 0.35 * j, label=var)
+            alpha = max(0.25, 1.0 - 0.75 * j / max(1, len(variants) - 1))
+            bars = ax.bar(xs, vals, width, color=cols, alpha=alpha, label=var)
             ax.bar_label(bars, [f"{v:.2g}" for v in vals], fontsize=7)
         titles = {
             r.run.scenario.name: r.run.scenario.title
@@ -319,8 +364,8 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
         }
         ax.set_xticks(range(len(names)), [titles[n] for n in names], rotation=20, ha="right")
         ax.set_yscale("log")
-        ax.legend(fontsize=8, title="size (lighter: larger)")
-    ax.set_title("large ndarray parent -> child with ack (GB/s, log, higher is better)")
+        ax.legend(fontsize=7, title="size, direction")
+    ax.set_title("large ndarray transfers, warm (GB/s, log, higher is better)")
 
     # Milliseconds: SIGKILL -> PeerGone, Buffer handoff.
     ax = axes[1][1]
@@ -329,7 +374,8 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
         ys = list(range(len(ms)))
         meds = [m.median for _, m in ms]
         ax.barh(ys, meds, color=colour[True])
-        ax.scatter([m.p99 for _, m in ms], ys, marker="|", s=200, color="k", label="p99")
+        tails = [(m.tail() or ("", m.median))[1] for _, m in ms]
+        ax.scatter(tails, ys, marker="|", s=200, color="k", label="p99 (max if few)")
         ax.set_yticks(ys, [f"{r.run.scenario.title} {r.run.variant}".strip() for r, _ in ms])
         ax.invert_yaxis()
         for y, v in zip(ys, meds, strict=True):

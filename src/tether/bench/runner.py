@@ -22,22 +22,44 @@ from typing import Any, TextIO
 from .common import percentile
 from .scenarios import Run
 
-__all__ = ["MetricStats", "Row", "run_all", "run_once"]
+__all__ = ["MIN_P99_SAMPLES", "MetricStats", "Row", "run_all", "run_once"]
+
+
+#: Fewer samples than this have no p99 of their own: the nearest-rank p99 would be the maximum.
+MIN_P99_SAMPLES = 100
 
 
 @dataclass
 class MetricStats:
-    """One metric of one run, pooled over its repeats."""
+    """One metric of one run, pooled over its repeats.
+
+    ``p99`` is given for latencies with at least :data:`MIN_P99_SAMPLES`
+    samples; ``max`` for every latency, so a table shows the maximum, labelled
+    as such, where a p99 would only be the maximum renamed. ``cpu_pct`` (user+sys
+    of every process of the case, as % of one core over the timed span) and
+    ``cpu_us_per_op`` come from the case's :class:`~tether.bench.common.CpuMeter`.
+    """
 
     metric: str
     unit: str
     better: str  # "lower" or "higher"
     median: float
-    p99: float | None  # for latencies only
+    p99: float | None  # for latencies with enough samples only
     n: int
     per_repeat: list[float]  # the median of each repeat
     ratios: dict[str, float] = field(default_factory=dict)  # peer -> tether/peer
     targets: list[dict[str, Any]] = field(default_factory=list)
+    max: float | None = None  # for latencies
+    cpu_pct: float | None = None
+    cpu_us_per_op: float | None = None
+
+    def tail(self) -> tuple[str, float] | None:
+        """("p99", value) when there are enough samples, else ("max", value); None for rates."""
+        if self.p99 is not None:
+            return "p99", self.p99
+        if self.max is not None:
+            return "max", self.max
+        return None
 
 
 @dataclass
@@ -108,15 +130,22 @@ def _pool(results: list[dict[str, Any]]) -> list[MetricStats]:
         pooled = sorted(s for p in parts for s in p["samples"])
         first = parts[0]
         latency = first["better"] == "lower"
+        cpu = [p["cpu"] for p in parts if p.get("cpu")]
+        cpu_s = sum(c["cpu_s"] for c in cpu)
+        wall_s = sum(c["wall_s"] for c in cpu)
+        ops = sum(c["ops"] for c in cpu)
         stats.append(
             MetricStats(
                 metric=name,
                 unit=first["unit"],
                 better=first["better"],
                 median=percentile(pooled, 50),
-                p99=percentile(pooled, 99) if latency else None,
+                p99=percentile(pooled, 99) if latency and len(pooled) >= MIN_P99_SAMPLES else None,
                 n=len(pooled),
                 per_repeat=[percentile(sorted(p["samples"]), 50) for p in parts],
+                max=pooled[-1] if latency and pooled else None,
+                cpu_pct=100.0 * cpu_s / wall_s if cpu and wall_s > 0 else None,
+                cpu_us_per_op=1e6 * cpu_s / ops if cpu and ops > 0 else None,
             )
         )
     return stats

@@ -2,8 +2,9 @@
 
 A scenario is one function ``fn(params) -> Result`` run in a fresh process by
 :mod:`tether.bench.case`. ``peer`` names what a baseline stands for in the
-ratio columns (``mp_pipe``, ``zmq``, ``memcpy``); tether's rows are compared
-with the baselines of the same group, variant and unit.
+ratio columns (``mp_pipe``, ``zmq``, ``shm_reuse``, ``memcpy``); tether's rows
+are compared with the baselines of the same group, size, direction and metric
+(memcpy, which has no direction, with either).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from .common import MiB
 
 __all__ = [
     "BIG_SIZES",
+    "BOTH",
+    "DIRECTION_TITLES",
     "SCENARIOS",
     "TARGETS",
     "Run",
@@ -29,6 +32,11 @@ BIG_SIZES = (64 * MiB, 256 * MiB)
 QUICK_BIG_SIZES = (64 * MiB,)
 
 
+#: Directions of a large transfer: main -> child and child -> main.
+BOTH = ("m2c", "c2m")
+DIRECTION_TITLES = {"m2c": "m->c", "c2m": "c->m"}
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -37,15 +45,22 @@ class Scenario:
     title: str
     peer: str | None = None  # for baselines: the ratio column it feeds
     tether: bool = False
+    directions: tuple[str, ...] = ()  # big transfers: which ways it runs; () = no direction
 
 
-def _s(name: str, group: str, title: str, peer: str | None = None) -> Scenario:
+def _s(
+    name: str,
+    group: str,
+    title: str,
+    peer: str | None = None,
+    directions: tuple[str, ...] = (),
+) -> Scenario:
     tether = peer is None
     if group == "big":
         module = "tether_bulk" if tether else "bulk"
     else:
         module = "tether_cases" if tether else "baselines"
-    return Scenario(name, group, f"{module}:{name}", title, peer, tether)
+    return Scenario(name, group, f"{module}:{name}", title, peer, tether, directions)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -56,6 +71,7 @@ SCENARIOS: dict[str, Scenario] = {
         _s("rt_zmq", "rt", "pyzmq REQ/REP", "zmq"),
         _s("rt_tether_async", "rt", "tether async"),
         _s("rt_tether_sync", "rt", "tether blocking"),
+        _s("rt_tether_sync_nospin", "rt", "tether blocking, spin=0"),
         _s("rt_tether_main_child", "rt", "tether main->child"),
         _s("rt_tether_spin", "rt", "tether main->child, spin"),
         _s("ev_mp_pipe", "ev", "mp.Pipe", "mp_pipe"),
@@ -63,12 +79,13 @@ SCENARIOS: dict[str, Scenario] = {
         _s("ev_tether", "ev", "tether send/on"),
         _s("inflight_zmq", "inflight", "pyzmq DEALER/ROUTER", "zmq"),
         _s("inflight_tether", "inflight", "tether invoke"),
-        _s("big_mp_pipe", "big", "mp.Pipe send_bytes", "mp_pipe"),
-        _s("big_zmq", "big", "pyzmq copy=False", "zmq"),
-        _s("big_shm", "big", "shared_memory (new segment)", "shm"),
+        _s("big_mp_pipe", "big", "mp.Pipe send_bytes", "mp_pipe", BOTH),
+        _s("big_zmq", "big", "pyzmq copy=False", "zmq", BOTH),
+        _s("big_shm", "big", "shared_memory (new segment)", "shm", BOTH),
+        _s("big_shm_reuse", "big", "shared_memory (one segment reused)", "shm_reuse", BOTH),
         _s("big_memcpy", "big", "memcpy in-process (ceiling)", "memcpy"),
-        _s("big_tether_attach", "big", "tether attachment"),
-        _s("big_tether_buffer", "big", "tether Buffer"),
+        _s("big_tether_attach", "big", "tether attachment", None, BOTH),
+        _s("big_tether_buffer", "big", "tether Buffer", None, ("m2c",)),
         _s("kill_to_peergone", "kill", "SIGKILL -> PeerGone"),
     ]
 }
@@ -103,7 +120,7 @@ class Target:
     def text(self) -> str:
         if self.peer is None:
             return f"{self.op}{self.bound:g}"
-        short = {"mp_pipe": "pipe", "zmq": "zmq", "memcpy": "memcpy"}[self.peer]
+        short = {"mp_pipe": "pipe", "zmq": "zmq", "memcpy": "memcpy", "shm_reuse": "shm"}[self.peer]
         return f"{self.op}{self.bound:g}x {short}"
 
     def met(self, value: float) -> bool:
@@ -151,7 +168,7 @@ def select(only: str | None) -> list[Scenario]:
 
 
 def plan(scenarios: list[Scenario], quick: bool, cpus: list[int] | None = None) -> list[Run]:
-    """Expand scenarios into runs (one per transfer size for the ``big`` group).
+    """Expand scenarios into runs (one per transfer size and direction for the ``big`` group).
 
     ``cpus``: pin each case process (and so its children) to these CPUs.
     """
@@ -162,7 +179,12 @@ def plan(scenarios: list[Scenario], quick: bool, cpus: list[int] | None = None) 
         base["cpus"] = list(cpus)
     for s in scenarios:
         if s.group == "big":
-            runs.extend(Run(s, f"{size // MiB}MiB", {**base, "size": size}) for size in sizes)
+            for size in sizes:
+                if not s.directions:
+                    runs.append(Run(s, f"{size // MiB}MiB", {**base, "size": size}))
+                for d in s.directions:
+                    variant = f"{size // MiB}MiB {DIRECTION_TITLES[d]}"
+                    runs.append(Run(s, variant, {**base, "size": size, "direction": d}))
         else:
             runs.append(Run(s, "", dict(base)))
     return runs

@@ -1,4 +1,4 @@
-"""tether's large-payload cases: an ndarray as an attachment, and ``tether.Buffer``.
+"""tether's large-payload cases: an ndarray as an attachment (both directions), ``tether.Buffer``.
 
 The child is started with :meth:`tether.Main.spawn`; the measuring side runs
 on :func:`tether.aio.loop.run`. Both cases are written against the attachment
@@ -16,8 +16,8 @@ import msgspec
 
 import tether
 
-from .bulk import big_budget, checksum, make_source
-from .common import Params, Result, latency, rate, unavailable
+from .bulk import big_budget, big_result, checksum, direction, make_source
+from .common import CpuMeter, Params, Result, latency, rate, unavailable
 from .tether_cases import WAIT, bounded, loop_name
 
 __all__ = ["big_tether_attach", "big_tether_buffer"]
@@ -48,6 +48,8 @@ def _peek(call: tether.Call, data: Any) -> int:
 
 
 async def _sink_child(peer: tether.Peer) -> None:
+    import numpy  # noqa: F401  (before the hello: the cold transfer is not the import)
+
     peer.handle("take", _take)
     peer.handle("peek", _peek)
     await peer.wait_closed()
@@ -85,26 +87,58 @@ async def _timed(
     return out
 
 
+async def _source_child(peer: tether.Peer, size: int) -> None:
+    src = make_source(size)
+
+    def make(call: tether.Call) -> Any:
+        return src
+
+    peer.handle("make", make)
+    await peer.wait_closed()
+
+
 def big_tether_attach(params: Params) -> Result:
-    """``await child.invoke("take", arr)``: the ndarray travels as an attachment."""
+    """An ndarray as an attachment: ``child.invoke("take", arr)`` main -> child, or
+    ``child.invoke("make")`` returning the child's array (``c2m``), checksummed in main.
+
+    The first transfer (which creates and maps the pool's segment) is timed
+    apart as the cold one.
+    """
     size, reps, max_s = big_budget(params)
+    c2m = direction(params) == "c2m"
     src = make_source(size)
     expected = checksum(src)
 
     async def measure() -> Result:
         async with tether.Main(timeout=WAIT * 2) as main:
-            child = await main.spawn(_sink_child)
-            try:  # the first transfer doubles as the warm-up
-                got = await child.invoke("take", src)
+            if c2m:
+                child = await main.spawn(_source_child, size)
+
+                async def op() -> int:
+                    return checksum(_as_u8(await child.invoke("make")))
+
+            else:
+                child = await main.spawn(_sink_child)
+
+                async def op() -> int:
+                    result: int = await child.invoke("take", src)
+                    return result
+
+            t0 = time.perf_counter_ns()
+            try:
+                got = await op()
             except _FEATURE_ERRORS as exc:
                 return unavailable(_reason("ndarray attachments not supported", exc))
+            cold = size / (time.perf_counter_ns() - t0)
             if got != expected:
                 raise RuntimeError(f"checksum mismatch: got {got}, expected {expected}")
-            ns = await _timed(lambda: child.invoke("take", src), expected, reps, max_s)
-            return {
-                "metrics": [rate("transfer", [size / t for t in ns], "GB/s")],
-                "info": {"loop": loop_name()},
-            }
+            meter = CpuMeter(child.pid)
+            meter.start()
+            ns = await _timed(op, expected, reps, max_s)
+            cpu = meter.stop(len(ns))
+            result = big_result(cold, [size / t for t in ns], cpu)
+            result["info"] = {"loop": loop_name()}
+            return result
 
     return bounded(measure(), params)
 
@@ -144,8 +178,10 @@ def big_tether_buffer(params: Params) -> Result:
             child = await main.spawn(_sink_child)
             handoff: list[int] = []
             cycle: list[float] = []
+            cold: list[int] = []
+            meter = CpuMeter(child.pid)
             end = time.perf_counter() + max_s
-            for i in range(reps + 1):  # the first round is the warm-up
+            for i in range(reps + 1):  # the first round is the cold one, reported apart
                 t0 = time.perf_counter_ns()
                 try:
                     buf = Buffer(size)
@@ -165,12 +201,17 @@ def big_tether_buffer(params: Params) -> Result:
                 if i:
                     handoff.append(t2 - t1)
                     cycle.append(size / (t2 - t0))
+                else:
+                    cold.append(t2 - t1)
+                    meter.start()
                 if time.perf_counter() > end:
                     break
+            cpu = meter.stop(len(cycle))
             return {
                 "metrics": [
                     latency("handoff", handoff, unit="ms"),
-                    rate("alloc+fill+handoff", cycle, "GB/s"),
+                    rate("alloc+fill+handoff", cycle, "GB/s", cpu=cpu),
+                    latency("cold handoff", cold, unit="ms"),
                 ],
                 "info": {"loop": loop_name()},
             }

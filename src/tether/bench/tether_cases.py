@@ -21,6 +21,7 @@ from ..aio.loop import run
 from .baselines import ev_budget, inflight_budget, rt_budget
 from .common import (
     PAYLOAD,
+    CpuMeter,
     Params,
     Result,
     child_init,
@@ -45,6 +46,7 @@ __all__ = [
     "rt_tether_main_child",
     "rt_tether_spin",
     "rt_tether_sync",
+    "rt_tether_sync_nospin",
 ]
 
 WAIT = 30.0  # bound on every wait outside the hot loops, in seconds
@@ -120,50 +122,68 @@ class _Server:
 def rt_tether_async(params: Params) -> Result:
     """An asyncio client invokes ``echo`` on a main process over a unix socket."""
 
-    async def measure(address: str) -> tuple[list[int], str]:
-        async with tether.connect(address, timeout=WAIT) as peer:
+    async def measure(server: _Server) -> tuple[list[int], dict[str, float], str]:
+        async with tether.connect(server.address, timeout=WAIT) as peer:
             assert await peer.invoke("echo", PAYLOAD) == PAYLOAD
+            meter = CpuMeter(server.proc.pid)
             samples = await time_loop_async(
-                lambda: peer.invoke("echo", PAYLOAD), **rt_budget(params)
+                lambda: peer.invoke("echo", PAYLOAD), **rt_budget(params), meter=meter
             )
-            return samples, loop_name()
+            return samples, meter.stop(len(samples)), loop_name()
 
     with scratch_dir() as tmp:
         server = _Server(tmp)
         try:
-            samples, loop = bounded(measure(server.address), params)
+            samples, cpu, loop = bounded(measure(server), params)
         finally:
             server.stop()
-    return {"metrics": [latency("round trip", samples)], "info": {"loop": loop}}
+    return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"loop": loop}}
 
 
-def rt_tether_sync(params: Params) -> Result:
-    """A blocking client (:func:`tether.sync.connect`) invokes ``echo`` on a main process."""
+def rt_tether_sync(params: Params, spin: float | None = None) -> Result:
+    """A blocking client (:func:`tether.sync.connect`) invokes ``echo`` on a main process.
+
+    ``spin``: the client's polling window (default: the library's, 200 us).
+    """
+    kw: dict[str, Any] = {} if spin is None else {"spin": spin}
     with scratch_dir() as tmp:
         server = _Server(tmp)
         try:
-            with tether.sync.connect(server.address, timeout=WAIT) as peer:
+            with tether.sync.connect(server.address, timeout=WAIT, **kw) as peer:
                 assert peer.invoke("echo", PAYLOAD) == PAYLOAD
-                samples = time_loop(lambda: peer.invoke("echo", PAYLOAD), **rt_budget(params))
+                meter = CpuMeter(server.proc.pid)
+                samples = time_loop(
+                    lambda: peer.invoke("echo", PAYLOAD), **rt_budget(params), meter=meter
+                )
+                cpu = meter.stop(len(samples))
         finally:
             server.stop()
-    return {"metrics": [latency("round trip", samples)]}
+    return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"spin_s": peer.spin}}
+
+
+def rt_tether_sync_nospin(params: Params) -> Result:
+    """:func:`rt_tether_sync` with ``spin=0``: the client sleeps in ``select`` at once.
+
+    Beside the default row, it shows what the default's polling buys and costs (CPU column).
+    """
+    return rt_tether_sync(params, spin=0.0)
 
 
 def rt_tether_main_child(params: Params) -> Result:
     """Main invokes ``echo`` on a child it spawned (main -> child)."""
 
-    async def measure() -> tuple[list[int], str]:
+    async def measure() -> tuple[list[int], dict[str, float], str]:
         async with tether.Main(timeout=WAIT) as main:
             child = await main.spawn(_echo_child)
             assert await child.invoke("echo", PAYLOAD) == PAYLOAD
+            meter = CpuMeter(child.pid)
             samples = await time_loop_async(
-                lambda: child.invoke("echo", PAYLOAD), **rt_budget(params)
+                lambda: child.invoke("echo", PAYLOAD), **rt_budget(params), meter=meter
             )
-            return samples, loop_name()
+            return samples, meter.stop(len(samples)), loop_name()
 
-    samples, loop = bounded(measure(), params)
-    return {"metrics": [latency("round trip", samples)], "info": {"loop": loop}}
+    samples, cpu, loop = bounded(measure(), params)
+    return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"loop": loop}}
 
 
 SPIN = 0.0002  # seconds: the opt-in low-latency mode's polling window
@@ -180,18 +200,19 @@ def rt_tether_spin(params: Params) -> Result:
     except TypeError as exc:
         return unavailable(f"tether.Main has no low-latency mode: {exc}")
 
-    async def measure() -> tuple[list[int], str]:
+    async def measure() -> tuple[list[int], dict[str, float], str]:
         async with main:
             child = await main.spawn(_echo_child)
             assert await child.invoke("echo", PAYLOAD) == PAYLOAD
+            meter = CpuMeter(child.pid)
             samples = await time_loop_async(
-                lambda: child.invoke("echo", PAYLOAD), **rt_budget(params)
+                lambda: child.invoke("echo", PAYLOAD), **rt_budget(params), meter=meter
             )
-            return samples, loop_name()
+            return samples, meter.stop(len(samples)), loop_name()
 
-    samples, loop = bounded(measure(), params)
+    samples, cpu, loop = bounded(measure(), params)
     return {
-        "metrics": [latency("round trip", samples)],
+        "metrics": [latency("round trip", samples, cpu=cpu)],
         "info": {"loop": loop, "spin_s": SPIN},
     }
 
@@ -224,7 +245,7 @@ def ev_tether(params: Params) -> Result:
     """
     n, batches, max_s = ev_budget(params)
 
-    async def measure() -> tuple[list[float], str]:
+    async def measure() -> tuple[list[float], dict[str, float], str]:
         async with tether.Main(timeout=WAIT) as main:
             child = await main.spawn(_count_child)
 
@@ -240,15 +261,17 @@ def ev_tether(params: Params) -> Result:
 
             await batch(n // 10)
             rates: list[float] = []
+            meter = CpuMeter(child.pid)
+            meter.start()
             end = time.perf_counter() + max_s
             for _ in range(batches):
                 rates.append(await batch(n))
                 if time.perf_counter() > end:
                     break
-            return rates, loop_name()
+            return rates, meter.stop(n * len(rates)), loop_name()
 
-    rates, loop = bounded(measure(), params)
-    return {"metrics": [rate("events", rates, "/s")], "info": {"loop": loop}}
+    rates, cpu, loop = bounded(measure(), params)
+    return {"metrics": [rate("events", rates, "/s", cpu=cpu)], "info": {"loop": loop}}
 
 
 # -- invokes in flight -----------------------------------------------------------
@@ -258,8 +281,8 @@ def inflight_tether(params: Params) -> Result:
     """An asyncio client keeps 256 invokes of ``echo`` in flight to a main process."""
     n, batches, window, max_s = inflight_budget(params)
 
-    async def measure(address: str) -> tuple[list[float], str]:
-        async with tether.connect(address, timeout=WAIT) as peer:
+    async def measure(server: _Server) -> tuple[list[float], dict[str, float], str]:
+        async with tether.connect(server.address, timeout=WAIT) as peer:
 
             async def batch(count: int) -> float:
                 left = count
@@ -277,20 +300,22 @@ def inflight_tether(params: Params) -> Result:
 
             await batch(n // 10)
             rates: list[float] = []
+            meter = CpuMeter(server.proc.pid)
+            meter.start()
             end = time.perf_counter() + max_s
             for _ in range(batches):
                 rates.append(await batch(n))
                 if time.perf_counter() > end:
                     break
-            return rates, loop_name()
+            return rates, meter.stop(n * len(rates)), loop_name()
 
     with scratch_dir() as tmp:
         server = _Server(tmp)
         try:
-            rates, loop = bounded(measure(server.address), params)
+            rates, cpu, loop = bounded(measure(server), params)
         finally:
             server.stop()
-    return {"metrics": [rate("invokes", rates, "/s")], "info": {"loop": loop}}
+    return {"metrics": [rate("invokes", rates, "/s", cpu=cpu)], "info": {"loop": loop}}
 
 
 # -- SIGKILL -> PeerGone ---------------------------------------------------------

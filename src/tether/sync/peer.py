@@ -67,6 +67,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from .. import codec
+from ..attachments import MemfdStore
 from ..errors import (
     ConnectionClosed,
     InvokeTimeout,
@@ -171,10 +172,14 @@ class Peer(Handlers):
         self._conn = Connection(
             local_role,
             name=name,
+            pid=os.getpid(),
             max_frame_size=max_frame_size,
-            # On unix sockets: pass descriptors; and unless this side is a main,
-            # accept segments lent by the (trusted, privileged) other side.
-            features=(["fd", "lease"] if local_role != "main" else ["fd"]) if self._unix else [],
+            # On unix sockets: pass descriptors. Lend segments only to a child
+            # (as an asyncio main does); accept segments lent by the other side
+            # unless this side is a main (it trusts the privileged side's pages).
+            store=MemfdStore(lend=role == "child", borrow=local_role != "main")
+            if self._unix
+            else None,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
@@ -340,11 +345,11 @@ class Peer(Handlers):
         if timeout is DEFAULT:
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._conn.borrowed.outstanding:
+        if self._conn.leases_held:
             self._poll_releases()
         slot = _Slot()
         with self._lock:
-            if self._closed is not None or self._conn.goodbye_reason is not None:
+            if self._closed is not None or self._conn.their_goodbye:
                 raise self._refused(args)
             rid = self._conn.send_invoke(chan, args, slot)
         self._flush(deadline)
@@ -378,10 +383,10 @@ class Peer(Handlers):
         chan = self._chan(channel, args)
         if self._lazy:
             self._start_serving()
-        if self._conn.borrowed.outstanding:
+        if self._conn.leases_held:
             self._poll_releases()
         with self._lock:
-            if self._closed is not None or self._conn.goodbye_reason is not None:
+            if self._closed is not None or self._conn.their_goodbye:
                 raise self._refused(args)
             before = self._conn.buffered_out
             self._conn.send_event(chan, args)
@@ -412,8 +417,7 @@ class Peer(Handlers):
         """What the Connection queued: bytes, and descriptors for their first byte (holds _lock)."""
         self._releases_due = False
         self._worker_out = 0
-        fds = self._conn.take_fds()
-        return self._conn.data_to_send(), fds
+        return self._conn.data_to_send()
 
     def _flush(self, deadline: float | None, block: bool = True, wait: float = -1) -> None:
         """Write everything queued (waiting at most ``wait`` seconds for the write lock).
@@ -511,7 +515,7 @@ class Peer(Handlers):
                 data = self._recv()
                 if data is not None:
                     self._handle(data)
-                    if self._conn.borrowed.outstanding:
+                    if self._conn.leases_held:
                         self._poll_releases()
         finally:
             if claimed:
@@ -544,7 +548,7 @@ class Peer(Handlers):
                     self._make_room(wait=True, deadline=deadline)
                 data = self._recv_wait(deadline)
                 self._handle(data)
-                if self._conn.borrowed.outstanding:
+                if self._conn.leases_held:
                     # After _handle let go of the frames; the worker checks
                     # again after each handler: one of the two sees them dropped.
                     self._poll_releases()
@@ -767,7 +771,7 @@ class Peer(Handlers):
             elif not closed:
                 self._run_handler(f)
             del f
-            if self._conn.borrowed.outstanding:
+            if self._conn.leases_held:
                 self._poll_releases()
             if self._fatal is not None:
                 return
@@ -866,8 +870,7 @@ class Peer(Handlers):
                 return
             self._closed = exc
         with self._lock:
-            waiters = self._conn.fail_all()
-            self._conn.close_fds()
+            waiters = self._conn.fail_all()  # and closes the attachment store
         with self._mu:
             for slot in (*waiters, self._hello):
                 if not slot.done:

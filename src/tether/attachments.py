@@ -1,0 +1,223 @@
+"""The attachment store: every descriptor and mapping one connection holds.
+
+The protocol core (:mod:`tether.protocol`) holds no descriptors, mappings or
+process-wide state. Whatever touches the OS for out-of-band attachments lives
+here, in one :class:`MemfdStore` per connection, created by the I/O layer and
+handed to :class:`~tether.protocol.Connection`:
+
+* descriptors received beside the bytes, until a frame claims them;
+* sealed segments made for outgoing attachments;
+* segments *lent* to the peer (leases) and this connection's own pool of idle
+  ones, so a segment lent to one peer is never refilled for another;
+* read-only mappings of segments the peer lent to this side.
+
+:meth:`MemfdStore.close` releases all of it. In a forked child every store
+inherited from the parent is closed (its memfds and mappings), never written.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from . import shm
+from .errors import ProtocolError
+from .pool import Borrowed, Segment, SegmentPool
+from .wire import FLAG_LEASE, FLAG_MOVED
+
+__all__ = ["MAX_LEASES", "MemfdStore"]
+
+_U32: Final = 0xFFFFFFFF
+#: leases one connection may have out at once; past it, segments are sealed one-offs
+MAX_LEASES: Final = 64
+
+_STORES: weakref.WeakSet[MemfdStore] = weakref.WeakSet()
+
+
+class MemfdStore:
+    """Shared-memory attachments of one connection (unix sockets only).
+
+    Args:
+        lend: lend pooled segments to the peer when it announces ``lease``.
+            Only for a peer this side trusts with its own pages (a main lends
+            to the children it spawned): lent pages stay mapped on both sides
+            and are refilled, for this same peer only, after its RELEASE.
+        borrow: accept segments lent or moved by the peer (this side trusts
+            the peer's pages not to change under it: a child trusts its main).
+        max_idle, max_segments: bounds of this connection's idle segments.
+    """
+
+    def __init__(
+        self,
+        *,
+        lend: bool = False,
+        borrow: bool = False,
+        max_idle: int = 256 << 20,
+        max_segments: int = 8,
+    ) -> None:
+        self.lend = lend
+        self.borrow = borrow
+        #: HELLO features this store supports
+        self.features: tuple[str, ...] = ("fd", "lease") if borrow else ("fd",)
+        self._fds_in: collections.deque[int] = collections.deque()
+        self._pool = SegmentPool(max_idle, max_segments)
+        self._leases: dict[int, Segment] = {}  # lent out, awaiting RELEASE
+        self._next_lease = 0
+        #: segments the peer lent this side
+        self.borrowed = Borrowed()
+        self.closed = False
+        _STORES.add(self)
+
+    # -- receiving --------------------------------------------------------
+
+    def receive_fds(self, fds: Iterable[int]) -> None:
+        """Queue descriptors received beside the bytes; frames claim them in order."""
+        if self.closed:
+            shm.close_fds(fds)
+        else:
+            self._fds_in.extend(fds)
+
+    @property
+    def unclaimed(self) -> int:
+        """Descriptors received that no frame has claimed yet."""
+        return len(self._fds_in)
+
+    def claim(self, nbytes: int, flags: int, aux: int) -> memoryview:
+        """Map the next received descriptor as an attachment of ``nbytes``.
+
+        Raises:
+            ProtocolError: no descriptor arrived, it is not sealed, is smaller
+                than announced, or is lent/moved while this side does not borrow.
+        """
+        if not self._fds_in:
+            raise ProtocolError("frame refers to a file descriptor that did not arrive")
+        fd = self._fds_in.popleft()
+        if not flags & (FLAG_LEASE | FLAG_MOVED):
+            return shm.map_sealed(fd, nbytes)
+        if not self.borrow:
+            os.close(fd)
+            raise ProtocolError("a lent or moved segment from a peer this side does not trust")
+        if flags & FLAG_MOVED:
+            return shm.map_moved(fd, nbytes)
+        return self.borrowed.map_lease(fd, nbytes, aux)
+
+    def released(self) -> list[int]:
+        """Leases the peer lent whose views are all gone (send RELEASE for each)."""
+        return self.borrowed.released()
+
+    @property
+    def outstanding(self) -> int:
+        """Leases from the peer whose views are still alive."""
+        return self.borrowed.outstanding
+
+    @property
+    def notifies(self) -> bool:
+        """Whether :attr:`on_release` is called when a lease's last view goes (no polling)."""
+        return self.borrowed.notifies
+
+    @property
+    def on_release(self) -> Callable[[], None] | None:
+        """Called, from any thread, when the last view of a lease from the peer was dropped.
+
+        Then call :meth:`tether.protocol.Connection.poll_releases` (on the
+        connection's own thread or loop) and write what it queued.
+        """
+        return self.borrowed.on_release
+
+    @on_release.setter
+    def on_release(self, cb: Callable[[], None] | None) -> None:
+        self.borrowed.on_release = cb
+
+    # -- sending ----------------------------------------------------------
+
+    def seal(self, data: memoryview) -> tuple[int, int]:
+        """Copy ``data`` into a new sealed segment; ``(fd, nbytes)`` to send and close."""
+        return shm.segment_from(data)
+
+    def lend_segment(self, data: memoryview) -> tuple[int, int] | None:
+        """Copy ``data`` into a pooled segment lent to the peer: ``(fd, lease id)``.
+
+        ``None`` when this store does not lend or too many leases are out
+        (then send a sealed segment).
+        """
+        if not self.lend or len(self._leases) >= MAX_LEASES or self.closed:
+            return None
+        seg = self._pool.get(data.nbytes)
+        try:
+            seg.fill(data)
+            fd = os.dup(seg.fd)
+        except BaseException:
+            self._pool.put(seg)
+            raise
+        lease = self._next_lease = (self._next_lease + 1) & _U32 or 1
+        while lease in self._leases:  # wrapped onto a lease still out
+            lease = self._next_lease = (lease + 1) & _U32 or 1
+        self._leases[lease] = seg
+        return fd, lease
+
+    def move(self, buf: Any, trusted: bool) -> tuple[int, int]:
+        """Consume a :class:`~tether.Buffer`: ``(fd, nbytes)`` to send and close."""
+        fd, n = buf.take(trusted=trusted)
+        return int(fd), int(n)
+
+    def returned(self, lease: int) -> None:
+        """The peer sent RELEASE for ``lease``: its segment may be refilled (for this peer)."""
+        seg = self._leases.pop(lease, None)
+        if seg is not None:
+            if self.closed:
+                seg.close()
+            else:
+                self._pool.put(seg)
+
+    def unsent(self, fd: int, lease: int) -> None:
+        """An attachment that never reached the peer: close it, keep its segment."""
+        os.close(fd)
+        if lease:
+            self.returned(lease)
+
+    def close_fds(self, fds: Iterable[int]) -> None:
+        """Close descriptors that will not be sent."""
+        shm.close_fds(fds)
+
+    @property
+    def leases_out(self) -> int:
+        """Segments lent to the peer and not yet released."""
+        return len(self._leases)
+
+    @property
+    def idle_segments(self) -> int:
+        """Idle segments of this connection's pool."""
+        return self._pool.idle_segments
+
+    # -- ending -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every descriptor and mapping this store holds.
+
+        Segments still lent out are closed, never reused: without a RELEASE
+        there is no telling whether the peer still reads them. Mappings the
+        application still views stay until those views are dropped.
+        """
+        self.closed = True
+        _STORES.discard(self)
+        q = self._fds_in
+        while q:
+            os.close(q.popleft())
+        leases, self._leases = self._leases, {}
+        for seg in leases.values():
+            seg.close()
+        self._pool.clear()
+        self.borrowed.clear()
+
+
+def _close_inherited() -> None:
+    # In a forked child: the parent's connections are not ours. Close their
+    # segments' descriptors and our copies of the mappings; never write them.
+    for store in list(_STORES):
+        store.close()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
