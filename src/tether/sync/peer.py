@@ -197,6 +197,7 @@ class Peer(Handlers):
         self._reading = False
         self._reader_tid = 0  # thread that holds the reader role
         self._releases_due = False  # poll_releases queued RELEASEs not yet taken
+        self._leased = False  # frames with attachments came: leases may be held (under _lock)
         self._worker_out = 0  # bytes the worker queued since the last take (under _lock)
         self._rbuf = bytearray(_READ_SIZE)  # only the reading thread touches it
         self._rview = memoryview(self._rbuf)
@@ -345,7 +346,7 @@ class Peer(Handlers):
         if timeout is DEFAULT:
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._conn.leases_held:
+        if self._leased:
             self._poll_releases()
         slot = _Slot()
         with self._lock:
@@ -383,7 +384,7 @@ class Peer(Handlers):
         chan = self._chan(channel, args)
         if self._lazy:
             self._start_serving()
-        if self._conn.leases_held:
+        if self._leased:
             self._poll_releases()
         with self._lock:
             if self._closed is not None or self._conn.their_goodbye:
@@ -433,13 +434,10 @@ class Peer(Handlers):
             if not wlock.acquire(block, wait if block else -1):
                 return
             try:
-                while True:
-                    with self._lock:
-                        data, fds = self._take_out()
-                    if data:
-                        self._write(data, fds, deadline)
-                    if not (conn.buffered_out or self._releases_due):
-                        break
+                with self._lock:
+                    data, fds = self._take_out()
+                if data:
+                    self._write(data, fds, deadline)
             finally:
                 wlock.release()
             if not (conn.buffered_out or self._releases_due) or self._closed is not None:
@@ -515,7 +513,7 @@ class Peer(Handlers):
                 data = self._recv()
                 if data is not None:
                     self._handle(data)
-                    if self._conn.leases_held:
+                    if self._leased:
                         self._poll_releases()
         finally:
             if claimed:
@@ -548,7 +546,7 @@ class Peer(Handlers):
                     self._make_room(wait=True, deadline=deadline)
                 data = self._recv_wait(deadline)
                 self._handle(data)
-                if self._conn.leases_held:
+                if self._leased:
                     # After _handle let go of the frames; the worker checks
                     # again after each handler: one of the two sees them dropped.
                     self._poll_releases()
@@ -638,6 +636,8 @@ class Peer(Handlers):
                 err = exc
             for f in frames:
                 k = f.kind
+                if f.attachments:
+                    self._leased = True
                 if k in (K_RESULT, K_ERROR):
                     slot = conn.take_pending(f.request_id)
                     if slot is not None:
@@ -771,7 +771,7 @@ class Peer(Handlers):
             elif not closed:
                 self._run_handler(f)
             del f
-            if self._conn.leases_held:
+            if self._leased:
                 self._poll_releases()
             if self._fatal is not None:
                 return
@@ -845,6 +845,7 @@ class Peer(Handlers):
             due = self._conn.poll_releases()
             if due:
                 self._releases_due = True
+            self._leased = self._conn.leases_held > 0
         if due:
             with contextlib.suppress(TetherError):
                 self._flush(time.monotonic() + _REPLY_WRITE, block=False)
