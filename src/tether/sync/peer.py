@@ -349,11 +349,16 @@ class Peer(Handlers):
         if self._leased:
             self._poll_releases()
         slot = _Slot()
-        with self._lock:
-            if self._closed is not None or self._conn.their_goodbye:
-                raise self._refused(args)
-            rid = self._conn.send_invoke(chan, args, slot)
-        self._flush(deadline)
+        conn = self._conn
+        with self._wlock:  # (the common case: queue and write under one hold)
+            with self._lock:
+                if self._closed is not None or conn.their_goodbye:
+                    raise self._refused(args)
+                rid = conn.send_invoke(chan, args, slot)
+                data, fds = self._take_out()
+            self._write(data, fds, deadline)
+        if conn.buffered_out or self._releases_due:  # queued by a thread that left it to us
+            self._flush(deadline)
         worker = self._worker_tid != 0 and self._worker_tid == threading.get_ident()
         if worker:
             self._set_worker_waits(True)
@@ -619,9 +624,10 @@ class Peer(Handlers):
         """Feed what the reader got to the Connection and act on the frames."""
         conn = self._conn
         err: TetherError | None = None
-        settled: list[tuple[_Slot, Frame]] = []
-        jobs: list[tuple[Frame, int]] = []
-        cancels: list[int] = []
+        settled: list[_Slot] = []
+        errors: list[tuple[_Slot, Frame]] = []
+        jobs: list[tuple[Frame, int]] | None = None
+        cancels: list[int] | None = None
         goodbye = False
         with self._lock:
             try:
@@ -638,13 +644,23 @@ class Peer(Handlers):
                 k = f.kind
                 if f.attachments:
                     self._leased = True
-                if k in (K_RESULT, K_ERROR):
+                if k == K_RESULT:
                     slot = conn.take_pending(f.request_id)
                     if slot is not None:
-                        settled.append((slot, f))
+                        slot.frame = f  # (read once done is set, below)
+                        settled.append(slot)
+                elif k == K_ERROR:
+                    slot = conn.take_pending(f.request_id)
+                    if slot is not None:
+                        errors.append((slot, f))
+                        settled.append(slot)
                 elif k in (K_INVOKE, K_EVENT):
+                    if jobs is None:
+                        jobs = []
                     jobs.append((f, _job_size(f)))
                 elif k == K_CANCEL:
+                    if cancels is None:
+                        cancels = []
                     cancels.append(f.request_id)
                 elif k == K_GOODBYE:
                     goodbye = True
@@ -661,13 +677,10 @@ class Peer(Handlers):
             with contextlib.suppress(TetherError):
                 self._flush(time.monotonic() + _REPLY_WRITE, block=False)
         if settled or hello:
-            for slot, f in settled:
-                if f.kind == K_ERROR:
-                    slot.exc = decode_error(f)
-                else:
-                    slot.frame = f
+            for slot, f in errors:
+                slot.exc = decode_error(f)
             with self._mu:
-                for slot, _ in settled:
+                for slot in settled:
                     slot.done = True
                 if hello:
                     self._hello.done = True
