@@ -55,14 +55,6 @@ ALSO_STDLIB: dict[str, type[BaseException]] = {
 }
 
 
-# Library defect found by this file; the marks flip to XPASS (and fail) once it is fixed.
-BUFFER_IN_USE_ELSEWHERE = pytest.mark.xfail(
-    strict=True,
-    reason="defect: BufferInUse is defined in tether.shm, not in tether.errors "
-    "(one exceptions module); tether.errors.__all__ lacks it",
-)
-
-
 def all_tether_modules() -> Iterator[types.ModuleType]:
     """Import and yield every module of the package (``__main__`` modules would run)."""
     yield tether
@@ -123,17 +115,13 @@ def test_fixed_names_are_the_right_kind() -> None:
     assert "connect" in tether.sync.__all__
 
 
-@BUFFER_IN_USE_ELSEWHERE
 def test_errors_module_all_is_the_whole_hierarchy() -> None:
     assert set(tether.errors.__all__) == FIXED_ERRORS
 
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=BUFFER_IN_USE_ELSEWHERE) if n == "BufferInUse" else n
-        for n in sorted(FIXED_ERRORS)
-    ],
+    [n for n in sorted(FIXED_ERRORS)],
 )
 def test_each_error_is_in_errors_module_and_exported(name: str) -> None:
     cls = getattr(tether.errors, name)
@@ -144,7 +132,6 @@ def test_each_error_is_in_errors_module_and_exported(name: str) -> None:
         assert issubclass(cls, ALSO_STDLIB[name])
 
 
-@BUFFER_IN_USE_ELSEWHERE
 def test_every_exception_class_is_defined_in_errors() -> None:
     # "One exceptions module": a class raised by tether but defined elsewhere is missed
     # by `except tether.errors.X` readers and by this file's expected set.

@@ -449,29 +449,15 @@ def test_server_releases_connections_and_descriptors(outcome: Outcome) -> None:
     assert after["threads"] <= base["threads"], (base["thread_names"], after["thread_names"])
 
 
-RSS_DEFECT = (
-    "defect (issue 6 item 1): 300 short hostile connections leave an asyncio main's RSS "
-    "~280 MB above its start after all of them are closed and released (just connecting and "
-    "hanging up: +80 MB; a header announcing a 60 MB frame: +400 MB)"
-)
-
-
 @pytest.mark.timeout(120)
-def test_server_memory_returns(outcome: Outcome, request: pytest.FixtureRequest) -> None:
-    if outcome.mode == "aio":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=RSS_DEFECT))
+def test_server_memory_returns(outcome: Outcome) -> None:
     assert outcome.after, "no stats after the fuzz"
     grown = (outcome.after["rss_kib"] - outcome.base["rss_kib"]) / 1024
     assert grown < 64, f"RSS {grown:.0f} MiB above the start after the fuzz"
 
 
 # Library defects this file found; each mark flips to XPASS (and fails) once fixed.
-LOG_DEFECTS = {
-    "aio": "defect: an EVENT nested ~1500 deep for a listener with an untyped/Any parameter "
-    "raises RecursionError out of aio Peer._on_readable (_on_event catches only BadRequest): "
-    "asyncio logs 'Exception in callback', and the frames after it in the same read are lost "
-    "(an INVOKE there is never answered)",
-}
+LOG_DEFECTS: dict[str, str] = {}
 
 
 @pytest.mark.timeout(120)

@@ -731,3 +731,11 @@ def test_abort_closes_the_core_and_drops_what_is_queued() -> None:
     assert a.receive_data(raw(Kind.PING, rid=1)) == []
     with pytest.raises(ConnectionClosed):
         a.send_event(b"e", ())
+
+
+def test_a_first_frame_larger_than_any_hello_is_refused_before_allocating() -> None:
+    conn = Connection("main")
+    head = (5000).to_bytes(4, "little")  # no HELLO is this large
+    with pytest.raises(ProtocolError, match="limit of 4096"):
+        conn.receive_data(head + bytes(16))
+    assert conn.state is State.CLOSED

@@ -335,7 +335,8 @@ def test_a_cancelled_invoke_still_queued_is_not_run(peers: tuple[Any, Any]) -> N
     t.start()
     wait_until(lambda: ran == [0])
     with pytest.raises(tether.InvokeTimeout):
-        a.invoke("slow", 1, timeout=0.3)  # queued behind 0, then cancelled
+        a.invoke("slow", 1, timeout=1.0)  # queued behind 0, then cancelled
+    wait_until(lambda: not b._jobs)  # b's reader took the CANCEL: 1 left the queue
     gate.set()
     t.join(10)
     assert a.invoke("slow", 2) == 2

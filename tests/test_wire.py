@@ -398,3 +398,41 @@ def test_buffered_counts_every_held_byte() -> None:
     parser = FrameParser()
     assert len(parser.feed(data + data[:30])) == 1
     assert parser.buffered == 30
+
+
+def test_a_header_announcing_a_large_frame_costs_only_what_arrived() -> None:
+    # A stranger announcing 60 MB and sending 100 bytes must not make us hold 60 MB.
+    p = FrameParser(64 * 1024 * 1024)
+    head = HEADER.pack(60_000_000, Kind.EVENT, 0, 0, 0, 0, 0, 0)
+    tracemalloc.start()
+    try:
+        assert p.feed(head + bytes(100)) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert p.buffered == 4 + HEADER_SIZE - 4 + 100
+    assert peak < 1_000_000
+
+
+def test_a_frame_assembled_across_many_reads_is_whole() -> None:
+    body = bytes(range(256)) * 1000
+    data = bytearray()
+    encode_frame(data, Kind.EVENT, 0, 0, b"ch", body)
+    p = FrameParser()
+    frames = []
+    for i in range(0, len(data), 999):
+        frames += p.feed(bytes(data[i : i + 999]))
+    assert len(frames) == 1 and bytes(frames[0].body) == body and p.buffered == 0
+
+
+def test_the_first_frame_has_its_own_limit() -> None:
+    p = FrameParser(1 << 20, first_limit=4096)
+    with pytest.raises(ProtocolError, match="limit of 4096"):
+        p.feed(HEADER.pack(5000, Kind.HELLO, 0, 0, 0, 0, 0, 0))
+    p = FrameParser(1 << 20, first_limit=4096)
+    first = bytearray()
+    encode_frame(first, Kind.HELLO, 0, 0, b"", b"x")
+    second = bytearray()
+    encode_frame(second, Kind.EVENT, 0, 0, b"c", bytes(10_000))
+    frames = p.feed(bytes(first + second))
+    assert [f.kind for f in frames] == [Kind.HELLO, Kind.EVENT]

@@ -13,6 +13,7 @@ from .aio import Peer as Peer
 from .aio import Server as Server
 from .aio import connect as connect
 from .errors import BadRequest as BadRequest
+from .errors import BufferInUse as BufferInUse
 from .errors import ConnectionClosed as ConnectionClosed
 from .errors import ConsumedError as ConsumedError
 from .errors import EndOfStream as EndOfStream
@@ -28,7 +29,6 @@ from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
 from .pipe import pipe as pipe
 from .shm import Buffer as Buffer
-from .shm import BufferInUse as BufferInUse
 
 __version__ = "0.1.0"
 

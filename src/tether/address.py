@@ -7,6 +7,7 @@ so file descriptors can ride along with ``SCM_RIGHTS``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -32,32 +33,72 @@ class Address:
         return f"tcp://{host}:{self.port}"
 
     def listen(self, backlog: int = 128) -> socket.socket:
-        """Bind and listen. Unix socket files are created with mode 0600."""
+        """Bind and listen. Unix socket files are created with mode 0600.
+
+        A unix path is only ever replaced when it is a stale socket file (no
+        server accepts on it any more): a live one is tried with a connect
+        first and left alone. Between that check and the bind another process
+        could take the path; the bind then fails with ``EADDRINUSE``.
+
+        Raises:
+            OSError: ``EADDRINUSE`` when a server already listens there;
+                ``EEXIST`` when the path is not a socket (a file is never
+                removed); ``ENOENT`` when the directory is missing. Each
+                message names the address.
+        """
         if self.scheme == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.stat(self.path).st_mode):
-                    os.unlink(self.path)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            old = os.umask(0o177)
-            try:
-                sock.bind(self.path)
-            except BaseException:
-                sock.close()
-                raise
-            finally:
-                os.umask(old)
-            os.chmod(self.path, 0o600)
+            sock = self._bind_unix()
         else:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((self.host, self.port))
+            except OSError as exc:
+                sock.close()
+                raise OSError(exc.errno, f"cannot listen on {self}: {exc.strerror}") from exc
             except BaseException:
                 sock.close()
                 raise
         sock.listen(backlog)
         sock.setblocking(False)
+        return sock
+
+    def _bind_unix(self) -> socket.socket:
+        path = self.path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise FileExistsError(
+                    errno.EEXIST, f"cannot listen on {self}: the path exists and is not a socket"
+                )
+            if _answers(path):
+                raise OSError(
+                    errno.EADDRINUSE, f"cannot listen on {self}: address in use (a server answers)"
+                )
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale: its server is gone
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.ENOENT:
+                folder = os.path.dirname(path) or "."
+                raise FileNotFoundError(
+                    errno.ENOENT, f"cannot listen on {self}: directory {folder!r} does not exist"
+                ) from exc
+            raise OSError(exc.errno, f"cannot listen on {self}: {exc.strerror}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
         return sock
 
     def bound(self, sock: socket.socket) -> Address:
@@ -83,6 +124,26 @@ class Address:
         return sock
 
 
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on the unix socket at ``path``.
+
+    A non-blocking connect settles at once on a unix socket: it succeeds (or
+    finds the backlog full) while a server listens, and is refused once the
+    socket file is all that is left.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        err = probe.connect_ex(path)
+    finally:
+        probe.close()
+    if err in (errno.ECONNREFUSED, errno.ENOENT):
+        return False
+    if err in (0, errno.EAGAIN, errno.EINPROGRESS):
+        return True
+    raise OSError(err, f"cannot listen on unix://{path}: {os.strerror(err)}")
+
+
 def tune(sock: socket.socket) -> None:
     """Set per-socket options for low latency (TCP_NODELAY on TCP)."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -93,10 +154,16 @@ def parse_address(address: str | Address) -> Address:
     """Parse ``unix:///path`` or ``tcp://host:port`` (host defaults to 127.0.0.1).
 
     Raises:
+        TypeError: ``address`` is neither a str nor an :class:`Address`.
         ValueError: the address is malformed or its scheme is unsupported.
     """
     if isinstance(address, Address):
         return address
+    if not isinstance(address, str):
+        raise TypeError(
+            f"address must be a str such as 'unix:///path' or 'tcp://host:port', "
+            f"not {type(address).__name__}"
+        )
     parts = urlsplit(address)
     if parts.scheme == "unix":
         path = parts.netloc + parts.path

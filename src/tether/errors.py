@@ -13,7 +13,8 @@
     ├── ConsumedError         an object was moved into a message and is gone
     ├── PayloadTooLarge       a frame would exceed the size limit (also ValueError)
     ├── ConnectionClosed      this side closed the connection (or pipe end) already
-    └── EndOfStream           a pipe's writer closed; no more messages will come
+    ├── EndOfStream           a pipe's writer closed; no more messages will come
+    └── BufferInUse           a Buffer was sent while views of it were alive (also BufferError)
 
 The split answers "whose fault, and what now?":
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 __all__ = [
     "BadRequest",
+    "BufferInUse",
     "ConnectionClosed",
     "ConsumedError",
     "EndOfStream",
@@ -143,3 +145,11 @@ class EndOfStream(TetherError, EOFError):
 def _rebuild(cls: type[Exception], args: tuple[object, ...], kw: dict[str, object]) -> Exception:
     """Unpickle an error whose constructor takes keyword-only arguments."""
     return cls(*args, **kw)
+
+
+class BufferInUse(TetherError, BufferError):
+    """A :class:`~tether.Buffer` was sent while views of it were still alive.
+
+    The buffer is consumed anyway and nothing was sent; drop every view
+    (``del arr``) before sending so the pages can be handed over.
+    """

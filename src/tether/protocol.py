@@ -193,7 +193,11 @@ class Connection:
         self._peer_fd = False  # the peer announced ``fd``: set at handshake
         self._hello_read = False  # the peer's HELLO was taken off the frames
         self._fds_in = False  # descriptors arrived that frames may not have claimed yet
-        self._parser = FrameParser(max_frame_size, self._claim if store is not None else None)
+        self._parser = FrameParser(
+            max_frame_size,
+            self._claim if store is not None else None,
+            first_limit=MIN_MAX_FRAME_SIZE,  # the HELLO: every HELLO fits the floor
+        )
         self._out = bytearray()
         self._fds_out: list[int] = []
         # chunks cut off so that none carries more than MAX_UNCLAIMED_FDS descriptors

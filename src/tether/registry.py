@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, TypeVar, overload
 
 from .codec import ArgsSpec, ErrorInfo
 from .errors import BadRequest
 from .wire import Frame
 
-__all__ = ["Call", "Handler", "Handlers", "Registry"]
+__all__ = ["Call", "Handler", "Handlers", "Registry", "checked_channel", "checked_roles"]
 
 log = logging.getLogger("tether")
 
@@ -50,11 +50,11 @@ class Handler:
 
     __slots__ = ("fn", "is_async", "roles", "spec")
 
-    def __init__(self, fn: Callable[..., Any], roles: Collection[str] | None) -> None:
+    def __init__(self, fn: Callable[..., Any], roles: Collection[str] | str | None) -> None:
         self.fn = fn
         self.is_async = inspect.iscoroutinefunction(fn)
         self.spec = ArgsSpec(fn)
-        self.roles = frozenset(roles) if roles is not None else None
+        self.roles = checked_roles(roles)
 
     def allows(self, role: str) -> bool:
         """Whether a peer with ``role`` may reach this handler."""
@@ -71,23 +71,49 @@ class Registry:
         self.events: dict[str, list[Handler]] = {}
 
     def handle(
-        self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | None = None
+        self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | str | None = None
     ) -> None:
         """Register ``fn`` to answer invokes on ``channel``.
 
-        One handler per channel: registering again replaces the previous one.
-        ``roles`` limits which peers may call it (default: every peer).
+        One handler per channel, as in Electron: remove the first with
+        :meth:`remove_handler` before registering another. ``roles`` limits
+        which peers may call it (default: every peer; a str is one role).
+
+        Raises:
+            ValueError: ``channel`` already has a handler, or is not a valid name.
+            TypeError: ``channel`` is not a str, or ``roles`` is not a role or
+                a collection of roles.
         """
-        self.invokes[_checked(channel)] = Handler(fn, roles)
+        channel = checked_channel(channel)
+        if channel in self.invokes:
+            raise ValueError(
+                f"attempted to register a second handler for {channel!r} "
+                f"(remove_handler({channel!r}) removes the first)"
+            )
+        self.invokes[channel] = Handler(fn, roles)
 
     def on(
-        self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | None = None
+        self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | str | None = None
     ) -> None:
         """Register ``fn`` as a listener for events on ``channel``.
 
         Several listeners may share a channel; they run in registration order.
+
+        Raises:
+            ValueError: ``channel`` is not a valid name.
+            TypeError: ``channel`` is not a str, or ``roles`` is not a role or
+                a collection of roles.
         """
-        self.events.setdefault(_checked(channel), []).append(Handler(fn, roles))
+        channel = checked_channel(channel)
+        self.events.setdefault(channel, []).append(Handler(fn, roles))
+
+    def remove_handler(self, channel: str) -> None:
+        """Drop the invoke handler of ``channel``, if any (its event listeners stay).
+
+        Invokes that arrive afterwards get :class:`~tether.NoHandler`; calls
+        already running finish.
+        """
+        self.invokes.pop(channel, None)
 
     def resolve(self, f: Frame, role: str) -> tuple[Handler, tuple[Any, ...]] | ErrorInfo:
         """The handler of an INVOKE and its validated arguments, or the ERROR to answer.
@@ -141,17 +167,51 @@ def _describe(exc: BaseException) -> str:
         return type(exc).__name__
 
 
-def _checked(channel: str) -> str:
+def checked_channel(channel: object) -> str:
+    """``channel`` if it is a valid channel name.
+
+    Raises:
+        TypeError: it is not a str.
+        ValueError: it is empty or longer than 65535 bytes in UTF-8.
+    """
+    if not isinstance(channel, str):
+        raise TypeError(f"channel must be a str, not {type(channel).__name__}: {channel!r}")
     if not channel or len(channel.encode()) > 0xFFFF:
         raise ValueError(f"invalid channel name {channel!r}")
     return channel
 
 
-class Handlers:
-    """``handle``/``on`` for anything that owns a :class:`Registry` (Main, peers).
+def checked_roles(roles: object) -> frozenset[str] | None:
+    """The set of roles ``roles`` names: ``None`` (every role), one role as a str, or several.
 
-    Typed so ``@main.handle("ch")`` keeps the decorated function's type under
-    ``mypy --strict``.
+    A bare str is one role: ``roles="admin"`` is ``{"admin"}``, never the
+    letters of the word.
+
+    Raises:
+        TypeError: ``roles`` is neither ``None``, a str nor an iterable of str.
+    """
+    if roles is None:
+        return None
+    if isinstance(roles, str):
+        return frozenset((roles,))
+    if isinstance(roles, bytes | bytearray | memoryview) or not isinstance(roles, Iterable):
+        raise TypeError(
+            f"roles must be a str or a collection of str, not {type(roles).__name__}: {roles!r}"
+        )
+    out = frozenset(roles)
+    for r in out:
+        if not isinstance(r, str):
+            raise TypeError(f"each role must be a str, not {type(r).__name__}: {r!r}")
+    return out
+
+
+class Handlers:
+    """``handle``/``on``/``remove_handler`` for anything that owns a :class:`Registry`.
+
+    Used by Main and both kinds of peer. Typed so ``@main.handle("ch")`` keeps
+    the decorated function's type under ``mypy --strict``. The channel and
+    ``roles`` are checked at the call, so a decorator with a bad argument
+    fails where it is written.
     """
 
     registry: Registry
@@ -161,18 +221,28 @@ class Handlers:
 
     @overload
     def handle(
-        self, channel: str, fn: None = None, *, roles: Collection[str] | None = None
+        self, channel: str, fn: None = None, *, roles: Collection[str] | str | None = None
     ) -> Callable[[F], F]: ...
     @overload
-    def handle(self, channel: str, fn: F, *, roles: Collection[str] | None = None) -> F: ...
+    def handle(self, channel: str, fn: F, *, roles: Collection[str] | str | None = None) -> F: ...
     def handle(
-        self, channel: str, fn: F | None = None, *, roles: Collection[str] | None = None
+        self, channel: str, fn: F | None = None, *, roles: Collection[str] | str | None = None
     ) -> F | Callable[[F], F]:
         """Answer invokes of ``channel`` with ``fn(call, *args)``; a decorator too.
 
         ``fn`` may be sync or ``async``; its arguments are validated from its
-        type hints before it runs. ``roles`` limits which peers may call it.
+        type hints before it runs. ``roles`` limits which peers may call it:
+        a role (``"admin"``) or a collection of roles; ``None`` lets every
+        peer call it.
+
+        Raises:
+            ValueError: ``channel`` already has a handler (see
+                :meth:`remove_handler`), or is empty or too long.
+            TypeError: ``channel`` is not a str, or ``roles`` is not a str
+                or a collection of str.
         """
+        checked_channel(channel)
+        checked_roles(roles)
 
         def register(f: F) -> F:
             self.registry.handle(channel, f, roles=roles)
@@ -183,14 +253,24 @@ class Handlers:
 
     @overload
     def on(
-        self, channel: str, fn: None = None, *, roles: Collection[str] | None = None
+        self, channel: str, fn: None = None, *, roles: Collection[str] | str | None = None
     ) -> Callable[[F], F]: ...
     @overload
-    def on(self, channel: str, fn: F, *, roles: Collection[str] | None = None) -> F: ...
+    def on(self, channel: str, fn: F, *, roles: Collection[str] | str | None = None) -> F: ...
     def on(
-        self, channel: str, fn: F | None = None, *, roles: Collection[str] | None = None
+        self, channel: str, fn: F | None = None, *, roles: Collection[str] | str | None = None
     ) -> F | Callable[[F], F]:
-        """Call ``fn(call, *args)`` for each event on ``channel``; a decorator too."""
+        """Call ``fn(call, *args)`` for each event on ``channel``; a decorator too.
+
+        ``roles`` as for :meth:`handle`.
+
+        Raises:
+            ValueError: ``channel`` is empty or too long.
+            TypeError: ``channel`` is not a str, or ``roles`` is not a str
+                or a collection of str.
+        """
+        checked_channel(channel)
+        checked_roles(roles)
 
         def register(f: F) -> F:
             self.registry.on(channel, f, roles=roles)
@@ -198,3 +278,14 @@ class Handlers:
             return f
 
         return register(fn) if fn is not None else register
+
+    def remove_handler(self, channel: str) -> None:
+        """Stop answering invokes of ``channel`` (a no-op if nothing handles it).
+
+        A later :meth:`handle` may then register a new handler. Event
+        listeners registered with :meth:`on` are not affected.
+
+        Raises:
+            TypeError: ``channel`` is not a str.
+        """
+        self.registry.remove_handler(checked_channel(channel))

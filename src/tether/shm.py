@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Any, Final
 
-from .errors import ConsumedError, ProtocolError, TetherError
+from .errors import BufferInUse, ConsumedError, ProtocolError
 from .wire import SHM_THRESHOLD
 
 __all__ = ["Buffer", "BufferInUse", "SHM_THRESHOLD", "close_fds", "map_sealed", "segment_from"]
@@ -63,14 +63,6 @@ def _forget_unmapper() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_unmapper)
-
-
-class BufferInUse(TetherError, BufferError):
-    """A :class:`Buffer` was sent while views of it were still alive.
-
-    The buffer is consumed anyway and nothing was sent; drop every view
-    (``del arr``) before sending so the pages can be handed over.
-    """
 
 
 def close_fds(fds: Any) -> None:

@@ -185,12 +185,19 @@ class FrameParser:
             descriptor attachment, in order; it takes the next descriptor that
             arrived beside the bytes and returns its mapped contents. ``None``:
             descriptor attachments are a protocol error.
+        first_limit: a smaller limit for the first frame only (a connection's
+            HELLO), so a stranger's first header cannot make this side hold
+            more than that before it has said who it is.
+
+    A frame that spans reads is assembled in a buffer that grows with the
+    bytes that actually arrived: a header announcing a large frame costs
+    nothing until its bytes come.
     """
 
     __slots__ = (
         "_buf",
         "_chans",
-        "_fill",
+        "_first",
         "_head",
         "_need",
         "claim_fd",
@@ -202,23 +209,24 @@ class FrameParser:
         self,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         claim_fd: Callable[[int, int, int], memoryview] | None = None,
+        first_limit: int | None = None,
     ) -> None:
         self.max_frame_size = max_frame_size
+        self._first = first_limit
         self.claim_fd = claim_fd
         #: the frames the current :meth:`feed` has completed so far (``claim_fd``
         #: may look at them: the HELLO before a frame says whether it may use
         #: fds); reset it after :meth:`feed`, or it keeps them alive
         self.parsed: list[Frame] = []
         self._head = bytearray()  # partial size field (< 4 bytes)
-        self._buf: bytearray | None = None  # partial frame, allocated at full size
+        self._buf: bytearray | None = None  # partial frame, as much as has arrived
         self._chans: dict[bytes, str] = {}  # channel names seen, decoded once
         self._need = 0
-        self._fill = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame."""
-        return len(self._head) + (4 + self._fill if self._buf is not None else 0)
+        return len(self._head) + (4 + len(self._buf) if self._buf is not None else 0)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume ``data`` and return every frame it completes, in order."""
@@ -228,14 +236,14 @@ class FrameParser:
         n = len(mv)
         pos = 0
         if self._buf is not None:
-            take = min(self._need - self._fill, n)
-            self._buf[self._fill : self._fill + take] = mv[:take]
-            self._fill += take
+            buf = self._buf
+            take = min(self._need - len(buf), n)
+            buf += mv[:take]  # grows in place (large blocks are remapped, not copied)
             pos = take
-            if self._fill < self._need:
+            if len(buf) < self._need:
                 return frames
-            frames.append(self._parse(memoryview(self._buf)))
             self._buf = None
+            frames.append(self._parse(memoryview(buf)))
         elif self._head:
             take = min(4 - len(self._head), n)
             self._head += mv[:take]
@@ -245,7 +253,7 @@ class FrameParser:
             size = int.from_bytes(self._head, "little")
             self._head.clear()
             pos = self._start(size, mv, pos, n, frames)
-        if type(data) is bytes:
+        if type(data) is bytes and self._first is None:
             pos = self._fast(data, mv, pos, n, frames)
         while pos < n:
             if n - pos < 4:
@@ -290,19 +298,17 @@ class FrameParser:
 
     def _start(self, size: int, mv: memoryview, pos: int, n: int, frames: list[Frame]) -> int:
         """Begin a frame of ``size`` bytes whose body starts at ``mv[pos]``."""
-        if size > self.max_frame_size:
-            raise ProtocolError(
-                f"frame length {size} exceeds the limit of {self.max_frame_size} bytes"
-            )
+        limit = self.max_frame_size
+        if self._first is not None:
+            limit, self._first = self._first, None
+        if size > limit:
+            raise ProtocolError(f"frame length {size} exceeds the limit of {limit} bytes")
         if size < HEADER_SIZE - 4:
             raise ProtocolError(f"frame length {size} is shorter than a header")
         if n - pos >= size:
             frames.append(self._parse(mv[pos : pos + size]))
             return pos + size
-        buf = bytearray(size)
-        rest = n - pos
-        buf[:rest] = mv[pos:]
-        self._buf, self._need, self._fill = buf, size, rest
+        self._buf, self._need = bytearray(mv[pos:]), size
         return n
 
     def _parse(self, f: memoryview) -> Frame:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import multiprocessing
 import os
 import socket
@@ -21,18 +23,43 @@ from .peer import Peer
 
 __all__ = ["Main", "Server", "connect"]
 
+log = logging.getLogger("tether")
+
+# accept() errors about one connection only (it hung up, or a firewall refused
+# it); any other error (EMFILE, ENFILE, ENOBUFS, ENOMEM...) makes the server back off.
+_ONE_CONNECTION = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+_TRACEBACKS = ("children", "all", "none")
+
 
 class Server:
-    """A listening socket whose accepted peers join a :class:`Main`."""
+    """A listening socket whose accepted peers join a :class:`Main`.
+
+    When the process runs out of descriptors (``EMFILE``/``ENFILE``) or
+    kernel memory, ``accept`` fails while the listener stays readable; the
+    server then stops watching the listener for :data:`ACCEPT_RETRY` seconds
+    (logging a warning) instead of retrying at once, so a full descriptor
+    table never makes the loop spin. Connections wait in the backlog meanwhile.
+    """
+
+    #: seconds to stop accepting after ``accept`` ran out of descriptors or memory
+    ACCEPT_RETRY: float = 0.1
 
     def __init__(self, main: Main, sock: socket.socket, address: Address, role: str) -> None:
         self.main = main
         self.address = address
         self.role = role
         self._sock = sock
+        self._fd = sock.fileno()
+        self._name = f"{role}@{address}"
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._accept)
+        self._retry: asyncio.TimerHandle | None = None
+        self._backed_off = 0  # back-offs since the last accepted connection
         self._closed = False
+        self._inode = 0  # of our socket file: close() removes that one only
+        if address.scheme == "unix":
+            with contextlib.suppress(OSError):
+                self._inode = os.stat(address.path).st_ino
+        self._loop.add_reader(self._fd, self._accept)
 
     def _accept(self) -> None:
         for _ in range(64):
@@ -40,21 +67,48 @@ class Server:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _ONE_CONNECTION:
+                    continue  # that one failed; others may be waiting
+                self._back_off(exc)  # out of descriptors or memory, or worse
                 return
+            if self._backed_off:
+                log.warning("%r: accepting again after %d retries", self, self._backed_off)
+                self._backed_off = 0
             tune(conn)
-            self.main._adopt(conn, self.role, f"{self.role}@{self.address}")
+            self.main._adopt(conn, self.role, self._name)
+
+    def _back_off(self, exc: OSError) -> None:
+        if not self._backed_off:  # once per episode, not ten times a second
+            log.warning("%r: accept failed (%s); retrying every %s s", self, exc, self.ACCEPT_RETRY)
+        self._backed_off += 1
+        self._loop.remove_reader(self._fd)
+        self._retry = self._loop.call_later(self.ACCEPT_RETRY, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self._closed:
+            self._loop.add_reader(self._fd, self._accept)
 
     def close(self) -> None:
-        """Stop accepting; connected peers stay. Removes a unix socket file."""
+        """Stop accepting; connected peers stay. Removes its unix socket file.
+
+        Only the file this server bound is removed: if the path now names
+        another socket (someone removed ours and listened there), it stays.
+        """
         if self._closed:
             return
         self._closed = True
-        self._loop.remove_reader(self._sock.fileno())
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        else:
+            self._loop.remove_reader(self._fd)
         self._sock.close()
-        if self.address.scheme == "unix":
+        if self._inode:
             with contextlib.suppress(OSError):
-                os.unlink(self.address.path)
+                if os.stat(self.address.path).st_ino == self._inode:
+                    os.unlink(self.address.path)
 
     def __repr__(self) -> str:
         return f"<Server {self.address} role={self.role}>"
@@ -71,6 +125,14 @@ class Main(Handlers):
         hello_timeout: how long an accepted connection may take to say hello.
         spin: low-latency mode for every peer and child (see :class:`Peer`).
         close_timeout: how long :meth:`close` lets children exit before killing them.
+        tracebacks: which peers get the handler's traceback in an ERROR:
+            ``"children"`` (the default: spawned children, which main trusts;
+            peers accepted by :meth:`listen` get only the type and message),
+            ``"all"`` or ``"none"``.
+
+    Raises:
+        TypeError, ValueError: an argument has the wrong type or an impossible
+            value (checked here, so a mistake fails at construction).
     """
 
     def __init__(
@@ -84,7 +146,28 @@ class Main(Handlers):
         spin: float = 0.0,
         close_timeout: float = 5.0,
         name: str = "main",
+        tracebacks: str = "children",
     ) -> None:
+        if tracebacks not in _TRACEBACKS:
+            raise ValueError(
+                f"tracebacks must be one of {', '.join(map(repr, _TRACEBACKS))}, not {tracebacks!r}"
+            )
+        if timeout is not None:
+            _seconds("timeout", timeout)
+        for arg, value in (
+            ("spawn_timeout", spawn_timeout),
+            ("hello_timeout", hello_timeout),
+            ("close_timeout", close_timeout),
+        ):
+            _seconds(arg, value)
+        _seconds("spin", spin, zero=True)
+        if not isinstance(max_frame_size, int) or isinstance(max_frame_size, bool):
+            raise TypeError(f"max_frame_size must be an int, not {type(max_frame_size).__name__}")
+        if max_frame_size <= 0:
+            raise ValueError(f"max_frame_size must be positive, not {max_frame_size}")
+        methods = multiprocessing.get_all_start_methods()
+        if start_method not in methods:
+            raise ValueError(f"start_method must be one of {methods}, not {start_method!r}")
         self.registry = Registry()
         self.timeout = timeout
         self.max_frame_size = max_frame_size
@@ -94,9 +177,14 @@ class Main(Handlers):
         self.spin = spin
         self.close_timeout = close_timeout
         self.name = name
+        #: who gets handler tracebacks: ``"children"``, ``"all"`` or ``"none"``
+        self.tracebacks = tracebacks
         self.peers: set[Peer] = set()
         self.children: set[Child] = set()
         self.servers: list[Server] = []
+        # Hello deadlines of accepted peers, cancelled when the peer closes:
+        # a pending timer would keep a closed peer (and its buffers) alive.
+        self._hello_timers: dict[Peer, asyncio.TimerHandle] = {}
         self._closing = False
 
     async def __aenter__(self) -> Main:
@@ -105,7 +193,8 @@ class Main(Handlers):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _peer_kw(self, role: str, name: str) -> dict[str, Any]:
+    def _peer_kw(self, role: str, name: str, *, child: bool = True) -> dict[str, Any]:
+        trusted = self.tracebacks == "all" or (child and self.tracebacks == "children")
         return {
             "role": role,
             "local_role": "main",
@@ -115,18 +204,31 @@ class Main(Handlers):
             "name": name,
             "on_close": self._forget,
             "spin": self.spin,
+            "tracebacks": trusted,
         }
 
     def _adopt(self, sock: socket.socket, role: str, name: str) -> Peer:
-        peer = Peer(sock, **self._peer_kw(role, name))
+        peer = Peer(sock, **self._peer_kw(role, name, child=False))
         self.peers.add(peer)
         peer.start()
-        # An accepted peer that never says hello is dropped (untrusted by default).
-        asyncio.get_running_loop().call_later(self.hello_timeout, _check_hello, peer)
+        if not peer.closed:
+            # An accepted peer that never says hello is dropped (untrusted by default).
+            self._hello_timers[peer] = asyncio.get_running_loop().call_later(
+                self.hello_timeout, self._check_hello, peer
+            )
         return peer
+
+    def _check_hello(self, peer: Peer) -> None:
+        self._hello_timers.pop(peer, None)
+        if peer.remote_hello is None and not peer.closed:
+            log.warning("%r sent no HELLO within %s s: dropped", peer, self.hello_timeout)
+            peer.abort(ProtocolError("no HELLO within the handshake deadline"))
 
     def _forget(self, peer: Peer) -> None:
         self.peers.discard(peer)
+        timer = self._hello_timers.pop(peer, None)
+        if timer is not None:
+            timer.cancel()
 
     async def spawn(
         self,
@@ -213,8 +315,18 @@ class Main(Handlers):
     async def listen(self, address: str | Address, *, role: str = "client") -> Server:
         """Accept peers on ``unix:///path`` or ``tcp://host:port`` (port 0 picks one).
 
-        Accepted peers get ``role``; handlers limited with ``roles=`` check it.
+        Accepted peers get ``role`` (one role, a str); handlers limited with
+        ``roles=`` check it. A unix path where a server still answers is
+        refused, a stale socket file is replaced (see :meth:`Address.listen`).
+
+        Raises:
+            TypeError: ``role`` is not a str.
+            ValueError: the address is malformed.
+            OSError: the address is in use (``EADDRINUSE``), the path is not a
+                socket, or its directory is missing; the message names it.
         """
+        if not isinstance(role, str):
+            raise TypeError(f"role must be a str (one role), not {type(role).__name__}")
         addr = parse_address(address)
         sock = addr.listen()
         server = Server(self, sock, addr.bound(sock), role)
@@ -246,9 +358,12 @@ class Main(Handlers):
                 await child.wait(2.0)  # SIGKILL: the exit follows at once
 
 
-def _check_hello(peer: Peer) -> None:
-    if peer.remote_hello is None and not peer.closed:
-        peer._bad_message(ProtocolError("no HELLO within the handshake deadline"))
+def _seconds(name: str, value: object, *, zero: bool = False) -> None:
+    """Check a duration argument: a real number of seconds, positive (or zero if allowed)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not (value >= 0 if zero else value > 0):
+        raise ValueError(f"{name} must be {'zero or more' if zero else 'positive'}, not {value}")
 
 
 class _Connecting:
@@ -275,7 +390,7 @@ class _Connecting:
         try:
             await peer.wait_hello(connect_timeout)
         except BaseException:
-            peer._shutdown(PeerGone(f"{addr} did not complete the handshake"))
+            peer.abort(PeerGone(f"{addr} did not complete the handshake"))
             raise
         return peer
 
@@ -299,8 +414,12 @@ def connect(
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     registry: Registry | None = None,
     spin: float = 0.0,
+    tracebacks: bool = True,
 ) -> _Connecting:
     """Connect to a listening :class:`Main`; ``await`` it or use ``async with``.
+
+    ``tracebacks``: whether errors this side's handlers raise reach main with
+    their traceback (main is trusted: yes by default).
 
     Raises:
         PeerGone: nothing listens there, or the handshake failed.
@@ -313,5 +432,6 @@ def connect(
             "max_frame_size": max_frame_size,
             "registry": registry,
             "spin": spin,
+            "tracebacks": tracebacks,
         },
     )

@@ -86,6 +86,7 @@ class Peer(Handlers):
         name: str = "",
         on_close: Callable[[Peer], None] | None = None,
         spin: float = 0.0,
+        tracebacks: bool = True,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -109,6 +110,8 @@ class Peer(Handlers):
         self.role = role
         self.timeout = timeout
         self.name = name
+        #: whether ERRORs sent to the other side carry the handler's traceback
+        self.tracebacks = tracebacks
         self._on_close = on_close
         self._lease_timer: asyncio.TimerHandle | None = None
         store = self._conn.store
@@ -531,6 +534,14 @@ class Peer(Handlers):
     def _shutdown(self, exc: TetherError) -> None:
         if self._closed is not None:
             return
+        # Tracebacks hold this peer's frames: without them a closed peer is
+        # freed at once, not at the next cyclic garbage collection.
+        e: BaseException | None = exc
+        for _ in range(8):
+            if e is None:
+                break
+            e.__traceback__ = None
+            e = e.__cause__ or e.__context__
         self._closed = exc
         self._stream.close(exc)
         self._conn.abort()

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterable
 from typing import Final
 
@@ -25,6 +26,26 @@ __all__ = ["SocketStream", "close_all"]
 READ_SIZE: Final = 256 * 1024
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+_local = threading.local()
+
+
+def _read_buffer() -> tuple[bytearray, memoryview, list[bytearray]]:
+    """This thread's read buffer, shared by every stream its loop drives.
+
+    A read fills it and copies out only what arrived before returning, so
+    streams never hold on to it; one buffer per connection would cost each
+    idle connection 256 KiB.
+    """
+    try:
+        buf: tuple[bytearray, memoryview, list[bytearray]] = _local.buf
+    except AttributeError:
+        b = bytearray(READ_SIZE)
+        buf = _local.buf = (b, memoryview(b), [b])
+    return buf
+
+
+def _ignore(*args: object) -> None:
+    """Stands in for a closed stream's callbacks, so it keeps no peer alive."""
 
 
 def close_all(fds: Iterable[int]) -> None:
@@ -60,15 +81,15 @@ class SocketStream:
         self._on_readable = on_readable
         self._on_error = on_error
         self._low = low_water
-        # Reads go into one reused buffer and only what arrived is copied out:
-        # a fresh 256 KiB allocation per read costs more than a round trip.
-        self._rbuf = bytearray(READ_SIZE)
-        self._rview = memoryview(self._rbuf)
-        self._rbufs = [self._rbuf]
-        # Unsent chunks; an empty chunk stands for the next entry of _wfds,
-        # whose descriptors must ride on its first byte.
-        self._wbuf: collections.deque[memoryview] = collections.deque()
-        self._wfds: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        # Reads go into the thread's reused buffer and only what arrived is
+        # copied out: a fresh 256 KiB allocation per read costs more than a
+        # round trip, and a buffer per connection costs an idle one 256 KiB.
+        self._rbuf, self._rview, self._rbufs = _read_buffer()
+        # Unsent chunks (made on first use: most writes go out at once); an
+        # empty chunk stands for the next entry of _wfds, whose descriptors
+        # must ride on its first byte.
+        self._wbuf: collections.deque[memoryview] | None = None
+        self._wfds: collections.deque[tuple[memoryview, list[int]]] | None = None
         #: bytes accepted by :meth:`write` and not yet taken by the kernel
         self.buffered = 0
         self._writing = False
@@ -156,11 +177,15 @@ class SocketStream:
                     return True
                 self._queue(memoryview(data)[n:])
                 return False
+        if self._wfds is None:
+            self._wfds = collections.deque()
         self._wfds.append((memoryview(data), fds))
         self._queue(memoryview(b""), len(data))
         return False
 
     def _queue(self, chunk: memoryview, size: int | None = None) -> None:
+        if self._wbuf is None:
+            self._wbuf = collections.deque()
         self._wbuf.append(chunk)
         self.buffered += len(chunk) if size is None else size
         if not self._writing:
@@ -175,7 +200,10 @@ class SocketStream:
 
     def _write_queued(self) -> None:
         wbuf = self._wbuf
-        if wbuf and not wbuf[0]:
+        if not wbuf:
+            return
+        if not wbuf[0]:
+            assert self._wfds is not None
             data, fds = self._wfds[0]
             try:
                 n = self.sock.sendmsg([data], [(*_SCM, array.array("i", fds))])
@@ -208,6 +236,7 @@ class SocketStream:
                     wbuf[0] = head[n:]
                     n = 0
         if not wbuf:
+            self._wbuf = self._wfds = None  # an idle connection keeps no queues
             self._writing = False
             self._loop.remove_writer(self.fd)
         if self._drain_waiters and self.buffered <= self._low:
@@ -235,11 +264,14 @@ class SocketStream:
             self._writing = False
             self._loop.remove_writer(self.fd)
         self.sock.close()
-        for _, fds in self._wfds:
-            close_all(fds)
-        self._wfds.clear()
-        self._wbuf.clear()
+        if self._wfds is not None:
+            for _, fds in self._wfds:
+                close_all(fds)
+        self._wbuf = self._wfds = None
         self.buffered = 0
+        # The callbacks are the peer's bound methods: dropping them leaves no
+        # cycle, so a closed peer is freed at once, without the cyclic GC.
+        self._on_readable = self._on_error = _ignore
         waiters, self._drain_waiters = self._drain_waiters, []
         for w in waiters:
             if not w.done():

@@ -40,7 +40,7 @@ DIRECTION_TITLES = {"m2c": "m->c", "c2m": "c->m"}
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    group: str  # rt, ev, inflight, big, kill
+    group: str  # rt, ev, inflight, big, kill, mem
     func: str  # "module:function" inside tether.bench
     title: str
     peer: str | None = None  # for baselines: the ratio column it feeds
@@ -87,6 +87,15 @@ SCENARIOS: dict[str, Scenario] = {
         _s("big_tether_attach", "big", "tether attachment", None, BOTH),
         _s("big_tether_buffer", "big", "tether Buffer", None, ("m2c",)),
         _s("kill_to_peergone", "kill", "SIGKILL -> PeerGone"),
+        Scenario("mem_tether_idle", "mem", "connmem:mem_tether_idle", "tether Main", tether=True),
+        Scenario(
+            "mem_websockets_idle",
+            "mem",
+            "connmem:mem_websockets_idle",
+            "websockets server (no compression)",
+            "websockets",
+        ),
+        Scenario("mem_tether_flood", "mem", "connmem:mem_tether_flood", "tether Main", tether=True),
     ]
 }
 
@@ -145,6 +154,9 @@ TARGETS: list[Target] = [
     Target("big_tether_attach", "transfer", ">=", 8.0, "mp_pipe"),
     Target("big_tether_buffer", "handoff", "<", 1.0),
     Target("kill_to_peergone", "SIGKILL->PeerGone", "<", 10.0),
+    Target("mem_tether_idle", "idle connection", "<=", 16.0),  # KiB
+    Target("mem_tether_flood", "RSS growth", "<", 100.0),  # MiB
+    Target("mem_tether_flood", "peak RSS growth", "<", 100.0),
 ]
 
 
