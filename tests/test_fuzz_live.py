@@ -457,11 +457,7 @@ def test_server_memory_returns(outcome: Outcome) -> None:
 
 
 # Library defects this file found; each mark flips to XPASS (and fails) once fixed.
-LOG_DEFECTS = {
-    "sync": "defect: a blocking Peer logs an EVENT with bad arguments as 'listener for ... "
-    "raised' at ERROR with a traceback (log.exception in _run_handler, which decodes itself "
-    "instead of using Registry.listeners); docs/protocol.md 8.1 says it is dropped",
-}
+LOG_DEFECTS: dict[str, str] = {}
 
 
 @pytest.mark.timeout(120)
@@ -474,12 +470,6 @@ def test_server_logs_only_documented_warnings(
     assert _undocumented(outcome.after["records"]) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a blocking Peer ended by the other side (PeerGone) keeps its handler "
-    "worker thread (tether-h_0) for as long as the Peer object is referenced: _end() does "
-    "not shut the executor down, only close() does",
-)
 @pytest.mark.timeout(30)
 def test_sync_peer_ended_by_the_other_side_keeps_no_thread() -> None:
     import tether.sync

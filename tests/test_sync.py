@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 
 import _targets
@@ -282,3 +284,168 @@ async def test_sync_child_serves_main() -> None:
         results = await asyncio.gather(*(child.invoke("double", i) for i in range(500)))
         assert results == [2 * i for i in range(500)]
     assert child.exitcode == 0
+
+
+# -- shared memory for blocking peers (D18) ----------------------------------------------
+
+
+def _origin(x: Any) -> str:
+    """Type name of what finally owns ``x``'s memory (``mmap``: shared memory)."""
+    o: Any = x
+    for _ in range(64):
+        if isinstance(o, np.ndarray) and o.base is not None:
+            o = o.base
+        elif isinstance(o, memoryview):
+            o = o.obj
+        else:
+            break
+    return type(o).__name__
+
+
+BIG_FRAMES = 256 * 1024 * 1024  # descriptors count against max_frame_size (64 MiB by default)
+
+
+@pytest.fixture
+async def unix_hub(sock_path: str) -> AsyncIterator[Hub]:
+    main = tether.Main(timeout=20.0, max_frame_size=BIG_FRAMES)
+    rec = install_main_handlers(main)
+
+    @main.handle("big")
+    def big(call: tether.Call, n: int) -> bytes:
+        return b"\x07" * n
+
+    @main.handle("array_back")
+    def array_back(call: tether.Call, a: Any) -> Any:
+        assert _origin(a) == "mmap", _origin(a)
+        return a * 2
+
+    async with main:
+        server = await main.listen(f"unix://{sock_path}")
+        yield Hub(main, str(server.address), rec)
+
+
+async def test_blocking_client_receives_more_than_64_mib_through_shared_memory(
+    unix_hub: Hub,
+) -> None:
+    n = 80 * 1024 * 1024
+
+    def run() -> tuple[int, str, int]:
+        with tether.sync.connect(unix_hub.address, max_frame_size=BIG_FRAMES) as peer:
+            got = peer.invoke("big", n)
+            return len(got), _origin(got), got[n - 1]
+
+    assert await in_thread(run) == (n, "mmap", 7)
+
+
+async def test_arrays_to_and_from_a_blocking_client_use_fd_attachments(unix_hub: Hub) -> None:
+    a = np.arange(256 * 1024, dtype=np.float64)  # 2 MiB
+    seen: list[str] = []
+    ready = threading.Event()
+    done = threading.Event()
+
+    def run() -> tuple[str, bool]:
+        with tether.sync.connect(unix_hub.address) as peer:
+
+            @peer.handle("take")
+            def take(call: tether.sync.Call, x: Any) -> float:
+                seen.append(_origin(x))
+                return float(x.sum())
+
+            back = peer.invoke("array_back", a)
+            origin, equal = _origin(back), bool((back == a * 2).all())
+            ready.set()
+            done.wait(20)
+            return origin, equal
+
+    worker = asyncio.ensure_future(in_thread(run))
+    await asyncio.get_running_loop().run_in_executor(None, ready.wait, 20)
+    (remote,) = unix_hub.main.peers
+    assert await remote.invoke("take", a) == float(a.sum())
+    done.set()
+    assert await worker == ("mmap", True)
+    assert seen == ["mmap"]
+
+
+def _array_child(peer: tether.sync.Peer) -> None:
+    @peer.handle("origin")
+    def origin(call: tether.sync.Call, x: Any) -> list[Any]:
+        return [_origin(x), float(x.sum()), np.ones(300_000)]
+
+    @peer.handle("lease_cycle")
+    def lease_cycle(call: tether.sync.Call) -> list[Any]:
+        got = call.peer.invoke("make_array", 300_000)  # main lends its children segments
+        where, held = _origin(got), call.peer._conn.leases_held
+        del got
+        call.peer.invoke("add", 1, 2)  # dropped: released by the next call, no timer
+        return [where, held, call.peer._conn.leases_held]
+
+    peer.wait_closed()
+
+
+async def test_blocking_child_gets_arrays_through_shared_memory() -> None:
+    a = np.arange(300_000, dtype=np.int64)
+    async with tether.Main(timeout=20.0) as main:
+        main.handle("make_array", lambda call, n: np.ones(n))
+        main.handle("add", lambda call, a, b: a + b)
+        child = await main.spawn(_array_child, start_method="fork")
+        where, total, ones = await child.invoke("origin", a)
+        assert (where, total) == ("mmap", float(a.sum()))
+        assert _origin(ones) == "mmap" and ones.shape == (300_000,)
+        assert await child.invoke("lease_cycle") == ["mmap", 1, 0]
+
+
+# -- connect ----------------------------------------------------------------------------
+
+
+def test_connect_waits_for_the_hello(sock_path: str) -> None:
+    """A listener that accepts but never says HELLO: PeerGone after connect_timeout."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(sock_path)
+    srv.listen(4)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(tether.PeerGone, match="HELLO"):
+            tether.sync.connect(f"unix://{sock_path}", connect_timeout=0.5)
+        assert 0.45 <= time.monotonic() - t0 < 5.0
+    finally:
+        srv.close()
+
+
+async def test_connect_from_the_loop_that_serves_the_address_raises(hub: Hub) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="event loop"):
+        tether.sync.connect(hub.address, connect_timeout=20.0)  # on the loop thread: refused
+    assert time.monotonic() - t0 < 2.0
+    peer = await in_thread(tether.sync.connect, hub.address)  # from another thread: fine
+    try:
+        assert await in_thread(peer.invoke, "echo", 5) == 5
+    finally:
+        peer.close()
+
+
+# -- handlers that stop the process ----------------------------------------------------------
+
+
+def _stopping_child(peer: tether.sync.Peer, how: str) -> None:
+    @peer.handle("stop")
+    def stop(call: tether.sync.Call) -> None:
+        if how == "exit":
+            raise SystemExit(3)
+        raise KeyboardInterrupt
+
+    peer.wait_closed()
+
+
+@pytest.mark.parametrize("how", ["exit", "interrupt"])
+async def test_system_exit_and_keyboard_interrupt_are_answered_then_stop_a_blocking_child(
+    how: str,
+) -> None:
+    async with tether.Main(timeout=20.0) as main:
+        # spawn: a child forked from inside asyncio.run() inherits asyncio's SIGINT
+        # handler, which would swallow the KeyboardInterrupt.
+        child = await main.spawn(_stopping_child, how, start_method="spawn")
+        with pytest.raises(tether.RemoteError) as ei:
+            await child.invoke("stop")
+        assert ei.value.type_name == ("SystemExit" if how == "exit" else "KeyboardInterrupt")
+        code = await child.wait(20.0)
+        assert code == 3 if how == "exit" else code != 0

@@ -87,6 +87,11 @@ async def _timed(
     return out
 
 
+def _limit(size: int) -> int:
+    """A frame limit that admits one ``size``-byte attachment (they count against it)."""
+    return max(64 << 20, size + (1 << 20))
+
+
 async def _source_child(peer: tether.Peer, size: int) -> None:
     src = make_source(size)
 
@@ -110,7 +115,7 @@ def big_tether_attach(params: Params) -> Result:
     expected = checksum(src)
 
     async def measure() -> Result:
-        async with tether.Main(timeout=WAIT * 2) as main:
+        async with tether.Main(timeout=WAIT * 2, max_frame_size=_limit(size)) as main:
             if c2m:
                 child = await main.spawn(_source_child, size)
 
@@ -174,7 +179,7 @@ def big_tether_buffer(params: Params) -> Result:
     expected = int(src[0]) + int(src[-1])
 
     async def measure() -> Result:
-        async with tether.Main(timeout=WAIT * 2) as main:
+        async with tether.Main(timeout=WAIT * 2, max_frame_size=_limit(size)) as main:
             child = await main.spawn(_sink_child)
             handoff: list[int] = []
             cycle: list[float] = []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from ..address import Address, parse_address
 from ..errors import PeerGone
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
-from .peer import SPIN_SECONDS, Call, Peer
+from .peer import SPIN_SECONDS, Call, Peer, loop_serves
 
 __all__ = ["Call", "Peer", "connect"]
 
@@ -21,14 +23,39 @@ def connect(
 ) -> Peer:
     """Connect to a listening main and return a blocking :class:`Peer`.
 
-    Use it as a context manager, or call ``close()`` when done.
+    Returns once the main's HELLO arrived (within ``connect_timeout``), like
+    the asyncio :func:`tether.connect`. Use it as a context manager, or call
+    ``close()`` when done.
 
     Raises:
-        PeerGone: nothing listens at ``address``.
+        PeerGone: nothing listens at ``address``, or it sent no HELLO in time.
+        RuntimeError: called from the thread running the event loop that
+            serves ``address``: that loop cannot answer while this call blocks
+            (use ``await tether.connect(...)`` there, or call this from another
+            thread).
     """
     addr = parse_address(address)
     try:
         sock = addr.connect(connect_timeout)
     except OSError as exc:
         raise PeerGone(f"cannot connect to {addr}: {exc}") from exc
-    return Peer(sock, timeout=timeout, max_frame_size=max_frame_size, name=str(addr), spin=spin)
+    try:
+        same_loop = loop_serves(sock)
+    except OSError:
+        same_loop = False
+    if same_loop:
+        sock.close()
+        raise RuntimeError(
+            f"tether.sync.connect({str(addr)!r}) called from the thread whose event loop "
+            "serves that address: it would wait for a HELLO that loop cannot send while "
+            "this call blocks; use 'await tether.connect(...)' here, or call it from "
+            "another thread (asyncio.to_thread)"
+        )
+    peer = Peer(sock, timeout=timeout, max_frame_size=max_frame_size, name=str(addr), spin=spin)
+    try:
+        peer.wait_hello(connect_timeout)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            peer.close()
+        raise
+    return peer

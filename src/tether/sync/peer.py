@@ -1,25 +1,73 @@
 """The blocking API: one connection driven by plain threads, no event loop.
 
-Reading is shared leader/follower style: a thread waiting for a result reads
-the socket itself (spinning briefly before it sleeps, which saves a wake-up on
-each round trip) and hands other threads their results. Once handlers are
-registered, a dispatcher thread reads instead, and handlers run in order on
-one worker thread, so a handler may itself invoke.
+Reading. One thread at a time reads the socket: the *reader*. Until the peer
+has handlers, a thread waiting for its result reads itself (leader/follower:
+it spins briefly before it sleeps, which saves a wake-up per round trip) and
+hands other threads their results. Once handlers are registered (or the other
+side invokes or sends), a dispatcher thread reads instead, and handlers run in
+order on one worker thread, so a handler may itself invoke or send.
+
+Writing. ``send_*`` only queues frames in the :class:`Connection`; whoever
+holds the write lock then writes everything queued, its own frames and those
+other threads queued meanwhile. A writer blocked on a full socket keeps
+reading while no other thread reads, and the reader never waits for the write
+lock (it writes only when the lock is free, else the holder writes for it):
+two blocking peers writing to each other at once both make progress. The
+worker leaves its answers to the holder the same way (until it has queued
+:data:`OUT_HIGH` bytes), so it keeps draining the job queue while a caller's
+write is stuck. ``close()`` waits at most a second for the lock.
+
+Shared memory. On unix sockets the peer announces ``fd`` (descriptors ride
+with the bytes: ``recvmsg``/``sendmsg``) and, unless it is a main, ``lease``
+(it accepts segments lent by the privileged side). Large arrays and bytes then
+cross as memory, not inline. A lent segment is released once its views are
+gone, checked after each handler, read and call: no timer.
+
+Inbound flow control. Invokes and events wait in a queue for the worker. Past
+:data:`HIGH_JOBS` jobs or :data:`HIGH_BYTES` bytes the reader stops reading
+until the worker has drained the queue to :data:`LOW_JOBS`/:data:`LOW_BYTES`;
+the kernel's socket buffer then pushes back on the sender. Frames of the last
+read that do not fit wait in the reader's backlog (one read at most). The
+one exception:
+while the worker itself waits in an ``invoke`` (a handler calling back), the
+reader keeps reading, since the answer it waits for may be behind the queue.
+
+Locks, always taken in this order, never the reverse:
+
+1. ``_wlock``: the right to write the socket; held across a blocking write.
+   The reader only ever *tries* it.
+2. ``_lock``: the :class:`Connection` (protocol state, queued output);
+   held briefly, never across a blocking call.
+3. ``_mu`` (and the conditions on it): who reads, results, the job queue,
+   the closed state.
+
+A handler that raises answers its invoke with an ERROR whatever it raised.
+``SystemExit`` and ``KeyboardInterrupt`` then stop the process as Python
+would: the peer closes, and ``SystemExit`` is raised again in the thread
+that waits in :meth:`Peer.wait_closed` (a blocking child's main thread) or
+calls the peer next, ``KeyboardInterrupt`` in the main thread. Any other
+``BaseException`` is answered and logged.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import _thread
+import array
+import asyncio
+import collections
 import contextlib
 import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any, Final
 
 from .. import codec
+from ..attachments import MemfdStore
 from ..errors import (
     ConnectionClosed,
     InvokeTimeout,
@@ -33,6 +81,7 @@ from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
+    K_CANCEL,
     K_ERROR,
     K_EVENT,
     K_GOODBYE,
@@ -46,8 +95,22 @@ __all__ = ["Call", "Peer"]
 log = logging.getLogger("tether")
 
 SPIN_SECONDS: Final = 0.0002
+#: jobs (and their bytes) queued for the worker at which the reader pauses
+HIGH_JOBS: Final = 64
+HIGH_BYTES: Final = 16 * 1024 * 1024
+#: ... and at which it resumes
+LOW_JOBS: Final = 16
+LOW_BYTES: Final = 4 * 1024 * 1024
 _READ_SIZE: Final = 256 * 1024
 _POLL_SLICE: Final = 0.25
+_TAKE_TURN: Final = 0.01  # a blocked writer re-checks this often whether it may read
+_REPLY_WRITE: Final = 10.0  # seconds to write what the reader queued (PONG, RELEASE)
+_ANSWER_WRITE: Final = 30.0  # seconds to write a handler's answer
+#: queued output past which the worker waits for the write lock (below it, the holder writes)
+OUT_HIGH: Final = 4 * 1024 * 1024
+_ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
+_SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+_FATAL: Final = (SystemExit, KeyboardInterrupt)
 
 
 class _Slot:
@@ -59,6 +122,19 @@ class _Slot:
         self.exc: BaseException | None = None
 
 
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _job_size(f: Frame) -> int:
+    n = len(f.body)
+    for a in f.attachments:
+        n += len(a)
+    return n
+
+
 class Peer(Handlers):
     """A blocking peer, safe to share between threads.
 
@@ -68,6 +144,12 @@ class Peer(Handlers):
         lazy: don't start serving handlers when they are registered; start at
             the first blocking call instead (used for a child's sync target, so
             every handler is in place before anything is read).
+        tracebacks: send the handler's traceback with an ERROR (default); off,
+            the caller gets the exception's type and message only.
+
+    Attributes:
+        max_queued: the most jobs ever queued for the worker at once (never
+            above :data:`HIGH_JOBS` unless a handler waited in ``invoke``).
     """
 
     def __init__(
@@ -82,28 +164,58 @@ class Peer(Handlers):
         name: str = "",
         lazy: bool = False,
         spin: float = SPIN_SECONDS,
+        tracebacks: bool = True,
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
+        self._unix = sock.family == socket.AF_UNIX
         self._conn = Connection(
-            local_role, name=name, pid=os.getpid(), max_frame_size=max_frame_size
+            local_role,
+            name=name,
+            pid=os.getpid(),
+            max_frame_size=max_frame_size,
+            # On unix sockets: pass descriptors. Lend segments only to a child
+            # (as an asyncio main does); accept segments lent by the other side
+            # unless this side is a main (it trusts the privileged side's pages).
+            store=MemfdStore(lend=role == "child", borrow=local_role != "main")
+            if self._unix
+            else None,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
         self.timeout = timeout
         self.name = name
+        self.tracebacks = tracebacks
         self._lazy = lazy
         self.spin = spin
-        self._wlock = threading.Lock()  # the Connection and writes to the socket
-        self._cv = threading.Condition(threading.Lock())  # who reads; results
+        self._wlock = threading.Lock()  # 1: writing the socket
+        self._lock = threading.Lock()  # 2: the Connection
+        self._mu = threading.Lock()  # 3: reader role, results, jobs, closed
+        self._cv = threading.Condition(self._mu)  # results; the reader role
+        self._work_cv = threading.Condition(self._mu)  # the worker waits for jobs
+        self._room_cv = threading.Condition(self._mu)  # the reader waits for room
         self._reading = False
+        self._reader_tid = 0  # thread that holds the reader role
+        self._releases_due = False  # poll_releases queued RELEASEs not yet taken
+        self._leased = False  # frames with attachments came: leases may be held (under _lock)
+        self._worker_out = 0  # bytes the worker queued since the last take (under _lock)
         self._rbuf = bytearray(_READ_SIZE)  # only the reading thread touches it
         self._rview = memoryview(self._rbuf)
+        self._rbufs = [self._rbuf]
+        self._chan_cache: dict[str, bytes] = {}
         self._closed: TetherError | None = None
+        self._fatal: BaseException | None = None  # SystemExit from a handler, raised again
+        self._hello = _Slot()
         self._serving: threading.Thread | None = None
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
-        with self._wlock:
-            self._write(self._conn.data_to_send()[0], time.monotonic() + 10.0)
+        self._worker: threading.Thread | None = None
+        self._worker_tid = 0
+        self._worker_waits = False  # the worker is in invoke(): never pause reading
+        self._jobs: collections.deque[tuple[Frame, int]] = collections.deque()
+        self._jobs_bytes = 0
+        self._backlog: collections.deque[tuple[Frame, int]] = collections.deque()
+        #: the most jobs ever queued for the worker at once (flow control)
+        self.max_queued = 0
+        self._flush(time.monotonic() + 10.0)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -117,22 +229,48 @@ class Peer(Handlers):
     def closed(self) -> bool:
         return self._closed is not None
 
+    @property
+    def remote_hello(self) -> codec.Hello | None:
+        """The other side's HELLO (role it claims, name, pid), once received."""
+        return self._conn.peer_hello
+
+    def wait_hello(self, timeout: float | None) -> None:
+        """Wait (bounded) for the other side's HELLO, reading the socket meanwhile.
+
+        Raises:
+            PeerGone: no HELLO within ``timeout``, or the connection ended.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._wait(self._hello, deadline)
+        except InvokeTimeout:
+            raise PeerGone(f"{self!r} sent no HELLO within {timeout} s") from None
+        if self._hello.exc is not None:
+            raise self._hello.exc
+
     def close(self, reason: str = "closed") -> None:
         """Say goodbye and close; pending invokes fail with ConnectionClosed."""
-        with self._wlock:
+        with self._lock:
             if self._closed is not None:
                 return
             self._conn.send_goodbye(reason)
-            with contextlib.suppress(TetherError):
-                self._write(self._conn.data_to_send()[0], time.monotonic() + 1.0)
+        with contextlib.suppress(TetherError):  # bounded: a stuck writer holds the lock
+            self._flush(time.monotonic() + 1.0, True, 1.0)
         self._end(ConnectionClosed(f"connection to {self.name or 'peer'} was closed: {reason}"))
+        with self._mu:
+            self._jobs.clear()  # handlers not started yet don't run
+            self._backlog.clear()
+            self._jobs_bytes = 0
         if self._serving is not None and self._serving is not threading.current_thread():
             self._serving.join(2.0)
-        if self._worker is not None:
-            self._worker.shutdown(wait=False, cancel_futures=True)
 
     def wait_closed(self, timeout: float | None = None) -> None:
-        """Serve handlers until the connection closes (or ``timeout`` passes)."""
+        """Serve handlers until the connection closes (or ``timeout`` passes).
+
+        Raises:
+            TimeoutError: still open after ``timeout``.
+            SystemExit: a handler raised it (the peer closed; see the module docstring).
+        """
         self._start_serving(force=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
@@ -141,6 +279,7 @@ class Peer(Handlers):
                 if left is not None and left <= 0:
                     raise TimeoutError("connection still open")
                 self._cv.wait(left)
+        self._raise_fatal()
 
     def __repr__(self) -> str:
         return f"<sync.Peer {self.name or self._sock.fileno()} role={self.role}>"
@@ -161,88 +300,236 @@ class Peer(Handlers):
         with self._cv:
             if self._serving is not None:
                 return
-            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tether-h")
+            self._worker = threading.Thread(target=self._work, name="tether-h", daemon=True)
             self._serving = threading.Thread(target=self._serve, name="tether-reader", daemon=True)
+            self._worker.start()
             self._serving.start()
 
     def _serve(self) -> None:
-        while self._closed is None:
-            slot = _Slot()  # never completes: read until closed
-            try:
-                self._wait(slot, None, leader_only=True)
-            except TetherError:
-                return
+        slot = _Slot()  # never completes: read until closed
+        with contextlib.suppress(TetherError):
+            self._wait(slot, None, serve=True)
 
     # -- calling ----------------------------------------------------------
+
+    def _chan(self, channel: str, args: tuple[Any, ...]) -> bytes:
+        b = self._chan_cache.get(channel) if type(channel) is str else None
+        if b is None:
+            if not isinstance(channel, str):
+                consume_all(args)
+                raise TypeError(f"channel must be a str, not {type(channel).__name__}")
+            b = self._chan_cache[channel] = channel.encode()
+        return b
+
+    def _refused(self, args: tuple[Any, ...]) -> BaseException:
+        """Why nothing can be sent now (the peer said goodbye: PeerGone); moves ``args``."""
+        consume_all(args)
+        self._raise_fatal()
+        if self._closed is not None:
+            return self._closed
+        reason = self._conn.goodbye_reason
+        return PeerGone(f"{self!r} said goodbye: {reason or 'no reason given'}")
 
     def invoke(
         self, channel: str, *args: Any, timeout: float | None = DEFAULT, result_type: Any = Any
     ) -> Any:
-        """Blocking invoke; same errors as :meth:`tether.Peer.invoke`."""
+        """Blocking invoke; same errors as :meth:`tether.Peer.invoke`.
+
+        Raises:
+            TypeError: ``channel`` is not a str.
+        """
+        chan = self._chan_cache.get(channel) if type(channel) is str else None
+        if chan is None:
+            chan = self._chan(channel, args)
         if self._lazy:
             self._start_serving()
         if timeout is DEFAULT:
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._leased:
+            self._poll_releases()
         slot = _Slot()
-        with self._wlock:
-            if self._closed is not None:
-                consume_all(args)
-                raise self._closed
-            rid = self._conn.send_invoke(channel.encode(), args, slot)
-            self._write(self._conn.data_to_send()[0], deadline)
+        conn = self._conn
+        with self._wlock:  # (the common case: queue and write under one hold)
+            with self._lock:
+                if self._closed is not None or conn.their_goodbye:
+                    raise self._refused(args)
+                rid = conn.send_invoke(chan, args, slot)
+                data, fds = self._take_out()
+            self._write(data, fds, deadline)
+        if conn.buffered_out or self._releases_due:  # queued by a thread that left it to us
+            self._flush(deadline)
+        worker = self._worker_tid != 0 and self._worker_tid == threading.get_ident()
+        if worker:
+            self._set_worker_waits(True)
         try:
             self._wait(slot, deadline)
         except InvokeTimeout:
-            with self._wlock:
-                if self._closed is None:
-                    self._conn.send_cancel(rid)
-                    self._write(self._conn.data_to_send()[0], time.monotonic() + 1.0)
+            with self._lock:
+                self._conn.send_cancel(rid)
+            with contextlib.suppress(TetherError):
+                self._flush(time.monotonic() + 1.0, block=False)
             raise InvokeTimeout(f"no answer on {channel!r} within {timeout} s") from None
+        finally:
+            if worker:
+                self._set_worker_waits(False)
         if slot.exc is not None:
             raise slot.exc
         assert slot.frame is not None
         return decode_result(slot.frame, result_type)
 
     def send(self, channel: str, *args: Any) -> None:
-        """Send a one-way event; blocks only while the peer is not reading."""
+        """Send a one-way event; blocks only while the peer is not reading.
+
+        Safe from a handler (it runs on the worker thread).
+
+        Raises:
+            TypeError: ``channel`` is not a str.
+        """
+        chan = self._chan(channel, args)
         if self._lazy:
             self._start_serving()
-        with self._wlock:
-            if self._closed is not None:
-                consume_all(args)
-                raise self._closed
-            self._conn.send_event(channel.encode(), args)
-            deadline = None if self.timeout is None else time.monotonic() + self.timeout
-            self._write(self._conn.data_to_send()[0], deadline)
+        if self._leased:
+            self._poll_releases()
+        with self._lock:
+            if self._closed is not None or self._conn.their_goodbye:
+                raise self._refused(args)
+            before = self._conn.buffered_out
+            self._conn.send_event(chan, args)
+            block = self._may_block(before)
+        self._flush(None if self.timeout is None else time.monotonic() + self.timeout, block)
 
-    # -- I/O --------------------------------------------------------------
+    def _may_block(self, before: int) -> bool:
+        """Whether this thread waits for the write lock, rather than leave its frames to the holder.
 
-    def _write(self, data: bytearray, deadline: float | None) -> None:
-        """Write all of ``data`` (caller holds _wlock); a stalled peer is bounded by deadline."""
-        view = memoryview(data)
-        sock = self._sock
-        while view:
+        Called holding ``_lock`` after queueing, with the queue's size before.
+        The worker waits only once it queued :data:`OUT_HIGH` bytes since the
+        holder last took the queue: blocked on the lock it would stop draining
+        the job queue, and a paused reader with it, while the peer may be
+        waiting for this side to read (both sides flooding each other).
+        """
+        if self._worker_tid != threading.get_ident():
+            return True
+        self._worker_out += self._conn.buffered_out - before
+        return self._worker_out > OUT_HIGH
+
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+
+    # -- writing ----------------------------------------------------------
+
+    def _take_out(self) -> tuple[bytearray, list[int]]:
+        """What the Connection queued: bytes, and descriptors for their first byte (holds _lock)."""
+        self._releases_due = False
+        self._worker_out = 0
+        return self._conn.data_to_send()
+
+    def _flush(self, deadline: float | None, block: bool = True, wait: float = -1) -> None:
+        """Write everything queued (waiting at most ``wait`` seconds for the write lock).
+
+        With ``block=False`` (the reader; the worker, unless much is queued)
+        return at once if another thread holds the write lock: that thread
+        writes what was queued, since each holder checks for more after it
+        lets go of the lock.
+        """
+        wlock = self._wlock
+        conn = self._conn
+        while True:
+            if not wlock.acquire(block, wait if block else -1):
+                return
             try:
-                n = sock.send(view)
+                with self._lock:
+                    data, fds = self._take_out()
+                if data:
+                    self._write(data, fds, deadline)
+            finally:
+                wlock.release()
+            if not (conn.buffered_out or self._releases_due) or self._closed is not None:
+                return
+
+    def _write(self, data: bytearray, fds: list[int], deadline: float | None) -> None:
+        """Write all of ``data`` (holding _wlock); ``fds`` ride on its first byte and are closed.
+
+        A stalled peer is bounded by ``deadline``; meanwhile this thread reads
+        when nobody else does.
+        """
+        sock = self._sock
+        n = 0
+        if not fds:  # the common case: one send takes it all
+            try:
+                n = sock.send(data)
             except (BlockingIOError, InterruptedError):
                 n = 0
-            except OSError as exc:
-                err = PeerGone(f"{self!r}: connection lost: {exc}")
-                err.__cause__ = exc
-                self._end(err)
-                raise err from exc
-            view = view[n:]
-            if view:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    # Half a frame is on the wire: the stream cannot continue.
-                    err = PeerGone(f"{self!r}: peer stopped reading; connection dropped")
-                    self._end(err)
-                    raise err
-                select.select([], [sock], [], left)
+            except (OSError, ValueError) as exc:
+                raise self._lost(exc) from exc
+            if n == len(data):
+                return
+        view = memoryview(data)[n:]
+        try:
+            while view:
+                try:
+                    if fds:
+                        n = sock.sendmsg([view], [(*_SCM, array.array("i", fds))])
+                        _close_all(fds)
+                        fds = []
+                    else:
+                        n = sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except (OSError, ValueError) as exc:
+                    raise self._lost(exc) from exc
+                view = view[n:]
+                if view:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        # Part of a frame is on the wire: the stream cannot continue.
+                        self._end(PeerGone(f"{self!r}: peer stopped reading; connection dropped"))
+                        raise self._closed  # type: ignore[misc]
+                    self._await_writable(left)
+        finally:
+            _close_all(fds)
 
-    def _wait(self, slot: _Slot, deadline: float | None, leader_only: bool = False) -> None:
+    def _await_writable(self, left: float | None) -> None:
+        """Wait for room in the socket, reading meanwhile if this thread may."""
+        me = threading.get_ident()
+        claimed = False
+        if self._reader_tid != me:
+            with self._mu:
+                if not self._reading and self._serving is None and self._closed is None:
+                    self._reading = claimed = True
+                    self._reader_tid = me
+        try:
+            may_read = self._reader_tid == me and self._make_room(wait=False)
+            if may_read:
+                wait = left
+            elif self._serving is None:
+                wait = _TAKE_TURN  # another waiter reads; take over when it is done
+            else:
+                wait = _POLL_SLICE
+            if wait is not None and left is not None:
+                wait = min(wait, left)
+            sock = self._sock
+            try:
+                r, _, _ = select.select([sock] if may_read else [], [sock], [], wait)
+            except (OSError, ValueError) as exc:
+                raise self._lost(exc) from exc
+            if r:
+                data = self._recv()
+                if data is not None:
+                    self._handle(data)
+                    if self._leased:
+                        self._poll_releases()
+        finally:
+            if claimed:
+                with self._mu:
+                    self._reading = False
+                    self._reader_tid = 0
+                    self._cv.notify_all()
+
+    # -- reading ----------------------------------------------------------
+
+    def _wait(self, slot: _Slot, deadline: float | None, serve: bool = False) -> None:
         cv = self._cv
         with cv:
             while True:
@@ -250,8 +537,9 @@ class Peer(Handlers):
                     return
                 if self._closed is not None:
                     raise self._closed
-                if not self._reading and (leader_only or self._serving is None):
+                if not self._reading and (serve or self._serving is None):
                     self._reading = True
+                    self._reader_tid = threading.get_ident()
                     break
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -259,130 +547,391 @@ class Peer(Handlers):
                 cv.wait(left)
         try:
             while not slot.done:
-                frames = self._read(deadline)
-                if frames:
-                    self._dispatch(frames)
+                if self._backlog:
+                    self._make_room(wait=True, deadline=deadline)
+                data = self._recv_wait(deadline)
+                self._handle(data)
+                if self._leased:
+                    # After _handle let go of the frames; the worker checks
+                    # again after each handler: one of the two sees them dropped.
+                    self._poll_releases()
         finally:
             with cv:
                 self._reading = False
+                self._reader_tid = 0
                 cv.notify_all()
 
-    def _read(self, deadline: float | None) -> list[Frame]:
+    def _recv(self) -> bytes | None:
+        """One read: the bytes that arrived, ``b""`` at EOF, ``None`` if none yet.
+
+        On unix sockets descriptors that came along go to the Connection first.
+        """
+        sock = self._sock
+        try:
+            if self._unix:
+                n, anc, flags, _ = sock.recvmsg_into(self._rbufs, _ANC_SPACE)
+                if anc:
+                    self._take_fds(anc, flags)
+            else:
+                n = sock.recv_into(self._rbuf)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except (OSError, ValueError) as exc:
+            raise self._lost(exc) from exc
+        return self._rview[:n].tobytes()
+
+    def _take_fds(self, anc: list[tuple[int, int, bytes]], flags: int) -> None:
+        fds = array.array("i")
+        for level, kind, cdata in anc:
+            if (level, kind) == _SCM:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        err: ProtocolError | None = None
+        if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            err = ProtocolError("too many file descriptors in one message")
+        else:
+            with self._lock:
+                try:
+                    self._conn.receive_fds(fds)
+                except ProtocolError as exc:
+                    err = exc
+        if err is not None:
+            self._bad_message(err)
+            raise err
+
+    def _recv_wait(self, deadline: float | None) -> bytes:
         sock = self._sock
         spin_until = time.perf_counter() + self.spin
         while True:
             if self._closed is not None:
                 raise self._closed
+            data = self._recv()
+            if data is not None:
+                return data
+            if time.perf_counter() < spin_until:
+                os.sched_yield()  # the peer may share this CPU: let it run
+                continue
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise InvokeTimeout("timed out")
+            wait = _POLL_SLICE if left is None else min(left, _POLL_SLICE)
             try:
-                n = sock.recv_into(self._rbuf)
-                data = self._rview[:n].tobytes()
-            except (BlockingIOError, InterruptedError):
-                if time.perf_counter() < spin_until:
-                    os.sched_yield()  # the peer may share this CPU: let it run
-                    continue
+                select.select([sock], [], [], wait)
+            except (OSError, ValueError) as exc:
+                raise self._lost(exc) from exc
+
+    def _handle(self, data: bytes) -> None:
+        """Feed what the reader got to the Connection and act on the frames."""
+        conn = self._conn
+        err: TetherError | None = None
+        settled: list[_Slot] = []
+        errors: list[tuple[_Slot, Frame]] = []
+        jobs: list[tuple[Frame, int]] | None = None
+        cancels: list[int] | None = None
+        goodbye = False
+        with self._lock:
+            try:
+                if data:
+                    frames = conn.receive_data(data)
+                else:
+                    frames = []
+                    conn.receive_eof()
+                    err = PeerGone(f"{self!r}: connection lost (EOF)")
+            except ProtocolError as exc:
+                frames = []
+                err = exc
+            for f in frames:
+                k = f.kind
+                if f.attachments:
+                    self._leased = True
+                if k == K_RESULT:
+                    slot = conn.take_pending(f.request_id)
+                    if slot is not None:
+                        slot.frame = f  # (read once done is set, below)
+                        settled.append(slot)
+                elif k == K_ERROR:
+                    slot = conn.take_pending(f.request_id)
+                    if slot is not None:
+                        errors.append((slot, f))
+                        settled.append(slot)
+                elif k in (K_INVOKE, K_EVENT):
+                    if jobs is None:
+                        jobs = []
+                    jobs.append((f, _job_size(f)))
+                elif k == K_CANCEL:
+                    if cancels is None:
+                        cancels = []
+                    cancels.append(f.request_id)
+                elif k == K_GOODBYE:
+                    goodbye = True
+                    break  # anything after it is ignored
+            reply = conn.buffered_out > 0
+            hello = not self._hello.done and conn.peer_hello is not None
+        if err is not None:
+            if isinstance(err, ProtocolError) and data:
+                self._bad_message(err)
+            else:
+                self._end(err)
+            raise self._closed  # type: ignore[misc]
+        if reply:
+            with contextlib.suppress(TetherError):
+                self._flush(time.monotonic() + _REPLY_WRITE, block=False)
+        if settled or hello:
+            for slot, f in errors:
+                slot.exc = decode_error(f)
+            with self._mu:
+                for slot in settled:
+                    slot.done = True
+                if hello:
+                    self._hello.done = True
+                self._cv.notify_all()
+        if jobs:
+            self._start_serving(force=True)
+            self._enqueue(jobs)
+        if cancels:
+            self._cancel_queued(cancels)
+        if goodbye:
+            reason = conn.goodbye_reason or "no reason given"
+            self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
+
+    # -- the job queue (flow control) -----------------------------------------
+
+    def _enqueue(self, jobs: list[tuple[Frame, int]]) -> None:
+        with self._mu:
+            self._backlog.extend(jobs)
+            self._fill()
+
+    def _fill(self) -> None:
+        """Move jobs from the reader's backlog to the worker's queue while there is room.
+
+        The caller holds ``_mu``.
+        """
+        backlog, q = self._backlog, self._jobs
+        moved = False
+        while backlog and (
+            (len(q) < HIGH_JOBS and self._jobs_bytes < HIGH_BYTES) or self._worker_waits
+        ):
+            job = backlog.popleft()
+            q.append(job)
+            self._jobs_bytes += job[1]
+            moved = True
+        if moved:
+            if len(q) > self.max_queued:
+                self.max_queued = len(q)
+            self._work_cv.notify()
+
+    def _make_room(self, wait: bool, deadline: float | None = None) -> bool:
+        """Queue the backlog for the worker; True once it is empty.
+
+        With ``wait``, pause (not reading) until the worker drains to low water.
+        """
+        with self._mu:
+            while True:
+                self._fill()
+                if not self._backlog:
+                    return True
+                if not wait:
+                    return False
+                if self._closed is not None:
+                    raise self._closed
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise InvokeTimeout("timed out") from None
-                wait = _POLL_SLICE if left is None else min(left, _POLL_SLICE)
-                try:
-                    select.select([sock], [], [], wait)
-                except (OSError, ValueError):
-                    if self._closed is not None:
-                        raise self._closed from None
-                    raise
-                continue
-            except OSError as exc:
-                self._end(PeerGone(f"{self!r}: connection lost: {exc}"))
-                raise self._closed from exc  # type: ignore[misc]
-            break
-        with self._wlock:
-            if not data:
-                try:
-                    self._conn.receive_eof()
-                except ProtocolError as exc:
-                    self._end(exc)
-                    raise
-                self._end(PeerGone(f"{self!r}: connection lost (EOF)"))
-                raise self._closed  # type: ignore[misc]
-            try:
-                return self._conn.receive_data(data)
-            except ProtocolError as exc:
-                self._end(exc)
-                raise
-            finally:
-                if self._conn.buffered_out and self._closed is None:
-                    self._write(self._conn.data_to_send()[0], time.monotonic() + 10.0)
+                    raise InvokeTimeout("timed out")
+                while (
+                    (len(self._jobs) > LOW_JOBS or self._jobs_bytes > LOW_BYTES)
+                    and not self._worker_waits
+                    and self._closed is None
+                ):
+                    if not self._room_cv.wait(left):
+                        break
 
-    def _dispatch(self, frames: list[Frame]) -> None:
-        wake = False
-        for f in frames:
-            k = f.kind
-            if k in (K_RESULT, K_ERROR):
-                slot = self._conn.take_pending(f.request_id)
-                if slot is None:
-                    continue
-                if k == K_ERROR:
-                    slot.exc = decode_error(f)
-                else:
-                    slot.frame = f
-                slot.done = True
-                wake = True
-            elif k in (K_INVOKE, K_EVENT):
-                self._start_serving(force=True)
-                if self._worker is not None:
-                    self._worker.submit(self._run_handler, f)
-            elif k == K_GOODBYE:
-                reason = self._conn.goodbye_reason or "no reason given"
-                self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
+    def _set_worker_waits(self, waits: bool) -> None:
+        with self._mu:
+            self._worker_waits = waits
+            if waits:
+                self._room_cv.notify_all()
+
+    def _cancel_queued(self, rids: list[int]) -> None:
+        # CANCEL: an invoke still queued is dropped (the caller no longer waits for
+        # it). A handler already running cannot be interrupted: it runs to the end
+        # and its answer is still sent; the caller ignores it.
+        with self._mu:
+            for q in (self._jobs, self._backlog):
+                for job in list(q):
+                    f = job[0]
+                    if f.kind == K_INVOKE and f.request_id in rids:
+                        q.remove(job)
+                        if q is self._jobs:
+                            self._jobs_bytes -= job[1]
+
+    def _work(self) -> None:
+        """The worker thread: run queued handlers in order."""
+        self._worker_tid = threading.get_ident()
+        q = self._jobs
+        while True:
+            with self._mu:
+                while not q and self._closed is None:
+                    self._work_cv.wait()
+                if not q:
+                    return
+                f, size = q.popleft()
+                self._jobs_bytes -= size
+                if len(q) <= LOW_JOBS and self._jobs_bytes <= LOW_BYTES:
+                    self._room_cv.notify_all()
+                closed = self._closed is not None
+            if f.kind == K_EVENT:
+                self._run_listeners(f)  # events that came before the end still run
+            elif not closed:
+                self._run_handler(f)
+            del f
+            if self._leased:
+                self._poll_releases()
+            if self._fatal is not None:
                 return
-            # CANCEL: a blocking handler cannot be interrupted; its result is dropped.
-        if wake:
-            with self._cv:
-                self._cv.notify_all()
+
+    def _run_listeners(self, f: Frame) -> None:
+        for h, args in self.registry.listeners(f, self.role):
+            try:
+                h.fn(Call(self, f.channel, 0, f.route_id), *args)
+            except _FATAL as exc:
+                self._stop_process(exc)
+                return
+            except BaseException:
+                log.exception("listener for %r raised", f.channel)
 
     def _run_handler(self, f: Frame) -> None:
         rid = f.request_id
-        reply: codec.ErrorInfo | None = None
-        result: Any = None
-        if f.kind == K_EVENT:
-            for h in self.registry.events.get(f.channel, ()):
-                if not h.allows(self.role):
-                    continue
-                try:
-                    args = h.spec.decode(f.body, f.attachments)
-                    h.fn(Call(self, f.channel, 0, f.route_id), *args)
-                except Exception:
-                    log.exception("listener for %r raised", f.channel)
-            return
         found = self.registry.resolve(f, self.role)
+        fatal: BaseException | None = None
         if isinstance(found, codec.ErrorInfo):
-            reply = found
+            self._answer(rid, None, found)
+            return
+        handler, args = found
+        del found
+        try:
+            result = handler.fn(Call(self, f.channel, rid, f.route_id), *args)
+        except BaseException as exc:
+            if not isinstance(exc, (Exception, *_FATAL)):
+                log.exception("handler for %r raised %s", f.channel, type(exc).__name__)
+            if isinstance(exc, _FATAL):
+                fatal = exc
+            self._answer(rid, None, codec.error_info(exc, traceback=self.tracebacks))
         else:
-            handler, args = found
-            try:
-                result = handler.fn(Call(self, f.channel, rid, f.route_id), *args)
-            except Exception as exc:
-                reply = codec.error_info(exc)
-        with self._wlock:
+            self._answer(rid, result, None)
+        if fatal is not None:
+            self._stop_process(fatal)
+
+    def _answer(self, rid: int, result: Any, info: codec.ErrorInfo | None) -> None:
+        """Queue and write exactly one answer to invoke ``rid``."""
+        conn = self._conn
+        with self._lock:
             if self._closed is not None:
                 return
-            if reply is None:
-                self._conn.answer(rid, result)
-            else:
-                self._conn.send_error(rid, reply)
+            before = conn.buffered_out
+            try:
+                if info is None:
+                    conn.answer(rid, result)
+                else:
+                    conn.send_error(rid, info)
+            except BaseException as exc:  # the result or the error does not encode or fit
+                if info is None:
+                    info = codec.error_info(exc, traceback=False)
+                try:  # cut down: no traceback, a short message
+                    conn.send_error(rid, codec.ErrorInfo(info.code, info.message[:1000], info.type))
+                except BaseException:
+                    conn.send_error(rid, codec.ErrorInfo("remote", "the error could not be sent"))
+            block = self._may_block(before)
+        with contextlib.suppress(TetherError):
+            self._flush(time.monotonic() + _ANSWER_WRITE, block)
+
+    def _stop_process(self, exc: BaseException) -> None:
+        """A handler raised SystemExit or KeyboardInterrupt: stop as Python would."""
+        if isinstance(exc, SystemExit):
+            self._fatal = exc
+        else:
+            _thread.interrupt_main()  # raised in the main thread once it runs again
+        self.close(f"handler raised {type(exc).__name__}")
+
+    def _poll_releases(self) -> None:
+        """RELEASE lent segments whose views are gone (after handlers and results)."""
+        with self._lock:
+            due = self._conn.poll_releases()
+            if due:
+                self._releases_due = True
+            self._leased = self._conn.leases_held > 0
+        if due:
             with contextlib.suppress(TetherError):
-                self._write(self._conn.data_to_send()[0], time.monotonic() + 30.0)
+                self._flush(time.monotonic() + _REPLY_WRITE, block=False)
+
+    # -- ending -----------------------------------------------------------
+
+    def _lost(self, exc: BaseException) -> TetherError:
+        """The socket failed (or was closed under us): end, return what callers get."""
+        err = PeerGone(f"{self!r}: connection lost: {exc}")
+        err.__cause__ = exc
+        self._end(err)
+        assert self._closed is not None
+        return self._closed
+
+    def _bad_message(self, exc: ProtocolError) -> None:
+        """Chromium's bad-message rule: drop the peer that broke the protocol."""
+        log.warning("%r broke the protocol: %s", self, exc)
+        self._end(exc)
 
     def _end(self, exc: TetherError) -> None:
-        with self._cv:
+        with self._mu:
             if self._closed is not None:
                 return
             self._closed = exc
-            for slot in self._conn.fail_all():
-                slot.exc = exc
-                slot.done = True
+        with self._lock:
+            waiters = self._conn.fail_all()  # and closes the attachment store
+        with self._mu:
+            for slot in (*waiters, self._hello):
+                if not slot.done:
+                    slot.exc = exc
+                    slot.done = True
             self._cv.notify_all()
+            self._work_cv.notify_all()
+            self._room_cv.notify_all()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in select()
         with contextlib.suppress(OSError):
             self._sock.close()
+
+
+def loop_serves(sock: socket.socket) -> bool:
+    """Whether this thread runs an event loop and ``sock``'s listener lives in this process.
+
+    Then a blocking connect would wait for a HELLO that loop can never send.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    if sock.family == socket.AF_UNIX:
+        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid: int = struct.unpack("3i", cred)[0]
+        return pid == os.getpid()
+    return _listens_here(sock.getpeername()[1])
+
+
+def _listens_here(port: int) -> bool:
+    """Whether a TCP socket listening on ``port`` belongs to this process (Linux /proc)."""
+    try:
+        mine = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/self/fd/{fd}")
+                if link.startswith("socket:["):
+                    mine.add(link[8:-1])
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError), open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    listening = cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port
+                    if listening and cols[9] in mine:
+                        return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
