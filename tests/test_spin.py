@@ -213,6 +213,16 @@ async def test_sync_peer_polls_only_when_asked_to() -> None:
             reads += 1
             return super().recv(*args, **kw)
 
+        def recvmsg_into(self, *args: Any, **kw: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return super().recvmsg_into(*args, **kw)
+
+        def recvmsg(self, *args: Any, **kw: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return super().recvmsg(*args, **kw)
+
     async def reads_while_waiting(spin: float) -> int:
         nonlocal reads
         a, b = socket.socketpair()
