@@ -16,6 +16,7 @@ import _targets
 import tether
 import tether.sync
 from _targets import Recorder, install_main_handlers
+from test_attachments import origin
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -289,17 +290,7 @@ async def test_sync_child_serves_main() -> None:
 # -- shared memory for blocking peers (D18) ----------------------------------------------
 
 
-def _origin(x: Any) -> str:
-    """Type name of what finally owns ``x``'s memory (``mmap``: shared memory)."""
-    o: Any = x
-    for _ in range(64):
-        if isinstance(o, np.ndarray) and o.base is not None:
-            o = o.base
-        elif isinstance(o, memoryview):
-            o = o.obj
-        else:
-            break
-    return type(o).__name__
+_origin = origin  # the test_attachments helper
 
 
 BIG_FRAMES = 256 * 1024 * 1024  # descriptors count against max_frame_size (64 MiB by default)

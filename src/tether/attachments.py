@@ -37,6 +37,19 @@ MAX_LEASES: Final = 64
 _STORES: weakref.WeakSet[MemfdStore] = weakref.WeakSet()
 
 
+def store_for(unix: bool, peer_role: str, local_role: str) -> MemfdStore | None:
+    """The attachment store of a new connection, or ``None`` where descriptors can't pass.
+
+    The one place the lending rule lives, for both I/O layers: on unix sockets
+    descriptors pass; a main lends its pooled segments only to the children it
+    spawned (``peer_role == "child"``), and every side but a main accepts
+    segments lent by the other side (it trusts the privileged side's pages).
+    """
+    if not unix:
+        return None
+    return MemfdStore(lend=peer_role == "child", borrow=local_role != "main")
+
+
 class MemfdStore:
     """Shared-memory attachments of one connection (unix sockets only).
 

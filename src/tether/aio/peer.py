@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
 from .. import codec
-from ..attachments import MemfdStore
+from ..attachments import MemfdStore, store_for
 from ..errors import (
     ConnectionClosed,
     InvokeTimeout,
@@ -131,12 +131,7 @@ class Peer(Handlers):
             name=name,
             pid=os.getpid(),
             max_frame_size=max_frame_size,
-            # On unix sockets: pass descriptors. A main lends its segments only
-            # to the children it spawned; the other sides accept segments lent
-            # by the (trusted, privileged) main.
-            store=MemfdStore(lend=role == "child", borrow=local_role != "main")
-            if self._stream.unix
-            else None,
+            store=store_for(self._stream.unix, role, local_role),
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role

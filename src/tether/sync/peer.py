@@ -67,7 +67,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from .. import codec
-from ..attachments import MemfdStore
+from ..attachments import store_for
 from ..errors import (
     ConnectionClosed,
     InvokeTimeout,
@@ -174,12 +174,7 @@ class Peer(Handlers):
             name=name,
             pid=os.getpid(),
             max_frame_size=max_frame_size,
-            # On unix sockets: pass descriptors. Lend segments only to a child
-            # (as an asyncio main does); accept segments lent by the other side
-            # unless this side is a main (it trusts the privileged side's pages).
-            store=MemfdStore(lend=role == "child", borrow=local_role != "main")
-            if self._unix
-            else None,
+            store=store_for(self._unix, role, local_role),
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
