@@ -61,6 +61,10 @@ class Server:
                 self._inode = os.stat(address.path).st_ino
         self._loop.add_reader(self._fd, self._accept)
 
+    def fileno(self) -> int:
+        """The listening socket's descriptor (-1 once closed)."""
+        return self._sock.fileno()
+
     def _accept(self) -> None:
         for _ in range(64):
             try:
@@ -307,7 +311,7 @@ class Main(Handlers):
 
     def _descriptors(self) -> list[int]:
         """Every listener and connection of this main: what a forked child must close."""
-        fds = [server._sock.fileno() for server in self.servers]
+        fds = [server.fileno() for server in self.servers]
         for peer in self.peers:
             fds.extend(peer.descriptors() if isinstance(peer, Child) else [peer.fileno()])
         return [fd for fd in fds if fd >= 0]
