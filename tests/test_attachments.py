@@ -1265,3 +1265,41 @@ def test_a_sender_refuses_descriptor_attachments_past_the_peers_limit() -> None:
     assert len(b.receive_data(data)) == 1
     a.abort()
     b.abort()
+
+
+@pytest.mark.parametrize("layer", ["aio", "sync"])
+async def test_a_closed_client_gives_back_every_descriptor_and_mapping(
+    sock_path: str, layer: str
+) -> None:
+    # Main and client share this process: after the client closes and main drops
+    # its side, both sides' descriptors and memfd mappings are back at the start.
+    async with tether.Main(timeout=30.0) as main:
+
+        @main.handle("echo")
+        def echo(call: tether.Call, a: Any) -> Any:
+            return np.array(a)  # a fresh array, sent back as a sealed segment
+
+        await main.listen(f"unix://{sock_path}")
+        gc.collect()
+        fds0, maps0 = open_fds(), tether_maps()
+        arrays = [np.full(64 * KIB, i, dtype=np.uint8) for i in range(4)]
+        if layer == "aio":
+            async with tether.connect(f"unix://{sock_path}") as peer:
+                got = [await peer.invoke("echo", a) for a in arrays]
+                assert [origin(g) for g in got] == ["mmap"] * 4
+                del got
+        else:
+
+            def run() -> None:
+                with tether.sync.connect(f"unix://{sock_path}") as peer:
+                    got = [peer.invoke("echo", a) for a in arrays]
+                    assert [origin(g) for g in got] == ["mmap"] * 4
+
+            await asyncio.to_thread(run)
+        for _ in range(200):
+            if not main.peers:
+                break
+            await asyncio.sleep(0.01)
+        assert not main.peers
+        gc.collect()
+        assert (open_fds(), tether_maps()) == (fds0, maps0)
