@@ -350,3 +350,9 @@ def main_script(mode: str, method: str, arg: str) -> None:
 def deaf_sync(peer: tether.sync.Peer, seconds: float) -> None:
     """Never reads: it cannot hear main's goodbye, so main must kill it."""
     time.sleep(seconds)
+
+
+async def send_and_leave(peer: tether.Peer, n: int) -> None:
+    """Send ``n`` "result" events, then return at once (the child exits)."""
+    for i in range(n):
+        await peer.send("result", i)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import _targets
 import tether
 import tether.aio.child
 import tether.pool
@@ -1157,3 +1158,72 @@ async def test_a_paused_peer_holds_little_even_in_descriptor_attachments(sock_pa
                 await asyncio.sleep(0.01)
             assert blobs == [MiB] * 40
             asking.cancel()
+
+
+# -- events delivered are handled ---------------------------------------------------
+
+
+async def test_a_listener_finishes_after_the_client_that_sent_the_event_left(
+    sock_path: str,
+) -> None:
+    saved: list[int] = []
+    async with tether.Main(timeout=10.0) as main:
+
+        @main.on("result")
+        async def on_result(call: tether.Call, i: int) -> None:
+            await asyncio.sleep(0.2)  # e.g. a database write
+            saved.append(i)
+
+        await main.listen(f"unix://{sock_path}")
+        async with tether.connect(f"unix://{sock_path}") as peer:
+            await peer.send("result", 7)  # then close at once: the GOODBYE follows
+        for _ in range(100):
+            if saved:
+                break
+            await asyncio.sleep(0.02)
+        assert saved == [7]
+
+
+async def test_a_listener_finishes_after_the_child_that_sent_the_event_exited() -> None:
+    saved: list[int] = []
+    async with tether.Main(timeout=10.0) as main:
+
+        @main.on("result")
+        async def on_result(call: tether.Call, i: int) -> None:
+            await asyncio.sleep(0.2)
+            saved.append(i)
+
+        child = await main.spawn(_targets.send_and_leave, 3)
+        assert await child.wait(10.0) == 0
+        for _ in range(100):
+            if len(saved) == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(saved) == [0, 1, 2]
+
+
+async def test_close_lets_listeners_finish_within_its_timeout_then_cancels(
+    sock_path: str,
+) -> None:
+    done: list[str] = []
+    async with tether.Main(timeout=10.0) as main:
+
+        @main.on("job")
+        async def job(call: tether.Call, seconds: float) -> None:
+            try:
+                await asyncio.sleep(seconds)
+                done.append(f"finished {seconds}")
+            except asyncio.CancelledError:
+                done.append(f"cancelled {seconds}")
+                raise
+
+        await main.listen(f"unix://{sock_path}")
+        async with tether.connect(f"unix://{sock_path}") as peer:
+            await peer.send("job", 0.1)
+            await peer.send("job", 30.0)
+            await asyncio.sleep(0.05)  # both started on main's side
+            (server_peer,) = main.peers
+            t0 = time.monotonic()
+            await server_peer.close(timeout=0.5)
+            assert time.monotonic() - t0 < 3.0
+    assert sorted(done) == ["cancelled 30.0", "finished 0.1"]

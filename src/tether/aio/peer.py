@@ -70,6 +70,7 @@ _BURST: Final = 10e-6  # invokes closer together than this are coalesced into on
 _LEASE_POLL: Final = 0.002  # first wait between checks for dropped views of lent segments
 _LEASE_POLL_MAX: Final = 1.0  # the wait doubles up to this while nothing is released
 _SPIN_EXTEND: Final = 0.002  # how far answering inline may stretch one spin window
+_REAP_GRACE: Final = 0.5  # how long close() waits for listeners it had to cancel
 _HELLO_WAIT: Final = 10.0  # a call with no timeout waits this long for the peer's HELLO
 _OPEN: Final = State.OPEN
 _ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
@@ -210,8 +211,11 @@ class Peer(Handlers):
     async def close(self, reason: str = "closed", timeout: float = 1.0) -> None:
         """Say goodbye, flush what is queued and close; all bounded by ``timeout``.
 
-        Pending invokes fail with :class:`ConnectionClosed`. Handler and
-        listener tasks still running are cancelled and waited for.
+        Pending invokes fail with :class:`ConnectionClosed`. Invoke handlers
+        still running are cancelled (nobody will take their answers); event
+        listeners still running may finish within what is left of ``timeout``,
+        then they are cancelled too. When the *other* side goes away, running
+        listeners are not cancelled: an event delivered is an event handled.
         """
         end = self._loop.time() + timeout
         if self._closed is None:
@@ -226,11 +230,15 @@ class Peer(Handlers):
         await self._reap(max(0.0, end - self._loop.time()))
 
     async def _reap(self, timeout: float) -> None:
-        """Wait (bounded) for the cancelled handler and listener tasks to end."""
+        """Let running listeners finish within ``timeout``, then cancel what is left."""
         me = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not me]
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=_REAP_GRACE)
 
     def abort(self, exc: TetherError) -> None:
         """Drop this peer now: pending calls fail with ``exc``, the socket closes.
@@ -868,9 +876,13 @@ class Peer(Handlers):
         for fut in self._conn.fail_all():
             if not fut.done():
                 fut.set_exception(exc)
-        self._serving.clear()  # cancelled below: no answer is owed any more
-        for task in self._tasks:
-            task.cancel()  # still held in _tasks until each has ended
+        # Invoke handlers are cancelled: nobody is left to take their answers.
+        # Event listeners run on: the event was delivered, so it is handled
+        # (they stay held in _tasks until they end; close() bounds them).
+        serving = [t for t in self._serving.values() if t is not None]
+        self._serving.clear()
+        for task in serving:
+            task.cancel()
         if not self._hello_fut.done():
             self._hello_fut.set_exception(exc)
             self._hello_fut.exception()  # mark retrieved
