@@ -356,3 +356,8 @@ async def send_and_leave(peer: tether.Peer, n: int) -> None:
     """Send ``n`` "result" events, then return at once (the child exits)."""
     for i in range(n):
         await peer.send("result", i)
+
+
+async def close_first(peer: tether.Peer) -> None:
+    """Close the connection before the first await that would start it."""
+    await peer.close("done before it began")

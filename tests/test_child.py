@@ -322,3 +322,17 @@ async def test_closed_main_gives_back_every_descriptor(payload: int) -> None:
     missing = {fd: path for fd, path in fds_before.items() if fds_after.get(fd) != path}
     assert len(fds_after) == len(fds_before), f"extra: {extra}; missing: {missing}"
     assert _memfd_maps() == maps_before
+
+
+async def test_a_child_that_closes_at_once_still_started() -> None:
+    # Its HELLO goes out with its GOODBYE: spawn returns, the child exits 0.
+    async with tether.Main(timeout=10.0) as main:
+        child = await main.spawn(_targets.close_first)
+        assert await child.wait(10.0) == 0
+
+
+async def test_wait_timeout_says_what_is_still_running() -> None:
+    async with tether.Main(timeout=10.0) as main:
+        child = await main.spawn(_targets.serve_basic)
+        with pytest.raises(TimeoutError, match=r"still running after 0\.05 s"):
+            await child.wait(0.05)

@@ -435,3 +435,9 @@ def test_bench_measures_websockets_idle_connections_the_same_way() -> None:
     assert metric["metric"] == "idle connection" and metric["unit"] == "KiB"
     assert 1.0 < metric["samples"][0] < 1000.0, result
     assert result["info"]["websockets_idle"]["n"] == 2000
+
+
+def test_main_refuses_a_frame_limit_below_the_protocol_floor() -> None:
+    with pytest.raises(ValueError, match="at least 4096"):
+        tether.Main(max_frame_size=10)
+    tether.Main(max_frame_size=4096)

@@ -613,7 +613,8 @@ class Connection:
             self._drop_atts()
             raise PayloadTooLarge(
                 f"frame of {size} bytes (and {fd_bytes} in descriptors) exceeds "
-                f"the limit of {self.send_limit} bytes"
+                f"the limit of {self.send_limit} bytes (max_frame_size: raise it on both "
+                "sides for larger transfers)"
             )
         HEADER.pack_into(out, start, size, kind, 0, len(channel), rid, route, n_att, 0)
         if n_att:

@@ -249,7 +249,10 @@ class Child(Peer):
         """
         if self._poll() is not None:
             return self._exited.result()
-        return await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self!r} still running after {timeout} s") from None
 
     def kill(self) -> None:
         """SIGKILL the child (no-op if it already exited)."""

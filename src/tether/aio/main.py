@@ -17,7 +17,7 @@ from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
 from ..process import check_target, child_entry, describe_exit
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
-from ..wire import DEFAULT_MAX_FRAME_SIZE
+from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from .child import Child
 from .peer import Peer
 
@@ -167,8 +167,10 @@ class Main(Handlers):
         _seconds("spin", spin, zero=True)
         if not isinstance(max_frame_size, int) or isinstance(max_frame_size, bool):
             raise TypeError(f"max_frame_size must be an int, not {type(max_frame_size).__name__}")
-        if max_frame_size <= 0:
-            raise ValueError(f"max_frame_size must be positive, not {max_frame_size}")
+        if max_frame_size < MIN_MAX_FRAME_SIZE:
+            raise ValueError(
+                f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE} bytes, not {max_frame_size}"
+            )
         methods = multiprocessing.get_all_start_methods()
         if start_method not in methods:
             raise ValueError(f"start_method must be one of {methods}, not {start_method!r}")

@@ -220,6 +220,8 @@ class Peer(Handlers):
         end = self._loop.time() + timeout
         if self._closed is None:
             self._conn.send_goodbye(reason)
+            if not self._started:
+                self.start()  # closed before it started: HELLO and GOODBYE still go out
             self._flush()
             if self._stream.buffered:
                 with contextlib.suppress(TimeoutError, TetherError):
