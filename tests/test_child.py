@@ -336,3 +336,13 @@ async def test_wait_timeout_says_what_is_still_running() -> None:
         child = await main.spawn(_targets.serve_basic)
         with pytest.raises(TimeoutError, match=r"still running after 0\.05 s"):
             await child.wait(0.05)
+
+
+async def test_spawn_refuses_a_target_the_child_cannot_import() -> None:
+    async def nested(peer: tether.Peer) -> None: ...
+
+    async with tether.Main(timeout=10.0) as main:
+        for target in (nested, lambda peer: None):
+            with pytest.raises(TypeError, match="module-level function"):
+                await main.spawn(target)
+        assert not main.children

@@ -40,14 +40,22 @@ _REASON_MAX = 1000  # characters of a failed target's error sent to main
 FINISHED = "child finished"
 
 
-def check_target(target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def check_target(target: Callable[..., Any], args: tuple[Any, ...], method: str = "spawn") -> None:
     """Refuse, in main, a target the child could not even call with ``(peer, *args)``.
 
     Raises:
-        TypeError: not callable, or the arguments do not fit its signature.
+        TypeError: not callable, not importable by the child (a lambda or a
+            nested function, unless the child is forked), or the arguments do
+            not fit its signature.
     """
     if not callable(target):
         raise TypeError(f"spawn() needs a callable target, not {type(target).__name__}")
+    qualname = getattr(target, "__qualname__", "")
+    if method != "fork" and ("<lambda>" in qualname or "<locals>" in qualname):
+        raise TypeError(
+            f"spawn() needs a module-level function (the child imports it by name), "
+            f"not {qualname}; or use start_method='fork'"
+        )
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):  # no signature to check (some builtins)

@@ -261,8 +261,8 @@ class Main(Handlers):
         """
         if self._closing:
             raise ConnectionClosed(f"{self.name} is closed: no new children")
-        check_target(target, args)
         method = start_method or self.start_method
+        check_target(target, args, method)
         ctx = multiprocessing.get_context(method)
         parent_sock, child_sock = socket.socketpair()
         label = str(name or getattr(target, "__name__", "child"))
