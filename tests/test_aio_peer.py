@@ -1227,3 +1227,103 @@ async def test_close_lets_listeners_finish_within_its_timeout_then_cancels(
             await server_peer.close(timeout=0.5)
             assert time.monotonic() - t0 < 3.0
     assert sorted(done) == ["cancelled 30.0", "finished 0.1"]
+
+
+# -- found by the hostile-peer review ---------------------------------------------------
+
+
+@pytest.mark.parametrize("attack", ["no_handler", "bad_request", "ping"])
+async def test_answers_made_without_a_handler_are_flow_controlled_too(
+    sock_path: str, attack: str
+) -> None:
+    """Pipelined frames that main answers by itself, never read: main stops reading."""
+    MiB = 1 << 20
+    async with tether.Main(timeout=10.0) as main:
+
+        @main.handle("add")
+        def add(call: tether.Call, a: int, b: int) -> int:
+            return a + b
+
+        server = await main.listen(f"unix://{sock_path}")
+        raw = RawClient(server.address.path)
+        sent = 0
+        batch = b""
+        if attack == "ping":
+            batch = b"".join(_ping(i) for i in range(500))
+
+        def sender() -> None:
+            nonlocal sent
+            raw.flush()
+            with contextlib.suppress(OSError):  # main may drop a PING flood (see below)
+                for i in range(2000):
+                    if attack == "no_handler":
+                        for _ in range(500):
+                            raw.invoke("nope", 1)
+                        raw.flush()
+                    elif attack == "bad_request":
+                        for _ in range(500):
+                            raw.invoke("add", "x", "y")
+                        raw.flush()
+                    else:
+                        raw.sock.sendall(batch)
+                    sent = i + 1
+
+        sending = asyncio.ensure_future(asyncio.to_thread(sender))
+        peer = await _main_peer(main)
+        peak = 0
+
+        async def sample() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, peer._stream.buffered + peer._conn.buffered_out)
+                await asyncio.sleep(0.002)
+
+        sampler = asyncio.ensure_future(sample())
+        await _until_stalled(lambda: sent, sending.done)
+        sampler.cancel()
+        raw.sock.shutdown(socket.SHUT_RDWR)  # wakes the sender blocked on a full socket
+        await asyncio.wait({sending}, timeout=10.0)
+        raw.sock.close()
+        assert peak < 12 * MiB, f"{peak / MiB:.0f} MiB of answers queued"
+        if attack != "ping":
+            assert sent < 2000, "main read every frame though nobody read its answers"
+
+
+def _ping(nonce: int) -> bytes:
+    out = bytearray()
+    wire.encode_frame(out, wire.Kind.PING, nonce, 0, b"", b"")
+    return bytes(out)
+
+
+async def test_descriptors_no_frame_claims_drop_the_peer_after_a_while(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tether.aio.peer as aio_peer
+
+    monkeypatch.setattr(aio_peer, "FD_CLAIM_TIMEOUT", 0.2)
+    async with tether.Main(timeout=10.0) as main:
+        await main.listen(f"unix://{sock_path}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(sock_path)
+        hello = codec.Hello(protocol="tether", version=1, role="client", features=["fd"])
+        out = bytearray()
+        wire.encode_frame(out, wire.Kind.HELLO, 0, 0, b"", codec.encoder.encode(hello))
+        fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(8)]
+        try:
+            sock.sendmsg(
+                [bytes(out)],
+                [
+                    (
+                        socket.SOL_SOCKET,
+                        socket.SCM_RIGHTS,
+                        bytes(__import__("array").array("i", fds)),
+                    )
+                ],
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        peer = await _main_peer(main)
+        await asyncio.wait_for(peer.wait_closed(), 5.0)
+        assert isinstance(peer._closed, tether.ProtocolError)
+        sock.close()

@@ -327,3 +327,14 @@ def test_error_info_without_traceback() -> None:
         full = error_info(e)
     assert (info.type, info.message, info.traceback) == ("ValueError", "boom", "")
     assert "raise ValueError" in full.traceback
+
+
+def test_an_array_reference_with_a_negative_dimension_is_a_bad_request() -> None:
+    np = pytest.importorskip("numpy")
+
+    def h(call: object, a: np.ndarray) -> None: ...
+
+    ref = msgspec.msgpack.Ext(codec.EXT_NDARRAY, msgspec.msgpack.encode((0, "|u1", [-1])))
+    body = msgspec.msgpack.encode([ref])
+    with pytest.raises(BadRequest, match="negative dimension"):
+        ArgsSpec(h).decode(body, [memoryview(b"x")])

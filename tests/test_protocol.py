@@ -739,3 +739,61 @@ def test_a_first_frame_larger_than_any_hello_is_refused_before_allocating() -> N
     with pytest.raises(ProtocolError, match="limit of 4096"):
         conn.receive_data(head + bytes(16))
     assert conn.state is State.CLOSED
+
+
+# -- found by the hostile-peer review ---------------------------------------------------
+
+
+def test_a_deeply_nested_hello_is_a_protocol_error() -> None:
+    conn = Connection("main")
+    enc = codec.encoder.encode
+    # an unknown key whose value nests 3,000 arrays deep: msgspec's depth guard
+    body = b"\x82" + enc("protocol") + enc("tether") + enc("x") + b"\x91" * 3_000 + b"\xc0"
+    with pytest.raises(ProtocolError, match="malformed HELLO"):
+        conn.receive_data(raw(Kind.HELLO, body=body))
+    assert conn.state is State.CLOSED
+
+
+@pytest.mark.parametrize("limit", [-1, -4096, 100])
+def test_a_hello_with_a_negative_or_tiny_frame_limit_is_refused(limit: int) -> None:
+    conn = Connection("main")
+    with pytest.raises(ProtocolError, match="max_frame_size"):
+        conn.receive_data(hello_bytes(max_frame_size=limit))
+
+
+def test_a_ping_flood_nobody_reads_is_a_protocol_error() -> None:
+    conn = Connection("main")
+    conn.receive_data(hello_bytes())
+    conn.data_to_send()
+    pings = b"".join(raw(Kind.PING, rid=i) for i in range(4000))
+    conn.receive_data(pings)  # 4,000 PONGs queued: within the bound
+    with pytest.raises(ProtocolError, match="does not read"):
+        conn.receive_data(pings)  # the I/O layer took none of them
+    assert conn.state is State.CLOSED
+
+
+def test_pongs_taken_as_they_come_are_never_too_many() -> None:
+    conn = Connection("main")
+    conn.receive_data(hello_bytes())
+    conn.data_to_send()  # our HELLO
+    for _ in range(5):
+        conn.receive_data(b"".join(raw(Kind.PING, rid=i) for i in range(4000)))
+        assert len(outgoing(conn)) == 4000
+
+
+def test_garbage_after_a_goodbye_in_the_same_read_is_ignored() -> None:
+    conn = Connection("main")
+    conn.receive_data(hello_bytes())
+    frames = conn.receive_data(raw(Kind.GOODBYE) + b"\xff" * 40)
+    assert [f.kind for f in frames] == [Kind.GOODBYE]
+    assert conn.receive_data(b"\xff" * 40) == []
+
+
+def test_abort_frees_a_partial_frame_at_once() -> None:
+    conn = Connection("main")
+    conn.receive_data(hello_bytes())
+    head = (10_000_000).to_bytes(4, "little")
+    conn.receive_data(head + bytes(1_000_000))
+    assert conn.buffered_in > 1_000_000
+    conn.abort()
+    assert conn.buffered_in == 0

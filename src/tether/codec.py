@@ -52,6 +52,8 @@ def ext_hook(code: int, data: memoryview) -> Any:
 
         try:
             index, dtype, shape = msgspec.msgpack.decode(data, type=tuple[int, str, list[int]])
+            if any(d < 0 for d in shape):
+                raise ValueError(f"negative dimension in shape {shape}")
             view = _attachment(atts, index)
             return np.frombuffer(view, dtype=np.dtype(dtype)).reshape(shape)
         except (TypeError, ValueError) as exc:  # unknown dtype, shape that doesn't fit

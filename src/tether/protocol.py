@@ -76,6 +76,8 @@ _BYTESLIKE: Final = (bytes, bytearray, memoryview)
 #: descriptors received that no frame claimed, past which the peer broke the protocol;
 #: also the most descriptors one frame, or one chunk of :meth:`Connection.data_to_send`, carries
 MAX_UNCLAIMED_FDS: Final = 16
+#: PONG/ROUTE_CLOSE replies the core may queue before the I/O layer takes them
+MAX_AUTO_REPLIES: Final = 4096
 _BLANK_HEADER: Final = bytes(HEADER_SIZE)
 _WHILE_CLOSING: Final = frozenset((K_RESULT, K_ERROR))  # after our GOODBYE: answers to our calls
 _TO_APP: Final = frozenset(
@@ -193,6 +195,7 @@ class Connection:
         self._peer_fd = False  # the peer announced ``fd``: set at handshake
         self._hello_read = False  # the peer's HELLO was taken off the frames
         self._fds_in = False  # descriptors arrived that frames may not have claimed yet
+        self._auto = 0  # PONG/ROUTE_CLOSE queued since data_to_send was last called
         self._parser = FrameParser(
             max_frame_size,
             self._claim if store is not None else None,
@@ -286,11 +289,17 @@ class Connection:
             ProtocolError: the peer broke the protocol; the state is now CLOSED
                 and the store closed.
         """
-        if self.state is State.CLOSED:
+        if self.state is State.CLOSED or self.their_goodbye:
             return []
         try:
             parser = self._parser
-            frames = parser.feed(data)
+            try:
+                frames = parser.feed(data)
+            except ProtocolError:
+                # Whatever follows a GOODBYE is ignored, even bytes that don't parse.
+                frames = parser.parsed
+                if not any(f.kind == K_GOODBYE for f in frames):
+                    raise
             parser.parsed = _NO_FRAMES  # (it would keep this read's frames alive)
             if not self._hello_read and frames:
                 if self.peer_hello is None:  # (else taken while parsing, see _claim)
@@ -324,9 +333,11 @@ class Connection:
                 elif not take_all:
                     continue  # we said goodbye: no PONG or ROUTE_CLOSE any more
                 elif k == Kind.PING:
+                    self._auto_reply()
                     self._emit(Kind.PONG, f.request_id, 0, b"", b"")
                 elif k == Kind.ROUTE_OPEN:
                     # Routes are reserved in protocol version 1: refuse each one.
+                    self._auto_reply()
                     self._emit(Kind.ROUTE_CLOSE, 0, f.route_id, b"", b"")
                 # PONG, ROUTE_CLOSE: nothing to do
             if self._fds_in:
@@ -335,6 +346,21 @@ class Connection:
         except ProtocolError:
             self.abort()
             raise
+
+    def _auto_reply(self) -> None:
+        """Count a reply the core makes by itself (PONG, ROUTE_CLOSE).
+
+        A peer that sends PINGs faster than the I/O layer takes their PONGs
+        (it does not read them) would grow this side's memory without a
+        handler ever running: past :data:`MAX_AUTO_REPLIES` untaken, it is
+        a protocol error.
+        """
+        self._auto += 1
+        if self._auto > MAX_AUTO_REPLIES:
+            raise ProtocolError(
+                f"more than {MAX_AUTO_REPLIES} PONG/ROUTE_CLOSE replies queued: "
+                "the peer does not read what it asks for"
+            )
 
     def _check_unclaimed(self) -> None:
         store = self._store
@@ -360,7 +386,7 @@ class Connection:
             raise ProtocolError(f"expected HELLO, got frame kind {f.kind}")
         try:
             hello = codec.hello_decoder.decode(f.body)
-        except msgspec.MsgspecError as exc:
+        except (msgspec.MsgspecError, RecursionError) as exc:
             raise ProtocolError(f"malformed HELLO: {exc}") from None
         if hello.protocol != codec.PROTOCOL_NAME:
             raise ProtocolError(f"peer speaks {hello.protocol!r}, not {codec.PROTOCOL_NAME!r}")
@@ -369,7 +395,7 @@ class Connection:
                 f"peer speaks protocol version {hello.version}; "
                 f"this side supports {codec.PROTOCOL_VERSION}"
             )
-        if 0 < hello.max_frame_size < MIN_MAX_FRAME_SIZE:
+        if hello.max_frame_size < 0 or 0 < hello.max_frame_size < MIN_MAX_FRAME_SIZE:
             raise ProtocolError(
                 f"peer's max_frame_size {hello.max_frame_size} is below the floor "
                 f"of {MIN_MAX_FRAME_SIZE} bytes"
@@ -389,7 +415,7 @@ class Connection:
     def _goodbye_reason(f: Frame) -> str:
         try:
             return codec.goodbye_decoder.decode(f.body).reason
-        except msgspec.MsgspecError:
+        except (msgspec.MsgspecError, RecursionError):
             return ""
 
     def take_pending(self, request_id: int) -> Any:
@@ -417,7 +443,11 @@ class Connection:
         self.state = State.CLOSED
         self._out = bytearray()
         self._released.clear()
+        # A partial frame can be max_frame_size: free it now, and break the
+        # cycles through bound methods so the rest goes without the cyclic GC.
+        self._parser.reset()
         self._parser.parsed = _NO_FRAMES
+        self.encoder = codec.encoder
         fds, self._fds_out = self._fds_out, []
         ready, self._ready = self._ready, collections.deque()
         store = self._store
@@ -438,6 +468,7 @@ class Connection:
         than :data:`MAX_UNCLAIMED_FDS` descriptors in all, they come in
         several chunks: call again until the bytes are empty.
         """
+        self._auto = 0
         if self._ready:
             return self._ready.popleft()
         released = self._released
@@ -464,6 +495,16 @@ class Connection:
         While it is not 0, call :meth:`poll_releases` now and then.
         """
         return self._store.outstanding if self._store is not None else 0
+
+    @property
+    def unclaimed_fds(self) -> int:
+        """Descriptors received that no frame has claimed yet."""
+        return self._store.unclaimed if self._fds_in and self._store is not None else 0
+
+    @property
+    def buffered_in(self) -> int:
+        """Bytes held for a frame not yet complete."""
+        return self._parser.buffered
 
     @property
     def buffered_out(self) -> int:

@@ -53,7 +53,7 @@ def decode_error(frame: Frame) -> TetherError:
     """The exception an ERROR frame stands for; a malformed body is a ProtocolError."""
     try:
         return error_from_info(codec.error_decoder.decode(frame.body))
-    except msgspec.MsgspecError as exc:
+    except (msgspec.MsgspecError, RecursionError) as exc:
         return ProtocolError(f"malformed error frame: {exc}")
 
 

@@ -228,6 +228,13 @@ class FrameParser:
         """Bytes held for an incomplete frame."""
         return len(self._head) + (4 + len(self._buf) if self._buf is not None else 0)
 
+    def reset(self) -> None:
+        """Drop any partial frame and the callback (the connection is gone)."""
+        self._buf = None
+        self._head = bytearray()
+        self.claim_fd = None
+        self.parsed = []
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Consume ``data`` and return every frame it completes, in order."""
         frames: list[Frame] = []

@@ -70,6 +70,7 @@ _BURST: Final = 10e-6  # invokes closer together than this are coalesced into on
 _LEASE_POLL: Final = 0.002  # first wait between checks for dropped views of lent segments
 _LEASE_POLL_MAX: Final = 1.0  # the wait doubles up to this while nothing is released
 _SPIN_EXTEND: Final = 0.002  # how far answering inline may stretch one spin window
+FD_CLAIM_TIMEOUT: Final = 5.0  # seconds received descriptors may wait for their frame
 _REAP_GRACE: Final = 0.5  # how long close() waits for listeners it had to cancel
 _HELLO_WAIT: Final = 10.0  # a call with no timeout waits this long for the peer's HELLO
 _OPEN: Final = State.OPEN
@@ -150,6 +151,7 @@ class Peer(Handlers):
         # rid -> (deadline, future, channel, timeout) of invokes with a timeout
         self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str, float]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._fd_timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         #: seconds to poll the socket before the loop sleeps (0: never; low-latency mode)
         self.spin = spin
@@ -648,7 +650,26 @@ class Peer(Handlers):
                 self._hold(it)  # paused midway: the rest waits
         if self._conn.buffered_out:
             self._flush()
+        if not self._paused and self._stream.buffered > HIGH_WATER:
+            self._pause()  # answers made without a handler (no_handler, PONG...) pile up too
+        if self._conn.unclaimed_fds and self._fd_timer is None:
+            self._fd_timer = self._loop.call_later(FD_CLAIM_TIMEOUT, self._check_unclaimed)
         return True
+
+    def _check_unclaimed(self) -> None:
+        """Descriptors still unclaimed after :data:`FD_CLAIM_TIMEOUT` of reading: drop the peer.
+
+        A frame's descriptors arrive with its first byte, and the rest of the
+        frame follows at once; a peer that sends descriptors and then stalls
+        only pins this process's descriptor table.
+        """
+        self._fd_timer = None
+        if self._closed is not None or not self._conn.unclaimed_fds:
+            return
+        if self._paused:  # not reading: the claiming frame may be waiting in the kernel
+            self._fd_timer = self._loop.call_later(FD_CLAIM_TIMEOUT, self._check_unclaimed)
+            return
+        self.abort(ProtocolError(f"descriptors unclaimed by any frame for {FD_CLAIM_TIMEOUT} s"))
 
     def _dispatch(self, frames: Iterator[Frame]) -> bool:
         """Act on frames in order; True if reading paused midway (the rest is left in ``frames``).
@@ -873,6 +894,8 @@ class Peer(Handlers):
             self._lease_timer.cancel()
         if self._timer is not None:
             self._timer.cancel()
+        if self._fd_timer is not None:
+            self._fd_timer.cancel()
         self._deadlines.clear()
         self._backlog.clear()
         for fut in self._conn.fail_all():
