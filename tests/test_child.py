@@ -346,3 +346,19 @@ async def test_spawn_refuses_a_target_the_child_cannot_import() -> None:
             with pytest.raises(TypeError, match="module-level function"):
                 await main.spawn(target)
         assert not main.children
+
+
+async def test_children_lists_only_the_running_ones() -> None:
+    async with tether.Main(timeout=10.0) as main:
+        kids = [await main.spawn(_targets.close_first) for _ in range(3)]
+        exited: list[int] = []
+        kids[0].on_exit(lambda c: exited.append(c.pid))
+        for k in kids:
+            await k.wait(10.0)
+        await asyncio.sleep(0)  # exit callbacks run at the next turn
+        assert main.children == set()
+        assert exited == [kids[0].pid]
+        late: list[int] = []
+        kids[1].on_exit(lambda c: late.append(c.pid))  # already exited: called soon
+        await asyncio.sleep(0)
+        assert late == [kids[1].pid]

@@ -24,7 +24,7 @@ import multiprocessing.process
 import os
 import signal
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Final, NoReturn
 
 from ..errors import PeerGone, TetherError
@@ -240,6 +240,10 @@ class Child(Peer):
         return _peer_send(self, channel, *args)
 
     # -- public control ----------------------------------------------------
+
+    def on_exit(self, fn: Callable[[Child], object]) -> None:
+        """Call ``fn(child)`` once the process has exited (at once if it already has)."""
+        self._exited.add_done_callback(lambda _: fn(self))
 
     async def wait(self, timeout: float | None = None) -> int:
         """Wait for the process to exit and return its exit code.

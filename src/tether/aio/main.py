@@ -186,6 +186,7 @@ class Main(Handlers):
         #: who gets handler tracebacks: ``"children"``, ``"all"`` or ``"none"``
         self.tracebacks = tracebacks
         self.peers: set[Peer] = set()
+        #: the children still running (an exited child leaves the set)
         self.children: set[Child] = set()
         self.servers: list[Server] = []
         # Hello deadlines of accepted peers, cancelled when the peer closes:
@@ -292,6 +293,7 @@ class Main(Handlers):
         child = Child(parent_sock, proc, **self._peer_kw(role, label))
         self.peers.add(child)
         self.children.add(child)
+        child.on_exit(self.children.discard)  # ``children`` lists the running ones
         child.start()
         try:
             await child.wait_hello(self.spawn_timeout)
