@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -131,3 +132,19 @@ def test_main_and_peers_have_remove_handler() -> None:
     assert callable(tether.Main().remove_handler)
     assert callable(tether.Peer.remove_handler)
     assert callable(tether.sync.Peer.remove_handler)
+
+
+def test_a_flood_of_bad_events_logs_a_bounded_number_of_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg = Registry()
+    reg.on("note", _int_listener)
+    bad = Frame(5, 0, 0, "note", msgspec.msgpack.encode(["not an int"]))
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        for _ in range(5000):
+            assert reg.listeners(bad, "client") == []
+    lines = [r for r in caplog.records if "dropped event" in r.getMessage()]
+    assert 1 <= len(lines) <= 2 * Registry.WARNINGS_PER_SECOND
+
+
+def _int_listener(call: object, n: int) -> None: ...

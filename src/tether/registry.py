@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable
-from typing import Any, TypeVar, overload
+from typing import Any, ClassVar, TypeVar, overload
 
 from .codec import ArgsSpec, ErrorInfo
 from .errors import BadRequest
@@ -64,11 +65,30 @@ class Handler:
 class Registry:
     """Channel name -> :class:`Handler`, for invokes and for events."""
 
-    __slots__ = ("events", "invokes")
+    __slots__ = ("_unlogged", "_warn_at", "_warned", "events", "invokes")
+
+    #: dropped-event warnings logged per second at most (a flood of bad events
+    #: must not become a flood of log lines); the rest are counted
+    WARNINGS_PER_SECOND: ClassVar[int] = 10
 
     def __init__(self) -> None:
         self.invokes: dict[str, Handler] = {}
         self.events: dict[str, list[Handler]] = {}
+        self._warn_at = 0.0
+        self._warned = 0
+        self._unlogged = 0
+
+    def _dropped(self, channel: str, role: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._warn_at >= 1.0:
+            if self._unlogged:
+                log.warning("%d more dropped events were not logged", self._unlogged)
+            self._warn_at, self._warned, self._unlogged = now, 0, 0
+        if self._warned >= self.WARNINGS_PER_SECOND:
+            self._unlogged += 1
+            return
+        self._warned += 1
+        log.warning("dropped event on %r from role %r: %s", channel, role, _describe(exc))
 
     def handle(
         self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | str | None = None
@@ -151,7 +171,7 @@ class Registry:
             try:
                 return [(h, h.spec.decode(f.body, f.attachments))]
             except Exception as exc:
-                log.warning("dropped event on %r from role %r: %s", f.channel, role, _describe(exc))
+                self._dropped(f.channel, role, exc)
                 return []
         out: list[tuple[Handler, tuple[Any, ...]]] = []
         for h in handlers:
@@ -160,7 +180,7 @@ class Registry:
             try:
                 out.append((h, h.spec.decode(f.body, f.attachments)))
             except Exception as exc:
-                log.warning("dropped event on %r from role %r: %s", f.channel, role, _describe(exc))
+                self._dropped(f.channel, role, exc)
         return out
 
     def remove(self, channel: str) -> None:
