@@ -63,6 +63,7 @@ class Child(Peer):
         pid = process.pid
         assert pid is not None
         self._pid = pid
+        self.address = f"child:{pid}"  # a socketpair has no address of its own
         self._code: int | None = None
         self._exited: asyncio.Future[int] = self._loop.create_future()
         self._watch_fd = -1  # pidfd or sentinel while registered with the loop
