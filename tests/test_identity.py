@@ -52,6 +52,10 @@ def _install(main: tether.Main) -> list[str]:
     def note_client(call: tether.Call, text: str) -> None:
         heard.append("client:" + text)
 
+    @main.on("solo")  # a channel's only listener, no roles= (the short path)
+    def solo(call: tether.Call, text: str) -> None:
+        heard.append("solo:" + text)
+
     return heard
 
 
@@ -139,13 +143,15 @@ async def test_tcp_peer_reaches_only_handlers_naming_its_role(sock_path: str) ->
                 await stranger.invoke("open")
             assert (await stranger.invoke("who"))["local"] is False  # names "client": reached
             await stranger.send("note", "from tcp")
-            await stranger.invoke("who")  # FIFO: the event was handled before this answer
+            await stranger.send("solo", "from tcp")
+            await stranger.invoke("who")  # FIFO: the events were handled before this answer
         async with tether.connect(str(unix.address)) as local:
             assert await local.invoke("open") == "local only"
             await local.send("note", "from unix")
+            await local.send("solo", "from unix")
             await local.invoke("who")
-    # The stranger's event skipped the listener without roles, reached the one naming it.
-    assert heard == ["client:from tcp", "from unix", "client:from unix"]
+    # The stranger's events skipped the listeners without roles, reached the one naming it.
+    assert heard == ["client:from tcp", "from unix", "client:from unix", "solo:from unix"]
 
 
 async def test_blocking_tcp_client_is_a_stranger_too() -> None:
@@ -284,6 +290,21 @@ async def test_an_allowed_other_user_is_a_stranger(folder: str) -> None:
         os.chmod(path, 0o666)  # the kernel's check is the file mode; ours is the uid
         code = await asyncio.to_thread(_nobody_connects, path, True)
         assert code == 2 and server.refused == 0
+
+
+@pytest.mark.parametrize("mode", [0o711, 0o755, 0o757, 0o775])
+async def test_allowing_other_uids_lets_them_enter_but_not_write(folder: str, mode: int) -> None:
+    os.chmod(folder, mode)
+    async with tether.Main() as main:
+        address = f"unix://{folder}/s.sock"
+        if mode & 0o022:
+            with pytest.raises(PermissionError, match="not writable by group or others"):
+                await main.listen(address, uids={os.geteuid(), 65534})
+        else:
+            server = await main.listen(address, uids={os.geteuid(), 65534})
+            assert server.uids == {os.geteuid(), 65534}
+        with pytest.raises(PermissionError, match="mode 0700"):  # own uid only: private
+            await main.listen(f"unix://{folder}/t.sock")
 
 
 async def test_listen_uids_must_be_ints(folder: str) -> None:
