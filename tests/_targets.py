@@ -54,41 +54,45 @@ class Recorder:
             await asyncio.sleep(0.005)
 
 
-def install_main_handlers(main: tether.Main) -> Recorder:
-    """Register the handlers every behaviour test uses on ``main``."""
+def install_main_handlers(main: tether.Main, roles: Any = None) -> Recorder:
+    """Register the handlers every behaviour test uses on ``main``.
+
+    ``roles``: the roles of those that name none (``None``: local peers only;
+    a hub that TCP clients call names their role).
+    """
     rec = Recorder()
 
-    @main.handle("echo")
+    @main.handle("echo", roles=roles)
     def echo(call: tether.Call, x: Any) -> Any:
         return x
 
-    @main.handle("aecho")
+    @main.handle("aecho", roles=roles)
     async def aecho(call: tether.Call, x: Any) -> Any:
         await asyncio.sleep(0)
         return x
 
-    @main.handle("add")
+    @main.handle("add", roles=roles)
     def add(call: tether.Call, a: int, b: int) -> int:
         return a + b
 
-    @main.handle("boom")
+    @main.handle("boom", roles=roles)
     def boom_handler(call: tether.Call, x: int) -> int:
         raise ValueError(f"bad value {x}")
 
-    @main.handle("aboom")
+    @main.handle("aboom", roles=roles)
     async def aboom_handler(call: tether.Call, x: int) -> int:
         await asyncio.sleep(0)
         raise CustomError(f"async bad value {x}")
 
-    @main.handle("typed")
+    @main.handle("typed", roles=roles)
     def typed(call: tether.Call, x: int) -> int:
         return x + 1
 
-    @main.handle("point")
+    @main.handle("point", roles=roles)
     def point(call: tether.Call, label: str, p: Point) -> str:
         return f"{label}:{p.x + p.y}"
 
-    @main.handle("items")
+    @main.handle("items", roles=roles)
     def items(call: tether.Call, items: list[int]) -> int:
         return sum(items)
 
@@ -96,7 +100,7 @@ def install_main_handlers(main: tether.Main) -> Recorder:
     def child_only(call: tether.Call) -> str:
         return f"secret for {call.peer.role}"
 
-    @main.handle("sleepy")
+    @main.handle("sleepy", roles=roles)
     async def sleepy(call: tether.Call, tag: str, seconds: float = 5.0) -> str:
         rec.started.append(tag)
         try:
@@ -107,25 +111,25 @@ def install_main_handlers(main: tether.Main) -> Recorder:
         rec.finished.append(tag)
         return f"slept {tag}"
 
-    @main.handle("register")
+    @main.handle("register", roles=roles)
     async def register(call: tether.Call, x: int) -> int:
         rec.peers.append(call.peer)
         # Call the registering peer back while its own invoke is still pending.
         return int(await call.peer.invoke("triple", x, timeout=10.0)) + 1
 
-    @main.on("num")
+    @main.on("num", roles=roles)
     def on_num(call: tether.Call, i: int) -> None:
         rec.numbers.append(i)
 
-    @main.on("started")
+    @main.on("started", roles=roles)
     def on_started(call: tether.Call, tag: str) -> None:
         rec.remote_started.append(tag)
 
-    @main.on("cancelled")
+    @main.on("cancelled", roles=roles)
     def on_cancelled(call: tether.Call, tag: str) -> None:
         rec.remote_cancelled.append(tag)
 
-    @main.on("result")
+    @main.on("result", roles=roles)
     def on_result(call: tether.Call, value: Any) -> None:
         rec.results.append(value)
 
@@ -361,3 +365,17 @@ async def send_and_leave(peer: tether.Peer, n: int) -> None:
 async def close_first(peer: tether.Peer) -> None:
     """Close the connection before the first await that would start it."""
     await peer.close("done before it began")
+
+
+async def report_identity(peer: tether.Peer) -> None:
+    """Child target: tells main who its peer says main is, and asks main who it is."""
+
+    @peer.handle("identity")
+    def identity(call: tether.Call) -> dict[str, Any]:
+        return {"pid": call.peer.pid, "uid": call.peer.uid, "address": call.peer.address}
+
+    @peer.handle("ask_who")
+    async def ask_who(call: tether.Call) -> Any:
+        return await call.peer.invoke("who", timeout=10.0)
+
+    await peer.wait_closed()

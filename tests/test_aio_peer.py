@@ -45,7 +45,8 @@ class Hub:
 async def hub(request: pytest.FixtureRequest, sock_path: str) -> AsyncIterator[Hub]:
     """A listening Main with the standard handlers, on a unix socket or on tcp."""
     main = tether.Main(timeout=10.0, tracebacks="all")  # these tests check tracebacks cross
-    rec = install_main_handlers(main)
+    # TCP peers reach only handlers that name their role ("client")
+    rec = install_main_handlers(main, None if request.param == "unix" else "client")
     async with main:
         url = f"unix://{sock_path}" if request.param == "unix" else "tcp://127.0.0.1:0"
         server = await main.listen(url)
@@ -324,7 +325,7 @@ async def test_unix_socket_mode_is_0600(unix_hub: Hub, sock_path: str) -> None:
 
 async def test_tcp_listen_port_zero_gives_real_port() -> None:
     async with tether.Main() as main:
-        install_main_handlers(main)
+        install_main_handlers(main, "client")
         server = await main.listen("tcp://127.0.0.1:0")
         assert server.address.port > 0
         assert str(server.address) == f"tcp://127.0.0.1:{server.address.port}"

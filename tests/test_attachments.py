@@ -149,50 +149,53 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None
         await asyncio.sleep(0.01)
 
 
-def install_handlers(reg: Any) -> None:
-    """Handlers both main and the child answer (``reg`` is a Main or a Peer)."""
+def install_handlers(reg: Any, roles: Any = None) -> None:
+    """Handlers both main and the child answer (``reg`` is a Main or a Peer).
 
-    @reg.handle("describe")
+    ``roles``: as for ``handle`` (a hub that TCP clients call names their role).
+    """
+
+    @reg.handle("describe", roles=roles)
     def _describe(call: Any, x: Any) -> dict[str, Any]:
         return describe(x)
 
-    @reg.handle("describe_many")
+    @reg.handle("describe_many", roles=roles)
     def _describe_many(call: Any, *xs: Any) -> list[dict[str, Any]]:
         return [describe(x) for x in xs]
 
-    @reg.handle("describe_tree")
+    @reg.handle("describe_tree", roles=roles)
     def _describe_tree(call: Any, x: Any) -> Any:
         return describe_tree(x)
 
-    @reg.handle("echo")
+    @reg.handle("echo", roles=roles)
     def _echo(call: Any, x: Any) -> Any:
         return x
 
-    @reg.handle("make")
+    @reg.handle("make", roles=roles)
     def _make(call: Any, dtype: str, shape: list[int], seed: int) -> np.ndarray:
         return gen(dtype, shape, seed)
 
-    @reg.handle("make_bytes")
+    @reg.handle("make_bytes", roles=roles)
     def _make_bytes(call: Any, n: int, seed: int) -> bytes:
         return bytes((seed + i) % 251 for i in range(256)) * (n // 256)
 
-    @reg.handle("make_buffer")
+    @reg.handle("make_buffer", roles=roles)
     def _make_buffer(call: Any, n: int, fill: int) -> tether.Buffer:
         buf = tether.Buffer(n)
         buf.array()[:] = fill
         return buf
 
-    @reg.handle("fds")
+    @reg.handle("fds", roles=roles)
     def _fds(call: Any) -> int:
         drop_kept_mappings(call.peer)
         return open_fds()
 
-    @reg.handle("maps")
+    @reg.handle("maps", roles=roles)
     def _maps(call: Any) -> int:
         drop_kept_mappings(call.peer)
         return tether_maps()
 
-    @reg.handle("int_only")
+    @reg.handle("int_only", roles=roles)
     def _int_only(call: Any, x: int) -> int:
         return x
 
@@ -620,7 +623,7 @@ async def test_buffer_is_consumed_when_the_peer_died() -> None:
 async def hub(sock_path: str) -> AsyncIterator[tuple[tether.Main, str, str]]:
     """A listening Main; yields ``(main, unix address, tcp address)``."""
     main = tether.Main(timeout=30.0)
-    install_handlers(main)
+    install_handlers(main, roles="client")  # TCP peers reach only what names their role
     async with main:
         unix = await main.listen(f"unix://{sock_path}")
         tcp = await main.listen("tcp://127.0.0.1:0")

@@ -25,6 +25,8 @@ EXPECTED: dict[str, list[str]] = {
         "async client: hello, async client (role client)",
         "main log: async client was here",
         "sync client: hello, sync client (role client)",
+        "tcp client: tether 0.1.0",
+        "tcp client: greet is Forbidden",
     ],
     "pipe_fork.py": [
         "Parent process message: Psst .. hello from parent process!",

@@ -58,7 +58,8 @@ class Hub:
 @pytest.fixture(params=["unix", "tcp"])
 async def hub(request: pytest.FixtureRequest, sock_path: str) -> AsyncIterator[Hub]:
     main = tether.Main(timeout=10.0, tracebacks="all")  # test_blocking_errors reads one
-    rec = install_main_handlers(main)
+    # TCP peers reach only handlers that name their role ("client")
+    rec = install_main_handlers(main, None if request.param == "unix" else "client")
     async with main:
         url = f"unix://{sock_path}" if request.param == "unix" else "tcp://127.0.0.1:0"
         server = await main.listen(url)

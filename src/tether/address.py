@@ -32,8 +32,17 @@ class Address:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp://{host}:{self.port}"
 
-    def listen(self, backlog: int = 128) -> socket.socket:
+    def listen(self, backlog: int = 128, *, others: bool = False) -> socket.socket:
         """Bind and listen. Unix socket files are created with mode 0600.
+
+        A unix socket's directory must belong to this process's user and be
+        private: no access at all for group and others (mode ``0700``), so no
+        one else can even reach the socket, nor replace it. With ``others``
+        (other uids are allowed to connect) they may enter the directory but
+        still not write it (e.g. ``0711``/``0755``). A shared directory such as
+        ``/tmp`` itself is refused: make a private one (``tempfile.mkdtemp()``,
+        ``$XDG_RUNTIME_DIR``) and listen inside it. The check is made on the
+        directory as found; its ancestors are the owner's business.
 
         A unix path is only ever replaced when it is a stale socket file (no
         server accepts on it any more): a live one is tried with a connect
@@ -41,12 +50,15 @@ class Address:
         could take the path; the bind then fails with ``EADDRINUSE``.
 
         Raises:
+            PermissionError: the directory belongs to another user, or is
+                open to others (see above); the message names it.
             OSError: ``EADDRINUSE`` when a server already listens there;
                 ``EEXIST`` when the path is not a socket (a file is never
                 removed); ``ENOENT`` when the directory is missing. Each
                 message names the address.
         """
         if self.scheme == "unix":
+            self._check_folder(others)
             sock = self._bind_unix()
         else:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -63,6 +75,27 @@ class Address:
         sock.listen(backlog)
         sock.setblocking(False)
         return sock
+
+    def _check_folder(self, others: bool) -> None:
+        folder = os.path.dirname(self.path) or "."
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                errno.ENOENT, f"cannot listen on {self}: directory {folder!r} does not exist"
+            ) from exc
+        me = os.geteuid()
+        mode = stat.S_IMODE(st.st_mode)
+        closed = 0o022 if others else 0o077
+        if st.st_uid != me or mode & closed:
+            want = "not writable by group or others" if others else "mode 0700"
+            raise PermissionError(
+                errno.EACCES,
+                f"cannot listen on {self}: directory {folder!r} (owner uid {st.st_uid}, mode "
+                f"{mode:04o}) must belong to uid {me} and be {want}, so that no other user "
+                "can reach or replace the socket; listen in a private directory "
+                "(tempfile.mkdtemp(), $XDG_RUNTIME_DIR)",
+            )
 
     def _bind_unix(self) -> socket.socket:
         path = self.path

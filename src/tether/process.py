@@ -184,6 +184,7 @@ def _peer_options(options: dict[str, Any]) -> dict[str, Any]:
         "timeout": options.get("timeout", 30.0),
         "max_frame_size": options["max_frame_size"],
         "name": options.get("name", ""),
+        "address": f"main:{options.get('parent_pid', os.getppid())}",
     }
 
 

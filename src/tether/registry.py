@@ -57,9 +57,14 @@ class Handler:
         self.spec = ArgsSpec(fn)
         self.roles = checked_roles(roles)
 
-    def allows(self, role: str) -> bool:
-        """Whether a peer with ``role`` may reach this handler."""
-        return self.roles is None or role in self.roles
+    def allows(self, role: str, local: bool = True) -> bool:
+        """Whether a peer with ``role`` may reach this handler.
+
+        A handler registered without ``roles=`` is for local peers only
+        (spawned children, same-user unix peers); a stranger (TCP, web)
+        reaches only handlers that name its role.
+        """
+        return local if self.roles is None else role in self.roles
 
 
 class Registry:
@@ -97,7 +102,8 @@ class Registry:
 
         One handler per channel, as in Electron: remove the first with
         :meth:`remove_handler` before registering another. ``roles`` limits
-        which peers may call it (default: every peer; a str is one role).
+        which peers may call it (a str is one role); ``None``, the default,
+        means local peers only (spawned children, same-user unix peers).
 
         Raises:
             ValueError: ``channel`` already has a handler, or is not a valid name.
@@ -135,16 +141,27 @@ class Registry:
         """
         self.invokes.pop(channel, None)
 
-    def resolve(self, f: Frame, role: str) -> tuple[Handler, tuple[Any, ...]] | ErrorInfo:
+    def resolve(
+        self, f: Frame, role: str, local: bool = True
+    ) -> tuple[Handler, tuple[Any, ...]] | ErrorInfo:
         """The handler of an INVOKE and its validated arguments, or the ERROR to answer.
 
         Both I/O layers dispatch through this, so a caller gets the same
         NoHandler / Forbidden / BadRequest whatever kind of peer it called.
+        ``local`` is the peer's :attr:`~tether.Peer.local`: a handler without
+        ``roles=`` answers a peer that is not local ``Forbidden``.
         """
         h = self.invokes.get(f.channel)
         if h is None:
             return ErrorInfo("no_handler", f"no handler for channel {f.channel!r}")
-        if h.roles is not None and role not in h.roles:
+        if h.roles is None:
+            if not local:
+                return ErrorInfo(
+                    "forbidden",
+                    f"channel {f.channel!r} is exposed to local peers only "
+                    f"(it names no roles; role {role!r} is not local)",
+                )
+        elif role not in h.roles:
             return ErrorInfo("forbidden", f"channel {f.channel!r} is not exposed to role {role!r}")
         try:
             return h, h.spec.decode(f.body, f.attachments)
@@ -153,8 +170,13 @@ class Registry:
         except Exception as exc:  # e.g. an ndarray reference where numpy is missing
             return ErrorInfo("bad_request", f"cannot decode arguments: {_describe(exc)}")
 
-    def listeners(self, f: Frame, role: str) -> list[tuple[Handler, tuple[Any, ...]]]:
+    def listeners(
+        self, f: Frame, role: str, local: bool = True
+    ) -> list[tuple[Handler, tuple[Any, ...]]]:
         """The listeners of an EVENT that ``role`` may reach, each with its decoded arguments.
+
+        Listeners without ``roles=`` are skipped for a peer that is not
+        ``local`` (its event is dropped for them, as for a wrong role).
 
         A listener whose arguments fail to decode is skipped with one warning
         (an event has no answer to carry the error). Both I/O layers dispatch
@@ -166,7 +188,8 @@ class Registry:
             return []
         if len(handlers) == 1:  # the common case, kept short: it runs for every event
             h = handlers[0]
-            if h.roles is not None and role not in h.roles:
+            roles = h.roles
+            if (role not in roles) if roles is not None else not local:
                 return []
             try:
                 return [(h, h.spec.decode(f.body, f.attachments))]
@@ -175,7 +198,7 @@ class Registry:
                 return []
         out: list[tuple[Handler, tuple[Any, ...]]] = []
         for h in handlers:
-            if h.roles is not None and role not in h.roles:
+            if not h.allows(role, local):
                 continue
             try:
                 out.append((h, h.spec.decode(f.body, f.attachments)))
@@ -261,8 +284,11 @@ class Handlers:
 
         ``fn`` may be sync or ``async``; its arguments are validated from its
         type hints before it runs. ``roles`` limits which peers may call it:
-        a role (``"admin"``) or a collection of roles; ``None`` lets every
-        peer call it.
+        a role (``"admin"``) or a collection of roles. ``None`` (the default)
+        exposes it to *local* peers only: spawned children and unix peers of
+        main's own user, whatever their role. Strangers -- TCP peers, unix
+        peers of another allowed uid, and later web pages -- reach only
+        handlers that name their role; others answer them ``Forbidden``.
 
         Raises:
             ValueError: ``channel`` already has a handler (see

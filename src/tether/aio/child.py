@@ -63,6 +63,9 @@ class Child(Peer):
         pid = process.pid
         assert pid is not None
         self._pid = pid
+        # A socketpair has no address, and its SO_PEERCRED names its creator
+        # (main): ``pid`` is the process's own, uid/gid are those it started with.
+        self.address = f"child:{pid}"
         self._code: int | None = None
         self._exited: asyncio.Future[int] = self._loop.create_future()
         self._watch_fd = -1  # pidfd or sentinel while registered with the loop

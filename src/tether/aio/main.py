@@ -9,11 +9,12 @@ import logging
 import multiprocessing
 import os
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator
 from typing import Any
 
 from ..address import Address, parse_address, tune
 from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
+from ..identity import peer_address, peer_credentials
 from ..process import check_target, child_entry, describe_exit
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
@@ -39,15 +40,33 @@ class Server:
     server then stops watching the listener for :data:`ACCEPT_RETRY` seconds
     (logging a warning) instead of retrying at once, so a full descriptor
     table never makes the loop spin. Connections wait in the backlog meanwhile.
+
+    A unix server checks each peer's uid (``SO_PEERCRED``) against
+    :attr:`uids` as it accepts it: a peer of another user is closed at once,
+    logged (address, pid, uid) at WARNING and counted in :attr:`refused`.
+
+    Attributes:
+        uids: the user ids allowed to connect (unix only; ``None`` for TCP).
+        refused: connections refused so far (wrong uid).
     """
 
     #: seconds to stop accepting after ``accept`` ran out of descriptors or memory
     ACCEPT_RETRY: float = 0.1
 
-    def __init__(self, main: Main, sock: socket.socket, address: Address, role: str) -> None:
+    def __init__(
+        self,
+        main: Main,
+        sock: socket.socket,
+        address: Address,
+        role: str,
+        uids: frozenset[int] | None = None,
+    ) -> None:
         self.main = main
         self.address = address
         self.role = role
+        self.uids = uids if address.scheme == "unix" else None
+        self.refused = 0
+        self._me = os.geteuid()
         self._sock = sock
         self._fd = sock.fileno()
         self._name = f"{role}@{address}"
@@ -80,7 +99,34 @@ class Server:
                 log.warning("%r: accepting again after %d retries", self, self._backed_off)
                 self._backed_off = 0
             tune(conn)
-            self.main._adopt(conn, self.role, self._name)
+            if self.uids is None:  # TCP: the OS says nothing about who this is
+                self.main._adopt(conn, self.role, self._name, local=False)
+                continue
+            cred = peer_credentials(conn)
+            if cred.uid not in self.uids:
+                self._refuse(conn, cred.pid, cred.uid)
+                continue
+            self.main._adopt(
+                conn,
+                self.role,
+                self._name,
+                credentials=cred,
+                address=str(self.address),
+                local=cred.uid == self._me,
+            )
+
+    def _refuse(self, conn: socket.socket, pid: int | None, uid: int | None) -> None:
+        """Close a peer whose uid is not allowed, before it is read or written."""
+        self.refused += 1
+        log.warning(
+            "%r refused a connection from %s: pid %s, uid %s is not allowed (allowed: %s)",
+            self,
+            peer_address(conn, str(self.address)),
+            pid,
+            uid,
+            sorted(self.uids or ()),
+        )
+        conn.close()
 
     def _back_off(self, exc: OSError) -> None:
         if not self._backed_off:  # once per episode, not ten times a second
@@ -214,8 +260,9 @@ class Main(Handlers):
             "tracebacks": trusted,
         }
 
-    def _adopt(self, sock: socket.socket, role: str, name: str) -> Peer:
-        peer = Peer(sock, **self._peer_kw(role, name, child=False))
+    def _adopt(self, sock: socket.socket, role: str, name: str, **ident: Any) -> Peer:
+        """Make an accepted socket a peer; ``ident``: its credentials, address, ``local``."""
+        peer = Peer(sock, **self._peer_kw(role, name, child=False), **ident)
         self.peers.add(peer)
         peer.start()
         if not peer.closed:
@@ -320,24 +367,44 @@ class Main(Handlers):
             fds.extend(peer.descriptors() if isinstance(peer, Child) else [peer.fileno()])
         return [fd for fd in fds if fd >= 0]
 
-    async def listen(self, address: str | Address, *, role: str = "client") -> Server:
+    async def listen(
+        self,
+        address: str | Address,
+        *,
+        role: str = "client",
+        uids: Collection[int] | None = None,
+    ) -> Server:
         """Accept peers on ``unix:///path`` or ``tcp://host:port`` (port 0 picks one).
 
         Accepted peers get ``role`` (one role, a str); handlers limited with
-        ``roles=`` check it. A unix path where a server still answers is
-        refused, a stale socket file is replaced (see :meth:`Address.listen`).
+        ``roles=`` check it. Handlers registered without ``roles=`` answer
+        only *local* peers: unix peers of main's own uid. A TCP peer reaches
+        only the handlers that name its role (``roles={"client"}``).
+
+        Unix sockets: the socket file is created 0600, in a directory that
+        must belong to main's user and be closed to everyone else (else
+        :class:`PermissionError`; see :meth:`Address.listen`). Each peer's
+        uid (``SO_PEERCRED``) must be in ``uids`` (default: main's own uid);
+        others are closed at once, logged and counted (:attr:`Server.refused`).
+        Allowing another uid lets the directory be entered (not written) by
+        others, and such a peer is not local: it reaches only handlers that
+        name its role. A unix path where a server still answers is refused, a
+        stale socket file is replaced.
 
         Raises:
-            TypeError: ``role`` is not a str.
+            TypeError: ``role`` is not a str, or ``uids`` not a collection of int.
             ValueError: the address is malformed.
+            PermissionError: the unix socket's directory is open to others.
             OSError: the address is in use (``EADDRINUSE``), the path is not a
                 socket, or its directory is missing; the message names it.
         """
         if not isinstance(role, str):
             raise TypeError(f"role must be a str (one role), not {type(role).__name__}")
+        me = os.geteuid()
+        allowed = frozenset((me,)) if uids is None else _checked_uids(uids)
         addr = parse_address(address)
-        sock = addr.listen()
-        server = Server(self, sock, addr.bound(sock), role)
+        sock = addr.listen(others=bool(allowed - {me}))
+        server = Server(self, sock, addr.bound(sock), role, allowed)
         self.servers.append(server)
         return server
 
@@ -364,6 +431,17 @@ class Main(Handlers):
             child.kill()
             with contextlib.suppress(TimeoutError):
                 await child.wait(2.0)  # SIGKILL: the exit follows at once
+
+
+def _checked_uids(uids: object) -> frozenset[int]:
+    """The allow list ``listen(uids=...)`` names, checked."""
+    if isinstance(uids, int | str | bytes) or not isinstance(uids, Collection):
+        raise TypeError(f"uids must be a collection of int, not {type(uids).__name__}")
+    out = frozenset(uids)
+    for uid in out:
+        if not isinstance(uid, int) or isinstance(uid, bool):
+            raise TypeError(f"each uid must be an int, not {type(uid).__name__}: {uid!r}")
+    return out
 
 
 def _seconds(name: str, value: object, *, zero: bool = False) -> None:
@@ -393,7 +471,14 @@ class _Connecting:
             )
         except OSError as exc:
             raise PeerGone(f"cannot connect to {addr}: {exc}") from exc
-        peer = Peer(sock, role="main", local_role="client", name=str(addr), **kw)
+        peer = Peer(
+            sock,
+            role="main",
+            local_role="client",
+            name=str(addr),
+            address=peer_address(sock, str(addr)),
+            **kw,
+        )
         peer.start()
         try:
             await peer.wait_hello(connect_timeout)

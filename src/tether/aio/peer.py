@@ -37,6 +37,7 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
+from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
@@ -106,6 +107,16 @@ class Peer(Handlers):
             time, so other peers get their turn); 0 (the default) turns it off.
         tracebacks: whether ERRORs this side sends carry the handler's
             traceback (file paths, source lines): only for peers trusted to see them.
+        local: whether the other side is *local*: a spawned child, a unix
+            peer of main's own user, or (on a client or child) the main it
+            talks to. Handlers registered without ``roles=`` answer only
+            local peers; a stranger (TCP, another uid) reaches only handlers
+            that name its role.
+        uid, gid: the other process's user and group ids (``SO_PEERCRED`` on
+            unix sockets and socketpairs; ``None`` over TCP).
+        address: the other end: ``tcp://host:port``, ``unix://<path>`` (the
+            listener's address for an accepted unix peer), ``child:<pid>``.
+        origin: a web page's origin; ``None`` for every other peer.
     """
 
     def __init__(
@@ -121,6 +132,9 @@ class Peer(Handlers):
         on_close: Callable[[Peer], None] | None = None,
         spin: float = 0.0,
         tracebacks: bool = True,
+        credentials: Credentials | None = None,
+        address: str = "",
+        local: bool = True,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -137,6 +151,14 @@ class Peer(Handlers):
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
+        # Who is on the other end, read once here (see tether.identity).
+        cred = credentials if credentials is not None else peer_credentials(sock)
+        self._peer_pid = cred.pid
+        self.uid: int | None = cred.uid
+        self.gid: int | None = cred.gid
+        self.address: str = address or peer_address(sock)
+        self.origin: str | None = None
+        self.local = local
         self.timeout = timeout
         self.name = name
         #: whether ERRORs sent to the other side carry the handler's traceback
@@ -205,6 +227,15 @@ class Peer(Handlers):
     def remote_hello(self) -> codec.Hello | None:
         """The other side's HELLO (role it claims, name, pid), once received."""
         return self._conn.peer_hello
+
+    @property
+    def pid(self) -> int | None:
+        """The other process's id, as the kernel says (``SO_PEERCRED``); ``None`` over TCP.
+
+        Not the pid its HELLO claims (see :attr:`remote_hello`): that one is
+        the peer's word, this one the kernel's.
+        """
+        return self._peer_pid
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed, by either side."""
@@ -718,7 +749,7 @@ class Peer(Handlers):
 
     def _on_invoke(self, f: Frame) -> None:
         rid = f.request_id
-        found = self.registry.resolve(f, self.role)
+        found = self.registry.resolve(f, self.role, self.local)
         if isinstance(found, codec.ErrorInfo):
             self._send_error(rid, found)
             return
@@ -816,7 +847,7 @@ class Peer(Handlers):
         self._kick()
 
     def _on_event(self, f: Frame) -> None:
-        for h, args in self.registry.listeners(f, self.role):
+        for h, args in self.registry.listeners(f, self.role, self.local):
             call = Call(self, f.channel, 0, f.route_id)
             if h.is_async:
                 task = self._loop.create_task(self._run_event(h, call, args))

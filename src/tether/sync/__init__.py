@@ -6,6 +6,7 @@ import contextlib
 
 from ..address import Address, parse_address
 from ..errors import PeerGone
+from ..identity import peer_address
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .peer import SPIN_SECONDS, Call, Peer, loop_serves
@@ -51,7 +52,14 @@ def connect(
             "this call blocks; use 'await tether.connect(...)' here, or call it from "
             "another thread (asyncio.to_thread)"
         )
-    peer = Peer(sock, timeout=timeout, max_frame_size=max_frame_size, name=str(addr), spin=spin)
+    peer = Peer(
+        sock,
+        timeout=timeout,
+        max_frame_size=max_frame_size,
+        name=str(addr),
+        spin=spin,
+        address=peer_address(sock, str(addr)),
+    )
     try:
         peer.wait_hello(connect_timeout)
     except BaseException:

@@ -75,6 +75,7 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
+from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection
 from ..registry import Call, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
@@ -150,6 +151,13 @@ class Peer(Handlers):
     Attributes:
         max_queued: the most jobs ever queued for the worker at once (never
             above :data:`HIGH_JOBS` unless a handler waited in ``invoke``).
+        pid, uid, gid: the other process's ids from ``SO_PEERCRED`` (unix
+            sockets and socketpairs), read once; ``None`` over TCP.
+        address: the other end (``tcp://host:port``, ``unix://<path>``, ``main:<pid>``).
+        origin: a web page's origin; ``None`` here.
+        local: whether handlers registered without ``roles=`` answer the
+            other side (as :attr:`tether.Peer.local`; the main a blocking
+            peer talks to is).
     """
 
     def __init__(
@@ -165,6 +173,9 @@ class Peer(Handlers):
         lazy: bool = False,
         spin: float = SPIN_SECONDS,
         tracebacks: bool = True,
+        credentials: Credentials | None = None,
+        address: str = "",
+        local: bool = True,
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
@@ -178,6 +189,13 @@ class Peer(Handlers):
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
+        cred = credentials if credentials is not None else peer_credentials(sock)
+        self.pid: int | None = cred.pid
+        self.uid: int | None = cred.uid
+        self.gid: int | None = cred.gid
+        self.address: str = address or peer_address(sock)
+        self.origin: str | None = None
+        self.local = local
         self.timeout = timeout
         self.name = name
         self.tracebacks = tracebacks
@@ -785,7 +803,7 @@ class Peer(Handlers):
                 return
 
     def _run_listeners(self, f: Frame) -> None:
-        for h, args in self.registry.listeners(f, self.role):
+        for h, args in self.registry.listeners(f, self.role, self.local):
             try:
                 h.fn(Call(self, f.channel, 0, f.route_id), *args)
             except _FATAL as exc:
@@ -796,7 +814,7 @@ class Peer(Handlers):
 
     def _run_handler(self, f: Frame) -> None:
         rid = f.request_id
-        found = self.registry.resolve(f, self.role)
+        found = self.registry.resolve(f, self.role, self.local)
         fatal: BaseException | None = None
         if isinstance(found, codec.ErrorInfo):
             self._answer(rid, None, found)
