@@ -19,7 +19,7 @@ from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from .child import Child
-from .peer import Peer
+from .peer import MAX_INFLIGHT, MAX_QUEUED, Peer
 
 __all__ = ["Main", "Server", "connect"]
 
@@ -133,6 +133,14 @@ class Main(Handlers):
             ``"children"`` (the default: spawned children, which main trusts;
             peers accepted by :meth:`listen` get only the type and message),
             ``"all"`` or ``"none"``.
+        max_inflight: per peer, the most invokes it may have running in
+            ``async`` handlers at once (default 1,024); past it an invoke is
+            answered at once with ERROR ``busy`` (the caller gets
+            :class:`~tether.Busy`).
+        max_queued: per peer, the most bytes that may wait to be written to it
+            (default 64 MiB; checked once more than 4 MiB wait). A peer that
+            stops reading past it is dropped: the ``send``/``invoke`` that
+            found it so, and every call pending on it, raise :class:`PeerGone`.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or an impossible
@@ -151,6 +159,8 @@ class Main(Handlers):
         close_timeout: float = 5.0,
         name: str = "main",
         tracebacks: str = "children",
+        max_inflight: int = MAX_INFLIGHT,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         if tracebacks not in _TRACEBACKS:
             raise ValueError(
@@ -171,6 +181,8 @@ class Main(Handlers):
             raise ValueError(
                 f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE} bytes, not {max_frame_size}"
             )
+        _count("max_inflight", max_inflight)
+        _count("max_queued", max_queued)
         methods = multiprocessing.get_all_start_methods()
         if start_method not in methods:
             raise ValueError(f"start_method must be one of {methods}, not {start_method!r}")
@@ -185,6 +197,10 @@ class Main(Handlers):
         self.name = name
         #: who gets handler tracebacks: ``"children"``, ``"all"`` or ``"none"``
         self.tracebacks = tracebacks
+        #: per peer: invokes allowed in handler tasks at once (more: ERROR ``busy``)
+        self.max_inflight = max_inflight
+        #: per peer: bytes allowed to wait for it before it is dropped
+        self.max_queued = max_queued
         self.peers: set[Peer] = set()
         #: the children still running (an exited child leaves the set)
         self.children: set[Child] = set()
@@ -212,6 +228,8 @@ class Main(Handlers):
             "on_close": self._forget,
             "spin": self.spin,
             "tracebacks": trusted,
+            "max_inflight": self.max_inflight,
+            "max_queued": self.max_queued,
         }
 
     def _adopt(self, sock: socket.socket, role: str, name: str) -> Peer:
@@ -374,6 +392,14 @@ def _seconds(name: str, value: object, *, zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'zero or more' if zero else 'positive'}, not {value}")
 
 
+def _count(name: str, value: object, *, zero: bool = False) -> None:
+    """Check a limit: an int, positive (or zero if allowed)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < (0 if zero else 1):
+        raise ValueError(f"{name} must be {'zero or more' if zero else 'positive'}, not {value}")
+
+
 class _Connecting:
     """``await connect(...)`` or ``async with connect(...) as peer``."""
 
@@ -423,11 +449,14 @@ def connect(
     registry: Registry | None = None,
     spin: float = 0.0,
     tracebacks: bool = True,
+    max_inflight: int = MAX_INFLIGHT,
+    max_queued: int = MAX_QUEUED,
 ) -> _Connecting:
     """Connect to a listening :class:`Main`; ``await`` it or use ``async with``.
 
     ``tracebacks``: whether errors this side's handlers raise reach main with
-    their traceback (main is trusted: yes by default).
+    their traceback (main is trusted: yes by default). ``max_inflight`` and
+    ``max_queued``: this side's limits on main's calls, as for :class:`Main`.
 
     Raises:
         PeerGone: nothing listens there, or the handshake failed.
@@ -441,5 +470,7 @@ def connect(
             "registry": registry,
             "spin": spin,
             "tracebacks": tracebacks,
+            "max_inflight": max_inflight,
+            "max_queued": max_queued,
         },
     )

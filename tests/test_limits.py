@@ -1,0 +1,141 @@
+"""Per-peer limits (README, "Limits"): each one hit, and what happens then."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+import tether
+from tether.aio import peer as peer_module
+from tether.protocol import Connection
+
+MiB = 1 << 20
+
+
+def _hello() -> bytes:
+    return bytes(Connection("client").data_to_send()[0])
+
+
+def _raw(path: str, hello: bool = True) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    if hello:
+        s.sendall(_hello())
+    return s
+
+
+async def _until(cond: object, what: str, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.005)
+
+
+async def _handshaken(main: tether.Main, n: int = 1) -> list[tether.Peer]:
+    await _until(
+        lambda: sum(p.remote_hello is not None for p in main.peers) >= n,
+        "the raw clients never completed their handshake",
+    )
+    return [p for p in main.peers if p.remote_hello is not None]
+
+
+# -- max_inflight ------------------------------------------------------------------------
+
+
+async def test_invokes_past_max_inflight_get_busy_at_once(sock_path: str) -> None:
+    async with tether.Main(timeout=10.0, max_inflight=4) as main:
+        gate = asyncio.Event()
+
+        @main.handle("wait")
+        async def wait(call: tether.Call, i: int) -> int:
+            await gate.wait()
+            return i
+
+        @main.handle("quick")
+        def quick(call: tether.Call) -> str:  # answered inline: never counted
+            return "ok"
+
+        server = await main.listen(f"unix://{sock_path}")
+        async with tether.connect(str(server.address), timeout=10.0) as client:
+            running = [asyncio.ensure_future(client.invoke("wait", i)) for i in range(4)]
+            (side,) = main.peers
+            await _until(lambda: len(side._serving) == 4, "the four handlers never started")
+            t0 = time.monotonic()
+            with pytest.raises(tether.Busy, match="4 invokes"):
+                await client.invoke("wait", 99)
+            assert time.monotonic() - t0 < 1.0  # refused at once, not queued
+            assert await client.invoke("quick") == "ok"
+            gate.set()
+            assert await asyncio.gather(*running) == [0, 1, 2, 3]
+            assert await client.invoke("wait", 5) == 5  # room again
+            assert not client.closed
+
+
+def test_max_inflight_and_max_queued_are_checked_on_main() -> None:
+    with pytest.raises(ValueError, match="max_inflight"):
+        tether.Main(max_inflight=0)
+    with pytest.raises(TypeError, match="max_queued"):
+        tether.Main(max_queued=1.5)  # type: ignore[arg-type]
+    main = tether.Main()
+    assert main.max_inflight == peer_module.MAX_INFLIGHT == 1024
+    assert main.max_queued == peer_module.MAX_QUEUED == 64 * MiB
+
+
+# -- max_queued --------------------------------------------------------------------------
+
+
+async def test_a_peer_that_never_reads_is_dropped_and_the_sender_sees_peer_gone(
+    sock_path: str,
+) -> None:
+    async with tether.Main(timeout=5.0, max_queued=MiB) as main:
+        server = await main.listen(f"unix://{sock_path}")
+        raw = _raw(str(server.address.path))
+        try:
+            (side,) = await _handshaken(main)
+            blob = bytes(256 * 1024)
+            sent = 0
+            with pytest.raises(tether.PeerGone, match="stopped reading"):
+                async with asyncio.timeout(10.0):  # never blocks for good
+                    while True:
+                        await side.send("blob", blob)
+                        sent += 1
+            assert side.closed
+            # What main held for it stayed near the flow-control mark, then was freed.
+            assert sent * len(blob) < peer_module.HIGH_WATER + 2 * MiB
+            assert side._stream.buffered == 0
+            await _until(lambda: side not in main.peers, "the dropped peer stayed in main.peers")
+            with pytest.raises(tether.PeerGone):
+                await side.send("blob", b"x")
+        finally:
+            raw.close()
+
+
+async def test_many_senders_to_a_stalled_peer_hold_at_most_max_queued(sock_path: str) -> None:
+    """Each sender adds a frame before it waits: max_queued bounds what they add up to."""
+    limit = 8 * MiB
+    async with tether.Main(timeout=5.0, max_queued=limit) as main:
+        server = await main.listen(f"unix://{sock_path}")
+        raw = _raw(str(server.address.path))
+        try:
+            (side,) = await _handshaken(main)
+            blob = bytes(256 * 1024)
+            peak = 0
+
+            async def sender() -> None:
+                nonlocal peak
+                while True:
+                    await side.send("blob", blob)
+                    peak = max(peak, side._stream.buffered + side._conn.buffered_out)
+
+            tasks = [asyncio.ensure_future(sender()) for _ in range(64)]
+            done, _ = await asyncio.wait(tasks, timeout=10.0)
+            assert len(done) == 64, "senders still blocked on a stalled peer"
+            for t in tasks:
+                assert isinstance(t.exception(), tether.PeerGone)
+            assert peak <= limit + len(blob) + 1024
+            assert side.closed
+        finally:
+            raw.close()
