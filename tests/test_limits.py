@@ -139,3 +139,86 @@ async def test_many_senders_to_a_stalled_peer_hold_at_most_max_queued(sock_path:
             assert side.closed
         finally:
             raw.close()
+
+
+# -- max_connections and max_handshaking ---------------------------------------------------
+
+
+def _closed_by_main(s: socket.socket, limit: float = 5.0) -> bool:
+    """Whether main closed ``s`` (EOF or reset) within ``limit`` seconds; reads what came."""
+    s.settimeout(limit)
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_connections_past_max_connections_are_refused_and_counted(sock_path: str) -> None:
+    async with tether.Main(timeout=5.0) as main:
+        main.handle("echo", lambda call, x: x)
+        server = await main.listen(f"unix://{sock_path}", max_connections=2)
+        assert server.refused == 0
+        async with (
+            tether.connect(str(server.address)) as a,
+            tether.connect(str(server.address)) as b,
+        ):
+            extra = _raw(sock_path)
+            try:
+                assert await asyncio.to_thread(_closed_by_main, extra)
+            finally:
+                extra.close()
+            assert server.refused == 1
+            with pytest.raises(tether.PeerGone):
+                await tether.connect(str(server.address), connect_timeout=2.0)
+            assert server.refused == 2
+            assert await a.invoke("echo", 1) == 1  # those held are unaffected
+            assert await b.invoke("echo", 2) == 2
+            await a.close()
+            await _until(lambda: len(main.peers) == 1, "main still holds the closed peer")
+        async with tether.connect(str(server.address)) as c:  # room again
+            assert await c.invoke("echo", 3) == 3
+        assert server.refused == 2
+
+
+async def test_past_max_handshaking_the_oldest_in_the_handshake_is_dropped(
+    sock_path: str,
+) -> None:
+    async with tether.Main(timeout=5.0, hello_timeout=30.0) as main:
+        main.handle("echo", lambda call, x: x)
+        server = await main.listen(f"unix://{sock_path}", max_handshaking=3)
+        silent = [_raw(sock_path, hello=False) for _ in range(3)]
+        try:
+            await _until(lambda: len(main.peers) == 3, "main never accepted the silent three")
+            async with tether.connect(str(server.address)) as good:  # the fourth: room is made
+                assert await good.invoke("echo", 1) == 1
+                assert server.handshakes_dropped == 1
+                assert await asyncio.to_thread(_closed_by_main, silent[0])  # the oldest went
+                assert not await asyncio.to_thread(_closed_by_main, silent[1], 0.2)
+                # The peer that finished its handshake no longer counts: one more silent
+                # connection fits (silent 1, 2 and it), the next pushes out silent 1 only.
+                silent.append(_raw(sock_path, hello=False))
+                await _until(lambda: len(main.peers) == 4, "main never accepted it")
+                assert server.handshakes_dropped == 1
+                silent.append(_raw(sock_path, hello=False))
+                await _until(lambda: server.handshakes_dropped == 2, "no room was made")
+                assert await asyncio.to_thread(_closed_by_main, silent[1])
+                assert not await asyncio.to_thread(_closed_by_main, silent[2], 0.2)
+                assert await good.invoke("echo", 2) == 2
+                assert server.refused == 0
+        finally:
+            for s in silent:
+                s.close()
+
+
+async def test_listen_checks_its_limits(sock_path: str) -> None:
+    async with tether.Main() as main:
+        with pytest.raises(ValueError, match="max_connections"):
+            await main.listen(f"unix://{sock_path}", max_connections=0)
+        with pytest.raises(TypeError, match="max_handshaking"):
+            await main.listen(f"unix://{sock_path}", max_handshaking="3")  # type: ignore[arg-type]
+        server = await main.listen(f"unix://{sock_path}")
+        assert (server.max_connections, server.max_handshaking) == (4096, 256)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
 import multiprocessing
 import os
 import socket
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -29,6 +31,10 @@ log = logging.getLogger("tether")
 # it); any other error (EMFILE, ENFILE, ENOBUFS, ENOMEM...) makes the server back off.
 _ONE_CONNECTION = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _TRACEBACKS = ("children", "all", "none")
+#: default ``listen(max_connections=)``: peers one listener holds at once
+MAX_CONNECTIONS = 4096
+#: default ``listen(max_handshaking=)``: of those, peers that have not said HELLO yet
+MAX_HANDSHAKING = 256
 
 
 class Server:
@@ -39,15 +45,44 @@ class Server:
     server then stops watching the listener for :data:`ACCEPT_RETRY` seconds
     (logging a warning) instead of retrying at once, so a full descriptor
     table never makes the loop spin. Connections wait in the backlog meanwhile.
+
+    Limits (set by :meth:`Main.listen`): past ``max_connections`` peers held
+    at once, a new connection is closed as soon as it is accepted (logged, at
+    most once a second, and counted in :attr:`refused`); past
+    ``max_handshaking`` peers that have not said HELLO yet, the *oldest* of
+    them is dropped to make room (counted in :attr:`handshakes_dropped`), so a
+    flood of silent connections cannot crowd out the clients that finish
+    their handshake. ``None`` turns a limit off.
+
+    Attributes:
+        refused: connections closed at once because ``max_connections`` were held.
+        handshakes_dropped: peers dropped still in the handshake to make room.
     """
 
     #: seconds to stop accepting after ``accept`` ran out of descriptors or memory
     ACCEPT_RETRY: float = 0.1
 
-    def __init__(self, main: Main, sock: socket.socket, address: Address, role: str) -> None:
+    def __init__(
+        self,
+        main: Main,
+        sock: socket.socket,
+        address: Address,
+        role: str,
+        *,
+        max_connections: int | None = MAX_CONNECTIONS,
+        max_handshaking: int | None = MAX_HANDSHAKING,
+    ) -> None:
         self.main = main
         self.address = address
         self.role = role
+        self.max_connections = max_connections
+        self.max_handshaking = max_handshaking
+        self.refused = 0
+        self.handshakes_dropped = 0
+        self._refused_logged = 0.0  # when a refusal was last logged
+        self._held: set[Peer] = set()  # this listener's peers still open
+        # ...of which those that may still be in the handshake, oldest first
+        self._handshaking: collections.OrderedDict[Peer, None] = collections.OrderedDict()
         self._sock = sock
         self._fd = sock.fileno()
         self._name = f"{role}@{address}"
@@ -79,8 +114,59 @@ class Server:
             if self._backed_off:
                 log.warning("%r: accepting again after %d retries", self, self._backed_off)
                 self._backed_off = 0
+            if self.max_connections is not None and len(self._held) >= self.max_connections:
+                self._refuse(conn)
+                continue
+            if self.max_handshaking is not None and len(self._handshaking) >= self.max_handshaking:
+                self._make_handshake_room(self.max_handshaking)
             tune(conn)
-            self.main._adopt(conn, self.role, self._name)
+            self._track(self.main._adopt(conn, self.role, self._name))
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """``max_connections`` are held: close a new connection at once, count it."""
+        conn.close()
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:  # a flood logs once a second, not per connection
+            self._refused_logged = now
+            log.warning(
+                "%r: %d connections held (max_connections): refused a new one (%d refused so far)",
+                self,
+                len(self._held),
+                self.refused,
+            )
+
+    def _track(self, peer: Peer) -> None:
+        """Count ``peer`` against this listener's limits until it closes."""
+        if peer.closed:
+            return
+        held, handshaking = self._held, self._handshaking
+        held.add(peer)
+        handshaking[peer] = None
+        then = peer._on_close
+
+        def closed(p: Peer) -> None:
+            held.discard(p)
+            handshaking.pop(p, None)
+            if then is not None:
+                then(p)
+
+        peer._on_close = closed
+
+    def _make_handshake_room(self, limit: int) -> None:
+        """Forget peers that said HELLO; while ``limit`` are still in it, drop the oldest."""
+        hs = self._handshaking
+        for p in [p for p in hs if p.remote_hello is not None]:
+            del hs[p]
+        while len(hs) >= limit:
+            oldest, _ = hs.popitem(last=False)
+            self.handshakes_dropped += 1
+            log.warning(
+                "%r: %d peers in the handshake: dropped the oldest, %r", self, limit, oldest
+            )
+            oldest.abort(
+                PeerGone(f"{oldest!r} dropped: {limit} connections still in the handshake")
+            )
 
     def _back_off(self, exc: OSError) -> None:
         if not self._backed_off:  # once per episode, not ten times a second
@@ -338,24 +424,50 @@ class Main(Handlers):
             fds.extend(peer.descriptors() if isinstance(peer, Child) else [peer.fileno()])
         return [fd for fd in fds if fd >= 0]
 
-    async def listen(self, address: str | Address, *, role: str = "client") -> Server:
+    async def listen(
+        self,
+        address: str | Address,
+        *,
+        role: str = "client",
+        max_connections: int | None = MAX_CONNECTIONS,
+        max_handshaking: int | None = MAX_HANDSHAKING,
+    ) -> Server:
         """Accept peers on ``unix:///path`` or ``tcp://host:port`` (port 0 picks one).
 
         Accepted peers get ``role`` (one role, a str); handlers limited with
         ``roles=`` check it. A unix path where a server still answers is
         refused, a stale socket file is replaced (see :meth:`Address.listen`).
 
+        ``max_connections`` (default 4,096) bounds the peers this listener
+        holds at once: more are closed as soon as they are accepted (counted
+        in :attr:`Server.refused`). ``max_handshaking`` (default 256) bounds
+        those that have not said HELLO yet: one more drops the oldest of them
+        (:attr:`Server.handshakes_dropped`). ``None`` turns a limit off.
+
         Raises:
-            TypeError: ``role`` is not a str.
-            ValueError: the address is malformed.
+            TypeError: ``role`` is not a str, or a limit is not an int (or None).
+            ValueError: the address is malformed, or a limit is below 1.
             OSError: the address is in use (``EADDRINUSE``), the path is not a
                 socket, or its directory is missing; the message names it.
         """
         if not isinstance(role, str):
             raise TypeError(f"role must be a str (one role), not {type(role).__name__}")
+        for name, limit in (
+            ("max_connections", max_connections),
+            ("max_handshaking", max_handshaking),
+        ):
+            if limit is not None:
+                _count(name, limit)
         addr = parse_address(address)
         sock = addr.listen()
-        server = Server(self, sock, addr.bound(sock), role)
+        server = Server(
+            self,
+            sock,
+            addr.bound(sock),
+            role,
+            max_connections=max_connections,
+            max_handshaking=max_handshaking,
+        )
         self.servers.append(server)
         return server
 
