@@ -222,3 +222,55 @@ async def test_listen_checks_its_limits(sock_path: str) -> None:
             await main.listen(f"unix://{sock_path}", max_handshaking="3")  # type: ignore[arg-type]
         server = await main.listen(f"unix://{sock_path}")
         assert (server.max_connections, server.max_handshaking) == (4096, 256)
+
+
+# -- max_inflight in the blocking layer ------------------------------------------------------
+
+
+def test_the_blocking_peer_answers_busy_past_max_inflight() -> None:
+    import threading
+
+    sa, sb = socket.socketpair()
+    a = tether.sync.Peer(sa, role="client", name="a", timeout=10.0)
+    b = tether.sync.Peer(sb, role="client", name="b", timeout=10.0, max_inflight=3)
+    gate = threading.Event()
+    started = threading.Event()
+    try:
+
+        @b.handle("wait")
+        def wait(call: tether.Call, i: int) -> int:
+            started.set()
+            assert gate.wait(10.0)
+            return i
+
+        results: dict[int, object] = {}
+
+        def call(i: int) -> None:
+            try:
+                results[i] = a.invoke("wait", i)
+            except tether.TetherError as exc:
+                results[i] = exc
+
+        first = threading.Thread(target=call, args=(0,))
+        first.start()
+        assert started.wait(5.0)  # 0 runs: it no longer waits in the queue
+        queued = [threading.Thread(target=call, args=(i,)) for i in (1, 2, 3)]
+        for t in queued:
+            t.start()
+        deadline = time.monotonic() + 5.0
+        while b._inflight < 3:
+            assert time.monotonic() < deadline, "the three invokes never queued"
+            time.sleep(0.005)
+        t0 = time.monotonic()
+        with pytest.raises(tether.Busy, match="3 invokes"):
+            a.invoke("wait", 4)
+        assert time.monotonic() - t0 < 1.0
+        gate.set()
+        for t in (first, *queued):
+            t.join(10.0)
+        assert results == {0: 0, 1: 1, 2: 2, 3: 3}
+        assert a.invoke("wait", 5) == 5  # room again
+    finally:
+        gate.set()
+        a.close()
+        b.close()

@@ -8,7 +8,7 @@ from ..address import Address, parse_address
 from ..errors import PeerGone
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
-from .peer import SPIN_SECONDS, Call, Peer, loop_serves
+from .peer import MAX_INFLIGHT, SPIN_SECONDS, Call, Peer, loop_serves
 
 __all__ = ["Call", "Peer", "connect"]
 
@@ -20,12 +20,14 @@ def connect(
     connect_timeout: float = 10.0,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     spin: float = SPIN_SECONDS,
+    max_inflight: int = MAX_INFLIGHT,
 ) -> Peer:
     """Connect to a listening main and return a blocking :class:`Peer`.
 
     Returns once the main's HELLO arrived (within ``connect_timeout``), like
     the asyncio :func:`tether.connect`. Use it as a context manager, or call
-    ``close()`` when done.
+    ``close()`` when done. ``max_inflight``: how many of main's invokes may
+    wait for this side's handlers at once (more are answered ``busy``).
 
     Raises:
         PeerGone: nothing listens at ``address``, or it sent no HELLO in time.
@@ -51,7 +53,14 @@ def connect(
             "this call blocks; use 'await tether.connect(...)' here, or call it from "
             "another thread (asyncio.to_thread)"
         )
-    peer = Peer(sock, timeout=timeout, max_frame_size=max_frame_size, name=str(addr), spin=spin)
+    peer = Peer(
+        sock,
+        timeout=timeout,
+        max_frame_size=max_frame_size,
+        name=str(addr),
+        spin=spin,
+        max_inflight=max_inflight,
+    )
     try:
         peer.wait_hello(connect_timeout)
     except BaseException:
