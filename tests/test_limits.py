@@ -113,6 +113,62 @@ async def test_a_peer_that_never_reads_is_dropped_and_the_sender_sees_peer_gone(
             raw.close()
 
 
+async def test_a_lone_sender_to_a_stalled_peer_waits_at_most_drain_timeout(sock_path: str) -> None:
+    """Under max_queued, one sender waits at the flow-control mark: not forever."""
+    async with tether.Main(timeout=5.0, drain_timeout=0.5) as main:
+        assert main.max_queued == 64 * MiB
+        server = await main.listen(f"unix://{sock_path}")
+        raw = _raw(str(server.address.path))
+        try:
+            (side,) = await _handshaken(main)
+            blob = bytes(256 * 1024)
+            with pytest.raises(tether.PeerGone, match="stopped reading"):
+                async with asyncio.timeout(10.0):
+                    while True:
+                        await side.send("blob", blob)
+            t0 = time.monotonic()
+            assert side.closed
+            await _until(lambda: side not in main.peers, "the dropped peer stayed in main.peers")
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            raw.close()
+
+
+async def test_a_slow_reader_within_drain_timeout_is_kept(sock_path: str) -> None:
+    async with tether.Main(timeout=5.0, drain_timeout=2.0) as main:
+        server = await main.listen(f"unix://{sock_path}")
+        raw = _raw(str(server.address.path))
+        got = 0
+        stop = False
+
+        def read_slowly() -> None:
+            nonlocal got
+            raw.settimeout(0.1)
+            while not stop:
+                try:
+                    data = raw.recv(1 << 20)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return
+                got += len(data)
+                time.sleep(0.01)
+
+        try:
+            (side,) = await _handshaken(main)
+            reader = asyncio.ensure_future(asyncio.to_thread(read_slowly))
+            blob = bytes(256 * 1024)
+            for _ in range(40):  # 10 MiB: the sender waits for the reader, several times
+                await side.send("blob", blob)
+            await asyncio.wait_for(side._wait_drained(0), 10.0)
+            assert not side.closed
+            assert got > 8 * MiB
+            stop = True
+            await asyncio.wait_for(reader, 5.0)
+        finally:
+            raw.close()
+
+
 async def test_many_senders_to_a_stalled_peer_hold_at_most_max_queued(sock_path: str) -> None:
     """Each sender adds a frame before it waits: max_queued bounds what they add up to."""
     limit = 8 * MiB

@@ -21,7 +21,7 @@ from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from .child import Child
-from .peer import MAX_INFLIGHT, MAX_QUEUED, Peer
+from .peer import DRAIN_TIMEOUT, MAX_INFLIGHT, MAX_QUEUED, Peer
 
 __all__ = ["Main", "Server", "connect"]
 
@@ -227,6 +227,9 @@ class Main(Handlers):
             (default 64 MiB; checked once more than 4 MiB wait). A peer that
             stops reading past it is dropped: the ``send``/``invoke`` that
             found it so, and every call pending on it, raise :class:`PeerGone`.
+        drain_timeout: per peer, how long a ``send``/``invoke`` waits for a
+            lagging peer to read what is queued for it (default 60 s; ``None``:
+            forever); then that peer is dropped the same way.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or an impossible
@@ -247,6 +250,7 @@ class Main(Handlers):
         tracebacks: str = "children",
         max_inflight: int = MAX_INFLIGHT,
         max_queued: int = MAX_QUEUED,
+        drain_timeout: float | None = DRAIN_TIMEOUT,
     ) -> None:
         if tracebacks not in _TRACEBACKS:
             raise ValueError(
@@ -269,6 +273,8 @@ class Main(Handlers):
             )
         _count("max_inflight", max_inflight)
         _count("max_queued", max_queued)
+        if drain_timeout is not None:
+            _seconds("drain_timeout", drain_timeout)
         methods = multiprocessing.get_all_start_methods()
         if start_method not in methods:
             raise ValueError(f"start_method must be one of {methods}, not {start_method!r}")
@@ -287,6 +293,8 @@ class Main(Handlers):
         self.max_inflight = max_inflight
         #: per peer: bytes allowed to wait for it before it is dropped
         self.max_queued = max_queued
+        #: per peer: seconds a sender waits for it to read (then it is dropped)
+        self.drain_timeout = drain_timeout
         self.peers: set[Peer] = set()
         #: the children still running (an exited child leaves the set)
         self.children: set[Child] = set()
@@ -316,6 +324,7 @@ class Main(Handlers):
             "tracebacks": trusted,
             "max_inflight": self.max_inflight,
             "max_queued": self.max_queued,
+            "drain_timeout": self.drain_timeout,
         }
 
     def _adopt(self, sock: socket.socket, role: str, name: str) -> Peer:

@@ -20,8 +20,10 @@ the peer run as handler tasks at once; one more is answered at once with an
 ERROR ``busy`` (:class:`~tether.Busy` for the caller) instead of costing a
 task. Outgoing bytes queued for a peer that stops reading are bounded by
 ``max_queued``: a ``send``/``invoke`` that finds more queued drops the peer
-(it and every caller see :class:`~tether.PeerGone`), so a stalled reader holds
-neither memory nor a sender forever.
+(it and every caller see :class:`~tether.PeerGone`); and a sender waits for a
+lagging peer to read at most ``drain_timeout`` seconds before the peer is
+dropped the same way. So a stalled reader holds neither memory nor a sender
+forever.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ MAX_HELD: Final = 1024 * 1024  # bytes read while paused (for answers) before re
 MAX_INFLIGHT: Final = 1024
 #: default ``max_queued``: bytes queued for a peer that stops reading before it is dropped
 MAX_QUEUED: Final = 64 * 1024 * 1024
+#: default ``drain_timeout``: seconds a sender waits for a lagging peer to read
+DRAIN_TIMEOUT: Final = 60.0
 FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at the next turn
 _BURST: Final = 10e-6  # invokes closer together than this are coalesced into one write
 _LEASE_POLL: Final = 0.002  # first wait between checks for dropped views of lent segments
@@ -126,6 +130,11 @@ class Peer(Handlers):
             side (default :data:`MAX_QUEUED`). A ``send`` or ``invoke`` that
             finds more queued (the other side stopped reading) drops the
             connection and raises :class:`PeerGone`.
+        drain_timeout: the longest a ``send``/``invoke`` waits for the other
+            side to read what is queued for it (past :data:`HIGH_WATER`) down
+            to :data:`LOW_WATER` (default :data:`DRAIN_TIMEOUT` seconds;
+            ``None``: no limit). Then the peer is dropped as one that stopped
+            reading, and the sender gets :class:`PeerGone`.
     """
 
     def __init__(
@@ -143,6 +152,7 @@ class Peer(Handlers):
         tracebacks: bool = True,
         max_inflight: int = MAX_INFLIGHT,
         max_queued: int = MAX_QUEUED,
+        drain_timeout: float | None = DRAIN_TIMEOUT,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -167,6 +177,8 @@ class Peer(Handlers):
         self.max_inflight = max_inflight
         #: bytes allowed to wait for a peer that does not read (more: the peer is dropped)
         self.max_queued = max_queued
+        #: seconds a sender waits for the other side to read (then: dropped; None: forever)
+        self.drain_timeout = drain_timeout
         self._on_close = on_close
         self._lease_timer: asyncio.TimerHandle | None = None
         self._lease_wait = _LEASE_POLL
@@ -363,7 +375,7 @@ class Peer(Handlers):
         try:
             if (queued := self._stream.buffered + conn.buffered_out) > HIGH_WATER:
                 self._check_queued(queued)
-                await self._wait_drained(LOW_WATER)
+                await self._wait_read()
             frame: Frame = await fut
         except asyncio.CancelledError:
             conn.send_cancel(rid)
@@ -454,7 +466,7 @@ class Peer(Handlers):
             self._kick()
         if (queued := self._stream.buffered + queued) > HIGH_WATER:
             self._check_queued(queued)
-            await self._wait_drained(LOW_WATER)
+            await self._wait_read()
 
     def _check_queued(self, queued: int) -> None:
         """More than ``max_queued`` bytes wait for the other side: drop it, raise PeerGone."""
@@ -468,6 +480,25 @@ class Peer(Handlers):
             self.abort(PeerGone(f"{self!r} stopped reading: over {self.max_queued} bytes queued"))
         if self._closed is not None:
             raise self._closed
+
+    async def _wait_read(self) -> None:
+        """A sender waits (``drain_timeout`` at most) for the other side to read its queue down."""
+        bound = self.drain_timeout
+        if bound is None:
+            await self._wait_drained(LOW_WATER)
+            return
+        try:
+            await asyncio.wait_for(self._wait_drained(LOW_WATER), bound)
+        except TimeoutError:
+            queued = self._stream.buffered + self._conn.buffered_out
+            log.warning(
+                "%r stopped reading: %d bytes still queued after %s s (drain_timeout); dropped",
+                self,
+                queued,
+                bound,
+            )
+            self.abort(PeerGone(f"{self!r} stopped reading: nothing drained for {bound} s"))
+            raise self._closed or PeerGone("dropped") from None
 
     # -- writing ----------------------------------------------------------
 
