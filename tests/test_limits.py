@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
+import os
 import socket
 import time
+from typing import Any
 
+import msgspec
 import pytest
 
 import tether
+from tether import codec as _codec
 from tether.aio import peer as peer_module
-from tether.protocol import Connection
+from tether.attachments import MemfdStore
+from tether.protocol import MAX_UNCLAIMED_FDS, Connection
+from tether.wire import ATT, HEADER, MAX_FRAME_FDS, WHERE_FD, Kind
 
 MiB = 1 << 20
 
@@ -330,3 +338,124 @@ def test_the_blocking_peer_answers_busy_past_max_inflight() -> None:
         gate.set()
         a.close()
         b.close()
+
+
+# -- descriptors and attachment bytes per frame --------------------------------------------
+
+
+def _memfds(n: int, size: int = 4096, sealed: bool = False) -> list[int]:
+    fds = []
+    for _ in range(n):
+        fd = os.memfd_create("tether-limits", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        if sealed:
+            seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals | fcntl.F_SEAL_SEAL)
+        fds.append(fd)
+    return fds
+
+
+def _is_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def _stored_pair(**kw: Any) -> tuple[Connection, Connection]:
+    a = Connection("main", store=MemfdStore(), **kw)
+    b = Connection("child", store=MemfdStore(), **kw)
+    b.receive_data(a.data_to_send()[0])
+    a.receive_data(b.data_to_send()[0])
+    return a, b
+
+
+def _fd_frame(lengths: list[int]) -> bytes:
+    """An EVENT with one descriptor attachment per entry of ``lengths``."""
+    refs = [
+        msgspec.msgpack.Ext(_codec.EXT_BYTES, i.to_bytes(4, "little")) for i in range(len(lengths))
+    ]
+    body = _codec.encoder.encode(refs)
+    table = b"".join(ATT.pack(WHERE_FD, 0, 0, 0, n) for n in lengths)
+    size = HEADER.size - 4 + 1 + len(table) + len(body)
+    return HEADER.pack(size, Kind.EVENT, 0, 1, 0, 0, len(lengths), 0) + b"e" + table + body
+
+
+def test_a_frame_with_more_than_max_frame_fds_descriptors_is_a_protocol_error() -> None:
+    assert MAX_FRAME_FDS == MAX_UNCLAIMED_FDS == 16
+    a, b = _stored_pair()
+    big = [bytes(256 * 1024) for _ in range(MAX_FRAME_FDS + 2)]
+    a.send_event(b"e", tuple(big))  # the sender puts 16 in segments, the rest inline
+    data, fds = a.data_to_send()
+    assert len(fds) == MAX_FRAME_FDS
+    b.receive_fds(fds)
+    (f,) = b.receive_data(data)  # at the limit: taken
+    assert len(f.attachments) == MAX_FRAME_FDS + 2
+    del f
+    # Seventeen, passed in two writes (each within the per-write limit): the frame is refused.
+    more = _memfds(MAX_FRAME_FDS + 1, sealed=True)
+    b.receive_fds(more[:9])
+    b.receive_fds(more[9:])
+    with pytest.raises(tether.ProtocolError, match="17 descriptor attachments"):
+        b.receive_data(_fd_frame([4096] * (MAX_FRAME_FDS + 1)))
+    assert all(_is_closed(fd) for fd in more)
+    a.abort()
+
+
+def test_more_than_sixteen_descriptors_in_one_write_are_a_protocol_error_and_closed() -> None:
+    a, b = _stored_pair()
+    fds = _memfds(MAX_UNCLAIMED_FDS + 1, sealed=True)
+    with pytest.raises(tether.ProtocolError, match="17 file descriptors in one write"):
+        b.receive_fds(fds)
+    assert all(_is_closed(fd) for fd in fds)
+    a.abort()
+
+
+def test_descriptor_attachment_bytes_past_max_frame_size_are_a_protocol_error() -> None:
+    limit = 1 << 20
+    a, b = _stored_pair(max_frame_size=limit)
+    fds = _memfds(2, size=limit // 2 + 4096, sealed=True)
+    b.receive_fds(fds)
+    with pytest.raises(tether.ProtocolError, match="bytes of descriptor attachments"):
+        b.receive_data(_fd_frame([limit // 2 + 4096] * 2))  # each fits, both do not
+    assert all(_is_closed(fd) for fd in fds)
+    a.abort()
+
+
+def test_inline_attachment_bytes_count_against_max_frame_size() -> None:
+    limit = 1 << 20
+    a = Connection("main", max_frame_size=limit)  # no descriptors: everything inline
+    b = Connection("child", max_frame_size=limit)
+    b.receive_data(bytes(a.data_to_send()[0]))
+    a.send_event(b"e", (bytes(limit // 2), bytes(limit // 2 - 4096)))
+    assert len(b.receive_data(bytes(a.data_to_send()[0]))) == 1  # fits
+    with pytest.raises(tether.PayloadTooLarge, match="exceeds"):
+        a.send_event(b"e", (bytes(limit // 2), bytes(limit // 2)))
+    # A receiver refuses such a frame before reading its body.
+    header = HEADER.pack(limit + 1, Kind.EVENT, 0, 1, 0, 0, 1, 0)
+    with pytest.raises(tether.ProtocolError, match="exceeds the limit"):
+        b.receive_data(header)
+
+
+async def test_main_drops_a_client_that_passes_seventeen_descriptors_at_once(
+    sock_path: str,
+) -> None:
+    async with tether.Main(timeout=5.0) as main:
+        main.handle("echo", lambda call, x: x)
+        server = await main.listen(f"unix://{sock_path}")
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(sock_path)
+        try:
+            raw.sendall(bytes(Connection("client", store=MemfdStore()).data_to_send()[0]))
+            (side,) = await _handshaken(main)
+            fds = _memfds(MAX_FRAME_FDS + 1, sealed=True)
+            frame = _fd_frame([4096] * len(fds))
+            raw.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            for fd in fds:
+                os.close(fd)
+            await _until(lambda: side.closed, "main kept a client that broke the fd limit")
+            async with tether.connect(str(server.address)) as good:  # others unaffected
+                assert await good.invoke("echo", 1) == 1
+        finally:
+            raw.close()
