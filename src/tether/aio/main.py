@@ -572,12 +572,13 @@ def connect(
     tracebacks: bool = True,
     max_inflight: int = MAX_INFLIGHT,
     max_queued: int = MAX_QUEUED,
+    drain_timeout: float | None = DRAIN_TIMEOUT,
 ) -> _Connecting:
     """Connect to a listening :class:`Main`; ``await`` it or use ``async with``.
 
     ``tracebacks``: whether errors this side's handlers raise reach main with
-    their traceback (main is trusted: yes by default). ``max_inflight`` and
-    ``max_queued``: this side's limits on main's calls, as for :class:`Main`.
+    their traceback (main is trusted: yes by default). ``max_inflight``,
+    ``max_queued`` and ``drain_timeout``: this side's limits, as for :class:`Main`.
 
     Raises:
         PeerGone: nothing listens there, or the handshake failed.
@@ -593,5 +594,6 @@ def connect(
             "tracebacks": tracebacks,
             "max_inflight": max_inflight,
             "max_queued": max_queued,
+            "drain_timeout": drain_timeout,
         },
     )
