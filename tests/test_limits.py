@@ -221,7 +221,9 @@ def _closed_by_main(s: socket.socket, limit: float = 5.0) -> bool:
     return True
 
 
-async def test_connections_past_max_connections_are_refused_and_counted(sock_path: str) -> None:
+async def test_connections_past_max_connections_are_refused_and_counted(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async with tether.Main(timeout=5.0) as main:
         main.handle("echo", lambda call, x: x)
         server = await main.listen(f"unix://{sock_path}", max_connections=2)
@@ -236,6 +238,7 @@ async def test_connections_past_max_connections_are_refused_and_counted(sock_pat
             finally:
                 extra.close()
             assert server.refused == 1
+            assert any("max_connections" in r.getMessage() for r in caplog.records)
             with pytest.raises(tether.PeerGone):
                 await tether.connect(str(server.address), connect_timeout=2.0)
             assert server.refused == 2
@@ -459,3 +462,27 @@ async def test_main_drops_a_client_that_passes_seventeen_descriptors_at_once(
                 assert await good.invoke("echo", 1) == 1
         finally:
             raw.close()
+
+
+async def test_an_invoke_to_a_stalled_peer_raises_peer_gone_and_leaves_nothing_unretrieved(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import gc
+
+    async with tether.Main(timeout=5.0, max_queued=MiB, drain_timeout=None) as main:
+        server = await main.listen(f"unix://{sock_path}")
+        raw = _raw(str(server.address.path))
+        try:
+            (side,) = await _handshaken(main)
+            blob = bytes(256 * 1024)
+            calls = [side.invoke("x", blob, timeout=None) for _ in range(40)]
+            async with asyncio.timeout(10.0):
+                got = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(e, tether.PeerGone) for e in got)
+            assert any("stopped reading" in str(e) for e in got)
+        finally:
+            raw.close()
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert any("stopped reading" in r.getMessage() for r in caplog.records)  # logged

@@ -381,6 +381,10 @@ class Peer(Handlers):
             conn.send_cancel(rid)
             self._kick()
             raise
+        except TetherError:
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # failed with the connection while we waited to write
+            raise
         finally:
             deadlines.pop(rid, None)
         return decode_result(frame, result_type)
