@@ -905,6 +905,7 @@ async def test_handlers_awaiting_the_same_peer_finish_while_it_is_paused(
     unix_hub: Hub,
 ) -> None:
     """Past the task limit reading pauses, but answers owed to main are still read."""
+    unix_hub.main.max_inflight = 2000  # past 1,024 in flight, invokes would be answered busy
     async with tether.connect(unix_hub.address, timeout=30.0) as client:
 
         @client.handle("triple")

@@ -745,6 +745,7 @@ def test_error_code_table_matches_caller() -> None:
         "forbidden",
         "bad_request",
         "too_large",
+        "busy",
         "cancelled",
         "closed",
     }

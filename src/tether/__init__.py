@@ -14,6 +14,7 @@ from .aio import Server as Server
 from .aio import connect as connect
 from .errors import BadRequest as BadRequest
 from .errors import BufferInUse as BufferInUse
+from .errors import Busy as Busy
 from .errors import ConnectionClosed as ConnectionClosed
 from .errors import ConsumedError as ConsumedError
 from .errors import EndOfStream as EndOfStream
@@ -36,6 +37,7 @@ __all__ = [
     "BadRequest",
     "Buffer",
     "BufferInUse",
+    "Busy",
     "Call",
     "Child",
     "ConnectionClosed",

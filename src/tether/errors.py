@@ -14,12 +14,13 @@
     ├── PayloadTooLarge       a frame would exceed the size limit (also ValueError)
     ├── ConnectionClosed      this side closed the connection (or pipe end) already
     ├── EndOfStream           a pipe's writer closed; no more messages will come
-    └── BufferInUse           a Buffer was sent while views of it were alive (also BufferError)
+    ├── BufferInUse           a Buffer was sent while views of it were alive (also BufferError)
+    └── Busy                  the callee has too many of this caller's invokes in flight
 
 The split answers "whose fault, and what now?":
 
-* ``RemoteError``, ``NoHandler``, ``Forbidden`` and ``BadRequest`` concern one
-  call. The connection stays open and other calls are unaffected.
+* ``RemoteError``, ``NoHandler``, ``Forbidden``, ``BadRequest`` and ``Busy``
+  concern one call. The connection stays open and other calls are unaffected.
 * ``InvokeTimeout`` concerns one call too; a cancel frame was sent, so the
   handler on the other side is cancelled as well.
 * ``PeerGone`` and ``ProtocolError`` mean the connection is closed. Every call
@@ -36,6 +37,7 @@ from __future__ import annotations
 __all__ = [
     "BadRequest",
     "BufferInUse",
+    "Busy",
     "ConnectionClosed",
     "ConsumedError",
     "EndOfStream",
@@ -152,4 +154,14 @@ class BufferInUse(TetherError, BufferError):
 
     The buffer is consumed anyway and nothing was sent; drop every view
     (``del arr``) before sending so the pages can be handed over.
+    """
+
+
+class Busy(TetherError):
+    """The callee refused the call at once: this caller has too many invokes in flight there.
+
+    Raised by ``invoke`` when the other side already runs or queues its
+    ``max_inflight`` invokes from this connection (ERROR code ``busy``). The
+    handler did not run and the connection stays open: retry later, or wait
+    for some of the calls already made.
     """

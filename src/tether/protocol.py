@@ -235,13 +235,21 @@ class Connection:
 
         Raises:
             ProtocolError: this connection takes no descriptors (then they are
-                still the caller's to close), or the peer did not announce
-                ``fd`` (then they are closed); the state is now CLOSED.
+                still the caller's to close), the peer did not announce ``fd``,
+                or passed more than :data:`MAX_UNCLAIMED_FDS` in one write (then
+                they are closed); the state is now CLOSED.
         """
         store = self._store
         if store is None:
             self.state = State.CLOSED
             raise ProtocolError("received file descriptors on a connection that takes none")
+        fds = list(fds)
+        if len(fds) > MAX_UNCLAIMED_FDS:  # the sender MUST pass at most 16 per sendmsg
+            store.close_fds(fds)
+            self.abort()
+            raise ProtocolError(
+                f"{len(fds)} file descriptors in one write: more than {MAX_UNCLAIMED_FDS}"
+            )
         store.receive_fds(fds)
         self._fds_in = True
         if self.peer_hello is not None and not self._peer_fd:

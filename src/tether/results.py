@@ -13,6 +13,7 @@ import msgspec
 from . import codec
 from .errors import (
     BadRequest,
+    Busy,
     Forbidden,
     NoHandler,
     PayloadTooLarge,
@@ -46,6 +47,8 @@ def error_from_info(info: codec.ErrorInfo) -> TetherError:
         return BadRequest(info.message, info.path)
     if code == "too_large":
         return PayloadTooLarge(info.message)
+    if code == "busy":
+        return Busy(info.message)
     return RemoteError(info.type or code, info.message, info.traceback)
 
 

@@ -51,6 +51,8 @@ HEADER_SIZE: Final = HEADER.size  # 20
 _REST: Final = struct.Struct("<BBHIIHH")  # the header after the size field
 ATT: Final = struct.Struct("<BBHIQ")
 ATT_SIZE: Final = ATT.size  # 16
+#: most descriptor (kind-1) attachments one frame may carry; more is a protocol error
+MAX_FRAME_FDS: Final = 16
 #: smallest ``max_frame_size`` a side may announce or use; every HELLO fits in it
 MIN_MAX_FRAME_SIZE: Final = 4096
 #: large ``bytes``-like values at least this big travel as attachments, not in the body
@@ -340,6 +342,7 @@ class FrameParser:
         entries = []
         inline = 0
         out_of_band = 0
+        n_fd = 0
         for i in range(n_att):
             where, flags, _, aux, length = ATT.unpack_from(f, pos + i * ATT_SIZE)
             if where == WHERE_INLINE:
@@ -348,7 +351,12 @@ class FrameParser:
                 raise ProtocolError(f"attachment kind {where} is not supported here")
             else:
                 out_of_band += length
+                n_fd += 1
             entries.append((where, length, flags, aux))
+        if n_fd > MAX_FRAME_FDS:
+            raise ProtocolError(
+                f"frame with {n_fd} descriptor attachments: more than {MAX_FRAME_FDS}"
+            )
         if out_of_band > self.max_frame_size:
             # Descriptor attachments are bounded by the limit too (counted apart
             # from the frame's own bytes): a peer limited to small frames must

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
 import multiprocessing
 import os
 import socket
+import time
 from collections.abc import Callable, Collection, Generator
 from typing import Any
 
@@ -20,7 +22,7 @@ from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from .child import Child
-from .peer import Peer
+from .peer import DRAIN_TIMEOUT, MAX_INFLIGHT, MAX_QUEUED, Peer
 
 __all__ = ["Main", "Server", "connect"]
 
@@ -30,6 +32,10 @@ log = logging.getLogger("tether")
 # it); any other error (EMFILE, ENFILE, ENOBUFS, ENOMEM...) makes the server back off.
 _ONE_CONNECTION = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _TRACEBACKS = ("children", "all", "none")
+#: default ``listen(max_connections=)``: peers one listener holds at once
+MAX_CONNECTIONS = 4096
+#: default ``listen(max_handshaking=)``: of those, peers that have not said HELLO yet
+MAX_HANDSHAKING = 256
 
 
 class Server:
@@ -45,9 +51,19 @@ class Server:
     :attr:`uids` as it accepts it: a peer of another user is closed at once,
     logged (address, pid, uid) at WARNING and counted in :attr:`refused`.
 
+    Limits (set by :meth:`Main.listen`): past ``max_connections`` peers held
+    at once, a new connection is closed as soon as it is accepted (logged, at
+    most once a second, and counted in :attr:`refused`); past
+    ``max_handshaking`` peers that have not said HELLO yet, the *oldest* of
+    them is dropped to make room (counted in :attr:`handshakes_dropped`), so a
+    flood of silent connections cannot crowd out the clients that finish
+    their handshake. ``None`` turns a limit off.
+
     Attributes:
         uids: the user ids allowed to connect (unix only; ``None`` for TCP).
-        refused: connections refused so far (wrong uid).
+        refused: connections closed at once: a uid not allowed, or
+            ``max_connections`` already held.
+        handshakes_dropped: peers dropped still in the handshake to make room.
     """
 
     #: seconds to stop accepting after ``accept`` ran out of descriptors or memory
@@ -60,13 +76,23 @@ class Server:
         address: Address,
         role: str,
         uids: frozenset[int] | None = None,
+        *,
+        max_connections: int | None = MAX_CONNECTIONS,
+        max_handshaking: int | None = MAX_HANDSHAKING,
     ) -> None:
         self.main = main
         self.address = address
         self.role = role
         self.uids = uids if address.scheme == "unix" else None
-        self.refused = 0
         self._me = os.geteuid()
+        self.max_connections = max_connections
+        self.max_handshaking = max_handshaking
+        self.refused = 0
+        self.handshakes_dropped = 0
+        self._refused_logged = 0.0  # when a refusal was last logged
+        self._held: set[Peer] = set()  # this listener's peers still open
+        # ...of which those that may still be in the handshake, oldest first
+        self._handshaking: collections.OrderedDict[Peer, None] = collections.OrderedDict()
         self._sock = sock
         self._fd = sock.fileno()
         self._name = f"{role}@{address}"
@@ -98,21 +124,28 @@ class Server:
             if self._backed_off:
                 log.warning("%r: accepting again after %d retries", self, self._backed_off)
                 self._backed_off = 0
+            if self.max_connections is not None and len(self._held) >= self.max_connections:
+                self._refuse_full(conn)
+                continue
+            if self.max_handshaking is not None and len(self._handshaking) >= self.max_handshaking:
+                self._make_handshake_room(self.max_handshaking)
             tune(conn)
             if self.uids is None:  # TCP: the OS says nothing about who this is
-                self.main._adopt(conn, self.role, self._name, local=False)
+                self._track(self.main._adopt(conn, self.role, self._name, local=False))
                 continue
             cred = peer_credentials(conn)
             if cred.uid not in self.uids:
                 self._refuse(conn, cred.pid, cred.uid)
                 continue
-            self.main._adopt(
-                conn,
-                self.role,
-                self._name,
-                credentials=cred,
-                address=str(self.address),
-                local=cred.uid == self._me,
+            self._track(
+                self.main._adopt(
+                    conn,
+                    self.role,
+                    self._name,
+                    credentials=cred,
+                    address=str(self.address),
+                    local=cred.uid == self._me,
+                )
             )
 
     def _refuse(self, conn: socket.socket, pid: int | None, uid: int | None) -> None:
@@ -127,6 +160,52 @@ class Server:
             sorted(self.uids or ()),
         )
         conn.close()
+
+    def _refuse_full(self, conn: socket.socket) -> None:
+        """``max_connections`` are held: close a new connection at once, count it."""
+        conn.close()
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:  # a flood logs once a second, not per connection
+            self._refused_logged = now
+            log.warning(
+                "%r: %d connections held (max_connections): refused a new one (%d refused so far)",
+                self,
+                len(self._held),
+                self.refused,
+            )
+
+    def _track(self, peer: Peer) -> None:
+        """Count ``peer`` against this listener's limits until it closes."""
+        if peer.closed:
+            return
+        held, handshaking = self._held, self._handshaking
+        held.add(peer)
+        handshaking[peer] = None
+        then = peer._on_close
+
+        def closed(p: Peer) -> None:
+            held.discard(p)
+            handshaking.pop(p, None)
+            if then is not None:
+                then(p)
+
+        peer._on_close = closed
+
+    def _make_handshake_room(self, limit: int) -> None:
+        """Forget peers that said HELLO; while ``limit`` are still in it, drop the oldest."""
+        hs = self._handshaking
+        for p in [p for p in hs if p.remote_hello is not None]:
+            del hs[p]
+        while len(hs) >= limit:
+            oldest, _ = hs.popitem(last=False)
+            self.handshakes_dropped += 1
+            log.warning(
+                "%r: %d peers in the handshake: dropped the oldest, %r", self, limit, oldest
+            )
+            oldest.abort(
+                PeerGone(f"{oldest!r} dropped: {limit} connections still in the handshake")
+            )
 
     def _back_off(self, exc: OSError) -> None:
         if not self._backed_off:  # once per episode, not ten times a second
@@ -179,6 +258,17 @@ class Main(Handlers):
             ``"children"`` (the default: spawned children, which main trusts;
             peers accepted by :meth:`listen` get only the type and message),
             ``"all"`` or ``"none"``.
+        max_inflight: per peer, the most invokes it may have running in
+            ``async`` handlers at once (default 1,024); past it an invoke is
+            answered at once with ERROR ``busy`` (the caller gets
+            :class:`~tether.Busy`).
+        max_queued: per peer, the most bytes that may wait to be written to it
+            (default 64 MiB; checked once more than 4 MiB wait). A peer that
+            stops reading past it is dropped: the ``send``/``invoke`` that
+            found it so, and every call pending on it, raise :class:`PeerGone`.
+        drain_timeout: per peer, how long a ``send``/``invoke`` waits for a
+            lagging peer to read what is queued for it (default 60 s; ``None``:
+            forever); then that peer is dropped the same way.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or an impossible
@@ -197,6 +287,9 @@ class Main(Handlers):
         close_timeout: float = 5.0,
         name: str = "main",
         tracebacks: str = "children",
+        max_inflight: int = MAX_INFLIGHT,
+        max_queued: int = MAX_QUEUED,
+        drain_timeout: float | None = DRAIN_TIMEOUT,
     ) -> None:
         if tracebacks not in _TRACEBACKS:
             raise ValueError(
@@ -217,6 +310,10 @@ class Main(Handlers):
             raise ValueError(
                 f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE} bytes, not {max_frame_size}"
             )
+        _count("max_inflight", max_inflight)
+        _count("max_queued", max_queued)
+        if drain_timeout is not None:
+            _seconds("drain_timeout", drain_timeout)
         methods = multiprocessing.get_all_start_methods()
         if start_method not in methods:
             raise ValueError(f"start_method must be one of {methods}, not {start_method!r}")
@@ -231,6 +328,12 @@ class Main(Handlers):
         self.name = name
         #: who gets handler tracebacks: ``"children"``, ``"all"`` or ``"none"``
         self.tracebacks = tracebacks
+        #: per peer: invokes allowed in handler tasks at once (more: ERROR ``busy``)
+        self.max_inflight = max_inflight
+        #: per peer: bytes allowed to wait for it before it is dropped
+        self.max_queued = max_queued
+        #: per peer: seconds a sender waits for it to read (then it is dropped)
+        self.drain_timeout = drain_timeout
         self.peers: set[Peer] = set()
         #: the children still running (an exited child leaves the set)
         self.children: set[Child] = set()
@@ -258,6 +361,9 @@ class Main(Handlers):
             "on_close": self._forget,
             "spin": self.spin,
             "tracebacks": trusted,
+            "max_inflight": self.max_inflight,
+            "max_queued": self.max_queued,
+            "drain_timeout": self.drain_timeout,
         }
 
     def _adopt(self, sock: socket.socket, role: str, name: str, **ident: Any) -> Peer:
@@ -373,6 +479,8 @@ class Main(Handlers):
         *,
         role: str = "client",
         uids: Collection[int] | None = None,
+        max_connections: int | None = MAX_CONNECTIONS,
+        max_handshaking: int | None = MAX_HANDSHAKING,
     ) -> Server:
         """Accept peers on ``unix:///path`` or ``tcp://host:port`` (port 0 picks one).
 
@@ -391,20 +499,41 @@ class Main(Handlers):
         name its role. A unix path where a server still answers is refused, a
         stale socket file is replaced.
 
+        ``max_connections`` (default 4,096) bounds the peers this listener
+        holds at once: more are closed as soon as they are accepted (counted
+        in :attr:`Server.refused`). ``max_handshaking`` (default 256) bounds
+        those that have not said HELLO yet: one more drops the oldest of them
+        (:attr:`Server.handshakes_dropped`). ``None`` turns a limit off.
+
         Raises:
-            TypeError: ``role`` is not a str, or ``uids`` not a collection of int.
-            ValueError: the address is malformed.
+            TypeError: ``role`` is not a str, ``uids`` not a collection of int,
+                or a limit is not an int (or None).
+            ValueError: the address is malformed, or a limit is below 1.
             PermissionError: the unix socket's directory is open to others.
             OSError: the address is in use (``EADDRINUSE``), the path is not a
                 socket, or its directory is missing; the message names it.
         """
         if not isinstance(role, str):
             raise TypeError(f"role must be a str (one role), not {type(role).__name__}")
+        for name, limit in (
+            ("max_connections", max_connections),
+            ("max_handshaking", max_handshaking),
+        ):
+            if limit is not None:
+                _count(name, limit)
         me = os.geteuid()
         allowed = frozenset((me,)) if uids is None else _checked_uids(uids)
         addr = parse_address(address)
         sock = addr.listen(others=bool(allowed - {me}))
-        server = Server(self, sock, addr.bound(sock), role, allowed)
+        server = Server(
+            self,
+            sock,
+            addr.bound(sock),
+            role,
+            allowed,
+            max_connections=max_connections,
+            max_handshaking=max_handshaking,
+        )
         self.servers.append(server)
         return server
 
@@ -449,6 +578,14 @@ def _seconds(name: str, value: object, *, zero: bool = False) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     if not (value >= 0 if zero else value > 0):
+        raise ValueError(f"{name} must be {'zero or more' if zero else 'positive'}, not {value}")
+
+
+def _count(name: str, value: object, *, zero: bool = False) -> None:
+    """Check a limit: an int, positive (or zero if allowed)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < (0 if zero else 1):
         raise ValueError(f"{name} must be {'zero or more' if zero else 'positive'}, not {value}")
 
 
@@ -508,11 +645,15 @@ def connect(
     registry: Registry | None = None,
     spin: float = 0.0,
     tracebacks: bool = True,
+    max_inflight: int = MAX_INFLIGHT,
+    max_queued: int = MAX_QUEUED,
+    drain_timeout: float | None = DRAIN_TIMEOUT,
 ) -> _Connecting:
     """Connect to a listening :class:`Main`; ``await`` it or use ``async with``.
 
     ``tracebacks``: whether errors this side's handlers raise reach main with
-    their traceback (main is trusted: yes by default).
+    their traceback (main is trusted: yes by default). ``max_inflight``,
+    ``max_queued`` and ``drain_timeout``: this side's limits, as for :class:`Main`.
 
     Raises:
         PeerGone: nothing listens there, or the handshake failed.
@@ -526,5 +667,8 @@ def connect(
             "registry": registry,
             "spin": spin,
             "tracebacks": tracebacks,
+            "max_inflight": max_inflight,
+            "max_queued": max_queued,
+            "drain_timeout": drain_timeout,
         },
     )

@@ -14,6 +14,16 @@ mark reading resumes. The bound is on reading, not parsing: frames already
 parsed when the mark is passed wait, in order, in a backlog. While paused,
 the answers to this side's own calls are still read (a handler awaiting this
 peer can finish), within a bound.
+
+Per-peer limits (see README, "Limits"): at most ``max_inflight`` invokes from
+the peer run as handler tasks at once; one more is answered at once with an
+ERROR ``busy`` (:class:`~tether.Busy` for the caller) instead of costing a
+task. Outgoing bytes queued for a peer that stops reading are bounded by
+``max_queued``: a ``send``/``invoke`` that finds more queued drops the peer
+(it and every caller see :class:`~tether.PeerGone`); and a sender waits for a
+lagging peer to read at most ``drain_timeout`` seconds before the peer is
+dropped the same way. So a stalled reader holds neither memory nor a sender
+forever.
 """
 
 from __future__ import annotations
@@ -66,6 +76,12 @@ LOW_WATER: Final = 1024 * 1024  # ...and under which they go on
 MAX_TASKS: Final = 1024  # handler and listener tasks past which reading stops
 TASKS_LOW: Final = 256  # ...and under which it resumes
 MAX_HELD: Final = 1024 * 1024  # bytes read while paused (for answers) before reading stops
+#: default ``max_inflight``: invokes from one peer running in handler tasks at once
+MAX_INFLIGHT: Final = 1024
+#: default ``max_queued``: bytes queued for a peer that stops reading before it is dropped
+MAX_QUEUED: Final = 64 * 1024 * 1024
+#: default ``drain_timeout``: seconds a sender waits for a lagging peer to read
+DRAIN_TIMEOUT: Final = 60.0
 FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at the next turn
 _BURST: Final = 10e-6  # invokes closer together than this are coalesced into one write
 _LEASE_POLL: Final = 0.002  # first wait between checks for dropped views of lent segments
@@ -117,6 +133,19 @@ class Peer(Handlers):
         address: the other end: ``tcp://host:port``, ``unix://<path>`` (the
             listener's address for an accepted unix peer), ``child:<pid>``.
         origin: a web page's origin; ``None`` for every other peer.
+        max_inflight: the most invokes from the other side that may run in
+            ``async`` handler tasks at once (default :data:`MAX_INFLIGHT`);
+            one more is answered at once with ERROR ``busy`` (the caller gets
+            :class:`~tether.Busy`). Plain handlers answer inline and never count.
+        max_queued: the most bytes that may wait to be written to the other
+            side (default :data:`MAX_QUEUED`). A ``send`` or ``invoke`` that
+            finds more queued (the other side stopped reading) drops the
+            connection and raises :class:`PeerGone`.
+        drain_timeout: the longest a ``send``/``invoke`` waits for the other
+            side to read what is queued for it (past :data:`HIGH_WATER`) down
+            to :data:`LOW_WATER` (default :data:`DRAIN_TIMEOUT` seconds;
+            ``None``: no limit). Then the peer is dropped as one that stopped
+            reading, and the sender gets :class:`PeerGone`.
     """
 
     def __init__(
@@ -135,6 +164,9 @@ class Peer(Handlers):
         credentials: Credentials | None = None,
         address: str = "",
         local: bool = True,
+        max_inflight: int = MAX_INFLIGHT,
+        max_queued: int = MAX_QUEUED,
+        drain_timeout: float | None = DRAIN_TIMEOUT,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -163,6 +195,12 @@ class Peer(Handlers):
         self.name = name
         #: whether ERRORs sent to the other side carry the handler's traceback
         self.tracebacks = tracebacks
+        #: invokes from the other side allowed in handler tasks at once (more: ERROR ``busy``)
+        self.max_inflight = max_inflight
+        #: bytes allowed to wait for a peer that does not read (more: the peer is dropped)
+        self.max_queued = max_queued
+        #: seconds a sender waits for the other side to read (then: dropped; None: forever)
+        self.drain_timeout = drain_timeout
         self._on_close = on_close
         self._lease_timer: asyncio.TimerHandle | None = None
         self._lease_wait = _LEASE_POLL
@@ -366,12 +404,17 @@ class Peer(Handlers):
         else:
             self._kick()
         try:
-            if self._stream.buffered + conn.buffered_out > HIGH_WATER:
-                await self._wait_drained(LOW_WATER)
+            if (queued := self._stream.buffered + conn.buffered_out) > HIGH_WATER:
+                self._check_queued(queued)
+                await self._wait_read()
             frame: Frame = await fut
         except asyncio.CancelledError:
             conn.send_cancel(rid)
             self._kick()
+            raise
+        except TetherError:
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # failed with the connection while we waited to write
             raise
         finally:
             deadlines.pop(rid, None)
@@ -456,8 +499,41 @@ class Peer(Handlers):
             self._flush()
         else:
             self._kick()
-        if self._stream.buffered + queued > HIGH_WATER:
+        if (queued := self._stream.buffered + queued) > HIGH_WATER:
+            self._check_queued(queued)
+            await self._wait_read()
+
+    def _check_queued(self, queued: int) -> None:
+        """More than ``max_queued`` bytes wait for the other side: drop it, raise PeerGone."""
+        if queued > self.max_queued and self._closed is None:
+            log.warning(
+                "%r stopped reading: %d bytes queued (max_queued %d); dropped",
+                self,
+                queued,
+                self.max_queued,
+            )
+            self.abort(PeerGone(f"{self!r} stopped reading: over {self.max_queued} bytes queued"))
+        if self._closed is not None:
+            raise self._closed
+
+    async def _wait_read(self) -> None:
+        """A sender waits (``drain_timeout`` at most) for the other side to read its queue down."""
+        bound = self.drain_timeout
+        if bound is None:
             await self._wait_drained(LOW_WATER)
+            return
+        try:
+            await asyncio.wait_for(self._wait_drained(LOW_WATER), bound)
+        except TimeoutError:
+            queued = self._stream.buffered + self._conn.buffered_out
+            log.warning(
+                "%r stopped reading: %d bytes still queued after %s s (drain_timeout); dropped",
+                self,
+                queued,
+                bound,
+            )
+            self.abort(PeerGone(f"{self!r} stopped reading: nothing drained for {bound} s"))
+            raise self._closed or PeerGone("dropped") from None
 
     # -- writing ----------------------------------------------------------
 
@@ -757,6 +833,9 @@ class Peer(Handlers):
         call = Call(self, f.channel, rid, f.route_id)
         if h.is_async:
             serving = self._serving
+            if len(serving) >= self.max_inflight:
+                self._send_error(rid, self._busy())
+                return
             serving[rid] = None  # the task may end inside create_task (eager task factories)
             task = self._loop.create_task(self._run_async(h, call, args))
             if not task.done():
@@ -778,6 +857,11 @@ class Peer(Handlers):
                 self._send_error(rid, self._describe(exc))
         if self._stream.buffered + self._conn.buffered_out > HIGH_WATER:
             self._pause()
+
+    def _busy(self) -> codec.ErrorInfo:
+        return codec.ErrorInfo(
+            "busy", f"{self.max_inflight} invokes from this connection are in flight already"
+        )
 
     def _answer(self, rid: int, result: Any) -> None:
         try:

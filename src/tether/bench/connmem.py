@@ -104,7 +104,8 @@ async def _tether_server(path: str, lifetime: float) -> None:
     main = tether.Main(hello_timeout=lifetime)
     main.handle("peers", lambda call: len(main.peers))
     async with main:
-        await main.listen(f"unix://{path}")
+        # No connection limits: the bench measures what many connections cost.
+        await main.listen(f"unix://{path}", max_connections=None, max_handshaking=None)
         await asyncio.sleep(lifetime)
 
 

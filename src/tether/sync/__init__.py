@@ -9,7 +9,7 @@ from ..errors import PeerGone
 from ..identity import peer_address
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
-from .peer import SPIN_SECONDS, Call, Peer, loop_serves
+from .peer import MAX_INFLIGHT, SPIN_SECONDS, Call, Peer, loop_serves
 
 __all__ = ["Call", "Peer", "connect"]
 
@@ -21,12 +21,14 @@ def connect(
     connect_timeout: float = 10.0,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     spin: float = SPIN_SECONDS,
+    max_inflight: int = MAX_INFLIGHT,
 ) -> Peer:
     """Connect to a listening main and return a blocking :class:`Peer`.
 
     Returns once the main's HELLO arrived (within ``connect_timeout``), like
     the asyncio :func:`tether.connect`. Use it as a context manager, or call
-    ``close()`` when done.
+    ``close()`` when done. ``max_inflight``: how many of main's invokes may
+    wait for this side's handlers at once (more are answered ``busy``).
 
     Raises:
         PeerGone: nothing listens at ``address``, or it sent no HELLO in time.
@@ -59,6 +61,7 @@ def connect(
         name=str(addr),
         spin=spin,
         address=peer_address(sock, str(addr)),
+        max_inflight=max_inflight,
     )
     try:
         peer.wait_hello(connect_timeout)

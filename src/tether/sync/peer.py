@@ -31,6 +31,8 @@ read that do not fit wait in the reader's backlog (one read at most). The
 one exception:
 while the worker itself waits in an ``invoke`` (a handler calling back), the
 reader keeps reading, since the answer it waits for may be behind the queue.
+Invokes queued at once (the worker's queue and the backlog) are bounded by
+``max_inflight`` even then: one more is answered at once with ERROR ``busy``.
 
 Locks, always taken in this order, never the reverse:
 
@@ -109,6 +111,8 @@ _REPLY_WRITE: Final = 10.0  # seconds to write what the reader queued (PONG, REL
 _ANSWER_WRITE: Final = 30.0  # seconds to write a handler's answer
 #: queued output past which the worker waits for the write lock (below it, the holder writes)
 OUT_HIGH: Final = 4 * 1024 * 1024
+#: default ``max_inflight``: invokes from the other side queued for the worker at once
+MAX_INFLIGHT: Final = 1024
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 _FATAL: Final = (SystemExit, KeyboardInterrupt)
@@ -147,6 +151,10 @@ class Peer(Handlers):
             every handler is in place before anything is read).
         tracebacks: send the handler's traceback with an ERROR (default); off,
             the caller gets the exception's type and message only.
+        max_inflight: the most invokes from the other side queued for the
+            worker at once (default :data:`MAX_INFLIGHT`); one more is
+            answered at once with ERROR ``busy`` (the caller gets
+            :class:`~tether.Busy`) and its handler does not run.
 
     Attributes:
         max_queued: the most jobs ever queued for the worker at once (never
@@ -176,6 +184,7 @@ class Peer(Handlers):
         credentials: Credentials | None = None,
         address: str = "",
         local: bool = True,
+        max_inflight: int = MAX_INFLIGHT,
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
@@ -226,6 +235,9 @@ class Peer(Handlers):
         self._jobs: collections.deque[tuple[Frame, int]] = collections.deque()
         self._jobs_bytes = 0
         self._backlog: collections.deque[tuple[Frame, int]] = collections.deque()
+        #: invokes from the other side allowed in the queue at once (more: ERROR ``busy``)
+        self.max_inflight = max_inflight
+        self._inflight = 0  # invokes in the worker's queue and the backlog (under _mu)
         #: the most jobs ever queued for the worker at once (flow control)
         self.max_queued = 0
         self._flush(time.monotonic() + 10.0)
@@ -274,6 +286,7 @@ class Peer(Handlers):
             self._jobs.clear()  # handlers not started yet don't run
             self._backlog.clear()
             self._jobs_bytes = 0
+            self._inflight = 0
         if self._serving is not None and self._serving is not threading.current_thread():
             self._serving.join(2.0)
 
@@ -710,9 +723,31 @@ class Peer(Handlers):
     # -- the job queue (flow control) -----------------------------------------
 
     def _enqueue(self, jobs: list[tuple[Frame, int]]) -> None:
+        busy: list[int] = []
         with self._mu:
-            self._backlog.extend(jobs)
+            for job in jobs:
+                if job[0].kind == K_INVOKE:
+                    if self._inflight >= self.max_inflight:
+                        busy.append(job[0].request_id)
+                        continue
+                    self._inflight += 1
+                self._backlog.append(job)
             self._fill()
+        if busy:
+            self._refuse_busy(busy)
+
+    def _refuse_busy(self, rids: list[int]) -> None:
+        """Answer invokes past ``max_inflight`` at once with ERROR ``busy``."""
+        info = codec.ErrorInfo(
+            "busy", f"{self.max_inflight} invokes from this connection are in flight already"
+        )
+        with self._lock:
+            if self._closed is not None:
+                return
+            for rid in rids:
+                self._conn.send_error(rid, info)
+        with contextlib.suppress(TetherError):
+            self._flush(time.monotonic() + _REPLY_WRITE, block=False)
 
     def _fill(self) -> None:
         """Move jobs from the reader's backlog to the worker's queue while there is room.
@@ -774,6 +809,7 @@ class Peer(Handlers):
                     f = job[0]
                     if f.kind == K_INVOKE and f.request_id in rids:
                         q.remove(job)
+                        self._inflight -= 1
                         if q is self._jobs:
                             self._jobs_bytes -= job[1]
 
@@ -789,6 +825,8 @@ class Peer(Handlers):
                     return
                 f, size = q.popleft()
                 self._jobs_bytes -= size
+                if f.kind == K_INVOKE:
+                    self._inflight -= 1
                 if len(q) <= LOW_JOBS and self._jobs_bytes <= LOW_BYTES:
                     self._room_cv.notify_all()
                 closed = self._closed is not None
