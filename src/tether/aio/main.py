@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -15,6 +16,7 @@ from typing import Any
 from ..address import Address, parse_address, tune
 from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
 from ..process import check_target, child_entry, describe_exit
+from ..protocol import check_secret
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
@@ -39,15 +41,31 @@ class Server:
     server then stops watching the listener for :data:`ACCEPT_RETRY` seconds
     (logging a warning) instead of retrying at once, so a full descriptor
     table never makes the loop spin. Connections wait in the backlog meanwhile.
+
+    Attributes:
+        secret: the shared secret accepted peers must prove (``None``: none).
+        refused: connections accepted here that closed before completing the
+            handshake (wrong or missing secret, a replayed handshake, a bad
+            HELLO, the ``hello_timeout``); each is logged at WARNING with the
+            peer's address.
     """
 
     #: seconds to stop accepting after ``accept`` ran out of descriptors or memory
     ACCEPT_RETRY: float = 0.1
 
-    def __init__(self, main: Main, sock: socket.socket, address: Address, role: str) -> None:
+    def __init__(
+        self,
+        main: Main,
+        sock: socket.socket,
+        address: Address,
+        role: str,
+        secret: bytes | None = None,
+    ) -> None:
         self.main = main
         self.address = address
         self.role = role
+        self.secret = secret
+        self.refused = 0
         self._sock = sock
         self._fd = sock.fileno()
         self._name = f"{role}@{address}"
@@ -80,7 +98,7 @@ class Server:
                 log.warning("%r: accepting again after %d retries", self, self._backed_off)
                 self._backed_off = 0
             tune(conn)
-            self.main._adopt(conn, self.role, self._name)
+            self.main._adopt(conn, self.role, self._name, self)
 
     def _back_off(self, exc: OSError) -> None:
         if not self._backed_off:  # once per episode, not ten times a second
@@ -192,6 +210,8 @@ class Main(Handlers):
         # Hello deadlines of accepted peers, cancelled when the peer closes:
         # a pending timer would keep a closed peer (and its buffers) alive.
         self._hello_timers: dict[Peer, asyncio.TimerHandle] = {}
+        # accepted peers -> (their server, their address), to count and log refusals
+        self._accepted: dict[Peer, tuple[Server, str]] = {}
         self._closing = False
 
     async def __aenter__(self) -> Main:
@@ -214,8 +234,10 @@ class Main(Handlers):
             "tracebacks": trusted,
         }
 
-    def _adopt(self, sock: socket.socket, role: str, name: str) -> Peer:
-        peer = Peer(sock, **self._peer_kw(role, name, child=False))
+    def _adopt(self, sock: socket.socket, role: str, name: str, server: Server) -> Peer:
+        kw = self._peer_kw(role, name, child=False)
+        peer = Peer(sock, **kw, secret=server.secret, initiator=False)
+        self._accepted[peer] = (server, _peer_address(sock))
         self.peers.add(peer)
         peer.start()
         if not peer.closed:
@@ -228,11 +250,17 @@ class Main(Handlers):
     def _check_hello(self, peer: Peer) -> None:
         self._hello_timers.pop(peer, None)
         if peer.remote_hello is None and not peer.closed:
-            log.warning("%r sent no HELLO within %s s: dropped", peer, self.hello_timeout)
-            peer.abort(ProtocolError("no HELLO within the handshake deadline"))
+            peer.abort(
+                ProtocolError(f"handshake not completed within {self.hello_timeout} s: dropped")
+            )
 
     def _forget(self, peer: Peer) -> None:
         self.peers.discard(peer)
+        accepted = self._accepted.pop(peer, None)
+        if accepted is not None and peer.remote_hello is None and not self._closing:
+            server, where = accepted
+            server.refused += 1
+            log.warning("%r refused %s: %s", server, where, peer.close_reason)
         timer = self._hello_timers.pop(peer, None)
         if timer is not None:
             timer.cancel()
@@ -320,24 +348,40 @@ class Main(Handlers):
             fds.extend(peer.descriptors() if isinstance(peer, Child) else [peer.fileno()])
         return [fd for fd in fds if fd >= 0]
 
-    async def listen(self, address: str | Address, *, role: str = "client") -> Server:
+    async def listen(
+        self, address: str | Address, *, role: str = "client", secret: bytes | None = None
+    ) -> Server:
         """Accept peers on ``unix:///path`` or ``tcp://host:port`` (port 0 picks one).
 
         Accepted peers get ``role`` (one role, a str); handlers limited with
         ``roles=`` check it. A unix path where a server still answers is
         refused, a stale socket file is replaced (see :meth:`Address.listen`).
 
+        ``secret`` (bytes, at least 16): every peer must prove it knows it in
+        the handshake (``tether.connect(..., secret=...)``); it never crosses
+        the wire (docs/protocol.md, 6.1). A TCP listener on an address other
+        than loopback (127.0.0.0/8, ::1) requires one.
+
         Raises:
-            TypeError: ``role`` is not a str.
-            ValueError: the address is malformed.
+            TypeError: ``role`` is not a str, or ``secret`` not bytes.
+            ValueError: the address is malformed; the secret is shorter than
+                16 bytes; a TCP address other than loopback without a secret.
             OSError: the address is in use (``EADDRINUSE``), the path is not a
                 socket, or its directory is missing; the message names it.
         """
         if not isinstance(role, str):
             raise TypeError(f"role must be a str (one role), not {type(role).__name__}")
         addr = parse_address(address)
+        if secret is not None:
+            check_secret(secret)
+        if addr.scheme == "tcp" and not _loopback(addr.host) and secret is None:
+            raise ValueError(
+                f"refusing to listen on {addr} (not loopback) without authentication: "
+                "add secret=b'...' (at least 16 random bytes) so that strangers must prove "
+                "they know it, or listen on 127.0.0.1"
+            )
         sock = addr.listen()
-        server = Server(self, sock, addr.bound(sock), role)
+        server = Server(self, sock, addr.bound(sock), role, secret)
         self.servers.append(server)
         return server
 
@@ -364,6 +408,28 @@ class Main(Handlers):
             child.kill()
             with contextlib.suppress(TimeoutError):
                 await child.wait(2.0)  # SIGKILL: the exit follows at once
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1, or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
+
+
+def _peer_address(sock: socket.socket) -> str:
+    """The remote address of an accepted socket, for logs (``host:port``, or the unix peer)."""
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(name, tuple):
+        host = f"[{name[0]}]" if ":" in name[0] else name[0]
+        return f"{host}:{name[1]}"
+    return f"unix peer {name or '(unnamed)'}"
 
 
 def _seconds(name: str, value: object, *, zero: bool = False) -> None:
@@ -393,7 +459,7 @@ class _Connecting:
             )
         except OSError as exc:
             raise PeerGone(f"cannot connect to {addr}: {exc}") from exc
-        peer = Peer(sock, role="main", local_role="client", name=str(addr), **kw)
+        peer = Peer(sock, role="main", local_role="client", name=str(addr), initiator=True, **kw)
         peer.start()
         try:
             await peer.wait_hello(connect_timeout)
@@ -423,15 +489,21 @@ def connect(
     registry: Registry | None = None,
     spin: float = 0.0,
     tracebacks: bool = True,
+    secret: bytes | None = None,
 ) -> _Connecting:
     """Connect to a listening :class:`Main`; ``await`` it or use ``async with``.
 
     ``tracebacks``: whether errors this side's handlers raise reach main with
-    their traceback (main is trusted: yes by default).
+    their traceback (main is trusted: yes by default). ``secret``: the shared
+    secret of a listener started with ``secret=`` (each side proves it to the
+    other; it never crosses the wire).
 
     Raises:
         PeerGone: nothing listens there, or the handshake failed.
+        AuthenticationError: the secrets differ, or only one side has one.
     """
+    if secret is not None:
+        check_secret(secret)
     return _Connecting(
         address,
         {
@@ -441,5 +513,6 @@ def connect(
             "registry": registry,
             "spin": spin,
             "tracebacks": tracebacks,
+            "secret": secret,
         },
     )

@@ -106,6 +106,8 @@ class Peer(Handlers):
             time, so other peers get their turn); 0 (the default) turns it off.
         tracebacks: whether ERRORs this side sends carry the handler's
             traceback (file paths, source lines): only for peers trusted to see them.
+        secret: a shared secret both sides must prove in the handshake
+            (docs/protocol.md, 6.1); ``initiator``: this side opened the connection.
     """
 
     def __init__(
@@ -121,6 +123,8 @@ class Peer(Handlers):
         on_close: Callable[[Peer], None] | None = None,
         spin: float = 0.0,
         tracebacks: bool = True,
+        secret: bytes | None = None,
+        initiator: bool = True,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -134,6 +138,8 @@ class Peer(Handlers):
             pid=os.getpid(),
             max_frame_size=max_frame_size,
             store=store_for(self._stream.unix, role, local_role),
+            secret=secret,
+            initiator=initiator,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
@@ -200,6 +206,11 @@ class Peer(Handlers):
     def fileno(self) -> int:
         """The connection's socket descriptor (-1 once closed)."""
         return self._sock.fileno()
+
+    @property
+    def close_reason(self) -> TetherError | None:
+        """Why the connection closed (``None`` while open)."""
+        return self._closed
 
     @property
     def remote_hello(self) -> codec.Hello | None:

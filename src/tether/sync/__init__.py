@@ -6,6 +6,7 @@ import contextlib
 
 from ..address import Address, parse_address
 from ..errors import PeerGone
+from ..protocol import check_secret
 from ..results import DEFAULT_TIMEOUT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .peer import SPIN_SECONDS, Call, Peer, loop_serves
@@ -20,21 +21,26 @@ def connect(
     connect_timeout: float = 10.0,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     spin: float = SPIN_SECONDS,
+    secret: bytes | None = None,
 ) -> Peer:
     """Connect to a listening main and return a blocking :class:`Peer`.
 
     Returns once the main's HELLO arrived (within ``connect_timeout``), like
     the asyncio :func:`tether.connect`. Use it as a context manager, or call
-    ``close()`` when done.
+    ``close()`` when done. ``secret``: the shared secret of a listener started
+    with ``secret=`` (proven both ways in the handshake, never sent).
 
     Raises:
         PeerGone: nothing listens at ``address``, or it sent no HELLO in time.
+        AuthenticationError: the secrets differ, or only one side has one.
         RuntimeError: called from the thread running the event loop that
             serves ``address``: that loop cannot answer while this call blocks
             (use ``await tether.connect(...)`` there, or call this from another
             thread).
     """
     addr = parse_address(address)
+    if secret is not None:
+        check_secret(secret)
     try:
         sock = addr.connect(connect_timeout)
     except OSError as exc:
@@ -51,7 +57,14 @@ def connect(
             "this call blocks; use 'await tether.connect(...)' here, or call it from "
             "another thread (asyncio.to_thread)"
         )
-    peer = Peer(sock, timeout=timeout, max_frame_size=max_frame_size, name=str(addr), spin=spin)
+    peer = Peer(
+        sock,
+        timeout=timeout,
+        max_frame_size=max_frame_size,
+        name=str(addr),
+        spin=spin,
+        secret=secret,
+    )
     try:
         peer.wait_hello(connect_timeout)
     except BaseException:

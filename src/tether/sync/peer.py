@@ -146,6 +146,8 @@ class Peer(Handlers):
             every handler is in place before anything is read).
         tracebacks: send the handler's traceback with an ERROR (default); off,
             the caller gets the exception's type and message only.
+        secret: a shared secret both sides must prove in the handshake
+            (docs/protocol.md, 6.1); ``initiator``: this side opened the connection.
 
     Attributes:
         max_queued: the most jobs ever queued for the worker at once (never
@@ -165,6 +167,8 @@ class Peer(Handlers):
         lazy: bool = False,
         spin: float = SPIN_SECONDS,
         tracebacks: bool = True,
+        secret: bytes | None = None,
+        initiator: bool = True,
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
@@ -175,6 +179,8 @@ class Peer(Handlers):
             pid=os.getpid(),
             max_frame_size=max_frame_size,
             store=store_for(self._unix, role, local_role),
+            secret=secret,
+            initiator=initiator,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
