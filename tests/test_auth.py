@@ -319,3 +319,29 @@ def test_eof_instead_of_the_peers_proof_is_an_authentication_error() -> None:
     a.receive_data(bytes(b.data_to_send()[0]))
     with pytest.raises(AuthenticationError, match="instead of proving"):
         a.receive_eof()
+
+
+def test_hello_auth_and_a_descriptor_frame_in_one_read() -> None:
+    from tether.attachments import MemfdStore
+    from tether.shm import SHM_THRESHOLD
+
+    a = Connection("client", secret=SECRET, initiator=True, store=MemfdStore())
+    b = Connection("main", secret=SECRET, initiator=False, store=MemfdStore())
+    hello_a, hello_b = bytes(a.data_to_send()[0]), bytes(b.data_to_send()[0])
+
+    def nonce(hello: bytes) -> bytes:
+        return codec.hello_decoder.decode(FrameParser().feed(hello)[0].body).nonce
+
+    # b's AUTH made by hand, so that b sees a's HELLO, AUTH and EVENT all in one read.
+    b_auth = bytearray()
+    proof = auth_proof(SECRET, False, nonce(hello_a), nonce(hello_b))
+    encode_frame(b_auth, Kind.AUTH, 0, 0, b"", proof)
+    assert a.receive_data(hello_b + bytes(b_auth)) == [] and a.state is State.OPEN
+    a.send_event(b"big", (bytes(SHM_THRESHOLD + 1),))
+    out, fds = a.data_to_send()
+    assert len(fds) == 1
+    b.receive_fds(fds)
+    frames = b.receive_data(hello_a + bytes(out))
+    assert [f.channel for f in frames] == ["big"] and b.state is State.OPEN
+    a.abort()
+    b.abort()

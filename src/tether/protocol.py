@@ -376,10 +376,11 @@ class Connection:
                 if not any(f.kind == K_GOODBYE for f in frames):
                     raise
             parser.parsed = _NO_FRAMES  # (it would keep this read's frames alive)
-            if self._handshaking and frames:
-                taken = self._taken  # (taken while parsing, see _claim)
+            taken = self._taken  # handshake frames taken while parsing, see _claim
+            if taken or self._handshaking:
                 self._taken = 0
-                taken += self._take_handshake(frames, taken)
+                if self._handshaking:
+                    taken += self._take_handshake(frames, taken)
                 frames = frames[taken:]
             out: list[Frame] = []
             append = out.append
