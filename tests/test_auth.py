@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import socket
+import ssl
+import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -345,3 +350,172 @@ def test_hello_auth_and_a_descriptor_frame_in_one_read() -> None:
     assert [f.channel for f in frames] == ["big"] and b.state is State.OPEN
     a.abort()
     b.abort()
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _ca(d: str, name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=d,
+    )  # fmt: skip
+
+
+def _leaf(d: str, name: str, ca: str, ext: str) -> None:
+    with open(os.path.join(d, f"{name}.ext"), "w") as f:
+        f.write(ext)
+    _openssl(
+        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
+        cwd=d,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+        "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
+        cwd=d,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A throwaway CA, a server certificate for 127.0.0.1, a client certificate, another CA."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is needed to make test certificates")
+    d = str(tmp_path_factory.mktemp("pki"))
+    _ca(d, "ca")
+    _ca(d, "otherca")
+    _leaf(d, "server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    _leaf(d, "stranger", "otherca", "extendedKeyUsage=clientAuth\n")
+    return d
+
+
+def _server_ctx(d: str, client_auth: bool = False) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(f"{d}/server.pem", f"{d}/server.key")
+    if client_auth:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(f"{d}/ca.pem")
+    return ctx
+
+
+def _client_ctx(d: str, ca: str = "ca", cert: str | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=f"{d}/{ca}.pem")
+    if cert is not None:
+        ctx.load_cert_chain(f"{d}/{cert}.pem", f"{d}/{cert}.key")
+    return ctx
+
+
+async def _refused(server: tether.Server, n: int) -> None:
+    deadline = time.monotonic() + 5.0
+    while server.refused < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert server.refused == n
+
+
+async def test_invoke_both_ways_over_tls(pki: str) -> None:
+    async with tether.Main() as main:
+        server, addr = await _serve(main, ssl=_server_ctx(pki))
+        main.handle("blob", lambda call, s: s)
+        async with tether.connect(addr, ssl=_client_ctx(pki), connect_timeout=5.0) as peer:
+
+            @peer.handle("twice")
+            def twice(call: tether.Call, x: int) -> int:
+                return 2 * x
+
+            big = "x" * 200_000  # many TLS records each way
+            assert await peer.invoke("blob", big, timeout=5.0) == big
+            await _until(lambda: main.peers)
+            accepted = next(iter(main.peers))
+            assert accepted._sock.version() is not None  # type: ignore[attr-defined]
+            assert await accepted.invoke("twice", 21, timeout=5.0) == 42
+
+        def blocking() -> str:
+            with tether.sync.connect(addr, ssl=_client_ctx(pki), connect_timeout=5.0) as p:
+                return str(p.invoke("blob", big, timeout=5.0))
+
+        assert await asyncio.to_thread(blocking) == big
+        assert server.refused == 0
+
+
+async def test_tls_and_a_secret_together(pki: str) -> None:
+    async with tether.Main() as main:
+        _, addr = await _serve(main, ssl=_server_ctx(pki), secret=SECRET)
+        async with tether.connect(addr, ssl=_client_ctx(pki), secret=SECRET) as peer:
+            assert await peer.invoke("echo", 3, timeout=5.0) == 3
+
+
+async def test_a_client_with_the_wrong_ca_is_refused(
+    pki: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tether")
+    async with tether.Main() as main:
+        server, addr = await _serve(main, ssl=_server_ctx(pki))
+        with pytest.raises(AuthenticationError, match="certificate verify failed"):
+            await tether.connect(addr, ssl=_client_ctx(pki, ca="otherca"), connect_timeout=5.0)
+
+        def blocking() -> None:
+            tether.sync.connect(addr, ssl=_client_ctx(pki, ca="otherca"), connect_timeout=5.0)
+
+        with pytest.raises(AuthenticationError, match="certificate verify failed"):
+            await asyncio.to_thread(blocking)
+        await _refused(server, 2)
+    assert any("refused 127.0.0.1:" in r.getMessage() for r in caplog.records)
+
+
+async def test_tls_client_authentication(pki: str) -> None:
+    async with tether.Main() as main:
+        server, addr = await _serve(main, ssl=_server_ctx(pki, client_auth=True))
+        good = _client_ctx(pki, cert="client")
+        async with tether.connect(addr, ssl=good, connect_timeout=5.0) as peer:
+            assert await peer.invoke("echo", 1, timeout=5.0) == 1
+        for cert in (None, "stranger"):  # no certificate; one from another CA
+            with pytest.raises((AuthenticationError, tether.PeerGone)):
+                await tether.connect(addr, ssl=_client_ctx(pki, cert=cert), connect_timeout=5.0)
+        await _refused(server, 2)
+
+
+async def test_a_stalled_tls_handshake_is_dropped_at_the_hello_deadline(
+    pki: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tether")
+    async with tether.Main(hello_timeout=0.3) as main:
+        server, _ = await _serve(main, ssl=_server_ctx(pki))
+        port = server.address.port
+
+        def silent() -> float:
+            with socket.create_connection(("127.0.0.1", port), timeout=5.0) as s:
+                t0 = time.monotonic()
+                while s.recv(4096):  # never starts TLS: EOF at the deadline
+                    pass
+                return time.monotonic() - t0
+
+        elapsed = await asyncio.to_thread(silent)
+        assert 0.2 < elapsed < 3.0
+        await _refused(server, 1)
+    assert any(
+        "refused 127.0.0.1:" in r.getMessage() and "TLS handshake timed out" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+async def test_non_loopback_listener_accepts_tls_client_authentication(pki: str) -> None:
+    async with tether.Main() as main:
+        with pytest.raises(ValueError, match="CERT_REQUIRED"):
+            await main.listen("tcp://0.0.0.0:0", ssl=_server_ctx(pki))  # TLS alone: not enough
+        await main.listen("tcp://0.0.0.0:0", ssl=_server_ctx(pki, client_auth=True))
+
+
+async def _until(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import ssl as _ssl
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -19,9 +20,11 @@ from ..process import check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
+from ..tls import tls_connect
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from .child import Child
 from .peer import Peer
+from .stream import tls_handshake
 
 __all__ = ["Main", "Server", "connect"]
 
@@ -44,6 +47,7 @@ class Server:
 
     Attributes:
         secret: the shared secret accepted peers must prove (``None``: none).
+        ssl: the ``ssl.SSLContext`` every connection is wrapped in (``None``: plain TCP).
         refused: connections accepted here that closed before completing the
             handshake (wrong or missing secret, a replayed handshake, a bad
             HELLO, the ``hello_timeout``); each is logged at WARNING with the
@@ -60,11 +64,13 @@ class Server:
         address: Address,
         role: str,
         secret: bytes | None = None,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         self.main = main
         self.address = address
         self.role = role
         self.secret = secret
+        self.ssl = ssl
         self.refused = 0
         self._sock = sock
         self._fd = sock.fileno()
@@ -98,7 +104,10 @@ class Server:
                 log.warning("%r: accepting again after %d retries", self, self._backed_off)
                 self._backed_off = 0
             tune(conn)
-            self.main._adopt(conn, self.role, self._name, self)
+            if self.ssl is not None:
+                self.main._tls_accept(conn, self)  # TLS handshake first, then adopted
+            else:
+                self.main._adopt(conn, self.role, self._name, self)
 
     def _back_off(self, exc: OSError) -> None:
         if not self._backed_off:  # once per episode, not ten times a second
@@ -212,6 +221,7 @@ class Main(Handlers):
         self._hello_timers: dict[Peer, asyncio.TimerHandle] = {}
         # accepted peers -> (their server, their address), to count and log refusals
         self._accepted: dict[Peer, tuple[Server, str]] = {}
+        self._tls_tasks: set[asyncio.Task[None]] = set()  # TLS handshakes of accepted sockets
         self._closing = False
 
     async def __aenter__(self) -> Main:
@@ -247,6 +257,44 @@ class Main(Handlers):
             )
         return peer
 
+    def _tls_accept(self, conn: socket.socket, server: Server) -> None:
+        """Start the TLS handshake of an accepted socket; adopt it once done."""
+        assert server.ssl is not None
+        where = _peer_address(conn)
+        try:
+            conn.setblocking(False)
+            tls = server.ssl.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            conn.close()
+            self._refuse(server, where, f"TLS setup failed: {exc}")
+            return
+        task = asyncio.ensure_future(self._tls_then_adopt(tls, server, where))
+        self._tls_tasks.add(task)
+        task.add_done_callback(self._tls_tasks.discard)
+
+    async def _tls_then_adopt(self, tls: _ssl.SSLSocket, server: Server, where: str) -> None:
+        try:
+            await tls_handshake(tls, asyncio.get_running_loop(), self.hello_timeout)
+        except (OSError, TimeoutError) as exc:  # (ssl.SSLError is an OSError)
+            tls.close()
+            why = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc}"
+            self._refuse(
+                server, where, f"TLS handshake {why} (hello_timeout {self.hello_timeout} s)"
+            )
+            return
+        except BaseException:
+            tls.close()
+            raise
+        if self._closing or server._closed:
+            tls.close()
+            return
+        self._adopt(tls, server.role, server._name, server)
+
+    def _refuse(self, server: Server, where: str, why: object) -> None:
+        """Count and log a connection dropped before its handshake completed."""
+        server.refused += 1
+        log.warning("%r refused %s: %s", server, where, why)
+
     def _check_hello(self, peer: Peer) -> None:
         self._hello_timers.pop(peer, None)
         if peer.remote_hello is None and not peer.closed:
@@ -258,9 +306,7 @@ class Main(Handlers):
         self.peers.discard(peer)
         accepted = self._accepted.pop(peer, None)
         if accepted is not None and peer.remote_hello is None and not self._closing:
-            server, where = accepted
-            server.refused += 1
-            log.warning("%r refused %s: %s", server, where, peer.close_reason)
+            self._refuse(*accepted, peer.close_reason)
         timer = self._hello_timers.pop(peer, None)
         if timer is not None:
             timer.cancel()
@@ -349,7 +395,12 @@ class Main(Handlers):
         return [fd for fd in fds if fd >= 0]
 
     async def listen(
-        self, address: str | Address, *, role: str = "client", secret: bytes | None = None
+        self,
+        address: str | Address,
+        *,
+        role: str = "client",
+        secret: bytes | None = None,
+        ssl: _ssl.SSLContext | None = None,
     ) -> Server:
         """Accept peers on ``unix:///path`` or ``tcp://host:port`` (port 0 picks one).
 
@@ -359,13 +410,17 @@ class Main(Handlers):
 
         ``secret`` (bytes, at least 16): every peer must prove it knows it in
         the handshake (``tether.connect(..., secret=...)``); it never crosses
-        the wire (docs/protocol.md, 6.1). A TCP listener on an address other
-        than loopback (127.0.0.0/8, ::1) requires one.
+        the wire (docs/protocol.md, 6.1). ``ssl``: a server ``ssl.SSLContext``;
+        every connection runs TLS (handshake bounded by ``hello_timeout``)
+        before tether's own handshake. A TCP listener on an address other than
+        loopback (127.0.0.0/8, ::1) requires a secret, or an ``ssl`` context
+        that authenticates clients (``verify_mode`` ``CERT_REQUIRED``).
 
         Raises:
             TypeError: ``role`` is not a str, or ``secret`` not bytes.
             ValueError: the address is malformed; the secret is shorter than
-                16 bytes; a TCP address other than loopback without a secret.
+                16 bytes; a TCP address other than loopback without a secret or
+                TLS client authentication; ``ssl`` on a unix address.
             OSError: the address is in use (``EADDRINUSE``), the path is not a
                 socket, or its directory is missing; the message names it.
         """
@@ -374,14 +429,20 @@ class Main(Handlers):
         addr = parse_address(address)
         if secret is not None:
             check_secret(secret)
-        if addr.scheme == "tcp" and not _loopback(addr.host) and secret is None:
+        if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+            raise TypeError(f"ssl must be an ssl.SSLContext, not {type(ssl).__name__}")
+        if ssl is not None and addr.scheme != "tcp":
+            raise ValueError(f"ssl= is for tcp:// addresses, not {addr}")
+        client_auth = ssl is not None and ssl.verify_mode == _ssl.CERT_REQUIRED
+        if addr.scheme == "tcp" and not _loopback(addr.host) and secret is None and not client_auth:
             raise ValueError(
                 f"refusing to listen on {addr} (not loopback) without authentication: "
                 "add secret=b'...' (at least 16 random bytes) so that strangers must prove "
-                "they know it, or listen on 127.0.0.1"
+                "they know it, or ssl=ctx with ctx.verify_mode = ssl.CERT_REQUIRED (TLS client "
+                "certificates), or listen on 127.0.0.1"
             )
         sock = addr.listen()
-        server = Server(self, sock, addr.bound(sock), role, secret)
+        server = Server(self, sock, addr.bound(sock), role, secret, ssl)
         self.servers.append(server)
         return server
 
@@ -395,6 +456,8 @@ class Main(Handlers):
         for server in self.servers:
             server.close()
         self.servers.clear()
+        for task in list(self._tls_tasks):
+            task.cancel()
         peers = list(self.peers)
         await asyncio.gather(*(p.close("main closing") for p in peers), return_exceptions=True)
         await asyncio.gather(*(self._end_child(c) for c in list(self.children)))
@@ -459,6 +522,9 @@ class _Connecting:
             )
         except OSError as exc:
             raise PeerGone(f"cannot connect to {addr}: {exc}") from exc
+        ctx = kw.pop("ssl")
+        if ctx is not None:
+            sock = await loop.run_in_executor(None, tls_connect, sock, ctx, addr, connect_timeout)
         peer = Peer(sock, role="main", local_role="client", name=str(addr), initiator=True, **kw)
         peer.start()
         try:
@@ -490,17 +556,21 @@ def connect(
     spin: float = 0.0,
     tracebacks: bool = True,
     secret: bytes | None = None,
+    ssl: _ssl.SSLContext | None = None,
 ) -> _Connecting:
     """Connect to a listening :class:`Main`; ``await`` it or use ``async with``.
 
     ``tracebacks``: whether errors this side's handlers raise reach main with
     their traceback (main is trusted: yes by default). ``secret``: the shared
     secret of a listener started with ``secret=`` (each side proves it to the
-    other; it never crosses the wire).
+    other; it never crosses the wire). ``ssl``: a client ``ssl.SSLContext``
+    for a listener started with ``ssl=`` (the server's certificate is checked
+    against the address's host).
 
     Raises:
         PeerGone: nothing listens there, or the handshake failed.
-        AuthenticationError: the secrets differ, or only one side has one.
+        AuthenticationError: the secrets differ, or only one side has one; or
+            the TLS handshake failed (the server's certificate, or ours, refused).
     """
     if secret is not None:
         check_secret(secret)
@@ -514,5 +584,6 @@ def connect(
             "spin": spin,
             "tracebacks": tracebacks,
             "secret": secret,
+            "ssl": ssl,
         },
     )

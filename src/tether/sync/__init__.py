@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ssl as _ssl
 
 from ..address import Address, parse_address
 from ..errors import PeerGone
 from ..protocol import check_secret
 from ..results import DEFAULT_TIMEOUT
+from ..tls import tls_connect
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .peer import SPIN_SECONDS, Call, Peer, loop_serves
 
@@ -22,17 +24,20 @@ def connect(
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     spin: float = SPIN_SECONDS,
     secret: bytes | None = None,
+    ssl: _ssl.SSLContext | None = None,
 ) -> Peer:
     """Connect to a listening main and return a blocking :class:`Peer`.
 
     Returns once the main's HELLO arrived (within ``connect_timeout``), like
     the asyncio :func:`tether.connect`. Use it as a context manager, or call
     ``close()`` when done. ``secret``: the shared secret of a listener started
-    with ``secret=`` (proven both ways in the handshake, never sent).
+    with ``secret=`` (proven both ways in the handshake, never sent). ``ssl``:
+    a client ``ssl.SSLContext`` for a listener started with ``ssl=``.
 
     Raises:
         PeerGone: nothing listens at ``address``, or it sent no HELLO in time.
-        AuthenticationError: the secrets differ, or only one side has one.
+        AuthenticationError: the secrets differ, or only one side has one; or
+            the TLS handshake failed.
         RuntimeError: called from the thread running the event loop that
             serves ``address``: that loop cannot answer while this call blocks
             (use ``await tether.connect(...)`` there, or call this from another
@@ -57,6 +62,8 @@ def connect(
             "this call blocks; use 'await tether.connect(...)' here, or call it from "
             "another thread (asyncio.to_thread)"
         )
+    if ssl is not None:
+        sock = tls_connect(sock, ssl, addr, connect_timeout)
     peer = Peer(
         sock,
         timeout=timeout,

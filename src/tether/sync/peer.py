@@ -60,6 +60,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -110,6 +111,8 @@ _ANSWER_WRITE: Final = 30.0  # seconds to write a handler's answer
 OUT_HIGH: Final = 4 * 1024 * 1024
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+#: "try again later" from a non-blocking socket, plain or TLS (``ssl.SSLSocket``)
+_AGAIN: Final = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _FATAL: Final = (SystemExit, KeyboardInterrupt)
 
 
@@ -460,7 +463,7 @@ class Peer(Handlers):
         if not fds:  # the common case: one send takes it all
             try:
                 n = sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except _AGAIN:
                 n = 0
             except (OSError, ValueError) as exc:
                 raise self._lost(exc) from exc
@@ -476,7 +479,7 @@ class Peer(Handlers):
                         fds = []
                     else:
                         n = sock.send(view)
-                except (BlockingIOError, InterruptedError):
+                except _AGAIN:
                     n = 0
                 except (OSError, ValueError) as exc:
                     raise self._lost(exc) from exc
@@ -575,7 +578,7 @@ class Peer(Handlers):
                     self._take_fds(anc, flags)
             else:
                 n = sock.recv_into(self._rbuf)
-        except (BlockingIOError, InterruptedError):
+        except _AGAIN:
             return None
         except (OSError, ValueError) as exc:
             raise self._lost(exc) from exc
