@@ -478,9 +478,21 @@ async def test_tls_client_authentication(pki: str) -> None:
         async with tether.connect(addr, ssl=good, connect_timeout=5.0) as peer:
             assert await peer.invoke("echo", 1, timeout=5.0) == 1
         for cert in (None, "stranger"):  # no certificate; one from another CA
-            with pytest.raises((AuthenticationError, tether.PeerGone)):
+            with pytest.raises(AuthenticationError, match="this client"):
                 await tether.connect(addr, ssl=_client_ctx(pki, cert=cert), connect_timeout=5.0)
-        await _refused(server, 2)
+
+        def blocking() -> None:
+            tether.sync.connect(addr, ssl=_client_ctx(pki), connect_timeout=5.0)
+
+        with pytest.raises(AuthenticationError, match="this client"):
+            await asyncio.to_thread(blocking)
+
+        def blocking_good() -> int:
+            with tether.sync.connect(addr, ssl=good, connect_timeout=5.0) as p:
+                return int(p.invoke("echo", 2, timeout=5.0))
+
+        assert await asyncio.to_thread(blocking_good) == 2
+        await _refused(server, 3)
 
 
 async def test_a_stalled_tls_handshake_is_dropped_at_the_hello_deadline(

@@ -12,9 +12,9 @@ import socket
 import ssl
 
 from .address import Address
-from .errors import AuthenticationError
+from .errors import AuthenticationError, PeerGone
 
-__all__ = ["tls_connect"]
+__all__ = ["tls_connect", "tls_refusal"]
 
 
 def tls_connect(
@@ -33,3 +33,23 @@ def tls_connect(
     except (OSError, ValueError) as exc:
         sock.close()
         raise AuthenticationError(f"TLS handshake with {addr} failed: {exc}") from exc
+
+
+def tls_refusal(exc: BaseException, addr: Address) -> AuthenticationError | None:
+    """An :class:`AuthenticationError` if ``exc`` is the server refusing us in TLS, else ``None``.
+
+    With TLS 1.3 the client's handshake completes before the server checks the
+    client's certificate; a refusal then arrives as a TLS alert on the first
+    read, which the peer reports as :class:`PeerGone` caused by ``ssl.SSLError``.
+    """
+    if not isinstance(exc, PeerGone):
+        return None
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLError):
+        return AuthenticationError(f"{addr} refused this client in TLS: {cause}")
+    if isinstance(cause, ConnectionError):  # the alert lost to a reset
+        return AuthenticationError(
+            f"{addr} dropped this client after TLS, before its HELLO "
+            f"(client certificate refused?): {cause}"
+        )
+    return None

@@ -20,7 +20,7 @@ from ..process import check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
-from ..tls import tls_connect
+from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from .child import Child
 from .peer import Peer
@@ -529,8 +529,11 @@ class _Connecting:
         peer.start()
         try:
             await peer.wait_hello(connect_timeout)
-        except BaseException:
+        except BaseException as exc:
             peer.abort(PeerGone(f"{addr} did not complete the handshake"))
+            refused = tls_refusal(exc, addr) if ctx is not None else None
+            if refused is not None:
+                raise refused from exc
             raise
         return peer
 

@@ -9,7 +9,7 @@ from ..address import Address, parse_address
 from ..errors import PeerGone
 from ..protocol import check_secret
 from ..results import DEFAULT_TIMEOUT
-from ..tls import tls_connect
+from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .peer import SPIN_SECONDS, Call, Peer, loop_serves
 
@@ -64,18 +64,23 @@ def connect(
         )
     if ssl is not None:
         sock = tls_connect(sock, ssl, addr, connect_timeout)
-    peer = Peer(
-        sock,
-        timeout=timeout,
-        max_frame_size=max_frame_size,
-        name=str(addr),
-        spin=spin,
-        secret=secret,
-    )
+    peer: Peer | None = None
     try:
+        peer = Peer(
+            sock,
+            timeout=timeout,
+            max_frame_size=max_frame_size,
+            name=str(addr),
+            spin=spin,
+            secret=secret,
+        )
         peer.wait_hello(connect_timeout)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            peer.close()
+    except BaseException as exc:
+        if peer is not None:
+            with contextlib.suppress(Exception):
+                peer.close()
+        refused = tls_refusal(exc, addr) if ssl is not None else None
+        if refused is not None:
+            raise refused from exc
         raise
     return peer
