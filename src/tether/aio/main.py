@@ -153,7 +153,9 @@ class Main(Handlers):
         max_frame_size: largest frame accepted or sent on any connection.
         start_method: default for :meth:`spawn`: ``spawn``, ``forkserver`` or ``fork``.
         spawn_timeout: how long a new child may take to say hello.
-        hello_timeout: how long an accepted connection may take to say hello.
+        hello_timeout: how long an accepted connection may take to complete its
+            handshake: its HELLO and, with ``secret=``, its proof (and, with
+            ``ssl=``, the TLS handshake before them, bounded separately by the same time).
         spin: low-latency mode for every peer and child (see :class:`Peer`).
         close_timeout: how long :meth:`close` lets children exit before killing them.
         tracebacks: which peers get the handler's traceback in an ERROR:
