@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -171,6 +172,19 @@ def test_auth_without_a_secret_is_a_protocol_error() -> None:
     encode_frame(out, Kind.AUTH, 0, 0, b"", bytes(32))
     with pytest.raises(ProtocolError, match="AUTH outside the handshake"):
         b.receive_data(bytes(out))
+
+
+def test_the_documented_test_vector() -> None:
+    """docs/protocol.md 6.1 gives both proofs for a fixed secret and nonces: we make them."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md")) as f:
+        doc = f.read()
+    m = re.search(
+        r"initiator's AUTH body is\s+`([0-9a-f]{64})` and the\s+acceptor's is `([0-9a-f]{64})`", doc
+    )
+    assert m is not None
+    secret, ni, na = b"0123456789abcdef", bytes([1]) * 32, bytes([2]) * 32
+    assert auth_proof(secret, True, na, ni).hex() == m.group(1)
+    assert auth_proof(secret, False, ni, na).hex() == m.group(2)
 
 
 def test_a_short_secret_is_refused() -> None:
