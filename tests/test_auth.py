@@ -545,3 +545,30 @@ async def _until(cond: Callable[[], object], timeout: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("nonce", [b"\x01" * 8, b"\x01" * 64])
+def test_a_nonce_of_the_wrong_size_is_refused(nonce: bytes) -> None:
+    b = Connection("main", secret=SECRET, initiator=False)
+    hello = codec.encoder.encode(codec.Hello(protocol="tether", version=1, role="x", nonce=nonce))
+    out = bytearray()
+    encode_frame(out, Kind.HELLO, 0, 0, b"", hello)
+    with pytest.raises(AuthenticationError, match="32 fresh bytes"):
+        b.receive_data(bytes(out))
+
+
+def test_our_own_nonce_echoed_back_is_refused() -> None:
+    b = Connection("main", secret=SECRET, initiator=False)
+    mine = FrameParser().feed(bytes(b.data_to_send()[0]))[0].body
+    out = bytearray()
+    encode_frame(out, Kind.HELLO, 0, 0, b"", bytes(mine))  # b's own HELLO, nonce and all
+    with pytest.raises(AuthenticationError, match="32 fresh bytes"):
+        b.receive_data(bytes(out))
+
+
+def test_auth_before_hello_is_a_protocol_error() -> None:
+    b = Connection("main", secret=SECRET, initiator=False)
+    out = bytearray()
+    encode_frame(out, Kind.AUTH, 0, 0, b"", bytes(32))
+    with pytest.raises(ProtocolError, match="expected HELLO"):
+        b.receive_data(bytes(out))
