@@ -38,7 +38,7 @@ CONNECTIONS = 300
 PARALLEL = 6
 BATCH = 30  # connections between two checks that the good client is answered
 # The only warnings a server may log for what the fuzzer sends (docs/protocol.md 8.1, 10.1).
-DOCUMENTED = re.compile(r"broke the protocol|dropped event")
+DOCUMENTED = re.compile(r"broke the protocol|dropped event|> refused ")
 
 
 # --- the server process ------------------------------------------------------------------

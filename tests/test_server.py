@@ -441,3 +441,25 @@ def test_main_refuses_a_frame_limit_below_the_protocol_floor() -> None:
     with pytest.raises(ValueError, match="at least 4096"):
         tether.Main(max_frame_size=10)
     tether.Main(max_frame_size=4096)
+
+
+async def test_refusals_are_counted_but_logged_a_few_times_a_second(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with tether.Main(timeout=10.0) as main:
+        server = await main.listen(f"unix://{sock_path}")
+
+        def hang_ups() -> None:
+            for _ in range(200):  # connect, then leave before saying HELLO
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(sock_path)
+                s.close()
+
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            await asyncio.to_thread(hang_ups)
+            deadline = time.monotonic() + 10.0
+            while server.refused < 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        assert server.refused == 200
+        lines = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert 1 <= len(lines) <= 3 * tether.Server.REFUSALS_LOGGED

@@ -12,6 +12,7 @@ from .aio import Main as Main
 from .aio import Peer as Peer
 from .aio import Server as Server
 from .aio import connect as connect
+from .errors import AuthenticationError as AuthenticationError
 from .errors import BadRequest as BadRequest
 from .errors import BufferInUse as BufferInUse
 from .errors import Busy as Busy
@@ -34,6 +35,7 @@ from .shm import Buffer as Buffer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
     "BadRequest",
     "Buffer",
     "BufferInUse",

@@ -111,6 +111,8 @@ class Hello(msgspec.Struct, omit_defaults=True):
     max_frame_size: int = 0
     features: list[str] = []
     credentials: dict[str, str] = {}
+    #: fresh random bytes for the shared-secret proof (AUTH); empty without a secret
+    nonce: bytes = b""
 
 
 class ErrorInfo(msgspec.Struct, omit_defaults=True):

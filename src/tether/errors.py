@@ -10,6 +10,7 @@
     ├── Forbidden             the channel is not exposed to this peer's role
     ├── BadRequest            arguments failed validation; ``path`` names the field
     ├── ProtocolError         the bytes on the wire broke the protocol
+    │   └── AuthenticationError   the handshake's shared-secret proof failed or is missing
     ├── ConsumedError         an object was moved into a message and is gone
     ├── PayloadTooLarge       a frame would exceed the size limit (also ValueError)
     ├── ConnectionClosed      this side closed the connection (or pipe end) already
@@ -35,6 +36,7 @@ The split answers "whose fault, and what now?":
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "BadRequest",
     "BufferInUse",
     "Busy",
@@ -126,6 +128,14 @@ class BadRequest(TetherError, ValueError):
 
 class ProtocolError(TetherError):
     """The peer sent bytes that break the protocol; the connection was closed."""
+
+
+class AuthenticationError(ProtocolError):
+    """The handshake's shared-secret proof failed: wrong secret, no secret on one side, or a replay.
+
+    A :class:`ProtocolError`, so every layer drops the connection as for any
+    broken handshake; its own type lets a caller tell "refused" from "garbled".
+    """
 
 
 class ConsumedError(TetherError, RuntimeError):

@@ -14,7 +14,7 @@ descriptors and needs none.
 
 States (only this class changes them; the I/O layer calls :meth:`abort`)::
 
-    HANDSHAKE --peer's HELLO--> OPEN
+    HANDSHAKE --peer's HELLO (and, with a secret, its valid AUTH)--> OPEN
         |                         |
         | send_goodbye            | send_goodbye / peer's GOODBYE
         v                         v
@@ -30,6 +30,18 @@ Each side sends HELLO first and may pipeline other frames right after it. The
 first frame received must be a HELLO of protocol ``tether`` and a supported
 version; anything else is a :class:`ProtocolError`.
 
+Shared-secret authentication (``secret=``): each side's HELLO carries a fresh
+random ``nonce``; as soon as the peer's HELLO is in, each side queues an AUTH
+frame whose body is HMAC-SHA256(secret, context, own direction, peer's nonce,
+own nonce) and checks the peer's AUTH with :func:`hmac.compare_digest`. The
+secret never crosses the wire, and a recorded handshake replayed to a new
+connection fails because the other side's nonce is new. Until the peer's AUTH
+is verified the connection stays in HANDSHAKE, :attr:`Connection.peer_hello`
+stays ``None``, nothing is returned to the application, and this side's own
+frames other than HELLO are held back (they leave after our AUTH). Any other
+frame in place of the AUTH, a wrong proof, or a secret on one side only is an
+:class:`AuthenticationError` (a :class:`ProtocolError`).
+
 Bad-message policy: :meth:`receive_data` raises :class:`ProtocolError` for any
 malformed frame and the connection moves to CLOSED (its store is closed); the
 I/O layer closes the transport and fails every pending call (and a main kills
@@ -40,13 +52,16 @@ from __future__ import annotations
 
 import collections
 import enum
+import hashlib
+import hmac
+import secrets
 from collections.abc import Iterable
 from typing import Any, Final, Protocol
 
 import msgspec
 
 from . import codec
-from .errors import ConnectionClosed, PayloadTooLarge, ProtocolError
+from .errors import AuthenticationError, ConnectionClosed, PayloadTooLarge, ProtocolError
 from .wire import (
     ATT,
     DEFAULT_MAX_FRAME_SIZE,
@@ -69,7 +84,15 @@ from .wire import (
     Kind,
 )
 
-__all__ = ["AttachmentStore", "Connection", "MAX_UNCLAIMED_FDS", "State"]
+__all__ = [
+    "AttachmentStore",
+    "Connection",
+    "MAX_UNCLAIMED_FDS",
+    "MIN_SECRET_SIZE",
+    "State",
+    "auth_proof",
+    "check_secret",
+]
 
 _U32: Final = 0xFFFFFFFF
 _BYTESLIKE: Final = (bytes, bytearray, memoryview)
@@ -87,6 +110,21 @@ _NO_FDS: Final[list[int]] = []
 _NO_FRAMES: Final[list[Frame]] = []
 #: room kept in an ERROR frame for everything but its message and traceback
 _ERROR_OVERHEAD: Final = 512
+#: bytes of random nonce each side puts in its HELLO when it has a secret
+NONCE_SIZE: Final = 32
+#: prefix of every AUTH proof (HMAC-SHA256 input), so it can't stand for another protocol's MAC
+AUTH_CONTEXT: Final = b"tether-auth-v1\0"
+_AUTH_LABEL: Final = {True: b"initiator", False: b"acceptor"}
+
+
+def auth_proof(secret: bytes, initiator: bool, peer_nonce: bytes, own_nonce: bytes) -> bytes:
+    """The body of an AUTH frame: HMAC-SHA256 of context, sender's direction and both nonces.
+
+    The direction (``initiator``: the side that connected; else ``acceptor``)
+    keeps a proof one side made from being reflected back as the other's.
+    """
+    msg = AUTH_CONTEXT + _AUTH_LABEL[initiator] + peer_nonce + own_nonce
+    return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
 class AttachmentStore(Protocol):
@@ -136,6 +174,23 @@ class _Blob:
         self.data = data
 
 
+#: the shortest shared secret accepted (bytes)
+MIN_SECRET_SIZE: Final = 16
+
+
+def check_secret(secret: object) -> None:
+    """Refuse a ``secret=`` that is not bytes of at least :data:`MIN_SECRET_SIZE`.
+
+    Raises:
+        TypeError: not bytes.
+        ValueError: too short to resist guessing.
+    """
+    if not isinstance(secret, bytes):
+        raise TypeError(f"secret must be bytes, not {type(secret).__name__}")
+    if len(secret) < MIN_SECRET_SIZE:
+        raise ValueError(f"secret must be at least {MIN_SECRET_SIZE} bytes, not {len(secret)}")
+
+
 class State(enum.Enum):
     HANDSHAKE = "handshake"
     OPEN = "open"
@@ -159,6 +214,10 @@ class Connection:
         store: the attachment store of this connection; with one, this side
             announces ``fd`` (and ``lease`` if the store borrows). ``None``:
             no descriptors cross (TCP, or a peer without descriptor support).
+        secret: a shared secret (bytes, at least 16): the handshake then needs
+            the peer's AUTH proof made with the same secret (module docstring).
+        initiator: this side opened the connection (``False`` on the
+            accepting side); only the AUTH proof uses it.
 
     Raises:
         ValueError: ``max_frame_size`` is below the floor, or the HELLO would
@@ -173,7 +232,11 @@ class Connection:
         pid: int = 0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         store: AttachmentStore | None = None,
+        secret: bytes | None = None,
+        initiator: bool = True,
     ) -> None:
+        if secret is not None:
+            check_secret(secret)
         if max_frame_size < MIN_MAX_FRAME_SIZE:
             raise ValueError(
                 f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE} bytes, not {max_frame_size}"
@@ -193,7 +256,15 @@ class Connection:
         self._send_moved = False  # the peer trusts our pages (``lease``): set at handshake
         self._send_leases = False  # ... and our store lends to it: set at handshake
         self._peer_fd = False  # the peer announced ``fd``: set at handshake
-        self._hello_read = False  # the peer's HELLO was taken off the frames
+        self._handshaking = True  # the peer's HELLO (and AUTH) not yet all taken off the frames
+        self._hello: codec.Hello | None = None  # the peer's HELLO, before it is authenticated
+        self._taken = 0  # frames of this read the parser's fd callback took for the handshake
+        self._secret = secret
+        self._initiator = initiator
+        self._nonce = secrets.token_bytes(NONCE_SIZE) if secret is not None else b""
+        #: with a secret, our frames wait here until our AUTH is queued (HELLO goes at once)
+        self._holding = secret is not None
+        self._proof_due = False  # the peer's HELLO is in and its AUTH is not
         self._fds_in = False  # descriptors arrived that frames may not have claimed yet
         self._auto = 0  # PONG/ROUTE_CLOSE queued since data_to_send was last called
         self._parser = FrameParser(
@@ -220,11 +291,15 @@ class Connection:
                 pid=pid,
                 max_frame_size=max_frame_size,
                 features=list(store.features) if store is not None else [],
+                nonce=self._nonce,
             )
         )
         if HEADER_SIZE + len(hello) > MIN_MAX_FRAME_SIZE:
             raise ValueError(f"HELLO of {len(hello)} bytes: role or name too long")
         self._emit(Kind.HELLO, 0, 0, b"", hello)
+        self._pre = bytearray()
+        if self._holding:
+            self._pre, self._out = self._out, bytearray()
 
     # -- receiving --------------------------------------------------------
 
@@ -252,19 +327,19 @@ class Connection:
             )
         store.receive_fds(fds)
         self._fds_in = True
-        if self.peer_hello is not None and not self._peer_fd:
+        if self._hello is not None and not self._peer_fd:
             self.abort()
             raise ProtocolError("received file descriptors from a peer that did not announce fd")
 
     def _claim(self, nbytes: int, flags: int, aux: int) -> memoryview:
         """The parser's callback for a descriptor attachment."""
-        if self.peer_hello is None:
-            # A frame right behind the HELLO, in the same read: the HELLO was
-            # parsed first, so take it now and know whether fds are allowed.
-            parsed = self._parser.parsed
-            if not parsed:
-                raise ProtocolError("expected HELLO, got a frame with a file descriptor")
-            self._handshake(parsed[0])
+        if self._handshaking:
+            # A frame right behind the HELLO (and AUTH), in the same read: they
+            # were parsed first, so take them now and know whether fds are allowed.
+            self._taken += self._take_handshake(self._parser.parsed, self._taken)
+            if self._handshaking:
+                what = "AUTH" if self._proof_due else "HELLO"
+                raise ProtocolError(f"expected {what}, got a frame with a file descriptor")
         if not self._peer_fd:
             raise ProtocolError("file descriptor attachment from a peer that did not announce fd")
         assert self._store is not None
@@ -309,11 +384,12 @@ class Connection:
                 if not any(f.kind == K_GOODBYE for f in frames):
                     raise
             parser.parsed = _NO_FRAMES  # (it would keep this read's frames alive)
-            if not self._hello_read and frames:
-                if self.peer_hello is None:  # (else taken while parsing, see _claim)
-                    self._handshake(frames[0])
-                self._hello_read = True
-                frames = frames[1:]
+            taken = self._taken  # handshake frames taken while parsing, see _claim
+            if taken or self._handshaking:
+                self._taken = 0
+                if self._handshaking:
+                    taken += self._take_handshake(frames, taken)
+                frames = frames[taken:]
             out: list[Frame] = []
             append = out.append
             take_all = self.state is State.OPEN  # checked again after each GOODBYE
@@ -327,6 +403,8 @@ class Connection:
                     continue
                 if k == K_HELLO:
                     raise ProtocolError("second HELLO on an open connection")
+                if k == Kind.AUTH:
+                    raise ProtocolError("AUTH outside the handshake")
                 if self.their_goodbye:
                     continue  # nothing the peer sends after its GOODBYE counts
                 if k == K_GOODBYE:
@@ -383,11 +461,47 @@ class Connection:
 
         Raises:
             ProtocolError: the stream ended in the middle of a frame.
+            AuthenticationError: it ended after the peer's HELLO and before its AUTH.
         """
         buffered = self._parser.buffered
         self.state = State.CLOSED
+        if self._proof_due:
+            raise AuthenticationError(
+                "the peer closed the connection instead of proving the shared secret: "
+                "it refused ours (the secrets differ)"
+            )
         if buffered:
             raise ProtocolError(f"connection closed in the middle of a frame ({buffered} bytes)")
+
+    def _take_handshake(self, frames: list[Frame], start: int) -> int:
+        """Take the peer's HELLO (and AUTH) from ``frames[start:]``; return how many were taken."""
+        i = start
+        if self._hello is None:
+            if i >= len(frames):
+                return 0
+            self._handshake(frames[i])
+            i += 1
+        if self._proof_due and i < len(frames):
+            self._check_proof(frames[i])
+            i += 1
+        if not self._proof_due:
+            self._handshaking = False
+        return i - start
+
+    def _check_proof(self, f: Frame) -> None:
+        """Verify the peer's AUTH frame; the handshake is then complete."""
+        if f.kind != Kind.AUTH:
+            raise AuthenticationError(
+                f"expected the peer's AUTH proof, got frame kind {f.kind}: "
+                "nothing is accepted before the shared secret is proven"
+            )
+        hello = self._hello
+        assert hello is not None and self._secret is not None
+        expected = auth_proof(self._secret, not self._initiator, self._nonce, hello.nonce)
+        if not hmac.compare_digest(bytes(f.body), expected):
+            raise AuthenticationError("the peer's AUTH proof is wrong: it has another secret")
+        self._proof_due = False
+        self._open(hello)
 
     def _handshake(self, f: Frame) -> None:
         if f.kind != Kind.HELLO:
@@ -408,6 +522,30 @@ class Connection:
                 f"peer's max_frame_size {hello.max_frame_size} is below the floor "
                 f"of {MIN_MAX_FRAME_SIZE} bytes"
             )
+        self._hello = hello
+        if self._secret is not None:
+            if not hello.nonce:
+                raise AuthenticationError(
+                    "the peer has no shared secret (its HELLO has no nonce); this side requires one"
+                )
+            if len(hello.nonce) != NONCE_SIZE or hello.nonce == self._nonce:
+                raise AuthenticationError(f"the peer's nonce is not {NONCE_SIZE} fresh bytes")
+            proof = auth_proof(self._secret, self._initiator, hello.nonce, self._nonce)
+            auth = bytearray(HEADER.pack(HEADER_SIZE - 4 + len(proof), Kind.AUTH, 0, 0, 0, 0, 0, 0))
+            auth += proof
+            self._out = self._pre + auth + self._out  # AUTH right behind our HELLO
+            self._pre = bytearray()
+            self._holding = False
+            self._proof_due = True
+            return
+        if hello.nonce:
+            raise AuthenticationError(
+                "the peer requires a shared secret (its HELLO has a nonce) and this side has none"
+            )
+        self._open(hello)
+
+    def _open(self, hello: codec.Hello) -> None:
+        """The handshake is complete: take the peer's announced limits and features."""
         self._peer_fd = "fd" in hello.features
         self.peer_hello = hello
         store = self._store
@@ -477,6 +615,9 @@ class Connection:
         several chunks: call again until the bytes are empty.
         """
         self._auto = 0
+        if self._holding:  # our AUTH can't be made yet: only the HELLO may go
+            pre, self._pre = self._pre, bytearray()
+            return pre, _NO_FDS
         if self._ready:
             return self._ready.popleft()
         released = self._released
@@ -517,6 +658,8 @@ class Connection:
     @property
     def buffered_out(self) -> int:
         """Bytes queued by ``send_*`` and not yet taken by :meth:`data_to_send`."""
+        if self._holding:
+            return len(self._pre)  # the rest can't be taken before our AUTH
         if self._ready:
             return len(self._out) + sum(len(c) for c, _ in self._ready)
         return len(self._out)

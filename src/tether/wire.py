@@ -81,6 +81,7 @@ class Kind(enum.IntEnum):
     PONG = 10
     GOODBYE = 11
     RELEASE = 12
+    AUTH = 13
 
 
 # Plain ints for the hot paths (comparing with IntEnum members costs ~10x more).
@@ -91,6 +92,7 @@ K_ERROR: Final = 4
 K_EVENT: Final = 5
 K_CANCEL: Final = 6
 K_GOODBYE: Final = 11
+K_AUTH: Final = 13
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
 _CHANNEL_CACHE: Final = 256  # a hostile peer can't grow it past this

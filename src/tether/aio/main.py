@@ -6,10 +6,12 @@ import asyncio
 import collections
 import contextlib
 import errno
+import ipaddress
 import logging
 import multiprocessing
 import os
 import socket
+import ssl as _ssl
 import time
 from collections.abc import Callable, Collection, Generator
 from typing import Any
@@ -18,11 +20,14 @@ from ..address import Address, parse_address, tune
 from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
 from ..identity import peer_address, peer_credentials
 from ..process import check_target, child_entry, describe_exit
+from ..protocol import check_secret
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
+from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from .child import Child
 from .peer import DRAIN_TIMEOUT, MAX_INFLIGHT, MAX_QUEUED, Peer
+from .stream import tls_handshake
 
 __all__ = ["Main", "Server", "connect"]
 
@@ -61,8 +66,13 @@ class Server:
 
     Attributes:
         uids: the user ids allowed to connect (unix only; ``None`` for TCP).
-        refused: connections closed at once: a uid not allowed, or
-            ``max_connections`` already held.
+        secret: the shared secret accepted peers must prove (``None``: none).
+        ssl: the ``ssl.SSLContext`` every connection is wrapped in (``None``: plain TCP).
+        refused: connections refused: a uid not allowed or ``max_connections``
+            already held (closed at once), or a handshake not completed (wrong
+            or missing secret, a replayed handshake, a failed TLS handshake, a
+            bad HELLO, the ``hello_timeout``); each is logged at WARNING with
+            the peer's address.
         handshakes_dropped: peers dropped still in the handshake to make room.
     """
 
@@ -76,6 +86,8 @@ class Server:
         address: Address,
         role: str,
         uids: frozenset[int] | None = None,
+        secret: bytes | None = None,
+        ssl: _ssl.SSLContext | None = None,
         *,
         max_connections: int | None = MAX_CONNECTIONS,
         max_handshaking: int | None = MAX_HANDSHAKING,
@@ -90,9 +102,13 @@ class Server:
         self.refused = 0
         self.handshakes_dropped = 0
         self._refused_logged = 0.0  # when a refusal was last logged
+        self._refusal_window = 0.0  # start of the second the count below is for
+        self._refusals_logged = 0
         self._held: set[Peer] = set()  # this listener's peers still open
         # ...of which those that may still be in the handshake, oldest first
         self._handshaking: collections.OrderedDict[Peer, None] = collections.OrderedDict()
+        self.secret = secret
+        self.ssl = ssl
         self._sock = sock
         self._fd = sock.fileno()
         self._name = f"{role}@{address}"
@@ -131,7 +147,10 @@ class Server:
                 self._make_handshake_room(self.max_handshaking)
             tune(conn)
             if self.uids is None:  # TCP: the OS says nothing about who this is
-                self._track(self.main._adopt(conn, self.role, self._name, local=False))
+                if self.ssl is not None:
+                    self.main._tls_accept(conn, self)  # TLS handshake first, then adopted
+                else:
+                    self._track(self.main._adopt(conn, self.role, self._name, self, local=False))
                 continue
             cred = peer_credentials(conn)
             if cred.uid not in self.uids:
@@ -142,6 +161,7 @@ class Server:
                     conn,
                     self.role,
                     self._name,
+                    self,
                     credentials=cred,
                     address=str(self.address),
                     local=cred.uid == self._me,
@@ -151,6 +171,9 @@ class Server:
     def _refuse(self, conn: socket.socket, pid: int | None, uid: int | None) -> None:
         """Close a peer whose uid is not allowed, before it is read or written."""
         self.refused += 1
+        if not self._may_log_refusal():
+            conn.close()
+            return
         log.warning(
             "%r refused a connection from %s: pid %s, uid %s is not allowed (allowed: %s)",
             self,
@@ -160,6 +183,16 @@ class Server:
             sorted(self.uids or ()),
         )
         conn.close()
+
+    #: refusal lines logged per second at most, per listener (the rest are counted)
+    REFUSALS_LOGGED: int = 10
+
+    def _may_log_refusal(self) -> bool:
+        now = time.monotonic()
+        if now - self._refusal_window >= 1.0:
+            self._refusal_window, self._refusals_logged = now, 0
+        self._refusals_logged += 1
+        return self._refusals_logged <= self.REFUSALS_LOGGED
 
     def _refuse_full(self, conn: socket.socket) -> None:
         """``max_connections`` are held: close a new connection at once, count it."""
@@ -200,6 +233,7 @@ class Server:
         while len(hs) >= limit:
             oldest, _ = hs.popitem(last=False)
             self.handshakes_dropped += 1
+            self.main._accepted.pop(oldest, None)  # counted here, not again as refused
             log.warning(
                 "%r: %d peers in the handshake: dropped the oldest, %r", self, limit, oldest
             )
@@ -251,7 +285,9 @@ class Main(Handlers):
         max_frame_size: largest frame accepted or sent on any connection.
         start_method: default for :meth:`spawn`: ``spawn``, ``forkserver`` or ``fork``.
         spawn_timeout: how long a new child may take to say hello.
-        hello_timeout: how long an accepted connection may take to say hello.
+        hello_timeout: how long an accepted connection may take to complete its
+            handshake: its HELLO and, with ``secret=``, its proof (and, with
+            ``ssl=``, the TLS handshake before them, bounded separately by the same time).
         spin: low-latency mode for every peer and child (see :class:`Peer`).
         close_timeout: how long :meth:`close` lets children exit before killing them.
         tracebacks: which peers get the handler's traceback in an ERROR:
@@ -341,6 +377,9 @@ class Main(Handlers):
         # Hello deadlines of accepted peers, cancelled when the peer closes:
         # a pending timer would keep a closed peer (and its buffers) alive.
         self._hello_timers: dict[Peer, asyncio.TimerHandle] = {}
+        # accepted peers -> (their server, their address), to count and log refusals
+        self._accepted: dict[Peer, tuple[Server, str]] = {}
+        self._tls_tasks: set[asyncio.Task[None]] = set()  # TLS handshakes of accepted sockets
         self._closing = False
 
     async def __aenter__(self) -> Main:
@@ -366,9 +405,13 @@ class Main(Handlers):
             "drain_timeout": self.drain_timeout,
         }
 
-    def _adopt(self, sock: socket.socket, role: str, name: str, **ident: Any) -> Peer:
+    def _adopt(
+        self, sock: socket.socket, role: str, name: str, server: Server, **ident: Any
+    ) -> Peer:
         """Make an accepted socket a peer; ``ident``: its credentials, address, ``local``."""
-        peer = Peer(sock, **self._peer_kw(role, name, child=False), **ident)
+        kw = self._peer_kw(role, name, child=False)
+        peer = Peer(sock, **kw, secret=server.secret, initiator=False, **ident)
+        self._accepted[peer] = (server, _peer_address(sock))
         self.peers.add(peer)
         peer.start()
         if not peer.closed:
@@ -378,14 +421,61 @@ class Main(Handlers):
             )
         return peer
 
+    def _tls_accept(self, conn: socket.socket, server: Server) -> None:
+        """Start the TLS handshake of an accepted socket; adopt it once done."""
+        assert server.ssl is not None
+        where = _peer_address(conn)
+        try:
+            conn.setblocking(False)
+            tls = server.ssl.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            conn.close()
+            self._refuse(server, where, f"TLS setup failed: {exc}")
+            return
+        task = asyncio.ensure_future(self._tls_then_adopt(tls, server, where))
+        self._tls_tasks.add(task)
+        task.add_done_callback(self._tls_tasks.discard)
+
+    async def _tls_then_adopt(self, tls: _ssl.SSLSocket, server: Server, where: str) -> None:
+        try:
+            await tls_handshake(tls, asyncio.get_running_loop(), self.hello_timeout)
+        except (OSError, TimeoutError) as exc:  # (ssl.SSLError is an OSError)
+            tls.close()
+            why = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc}"
+            self._refuse(
+                server, where, f"TLS handshake {why} (hello_timeout {self.hello_timeout} s)"
+            )
+            return
+        except BaseException:
+            tls.close()
+            raise
+        if self._closing or server._closed:
+            tls.close()
+            return
+        server._track(self._adopt(tls, server.role, server._name, server, local=False))
+
+    def _refuse(self, server: Server, where: str, why: object) -> None:
+        """Count and log a connection dropped before its handshake completed.
+
+        At most :attr:`Server.REFUSALS_LOGGED` lines a second per listener: a
+        flood of strangers must not become a flood of log lines.
+        """
+        server.refused += 1
+        if server._may_log_refusal():
+            log.warning("%r refused %s: %s", server, where, why)
+
     def _check_hello(self, peer: Peer) -> None:
         self._hello_timers.pop(peer, None)
         if peer.remote_hello is None and not peer.closed:
-            log.warning("%r sent no HELLO within %s s: dropped", peer, self.hello_timeout)
-            peer.abort(ProtocolError("no HELLO within the handshake deadline"))
+            peer.abort(
+                ProtocolError(f"handshake not completed within {self.hello_timeout} s: dropped")
+            )
 
     def _forget(self, peer: Peer) -> None:
         self.peers.discard(peer)
+        accepted = self._accepted.pop(peer, None)
+        if accepted is not None and peer.remote_hello is None and not self._closing:
+            self._refuse(*accepted, peer.close_reason)
         timer = self._hello_timers.pop(peer, None)
         if timer is not None:
             timer.cancel()
@@ -479,6 +569,8 @@ class Main(Handlers):
         *,
         role: str = "client",
         uids: Collection[int] | None = None,
+        secret: bytes | None = None,
+        ssl: _ssl.SSLContext | None = None,
         max_connections: int | None = MAX_CONNECTIONS,
         max_handshaking: int | None = MAX_HANDSHAKING,
     ) -> Server:
@@ -505,10 +597,21 @@ class Main(Handlers):
         those that have not said HELLO yet: one more drops the oldest of them
         (:attr:`Server.handshakes_dropped`). ``None`` turns a limit off.
 
+        ``secret`` (bytes, at least 16): every peer must prove it knows it in
+        the handshake (``tether.connect(..., secret=...)``); it never crosses
+        the wire (docs/protocol.md, 6.1). ``ssl``: a server ``ssl.SSLContext``;
+        every connection runs TLS (handshake bounded by ``hello_timeout``)
+        before tether's own handshake. A TCP listener on an address other than
+        loopback (127.0.0.0/8, ::1) requires a secret, or an ``ssl`` context
+        that authenticates clients (``verify_mode`` ``CERT_REQUIRED``).
+
         Raises:
             TypeError: ``role`` is not a str, ``uids`` not a collection of int,
-                or a limit is not an int (or None).
-            ValueError: the address is malformed, or a limit is below 1.
+                ``secret`` not bytes, or a limit is not an int (or None).
+            ValueError: the address is malformed; a limit is below 1; the secret
+                is shorter than 16 bytes; a TCP address other than loopback
+                without a secret or TLS client authentication; ``ssl`` on a
+                unix address.
             PermissionError: the unix socket's directory is open to others.
             OSError: the address is in use (``EADDRINUSE``), the path is not a
                 socket, or its directory is missing; the message names it.
@@ -524,6 +627,20 @@ class Main(Handlers):
         me = os.geteuid()
         allowed = frozenset((me,)) if uids is None else _checked_uids(uids)
         addr = parse_address(address)
+        if secret is not None:
+            check_secret(secret)
+        if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+            raise TypeError(f"ssl must be an ssl.SSLContext, not {type(ssl).__name__}")
+        if ssl is not None and addr.scheme != "tcp":
+            raise ValueError(f"ssl= is for tcp:// addresses, not {addr}")
+        client_auth = ssl is not None and ssl.verify_mode == _ssl.CERT_REQUIRED
+        if addr.scheme == "tcp" and not _loopback(addr.host) and secret is None and not client_auth:
+            raise ValueError(
+                f"refusing to listen on {addr} (not loopback) without authentication: "
+                "add secret=b'...' (at least 16 random bytes) so that strangers must prove "
+                "they know it, or ssl=ctx with ctx.verify_mode = ssl.CERT_REQUIRED (TLS client "
+                "certificates), or listen on 127.0.0.1"
+            )
         sock = addr.listen(others=bool(allowed - {me}))
         server = Server(
             self,
@@ -531,6 +648,8 @@ class Main(Handlers):
             addr.bound(sock),
             role,
             allowed,
+            secret,
+            ssl,
             max_connections=max_connections,
             max_handshaking=max_handshaking,
         )
@@ -547,6 +666,8 @@ class Main(Handlers):
         for server in self.servers:
             server.close()
         self.servers.clear()
+        for task in list(self._tls_tasks):
+            task.cancel()
         peers = list(self.peers)
         await asyncio.gather(*(p.close("main closing") for p in peers), return_exceptions=True)
         await asyncio.gather(*(self._end_child(c) for c in list(self.children)))
@@ -571,6 +692,28 @@ def _checked_uids(uids: object) -> frozenset[int]:
         if not isinstance(uid, int) or isinstance(uid, bool):
             raise TypeError(f"each uid must be an int, not {type(uid).__name__}: {uid!r}")
     return out
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1, or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
+
+
+def _peer_address(sock: socket.socket) -> str:
+    """The remote address of an accepted socket, for logs (``host:port``, or the unix peer)."""
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(name, tuple):
+        host = f"[{name[0]}]" if ":" in name[0] else name[0]
+        return f"{host}:{name[1]}"
+    return f"unix peer {name or '(unnamed)'}"
 
 
 def _seconds(name: str, value: object, *, zero: bool = False) -> None:
@@ -608,19 +751,27 @@ class _Connecting:
             )
         except OSError as exc:
             raise PeerGone(f"cannot connect to {addr}: {exc}") from exc
+        ctx = kw.pop("ssl")
+        address = peer_address(sock, str(addr))
+        if ctx is not None:
+            sock = await loop.run_in_executor(None, tls_connect, sock, ctx, addr, connect_timeout)
         peer = Peer(
             sock,
             role="main",
             local_role="client",
             name=str(addr),
-            address=peer_address(sock, str(addr)),
+            address=address,
+            initiator=True,
             **kw,
         )
         peer.start()
         try:
             await peer.wait_hello(connect_timeout)
-        except BaseException:
+        except BaseException as exc:
             peer.abort(PeerGone(f"{addr} did not complete the handshake"))
+            refused = tls_refusal(exc, addr) if ctx is not None else None
+            if refused is not None:
+                raise refused from exc
             raise
         return peer
 
@@ -648,16 +799,26 @@ def connect(
     max_inflight: int = MAX_INFLIGHT,
     max_queued: int = MAX_QUEUED,
     drain_timeout: float | None = DRAIN_TIMEOUT,
+    secret: bytes | None = None,
+    ssl: _ssl.SSLContext | None = None,
 ) -> _Connecting:
     """Connect to a listening :class:`Main`; ``await`` it or use ``async with``.
 
     ``tracebacks``: whether errors this side's handlers raise reach main with
-    their traceback (main is trusted: yes by default). ``max_inflight``,
+    their traceback (main is trusted: yes by default). ``secret``: the shared
+    secret of a listener started with ``secret=`` (each side proves it to the
+    other; it never crosses the wire). ``ssl``: a client ``ssl.SSLContext``
+    for a listener started with ``ssl=`` (the server's certificate is checked
+    against the address's host). ``max_inflight``,
     ``max_queued`` and ``drain_timeout``: this side's limits, as for :class:`Main`.
 
     Raises:
         PeerGone: nothing listens there, or the handshake failed.
+        AuthenticationError: the secrets differ, or only one side has one; or
+            the TLS handshake failed (the server's certificate, or ours, refused).
     """
+    if secret is not None:
+        check_secret(secret)
     return _Connecting(
         address,
         {
@@ -670,5 +831,7 @@ def connect(
             "max_inflight": max_inflight,
             "max_queued": max_queued,
             "drain_timeout": drain_timeout,
+            "secret": secret,
+            "ssl": ssl,
         },
     )

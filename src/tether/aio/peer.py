@@ -146,6 +146,8 @@ class Peer(Handlers):
             to :data:`LOW_WATER` (default :data:`DRAIN_TIMEOUT` seconds;
             ``None``: no limit). Then the peer is dropped as one that stopped
             reading, and the sender gets :class:`PeerGone`.
+        secret: a shared secret both sides must prove in the handshake
+            (docs/protocol.md, 6.1); ``initiator``: this side opened the connection.
     """
 
     def __init__(
@@ -167,6 +169,8 @@ class Peer(Handlers):
         max_inflight: int = MAX_INFLIGHT,
         max_queued: int = MAX_QUEUED,
         drain_timeout: float | None = DRAIN_TIMEOUT,
+        secret: bytes | None = None,
+        initiator: bool = True,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -180,6 +184,8 @@ class Peer(Handlers):
             pid=os.getpid(),
             max_frame_size=max_frame_size,
             store=store_for(self._stream.unix, role, local_role),
+            secret=secret,
+            initiator=initiator,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
@@ -260,6 +266,11 @@ class Peer(Handlers):
     def fileno(self) -> int:
         """The connection's socket descriptor (-1 once closed)."""
         return self._sock.fileno()
+
+    @property
+    def close_reason(self) -> TetherError | None:
+        """Why the connection closed (``None`` while open)."""
+        return self._closed
 
     @property
     def remote_hello(self) -> codec.Hello | None:

@@ -15,18 +15,21 @@ import collections
 import contextlib
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from typing import Final
 
 from ..errors import ProtocolError, TetherError
 
-__all__ = ["SocketStream", "close_all"]
+__all__ = ["AGAIN", "SocketStream", "close_all", "tls_handshake"]
 
 READ_SIZE: Final = 256 * 1024
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 _local = threading.local()
+#: "try again later" from a non-blocking socket, plain or TLS (``ssl.SSLSocket``)
+AGAIN: Final = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 def _read_buffer() -> tuple[bytearray, memoryview, list[bytearray]]:
@@ -77,6 +80,8 @@ class SocketStream:
         self.fd = sock.fileno()
         #: a unix socket: descriptors can ride along
         self.unix = sock.family == socket.AF_UNIX
+        #: TLS (an ``ssl.SSLSocket`` whose handshake is done): no ``sendmsg``
+        self.tls = isinstance(sock, ssl.SSLSocket)
         self._loop = loop
         self._on_readable = on_readable
         self._on_error = on_error
@@ -133,7 +138,7 @@ class SocketStream:
                     on_fds(fds)
             else:
                 n = self.sock.recv_into(self._rbuf)
-        except (BlockingIOError, InterruptedError):
+        except AGAIN:
             return None
         return self._rview[:n].tobytes()
 
@@ -155,7 +160,7 @@ class SocketStream:
             return False
         try:
             n = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
+        except AGAIN:
             n = 0
         if n == len(data):
             return True
@@ -166,7 +171,7 @@ class SocketStream:
         if not self._wbuf:
             try:
                 n = self.sock.sendmsg([data], [(*_SCM, array.array("i", fds))])
-            except (BlockingIOError, InterruptedError):
+            except AGAIN:
                 n = 0
             except OSError:
                 close_all(fds)
@@ -207,7 +212,7 @@ class SocketStream:
             data, fds = self._wfds[0]
             try:
                 n = self.sock.sendmsg([data], [(*_SCM, array.array("i", fds))])
-            except (BlockingIOError, InterruptedError):
+            except AGAIN:
                 return
             self._wfds.popleft()
             close_all(fds)
@@ -223,8 +228,8 @@ class SocketStream:
                     break
                 chunks.append(c)
             try:
-                n = self.sock.sendmsg(chunks)
-            except (BlockingIOError, InterruptedError):
+                n = self.sock.send(chunks[0]) if self.tls else self.sock.sendmsg(chunks)
+            except AGAIN:
                 return
             self.buffered -= n
             while n:
@@ -276,3 +281,33 @@ class SocketStream:
         for w in waiters:
             if not w.done():
                 w.set_exception(exc)
+
+
+async def tls_handshake(
+    sock: ssl.SSLSocket, loop: asyncio.AbstractEventLoop, timeout: float
+) -> None:
+    """Run the TLS handshake of a non-blocking ``SSLSocket`` on the loop, within ``timeout``.
+
+    Done before a :class:`SocketStream` owns the socket, so the stream only
+    ever sees application bytes (``SSLSocket.recv_into``/``send``).
+
+    Raises:
+        TimeoutError: the handshake did not finish in time.
+        ssl.SSLError, OSError: it failed (bad certificate, wrong CA, reset...).
+    """
+    fd = sock.fileno()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                add, remove = loop.add_reader, loop.remove_reader
+            except ssl.SSLWantWriteError:
+                add, remove = loop.add_writer, loop.remove_writer
+            ready = loop.create_future()
+            add(fd, ready.set_result, None)
+            try:
+                await ready
+            finally:
+                remove(fd)

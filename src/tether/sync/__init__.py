@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ssl as _ssl
 
 from ..address import Address, parse_address
 from ..errors import PeerGone
 from ..identity import peer_address
+from ..protocol import check_secret
 from ..results import DEFAULT_TIMEOUT
+from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .peer import MAX_INFLIGHT, SPIN_SECONDS, Call, Peer, loop_serves
 
@@ -22,22 +25,31 @@ def connect(
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     spin: float = SPIN_SECONDS,
     max_inflight: int = MAX_INFLIGHT,
+    secret: bytes | None = None,
+    ssl: _ssl.SSLContext | None = None,
 ) -> Peer:
     """Connect to a listening main and return a blocking :class:`Peer`.
 
     Returns once the main's HELLO arrived (within ``connect_timeout``), like
     the asyncio :func:`tether.connect`. Use it as a context manager, or call
-    ``close()`` when done. ``max_inflight``: how many of main's invokes may
-    wait for this side's handlers at once (more are answered ``busy``).
+    ``close()`` when done. ``secret``: the shared secret of a listener started
+    with ``secret=`` (proven both ways in the handshake, never sent). ``ssl``:
+    a client ``ssl.SSLContext`` for a listener started with ``ssl=``.
+    ``max_inflight``: how many of main's invokes may wait for this side's
+    handlers at once (more are answered ``busy``).
 
     Raises:
         PeerGone: nothing listens at ``address``, or it sent no HELLO in time.
+        AuthenticationError: the secrets differ, or only one side has one; or
+            the TLS handshake failed.
         RuntimeError: called from the thread running the event loop that
             serves ``address``: that loop cannot answer while this call blocks
             (use ``await tether.connect(...)`` there, or call this from another
             thread).
     """
     addr = parse_address(address)
+    if secret is not None:
+        check_secret(secret)
     try:
         sock = addr.connect(connect_timeout)
     except OSError as exc:
@@ -54,19 +66,28 @@ def connect(
             "this call blocks; use 'await tether.connect(...)' here, or call it from "
             "another thread (asyncio.to_thread)"
         )
-    peer = Peer(
-        sock,
-        timeout=timeout,
-        max_frame_size=max_frame_size,
-        name=str(addr),
-        spin=spin,
-        address=peer_address(sock, str(addr)),
-        max_inflight=max_inflight,
-    )
+    address = peer_address(sock, str(addr))
+    if ssl is not None:
+        sock = tls_connect(sock, ssl, addr, connect_timeout)
+    peer: Peer | None = None
     try:
+        peer = Peer(
+            sock,
+            timeout=timeout,
+            max_frame_size=max_frame_size,
+            name=str(addr),
+            spin=spin,
+            secret=secret,
+            address=address,
+            max_inflight=max_inflight,
+        )
         peer.wait_hello(connect_timeout)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            peer.close()
+    except BaseException as exc:
+        if peer is not None:
+            with contextlib.suppress(Exception):
+                peer.close()
+        refused = tls_refusal(exc, addr) if ssl is not None else None
+        if refused is not None:
+            raise refused from exc
         raise
     return peer

@@ -62,6 +62,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -115,6 +116,8 @@ OUT_HIGH: Final = 4 * 1024 * 1024
 MAX_INFLIGHT: Final = 1024
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+#: "try again later" from a non-blocking socket, plain or TLS (``ssl.SSLSocket``)
+_AGAIN: Final = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _FATAL: Final = (SystemExit, KeyboardInterrupt)
 
 
@@ -155,6 +158,8 @@ class Peer(Handlers):
             worker at once (default :data:`MAX_INFLIGHT`); one more is
             answered at once with ERROR ``busy`` (the caller gets
             :class:`~tether.Busy`) and its handler does not run.
+        secret: a shared secret both sides must prove in the handshake
+            (docs/protocol.md, 6.1); ``initiator``: this side opened the connection.
 
     Attributes:
         max_queued: the most jobs ever queued for the worker at once (never
@@ -185,6 +190,8 @@ class Peer(Handlers):
         address: str = "",
         local: bool = True,
         max_inflight: int = MAX_INFLIGHT,
+        secret: bytes | None = None,
+        initiator: bool = True,
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
@@ -195,6 +202,8 @@ class Peer(Handlers):
             pid=os.getpid(),
             max_frame_size=max_frame_size,
             store=store_for(self._unix, role, local_role),
+            secret=secret,
+            initiator=initiator,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
@@ -485,7 +494,7 @@ class Peer(Handlers):
         if not fds:  # the common case: one send takes it all
             try:
                 n = sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except _AGAIN:
                 n = 0
             except (OSError, ValueError) as exc:
                 raise self._lost(exc) from exc
@@ -501,7 +510,7 @@ class Peer(Handlers):
                         fds = []
                     else:
                         n = sock.send(view)
-                except (BlockingIOError, InterruptedError):
+                except _AGAIN:
                     n = 0
                 except (OSError, ValueError) as exc:
                     raise self._lost(exc) from exc
@@ -600,7 +609,7 @@ class Peer(Handlers):
                     self._take_fds(anc, flags)
             else:
                 n = sock.recv_into(self._rbuf)
-        except (BlockingIOError, InterruptedError):
+        except _AGAIN:
             return None
         except (OSError, ValueError) as exc:
             raise self._lost(exc) from exc
