@@ -572,3 +572,54 @@ def test_auth_before_hello_is_a_protocol_error() -> None:
     encode_frame(out, Kind.AUTH, 0, 0, b"", bytes(32))
     with pytest.raises(ProtocolError, match="expected HELLO"):
         b.receive_data(bytes(out))
+
+
+# -- found by the outside look: TLS handshakes count, one deadline ------------------------
+
+
+async def test_tls_handshakes_in_progress_count_against_the_listener_limits(pki: str) -> None:
+    async with tether.Main() as main:
+        server, addr = await _serve(main, ssl=_server_ctx(pki))
+        server.max_handshaking = 3
+        host, port = addr.removeprefix("tcp://").rsplit(":", 1)
+        silent = []
+        for _ in range(10):  # connect, never start TLS
+            s = socket.create_connection((host, int(port)), timeout=5.0)
+            silent.append(s)
+            await asyncio.sleep(0.02)
+        await _until(lambda: server.handshakes_dropped >= 7)
+        assert len(server._tls) <= 3
+
+        def closed(s: socket.socket) -> bool:
+            s.settimeout(2.0)
+            try:
+                return s.recv(1) == b""
+            except (ConnectionResetError, TimeoutError):
+                return False
+
+        assert await asyncio.to_thread(closed, silent[0])  # the oldest went first
+        for s in silent:
+            s.close()
+
+
+async def test_tls_and_the_tether_handshake_share_one_deadline(pki: str) -> None:
+    async with tether.Main(hello_timeout=2.0) as main:
+        _, addr = await _serve(main, ssl=_server_ctx(pki))
+        host, port = addr.removeprefix("tcp://").rsplit(":", 1)
+
+        def slow_then_silent() -> float:
+            t0 = time.monotonic()
+            raw = socket.create_connection((host, int(port)), timeout=5.0)
+            time.sleep(1.5)  # most of the deadline spent before TLS even starts
+            tls = _client_ctx(pki).wrap_socket(raw, server_hostname=host)
+            tls.settimeout(5.0)
+            try:
+                while tls.recv(4096):  # main's HELLO, then nothing: wait for the close
+                    pass
+            except (ConnectionResetError, ssl.SSLError):
+                pass
+            tls.close()
+            return time.monotonic() - t0
+
+        elapsed = await asyncio.to_thread(slow_then_silent)
+        assert elapsed < 3.0, f"dropped after {elapsed:.1f} s: two deadlines, not one"

@@ -59,7 +59,7 @@ class Address:
         """
         if self.scheme == "unix":
             self._check_folder(others)
-            sock = self._bind_unix()
+            sock = self._bind_unix(others)
         else:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -97,7 +97,7 @@ class Address:
                 "(tempfile.mkdtemp(), $XDG_RUNTIME_DIR)",
             )
 
-    def _bind_unix(self) -> socket.socket:
+    def _bind_unix(self, others: bool = False) -> socket.socket:
         path = self.path
         try:
             st = os.stat(path)
@@ -131,7 +131,9 @@ class Address:
             raise
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
+        # 0600; with other allowed uids 0666: the directory (which they may
+        # enter, not write) and the uid check when accepting are the gates.
+        os.chmod(path, 0o666 if others else 0o600)
         return sock
 
     def bound(self, sock: socket.socket) -> Address:

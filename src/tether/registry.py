@@ -190,6 +190,7 @@ class Registry:
             h = handlers[0]
             roles = h.roles
             if (role not in roles) if roles is not None else not local:
+                log.debug("event %r not exposed to role %r: dropped", f.channel, role)
                 return []
             try:
                 return [(h, h.spec.decode(f.body, f.attachments))]

@@ -107,6 +107,8 @@ class Server:
         self._held: set[Peer] = set()  # this listener's peers still open
         # ...of which those that may still be in the handshake, oldest first
         self._handshaking: collections.OrderedDict[Peer, None] = collections.OrderedDict()
+        # TLS handshakes still running for this listener, oldest first
+        self._tls: collections.OrderedDict[asyncio.Task[None], None] = collections.OrderedDict()
         self.secret = secret
         self.ssl = ssl
         self._sock = sock
@@ -140,10 +142,14 @@ class Server:
             if self._backed_off:
                 log.warning("%r: accepting again after %d retries", self, self._backed_off)
                 self._backed_off = 0
-            if self.max_connections is not None and len(self._held) >= self.max_connections:
+            tls = self._tls
+            if self.max_connections is not None and len(self._held) + len(tls) >= self.max_connections:
                 self._refuse_full(conn)
                 continue
-            if self.max_handshaking is not None and len(self._handshaking) >= self.max_handshaking:
+            if (
+                self.max_handshaking is not None
+                and len(self._handshaking) + len(tls) >= self.max_handshaking
+            ):
                 self._make_handshake_room(self.max_handshaking)
             tune(conn)
             if self.uids is None:  # TCP: the OS says nothing about who this is
@@ -230,6 +236,11 @@ class Server:
         hs = self._handshaking
         for p in [p for p in hs if p.remote_hello is not None]:
             del hs[p]
+        tls = self._tls
+        while tls and len(hs) + len(tls) >= limit:  # TLS handshakes are the oldest
+            task, _ = tls.popitem(last=False)
+            self.handshakes_dropped += 1
+            task.cancel()  # closes its socket
         while len(hs) >= limit:
             oldest, _ = hs.popitem(last=False)
             self.handshakes_dropped += 1
@@ -406,9 +417,18 @@ class Main(Handlers):
         }
 
     def _adopt(
-        self, sock: socket.socket, role: str, name: str, server: Server, **ident: Any
+        self,
+        sock: socket.socket,
+        role: str,
+        name: str,
+        server: Server,
+        hello_timeout: float | None = None,
+        **ident: Any,
     ) -> Peer:
-        """Make an accepted socket a peer; ``ident``: its credentials, address, ``local``."""
+        """Make an accepted socket a peer; ``ident``: its credentials, address, ``local``.
+
+        ``hello_timeout``: what is left of the handshake deadline (default: all of it).
+        """
         kw = self._peer_kw(role, name, child=False)
         peer = Peer(sock, **kw, secret=server.secret, initiator=False, **ident)
         self._accepted[peer] = (server, _peer_address(sock))
@@ -417,7 +437,9 @@ class Main(Handlers):
         if not peer.closed:
             # An accepted peer that never says hello is dropped (untrusted by default).
             self._hello_timers[peer] = asyncio.get_running_loop().call_later(
-                self.hello_timeout, self._check_hello, peer
+                self.hello_timeout if hello_timeout is None else hello_timeout,
+                self._check_hello,
+                peer,
             )
         return peer
 
@@ -434,11 +456,15 @@ class Main(Handlers):
             return
         task = asyncio.ensure_future(self._tls_then_adopt(tls, server, where))
         self._tls_tasks.add(task)
+        server._tls[task] = None  # counts against the listener's limits until it is done
         task.add_done_callback(self._tls_tasks.discard)
+        task.add_done_callback(lambda t: server._tls.pop(t, None))
 
     async def _tls_then_adopt(self, tls: _ssl.SSLSocket, server: Server, where: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            await tls_handshake(tls, asyncio.get_running_loop(), self.hello_timeout)
+            await tls_handshake(tls, loop, self.hello_timeout)
         except (OSError, TimeoutError) as exc:  # (ssl.SSLError is an OSError)
             tls.close()
             why = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc}"
@@ -452,7 +478,10 @@ class Main(Handlers):
         if self._closing or server._closed:
             tls.close()
             return
-        server._track(self._adopt(tls, server.role, server._name, server, local=False))
+        left = max(0.0, self.hello_timeout - (loop.time() - started))  # one deadline for both
+        server._track(
+            self._adopt(tls, server.role, server._name, server, local=False, hello_timeout=left)
+        )
 
     def _refuse(self, server: Server, where: str, why: object) -> None:
         """Count and log a connection dropped before its handshake completed.
