@@ -143,7 +143,8 @@ class Server:
                 log.warning("%r: accepting again after %d retries", self, self._backed_off)
                 self._backed_off = 0
             tls = self._tls
-            if self.max_connections is not None and len(self._held) + len(tls) >= self.max_connections:
+            held = len(self._held) + len(tls)
+            if self.max_connections is not None and held >= self.max_connections:
                 self._refuse_full(conn)
                 continue
             if (
