@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -623,3 +624,48 @@ async def test_tls_and_the_tether_handshake_share_one_deadline(pki: str) -> None
 
         elapsed = await asyncio.to_thread(slow_then_silent)
         assert elapsed < 3.0, f"dropped after {elapsed:.1f} s: two deadlines, not one"
+
+
+def test_a_large_frame_before_the_proof_is_refused_before_it_is_read() -> None:
+    # An unauthenticated peer announcing a 60 MB "AUTH" must not make us hold it.
+    b = Connection("main", secret=SECRET, initiator=False)
+    hello = codec.encoder.encode(
+        codec.Hello(protocol="tether", version=1, role="client", nonce=b"\x01" * NONCE_SIZE)
+    )
+    out = bytearray()
+    encode_frame(out, Kind.HELLO, 0, 0, b"", hello)
+    head = (60_000_000).to_bytes(4, "little")
+    with pytest.raises(ProtocolError, match="limit of 4096"):
+        b.receive_data(bytes(out) + head + bytes(100))
+    # Without a secret, the frame after the HELLO has the full limit.
+    plain = bytearray()
+    encode_frame(plain, Kind.HELLO, 0, 0, b"", codec.encoder.encode(
+        codec.Hello(protocol="tether", version=1, role="client")
+    ))  # fmt: skip
+    c = Connection("main")
+    frames = c.receive_data(bytes(plain) + head + bytes(100))
+    assert frames == [] and c.buffered_in > 100
+
+
+async def test_protocol_errors_are_logged_a_few_times_a_second(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with tether.Main(timeout=10.0) as main:
+        server = await main.listen(f"unix://{sock_path}")
+
+        def garbage() -> None:
+            for _ in range(200):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(sock_path)
+                s.sendall(b"\xff" * 64)  # not a HELLO: a protocol error
+                s.settimeout(5.0)
+                with contextlib.suppress(OSError):
+                    while s.recv(4096):  # main's HELLO, then its close
+                        pass
+                s.close()
+
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            await asyncio.to_thread(garbage)
+            await _until(lambda: server.refused >= 200, timeout=10.0)
+        lines = [r for r in caplog.records if "broke the protocol" in r.getMessage()]
+        assert 1 <= len(lines) <= 40

@@ -270,7 +270,10 @@ class Connection:
         self._parser = FrameParser(
             max_frame_size,
             self._claim if store is not None else None,
-            first_limit=MIN_MAX_FRAME_SIZE,  # the HELLO: every HELLO fits the floor
+            # The HELLO (and the AUTH, with a secret) of a peer not yet known:
+            # every HELLO fits the floor, an AUTH is 32 bytes of proof.
+            first_limit=MIN_MAX_FRAME_SIZE,
+            first_count=2 if secret is not None else 1,
         )
         self._out = bytearray()
         self._fds_out: list[int] = []

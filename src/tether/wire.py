@@ -189,9 +189,10 @@ class FrameParser:
             descriptor attachment, in order; it takes the next descriptor that
             arrived beside the bytes and returns its mapped contents. ``None``:
             descriptor attachments are a protocol error.
-        first_limit: a smaller limit for the first frame only (a connection's
-            HELLO), so a stranger's first header cannot make this side hold
-            more than that before it has said who it is.
+        first_limit: a smaller limit for the first ``first_count`` frames only
+            (a connection's HELLO, and its AUTH with a shared secret), so a
+            stranger's first headers cannot make this side hold more than that
+            before it has said, and proven, who it is.
 
     A frame that spans reads is assembled in a buffer that grows with the
     bytes that actually arrived: a header announcing a large frame costs
@@ -202,6 +203,7 @@ class FrameParser:
         "_buf",
         "_chans",
         "_first",
+        "_first_left",
         "_head",
         "_need",
         "claim_fd",
@@ -214,9 +216,11 @@ class FrameParser:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         claim_fd: Callable[[int, int, int], memoryview] | None = None,
         first_limit: int | None = None,
+        first_count: int = 1,
     ) -> None:
         self.max_frame_size = max_frame_size
         self._first = first_limit
+        self._first_left = first_count
         self.claim_fd = claim_fd
         #: the frames the current :meth:`feed` has completed so far (``claim_fd``
         #: may look at them: the HELLO before a frame says whether it may use
@@ -311,7 +315,10 @@ class FrameParser:
         """Begin a frame of ``size`` bytes whose body starts at ``mv[pos]``."""
         limit = self.max_frame_size
         if self._first is not None:
-            limit, self._first = self._first, None
+            limit = self._first
+            self._first_left -= 1
+            if self._first_left <= 0:
+                self._first = None
         if size > limit:
             raise ProtocolError(f"frame length {size} exceeds the limit of {limit} bytes")
         if size < HEADER_SIZE - 4:

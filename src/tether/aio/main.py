@@ -246,9 +246,10 @@ class Server:
             oldest, _ = hs.popitem(last=False)
             self.handshakes_dropped += 1
             self.main._accepted.pop(oldest, None)  # counted here, not again as refused
-            log.warning(
-                "%r: %d peers in the handshake: dropped the oldest, %r", self, limit, oldest
-            )
+            if self._may_log_refusal():
+                log.warning(
+                    "%r: %d peers in the handshake: dropped the oldest, %r", self, limit, oldest
+                )
             oldest.abort(
                 PeerGone(f"{oldest!r} dropped: {limit} connections still in the handshake")
             )

@@ -95,6 +95,24 @@ _ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
 _EXITS: Final = (SystemExit, KeyboardInterrupt)
 
 
+_warned_at = 0.0
+_warned = 0
+#: "broke the protocol" lines logged per second at most, per process (the rest
+#: are counted and reported once): a flood of bad peers is not a flood of lines
+WARNINGS_PER_SECOND: Final = 10
+
+
+def _may_warn() -> bool:
+    global _warned_at, _warned
+    now = time.monotonic()
+    if now - _warned_at >= 1.0:
+        if _warned > WARNINGS_PER_SECOND:
+            log.warning("%d more protocol errors were not logged", _warned - WARNINGS_PER_SECOND)
+        _warned_at, _warned = now, 0
+    _warned += 1
+    return _warned <= WARNINGS_PER_SECOND
+
+
 class Peer(Handlers):
     """One connection to another tether endpoint, driven by asyncio.
 
@@ -334,7 +352,7 @@ class Peer(Handlers):
         """
         if self._closed is not None:
             return
-        if isinstance(exc, ProtocolError):
+        if isinstance(exc, ProtocolError) and _may_warn():
             log.warning("%r broke the protocol: %s", self, exc)
         self._dropped = True
         if isinstance(exc, PeerGone):
