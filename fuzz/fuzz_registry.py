@@ -287,7 +287,7 @@ def TestOneInput(data: bytes) -> None:
     ]
     mode = how & 3
     if mode == 0:
-        body = data[r.pos :]
+        body = data[2 + r.pos :]  # the bytes after the attachment sizes
     else:
         body = body_from(r)
         if mode == 2 and body:
