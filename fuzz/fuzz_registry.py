@@ -10,7 +10,10 @@ finding: in an I/O layer it would leave the invoke without an answer.
 Run with atheris (coverage-guided)::
 
     python fuzz/fuzz_registry.py -atheris_runs=20000
-    python fuzz/fuzz_registry.py -max_total_time=300 corpus_dir/
+    python fuzz/fuzz_registry.py -max_total_time=300 .fuzz/fuzz_registry fuzz/corpus/fuzz_registry
+
+``make fuzz`` runs the second form (new inputs go to the first directory; the second holds
+the committed seeds, written by fuzz/make_corpus.py).
 
 ``TestOneInput`` is also driven by ``tests/test_fuzz_registry.py`` without atheris.
 
