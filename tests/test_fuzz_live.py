@@ -189,3 +189,19 @@ def test_sessions_are_bounded_by_time(tmp_path: Path) -> None:
     out = live.fuzz_live("aio", tmp_path, 10**9, max_seconds=1.0)
     assert out.out_of_time and 0 < out.sessions < 10**9
     assert out.fuzz_seconds < 10 and out.problems() == []
+
+
+def test_log_keeper_keeps_an_undocumented_record_after_a_flood() -> None:
+    """The server's log capture is not crowded out by the documented warnings of 100k sessions."""
+    import logging
+
+    keeper = live.LogKeeper()
+
+    def record(level: int, msg: str) -> logging.LogRecord:
+        return logging.makeLogRecord({"name": "tether", "levelno": level, "msg": msg})
+
+    for _ in range(20_000):
+        keeper.emit(record(logging.WARNING, "peer 'x' broke the protocol: bad frame"))
+    keeper.emit(record(logging.ERROR, "handler crashed"))
+    assert keeper.counted == 20_001
+    assert [r["msg"] for r in keeper.records] == ["handler crashed"]
