@@ -9,8 +9,13 @@ PYTHON := $(shell for p in python3.13 python3.12 python3.11 python3; do \
 endif
 VENV := .venv
 STAMP := $(VENV)/.installed
+# make fuzz: seconds per atheris harness, live sessions per server and the time bound on them.
+FUZZ_SECONDS ?= 60
+FUZZ_SESSIONS ?= 100000
+FUZZ_LIVE_SECONDS ?= 900
+FUZZ_DIR := .fuzz
 
-.PHONY: all demo test bench lint clean
+.PHONY: all demo test bench lint fuzz clean
 
 all: test
 
@@ -32,9 +37,27 @@ bench: $(STAMP)
 	$(VENV)/bin/tether bench
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests examples fuzz
+	$(VENV)/bin/ruff format --check src tests examples fuzz
 	$(VENV)/bin/mypy --strict
 
+# Each atheris harness for FUZZ_SECONDS from the committed seeds (fuzz/corpus/; what it finds
+# new goes to $(FUZZ_DIR)/, a crashing input too), then FUZZ_SESSIONS hostile live sessions
+# against a listening asyncio Main and against a blocking peer (fuzz/live.py). Fails on any
+# finding. Not part of `make test`, which runs all of it briefly.
+# Every stage runs even if an earlier one found something; the exit status is 1 if any did.
+fuzz: $(STAMP)
+	@mkdir -p $(FUZZ_DIR)/fuzz_protocol $(FUZZ_DIR)/fuzz_registry
+	@rc=0; for h in fuzz_protocol fuzz_registry; do \
+		echo "== $$h: $(FUZZ_SECONDS) s from fuzz/corpus/$$h"; \
+		$(VENV)/bin/python fuzz/$$h.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			-artifact_prefix=$(FUZZ_DIR)/ $(FUZZ_DIR)/$$h fuzz/corpus/$$h \
+			|| { rc=1; echo "== $$h FOUND A FAILURE (input saved under $(FUZZ_DIR)/)"; }; \
+	done; \
+	echo "== live: $(FUZZ_SESSIONS) sessions per server (at most $(FUZZ_LIVE_SECONDS) s each)"; \
+	$(VENV)/bin/python fuzz/live.py --sessions $(FUZZ_SESSIONS) \
+		--max-seconds $(FUZZ_LIVE_SECONDS) || rc=1; \
+	exit $$rc
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(FUZZ_DIR)

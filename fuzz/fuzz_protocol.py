@@ -3,7 +3,10 @@
 Run with atheris (coverage-guided)::
 
     python fuzz/fuzz_protocol.py -runs=20000
-    python fuzz/fuzz_protocol.py -max_total_time=300 corpus_dir/
+    python fuzz/fuzz_protocol.py -max_total_time=300 .fuzz/fuzz_protocol fuzz/corpus/fuzz_protocol
+
+``make fuzz`` runs the second form (new inputs go to the first directory; the second holds
+the committed seeds, written by fuzz/make_corpus.py).
 
 ``TestOneInput`` is also driven by ``tests/test_fuzz.py`` without atheris.
 

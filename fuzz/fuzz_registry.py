@@ -10,7 +10,10 @@ finding: in an I/O layer it would leave the invoke without an answer.
 Run with atheris (coverage-guided)::
 
     python fuzz/fuzz_registry.py -atheris_runs=20000
-    python fuzz/fuzz_registry.py -max_total_time=300 corpus_dir/
+    python fuzz/fuzz_registry.py -max_total_time=300 .fuzz/fuzz_registry fuzz/corpus/fuzz_registry
+
+``make fuzz`` runs the second form (new inputs go to the first directory; the second holds
+the committed seeds, written by fuzz/make_corpus.py).
 
 ``TestOneInput`` is also driven by ``tests/test_fuzz_registry.py`` without atheris.
 
@@ -287,7 +290,7 @@ def TestOneInput(data: bytes) -> None:
     ]
     mode = how & 3
     if mode == 0:
-        body = data[r.pos :]
+        body = data[2 + r.pos :]  # the bytes after the attachment sizes
     else:
         body = body_from(r)
         if mode == 2 and body:

@@ -27,6 +27,7 @@ from tether.errors import BadRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "fuzz" / "fuzz_registry.py"
+CORPUS = ROOT / "fuzz" / "corpus" / "fuzz_registry"  # written by fuzz/make_corpus.py
 
 
 def _load() -> ModuleType:
@@ -186,7 +187,9 @@ def _run_atheris(runs: int, seed: int, corpus: Path) -> None:
         (corpus / f"seed{i}").write_bytes(data)
     # The child imports the same tether as this process does.
     env = {**os.environ, "PYTHONPATH": str(Path(codec.__file__).resolve().parent.parent)}
-    cmd = [sys.executable, str(HARNESS), str(corpus), f"-atheris_runs={runs}", f"-seed={seed}"]
+    # New inputs go to `corpus` (a temporary directory); the committed seeds are read only.
+    cmd = [sys.executable, str(HARNESS), str(corpus), str(CORPUS), f"-atheris_runs={runs}"]
+    cmd += [f"-seed={seed}", f"-artifact_prefix={corpus}/"]
     proc = subprocess.run(
         [*cmd, "-max_len=512"],
         cwd="/tmp",
@@ -211,6 +214,55 @@ def _run_atheris(runs: int, seed: int, corpus: Path) -> None:
 @pytest.mark.skipif(not _atheris_available(), reason="atheris is not installed")
 def test_atheris_short_run(tmp_path: Path) -> None:
     _run_atheris(5000, seed=1, corpus=tmp_path)
+
+
+# Found by `make fuzz` (fuzz_registry, 2026-11-30): numpy parses a dtype string such as
+# "01i4" with ast.literal_eval; its SyntaxError used to escape codec.ext_hook.
+@pytest.mark.parametrize("dtype", ["01i4", "9" * 5000 + "i4"])
+def test_ndarray_dtype_numpy_cannot_parse_is_a_bad_request(dtype: str) -> None:
+    ext = msgspec.msgpack.Ext(EXT_NDARRAY, codec.encoder.encode([0, dtype, [1]]))
+    with pytest.raises(BadRequest):
+        fuzz.REGISTRY.invokes["ndarray"].spec.decode(_encode([ext]), [memoryview(bytes(16))])
+
+
+def test_dtype_defect_reproduces_from_the_fuzzer_input() -> None:
+    """The input atheris wrote (crash-010522f0...), base64: dtype "\\x01\\x00..." on `any!`."""
+    import base64
+
+    fuzz.TestOneInput(base64.b64decode("jQZuksQGaW5sbmllAQDWAAAA"))
+
+
+# --- the committed seed corpus ------------------------------------------------------------
+
+
+def _outcome(seed: bytes) -> str:
+    """What the harness's INVOKE resolves to for ``seed``: a handler's channel or an error code."""
+    got: list[str] = []
+
+    def spy(channel: str, body: Any, attachments: list[Any]) -> None:
+        frame = fuzz.Frame(fuzz.Kind.INVOKE, 1, 0, channel, body, attachments)
+        out = fuzz.REGISTRY.resolve(frame, fuzz.ROLE)
+        got.append(out.code if isinstance(out, codec.ErrorInfo) else channel)
+        real(channel, body, attachments)
+
+    real = fuzz.check_resolve
+    fuzz.check_resolve = spy
+    try:
+        fuzz.TestOneInput(seed)
+    finally:
+        fuzz.check_resolve = real
+    (outcome,) = got
+    return outcome
+
+
+def test_corpus_seeds_reach_every_handler() -> None:
+    """Each handler's seed resolves (valid arguments), its admin-only twin is forbidden."""
+    seeds = {p.name: p.read_bytes() for p in CORPUS.iterdir()}
+    for name in CHANNELS:
+        assert _outcome(seeds[name]) == name, name
+        assert _outcome(seeds[name + "-admin-only"]) == "forbidden", name
+    assert _outcome(seeds["no-handler"]) == "no_handler"
+    assert _outcome(seeds["recipe-values"]) == "any"
 
 
 # --- codec.error_info: describing whatever a handler raised -----------------------------

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's scripts sit next to its python
 
 CHECKS = {
-    "ruff-check": [str(BIN / "ruff"), "check", "src", "tests", "examples"],
-    "ruff-format": [str(BIN / "ruff"), "format", "--check", "src", "tests", "examples"],
+    "ruff-check": [str(BIN / "ruff"), "check", "src", "tests", "examples", "fuzz"],
+    "ruff-format": [str(BIN / "ruff"), "format", "--check", "src", "tests", "examples", "fuzz"],
     "mypy": [str(BIN / "mypy"), "--strict"],  # files and options come from pyproject.toml
 }
 

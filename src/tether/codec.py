@@ -56,7 +56,7 @@ def ext_hook(code: int, data: memoryview) -> Any:
                 raise ValueError(f"negative dimension in shape {shape}")
             view = _attachment(atts, index)
             return np.frombuffer(view, dtype=np.dtype(dtype)).reshape(shape)
-        except (TypeError, ValueError) as exc:  # unknown dtype, shape that doesn't fit
+        except (TypeError, ValueError, SyntaxError) as exc:  # bad dtype string, shape
             raise msgspec.ValidationError(f"malformed array attachment: {exc}") from None
     return msgspec.msgpack.Ext(code, bytes(data))
 
