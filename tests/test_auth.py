@@ -669,3 +669,11 @@ async def test_protocol_errors_are_logged_a_few_times_a_second(
             await _until(lambda: server.refused >= 200, timeout=10.0)
         lines = [r for r in caplog.records if "broke the protocol" in r.getMessage()]
         assert 1 <= len(lines) <= 40
+
+
+async def test_listen_refuses_a_client_context_and_uids_on_tcp() -> None:
+    async with tether.Main() as main:
+        with pytest.raises(ValueError, match="server context"):
+            await main.listen("tcp://127.0.0.1:0", ssl=ssl.create_default_context())
+        with pytest.raises(ValueError, match="uids= is for unix"):
+            await main.listen("tcp://127.0.0.1:0", uids={0})

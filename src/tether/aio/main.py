@@ -664,6 +664,16 @@ class Main(Handlers):
             raise TypeError(f"ssl must be an ssl.SSLContext, not {type(ssl).__name__}")
         if ssl is not None and addr.scheme != "tcp":
             raise ValueError(f"ssl= is for tcp:// addresses, not {addr}")
+        if ssl is not None and ssl.check_hostname:
+            raise ValueError(
+                "ssl= needs a server context (ssl.create_default_context("
+                "ssl.Purpose.CLIENT_AUTH) or ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)): this one "
+                "checks host names, as a client context does"
+            )
+        if uids is not None and addr.scheme != "unix":
+            raise ValueError(
+                f"uids= is for unix:// addresses (the OS says who connected), not {addr}"
+            )
         client_auth = ssl is not None and ssl.verify_mode == _ssl.CERT_REQUIRED
         if addr.scheme == "tcp" and not _loopback(addr.host) and secret is None and not client_auth:
             raise ValueError(
