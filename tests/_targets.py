@@ -379,3 +379,18 @@ async def report_identity(peer: tether.Peer) -> None:
         return await call.peer.invoke("who", timeout=10.0)
 
     await peer.wait_closed()
+
+
+async def pickle_worker(peer: tether.Peer) -> None:
+    """Echo what main sends (any picklable object), and ask main for a Fraction."""
+    import fractions
+
+    @peer.handle("echo")
+    def echo(call: tether.Call, x: Any) -> Any:
+        return x
+
+    @peer.handle("ask_main")
+    async def ask_main(call: tether.Call) -> Any:
+        return await peer.invoke("half", fractions.Fraction(3, 4))
+
+    await peer.wait_closed()

@@ -379,8 +379,10 @@ async def test_a_pickle_payload_is_never_unpickled(
     frames += [(b"take_int", as_ext[0]), (b"take", evil), (b"take_int", evil)]
     answers = await asyncio.to_thread(_attack, path, frames)
     assert not marker.exists()
-    # An extension type tether does not define reaches a handler undecoded...
-    for f in answers[:4]:
+    # Ext 3 is tether's pickle type: refused on a connection that did not opt in...
+    assert codec.error_decoder.decode(answers[0].body).code == "bad_request"
+    # ...an extension type tether does not define reaches a handler undecoded...
+    for f in answers[1:4]:
         assert f.kind == wire.K_RESULT and msgspec.msgpack.decode(f.body) == "Ext"
     # ...a typed argument refuses it, and a raw pickle body is no MessagePack.
     for f in answers[4:]:

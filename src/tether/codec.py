@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import pickle
 import re
 import threading
 import traceback as _traceback
@@ -36,12 +37,23 @@ PROTOCOL_VERSION: Final = 1
 #: MessagePack extension codes for attachments (see docs/protocol.md).
 EXT_BYTES: Final = 1  # data: u32 LE attachment index -> read-only memoryview
 EXT_NDARRAY: Final = 2  # data: msgpack [index, dtype str, shape] -> read-only ndarray
+#: data: a pickle, only between two ends that both opted in (a main and the
+#: child it spawned with ``pickle=True``); anywhere else a validation error,
+#: and never unpickled
+EXT_PICKLE: Final = 3
 
 _local = threading.local()
 
 
 def ext_hook(code: int, data: memoryview) -> Any:
     """Resolve an attachment reference against the frame being decoded."""
+    if code == EXT_PICKLE:
+        if not getattr(_local, "pickle", False):
+            raise msgspec.ValidationError("pickle is not allowed on this connection")
+        try:
+            return pickle.loads(data)
+        except Exception as exc:
+            raise msgspec.ValidationError(f"cannot unpickle: {exc}") from None
     atts = getattr(_local, "attachments", None)
     if code == EXT_BYTES and atts is not None:
         if len(data) != 4:
@@ -67,8 +79,19 @@ def _attachment(atts: Any, index: int) -> memoryview:
     return memoryview(atts[index]).toreadonly()
 
 
-def decode_with(decoder: msgspec.msgpack.Decoder[Any], body: Any, attachments: Any) -> Any:
-    """Decode ``body``; extension references resolve to ``attachments``."""
+def decode_with(
+    decoder: msgspec.msgpack.Decoder[Any], body: Any, attachments: Any, pickled: bool = False
+) -> Any:
+    """Decode ``body``; extension references resolve to ``attachments``.
+
+    ``pickled``: the connection's two ends opted in to pickle (EXT_PICKLE).
+    """
+    if pickled:
+        _local.pickle = True
+        try:
+            return decode_with(decoder, body, attachments)
+        finally:
+            _local.pickle = False
     if not attachments:
         return decoder.decode(body)
     _local.attachments = attachments
@@ -244,11 +267,16 @@ class ArgsSpec:
         nt.__annotations__ = types
         self.decoder = msgspec.msgpack.Decoder(nt, ext_hook=ext_hook)
 
-    def decode(self, body: bytes | memoryview, attachments: Any = ()) -> tuple[Any, ...]:
-        """Decode and validate; raises :class:`BadRequest` naming the bad argument."""
+    def decode(
+        self, body: bytes | memoryview, attachments: Any = (), pickled: bool = False
+    ) -> tuple[Any, ...]:
+        """Decode and validate; raises :class:`BadRequest` naming the bad argument.
+
+        ``pickled``: the frame came over a connection whose ends opted in to pickle.
+        """
         try:
-            if attachments:
-                args: tuple[Any, ...] = decode_with(self.decoder, body, attachments)
+            if attachments or pickled:
+                args: tuple[Any, ...] = decode_with(self.decoder, body, attachments, pickled)
             else:
                 args = self.decoder.decode(body)
             for i in self.buffers:

@@ -185,6 +185,7 @@ def _peer_options(options: dict[str, Any]) -> dict[str, Any]:
         "max_frame_size": options["max_frame_size"],
         "name": options.get("name", ""),
         "address": f"main:{options.get('parent_pid', os.getppid())}",
+        "pickle": bool(options.get("pickle", False)),
     }
 
 

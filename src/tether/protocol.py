@@ -54,6 +54,7 @@ import collections
 import enum
 import hashlib
 import hmac
+import pickle as _pickle
 import secrets
 from collections.abc import Iterable
 from typing import Any, Final, Protocol
@@ -234,6 +235,7 @@ class Connection:
         store: AttachmentStore | None = None,
         secret: bytes | None = None,
         initiator: bool = True,
+        pickle: bool = False,
     ) -> None:
         if secret is not None:
             check_secret(secret)
@@ -267,6 +269,10 @@ class Connection:
         self._proof_due = False  # the peer's HELLO is in and its AUTH is not
         self._fds_in = False  # descriptors arrived that frames may not have claimed yet
         self._auto = 0  # PONG/ROUTE_CLOSE queued since data_to_send was last called
+        self._pickle_local = pickle  # this side opted in to pickle
+        #: both ends opted in to pickle (set at handshake): objects msgspec cannot
+        #: encode travel pickled, and received pickles are unpickled
+        self.pickle = False
         self._parser = FrameParser(
             max_frame_size,
             self._claim if store is not None else None,
@@ -293,7 +299,8 @@ class Connection:
                 name=name,
                 pid=pid,
                 max_frame_size=max_frame_size,
-                features=list(store.features) if store is not None else [],
+                features=(list(store.features) if store is not None else [])
+                + (["pickle"] if pickle else []),
                 nonce=self._nonce,
             )
         )
@@ -431,6 +438,9 @@ class Connection:
                 # PONG, ROUTE_CLOSE: nothing to do
             if self._fds_in:
                 self._check_unclaimed()
+            if self.pickle:
+                for f in out:
+                    f.pickle = True
             return out
         except ProtocolError:
             self.abort()
@@ -555,6 +565,7 @@ class Connection:
         self._send_fds = store is not None and self._peer_fd
         self._send_moved = self._send_fds and "lease" in hello.features
         self._send_leases = self._send_moved and store is not None and store.lend
+        self.pickle = self._pickle_local and "pickle" in hello.features
         if hello.max_frame_size and hello.max_frame_size < self.send_limit:
             self.send_limit = hello.max_frame_size  # never send what the peer must refuse
         if self.state is State.HANDSHAKE:
@@ -851,6 +862,8 @@ class Connection:
             index = int.from_bytes(ext.data, "little")
             ref = codec.encoder.encode((index, arr.dtype.str, list(arr.shape)))
             return msgspec.msgpack.Ext(codec.EXT_NDARRAY, ref)
+        if self.pickle:  # both ends opted in (a main and its child): pickle the rest
+            return msgspec.msgpack.Ext(codec.EXT_PICKLE, _pickle.dumps(obj, protocol=5))
         raise TypeError(f"objects of type {type(obj).__name__} cannot be sent")
 
     def _fd_count(self) -> int:

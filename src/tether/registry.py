@@ -164,7 +164,7 @@ class Registry:
         elif role not in h.roles:
             return ErrorInfo("forbidden", f"channel {f.channel!r} is not exposed to role {role!r}")
         try:
-            return h, h.spec.decode(f.body, f.attachments)
+            return h, h.spec.decode(f.body, f.attachments, f.pickle)
         except BadRequest as exc:
             return ErrorInfo("bad_request", str(exc), path=exc.path)
         except Exception as exc:  # e.g. an ndarray reference where numpy is missing
@@ -193,7 +193,7 @@ class Registry:
                 log.debug("event %r not exposed to role %r: dropped", f.channel, role)
                 return []
             try:
-                return [(h, h.spec.decode(f.body, f.attachments))]
+                return [(h, h.spec.decode(f.body, f.attachments, f.pickle))]
             except Exception as exc:
                 self._dropped(f.channel, role, exc)
                 return []
@@ -202,7 +202,7 @@ class Registry:
             if not h.allows(role, local):
                 continue
             try:
-                out.append((h, h.spec.decode(f.body, f.attachments)))
+                out.append((h, h.spec.decode(f.body, f.attachments, f.pickle)))
             except Exception as exc:
                 self._dropped(f.channel, role, exc)
         return out

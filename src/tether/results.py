@@ -64,7 +64,7 @@ def decode_result(frame: Frame, result_type: Any) -> Any:
     """Decode a RESULT body; a body that is not valid MessagePack is a ProtocolError."""
     decoder = codec.any_decoder if result_type is Any else _typed_decoder(result_type)
     try:
-        return codec.decode_with(decoder, frame.body, frame.attachments)
+        return codec.decode_with(decoder, frame.body, frame.attachments, frame.pickle)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"result does not match {result_type!r}: {exc}") from None
     except msgspec.DecodeError as exc:

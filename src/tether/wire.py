@@ -101,7 +101,16 @@ _CHANNEL_CACHE: Final = 256  # a hostile peer can't grow it past this
 class Frame:
     """One decoded frame. ``body`` and attachments are views, never copies."""
 
-    __slots__ = ("attachments", "body", "channel", "fds", "kind", "request_id", "route_id")
+    __slots__ = (
+        "attachments",
+        "body",
+        "channel",
+        "fds",
+        "kind",
+        "pickle",
+        "request_id",
+        "route_id",
+    )
 
     def __init__(
         self,
@@ -120,6 +129,8 @@ class Frame:
         self.body = body
         self.attachments = attachments
         self.fds = fds
+        #: set by a Connection whose two ends opted in to pickle (see codec.EXT_PICKLE)
+        self.pickle = False
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Frame):

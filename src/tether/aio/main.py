@@ -518,6 +518,7 @@ class Main(Handlers):
         start_method: str | None = None,
         name: str | None = None,
         role: str = "child",
+        pickle: bool = False,
     ) -> Child:
         """Start ``target(peer, *args)`` in a new process and return it connected.
 
@@ -526,6 +527,12 @@ class Main(Handlers):
         A ``fork`` child closes, first thing, every listener and connection
         of this main (its own socketpair end included), so none outlives
         main's use of it.
+
+        ``pickle=True`` opts both ends of this child's connection in to
+        pickle: arguments, results and events that msgspec cannot encode
+        (any picklable object) travel pickled. Only for a child you trust as
+        you trust your own code: unpickling runs code. Peers from
+        :meth:`listen` can never use pickle.
 
         Raises:
             TypeError: ``target`` is not callable or ``args`` do not fit it.
@@ -548,6 +555,7 @@ class Main(Handlers):
             "timeout": self.timeout,
             "name": label,
             "spin": self.spin,
+            "pickle": pickle,
         }
         if method == "fork":
             options["close_fds"] = [parent_sock.fileno(), *self._descriptors()]
@@ -564,7 +572,7 @@ class Main(Handlers):
             raise
         finally:
             child_sock.close()
-        child = Child(parent_sock, proc, **self._peer_kw(role, label))
+        child = Child(parent_sock, proc, **self._peer_kw(role, label), pickle=pickle)
         self.peers.add(child)
         self.children.add(child)
         child.on_exit(self.children.discard)  # ``children`` lists the running ones

@@ -166,6 +166,10 @@ class Peer(Handlers):
             reading, and the sender gets :class:`PeerGone`.
         secret: a shared secret both sides must prove in the handshake
             (docs/protocol.md, 6.1); ``initiator``: this side opened the connection.
+        pickle: this side opts in to pickle (``Main.spawn(..., pickle=True)``
+            sets it on both ends of a child's connection). Only when both
+            ends do, objects msgspec cannot encode travel pickled; otherwise
+            a pickle received is a ``BadRequest`` and is never unpickled.
     """
 
     def __init__(
@@ -189,6 +193,7 @@ class Peer(Handlers):
         drain_timeout: float | None = DRAIN_TIMEOUT,
         secret: bytes | None = None,
         initiator: bool = True,
+        pickle: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
@@ -204,6 +209,7 @@ class Peer(Handlers):
             store=store_for(self._stream.unix, role, local_role),
             secret=secret,
             initiator=initiator,
+            pickle=pickle,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role

@@ -160,6 +160,10 @@ class Peer(Handlers):
             :class:`~tether.Busy`) and its handler does not run.
         secret: a shared secret both sides must prove in the handshake
             (docs/protocol.md, 6.1); ``initiator``: this side opened the connection.
+        pickle: this side opts in to pickle (``Main.spawn(..., pickle=True)``
+            sets it on both ends of a child's connection). Only when both
+            ends do, objects msgspec cannot encode travel pickled; otherwise
+            a pickle received is a ``BadRequest`` and is never unpickled.
 
     Attributes:
         max_queued: the most jobs ever queued for the worker at once (never
@@ -192,6 +196,7 @@ class Peer(Handlers):
         max_inflight: int = MAX_INFLIGHT,
         secret: bytes | None = None,
         initiator: bool = True,
+        pickle: bool = False,
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
@@ -204,6 +209,7 @@ class Peer(Handlers):
             store=store_for(self._unix, role, local_role),
             secret=secret,
             initiator=initiator,
+            pickle=pickle,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
