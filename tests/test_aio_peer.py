@@ -787,6 +787,26 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+async def _peak_queued_until_stalled(
+    peer: tether.Peer, progress: Callable[[], int], done: Callable[[], bool]
+) -> int:
+    """The most bytes ``peer`` held for writing while ``progress()`` still grew."""
+    peak = 0
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, peer._stream.buffered + peer._conn.buffered_out)
+            await asyncio.sleep(0.002)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        await _until_stalled(progress, done)
+    finally:
+        sampler.cancel()
+    return peak
+
+
 async def _until_stalled(progress: Callable[[], int], done: Callable[[], bool]) -> None:
     """Wait until ``progress()`` stops growing for 0.5 s, or ``done()``; bounded."""
     last, since = progress(), time.monotonic()
@@ -828,17 +848,7 @@ async def test_a_client_that_never_reads_cannot_grow_main(sock_path: str) -> Non
         sending = asyncio.ensure_future(asyncio.to_thread(sender))
         try:
             peer = await _main_peer(main)
-            peak = 0
-
-            async def sample() -> None:
-                nonlocal peak
-                while True:
-                    peak = max(peak, peer._stream.buffered + peer._conn.buffered_out)
-                    await asyncio.sleep(0.002)
-
-            sampler = asyncio.ensure_future(sample())
-            await _until_stalled(lambda: sent, sending.done)
-            sampler.cancel()
+            peak = await _peak_queued_until_stalled(peer, lambda: sent, sending.done)
             queued = peer._stream.buffered + peer._conn.buffered_out
             grown = _rss_now() - base
             assert not sending.done(), "main read all 180 MB without anyone reading its answers"
@@ -1272,17 +1282,7 @@ async def test_answers_made_without_a_handler_are_flow_controlled_too(
 
         sending = asyncio.ensure_future(asyncio.to_thread(sender))
         peer = await _main_peer(main)
-        peak = 0
-
-        async def sample() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, peer._stream.buffered + peer._conn.buffered_out)
-                await asyncio.sleep(0.002)
-
-        sampler = asyncio.ensure_future(sample())
-        await _until_stalled(lambda: sent, sending.done)
-        sampler.cancel()
+        peak = await _peak_queued_until_stalled(peer, lambda: sent, sending.done)
         raw.sock.shutdown(socket.SHUT_RDWR)  # wakes the sender blocked on a full socket
         await asyncio.wait({sending}, timeout=10.0)
         raw.sock.close()
