@@ -1,4 +1,4 @@
-"""The seed's Electron example: a renderer invokes main's `message-from-renderer`.
+"""Electron's main/renderer IPC in tether: a renderer invokes main's `message-from-renderer`.
 
 main.js:      ipcMain.handle('message-from-renderer', (event, message) => `Received: ${message}`)
 renderer.js:  const response = await ipcRenderer.invoke('message-from-renderer', 'Hola, mundo!')

@@ -1,4 +1,4 @@
-"""The seed's C example with tether.pipe(): parent writes, a forked child reads whole messages."""
+"""The classic C pipe example with tether.pipe(): a forked child reads whole messages."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from .aio import Main as Main
 from .aio import Peer as Peer
 from .aio import Server as Server
 from .aio import connect as connect
+from .aio.runner import run as run
 from .errors import AuthenticationError as AuthenticationError
 from .errors import BadRequest as BadRequest
 from .errors import BufferInUse as BufferInUse
@@ -60,5 +61,6 @@ __all__ = [
     "TetherError",
     "connect",
     "pipe",
+    "run",
     "sync",
 ]

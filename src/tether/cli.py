@@ -7,9 +7,13 @@ failed demo), 2 for a usage error (bad arguments, malformed address).
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -17,7 +21,7 @@ import msgspec
 from . import __version__
 from .errors import TetherError
 
-__all__ = ["main", "parse_arg"]
+__all__ = ["main", "parse_arg", "parse_call_arg"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -32,6 +36,55 @@ def parse_arg(text: str) -> Any:
         return text
 
 
+def parse_call_arg(text: str) -> Any:
+    """A ``tether call`` argument: ``b64:DATA`` and ``@FILE`` are bytes, else :func:`parse_arg`.
+
+    ``@-`` reads standard input. A string that starts with ``@`` or ``b64:``
+    is passed as JSON: ``'"@home"'``.
+
+    Raises:
+        ValueError: ``b64:`` data that is not base64, or a file that cannot be read
+            (the message names it).
+    """
+    if text.startswith("b64:"):
+        try:
+            return base64.b64decode(text[4:], validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"{text[:20]!r}...: not base64 ({exc})") from None
+    if text.startswith("@"):
+        if text == "@-":
+            return sys.stdin.buffer.read()
+        try:
+            return Path(text[1:]).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {text[1:]!r}: {exc.strerror or exc}") from None
+    return parse_arg(text)
+
+
+def _has_bytes(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` holds bytes anywhere (JSON shows them as base64)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return True
+    if depth > 32:
+        return False
+    if isinstance(value, dict):
+        return any(_has_bytes(v, depth + 1) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_bytes(v, depth + 1) for v in value)
+    return False
+
+
+def _secret(ns: argparse.Namespace) -> bytes | None:
+    """The shared secret from ``--secret`` (text, or ``b64:``) or ``--secret-file`` (its bytes)."""
+    if ns.secret_file is not None:
+        return Path(ns.secret_file).read_bytes()
+    if ns.secret is None:
+        return None
+    if ns.secret.startswith("b64:"):
+        return base64.b64decode(ns.secret[4:], validate=True)
+    return str(ns.secret).encode()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
@@ -39,19 +92,53 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("demo", help="run the seed article's IPC scenarios end to end")
+    sub.add_parser(
+        "demo",
+        help=(
+            "run the scenarios tether grew from (a pipe across fork(), Electron's "
+            "main/renderer IPC) end to end"
+        ),
+    )
     call = sub.add_parser(
         "call",
         help="invoke a channel on a listening main and print the JSON result",
         description=(
-            "Invoke CHANNEL on the main listening at ADDRESS and print the result as JSON. "
-            "Each ARG is parsed as JSON; one that is not valid JSON is passed as a string. "
+            "Invoke CHANNEL on the main listening at ADDRESS and print the result as JSON, "
+            "or, with --list, print the channels this caller may reach. "
+            "Each ARG is parsed as JSON; one that is not valid JSON is passed as a string; "
+            "b64:DATA is bytes (base64) and @FILE the bytes of FILE (@- reads stdin); "
+            'pass a string starting with @ or b64: as JSON ("@x"). '
+            "Bytes in the result are printed as base64 strings (a note on stderr says so). "
             "Use -- before arguments that start with a dash."
         ),
     )
     call.add_argument("address", metavar="ADDRESS", help="unix:///path or tcp://host:port")
-    call.add_argument("channel", metavar="CHANNEL", help="the channel to invoke")
-    call.add_argument("args", metavar="ARG", nargs="*", help="arguments, as JSON")
+    call.add_argument("channel", metavar="CHANNEL", nargs="?", help="the channel to invoke")
+    call.add_argument(
+        "args", metavar="ARG", nargs="*", help="arguments: JSON, text, b64:DATA or @FILE"
+    )
+    call.add_argument(
+        "--list",
+        action="store_true",
+        help=(
+            "print the channels this caller's role may reach, with argument and result types "
+            "(asks the reserved channel tether.channels)"
+        ),
+    )
+    secret = call.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--secret",
+        metavar="TEXT",
+        help=(
+            "the listener's shared secret (listen(secret=...)): TEXT as UTF-8, or b64:DATA; "
+            "other users can see a command line, so prefer --secret-file"
+        ),
+    )
+    secret.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="read the shared secret from FILE (its bytes, exactly)",
+    )
     call.add_argument(
         "--timeout",
         type=float,
@@ -73,22 +160,53 @@ def _demo() -> int:
     return demo.main()
 
 
-def _call(address: str, channel: str, raw_args: Sequence[str], timeout: float) -> int:
+def _format_channels(channels: Any) -> str:
+    """``tether.channels``'s answer as one line per channel: ``add(a: int, b: int) -> int``."""
+    lines = []
+    for ch in channels:
+        params = ", ".join(f"{name}: {kind}" for name, kind in ch.get("params", []))
+        if ch.get("kind") == "event":
+            lines.append(f"event   {ch['channel']}({params})")
+        else:
+            lines.append(f"invoke  {ch['channel']}({params}) -> {ch.get('result', 'Any')}")
+    return "\n".join(lines) if lines else "(no channels this caller may reach)"
+
+
+def _call(ns: argparse.Namespace) -> int:
     from . import sync
     from .address import parse_address
+    from .introspect import CHANNELS
+    from .protocol import check_secret
 
+    address, channel, raw_args, timeout = ns.address, ns.channel, ns.args, ns.timeout
+    # The failure is printed once, as "error: ..."; tether's warnings would repeat it.
+    logging.getLogger("tether").setLevel(logging.ERROR)
     if timeout <= 0:
         print("error: --timeout must be positive", file=sys.stderr)
         return EXIT_USAGE
+    if ns.list:
+        if channel is not None:
+            print("error: --list takes ADDRESS only (no CHANNEL or ARG)", file=sys.stderr)
+            return EXIT_USAGE
+        channel = CHANNELS
+    elif channel is None:
+        print("error: the CHANNEL to invoke is required (or --list)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         addr = parse_address(address)
-    except ValueError as exc:
+        args = [parse_call_arg(a) for a in raw_args]
+        secret = _secret(ns)
+        if secret is not None:
+            check_secret(secret)
+    except (ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    args = [parse_arg(a) for a in raw_args]
     try:
-        with sync.connect(addr, timeout=timeout, connect_timeout=timeout) as peer:
+        with sync.connect(addr, timeout=timeout, connect_timeout=timeout, secret=secret) as peer:
             result = peer.invoke(channel, *args)
+        if ns.list:
+            print(_format_channels(result))
+            return EXIT_OK
         text = msgspec.json.encode(result).decode()
     except TetherError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -96,6 +214,8 @@ def _call(address: str, channel: str, raw_args: Sequence[str], timeout: float) -
     except (TypeError, msgspec.EncodeError) as exc:  # a result JSON cannot represent
         print(f"error: result is not JSON-encodable: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if _has_bytes(result):
+        print("note: bytes in the result are printed as base64 strings", file=sys.stderr)
     print(text)
     return EXIT_OK
 
@@ -137,6 +257,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "demo":
         return _demo()
     if ns.command == "call":
-        return _call(ns.address, ns.channel, ns.args, ns.timeout)
+        return _call(ns)
     parser.print_help(sys.stderr)
     return EXIT_USAGE

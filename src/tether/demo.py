@@ -1,4 +1,4 @@
-"""``tether demo``: the seed article's IPC scenarios, run end to end.
+"""``tether demo``: the IPC scenarios tether grew from, run end to end.
 
 1. The C example: a parent writes one message into a pipe, a forked child
    reads it whole. Here the pipe is :func:`tether.pipe`, so the message is

@@ -16,11 +16,29 @@ from .codec import ArgsSpec, ErrorInfo
 from .errors import BadRequest
 from .wire import Frame
 
-__all__ = ["Call", "Handler", "Handlers", "Registry", "checked_channel", "checked_roles"]
+__all__ = [
+    "RESERVED_CHANNELS",
+    "Call",
+    "Handler",
+    "Handlers",
+    "Registry",
+    "checked_channel",
+    "checked_roles",
+]
 
 log = logging.getLogger("tether")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: channels tether answers itself (``tether.channels``: see :mod:`tether.introspect`);
+#: ``handle``/``on``/``remove_handler`` refuse them
+RESERVED_CHANNELS = frozenset({"tether.channels"})
+
+
+def _not_reserved(channel: str) -> str:
+    if channel in RESERVED_CHANNELS:
+        raise ValueError(f"channel {channel!r} is reserved by tether (docs/protocol.md)")
+    return channel
 
 
 class Call:
@@ -110,7 +128,7 @@ class Registry:
             TypeError: ``channel`` is not a str, or ``roles`` is not a role or
                 a collection of roles.
         """
-        channel = checked_channel(channel)
+        channel = _not_reserved(checked_channel(channel))
         if channel in self.invokes:
             raise ValueError(
                 f"attempted to register a second handler for {channel!r} "
@@ -130,7 +148,7 @@ class Registry:
             TypeError: ``channel`` is not a str, or ``roles`` is not a role or
                 a collection of roles.
         """
-        channel = checked_channel(channel)
+        channel = _not_reserved(checked_channel(channel))
         self.events.setdefault(channel, []).append(Handler(fn, roles))
 
     def remove_handler(self, channel: str) -> None:
@@ -139,7 +157,7 @@ class Registry:
         Invokes that arrive afterwards get :class:`~tether.NoHandler`; calls
         already running finish.
         """
-        self.invokes.pop(channel, None)
+        self.invokes.pop(_not_reserved(channel), None)
 
     def resolve(
         self, f: Frame, role: str, local: bool = True
@@ -209,7 +227,7 @@ class Registry:
 
     def remove(self, channel: str) -> None:
         """Drop the invoke handler and every event listener of ``channel``."""
-        self.invokes.pop(channel, None)
+        self.invokes.pop(_not_reserved(channel), None)
         self.events.pop(channel, None)
 
 
@@ -297,7 +315,7 @@ class Handlers:
             TypeError: ``channel`` is not a str, or ``roles`` is not a str
                 or a collection of str.
         """
-        checked_channel(channel)
+        _not_reserved(checked_channel(channel))
         checked_roles(roles)
 
         def register(f: F) -> F:
@@ -325,7 +343,7 @@ class Handlers:
             TypeError: ``channel`` is not a str, or ``roles`` is not a str
                 or a collection of str.
         """
-        checked_channel(channel)
+        _not_reserved(checked_channel(channel))
         checked_roles(roles)
 
         def register(f: F) -> F:

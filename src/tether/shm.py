@@ -152,16 +152,17 @@ def consume_all(obj: Any, _depth: int = 0) -> None:
 class Buffer:
     """Shared memory a producer fills in place, then hands over without a copy.
 
-    Sending a Buffer (as an argument of ``invoke``/``send`` or a result) *moves*
-    it: the pages go to the receiver in O(1) and this object raises
-    :class:`ConsumedError` on every later use, whether the send succeeded or
-    not — the seed's use-after-free lesson, enforced.
+        Sending a Buffer (as an argument of ``invoke``/``send`` or a result) *moves*
+        it: the pages go to the receiver in O(1) and this object raises
+        :class:`ConsumedError` on every later use, whether the send succeeded or
+        not: the lesson of Chromium's use-after-free bugs (a message read after it
+    was given away), enforced.
 
-    Example::
+        Example::
 
-        buf = tether.Buffer(64 << 20)
-        buf.array("float32")[:] = 1.0     # write in place
-        await child.invoke("process", buf)
+            buf = tether.Buffer(64 << 20)
+            buf.array("float32")[:] = 1.0     # write in place
+            await child.invoke("process", buf)
     """
 
     __slots__ = ("__weakref__", "_fd", "_map", "_nbytes")

@@ -10,21 +10,24 @@ import ipaddress
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import ssl as _ssl
 import time
-from collections.abc import Callable, Collection, Generator
-from typing import Any
+from collections.abc import Callable, Collection, Generator, Iterable
+from typing import Any, TypeVar
 
 from ..address import Address, parse_address, tune
 from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
 from ..identity import peer_address, peer_credentials
+from ..introspect import install as install_introspection
 from ..process import check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
 from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
+from . import hub
 from .child import Child
 from .peer import DRAIN_TIMEOUT, MAX_INFLIGHT, MAX_QUEUED, Peer
 from .stream import tls_handshake
@@ -41,6 +44,7 @@ _TRACEBACKS = ("children", "all", "none")
 MAX_CONNECTIONS = 4096
 #: default ``listen(max_handshaking=)``: of those, peers that have not said HELLO yet
 MAX_HANDSHAKING = 256
+_OnExit = TypeVar("_OnExit", bound=hub.ChildExitCallback)
 
 
 class Server:
@@ -394,6 +398,10 @@ class Main(Handlers):
         self._accepted: dict[Peer, tuple[Server, str]] = {}
         self._tls_tasks: set[asyncio.Task[None]] = set()  # TLS handshakes of accepted sockets
         self._closing = False
+        self._exit_callbacks: list[hub.ChildExitCallback] = []  # on_child_exit
+        self._exit_tasks: set[asyncio.Future[Any]] = set()  # ...the async ones running
+        self._stopping: set[asyncio.Future[int | None]] = set()  # serve_forever waiting
+        install_introspection(self.registry)
 
     async def __aenter__(self) -> Main:
         return self
@@ -589,6 +597,7 @@ class Main(Handlers):
             self.children.discard(child)
             how = f"{exc} (killed)" if silent else describe_exit(child.pid, code)
             raise PeerGone(f"{label} failed to start: {how}", exitcode=code) from exc
+        child.on_exit(self._child_exited)
         if self._closing:  # main was closed while the child started: end it too
             await child.close("main closing")
             await self._end_child(child)
@@ -712,6 +721,9 @@ class Main(Handlers):
         any still running are killed. Afterwards :meth:`spawn` refuses.
         """
         self._closing = True
+        for stop in list(self._stopping):  # serve_forever returns
+            if not stop.done():
+                stop.set_result(None)
         for server in self.servers:
             server.close()
         self.servers.clear()
@@ -721,6 +733,74 @@ class Main(Handlers):
         await asyncio.gather(*(p.close("main closing") for p in peers), return_exceptions=True)
         await asyncio.gather(*(self._end_child(c) for c in list(self.children)))
         self.children.clear()
+        if self._exit_tasks:  # async on_child_exit callbacks: bounded like the children
+            _, late = await asyncio.wait(list(self._exit_tasks), timeout=self.close_timeout)
+            for fut in late:
+                fut.cancel()
+
+    async def serve_forever(
+        self, *, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)
+    ) -> int | None:
+        """Serve until SIGINT (Ctrl-C) or SIGTERM, then :meth:`close`; return the signal.
+
+        While it waits, ``signals`` are caught (the process's previous handlers
+        are put back before it returns), so a ``kill`` or Ctrl-C ends the
+        program cleanly: listeners are removed, peers get a goodbye, children
+        get ``close_timeout`` to exit and are killed after it. It also returns
+        (``None``) when something else closes this main, e.g. a handler that
+        calls ``await main.close()``. Run it in the main thread::
+
+            async def amain() -> None:
+                async with tether.Main() as main:
+                    await main.listen(address)
+                    await main.serve_forever()
+
+            tether.run(amain())   # exits 0 on SIGTERM or Ctrl-C
+
+        Raises:
+            RuntimeError: not called from the main thread (signals are delivered there).
+        """
+        return await hub.serve_forever(self, signals)
+
+    async def broadcast(
+        self, channel: str, *args: Any, role: Collection[str] | str | None = None
+    ) -> int:
+        """Send the event ``channel`` to every connected peer and child; return how many got it.
+
+        ``role`` (one role, or a collection) picks only the peers with that
+        role (children have ``"child"`` unless spawned with another); peers
+        still in their handshake are skipped. The sends run at once, so a
+        slow peer does not hold up the others. A peer that is gone, or is
+        dropped while this runs because it stopped reading (``max_queued``,
+        ``drain_timeout``: it is closed with :class:`PeerGone`), is not
+        counted and does not stop the rest. A ``tether.Buffer`` cannot be
+        broadcast (a send moves it); arrays and bytes can.
+
+        Raises:
+            TypeError: ``channel`` or ``role`` is not a str (or roles), an
+                argument is a Buffer, or an argument cannot be encoded.
+            PayloadTooLarge: the event exceeds ``max_frame_size``.
+        """
+        return await hub.broadcast(self, channel, args, role)
+
+    def on_child_exit(self, fn: _OnExit) -> _OnExit:
+        """Call ``fn(child, exitcode)`` when a child :meth:`spawn` returned exits; a decorator too.
+
+        ``exitcode`` is the process's exit status: 0 for a target that
+        returned, ``n`` for ``sys.exit(n)``, 1 for an exception, ``-signum``
+        for a child killed by a signal (as :attr:`multiprocessing.Process.exitcode`).
+        ``fn`` may be a plain function or a coroutine function (run as a task;
+        :meth:`close` waits ``close_timeout`` for those, then cancels them).
+        It runs for children that exit while this main closes too. An
+        exception in ``fn`` is logged, not raised.
+        """
+        if not callable(fn):
+            raise TypeError(f"on_child_exit needs a callable, not {type(fn).__name__}")
+        self._exit_callbacks.append(fn)
+        return fn
+
+    def _child_exited(self, child: Child) -> None:
+        hub.child_exited(self, child)
 
     async def _end_child(self, child: Child) -> None:
         # All children get their grace period at once, not one after another.

@@ -1,0 +1,46 @@
+"""``tether.run``: run an async main on the best loop, and end quietly on Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from .loop import loop_factory
+
+__all__ = ["EXIT_INTERRUPTED", "run"]
+
+T = TypeVar("T")
+
+#: the exit status :func:`run` ends with on Ctrl-C (128 + SIGINT, as a shell reports it)
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
+def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
+    """Run the coroutine ``main`` to completion and return its result.
+
+    The loop is uvloop's when uvloop is installed (``TETHER_LOOP=asyncio``
+    picks asyncio's own). Call it once, from the main thread, as
+    ``tether.run(amain())``: it does what ``asyncio.run`` does, and on Ctrl-C
+    (SIGINT) it cancels ``main``, so its ``async with tether.Main()`` blocks
+    close (children are ended, listeners removed), then exits the process with
+    status 130 (:data:`EXIT_INTERRUPTED`) by raising ``SystemExit``: no
+    traceback. A second Ctrl-C during that clean-up stops it at once (same
+    exit). To end a server on SIGTERM as well, await
+    :meth:`tether.Main.serve_forever` in ``main``.
+
+    Raises:
+        TypeError: ``main`` is not a coroutine (``tether.run(amain)`` instead
+            of ``tether.run(amain())``).
+        RuntimeError: called from a running event loop.
+        SystemExit: (status 130) on Ctrl-C.
+    """
+    if not asyncio.iscoroutine(main):
+        hint = " (call it: tether.run(amain()), not tether.run(amain))" if callable(main) else ""
+        raise TypeError(f"tether.run() needs a coroutine, not {type(main).__name__}{hint}")
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(), debug=debug) as runner:
+            return runner.run(main)
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_INTERRUPTED) from None
