@@ -3,9 +3,10 @@
 * Every ```python block of the guide is a whole program: it is run as a script
   (so ``spawn`` children can import it), must exit 0, and must print each
   line a ``print(...)  # text`` comment promises. A block may be preceded by
-  ``<!-- check: interrupt after "TEXT" -->`` (SIGINT once TEXT is printed;
-  it must still exit 0) or ``<!-- check: skip until merge (...) -->`` (a
-  feature another branch brings; the marker goes when it lands).
+  ``<!-- check: interrupt after "TEXT" -->`` (SIGINT once TEXT is printed and
+  the program catches SIGTERM, i.e. serve_forever is waiting; it must still
+  exit 0) or ``<!-- check: skip until merge (...) -->`` (a feature another
+  branch brings; the marker goes when it lands).
 * The table of what can be sent is checked row by row, both ways: what a
   handler's argument arrives as, and what an invoke's result arrives as,
   without a hint and with the row's hint.
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,18 @@ def test_the_guide_has_runnable_blocks() -> None:
         assert promised(code), f"a guide block promises no output:\n{code}"
 
 
+def _wait_caught(pid: int, sig: int, timeout: float = 30.0) -> None:
+    """Wait until process ``pid`` catches ``sig`` (its SigCgt mask in /proc, Linux)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        if caught & (1 << (sig - 1)):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} does not catch signal {sig} after {timeout} s")
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("index", range(len(guide_blocks())))
 def test_guide_block_runs_and_prints_what_it_says(index: int, child_env: dict[str, str]) -> None:
@@ -88,6 +102,7 @@ def test_guide_block_runs_and_prints_what_it_says(index: int, child_env: dict[st
                 seen.append(line.rstrip("\n"))
                 if seen[-1] == wanted:
                     break
+            _wait_caught(proc.pid, signal.SIGTERM)  # serve_forever's handlers are in place
             proc.send_signal(signal.SIGINT)
             rest, err = proc.communicate(timeout=120)
             out = "\n".join(seen) + "\n" + rest
