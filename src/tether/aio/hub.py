@@ -13,9 +13,10 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Collection, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConnectionClosed, PeerGone, ProtocolError
+from ..introspect import install as install_introspection
 from ..registry import checked_channel, checked_roles
 from ..shm import Buffer
 
@@ -24,12 +25,25 @@ if TYPE_CHECKING:
     from .main import Main
     from .peer import Peer
 
-__all__ = ["ChildExitCallback", "broadcast", "child_exited", "serve_forever"]
+__all__ = [
+    "ChildExitCallback",
+    "OnExit",
+    "Signals",
+    "broadcast",
+    "child_exited",
+    "install_introspection",
+    "serve_forever",
+]
 
 log = logging.getLogger("tether")
 
 #: ``fn(child, exitcode)``, a plain function or a coroutine function
 ChildExitCallback = Callable[["Child", int], Any]
+
+#: a callback as :meth:`~tether.Main.on_child_exit` takes and returns it (decorator use)
+OnExit = TypeVar("OnExit", bound=ChildExitCallback)
+#: the signals :meth:`~tether.Main.serve_forever` waits for
+Signals = Iterable[int]
 
 #: errors that concern one peer (it is gone, or was dropped): broadcast goes on
 _PEER_ERRORS = (PeerGone, ConnectionClosed, ProtocolError)

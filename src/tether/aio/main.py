@@ -14,13 +14,12 @@ import signal
 import socket
 import ssl as _ssl
 import time
-from collections.abc import Callable, Collection, Generator, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Generator
+from typing import Any
 
 from ..address import Address, parse_address, tune
 from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
 from ..identity import peer_address, peer_credentials
-from ..introspect import install as install_introspection
 from ..process import check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
@@ -44,7 +43,6 @@ _TRACEBACKS = ("children", "all", "none")
 MAX_CONNECTIONS = 4096
 #: default ``listen(max_handshaking=)``: of those, peers that have not said HELLO yet
 MAX_HANDSHAKING = 256
-_OnExit = TypeVar("_OnExit", bound=hub.ChildExitCallback)
 
 
 class Server:
@@ -401,7 +399,7 @@ class Main(Handlers):
         self._exit_callbacks: list[hub.ChildExitCallback] = []  # on_child_exit
         self._exit_tasks: set[asyncio.Future[Any]] = set()  # ...the async ones running
         self._stopping: set[asyncio.Future[int | None]] = set()  # serve_forever waiting
-        install_introspection(self.registry)
+        hub.install_introspection(self.registry)
 
     async def __aenter__(self) -> Main:
         return self
@@ -739,7 +737,7 @@ class Main(Handlers):
                 fut.cancel()
 
     async def serve_forever(
-        self, *, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)
+        self, *, signals: hub.Signals = (signal.SIGINT, signal.SIGTERM)
     ) -> int | None:
         """Serve until SIGINT (Ctrl-C) or SIGTERM, then :meth:`close`; return the signal.
 
@@ -783,7 +781,7 @@ class Main(Handlers):
         """
         return await hub.broadcast(self, channel, args, role)
 
-    def on_child_exit(self, fn: _OnExit) -> _OnExit:
+    def on_child_exit(self, fn: hub.OnExit) -> hub.OnExit:
         """Call ``fn(child, exitcode)`` when a child :meth:`spawn` returned exits; a decorator too.
 
         ``exitcode`` is the process's exit status: 0 for a target that

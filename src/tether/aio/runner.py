@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
-
-from .loop import loop_factory
 
 __all__ = ["EXIT_INTERRUPTED", "run"]
 
@@ -15,6 +14,19 @@ T = TypeVar("T")
 
 #: the exit status :func:`run` ends with on Ctrl-C (128 + SIGINT, as a shell reports it)
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """What makes the loop: uvloop's if installed (``TETHER_LOOP=asyncio`` opts out), as
+    :func:`tether.aio.loop.run` chooses."""
+    if os.environ.get("TETHER_LOOP", "") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
@@ -40,7 +52,7 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
         hint = " (call it: tether.run(amain()), not tether.run(amain))" if callable(main) else ""
         raise TypeError(f"tether.run() needs a coroutine, not {type(main).__name__}{hint}")
     try:
-        with asyncio.Runner(loop_factory=loop_factory(), debug=debug) as runner:
+        with asyncio.Runner(loop_factory=_loop_factory(), debug=debug) as runner:
             return runner.run(main)
     except KeyboardInterrupt:
         raise SystemExit(EXIT_INTERRUPTED) from None
