@@ -148,7 +148,7 @@ class Registry:
             TypeError: ``channel`` is not a str, or ``roles`` is not a role or
                 a collection of roles.
         """
-        channel = _not_reserved(checked_channel(channel))
+        channel = checked_channel(channel)
         self.events.setdefault(channel, []).append(Handler(fn, roles))
 
     def remove_handler(self, channel: str) -> None:
