@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import shutil
 import signal
@@ -228,3 +229,23 @@ async def test_introspection_respects_roles_over_the_wire(sock_path: str) -> Non
         ]
         async with tether.connect(str(tcp.address)) as stranger:
             assert [c["channel"] for c in await stranger.invoke(CHANNELS, timeout=10.0)] == ["pub"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tether", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_list_with_no_channels_and_on_a_main_without_introspection(sock_path: str) -> None:
+    loop = asyncio.get_running_loop()
+    address = f"unix://{sock_path}"
+    async with tether.Main() as main:
+        await main.listen(address)
+        empty = await loop.run_in_executor(None, _cli, "call", "--list", address)
+        assert (empty.returncode, empty.stdout) == (0, "(no channels this caller may reach)\n")
+        del main.registry.invokes[CHANNELS]  # as a main from before tether.channels
+        old = await loop.run_in_executor(None, _cli, "call", "--list", address)
+    assert old.returncode == 1
+    assert old.stderr.startswith("error: NoHandler: ")
+    assert "does not answer tether.channels" in old.stderr

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from . import __version__
-from .errors import TetherError
+from .errors import NoHandler, TetherError
 
 __all__ = ["main", "parse_arg", "parse_call_arg"]
 
@@ -210,6 +210,8 @@ def _call(ns: argparse.Namespace) -> int:
         text = msgspec.json.encode(result).decode()
     except TetherError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if ns.list and isinstance(exc, NoHandler):
+            print(f"(this peer does not answer {CHANNELS}: not a tether main)", file=sys.stderr)
         return EXIT_FAILED
     except (TypeError, msgspec.EncodeError) as exc:  # a result JSON cannot represent
         print(f"error: result is not JSON-encodable: {exc}", file=sys.stderr)

@@ -26,7 +26,7 @@ CHANNELS = "tether.channels"
 RESERVED = RESERVED_CHANNELS
 
 
-class ChannelInfo(msgspec.Struct, array_like=False, omit_defaults=True):
+class ChannelInfo(msgspec.Struct, omit_defaults=True):
     """One channel a peer may reach (one element of ``tether.channels``'s result).
 
     Attributes:
