@@ -243,3 +243,27 @@ def test_the_seed_is_not_left_unexplained() -> None:
             else []
         )
         assert all("seed" not in d.lower() for d in docs), name
+
+
+@pytest.mark.timeout(120)
+def test_platforms_table_without_the_linux_calls(child_env: dict[str, str]) -> None:
+    """The Platforms table's "Without it" column, with memfd, pidfd and SO_PEERCRED removed."""
+    probe = Path(__file__).resolve().parent / "_platform_probe.py"
+    env = dict(child_env)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(tether.__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
+    )
+    result = subprocess.run(
+        [sys.executable, str(probe)], capture_output=True, text=True, env=env, timeout=100
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "tcp large: 1048576",  # TCP: attachments inline
+        "child small: 3",  # children: messages under 64 KiB
+        "child large: AttributeError True",  # large payloads need memfd_create
+        "unix refused: 1",  # a unix listener cannot tell who connected
+        "child exit seen: -9",  # no pidfd: the sentinel still reports the exit
+    ]
+    platforms = GUIDE[GUIDE.index("### Platforms") : GUIDE.index("### Run an async main")]
+    for claim in ("memfd_create", "SO_PEERCRED", "PR_SET_PDEATHSIG", "pidfd_open", "SCM_RIGHTS"):
+        assert claim in platforms
