@@ -101,7 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     call = sub.add_parser(
         "call",
-        help="invoke a channel on a listening main and print the JSON result (--list: its channels)",
+        help="invoke a channel on a listening main, print the JSON result (--list: its channels)",
         description=(
             "Invoke CHANNEL on the main listening at ADDRESS and print the result as JSON, "
             "or, with --list, print the channels this caller may reach. "
