@@ -38,7 +38,7 @@ FIXED_ERRORS = {
 FIXED_OTHERS = {"Main", "Peer", "Child", "Call", "connect", "pipe", "sync", "Buffer", "run"}
 # Public, but not fixed by DESIGN.md.
 # Errors added since DESIGN.md fixed its list (public, in errors.py, under TetherError).
-OTHER_ERRORS = {"Busy", "AuthenticationError"}
+OTHER_ERRORS = {"Busy", "AuthenticationError", "StreamMismatch"}
 EXTRA = {"Server", "PipeReader", "PipeWriter"} | OTHER_ERRORS
 EXPECTED_ALL = FIXED_ERRORS | FIXED_OTHERS | EXTRA
 
@@ -54,6 +54,7 @@ ALSO_STDLIB: dict[str, type[BaseException]] = {
     "ConnectionClosed": ConnectionError,
     "EndOfStream": EOFError,
     "BufferInUse": BufferError,
+    "StreamMismatch": TypeError,
 }
 
 

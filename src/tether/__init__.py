@@ -27,6 +27,7 @@ from .errors import PayloadTooLarge as PayloadTooLarge
 from .errors import PeerGone as PeerGone
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteError as RemoteError
+from .errors import StreamMismatch as StreamMismatch
 from .errors import TetherError as TetherError
 from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
@@ -58,6 +59,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "Server",
+    "StreamMismatch",
     "TetherError",
     "connect",
     "pipe",

@@ -50,6 +50,7 @@ __all__ = [
     "PeerGone",
     "ProtocolError",
     "RemoteError",
+    "StreamMismatch",
     "TetherError",
 ]
 
@@ -124,6 +125,13 @@ class BadRequest(TetherError, ValueError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (str(self), self.path))
+
+
+class StreamMismatch(TetherError, TypeError):
+    """``invoke`` on a channel whose handler streams (a generator), or ``stream`` on a plain one.
+
+    Raised by the caller (ERROR code ``stream_mismatch``); the handler did not run.
+    """
 
 
 class ProtocolError(TetherError):

@@ -62,7 +62,14 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from . import codec
-from .errors import AuthenticationError, ConnectionClosed, PayloadTooLarge, ProtocolError
+from .errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    PayloadTooLarge,
+    ProtocolError,
+    StreamMismatch,
+)
+from .streams import credit_body, is_a_stream
 from .wire import (
     ATT,
     DEFAULT_MAX_FRAME_SIZE,
@@ -75,7 +82,9 @@ from .wire import (
     K_GOODBYE,
     K_HELLO,
     K_INVOKE,
+    K_ITEM,
     K_RESULT,
+    K_STREAM,
     MIN_MAX_FRAME_SIZE,
     SHM_THRESHOLD,
     WHERE_FD,
@@ -107,6 +116,8 @@ _WHILE_CLOSING: Final = frozenset((K_RESULT, K_ERROR))  # after our GOODBYE: ans
 _TO_APP: Final = frozenset(
     int(k) for k in (Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL)
 )
+#: STREAM, ITEM, CREDIT: passed to the application when both sides announced ``stream``
+_STREAM_KINDS: Final = frozenset(int(k) for k in (Kind.STREAM, Kind.ITEM, Kind.CREDIT))
 _NO_FDS: Final[list[int]] = []
 _NO_FRAMES: Final[list[Frame]] = []
 #: room kept in an ERROR frame for everything but its message and traceback
@@ -273,6 +284,8 @@ class Connection:
         #: both ends opted in to pickle (set at handshake): objects msgspec cannot
         #: encode travel pickled, and received pickles are unpickled
         self.pickle = False
+        #: both ends announced ``stream`` (set at handshake): STREAM, ITEM and CREDIT may cross
+        self.streams = False
         self._parser = FrameParser(
             max_frame_size,
             self._claim if store is not None else None,
@@ -300,7 +313,8 @@ class Connection:
                 pid=pid,
                 max_frame_size=max_frame_size,
                 features=(list(store.features) if store is not None else [])
-                + (["pickle"] if pickle else []),
+                + (["pickle"] if pickle else [])
+                + ["stream"],
                 nonce=self._nonce,
             )
         )
@@ -435,6 +449,14 @@ class Connection:
                     # Routes are reserved in protocol version 1: refuse each one.
                     self._auto_reply()
                     self._emit(Kind.ROUTE_CLOSE, 0, f.route_id, b"", b"")
+                elif k in _STREAM_KINDS:  # docs/protocol.md 7.5
+                    if not self.streams:
+                        raise ProtocolError(
+                            f"frame kind {k} from a peer that did not announce stream"
+                        )
+                    if k == K_STREAM and not f.request_id:
+                        raise ProtocolError("STREAM with request id 0")
+                    append(f)
                 # PONG, ROUTE_CLOSE: nothing to do
             if self._fds_in:
                 self._check_unclaimed()
@@ -566,6 +588,7 @@ class Connection:
         self._send_moved = self._send_fds and "lease" in hello.features
         self._send_leases = self._send_moved and store is not None and store.lend
         self.pickle = self._pickle_local and "pickle" in hello.features
+        self.streams = "stream" in hello.features
         if hello.max_frame_size and hello.max_frame_size < self.send_limit:
             self.send_limit = hello.max_frame_size  # never send what the peer must refuse
         if self.state is State.HANDSHAKE:
@@ -728,7 +751,8 @@ class Connection:
         except PayloadTooLarge as exc:
             self.send_error(request_id, codec.ErrorInfo("too_large", f"result too large: {exc}"))
         except Exception as exc:
-            self.send_error(request_id, codec.error_info(exc, traceback=False))
+            info = is_a_stream(value)  # invoke() on a generator handler
+            self.send_error(request_id, info or codec.error_info(exc, traceback=False))
 
     def send_error(self, request_id: int, info: codec.ErrorInfo) -> None:
         """Queue an ERROR answer to an incoming invoke; it always fits.
@@ -833,6 +857,52 @@ class Connection:
                     del out[:start]
                     self._fds_out = []
                 self._fds_out.extend(fds)
+
+    # -- streams (docs/protocol.md 7.5; state above this: tether.streams) ---
+
+    def send_stream(
+        self, channel: bytes, args: Any, waiter: Any, credit: int, route_id: int = 0
+    ) -> int:
+        """Queue a STREAM of ``channel`` and the CREDIT of ``credit`` items; return its request id.
+
+        ``waiter`` gets the RESULT or ERROR that ends the stream, as an
+        invoke's does (:attr:`pending`).
+
+        Raises:
+            StreamMismatch: the peer did not announce ``stream``.
+        """
+        if self.state is not State.OPEN:
+            self._check_open(args)
+        if not self.streams:
+            _consume_all(args)
+            raise StreamMismatch("the peer does not take streams (its HELLO lists no 'stream')")
+        rid = self._next_rid = (self._next_rid + 1) & _U32 or 1
+        while rid in self.pending:
+            rid = self._next_rid = (rid + 1) & _U32 or 1
+        self._emit_obj(K_STREAM, rid, route_id, channel, _wrap(args))
+        self.pending[rid] = waiter
+        self._emit(Kind.CREDIT, rid, 0, b"", credit_body(credit))
+        return rid
+
+    def send_credit(self, request_id: int, n: int) -> None:
+        """Grant the producer of stream ``request_id`` ``n`` more items (dropped once closing)."""
+        if self.state is State.OPEN and request_id in self.pending:
+            self._emit(Kind.CREDIT, request_id, 0, b"", credit_body(n))
+
+    def send_item(self, request_id: int, value: Any) -> None:
+        """Queue one ITEM of stream ``request_id`` (the producer holds credit for it).
+
+        Raises:
+            ConnectionClosed: this side said goodbye or the connection is closed.
+            PayloadTooLarge: the item does not fit in a frame.
+            Exception: whatever encoding ``value`` raised (nothing was queued).
+        """
+        if self.state is not State.OPEN and (self.state is State.CLOSED or self.our_goodbye):
+            _consume_all(value)
+            raise ConnectionClosed("the connection is closing or closed")
+        if type(value) in _BYTESLIKE and len(value) >= SHM_THRESHOLD:
+            value = _Blob(value)
+        self._emit_obj(K_ITEM, request_id, 0, b"", value)
 
     # -- attachments ------------------------------------------------------
 

@@ -82,6 +82,9 @@ class Kind(enum.IntEnum):
     GOODBYE = 11
     RELEASE = 12
     AUTH = 13
+    STREAM = 14
+    ITEM = 15
+    CREDIT = 16
 
 
 # Plain ints for the hot paths (comparing with IntEnum members costs ~10x more).
@@ -93,6 +96,9 @@ K_EVENT: Final = 5
 K_CANCEL: Final = 6
 K_GOODBYE: Final = 11
 K_AUTH: Final = 13
+K_STREAM: Final = 14  # the stream kinds are the highest: ``kind >= K_STREAM`` picks them
+K_ITEM: Final = 15
+K_CREDIT: Final = 16
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
 _CHANNEL_CACHE: Final = 256  # a hostile peer can't grow it past this

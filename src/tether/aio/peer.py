@@ -52,6 +52,7 @@ from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
 from ..shm import consume_all
+from ..streams import DEFAULT_WINDOW
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
     K_CANCEL,
@@ -60,8 +61,10 @@ from ..wire import (
     K_GOODBYE,
     K_INVOKE,
     K_RESULT,
+    K_STREAM,
     Frame,
 )
+from . import streaming
 from .stream import SocketStream
 
 __all__ = ["Peer"]
@@ -252,6 +255,9 @@ class Peer(Handlers):
         self._serving: dict[int, asyncio.Task[Any] | None] = {}
         # every handler and listener task until it ends: held, counted, cancelled on close
         self._tasks: set[asyncio.Task[Any]] = set()
+        # streams by request id (tether.aio.streaming): read here / produced here
+        self._streams_in: dict[int, Any] = {}
+        self._streams_out: dict[int, Any] = {}
         # inbound flow control
         self._paused = False
         self._backlog: collections.deque[Frame] = collections.deque()
@@ -537,6 +543,33 @@ class Peer(Handlers):
         if (queued := self._stream.buffered + queued) > HIGH_WATER:
             self._check_queued(queued)
             await self._wait_read()
+
+    def stream(
+        self,
+        channel: str,
+        *args: Any,
+        item_type: type[T] | Any = Any,
+        window: int = DEFAULT_WINDOW,
+        item_timeout: float | None = DEFAULT,
+        timeout: float | None = None,
+    ) -> streaming.Stream[Any]:
+        """Iterate the items a stream handler (a generator) on the other side yields.
+
+        ``async for x in peer.stream("tokens", "a b c"): ...``; nothing is
+        sent before the first item is asked for. See :class:`~tether.aio.streaming.Stream`.
+
+        Args:
+            item_type: decode and validate each item as this type.
+            window: items the producer may send ahead of what this side took
+                (credit, docs/protocol.md 7.5): a reader that stops reading
+                stops the producer after at most ``window`` items.
+            item_timeout: seconds to wait for each item; defaults to the
+                peer's ``timeout``; ``None`` waits forever.
+            timeout: seconds for the whole stream (default ``None``: no limit).
+            On either expiry the producer is stopped and
+            :class:`~tether.InvokeTimeout` raised.
+        """
+        return streaming.stream(self, channel, args, item_type, window, item_timeout, timeout)
 
     def _check_queued(self, queued: int) -> None:
         """More than ``max_queued`` bytes wait for the other side: drop it, raise PeerGone."""
@@ -847,6 +880,10 @@ class Peer(Handlers):
                 reason = self._conn.goodbye_reason or "no reason given"
                 self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
                 return False
+            elif k >= K_STREAM:  # STREAM, ITEM, CREDIT
+                streaming.on_frame(self, f)
+                if self._paused:
+                    return True
         return False
 
     def _on_answer(self, f: Frame) -> None:

@@ -1,0 +1,403 @@
+"""Streams on an asyncio :class:`~tether.Peer`: the reader's :class:`Stream`, the producer's task.
+
+The accounting is :mod:`tether.streams` (sans I/O); the frames are in
+``docs/protocol.md`` 7.5. A peer keeps two tables keyed by request id:
+``_streams_in`` (streams this side reads) and ``_streams_out`` (streams it
+produces); both are connection-wide, so routes can share them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .. import codec
+from ..errors import InvokeTimeout, ProtocolError, TetherError
+from ..protocol import State
+from ..registry import Call, Handler
+from ..results import DEFAULT, decode_result
+from ..streams import MAX_CREDIT, Inbound, check_window, credit_of, is_streaming, not_a_stream
+from ..wire import K_CREDIT, K_ITEM, K_STREAM, Frame
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+__all__ = ["Stream", "on_frame"]
+
+log = logging.getLogger("tether")
+
+T = TypeVar("T")
+
+_HIGH_WATER = 4 * 1024 * 1024  # as aio.peer.HIGH_WATER: a producer past it waits for the reader
+_FLUSH_SIZE = 64 * 1024  # as aio.peer.FLUSH_SIZE
+
+
+class _State:
+    """One stream as the peer's tables hold it: never the :class:`Stream`, so dropping that ends it.
+
+    The peer settles it as it settles an invoke's future (RESULT, ERROR,
+    connection lost): ``done``, ``cancelled``, ``set_result`` and
+    ``set_exception`` are what it calls on a waiter.
+    """
+
+    __slots__ = ("end", "inb", "waiter")
+
+    def __init__(self, window: int) -> None:
+        self.inb = Inbound(window)
+        self.end: Frame | BaseException | None = None  # the RESULT frame, or the error
+        self.waiter: asyncio.Future[None] | None = None
+
+    def done(self) -> bool:
+        return self.end is not None
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, f: Frame) -> None:
+        self.end = f
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.end = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def on_item(self, f: Frame) -> None:
+        """An ITEM of this stream arrived (ProtocolError: beyond the credit)."""
+        self.inb.on_item(f)
+        self._wake()
+
+
+class Stream(AsyncIterator[T], Generic[T]):
+    """The items of a stream handler on the other side, as an async iterator.
+
+    Made by :meth:`tether.Peer.stream`; nothing is sent until the first
+    ``__anext__``. Leaving the ``async for`` early -- ``break``, an exception,
+    cancellation, a timeout -- sends CANCEL, which stops the generator on the
+    other side and runs its ``finally``. ``async with peer.stream(...) as s:``
+    (or :meth:`aclose`) does it at a known point; otherwise it happens when the
+    stream is dropped.
+
+    Raises (from ``__anext__``): :class:`~tether.InvokeTimeout` (no item
+    within ``item_timeout``, or the whole stream past ``timeout``),
+    :class:`~tether.RemoteError` (the generator raised, after the items it
+    yielded before), :class:`~tether.StreamMismatch` (the channel does not
+    stream), :class:`~tether.PeerGone`, and the errors of
+    :meth:`~tether.Peer.invoke`.
+    """
+
+    def __init__(
+        self,
+        peer: Peer,
+        channel: str,
+        args: tuple[Any, ...],
+        item_type: Any,
+        window: int,
+        item_timeout: float | None,
+        timeout: float | None,
+        route_id: int = 0,
+    ) -> None:
+        self._peer = peer
+        self._channel = channel
+        self._args: tuple[Any, ...] | None = args
+        self._item_type = item_type
+        self._st = _State(check_window(window))
+        self._in = self._st.inb
+        self._item_timeout = item_timeout
+        self._timeout = timeout
+        self._route_id = route_id
+        self._rid = 0  # 0: not opened yet
+        self._deadline: float | None = None
+        self._over = False  # the reader is done with it (ended, abandoned, closed)
+        self._thread = threading.get_ident()
+
+    @property
+    def request_id(self) -> int:
+        """The stream's request id (0 until the first item is asked for)."""
+        return self._rid
+
+    async def _open(self) -> None:
+        peer = self._peer
+        args = self._args
+        assert args is not None
+        self._args = None
+        loop = peer._loop
+        timeout = self._timeout
+        if timeout is not None:
+            self._deadline = loop.time() + timeout
+        conn = peer._conn
+        if conn.state is not State.OPEN:
+            await peer._until_open(args, timeout)
+        chan = peer._chan_cache.get(self._channel) if type(self._channel) is str else None
+        if chan is None:
+            chan = peer._new_chan(self._channel, args)
+        self._rid = conn.send_stream(chan, args, self._st, self._in.window, self._route_id)
+        peer._streams_in[self._rid] = self._st
+        if peer._paused:
+            peer._set_reading()  # items and the end must still be read
+        peer._flush()
+
+    def __aiter__(self) -> Stream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._over:
+            raise StopAsyncIteration
+        peer = self._peer
+        if not self._rid:
+            try:
+                await self._open()
+            except BaseException:
+                self._over = True
+                raise
+        inb = self._in
+        if self._deadline is not None and peer._loop.time() >= self._deadline:
+            self._abandon()
+            raise InvokeTimeout(f"stream {self._channel!r}: not finished within {self._timeout} s")
+        while True:
+            if inb.items:
+                f = inb.take()
+                n = inb.regrant()
+                if n:
+                    peer._conn.send_credit(self._rid, n)
+                    peer._kick()
+                try:
+                    item: T = decode_result(f, self._item_type)
+                except BaseException:
+                    self._abandon()
+                    raise
+                return item
+            end = self._st.end
+            if end is not None:
+                self._finish()
+                if isinstance(end, BaseException):
+                    raise end
+                raise StopAsyncIteration
+            wait = self._item_timeout
+            if self._deadline is not None:
+                left = max(0.0, self._deadline - peer._loop.time())
+                wait = left if wait is None else min(wait, left)
+            fut = self._st.waiter = peer._loop.create_future()
+            try:
+                await asyncio.wait_for(fut, wait)
+            except TimeoutError:
+                self._abandon()
+                whole = self._deadline is not None and peer._loop.time() >= self._deadline
+                raise InvokeTimeout(
+                    f"stream {self._channel!r}: "
+                    + (
+                        f"not finished within {self._timeout} s"
+                        if whole
+                        else f"no item within {self._item_timeout} s"
+                    )
+                ) from None
+            except BaseException:  # cancelled
+                self._abandon()
+                raise
+            finally:
+                self._st.waiter = None
+
+    def _finish(self) -> None:
+        self._over = True
+        self._peer._streams_in.pop(self._rid, None)
+        self._in.items.clear()
+
+    def _abandon(self) -> None:
+        """Stop reading: CANCEL unless the stream ended; the producer's generator is closed."""
+        if self._over:
+            return
+        self._over = True
+        peer = self._peer
+        if self._rid and self._st.end is None:
+            peer._conn.send_cancel(self._rid)
+            peer._kick()
+        peer._streams_in.pop(self._rid, None)
+        self._in.items.clear()
+
+    async def aclose(self) -> None:
+        """Stop the stream now (CANCEL to the producer unless it ended); idempotent."""
+        self._abandon()
+
+    async def __aenter__(self) -> Stream[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._abandon()
+
+    def __del__(self) -> None:
+        if self._over or not self._rid:
+            return
+        with contextlib.suppress(Exception):  # the loop may be closed or gone
+            if threading.get_ident() == self._thread:
+                self._abandon()
+            else:
+                self._peer._loop.call_soon_threadsafe(self._abandon)
+
+    def __repr__(self) -> str:
+        return f"<Stream {self._channel!r} #{self._rid} of {self._peer!r}>"
+
+
+class _Outbound:
+    """The producing side of one stream: credit left, and the producer's wake-up."""
+
+    __slots__ = ("credit", "waiter")
+
+    def __init__(self) -> None:
+        self.credit = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    def grant(self, n: int) -> None:
+        if self.credit + n > MAX_CREDIT:
+            raise ProtocolError(f"CREDIT past {MAX_CREDIT} items outstanding")
+        self.credit += n
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
+def on_frame(peer: Peer, f: Frame) -> None:
+    """Act on a STREAM, ITEM or CREDIT frame (the peer's dispatch calls this for kinds >= 14)."""
+    k = f.kind
+    rid = f.request_id
+    try:
+        if k == K_ITEM:
+            st = peer._streams_in.get(rid)
+            if st is not None:
+                st.on_item(f)
+            # else: the reader left; items in flight before its CANCEL are dropped
+        elif k == K_CREDIT:
+            n = credit_of(f)
+            out = peer._streams_out.get(rid)
+            if out is not None:
+                out.grant(n)
+        elif k == K_STREAM:
+            _open_stream(peer, f)
+    except ProtocolError as exc:
+        peer.abort(exc)
+
+
+def _open_stream(peer: Peer, f: Frame) -> None:
+    rid = f.request_id
+    found = peer.registry.resolve(f, peer.role, peer.local)
+    if isinstance(found, codec.ErrorInfo):
+        peer._send_error(rid, found)
+        return
+    h, args = found
+    if not is_streaming(h.fn):
+        peer._send_error(rid, not_a_stream(f.channel))
+        return
+    serving = peer._serving
+    if len(serving) >= peer.max_inflight:
+        peer._send_error(rid, peer._busy())
+        return
+    out = _Outbound()
+    peer._streams_out[rid] = out
+    serving[rid] = None
+    call = Call(peer, f.channel, rid, f.route_id)
+    task = peer._loop.create_task(_produce(peer, h, call, args, out))
+    if not task.done():
+        serving[rid] = task
+        peer._tasks.add(task)
+        if len(peer._tasks) > 1024:  # MAX_TASKS
+            peer._pause()
+    peer._woke = True
+
+
+async def _produce(
+    peer: Peer, h: Handler, call: Call, args: tuple[Any, ...], out: _Outbound
+) -> None:
+    """Run a stream handler: one ITEM per item while credit lasts, then RESULT or ERROR."""
+    rid = call.request_id
+    conn = peer._conn
+    loop = peer._loop
+    gen: Any = None
+    try:
+        gen = h.fn(call, *args)
+        is_async = inspect.isasyncgen(gen)
+        while True:
+            while out.credit <= 0:
+                out.waiter = loop.create_future()
+                try:
+                    await out.waiter
+                finally:
+                    out.waiter = None
+            if is_async:
+                try:
+                    item = await gen.__anext__()
+                except StopAsyncIteration:
+                    break
+            else:
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    break
+            conn.send_item(rid, item)
+            out.credit -= 1
+            queued = conn.buffered_out
+            if queued >= _FLUSH_SIZE or conn.fds_queued:
+                peer._flush(poll=False)
+            else:
+                peer._kick()
+            if peer._stream.buffered + queued > _HIGH_WATER:
+                peer._check_queued(peer._stream.buffered + queued)
+                await peer._wait_read()
+    except BaseException as exc:
+        if peer._serving.pop(rid, None) is None:
+            # The reader's CANCEL (it left), or the connection ended: no answer.
+            if isinstance(exc, (asyncio.CancelledError, SystemExit, KeyboardInterrupt)):
+                raise
+            return
+        task = asyncio.current_task()
+        if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+            raise  # cancelled from outside (the loop ending)
+        if isinstance(exc, TetherError) and peer._closed is not None:
+            return  # the connection is gone: nobody to tell
+        if peer._fail(call, exc):
+            raise
+    else:
+        if peer._serving.pop(rid, None) is not None:
+            peer._answer(rid, None)  # RESULT nil: the stream is complete
+    finally:
+        peer._streams_out.pop(rid, None)
+        if gen is not None:
+            await _close_gen(gen)
+        peer._tasks.discard(asyncio.current_task())
+        if peer._paused:
+            peer._maybe_resume()
+    peer._kick()
+
+
+async def _close_gen(gen: Any) -> None:
+    """Close a generator so its ``finally`` runs (a no-op once it finished)."""
+    try:
+        if inspect.isasyncgen(gen):
+            await gen.aclose()
+        elif inspect.isgenerator(gen):
+            gen.close()
+    except Exception:
+        log.exception("closing a stream handler's generator raised")
+
+
+def stream(
+    peer: Peer,
+    channel: str,
+    args: tuple[Any, ...],
+    item_type: Any,
+    window: int,
+    item_timeout: Any,
+    timeout: float | None,
+    route_id: int = 0,
+) -> Stream[Any]:
+    """What :meth:`tether.Peer.stream` returns (``item_timeout`` DEFAULT: the peer's timeout)."""
+    if item_timeout is DEFAULT:
+        item_timeout = peer.timeout
+    return Stream(peer, channel, args, item_type, window, item_timeout, timeout, route_id)

@@ -1,0 +1,476 @@
+"""Streams (issue 11, item 1): generator handlers, credit flow control, early exit, errors.
+
+Each test runs a listening Main whose handlers stream, and a client that
+reads; the producer's side effects (items yielded, ``finally`` run) are
+recorded in the Main's process, so they are observed, not assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import msgspec
+import pytest
+
+import _stream_targets
+import tether
+import tether.sync
+from tether import codec
+from tether.protocol import Connection
+from tether.streams import DEFAULT_WINDOW, Inbound, credit_body
+from tether.wire import Frame, Kind, encode_frame
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Record:
+    """What the producers did: items yielded, ``finally`` blocks run (and where)."""
+
+    def __init__(self) -> None:
+        self.yielded = 0
+        self.finals: list[str] = []
+        self.final = asyncio.Event()
+        self.started = asyncio.Event()
+
+    def ended(self, name: str) -> None:
+        self.finals.append(name)
+        self.final.set()
+
+
+def install(main: tether.Main, rec: Record) -> None:
+    @main.handle("tokens", roles="client")
+    async def tokens(call: tether.Call, prompt: str) -> AsyncIterator[str]:
+        for word in prompt.split():
+            yield word
+
+    @main.handle("count", roles="client")
+    async def count(call: tether.Call, n: int) -> AsyncIterator[int]:
+        try:
+            for i in range(n):
+                rec.yielded += 1
+                rec.started.set()
+                yield i
+        finally:
+            rec.ended("count")
+
+    @main.handle("count_sync", roles="client")
+    def count_sync(call: tether.Call, n: int) -> Iterator[int]:
+        try:
+            for i in range(n):
+                rec.yielded += 1
+                yield i
+        finally:
+            rec.ended("count_sync")
+
+    @main.handle("forever", roles="client")
+    async def forever(call: tether.Call) -> AsyncIterator[int]:
+        i = 0
+        try:
+            while True:
+                rec.yielded += 1
+                rec.started.set()
+                yield i
+                i += 1
+        finally:
+            rec.ended("forever")
+
+    @main.handle("slow", roles="client")
+    async def slow(call: tether.Call, first: int) -> AsyncIterator[int]:
+        try:
+            yield first
+            rec.started.set()
+            await asyncio.sleep(3600)
+            yield first + 1
+        finally:
+            rec.ended("slow")
+
+    @main.handle("fails", roles="client")
+    async def fails(call: tether.Call, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+        raise ValueError("boom after items")
+
+    @main.handle("plain", roles="client")
+    async def plain(call: tether.Call, x: int) -> int:
+        return x + 1
+
+    @main.handle("blobs", roles="client")
+    def blobs(call: tether.Call, n: int, size: int) -> Iterator[bytes]:
+        for i in range(n):
+            yield bytes([i % 256]) * size
+
+
+@pytest.fixture(params=["unix", "tcp"])
+async def served(
+    request: pytest.FixtureRequest, sock_path: str
+) -> AsyncIterator[tuple[str, Record]]:
+    main = tether.Main(timeout=20.0)
+    rec = Record()
+    install(main, rec)
+    async with main:
+        url = f"unix://{sock_path}" if request.param == "unix" else "tcp://127.0.0.1:0"
+        server = await main.listen(url)
+        yield str(server.address), rec
+
+
+async def _wait(ev: asyncio.Event, what: str = "") -> None:
+    await asyncio.wait_for(ev.wait(), 20.0)
+
+
+# -- items --------------------------------------------------------------------------
+
+
+async def test_async_generator_streams_its_items(served: tuple[str, Record]) -> None:
+    address, _ = served
+    async with tether.connect(address) as peer:
+        words = [w async for w in peer.stream("tokens", "a b c")]
+        assert words == ["a", "b", "c"]
+        # the connection is still usable: a plain invoke after a stream
+        assert await peer.invoke("plain", 1) == 2
+
+
+async def test_plain_generator_streams_and_runs_finally(served: tuple[str, Record]) -> None:
+    address, rec = served
+    async with tether.connect(address) as peer:
+        assert [x async for x in peer.stream("count_sync", 5)] == [0, 1, 2, 3, 4]
+    await _wait(rec.final)
+    assert rec.finals == ["count_sync"]
+
+
+async def test_hundred_thousand_items(served: tuple[str, Record]) -> None:
+    address, rec = served
+    async with tether.connect(address) as peer:
+        total = 0
+        n = 0
+        async for x in peer.stream("count", 100_000, item_type=int, timeout=90.0):
+            total += x
+            n += 1
+        assert n == 100_000 and total == sum(range(100_000))
+    assert rec.yielded == 100_000
+
+
+async def test_item_type_is_validated_on_the_reading_side(served: tuple[str, Record]) -> None:
+    address, _ = served
+    async with tether.connect(address) as peer:
+        s = peer.stream("tokens", "a b", item_type=int)
+        with pytest.raises(tether.BadRequest):
+            await s.__anext__()
+        # the stream is over for the reader
+        with pytest.raises(StopAsyncIteration):
+            await s.__anext__()
+
+
+async def test_large_items_travel_as_attachments(served: tuple[str, Record]) -> None:
+    address, _ = served
+    async with tether.connect(address) as peer:
+        sizes = [
+            bytes(b)[:1] + bytes([len(b) % 251]) async for b in peer.stream("blobs", 5, 200_000)
+        ]
+        assert sizes == [bytes([i, 200_000 % 251]) for i in range(5)]
+
+
+# -- flow control ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1, 8, DEFAULT_WINDOW])
+async def test_slow_reader_bounds_what_the_producer_made(
+    served: tuple[str, Record], window: int
+) -> None:
+    """Measured: yielded - consumed never exceeds the window while the reader sleeps."""
+    address, rec = served
+    async with tether.connect(address) as peer:
+        consumed = 0
+        worst = 0
+        async with peer.stream("forever", window=window) as s:
+            async for _ in s:
+                consumed += 1
+                # The reader dawdles: the producer had every chance to run ahead.
+                await asyncio.sleep(0.2 if consumed in (1, 2 * window) else 0)
+                worst = max(worst, rec.yielded - consumed)
+                assert rec.yielded - consumed <= window
+                if consumed == 3 * window + 2:
+                    break
+        assert worst == window  # it did fill the window (so the bound was tested)
+        await _wait(rec.final)
+        assert rec.finals == ["forever"]
+        # after the CANCEL the producer made nothing more
+        made = rec.yielded
+        await asyncio.sleep(0.2)
+        assert rec.yielded == made
+
+
+async def test_stalled_reader_holds_at_most_a_window_on_either_side(
+    served: tuple[str, Record],
+) -> None:
+    address, rec = served
+    async with tether.connect(address) as peer:
+        s = peer.stream("forever", window=16)
+        assert await s.__anext__() == 0
+        await asyncio.sleep(0.5)  # not reading
+        assert rec.yielded <= 1 + 16
+        assert len(s._in.items) <= 16  # what the reader buffered
+        await s.aclose()
+        await _wait(rec.final)
+
+
+def test_inbound_accounting_refuses_items_beyond_credit() -> None:
+    inb = Inbound(2)
+    f = Frame(Kind.ITEM, 5)
+    inb.on_item(f)
+    inb.on_item(f)
+    with pytest.raises(tether.ProtocolError):
+        inb.on_item(f)
+    inb.take()
+    assert inb.regrant() == 1  # half of 2, rounded up
+    inb.on_item(f)
+
+
+# -- leaving early ------------------------------------------------------------------
+
+
+async def test_break_stops_the_generator_and_runs_finally(served: tuple[str, Record]) -> None:
+    address, rec = served
+    async with tether.connect(address) as peer:
+        async for x in peer.stream("forever"):
+            if x == 3:
+                break
+        await _wait(rec.final)
+        assert rec.finals == ["forever"]
+        assert await peer.invoke("plain", 1) == 2
+
+
+async def test_exception_in_the_loop_stops_the_generator(served: tuple[str, Record]) -> None:
+    address, rec = served
+    async with tether.connect(address) as peer:
+
+        async def consume() -> None:
+            async for x in peer.stream("forever"):
+                if x == 2:
+                    raise KeyError("reader failed")
+
+        with pytest.raises(KeyError):
+            await consume()
+        await _wait(rec.final)
+        assert rec.finals == ["forever"]
+
+
+async def test_cancelling_the_reader_stops_the_generator(served: tuple[str, Record]) -> None:
+    address, rec = served
+    async with tether.connect(address) as peer:
+        got: list[int] = []
+
+        async def consume() -> None:
+            async for x in peer.stream("slow", 7):
+                got.append(x)
+
+        task = asyncio.create_task(consume())
+        await _wait(rec.started)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _wait(rec.final)
+        assert got == [7] and rec.finals == ["slow"]
+
+
+async def test_item_timeout_stops_the_generator(served: tuple[str, Record]) -> None:
+    address, rec = served
+    async with tether.connect(address) as peer:
+        got: list[int] = []
+        with pytest.raises(tether.InvokeTimeout, match="no item within"):
+            async for x in peer.stream("slow", 1, item_timeout=0.3):
+                got.append(x)
+        await _wait(rec.final)
+        assert got == [1] and rec.finals == ["slow"]
+
+
+async def test_whole_stream_timeout_stops_the_generator(served: tuple[str, Record]) -> None:
+    address, rec = served
+    async with tether.connect(address) as peer:
+        got = 0
+        with pytest.raises(tether.InvokeTimeout, match="not finished within"):
+            async for _ in peer.stream("forever", timeout=0.5, item_timeout=None):
+                got += 1
+                await asyncio.sleep(0.01)
+        assert got > 0
+        await _wait(rec.final)
+        assert rec.finals == ["forever"]
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+async def test_exception_in_generator_after_items(served: tuple[str, Record]) -> None:
+    address, _ = served
+    async with tether.connect(address) as peer:
+        got: list[int] = []
+        with pytest.raises(tether.RemoteError, match="boom after items") as info:
+            async for x in peer.stream("fails", 3):
+                got.append(x)
+        assert got == [0, 1, 2]
+        assert info.value.type_name == "ValueError"
+
+
+async def test_stream_on_a_plain_channel_is_a_stream_mismatch(served: tuple[str, Record]) -> None:
+    address, _ = served
+    async with tether.connect(address) as peer:
+        with pytest.raises(tether.StreamMismatch, match="invoke"):
+            async for _ in peer.stream("plain", 1):
+                pass
+        assert await peer.invoke("plain", 1) == 2
+
+
+async def test_invoke_on_a_stream_channel_is_a_stream_mismatch(
+    served: tuple[str, Record],
+) -> None:
+    address, rec = served
+    async with tether.connect(address) as peer:
+        with pytest.raises(tether.StreamMismatch, match="stream"):
+            await peer.invoke("count", 3)
+        with pytest.raises(tether.StreamMismatch):
+            await peer.invoke("count_sync", 3)
+        assert rec.yielded == 0  # the generator never ran
+
+
+async def test_unknown_channel_and_bad_arguments(served: tuple[str, Record]) -> None:
+    address, _ = served
+    async with tether.connect(address) as peer:
+        with pytest.raises(tether.NoHandler):
+            await peer.stream("nope").__anext__()
+        with pytest.raises(tether.BadRequest):
+            await peer.stream("count", "x").__anext__()
+
+
+async def test_connection_lost_mid_stream(sock_path: str) -> None:
+    """The reader sees PeerGone; the producer's generator is closed (its finally runs)."""
+    rec = Record()
+    main = tether.Main(timeout=20.0)
+    install(main, rec)
+    async with main:
+        server = await main.listen(f"unix://{sock_path}")
+        peer = await tether.connect(str(server.address))
+        # the producer side of the connection: Main's peer
+        got: list[int] = []
+        with pytest.raises(tether.PeerGone):
+            async for x in peer.stream("forever", window=4):
+                got.append(x)
+                if len(got) == 2:
+                    (mpeer,) = main.peers
+                    mpeer.abort(tether.PeerGone("dropped by the test"))
+        assert got[:2] == [0, 1]
+        await _wait(rec.final)
+        assert rec.finals == ["forever"]
+        await peer.close()
+
+
+# -- the wire ---------------------------------------------------------------------------
+
+
+def _open_pair() -> tuple[Connection, Connection]:
+    a, b = Connection("client"), Connection("main")
+    b.receive_data(bytes(a.data_to_send()[0]))
+    a.receive_data(bytes(b.data_to_send()[0]))
+    return a, b
+
+
+def test_stream_feature_is_negotiated() -> None:
+    a, b = _open_pair()
+    assert a.streams and b.streams
+    assert a.peer_hello is not None and "stream" in a.peer_hello.features
+
+
+def test_stream_frames_from_a_peer_without_the_feature_are_refused() -> None:
+    a = Connection("client")
+    hello = codec.encoder.encode(codec.Hello(protocol="tether", version=1, role="main"))
+    data = bytearray()
+    encode_frame(data, Kind.HELLO, 0, 0, b"", hello)
+    a.receive_data(bytes(data))
+    assert not a.streams
+    with pytest.raises(tether.StreamMismatch):
+        a.send_stream(b"tokens", ("x",), object(), 4)
+    credit = bytearray()
+    encode_frame(credit, Kind.CREDIT, 1, 0, b"", credit_body(3))
+    with pytest.raises(tether.ProtocolError, match="stream"):
+        a.receive_data(bytes(credit))
+
+
+def test_stream_frames_cross_the_core() -> None:
+    a, b = _open_pair()
+    waiter = object()
+    rid = a.send_stream(b"tokens", ("a b",), waiter, 8)
+    frames = b.receive_data(bytes(a.data_to_send()[0]))
+    assert [(f.kind, f.request_id, f.channel) for f in frames] == [
+        (Kind.STREAM, rid, "tokens"),
+        (Kind.CREDIT, rid, ""),
+    ]
+    assert msgspec.msgpack.decode(frames[1].body) == 8
+    b.send_item(rid, "a")
+    b.answer(rid, None)
+    frames = a.receive_data(bytes(b.data_to_send()[0]))
+    assert [(f.kind, f.request_id) for f in frames] == [(Kind.ITEM, rid), (Kind.RESULT, rid)]
+    assert a.take_pending(rid) is waiter
+
+
+def test_stream_with_request_id_zero_is_refused() -> None:
+    _, b = _open_pair()
+    bad = bytearray()
+    encode_frame(bad, Kind.STREAM, 0, 0, b"x", msgspec.msgpack.encode([]))
+    with pytest.raises(tether.ProtocolError):
+        b.receive_data(bytes(bad))
+
+
+async def test_hostile_producer_beyond_credit_is_dropped(sock_path: str) -> None:
+    """Items past the credit granted break the protocol: the reader drops the peer."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(sock_path)
+    listener.listen(1)
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    done = threading.Event()
+
+    async def serve() -> None:
+        conn, _ = await loop.sock_accept(listener)
+        me = Connection("main")
+        parser_in = await loop.sock_recv(conn, 65536)
+        frames = me.receive_data(parser_in)
+        await loop.sock_sendall(conn, bytes(me.data_to_send()[0]))
+        while not any(f.kind == Kind.STREAM for f in frames):
+            frames = me.receive_data(await loop.sock_recv(conn, 65536))
+        rid = next(f.request_id for f in frames if f.kind == Kind.STREAM)
+        for i in range(3):  # credit was 2
+            me.send_item(rid, i)
+        await loop.sock_sendall(conn, bytes(me.data_to_send()[0]))
+        await asyncio.to_thread(done.wait, 10.0)
+        conn.close()
+
+    server = asyncio.create_task(serve())
+    try:
+        peer = await tether.connect(f"unix://{sock_path}")
+        with pytest.raises((tether.ProtocolError, tether.PeerGone)):
+            async for _ in peer.stream("x", window=2):
+                await asyncio.sleep(0.1)  # let every item arrive before taking more
+        assert peer.closed
+    finally:
+        done.set()
+        await server
+        listener.close()
+
+
+# -- Main's children ------------------------------------------------------------------
+
+
+async def test_main_streams_from_a_spawned_child() -> None:
+    async with tether.Main(timeout=20.0) as main:
+        child = await main.spawn(_stream_targets.serve_counts, start_method="fork")
+        try:
+            assert [x async for x in child.stream("count", 5)] == [0, 1, 2, 3, 4]
+            words: list[Any] = []
+            async for w in child.stream("words", "x y"):
+                words.append(w)
+            assert words == ["x", "y"]
+        finally:
+            await child.close()
