@@ -43,7 +43,10 @@ from tether.protocol import Connection, State
 from tether.wire import FrameParser, Kind, encode_frame
 
 MAX_FRAME = 1 << 16
-_RETURNED = frozenset({Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL, Kind.GOODBYE})
+_RETURNED = frozenset(
+    {Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL, Kind.GOODBYE}
+    | {Kind.STREAM, Kind.ITEM, Kind.CREDIT}  # with the "stream" feature (our peer's HELLO has it)
+)
 _PEER_HELLO = bytes(Connection("main", name="fuzz-peer").data_to_send()[0])
 
 
@@ -75,7 +78,7 @@ def _frames_from(recipe: bytes) -> bytes:
         return b[0] if b else 0
 
     while pos < n:
-        kind = byte() % 14  # 0, 12, 13 are invalid kinds
+        kind = byte() % 18  # 0 and 17 are invalid kinds (12, 13: not after the handshake)
         channel = take(byte() % 24)
         body = take(byte())
         atts = [b"\xaa" * byte() for _ in range(byte() % 4)]

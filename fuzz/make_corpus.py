@@ -108,15 +108,24 @@ def protocol_frames() -> dict[str, bytes]:
         "pong": _frame(Kind.PONG, rid=42),
         "release": _frame(Kind.RELEASE, rid=9),
         "auth": _frame(Kind.AUTH, bytes(range(32))),  # a (wrong) 32-byte proof
+        "stream": _frame(Kind.STREAM, enc(["a b c"]), rid=11, channel=b"tokens"),
+        "credit": _frame(Kind.CREDIT, enc(16), rid=11),
+        "item": _frame(Kind.ITEM, enc("a"), rid=11),
         "goodbye": _frame(Kind.GOODBYE, enc(Goodbye(reason="done"))),
         "goodbye_empty": _frame(Kind.GOODBYE, enc(Goodbye())),
     }
 
 
+_STREAMING = ("stream", "credit", "item")
+
+
 def protocol_seeds() -> dict[str, bytes]:
     """Inputs of fuzz/fuzz_protocol.py: a target byte, then the stream it is fed."""
     frames = protocol_frames()
-    session = b"".join(frames[k] for k in frames if not k.startswith(("goodbye", "auth")))
+    # (STREAM, CREDIT, ITEM only after a HELLO with "stream": the open seeds have one)
+    session = b"".join(
+        frames[k] for k in frames if not k.startswith(("goodbye", "auth")) and k not in _STREAMING
+    )
     seeds: dict[str, bytes] = {}
     for name, data in frames.items():
         seeds[f"parser-{name}"] = bytes([PARSER]) + data
@@ -137,6 +146,7 @@ def protocol_seeds() -> dict[str, bytes]:
     seeds["open-eof-goodbye"] = bytes([OPEN_EOF]) + frames["goodbye"]
     seeds["open-eof-partial"] = bytes([OPEN_EOF]) + frames["invoke_attachments"][:-3]
     seeds["open-session-then-goodbye"] = bytes([OPEN]) + session + frames["goodbye"]
+    seeds["open-stream-session"] = bytes([OPEN]) + b"".join(frames[k] for k in _STREAMING)
     # Recipe mode (bit 2): kind, channel, body, attachment sizes, no corruption (see
     # _frames_from in fuzz/fuzz_protocol.py); one seed per kind the core returns.
     for kind in (Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL):

@@ -78,7 +78,7 @@ def test_handshake() -> None:
     assert b.peer_hello.name == "A"
     assert b.peer_hello.pid == 4242  # given by the I/O layer: the core calls no getpid
     assert b.peer_hello.max_frame_size == 1 << 20
-    assert b.peer_hello.features == ["fd"]  # what the store supports
+    assert b.peer_hello.features == ["fd", "stream"]  # what the store supports, and streams
     assert a.peer_hello.role == "child"
     assert a.peer_hello.name == "B"
 
@@ -512,7 +512,7 @@ def test_unencodable_value_leaves_buffer_unchanged() -> None:
 
 
 def frame_like(draw: st.DrawFn) -> bytes:
-    kind = draw(st.integers(0, 14))
+    kind = draw(st.integers(0, 17))
     chan = draw(st.binary(max_size=12))
     n_att = draw(st.sampled_from([0, 0, 0, 1, 2, 0xFFFF]))
     rest = draw(st.binary(max_size=80))
@@ -545,6 +545,9 @@ def test_arbitrary_bytes_to_open_connection(data: bytes, cuts: list[int], eof: b
                     Kind.EVENT,
                     Kind.CANCEL,
                     Kind.GOODBYE,
+                    Kind.STREAM,
+                    Kind.ITEM,
+                    Kind.CREDIT,
                 }
             b.data_to_send()[0]
         if eof:

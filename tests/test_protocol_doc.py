@@ -53,7 +53,9 @@ FLAT = " ".join(TEXT.split())  # the document with line breaks folded, for phras
 EMPTY = object()  # the frame has a zero-length body
 
 # What the asyncio peers of the worked example announce (section 6).
-FEATURES = {"child": ["fd", "lease"], "main": ["fd"]}
+FEATURES = {"child": ["fd", "lease", "stream"], "main": ["fd", "stream"]}
+# What the attachment stores of those peers announce (the rest is "stream").
+STORE_FEATURES = {"child": ["fd", "lease"], "main": ["fd"]}
 _HELLO = {"protocol": "tether", "version": 1, "name": "renderer", "max_frame_size": 64 << 20}
 _BUFFER = b"\x01\x02\x03"
 _REF0 = ("ext", 1, b"\x00\x00\x00\x00")  # ext type 1 referring to attachment 0
@@ -117,6 +119,10 @@ EXPECTED: dict[str, tuple[Kind, int, int, str, Any, list[bytes]]] = {
     "invoke-buffer-moved": (Kind.INVOKE, 1, 0, "process", [_BUFFER], [_BUFFER]),
     "event-ndarray-lease": (Kind.EVENT, 0, 0, "frame", [_FRAME_ARRAY], [_FRAME]),
     "release": (Kind.RELEASE, 1, 0, "", EMPTY, []),
+    "stream": (Kind.STREAM, 2, 0, "tokens", ["a b"], []),
+    "credit": (Kind.CREDIT, 2, 0, "", 16, []),
+    "item": (Kind.ITEM, 2, 0, "", "a", []),
+    "stream-end": (Kind.RESULT, 2, 0, "", None, []),
 }
 
 # The attachment references as they sit in the body, extensions not resolved.
@@ -175,7 +181,8 @@ def _connections() -> tuple[Connection, Connection]:
     """The two ends of the worked example: asyncio peers on a socketpair."""
     child = Connection("child", name="renderer", pid=4242, store=MemfdStore(borrow=True))
     main = Connection("main", name="renderer", pid=4241, store=MemfdStore(lend=True))
-    assert [list(c.store.features) for c in (child, main)] == [FEATURES["child"], FEATURES["main"]]
+    stores = [list(c.store.features) for c in (child, main)]
+    assert stores == [STORE_FEATURES["child"], STORE_FEATURES["main"]]
     return child, main
 
 
@@ -283,6 +290,16 @@ def _generated_plain() -> dict[str, bytes]:
     out["route-open"] = bytes(route_open)
     main.receive_data(out["route-open"])
     out["route-close"] = bytes(main.data_to_send()[0])
+    child.receive_data(out["hello-main"])  # the child learns main takes streams
+    rid = child.send_stream(b"tokens", ("a b",), object(), 16)
+    assert rid == 2  # the child's invoke was 1
+    both = bytes(child.data_to_send()[0])
+    n = int.from_bytes(both[:4], "little") + 4
+    out["stream"], out["credit"] = both[:n], both[n:]
+    main.send_item(2, "a")
+    out["item"] = bytes(main.data_to_send()[0])
+    main.answer(2, None)
+    out["stream-end"] = bytes(main.data_to_send()[0])
     child.send_goodbye("child finished")
     out["goodbye"] = bytes(child.data_to_send()[0])
     return out
@@ -368,7 +385,7 @@ def test_worked_example_conversation() -> None:
     assert main.state is State.OPEN
     assert main.peer_hello is not None
     assert (main.peer_hello.role, main.peer_hello.pid) == ("child", 4242)
-    assert main.peer_hello.features == ["fd", "lease"]
+    assert main.peer_hello.features == ["fd", "lease", "stream"]
     assert [(f.kind, f.request_id, f.channel) for f in frames] == [
         (Kind.INVOKE, 1, "message-from-renderer")
     ]
@@ -380,7 +397,7 @@ def test_worked_example_conversation() -> None:
     frames = child.receive_data(BLOCKS["hello-main"] + BLOCKS["result"])
     assert child.state is State.OPEN
     assert child.peer_hello is not None and child.peer_hello.role == "main"
-    assert child.peer_hello.features == ["fd"]
+    assert child.peer_hello.features == ["fd", "stream"]
     assert [(f.kind, f.request_id) for f in frames] == [(Kind.RESULT, 1)]
     assert child.take_pending(1) is waiter
     assert msgspec.msgpack.decode(frames[0].body) == "Received: Hola, mundo!"
@@ -405,7 +422,7 @@ def test_documented_body_is_hello_schema() -> None:
         name="renderer",
         pid=4242,
         max_frame_size=64 << 20,
-        features=["fd", "lease"],
+        features=["fd", "lease", "stream"],
     )
 
 
@@ -669,7 +686,7 @@ def test_pool_limits_match_the_doc() -> None:
 def test_feature_table_matches_code() -> None:
     keys, features, roles = _tables("## 6. Handshake: HELLO")
     assert [r[0].strip("`") for r in keys] == list(codec.Hello.__struct_fields__)
-    assert [r[0].strip("`") for r in features] == ["fd", "lease", "pickle"]
+    assert [r[0].strip("`") for r in features] == ["fd", "lease", "pickle", "stream"]
     assert len(roles) == 2
 
 
@@ -722,9 +739,9 @@ async def test_asyncio_peer_on_a_socketpair_says_hello_as_documented(
 @pytest.mark.parametrize(
     ("local_role", "family", "features"),
     [
-        ("client", socket.AF_UNIX, ["fd", "lease"]),  # tether.connect("unix://...")
-        ("client", socket.AF_INET, []),  # TCP never carries descriptors
-        ("main", socket.AF_INET, []),
+        ("client", socket.AF_UNIX, ["fd", "lease", "stream"]),  # tether.connect("unix://...")
+        ("client", socket.AF_INET, ["stream"]),  # TCP never carries descriptors
+        ("main", socket.AF_INET, ["stream"]),
     ],
 )
 async def test_features_announced_as_documented(
@@ -746,6 +763,7 @@ def test_error_code_table_matches_caller() -> None:
         "bad_request",
         "too_large",
         "busy",
+        "stream_mismatch",
         "cancelled",
         "closed",
     }
