@@ -30,3 +30,35 @@ async def read_main_stream(peer: tether.Peer, n: int) -> None:
         total += x
     await peer.send("total", total)
     await peer.wait_closed()
+
+
+def serve_counts_sync(peer: tether.sync.Peer) -> None:
+    """A blocking child whose plain-generator handlers stream; ``finally`` is told to main."""
+
+    @peer.handle("count")
+    def count(call: tether.Call, n: int) -> Iterator[int]:
+        try:
+            yield from range(n)
+        finally:
+            call.peer.send("finally", "count")
+
+    @peer.handle("forever")
+    def forever(call: tether.Call) -> Iterator[int]:
+        i = 0
+        try:
+            while True:
+                yield i
+                i += 1
+        finally:
+            call.peer.send("finally", "forever")
+
+    @peer.handle("fails")
+    def fails(call: tether.Call, n: int) -> Iterator[int]:
+        yield from range(n)
+        raise ValueError("sync boom")
+
+    @peer.handle("plain")
+    def plain(call: tether.Call, x: int) -> int:
+        return x + 1
+
+    peer.wait_closed()

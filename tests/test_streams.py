@@ -474,3 +474,159 @@ async def test_main_streams_from_a_spawned_child() -> None:
             assert words == ["x", "y"]
         finally:
             await child.close()
+
+
+# -- the blocking API -------------------------------------------------------------------
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    return await asyncio.wait_for(asyncio.to_thread(fn, *args), 60.0)
+
+
+async def test_blocking_reader(served: tuple[str, Record]) -> None:
+    address, _ = served
+
+    def run() -> tuple[list[str], int, int]:
+        with tether.sync.connect(address) as peer:
+            words = list(peer.stream("tokens", "a b c"))
+            total = sum(peer.stream("count_sync", 10_000, item_type=int, window=64))
+            n = 0
+            for _ in peer.stream("count", 100_000):
+                n += 1
+            return words, total, n
+
+    words, total, n = await in_thread(run)
+    assert words == ["a", "b", "c"]
+    assert total == sum(range(10_000)) and n == 100_000
+
+
+async def test_blocking_reader_break_stops_the_generator(served: tuple[str, Record]) -> None:
+    address, rec = served
+
+    def run() -> list[int]:
+        with tether.sync.connect(address) as peer:
+            got = []
+            for x in peer.stream("forever", window=4):
+                got.append(x)
+                if x == 5:
+                    break
+            assert peer.invoke("plain", 1) == 2
+            return got
+
+    assert await in_thread(run) == [0, 1, 2, 3, 4, 5]
+    await _wait(rec.final)
+    assert rec.finals == ["forever"]
+
+
+async def test_blocking_reader_close_and_with(served: tuple[str, Record]) -> None:
+    address, rec = served
+
+    def run() -> None:
+        with tether.sync.connect(address) as peer:
+            with peer.stream("slow", 3) as s:
+                assert next(s) == 3
+            assert list(s) == []  # closed: nothing more
+
+    await in_thread(run)
+    await _wait(rec.final)
+    assert rec.finals == ["slow"]
+
+
+async def test_blocking_reader_slow_reading_is_bounded(served: tuple[str, Record]) -> None:
+    address, rec = served
+
+    def run() -> int:
+        import time
+
+        with tether.sync.connect(address) as peer:
+            worst = 0
+            s = peer.stream("forever", window=8)
+            for i, _ in enumerate(s, 1):
+                if i in (1, 16):
+                    time.sleep(0.3)
+                worst = max(worst, rec.yielded - i)
+                if i == 30:
+                    break
+            s.close()
+            return worst
+
+    worst = await in_thread(run)
+    assert worst == 8  # filled the window, never more
+    await _wait(rec.final)
+
+
+async def test_blocking_reader_errors_and_timeouts(served: tuple[str, Record]) -> None:
+    address, rec = served
+
+    def run() -> list[int]:
+        with tether.sync.connect(address) as peer:
+            got = []
+            with pytest.raises(tether.RemoteError, match="boom after items"):
+                for x in peer.stream("fails", 2):
+                    got.append(x)
+            with pytest.raises(tether.StreamMismatch):
+                list(peer.stream("plain", 1))
+            with pytest.raises(tether.StreamMismatch):
+                peer.invoke("count", 2)
+            with pytest.raises(tether.InvokeTimeout, match="no item within"):
+                list(peer.stream("slow", 1, item_timeout=0.3))
+            with pytest.raises(tether.InvokeTimeout, match="not finished within"):
+                for _ in peer.stream("forever", timeout=0.3, item_timeout=None):
+                    pass
+            return got
+
+    assert await in_thread(run) == [0, 1]
+    await _wait(rec.final)
+    for _ in range(100):
+        if len(rec.finals) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(rec.finals) == ["forever", "slow"]
+
+
+async def test_blocking_producer_in_a_child() -> None:
+    """A blocking child's plain generators stream to main; early exit closes them."""
+    async with tether.Main(timeout=20.0) as main:
+        finals: asyncio.Queue[str] = asyncio.Queue()
+
+        @main.on("finally")
+        def on_finally(call: tether.Call, name: str) -> None:
+            finals.put_nowait(name)
+
+        child = await main.spawn(_stream_targets.serve_counts_sync, start_method="fork")
+        try:
+            assert [x async for x in child.stream("count", 5)] == [0, 1, 2, 3, 4]
+            assert await asyncio.wait_for(finals.get(), 20.0) == "count"
+            n = 0
+            async for _ in child.stream("count", 20_000, item_type=int):
+                n += 1
+            assert n == 20_000
+            assert await asyncio.wait_for(finals.get(), 20.0) == "count"
+            async for x in child.stream("forever", window=4):
+                if x == 10:
+                    break
+            assert await asyncio.wait_for(finals.get(), 20.0) == "forever"
+            got: list[int] = []
+            with pytest.raises(tether.RemoteError, match="sync boom"):
+                async for x in child.stream("fails", 3):
+                    got.append(x)
+            assert got == [0, 1, 2]
+            with pytest.raises(tether.StreamMismatch):
+                await child.stream("plain", 1).__anext__()
+            with pytest.raises(tether.StreamMismatch):
+                await child.invoke("count", 1)
+            assert await child.invoke("plain", 1) == 2
+        finally:
+            await child.close()
+
+
+async def test_blocking_producer_killed_mid_stream() -> None:
+    async with tether.Main(timeout=20.0) as main:
+        child = await main.spawn(_stream_targets.serve_counts_sync, start_method="fork")
+        got = 0
+        with pytest.raises(tether.PeerGone):
+            async for _ in child.stream("forever", window=4):
+                got += 1
+                if got == 3:
+                    child.kill()
+        assert got >= 3

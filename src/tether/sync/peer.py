@@ -83,6 +83,7 @@ from ..protocol import Connection
 from ..registry import Call, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
 from ..shm import consume_all
+from ..streams import DEFAULT_WINDOW
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
     K_CANCEL,
@@ -90,9 +91,12 @@ from ..wire import (
     K_EVENT,
     K_GOODBYE,
     K_INVOKE,
+    K_ITEM,
     K_RESULT,
+    K_STREAM,
     Frame,
 )
+from . import streaming
 
 __all__ = ["Call", "Peer"]
 
@@ -249,6 +253,10 @@ class Peer(Handlers):
         self._worker_waits = False  # the worker is in invoke(): never pause reading
         self._jobs: collections.deque[tuple[Frame, int]] = collections.deque()
         self._jobs_bytes = 0
+        # streams by request id (tether.sync.streaming): read here / produced here
+        self._streams_in: dict[int, Any] = {}
+        self._streams_out: dict[int, Any] = {}
+        self._streams_dropped: set[int] = set()  # readers gone without their CANCEL sent
         self._backlog: collections.deque[tuple[Frame, int]] = collections.deque()
         #: invokes from the other side allowed in the queue at once (more: ERROR ``busy``)
         self.max_inflight = max_inflight
@@ -418,6 +426,23 @@ class Peer(Handlers):
             raise slot.exc
         assert slot.frame is not None
         return decode_result(slot.frame, result_type)
+
+    def stream(
+        self,
+        channel: str,
+        *args: Any,
+        item_type: Any = Any,
+        window: int = DEFAULT_WINDOW,
+        item_timeout: float | None = DEFAULT,
+        timeout: float | None = None,
+    ) -> streaming.Stream[Any]:
+        """Iterate what a stream handler (a generator) on the other side yields; blocking.
+
+        ``for x in peer.stream("tokens", "a b c"): ...``. Arguments and errors as
+        :meth:`tether.Peer.stream`; closing the iterator early (``close()``,
+        ``with``, or dropping it) stops the producer.
+        """
+        return streaming.stream(self, channel, args, item_type, window, item_timeout, timeout)
 
     def send(self, channel: str, *args: Any) -> None:
         """Send a one-way event; blocks only while the peer is not reading.
@@ -669,6 +694,7 @@ class Peer(Handlers):
         errors: list[tuple[_Slot, Frame]] = []
         jobs: list[tuple[Frame, int]] | None = None
         cancels: list[int] | None = None
+        credits: list[Frame] | None = None
         goodbye = False
         with self._lock:
             try:
@@ -699,6 +725,29 @@ class Peer(Handlers):
                     if jobs is None:
                         jobs = []
                     jobs.append((f, _job_size(f)))
+                elif k >= K_STREAM:  # STREAM, ITEM, CREDIT (tether.sync.streaming)
+                    if k == K_STREAM:
+                        if jobs is None:
+                            jobs = []
+                        jobs.append((f, _job_size(f)))
+                        # its account, before the CREDIT that follows it is taken
+                        self._streams_out[f.request_id] = streaming.Outbound()
+                    elif k == K_ITEM:
+                        st = self._streams_in.get(f.request_id)
+                        if st is not None:
+                            try:
+                                st.inb.on_item(f)
+                            except ProtocolError as exc:
+                                err = exc
+                                break
+                            settled.append(st)
+                        elif f.request_id in self._streams_dropped:
+                            self._streams_dropped.discard(f.request_id)
+                            conn.send_cancel(f.request_id)
+                    else:
+                        if credits is None:
+                            credits = []
+                        credits.append(f)
                 elif k == K_CANCEL:
                     if cancels is None:
                         cancels = []
@@ -714,7 +763,14 @@ class Peer(Handlers):
             else:
                 self._end(err)
             raise self._closed  # type: ignore[misc]
-        if reply:
+        if credits:
+            try:
+                for f in credits:
+                    streaming.on_credit(self, f)
+            except ProtocolError as exc:
+                self._bad_message(exc)
+                raise self._closed from None  # type: ignore[misc]
+        if reply or self._conn.buffered_out:
             with contextlib.suppress(TetherError):
                 self._flush(time.monotonic() + _REPLY_WRITE, block=False)
         if settled or hello:
@@ -731,6 +787,10 @@ class Peer(Handlers):
             self._enqueue(jobs)
         if cancels:
             self._cancel_queued(cancels)
+            for rid in cancels:
+                out = self._streams_out.pop(rid, None)
+                if out is not None:
+                    out.cancel()
         if goodbye:
             reason = conn.goodbye_reason or "no reason given"
             self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
@@ -741,9 +801,10 @@ class Peer(Handlers):
         busy: list[int] = []
         with self._mu:
             for job in jobs:
-                if job[0].kind == K_INVOKE:
+                if job[0].kind == K_INVOKE or job[0].kind == K_STREAM:
                     if self._inflight >= self.max_inflight:
                         busy.append(job[0].request_id)
+                        self._streams_out.pop(job[0].request_id, None)
                         continue
                     self._inflight += 1
                 self._backlog.append(job)
@@ -822,7 +883,7 @@ class Peer(Handlers):
             for q in (self._jobs, self._backlog):
                 for job in list(q):
                     f = job[0]
-                    if f.kind == K_INVOKE and f.request_id in rids:
+                    if f.kind in (K_INVOKE, K_STREAM) and f.request_id in rids:
                         q.remove(job)
                         self._inflight -= 1
                         if q is self._jobs:
@@ -840,7 +901,7 @@ class Peer(Handlers):
                     return
                 f, size = q.popleft()
                 self._jobs_bytes -= size
-                if f.kind == K_INVOKE:
+                if f.kind == K_INVOKE or f.kind == K_STREAM:
                     self._inflight -= 1
                 if len(q) <= LOW_JOBS and self._jobs_bytes <= LOW_BYTES:
                     self._room_cv.notify_all()
@@ -866,6 +927,9 @@ class Peer(Handlers):
                 log.exception("listener for %r raised", f.channel)
 
     def _run_handler(self, f: Frame) -> None:
+        if f.kind == K_STREAM:
+            streaming.produce(self, f)
+            return
         rid = f.request_id
         found = self.registry.resolve(f, self.role, self.local)
         fatal: BaseException | None = None
