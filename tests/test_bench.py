@@ -322,3 +322,23 @@ def test_transfer_cases_report_cold_warm_and_cpu(name: str, direction: str) -> N
     assert cpu["ops"] == len(warm["samples"])
     assert 0 < cpu["wall_s"] < 30 and 0 <= cpu["cpu_s"] < 60
     assert "cpu" not in cold
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("name", ["stream_tether", "stream_zmq"])
+def test_stream_cases_report_items_per_second(name: str) -> None:
+    """Issue 11: stream items/s, tether's ``async for`` beside pyzmq PUSH/PULL."""
+    result = run_once(Run(SCENARIOS[name], "", {"quick": True}), timeout=75.0)
+    assert "error" not in result and "unavailable" not in result, result
+    (m,) = result["metrics"]
+    assert m["metric"] == "items" and m["unit"] == "/s"
+    assert m["samples"] and all(s > 0 for s in m["samples"])
+    assert m["cpu"]["ops"] > 0
+
+
+def test_stream_rows_are_compared_with_zmq() -> None:
+    rows = [_row("stream_zmq", 500e3, "/s", "items"), _row("stream_tether", 100e3, "/s", "items")]
+    compare(rows)
+    assert rows[1].metrics[0].ratios == {"zmq": pytest.approx(0.2)}
+    assert rows[0].metrics[0].ratios == {}
+    assert "0.20x" in table(rows)

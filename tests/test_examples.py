@@ -46,6 +46,12 @@ EXPECTED: dict[str, list[str]] = {
         "InvokeTimeout: no answer on 'slow' within 0.2 s",
         "every error caught",
     ],
+    "streams.py": [
+        "main: tokens ['the', 'quick', 'brown', 'fox']",
+        "child: numbers stopped, at most 8 ahead of main: True",
+        "main: got [1, 2], then ValueError: ran out of luck",
+        "sync client: countdown [3, 2, 1]",
+    ],
 }
 
 

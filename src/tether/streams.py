@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: items a reader lets be in flight at once unless ``window=`` says otherwise
-DEFAULT_WINDOW: Final = 32
+DEFAULT_WINDOW: Final = 64
 #: the most credit a producer may hold (and the largest ``window``)
 MAX_CREDIT: Final = 0xFFFFFFFF
 

@@ -74,7 +74,9 @@ class _State:
     def on_item(self, f: Frame) -> None:
         """An ITEM of this stream arrived (ProtocolError: beyond the credit)."""
         self.inb.on_item(f)
-        self._wake()
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
 
 class Stream(AsyncIterator[T], Generic[T]):
@@ -169,7 +171,7 @@ class Stream(AsyncIterator[T], Generic[T]):
                 n = inb.regrant()
                 if n:
                     peer._conn.send_credit(self._rid, n)
-                    peer._kick()
+                    peer._flush(poll=False)  # now: the producer refills while we go on
                 try:
                     item: T = decode_result(f, self._item_type)
                 except BaseException:
@@ -323,6 +325,8 @@ async def _produce(
     try:
         gen = h.fn(call, *args)
         is_async = inspect.isasyncgen(gen)
+        send_item = conn.send_item
+        kick = peer._kick
         while True:
             while out.credit <= 0:
                 out.waiter = loop.create_future()
@@ -340,15 +344,15 @@ async def _produce(
                     item = next(gen)
                 except StopIteration:
                     break
-            conn.send_item(rid, item)
+            send_item(rid, item)
             out.credit -= 1
-            queued = conn.buffered_out
-            if queued >= _FLUSH_SIZE or conn.fds_queued:
-                peer._flush(poll=False)
-            else:
-                peer._kick()
-            if peer._stream.buffered + queued > _HIGH_WATER:
-                peer._check_queued(peer._stream.buffered + queued)
+            if out.credit and conn.buffered_out < _FLUSH_SIZE and not conn.fds_queued:
+                kick()  # written at the next turn of the loop, with the items after it
+                continue
+            peer._flush(poll=False)  # credit used up (we wait next), or much queued: write now
+            queued = peer._stream.buffered + conn.buffered_out
+            if queued > _HIGH_WATER:
+                peer._check_queued(queued)
                 await peer._wait_read()
     except BaseException as exc:
         if peer._serving.pop(rid, None) is None:

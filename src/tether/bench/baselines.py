@@ -44,6 +44,7 @@ __all__ = [
     "rt_mp_pipe",
     "rt_socketpair",
     "rt_zmq",
+    "stream_zmq",
 ]
 
 _LEN = struct.Struct("<I")
@@ -343,6 +344,92 @@ def ev_zmq(params: Params) -> Result:
             ctx.term()
             join_or_kill(proc)
     return {"metrics": [rate("events", rates, "/s", cpu=cpu)]}
+
+
+# -- streams: the other side produces, this side consumes ------------------------------
+
+
+def _zmq_push_items(addr: str, ctl_addr: str, parent_pid: int) -> None:
+    """On each count read from ``ctl_addr``, PUSH that many encoded items, then an empty end."""
+    import zmq
+
+    child_init(parent_pid)
+    enc = msgspec.msgpack.Encoder()
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(addr)
+    ctl = ctx.socket(zmq.PULL)
+    ctl.bind(ctl_addr)
+    try:
+        while True:
+            n = int.from_bytes(ctl.recv(), "little")
+            if not n:
+                return
+            send = push.send
+            for _ in range(n):
+                send(enc.encode(PAYLOAD))
+            send(b"")
+    finally:
+        push.close(linger=0)
+        ctl.close(linger=0)
+        ctx.term()
+
+
+def stream_zmq(params: Params) -> Result:
+    """A child PUSHes N msgspec items per request to main's PULL, which decodes each.
+
+    The stream counterpart of ``stream_tether``: pyzmq paces it by its high-water
+    mark (1000 messages), not by what main consumed.
+    """
+    import zmq
+
+    dec = msgspec.msgpack.Decoder()
+    n, batches, max_s = ev_budget(params)
+    rates: list[float] = []
+    with scratch_dir() as tmp:
+        addr, ctl_addr = f"ipc://{tmp}/items.ipc", f"ipc://{tmp}/ctl.ipc"
+        ctx = zmq.Context()
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVTIMEO, int(ACK_TIMEOUT * 1000))
+        pull.bind(addr)
+        ctl = ctx.socket(zmq.PUSH)
+        proc = spawn_ctx().Process(
+            target=_zmq_push_items, args=(addr, ctl_addr, os.getpid()), daemon=True
+        )
+        try:
+            proc.start()
+            ctl.connect(ctl_addr)
+            recv = pull.recv
+
+            def batch(count: int) -> float:
+                t0 = time.perf_counter()
+                ctl.send(count.to_bytes(8, "little"))
+                got = 0
+                while msg := recv():
+                    dec.decode(msg)
+                    got += 1
+                elapsed = time.perf_counter() - t0
+                if got != count:
+                    raise RuntimeError(f"received {got} items, expected {count}")
+                return count / elapsed
+
+            batch(n // 10)
+            meter = CpuMeter(proc.pid)
+            meter.start()
+            end = time.perf_counter() + max_s
+            for _ in range(batches):
+                rates.append(batch(n))
+                if time.perf_counter() > end:
+                    break
+            cpu = meter.stop(n * len(rates))
+            ctl.send((0).to_bytes(8, "little"))
+            proc.join(5.0)
+        finally:
+            pull.close(linger=0)
+            ctl.close(linger=0)
+            ctx.term()
+            join_or_kill(proc)
+    return {"metrics": [rate("items", rates, "/s", cpu=cpu)]}
 
 
 def _zmq_router(addr: str, parent_pid: int) -> None:

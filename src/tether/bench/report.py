@@ -322,13 +322,15 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
 
     # Message rates.
     ax = axes[0][1]
-    ev = pick(("ev", "inflight"), "/s")
+    ev = pick(("ev", "stream", "inflight"), "/s")
     if ev:
         ys = list(range(len(ev)))
         vals = [m.median / 1e3 for _, m in ev]
         ax.barh(ys, vals, color=[colour[r.run.scenario.tether] for r, _ in ev])
         labels = [
-            ("events: " if r.run.scenario.group == "ev" else "256 in flight: ")
+            {"ev": "events: ", "stream": "stream items: "}.get(
+                r.run.scenario.group, "256 in flight: "
+            )
             + r.run.scenario.title
             for r, _ in ev
         ]

@@ -40,7 +40,7 @@ DIRECTION_TITLES = {"m2c": "m->c", "c2m": "c->m"}
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    group: str  # rt, ev, inflight, big, kill, mem
+    group: str  # rt, ev, stream, inflight, big, kill, mem
     func: str  # "module:function" inside tether.bench
     title: str
     peer: str | None = None  # for baselines: the ratio column it feeds
@@ -77,6 +77,8 @@ SCENARIOS: dict[str, Scenario] = {
         _s("ev_mp_pipe", "ev", "mp.Pipe", "mp_pipe"),
         _s("ev_zmq", "ev", "pyzmq PUSH/PULL", "zmq"),
         _s("ev_tether", "ev", "tether send/on"),
+        _s("stream_zmq", "stream", "pyzmq PUSH/PULL", "zmq"),
+        _s("stream_tether", "stream", "tether stream (async for)"),
         _s("inflight_zmq", "inflight", "pyzmq DEALER/ROUTER", "zmq"),
         _s("inflight_tether", "inflight", "tether invoke"),
         _s("big_mp_pipe", "big", "mp.Pipe send_bytes", "mp_pipe", BOTH),

@@ -47,6 +47,7 @@ __all__ = [
     "rt_tether_spin",
     "rt_tether_sync",
     "rt_tether_sync_nospin",
+    "stream_tether",
 ]
 
 WAIT = 30.0  # bound on every wait outside the hot loops, in seconds
@@ -272,6 +273,51 @@ def ev_tether(params: Params) -> Result:
 
     rates, cpu, loop = bounded(measure(), params)
     return {"metrics": [rate("events", rates, "/s", cpu=cpu)], "info": {"loop": loop}}
+
+
+# -- streams --------------------------------------------------------------------
+
+
+async def _stream_child(peer: tether.Peer) -> None:
+    async def items(call: tether.Call, n: int) -> Any:
+        for _ in range(n):
+            yield PAYLOAD
+
+    peer.handle("items", items)
+    await peer.wait_closed()
+
+
+def stream_tether(params: Params) -> Result:
+    """Main reads N items per ``async for`` from a child's async generator (credit window 64)."""
+    n, batches, max_s = ev_budget(params)
+
+    async def measure() -> tuple[list[float], dict[str, float], str]:
+        async with tether.Main(timeout=WAIT) as main:
+            child = await main.spawn(_stream_child)
+
+            async def batch(count: int) -> float:
+                t0 = time.perf_counter()
+                got = 0
+                async for _ in child.stream("items", count):
+                    got += 1
+                elapsed = time.perf_counter() - t0
+                if got != count:
+                    raise RuntimeError(f"received {got} items, expected {count}")
+                return count / elapsed
+
+            await batch(n // 10)
+            rates: list[float] = []
+            meter = CpuMeter(child.pid)
+            meter.start()
+            end = time.perf_counter() + max_s
+            for _ in range(batches):
+                rates.append(await batch(n))
+                if time.perf_counter() > end:
+                    break
+            return rates, meter.stop(n * len(rates)), loop_name()
+
+    rates, cpu, loop = bounded(measure(), params)
+    return {"metrics": [rate("items", rates, "/s", cpu=cpu)], "info": {"loop": loop}}
 
 
 # -- invokes in flight -----------------------------------------------------------
