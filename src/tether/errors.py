@@ -16,12 +16,13 @@
     ├── ConnectionClosed      this side closed the connection (or pipe end) already
     ├── EndOfStream           a pipe's writer closed; no more messages will come
     ├── BufferInUse           a Buffer was sent while views of it were alive (also BufferError)
-    └── Busy                  the callee has too many of this caller's invokes in flight
+    ├── Busy                  the callee has too many of this caller's invokes in flight
+    └── StreamMismatch        invoke of a generator handler, or stream of a plain one
 
 The split answers "whose fault, and what now?":
 
-* ``RemoteError``, ``NoHandler``, ``Forbidden``, ``BadRequest`` and ``Busy``
-  concern one call. The connection stays open and other calls are unaffected.
+* ``RemoteError``, ``NoHandler``, ``Forbidden``, ``BadRequest``, ``Busy`` and
+  ``StreamMismatch`` concern one call. The connection stays open and other calls are unaffected.
 * ``InvokeTimeout`` concerns one call too; a cancel frame was sent, so the
   handler on the other side is cancelled as well.
 * ``PeerGone`` and ``ProtocolError`` mean the connection is closed. Every call
