@@ -41,7 +41,7 @@ EXPECTED: dict[str, list[str]] = {
     "errors.py": [
         "RemoteError: ZeroDivisionError: division by zero",
         "NoHandler: no handler for channel 'no-such-channel'",
-        "BadRequest: bad argument `b`: Expected `int`, got `str`",
+        "BadRequest: add() argument 'b': expected int, got str",
         "Forbidden: channel 'shutdown' is not exposed to role 'guest'",
         "InvokeTimeout: no answer on 'slow' within 0.2 s",
         "every error caught",

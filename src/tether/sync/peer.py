@@ -67,7 +67,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
 
 from .. import codec
 from ..attachments import store_for
@@ -81,7 +81,7 @@ from ..errors import (
 from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection
 from ..registry import Call, Handlers, Registry
-from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
+from ..results import DEFAULT, DEFAULT_TIMEOUT, checked_timeout, decode_error, decode_result
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -119,6 +119,9 @@ _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 #: "try again later" from a non-blocking socket, plain or TLS (``ssl.SSLSocket``)
 _AGAIN: Final = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _FATAL: Final = (SystemExit, KeyboardInterrupt)
+_INF: Final = float("inf")
+
+T = TypeVar("T")
 
 
 class _Slot:
@@ -371,21 +374,32 @@ class Peer(Handlers):
         reason = self._conn.goodbye_reason
         return PeerGone(f"{self!r} said goodbye: {reason or 'no reason given'}")
 
+    @overload
+    def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: type[T]
+    ) -> T: ...
+    @overload
+    def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: Any = ...
+    ) -> Any: ...
     def invoke(
         self, channel: str, *args: Any, timeout: float | None = DEFAULT, result_type: Any = Any
     ) -> Any:
-        """Blocking invoke; same errors as :meth:`tether.Peer.invoke`.
+        """Blocking invoke; same errors and ``result_type`` as :meth:`tether.Peer.invoke`.
 
         Raises:
-            TypeError: ``channel`` is not a str.
+            TypeError: ``channel`` is not a str, or ``timeout`` not a number.
+            ValueError: ``timeout`` is negative or NaN.
         """
         chan = self._chan_cache.get(channel) if type(channel) is str else None
         if chan is None:
             chan = self._chan(channel, args)
-        if self._lazy:
-            self._start_serving()
         if timeout is DEFAULT:
             timeout = self.timeout
+        if timeout is not None and not (type(timeout) is float and 0.0 <= timeout < _INF):
+            timeout = checked_timeout(timeout, args)
+        if self._lazy:
+            self._start_serving()
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._leased:
             self._poll_releases()
