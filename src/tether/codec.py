@@ -114,7 +114,7 @@ def _decodable(tp: Any) -> Any:
     Buffer types become ``Any`` too, checked after decoding: large buffers
     arrive as attachments (read-only memoryviews), which msgspec would reject.
     """
-    if tp in _BUFFER_TYPES:
+    if tp in _BUFFER_TYPES or buffer_target(tp) is not None:
         return Any
     try:
         msgspec.msgpack.Decoder(tp)

@@ -250,7 +250,8 @@ class Registry:
                 a collection of roles.
         """
         channel = checked_channel(channel)
-        self.events.setdefault(channel, []).append(Handler(fn, roles))
+        h = Handler(fn, roles)  # before the table: a refused listener leaves no trace
+        self.events.setdefault(channel, []).append(h)
 
     def remove_handler(self, channel: str) -> None:
         """Drop the invoke handler of ``channel``, if any (its event listeners stay).
