@@ -192,6 +192,28 @@ async def test_call_send_on_the_loop_thread_says_what_to_do_instead() -> None:
     assert errors and "await call.peer.send" in errors[0]
 
 
+async def test_an_async_handler_sees_call_cancelled_when_its_caller_cancels(
+    served: tuple[tether.Main, str, Spinner],
+) -> None:
+    main, address, _ = served
+    seen: asyncio.Queue[bool] = asyncio.Queue()
+    started = asyncio.Event()
+
+    async def waits(call: tether.Call) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.put_nowait(call.cancelled)
+            raise
+
+    main.handle("waits", waits, roles="client")
+    async with tether.connect(address) as peer:
+        with pytest.raises(tether.InvokeTimeout):
+            await peer.invoke("waits", timeout=0.3)
+        assert await asyncio.wait_for(seen.get(), 10.0) is True
+
+
 def test_thread_true_on_an_async_handler_is_a_type_error() -> None:
     main = tether.Main()
 

@@ -130,8 +130,10 @@ class Peer(Handlers):
     would (the event loop stops), once the ERROR was written; any other
     ``BaseException`` is only answered and logged. A handler cancelled because
     the caller sent CANCEL (or timed out) is not answered: the caller forgot
-    the call; nor is one cancelled from outside (its task cancelled, as when
-    the loop ends with the process): the caller gets :class:`PeerGone` then.
+    the call (its ``call.cancelled`` is set first, and a ``thread=True``
+    handler, which cannot be interrupted, sees only that); nor is one
+    cancelled from outside (its task cancelled, as when the loop ends with the
+    process): the caller gets :class:`PeerGone` then.
 
     Attributes:
         role: the role granted to the *other* side (``child``, ``client``,
@@ -154,8 +156,9 @@ class Peer(Handlers):
             listener's address for an accepted unix peer), ``child:<pid>``.
         origin: a web page's origin; ``None`` for every other peer.
         max_inflight: the most invokes from the other side that may run in
-            ``async`` handler tasks at once (default :data:`MAX_INFLIGHT`);
-            one more is answered at once with ERROR ``busy`` (the caller gets
+            ``async`` handler tasks, or run or wait in ``thread=True``
+            handlers, at once (default :data:`MAX_INFLIGHT`); one more is
+            answered at once with ERROR ``busy`` (the caller gets
             :class:`~tether.Busy`). Plain handlers answer inline and never count.
         max_queued: the most bytes that may wait to be written to the other
             side (default :data:`MAX_QUEUED`). A ``send`` or ``invoke`` that

@@ -5,7 +5,12 @@ has handlers, a thread waiting for its result reads itself (leader/follower:
 it spins briefly before it sleeps, which saves a wake-up per round trip) and
 hands other threads their results. Once handlers are registered (or the other
 side invokes or sends), a dispatcher thread reads instead, and handlers run in
-order on one worker thread, so a handler may itself invoke or send.
+order on one worker thread, so a handler may itself invoke or send. A handler
+registered with ``thread=True`` runs on the process's handler pool
+(:mod:`tether.threads`) instead, beside the others, and counts against
+``max_inflight`` until answered. A running handler cannot be interrupted: a
+CANCEL (or the connection lost) sets its ``call.cancelled``, and an invoke
+still queued is dropped.
 
 Writing. ``send_*`` only queues frames in the :class:`Connection`; whoever
 holds the write lock then writes everything queued, its own frames and those
