@@ -469,3 +469,17 @@ async def test_argument_mismatches_read_like_python(
         with pytest.raises(tether.BadRequest) as info:
             await peer.invoke("ping", 5)
         assert str(info.value) == "ping() takes no arguments, got 1"
+
+
+async def test_a_result_of_the_wrong_type_reads_like_python(
+    served: tuple[tether.Main, str, Spinner],
+) -> None:
+    _, address, _ = served
+    async with tether.connect(address) as peer:
+        with pytest.raises(tether.BadRequest) as info:
+            await peer.invoke("size", b"ab", result_type=list[int])
+        assert str(info.value) == "result[0] does not match list[int]: expected int, got str"
+        assert info.value.path == "result[0]"
+        with pytest.raises(tether.BadRequest) as info:
+            await peer.invoke("ping", result_type=int)
+        assert str(info.value) == "result does not match int: expected int, got str"

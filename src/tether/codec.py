@@ -267,7 +267,7 @@ class ArgsSpec:
     got 1``; ``add() argument 'b': expected int, got str``.
     """
 
-    __slots__ = ("buffers", "decoder", "fname", "items", "names", "required", "rest")
+    __slots__ = ("buffers", "decoder", "fname", "items", "names", "required", "rest", "slow")
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         sig = inspect.signature(fn)
@@ -305,6 +305,8 @@ class ArgsSpec:
         )
         self.rest: tuple[msgspec.msgpack.Decoder[Any], type | None] | None = None
         self.items: tuple[tuple[msgspec.msgpack.Decoder[Any], Any], ...] = ()
+        #: buffer hints or *args: decoding takes the longer way
+        self.slow = bool(self.buffers) or rest is not None
         if rest is not None:
             # Each argument is decoded on its own: the named ones, then *args.
             self.decoder: msgspec.msgpack.Decoder[Any] = _RAW_LIST
@@ -331,14 +333,14 @@ class ArgsSpec:
         ``pickled``: the frame came over a connection whose ends opted in to pickle.
         """
         try:
-            if self.rest is not None:
-                return self._variadic(body, attachments, pickled)
+            if self.slow:  # one check on the common path
+                if self.rest is not None:
+                    return self._variadic(body, attachments, pickled)
+                return self._buffers(decode_with(self.decoder, body, attachments, pickled))
             if attachments or pickled:
                 args: tuple[Any, ...] = decode_with(self.decoder, body, attachments, pickled)
-            else:
-                args = self.decoder.decode(body)
-            if self.buffers:
-                args = self._buffers(args)
+                return args
+            args = self.decoder.decode(body)
             return args
         except msgspec.ValidationError as exc:
             raise self._bad(str(exc)) from None
@@ -391,7 +393,7 @@ class ArgsSpec:
                     msg, where = str(exc), "$`"
                 path = name + where.rstrip("`")[1:]
                 raise BadRequest(
-                    f"{self.fname}() argument '{path}': {_lower(msg)}", path=path
+                    f"{self.fname}() argument '{path}': {python_words(msg)}", path=path
                 ) from None
             if target is not None:
                 if not isinstance(v, _BUFFER_TYPES):
@@ -430,17 +432,17 @@ class ArgsSpec:
             if text.startswith("Expected `array`, got"):
                 got = text.rpartition(" ")[2].strip("`")
                 return BadRequest(f"{self.fname}() arguments must be an array, got {got}")
-            return BadRequest(f"bad arguments to {self.fname}(): {_lower(text)}")
+            return BadRequest(f"bad arguments to {self.fname}(): {python_words(text)}")
         where = where.rstrip("`")
         m = _INDEX.match(where)
         if m and int(m.group(1)) < len(self.names):
             path = self.names[int(m.group(1))] + where[m.end() :]
         else:
             path = where
-        return BadRequest(f"{self.fname}() argument '{path}': {_lower(msg)}", path=path)
+        return BadRequest(f"{self.fname}() argument '{path}': {python_words(msg)}", path=path)
 
 
-def _lower(msg: str) -> str:
+def python_words(msg: str) -> str:
     """A msgspec message in Python's style: ``expected int, got str`` (no backticks)."""
     msg = msg.replace("`", "") if msg.startswith("Expected ") else msg.replace("`", "'")
     return msg[:1].lower() + msg[1:]

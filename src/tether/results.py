@@ -104,7 +104,14 @@ def decode_result(frame: Frame, result_type: Any) -> Any:
     try:
         value = codec.decode_with(decoder, frame.body, frame.attachments, frame.pickle)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"result does not match {result_type!r}: {exc}") from None
+        msg, _, where = str(exc).rpartition(" - at `")
+        if not msg:
+            msg, where = str(exc), "$`"
+        path = "result" + where.rstrip("`")[1:]
+        raise BadRequest(
+            f"{path} does not match {_type_name(result_type)}: {codec.python_words(msg)}",
+            path=path,
+        ) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"malformed result: {exc}") from None
     except RecursionError:
@@ -112,11 +119,15 @@ def decode_result(frame: Frame, result_type: Any) -> Any:
     if target is not None:  # a buffer type: the same type at every size (see ArgsSpec)
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise BadRequest(
-                f"result does not match {result_type!r}: expected {target.__name__}, "
+                f"result does not match {_type_name(result_type)}: expected {target.__name__}, "
                 f"got {type(value).__name__}"
             )
         return codec.as_buffer(value, target)
     return value
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else repr(tp)  # list[int] reads as list[int]
 
 
 _typed: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
