@@ -483,3 +483,82 @@ async def test_a_result_of_the_wrong_type_reads_like_python(
         with pytest.raises(tether.BadRequest) as info:
             await peer.invoke("ping", result_type=int)
         assert str(info.value) == "result does not match int: expected int, got str"
+
+
+async def test_call_send_to_a_caller_that_stops_reading_fails_within_drain_timeout(
+    sock_path: str,
+) -> None:
+    """The thread's sends are bounded as any send: no queue grows for a peer that never reads."""
+    from tether.protocol import Connection
+
+    outcome: list[BaseException] = []
+    done = threading.Event()
+    blob = bytes(256 * 1024)
+
+    def flood(call: tether.Call) -> None:
+        try:
+            for _ in range(10_000):  # 2.5 GiB if nothing pushed back
+                call.send("blob", blob)
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    async with tether.Main(timeout=5.0, drain_timeout=0.5) as main:
+        main.handle("flood", flood, thread=True)
+        server = await main.listen(f"unix://{sock_path}")
+        conn = Connection("client")
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            raw.connect(str(server.address.path))
+            raw.sendall(bytes(conn.data_to_send()[0]))
+            conn.send_invoke(b"flood", (), object())
+            raw.sendall(bytes(conn.data_to_send()[0]))  # then never reads
+            assert await wait_event(done, 20.0)
+            assert len(outcome) == 1 and isinstance(outcome[0], tether.PeerGone)
+            assert "stopped reading" in str(outcome[0])
+        finally:
+            raw.close()
+
+
+def test_the_pool_runs_at_most_max_threads_at_once_and_queues_the_rest() -> None:
+    pool = threads.HandlerPool(2)
+    gate = threading.Event()
+    running: list[str] = []
+    lock = threading.Lock()
+
+    def job(i: int) -> int:
+        with lock:
+            running.append(threading.current_thread().name)
+        gate.wait(10.0)
+        return i
+
+    futs = [pool.submit(job, i) for i in range(5)]
+    deadline = time.monotonic() + 10.0
+    while len(running) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(running) == 2  # the other three wait for a thread
+    futs[4].cancel()  # still queued: never runs
+    gate.set()
+    assert [f.result(10.0) for f in futs[:4]] == [0, 1, 2, 3]
+    assert futs[4].cancelled() and len(running) == 4
+    assert all(t.daemon for t in threading.enumerate() if t.name == "tether-handler")
+
+
+def test_a_handler_that_ignores_cancellation_does_not_keep_the_process_alive(
+    tmp_path: Any,
+) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import time, tether.threads as t\n"
+        "t.submit(time.sleep, 3600)\n"
+        "time.sleep(0.2)\n"
+        "print('exiting', flush=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0 and result.stdout == "exiting\n", result.stderr
