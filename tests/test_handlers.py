@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 
 import tether
@@ -24,6 +25,11 @@ pytestmark = pytest.mark.timeout(60)
 
 BIG = 1 << 20  # above the attachment threshold: crosses beside the body (memfd on unix)
 SMALL = 100
+
+
+class Packet(msgspec.Struct):
+    data: bytes
+    n: int
 
 
 class Spinner:
@@ -82,6 +88,12 @@ async def served(
     @main.handle("view", roles=roles)
     def view(call: tether.Call, data: memoryview) -> list[Any]:
         return [type(data).__name__, data.nbytes, data.readonly]
+
+    @main.handle("packet", roles=roles)
+    def packet(call: tether.Call, p: Packet, parts: list[bytes], maybe: bytes | None) -> Packet:
+        assert type(p.data) is bytes and all(type(x) is bytes for x in parts)
+        assert maybe is None or type(maybe) is bytes
+        return Packet(p.data + b"!", p.n + len(parts))
 
     @main.handle("blob", roles=roles)
     def blob(call: tether.Call, n: int) -> bytes:
@@ -562,3 +574,21 @@ def test_a_handler_that_ignores_cancellation_does_not_keep_the_process_alive(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
     )
     assert result.returncode == 0 and result.stdout == "exiting\n", result.stderr
+
+
+@pytest.mark.parametrize("n", [SMALL, BIG])
+async def test_bytes_nested_in_a_struct_or_a_list_are_bytes_at_every_size(
+    served: tuple[tether.Main, str, Spinner], n: int
+) -> None:
+    _, address, _ = served
+    async with tether.connect(address) as peer:
+        got = await peer.invoke(
+            "packet", Packet(bytes(n), 1), [bytes(n), b"x"], bytes(n), result_type=Packet
+        )
+        assert type(got) is Packet and type(got.data) is bytes and len(got.data) == n + 1
+        assert got.n == 3
+        got = await peer.invoke("packet", Packet(b"", 0), [], None, result_type=Packet)
+        assert got == Packet(b"!", 0)
+        with pytest.raises(tether.BadRequest) as info:  # a real mismatch is still one
+            await peer.invoke("packet", {"data": bytes(n), "n": "x"}, [], None)
+        assert str(info.value) == "packet() argument 'p.n': expected int, got str"

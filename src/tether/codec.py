@@ -250,6 +250,36 @@ def as_buffer(value: Any, target: type) -> Any:
     return target(value)
 
 
+#: msgspec's complaint when a large buffer (an attachment reference) meets a typed field
+EXT_MISMATCH: Final = "got `ext`"
+
+
+def nested_buffers(
+    decoder: msgspec.msgpack.Decoder[Any],
+    body: Any,
+    attachments: Any,
+    pickled: bool,
+    error: msgspec.ValidationError,
+) -> Any:
+    """Decode ``body`` untyped, then convert it to the decoder's type.
+
+    The slow path for a large ``bytes`` value *inside* a typed argument or
+    result (a Struct field, a ``list[bytes]``): it crossed as an attachment,
+    which msgspec's typed decoding refuses (``got `ext```). Converting the
+    untyped value gives it the hinted type at every size, as at the top level.
+    Raises msgspec's ValidationError for a real mismatch, with its path;
+    ``error`` (the typed decoder's) if the value cannot be converted at all
+    (an array where the hint wants something else).
+    """
+    raw = decode_with(any_decoder, body, attachments, pickled)
+    try:
+        return msgspec.convert(raw, decoder.type)
+    except msgspec.ValidationError:
+        raise
+    except Exception:
+        raise error from None
+
+
 def _plural(n: int) -> str:
     return "argument" if n == 1 else "arguments"
 
@@ -343,11 +373,27 @@ class ArgsSpec:
             args = self.decoder.decode(body)
             return args
         except msgspec.ValidationError as exc:
+            if attachments and EXT_MISMATCH in str(exc):
+                return self._converted(body, attachments, pickled, exc)
             raise self._bad(str(exc)) from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed arguments: {exc}") from None
         except RecursionError:  # msgspec's depth guard, for values decoded as Any
             raise BadRequest("malformed arguments: nested too deeply") from None
+
+    def _converted(
+        self, body: Any, attachments: Any, pickled: bool, error: msgspec.ValidationError
+    ) -> tuple[Any, ...]:
+        """Arguments with a large buffer nested in a typed one (see :func:`nested_buffers`)."""
+        try:
+            args: tuple[Any, ...] = nested_buffers(self.decoder, body, attachments, pickled, error)
+        except msgspec.ValidationError as exc:
+            raise self._bad(str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"malformed arguments: {exc}") from None
+        except RecursionError:
+            raise BadRequest("malformed arguments: nested too deeply") from None
+        return self._buffers(args) if self.buffers else args
 
     def _buffers(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """Buffer-hinted arguments as their hinted type (checked: msgspec took them as Any)."""
@@ -382,11 +428,16 @@ class ArgsSpec:
                 dec, target = self.rest
                 name = f"*args[{i - len(self.items)}]"
             try:
-                v = (
-                    decode_with(dec, raw, attachments, pickled)
-                    if attachments or pickled
-                    else dec.decode(raw)
-                )
+                try:
+                    v = (
+                        decode_with(dec, raw, attachments, pickled)
+                        if attachments or pickled
+                        else dec.decode(raw)
+                    )
+                except msgspec.ValidationError as exc:
+                    if not (attachments and EXT_MISMATCH in str(exc)):
+                        raise
+                    v = nested_buffers(dec, raw, attachments, pickled, exc)
             except msgspec.ValidationError as exc:
                 msg, _, where = str(exc).rpartition(" - at `")
                 if not msg:

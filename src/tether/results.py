@@ -102,7 +102,13 @@ def decode_result(frame: Frame, result_type: Any) -> Any:
     else:
         decoder = _typed_decoder(result_type)
     try:
-        value = codec.decode_with(decoder, frame.body, frame.attachments, frame.pickle)
+        try:
+            value = codec.decode_with(decoder, frame.body, frame.attachments, frame.pickle)
+        except msgspec.ValidationError as exc:
+            if not (frame.attachments and codec.EXT_MISMATCH in str(exc)):
+                raise
+            # a large buffer nested in the typed result: the slow way (see codec)
+            value = codec.nested_buffers(decoder, frame.body, frame.attachments, frame.pickle, exc)
     except msgspec.ValidationError as exc:
         msg, _, where = str(exc).rpartition(" - at `")
         if not msg:
