@@ -592,3 +592,37 @@ async def test_bytes_nested_in_a_struct_or_a_list_are_bytes_at_every_size(
         with pytest.raises(tether.BadRequest) as info:  # a real mismatch is still one
             await peer.invoke("packet", {"data": bytes(n), "n": "x"}, [], None)
         assert str(info.value) == "packet() argument 'p.n': expected int, got str"
+
+
+async def test_blocking_peer_progress_from_a_thread_arrives_before_the_result(
+    sock_path: str,
+) -> None:
+    main = tether.Main(timeout=10.0)
+    reached: asyncio.Queue[tether.sync.Peer] = asyncio.Queue()
+    seen: list[int] = []
+
+    @main.handle("hello")
+    def hello(call: tether.Call) -> None:
+        reached.put_nowait(call.peer)
+
+    @main.on("progress")
+    def progress(call: tether.Call, i: int) -> None:
+        seen.append(i)
+
+    async with main:
+        server = await main.listen(f"unix://{sock_path}")
+        client = await asyncio.to_thread(tether.sync.connect, str(server.address))
+        try:
+
+            @client.handle("work", thread=True)
+            def work(call: tether.Call, steps: int) -> str:
+                for i in range(steps):
+                    call.send("progress", i)
+                return "done"
+
+            await asyncio.to_thread(client.invoke, "hello")
+            peer = await asyncio.wait_for(reached.get(), 10.0)
+            assert await peer.invoke("work", 30) == "done"
+            assert seen == list(range(30))
+        finally:
+            await asyncio.to_thread(client.close)
