@@ -41,7 +41,7 @@ DEFAULT_TIMEOUT: Final = 30.0
 def checked_timeout(timeout: object, args: tuple[Any, ...] = ()) -> float | None:
     """An invoke's ``timeout`` as seconds (``None``, or ``inf``: wait forever).
 
-    Called only when the fast check fails (not a finite float >= 0), so a
+    Called only when the fast check fails (not a finite int or float >= 0), so a
     valid float costs the invoke nothing more. On error ``args`` are
     consumed, as by any failed send (their Buffers are moved).
 

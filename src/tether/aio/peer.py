@@ -91,6 +91,7 @@ FD_CLAIM_TIMEOUT: Final = 5.0  # seconds received descriptors may wait for their
 _REAP_GRACE: Final = 0.5  # how long close() waits for listeners it had to cancel
 _HELLO_WAIT: Final = 10.0  # a call with no timeout waits this long for the peer's HELLO
 _INF: Final = float("inf")
+_NUMBERS: Final = (float, int)  # exactly: a bool is no timeout
 _THREAD_POLL: Final = 1.0  # how often send_threadsafe checks that the loop still runs
 _OPEN: Final = State.OPEN
 _ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
@@ -427,7 +428,7 @@ class Peer(Handlers):
         """
         if timeout is DEFAULT:
             timeout = self.timeout
-        if timeout is not None and not (type(timeout) is float and 0.0 <= timeout < _INF):
+        if timeout is not None and not (type(timeout) in _NUMBERS and 0 <= timeout < _INF):
             timeout = checked_timeout(timeout, args)
         conn = self._conn
         if conn.state is not _OPEN:

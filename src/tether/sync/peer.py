@@ -125,6 +125,7 @@ _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 _AGAIN: Final = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _FATAL: Final = (SystemExit, KeyboardInterrupt)
 _INF: Final = float("inf")
+_NUMBERS: Final = (float, int)  # exactly: a bool is no timeout
 
 T = TypeVar("T")
 
@@ -402,7 +403,7 @@ class Peer(Handlers):
             chan = self._chan(channel, args)
         if timeout is DEFAULT:
             timeout = self.timeout
-        if timeout is not None and not (type(timeout) is float and 0.0 <= timeout < _INF):
+        if timeout is not None and not (type(timeout) in _NUMBERS and 0 <= timeout < _INF):
             timeout = checked_timeout(timeout, args)
         if self._lazy:
             self._start_serving()
