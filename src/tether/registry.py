@@ -464,12 +464,12 @@ class Handlers:
     ) -> F | Callable[[F], F]:
         """Call ``fn(call, *args)`` for each event on ``channel``; a decorator too.
 
-        ``roles`` as for :meth:`handle`.
+        ``roles`` as for :meth:`handle`; ``fn`` takes the :class:`Call` first, too.
 
         Raises:
             ValueError: ``channel`` is empty or too long.
-            TypeError: ``channel`` is not a str, or ``roles`` is not a str
-                or a collection of str.
+            TypeError: ``channel`` is not a str, ``roles`` is not a str
+                or a collection of str, or ``fn`` takes no ``call`` parameter first.
         """
         checked_channel(channel)
         checked_roles(roles)
