@@ -1021,7 +1021,7 @@ class Peer(Handlers):
             self._cv.notify_all()
             self._work_cv.notify_all()
             self._room_cv.notify_all()
-        for call in list(self._running.values()):
+        for call in self._running.copy().values():
             call._set_cancelled()  # nobody is left to take the answer
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in select()
