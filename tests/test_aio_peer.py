@@ -970,7 +970,7 @@ async def test_first_call_before_hello_waits_for_it_and_uses_shared_memory() -> 
     late = tether.Peer(b, role="child", local_role="main")
 
     @late.handle("carrier")
-    def carrier(call: tether.Call, data: bytes) -> str:
+    def carrier(call: tether.Call, data: memoryview) -> str:
         return type(memoryview(data).obj).__name__
 
     try:

@@ -38,10 +38,17 @@ EXPECTED: dict[str, list[str]] = {
         "checksum of a 64 MiB Buffer: 67108864",
         "the sent Buffer is gone from main: ConsumedError",
     ],
+    "threads.py": [
+        "main: progress 0%",
+        "main: progress 75%",
+        "main: crunch = 21333253333400000",
+        "main: child: the thread saw call.cancelled and stopped",
+        "main: got bytes of 1048576 bytes back",
+    ],
     "errors.py": [
         "RemoteError: ZeroDivisionError: division by zero",
         "NoHandler: no handler for channel 'no-such-channel'",
-        "BadRequest: bad argument `b`: Expected `int`, got `str`",
+        "BadRequest: add() argument 'b': expected int, got str",
         "Forbidden: channel 'shutdown' is not exposed to role 'guest'",
         "InvokeTimeout: no answer on 'slow' within 0.2 s",
         "every error caught",
@@ -101,3 +108,15 @@ def test_pipe_fork_child_gets_the_big_message_intact() -> None:
     assert lines.index("Parent process message: Psst .. hello from parent process!") < lines.index(
         "Child received message: Psst .. hello from parent process!"
     )
+
+
+@pytest.mark.timeout(120)
+def test_threads_example_progress_arrives_before_the_result() -> None:
+    lines = run_example("threads.py")
+    assert lines[:5] == [
+        "main: progress 0%",
+        "main: progress 25%",
+        "main: progress 50%",
+        "main: progress 75%",
+        "main: crunch = 21333253333400000",
+    ]

@@ -25,7 +25,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar, overload
 
 from ..errors import PeerGone, TetherError
 from ..process import FINISHED, describe_exit
@@ -46,6 +46,9 @@ _GOODBYE_GRACE: Final = 1.0
 # Polling back-off when the exit cannot be watched (no pidfd, sentinel closed early).
 _POLL_FIRST: Final = 0.001
 _POLL_MAX: Final = 0.1
+
+
+T = TypeVar("T")
 
 
 class Child(Peer):
@@ -222,6 +225,14 @@ class Child(Peer):
         consume_all(args)  # a refused send moves its Buffers, as Peer's does
         raise exc
 
+    @overload
+    def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: type[T]
+    ) -> Coroutine[Any, Any, T]: ...
+    @overload
+    def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: Any = ...
+    ) -> Coroutine[Any, Any, Any]: ...
     def invoke(
         self,
         channel: str,

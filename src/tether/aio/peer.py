@@ -36,7 +36,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, overload
 
 from .. import codec
 from ..attachments import MemfdStore, store_for
@@ -50,7 +50,7 @@ from ..errors import (
 from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
-from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
+from ..results import DEFAULT, DEFAULT_TIMEOUT, checked_timeout, decode_error, decode_result
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -90,6 +90,9 @@ _SPIN_EXTEND: Final = 0.002  # how far answering inline may stretch one spin win
 FD_CLAIM_TIMEOUT: Final = 5.0  # seconds received descriptors may wait for their frame
 _REAP_GRACE: Final = 0.5  # how long close() waits for listeners it had to cancel
 _HELLO_WAIT: Final = 10.0  # a call with no timeout waits this long for the peer's HELLO
+_INF: Final = float("inf")
+_NUMBERS: Final = (float, int)  # exactly: a bool is no timeout
+_THREAD_POLL: Final = 1.0  # how often send_threadsafe checks that the loop still runs
 _OPEN: Final = State.OPEN
 _ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
 _EXITS: Final = (SystemExit, KeyboardInterrupt)
@@ -128,8 +131,10 @@ class Peer(Handlers):
     would (the event loop stops), once the ERROR was written; any other
     ``BaseException`` is only answered and logged. A handler cancelled because
     the caller sent CANCEL (or timed out) is not answered: the caller forgot
-    the call; nor is one cancelled from outside (its task cancelled, as when
-    the loop ends with the process): the caller gets :class:`PeerGone` then.
+    the call (its ``call.cancelled`` is set first, and a ``thread=True``
+    handler, which cannot be interrupted, sees only that); nor is one
+    cancelled from outside (its task cancelled, as when the loop ends with the
+    process): the caller gets :class:`PeerGone` then.
 
     Attributes:
         role: the role granted to the *other* side (``child``, ``client``,
@@ -152,8 +157,9 @@ class Peer(Handlers):
             listener's address for an accepted unix peer), ``child:<pid>``.
         origin: a web page's origin; ``None`` for every other peer.
         max_inflight: the most invokes from the other side that may run in
-            ``async`` handler tasks at once (default :data:`MAX_INFLIGHT`);
-            one more is answered at once with ERROR ``busy`` (the caller gets
+            ``async`` handler tasks, or run or wait in ``thread=True``
+            handlers, at once (default :data:`MAX_INFLIGHT`); one more is
+            answered at once with ERROR ``busy`` (the caller gets
             :class:`~tether.Busy`). Plain handlers answer inline and never count.
         max_queued: the most bytes that may wait to be written to the other
             side (default :data:`MAX_QUEUED`). A ``send`` or ``invoke`` that
@@ -249,7 +255,7 @@ class Peer(Handlers):
         self._woke = False  # the last read resolved a future or started a task
         self._chan_cache: dict[str, bytes] = {}
         # invokes being served by a task and still owing an answer (CANCEL pops them)
-        self._serving: dict[int, asyncio.Task[Any] | None] = {}
+        self._serving: dict[int, Call | None] = {}  # each with its task in ``_task``
         # every handler and listener task until it ends: held, counted, cancelled on close
         self._tasks: set[asyncio.Task[Any]] = set()
         # inbound flow control
@@ -385,6 +391,14 @@ class Peer(Handlers):
         b = self._chan_cache[channel] = channel.encode()
         return b
 
+    @overload
+    async def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: type[T]
+    ) -> T: ...
+    @overload
+    async def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: Any = ...
+    ) -> Any: ...
     async def invoke(
         self,
         channel: str,
@@ -401,16 +415,21 @@ class Peer(Handlers):
         Args:
             timeout: seconds to wait; defaults to the peer's ``timeout``.
                 ``None`` waits forever. On expiry the remote handler is cancelled.
-            result_type: decode and validate the result as this type.
+            result_type: decode and validate the result as this type (and
+                the type checker sees it). ``bytes`` gives bytes at every
+                size; ``memoryview`` keeps a large result's zero-copy view.
 
         Raises:
             InvokeTimeout, RemoteError, NoHandler, Forbidden, BadRequest,
             PeerGone (also when the peer said goodbye), ProtocolError,
             ConnectionClosed (this side closed it), PayloadTooLarge.
-            TypeError: ``channel`` is not a str.
+            TypeError: ``channel`` is not a str, or ``timeout`` not a number.
+            ValueError: ``timeout`` is negative or NaN.
         """
         if timeout is DEFAULT:
             timeout = self.timeout
+        if timeout is not None and not (type(timeout) in _NUMBERS and 0 <= timeout < _INF):
+            timeout = checked_timeout(timeout, args)
         conn = self._conn
         if conn.state is not _OPEN:
             timeout = await self._until_open(args, timeout)
@@ -537,6 +556,43 @@ class Peer(Handlers):
         if (queued := self._stream.buffered + queued) > HIGH_WATER:
             self._check_queued(queued)
             await self._wait_read()
+
+    def send_threadsafe(self, channel: str, *args: Any) -> None:
+        """:meth:`send` from another thread (a ``thread=True`` handler); blocks until queued.
+
+        Returns once the event is queued on the connection, so events sent
+        by a threaded handler precede its result, in order. Waits while the
+        other side lags, as :meth:`send` does (bounded by ``max_queued`` and
+        ``drain_timeout``), and gives up with :class:`ConnectionClosed` if
+        the event loop stops meanwhile. :meth:`tether.Call.send` calls this.
+
+        Raises:
+            RuntimeError: called on the event loop's own thread (``await
+                send(...)`` there; waiting here would block the loop forever).
+            The errors of :meth:`send`.
+        """
+        loop = self._loop
+        if loop.is_closed() or not loop.is_running():
+            consume_all(args)
+            raise ConnectionClosed(f"{self!r}: its event loop is not running")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            consume_all(args)
+            raise RuntimeError(
+                "send_threadsafe (call.send) blocks: on the event loop's thread "
+                "use `await call.peer.send(...)`, or register the handler with thread=True"
+            )
+        fut = asyncio.run_coroutine_threadsafe(self.send(channel, *args), loop)
+        while True:
+            try:
+                return fut.result(_THREAD_POLL)
+            except TimeoutError:
+                if loop.is_closed() or not loop.is_running():
+                    fut.cancel()
+                    raise ConnectionClosed(f"{self!r}: its event loop stopped") from None
 
     def _check_queued(self, queued: int) -> None:
         """More than ``max_queued`` bytes wait for the other side: drop it, raise PeerGone."""
@@ -707,9 +763,9 @@ class Peer(Handlers):
             if k in _ANSWERS:
                 self._woke = True
                 self._on_answer(f)
-            elif k == K_CANCEL and (task := self._serving.get(f.request_id)) is not None:
+            elif k == K_CANCEL and (served := self._serving.get(f.request_id)) is not None:
                 del self._serving[f.request_id]
-                task.cancel()  # running already: cancelling it now means less to hold
+                served._abandon()  # running already: cancelling it now means less to hold
             else:
                 backlog.append(f)
                 for a in f.attachments:  # mapped segments count as held too
@@ -839,9 +895,9 @@ class Peer(Handlers):
             elif k == K_ERROR:
                 self._on_answer(f)
             elif k == K_CANCEL:
-                task = self._serving.pop(f.request_id, None)
-                if task is not None:
-                    task.cancel()
+                served = self._serving.pop(f.request_id, None)
+                if served is not None:
+                    served._abandon()  # sets call.cancelled, cancels the task
             elif k == K_GOODBYE:
                 self._flush(poll=False)  # answers to what it asked before leaving
                 reason = self._conn.goodbye_reason or "no reason given"
@@ -874,7 +930,8 @@ class Peer(Handlers):
             serving[rid] = None  # the task may end inside create_task (eager task factories)
             task = self._loop.create_task(self._run_async(h, call, args))
             if not task.done():
-                serving[rid] = task
+                call._task = task
+                serving[rid] = call
                 self._tasks.add(task)
                 if len(self._tasks) > MAX_TASKS:
                     self._pause()
@@ -940,7 +997,7 @@ class Peer(Handlers):
     async def _run_async(self, h: Handler, call: Call, args: tuple[Any, ...]) -> None:
         rid = call.request_id
         try:
-            result = await h.fn(call, *args)
+            result = await h.run(call, *args)
         except BaseException as exc:
             if self._serving.pop(rid, None) is None:
                 # The caller's CANCEL or timeout, or the connection ended: no
@@ -1054,10 +1111,10 @@ class Peer(Handlers):
         # Invoke handlers are cancelled: nobody is left to take their answers.
         # Event listeners run on: the event was delivered, so it is handled
         # (they stay held in _tasks until they end; close() bounds them).
-        serving = [t for t in self._serving.values() if t is not None]
+        serving = [c for c in self._serving.values() if c is not None]
         self._serving.clear()
-        for task in serving:
-            task.cancel()
+        for call in serving:
+            call._abandon()
         if not self._hello_fut.done():
             self._hello_fut.set_exception(exc)
             self._hello_fut.exception()  # mark retrieved
