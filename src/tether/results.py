@@ -23,7 +23,7 @@ from .errors import (
 )
 from .wire import Frame
 
-__all__ = ["DEFAULT", "DEFAULT_TIMEOUT", "decode_result", "error_from_info"]
+__all__ = ["DEFAULT", "DEFAULT_TIMEOUT", "decode_result", "error_from_info", "timeout_message"]
 
 
 class _Default:
@@ -34,6 +34,17 @@ class _Default:
 #: "use the peer's default" for ``timeout=`` (``None`` already means "forever")
 DEFAULT: Final[Any] = _Default()
 DEFAULT_TIMEOUT: Final = 30.0
+
+
+def timeout_message(channel: str, timeout: float, default: bool) -> str:
+    """What an expired invoke says; when the timeout was the peer's default, how to change it."""
+    text = f"no answer on {channel!r} within {timeout} s"
+    if default:
+        text += (
+            " (the default timeout: pass timeout= to invoke(), or to Main()/connect() for "
+            "every call; None waits forever)"
+        )
+    return text
 
 
 def error_from_info(info: codec.ErrorInfo) -> TetherError:

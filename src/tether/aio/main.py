@@ -17,7 +17,8 @@ from collections.abc import Callable, Collection, Generator
 from typing import Any
 
 from ..address import Address, parse_address, tune
-from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
+from ..checks import check_connect_options
+from ..errors import ConnectError, ConnectionClosed, PeerGone, ProtocolError, TetherError
 from ..identity import peer_address, peer_credentials
 from ..process import check_target, child_entry, describe_exit
 from ..protocol import check_secret
@@ -798,8 +799,11 @@ class _Connecting:
             sock = await asyncio.wait_for(
                 loop.run_in_executor(None, addr.connect, connect_timeout), connect_timeout
             )
-        except OSError as exc:
-            raise PeerGone(f"cannot connect to {addr}: {exc}") from exc
+        except OSError as exc:  # (TimeoutError too)
+            why = (
+                exc.strerror or str(exc) or f"no answer within connect_timeout={connect_timeout} s"
+            )
+            raise ConnectError(f"cannot connect to {addr}: {why}", address=str(addr)) from exc
         ctx = kw.pop("ssl")
         address = peer_address(sock, str(addr))
         if ctx is not None:
@@ -862,10 +866,22 @@ def connect(
     ``max_queued`` and ``drain_timeout``: this side's limits, as for :class:`Main`.
 
     Raises:
-        PeerGone: nothing listens there, or the handshake failed.
+        ConnectError: nothing listens there (refused, no such socket file,
+            unreachable); a :class:`PeerGone`, as is a failed handshake.
+        ProtocolError: what answers is not a tether peer (an HTTP server, say).
         AuthenticationError: the secrets differ, or only one side has one; or
             the TLS handshake failed (the server's certificate, or ours, refused).
+        TypeError, ValueError: an option has the wrong type or an impossible value.
     """
+    check_connect_options(
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        max_frame_size=max_frame_size,
+        spin=spin,
+        max_inflight=max_inflight,
+        max_queued=max_queued,
+        drain_timeout=drain_timeout,
+    )
     if secret is not None:
         check_secret(secret)
     return _Connecting(

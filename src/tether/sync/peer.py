@@ -81,7 +81,7 @@ from ..errors import (
 from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection
 from ..registry import Call, Handlers, Registry
-from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
+from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result, timeout_message
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -384,7 +384,8 @@ class Peer(Handlers):
             chan = self._chan(channel, args)
         if self._lazy:
             self._start_serving()
-        if timeout is DEFAULT:
+        default = timeout is DEFAULT
+        if default:
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._leased:
@@ -410,7 +411,8 @@ class Peer(Handlers):
                 self._conn.send_cancel(rid)
             with contextlib.suppress(TetherError):
                 self._flush(time.monotonic() + 1.0, block=False)
-            raise InvokeTimeout(f"no answer on {channel!r} within {timeout} s") from None
+            assert timeout is not None
+            raise InvokeTimeout(timeout_message(channel, timeout, default)) from None
         finally:
             if worker:
                 self._set_worker_waits(False)
