@@ -25,6 +25,8 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .child_errors import TargetRef, write_report
+
 __all__ = [
     "FINISHED",
     "check_target",
@@ -154,7 +156,10 @@ def child_entry(
     # No running-loop marker to reset in a forked child: Python 3.11 ignores a
     # marker set in another pid, and 3.12+ clears it at fork.
     code = 0
+    report = options.get("report")
     try:
+        if isinstance(target, TargetRef):  # imported here: an import error is reported
+            target = target.resolve()
         if inspect.iscoroutinefunction(target):
             from .aio.loop import run
 
@@ -167,8 +172,9 @@ def child_entry(
         else:
             print(exc.code, file=sys.stderr)
             code = 1
-    except BaseException:  # report, then exit non-zero
+    except BaseException as exc:  # report, then exit non-zero
         traceback.print_exc()
+        write_report(report, exc)
         code = 1
     finally:
         sys.stdout.flush()
@@ -193,10 +199,15 @@ async def _run_async(
     sock: socket.socket, target: Callable[..., Any], args: tuple[Any, ...], options: dict[str, Any]
 ) -> int:
     from .aio.peer import Peer
+    from .errors import PeerGone
 
     peer = Peer(sock, **_peer_options(options), spin=options.get("spin", 0.0))
     task = asyncio.ensure_future(target(peer, *args))
     await asyncio.sleep(0)  # the target runs to its first await: handlers are in place
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        # Failed before the channel is up: no HELLO, so main's spawn() raises with the cause.
+        peer.abort(PeerGone("the target failed before the connection started"))
+        task.result()  # raises: child_entry prints and reports it
     peer.start()
     closed = asyncio.ensure_future(peer.wait_closed())
     await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -211,6 +222,7 @@ async def _run_async(
         task.result()  # the target raised CancelledError itself: reported as a failure
     if exc is not None:
         traceback.print_exception(exc)
+        write_report(options.get("report"), exc)
         return 1
     return 0
 

@@ -27,7 +27,8 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, NoReturn
 
-from ..errors import PeerGone, TetherError
+from ..child_errors import read_report
+from ..errors import PeerGone, RemoteError, TetherError
 from ..process import FINISHED, describe_exit
 from ..results import DEFAULT
 from ..shm import consume_all
@@ -56,10 +57,18 @@ class Child(Peer):
     """
 
     def __init__(
-        self, sock: socket.socket, process: multiprocessing.process.BaseProcess, **kw: Any
+        self,
+        sock: socket.socket,
+        process: multiprocessing.process.BaseProcess,
+        *,
+        report: socket.socket | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__(sock, **kw)
         self._process = process
+        # main's end of the side channel where the child reports why it failed
+        self._report = report
+        self._failure: RemoteError | None = None
         pid = process.pid
         assert pid is not None
         self._pid = pid
@@ -88,6 +97,19 @@ class Child(Peer):
         """Exit code; ``-N`` if killed by signal N; ``None`` while running."""
         return self._poll()
 
+    def failure(self) -> RemoteError | None:
+        """What the child's target (or its import) raised, as it reported it; None if nothing.
+
+        Read once, without blocking, when the child has failed; the same
+        error is the ``__cause__`` of the :class:`PeerGone` its calls raise.
+        """
+        if self._report is not None:
+            if self._code:
+                self._failure = read_report(self._report)
+            self._report.close()
+            self._report = None
+        return self._failure
+
     @property
     def closed(self) -> bool:
         """Whether the connection is closed: by main, or by the child (EOF or GOODBYE)."""
@@ -96,6 +118,8 @@ class Child(Peer):
     def descriptors(self) -> list[int]:
         """Descriptors main holds for this child: what a forked sibling must close."""
         fds = [self.fileno()]
+        if self._report is not None:
+            fds.append(self._report.fileno())
         if self._pidfd >= 0:
             fds.append(self._pidfd)
         return [fd for fd in fds if fd >= 0]
@@ -161,6 +185,8 @@ class Child(Peer):
         """The one place an exit is recorded: every waiter and the connection learn it."""
         self._code = code
         self._unwatch()
+        if not code:  # nothing to report: release the side channel now
+            self.failure()
         self._process.close()  # frees the sentinel pipe now, not at the next start()
         if not self._exited.done():
             self._exited.set_result(code)
@@ -213,6 +239,9 @@ class Child(Peer):
             if said and said != FINISHED:  # e.g. the error its target raised
                 how += f" ({said})"
             exc: TetherError = PeerGone(how, exitcode=code)
+            cause = self.failure() if code else None
+            if cause is not None:  # what its target raised, with the traceback
+                exc.__cause__ = cause
         else:
             exc = self._ending or PeerGone(describe_exit(self._pid, None))
         self._shutdown(exc)

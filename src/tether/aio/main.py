@@ -18,6 +18,7 @@ from typing import Any
 
 from ..address import Address, parse_address, tune
 from ..checks import check_connect_options
+from ..child_errors import guard_hint, target_ref
 from ..errors import ConnectError, ConnectionClosed, PeerGone, ProtocolError, TetherError
 from ..identity import peer_address, peer_credentials
 from ..process import check_target, child_entry, describe_exit
@@ -548,6 +549,7 @@ class Main(Handlers):
         check_target(target, args, method)
         ctx = multiprocessing.get_context(method)
         parent_sock, child_sock = socket.socketpair()
+        report, report_child = socket.socketpair()  # the child's failure, if it fails
         label = str(name or getattr(target, "__name__", "child"))
         options: dict[str, Any] = {
             "parent_pid": os.getpid(),
@@ -557,11 +559,14 @@ class Main(Handlers):
             "name": label,
             "spin": self.spin,
             "pickle": pickle,
+            "report": report_child,
         }
         if method == "fork":
-            options["close_fds"] = [parent_sock.fileno(), *self._descriptors()]
+            options["close_fds"] = [parent_sock.fileno(), report.fileno(), *self._descriptors()]
+        # Imported by name in a spawned child, so that an import error is reported.
+        what = (method != "fork" and target_ref(target)) or target
         proc = ctx.Process(  # type: ignore[attr-defined]
-            target=child_entry, args=(child_sock, target, args, options), name=label, daemon=True
+            target=child_entry, args=(child_sock, what, args, options), name=label, daemon=True
         )
         try:
             if method == "forkserver":  # talks to the fork server: keep the loop free
@@ -570,10 +575,12 @@ class Main(Handlers):
                 proc.start()
         except BaseException:
             parent_sock.close()
+            report.close()
             raise
         finally:
             child_sock.close()
-        child = Child(parent_sock, proc, **self._peer_kw(role, label), pickle=pickle)
+            report_child.close()
+        child = Child(parent_sock, proc, **self._peer_kw(role, label), pickle=pickle, report=report)
         self.peers.add(child)
         self.children.add(child)
         child.on_exit(self.children.discard)  # ``children`` lists the running ones
@@ -589,6 +596,16 @@ class Main(Handlers):
             child.abort(exc if isinstance(exc, PeerGone) else PeerGone(str(exc)))
             self.children.discard(child)
             how = f"{exc} (killed)" if silent else describe_exit(child.pid, code)
+            cause = child.failure()
+            if cause is not None:  # the child's own exception: type, message, traceback
+                how += f": {cause.type_name}: {cause.remote_message}"
+                raise PeerGone(f"{label} failed to start: {how}", exitcode=code) from cause
+            if code and method != "fork":
+                how += (
+                    " before tether started in it: Python failed while starting it (importing "
+                    "the main module or unpickling the target or its arguments; its traceback "
+                    "is on its stderr)" + guard_hint()
+                )
             raise PeerGone(f"{label} failed to start: {how}", exitcode=code) from exc
         if self._closing:  # main was closed while the child started: end it too
             await child.close("main closing")

@@ -1,0 +1,103 @@
+"""Children that fail, are interrupted, or are started with options (issue 8)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import _child_targets
+import _fails_in_child
+import tether
+
+pytestmark = pytest.mark.timeout(90)
+
+
+# -- a child that fails before its hello carries its exception ------------------------
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
+async def test_a_target_failing_before_the_connection_is_up_is_raised_by_spawn(method: str) -> None:
+    async with tether.Main() as main:
+        with pytest.raises(
+            tether.PeerGone, match=r"failed to start.*ValueError: bad config"
+        ) as info:
+            await main.spawn(_child_targets.fails_at_once, "bad config", start_method=method)
+        assert info.value.exitcode == 1
+        cause = info.value.__cause__
+        assert isinstance(cause, tether.RemoteError)
+        assert cause.type_name == "ValueError"
+        assert cause.remote_message == "bad config"
+        assert "in fails_at_once" in cause.remote_traceback
+        assert not main.children
+
+
+async def test_an_import_error_in_the_child_is_raised_by_spawn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Imported in main already; the child imports it again, by name, and fails.
+    monkeypatch.setenv("TETHER_TEST_FAIL", "1")
+    async with tether.Main() as main:
+        with pytest.raises(tether.PeerGone, match="ImportError: simulated") as info:
+            await main.spawn(_fails_in_child.target)
+        cause = info.value.__cause__
+        assert isinstance(cause, tether.RemoteError)
+        assert cause.type_name == "ImportError"
+        assert "_fails_in_child.py" in cause.remote_traceback
+
+
+async def test_a_target_failing_later_gives_its_traceback_to_the_peer_gone() -> None:
+    async with tether.Main() as main:
+        child = await main.spawn(_child_targets.fails_sync, "no such key")
+        assert await child.wait(30) == 1
+        with pytest.raises(tether.PeerGone, match="KeyError") as info:
+            await child.invoke("anything")
+        cause = info.value.__cause__
+        assert isinstance(cause, tether.RemoteError)
+        assert cause.type_name == "KeyError" and "in fails_sync" in cause.remote_traceback
+        assert child.failure() is cause
+
+
+async def test_a_child_that_exits_cleanly_reports_nothing() -> None:
+    async with tether.Main() as main:
+        child = await main.spawn(_child_targets.idle_sync, 0.0)
+        assert await child.wait(30) == 0
+        assert child.failure() is None
+
+
+def test_a_main_module_without_guard_gets_a_hint(
+    tmp_path: os.PathLike[str], child_env: dict[str, str]
+) -> None:
+    script = os.path.join(tmp_path, "noguard.py")
+    with open(script, "w") as f:
+        f.write(
+            textwrap.dedent(
+                """
+                import asyncio
+                import tether
+
+                async def child(peer):
+                    pass
+
+                async def main():
+                    async with tether.Main() as m:
+                        await m.spawn(child)
+
+                asyncio.run(main())
+                """
+            )
+        )
+    env = dict(child_env)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(tether.__file__)), env["PYTHONPATH"]]
+    )
+    out = subprocess.run(
+        [sys.executable, script], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("tether.errors.PeerGone: child failed to start")
+    assert "has no 'if __name__ == \"__main__\":' guard" in last
