@@ -40,3 +40,14 @@ def idle_sync(peer: tether.sync.Peer, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not peer.closed and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+async def idle_async(peer: tether.Peer) -> None:
+    """Wait until main closes."""
+    await peer.wait_closed()
+
+
+def busy_sync(peer: tether.sync.Peer) -> None:
+    """Busy in its own code, never reading: only a signal or a kill ends it."""
+    while True:
+        time.sleep(0.01)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
+import psutil
 import pytest
 
 import _child_targets
@@ -101,3 +105,77 @@ def test_a_main_module_without_guard_gets_a_hint(
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("tether.errors.PeerGone: child failed to start")
     assert "has no 'if __name__ == \"__main__\":' guard" in last
+
+
+# -- Ctrl-C in a terminal: quiet children, one report from main --------------------------
+
+CTRL_C_MAIN = """
+import asyncio
+import _child_targets
+import tether
+
+async def main():
+    async with tether.Main() as m:
+        children = [
+            await m.spawn(_child_targets.idle_async),
+            await m.spawn(_child_targets.idle_sync, 120.0),
+            await m.spawn(_child_targets.busy_sync),
+            await m.spawn(_child_targets.idle_async, start_method="fork"),
+        ]
+        print("ready", *[c.pid for c in children], flush=True)
+        await asyncio.sleep(120)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_ctrl_c_children_exit_quietly_and_main_reports_once(
+    tmp_path: os.PathLike[str], child_env: dict[str, str]
+) -> None:
+    script = os.path.join(tmp_path, "ctrl_c_main.py")
+    with open(script, "w") as f:
+        f.write(CTRL_C_MAIN)
+    env = dict(child_env)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(tether.__file__)), env["PYTHONPATH"]]
+    )
+    # Its own session and process group, as a shell gives a foreground job.
+    proc = subprocess.Popen(
+        [sys.executable, script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "main did not start its children"
+        line = proc.stdout.readline().split()
+        assert line[0] == "ready", line
+        pids = [int(p) for p in line[1:]]
+        time.sleep(0.3)  # the children are in their targets
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    deadline = time.monotonic() + 20
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(p) for p in pids), "a child outlived Ctrl-C"
+    lines = err.splitlines()
+    assert lines.count("KeyboardInterrupt") <= 1, err  # main's one report
+    assert os.path.dirname(tether.__file__) not in err, err  # no frame of tether's
+    assert "PeerGone" not in err, err
+    assert len(lines) < 40, err

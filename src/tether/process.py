@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -172,14 +173,31 @@ def child_entry(
         else:
             print(exc.code, file=sys.stderr)
             code = 1
+    except KeyboardInterrupt:
+        # Ctrl-C in a terminal reaches every process of its group: main reports
+        # it once; the child leaves quietly, as killed by SIGINT (main says so).
+        code = -signal.SIGINT
     except BaseException as exc:  # report, then exit non-zero
         traceback.print_exc()
         write_report(report, exc)
         code = 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+    if code == -signal.SIGINT:
+        quiet_sigint_exit()
     os._exit(code)
+
+
+def quiet_sigint_exit() -> None:
+    """End this process by SIGINT's default action: no traceback, and its parent sees SIGINT."""
+    with contextlib.suppress(OSError, ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)  # bounded: the signal ends us well before this
+    os._exit(128 + signal.SIGINT)
 
 
 def _peer_options(options: dict[str, Any]) -> dict[str, Any]:
