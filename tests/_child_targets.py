@@ -27,7 +27,8 @@ def report_env(peer: tether.sync.Peer, names: list[str]) -> None:
 
 
 def chatter(peer: tether.sync.Peer, lines: int) -> None:
-    """Print ``lines`` lines to stdout and one to stderr, then wait for main."""
+    """Print ``lines`` lines to stdout and one to stderr (once main said go), then wait."""
+    peer.invoke("go")
     for i in range(lines):
         print(f"out {i}", flush=True)
     print("err line", file=sys.stderr, flush=True)
@@ -51,3 +52,9 @@ def busy_sync(peer: tether.sync.Peer) -> None:
     """Busy in its own code, never reading: only a signal or a kill ends it."""
     while True:
         time.sleep(0.01)
+
+
+def flood(peer: tether.sync.Peer, lines: int) -> None:
+    """Print many lines and exit: main must keep reading, and keep only the last ones."""
+    for i in range(lines):
+        print(f"line {i:06d} " + "x" * 50)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import signal
@@ -16,6 +17,7 @@ import pytest
 import _child_targets
 import _fails_in_child
 import tether
+from tether import capture
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -113,6 +115,7 @@ CTRL_C_MAIN = """
 import asyncio
 import _child_targets
 import tether
+from tether import capture
 
 async def main():
     async with tether.Main() as m:
@@ -179,3 +182,97 @@ def test_ctrl_c_children_exit_quietly_and_main_reports_once(
     assert os.path.dirname(tether.__file__) not in err, err  # no frame of tether's
     assert "PeerGone" not in err, err
     assert len(lines) < 40, err
+
+
+# -- spawn options: env, cwd, capture ----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+async def test_spawn_env_is_merged_and_cwd_is_set(
+    method: str, tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TETHER_TEST_KEPT", "from main")
+    monkeypatch.setenv("TETHER_TEST_REMOVED", "from main")
+    got: asyncio.Future[tuple[str, dict[str, str | None]]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    async with tether.Main() as main:
+
+        @main.on("env")
+        def on_env(call: tether.Call, cwd: str, env: dict[str, str | None]) -> None:
+            got.set_result((cwd, env))
+
+        names = ["TETHER_TEST_KEPT", "TETHER_TEST_REMOVED", "TETHER_TEST_ADDED"]
+        await main.spawn(
+            _child_targets.report_env,
+            names,
+            env={"TETHER_TEST_ADDED": "for the child", "TETHER_TEST_REMOVED": None},
+            cwd=tmp_path,
+            start_method=method,
+        )
+        cwd, env = await asyncio.wait_for(got, 30)
+    assert os.path.realpath(cwd) == os.path.realpath(tmp_path)
+    assert env == {
+        "TETHER_TEST_KEPT": "from main",
+        "TETHER_TEST_REMOVED": None,
+        "TETHER_TEST_ADDED": "for the child",
+    }
+    assert os.environ["TETHER_TEST_REMOVED"] == "from main"  # main's own is untouched
+
+
+async def test_spawn_env_reaches_the_targets_module_at_import() -> None:
+    # The module raises at import when TETHER_TEST_FAIL=1: env= applies before that import.
+    async with tether.Main() as main:
+        with pytest.raises(tether.PeerGone, match="ImportError"):
+            await main.spawn(_fails_in_child.target, env={"TETHER_TEST_FAIL": "1"})
+
+
+async def test_spawn_checks_env_and_cwd(tmp_path: os.PathLike[str]) -> None:
+    async with tether.Main() as main:
+        with pytest.raises(TypeError, match="env must be a mapping"):
+            await main.spawn(_child_targets.idle_sync, 0.0, env=["A=1"])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="env must map str to str"):
+            await main.spawn(_child_targets.idle_sync, 0.0, env={"A": 1})  # type: ignore[dict-item]
+        with pytest.raises(FileNotFoundError, match="cwd"):
+            await main.spawn(_child_targets.idle_sync, 0.0, cwd=os.path.join(tmp_path, "nope"))
+        assert not main.children
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+async def test_capture_gives_main_the_childs_output(method: str) -> None:
+    async with tether.Main() as main:
+        printed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        main.on("printed", lambda call, n: printed.set_result(n))
+        main.handle("go", lambda call: None)
+        child = await main.spawn(_child_targets.chatter, 3, capture=True, start_method=method)
+        assert child.stdout is not None and child.stderr is not None
+        seen: list[str] = []
+        child.stdout.on_line(seen.append)
+        assert await asyncio.wait_for(printed, 30) == 3
+        await child.close()
+        await child.wait(30)
+        await child.stdout.wait_closed(10)
+        assert child.stdout.lines() == ["out 0", "out 1", "out 2"]
+        assert child.stderr.lines() == ["err line"]
+        assert child.stdout.text == "out 0\nout 1\nout 2\n"
+        assert seen[-1] == "out 2"
+
+
+async def test_captured_output_nobody_reads_neither_blocks_the_child_nor_grows_without_bound() -> (
+    None
+):
+    lines = 40_000  # about 2.4 MB of text: more than any pipe holds, more than is kept
+    async with tether.Main() as main:
+        child = await main.spawn(_child_targets.flood, lines, capture=True)
+        assert await child.wait(60) == 0  # it was never blocked for good
+        assert child.stdout is not None
+        kept = child.stdout.lines()
+        assert kept[-1] == f"line {lines - 1:06d} " + "x" * 50
+        assert sum(len(s) + 1 for s in kept) <= capture.MAX_BYTES
+        assert child.stdout.dropped == lines - len(kept) > 0
+
+
+async def test_uncaptured_child_has_no_output_objects() -> None:
+    async with tether.Main() as main:
+        child = await main.spawn(_child_targets.idle_sync, 0.0)
+        assert child.stdout is None and child.stderr is None

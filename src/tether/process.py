@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import inspect
 import multiprocessing
 import os
@@ -23,13 +24,15 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .capture import redirect
 from .child_errors import TargetRef, write_report
 
 __all__ = [
     "FINISHED",
+    "check_spawn_options",
     "check_target",
     "child_entry",
     "describe_exit",
@@ -70,6 +73,58 @@ def check_target(target: Callable[..., Any], args: tuple[Any, ...], method: str 
         raise TypeError(
             f"spawn({name}, ...) with {len(args)} argument(s) after the peer: {exc}"
         ) from None
+
+
+def check_spawn_options(
+    env: object, cwd: object
+) -> tuple[dict[str, str | None] | None, str | None]:
+    """Check ``spawn(env=, cwd=)`` in main; return them as the child applies them.
+
+    Raises:
+        TypeError: ``env`` is not a mapping of str to str (or None), ``cwd`` not a path.
+        FileNotFoundError, NotADirectoryError: ``cwd`` is not a directory.
+    """
+    checked_env: dict[str, str | None] | None = None
+    if env is not None:
+        if not isinstance(env, Mapping):
+            raise TypeError(f"env must be a mapping of str to str, not {type(env).__name__}")
+        checked_env = {}
+        for key, value in env.items():
+            if not isinstance(key, str) or not (value is None or isinstance(value, str)):
+                raise TypeError(
+                    f"env must map str to str (or None to remove a variable), not "
+                    f"{type(key).__name__} to {type(value).__name__}: {key!r}"
+                )
+            if not key or "=" in key or "\0" in key or (value is not None and "\0" in value):
+                raise ValueError(f"env has a name or value the OS cannot hold: {key!r}")
+            checked_env[key] = value
+    checked_cwd: str | None = None
+    if cwd is not None:
+        if not isinstance(cwd, str | os.PathLike):
+            raise TypeError(f"cwd must be a path (str or os.PathLike), not {type(cwd).__name__}")
+        checked_cwd = os.path.abspath(os.fspath(cwd))
+        if not os.path.exists(checked_cwd):
+            raise FileNotFoundError(errno.ENOENT, "cwd does not exist", checked_cwd)
+        if not os.path.isdir(checked_cwd):
+            raise NotADirectoryError(errno.ENOTDIR, "cwd is not a directory", checked_cwd)
+    return checked_env, checked_cwd
+
+
+def apply_env_cwd(options: dict[str, Any]) -> None:
+    """In the child, before its target is imported: the environment and directory main asked for."""
+    env: dict[str, str | None] | None = options.get("env")
+    if env:
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    cwd: str | None = options.get("cwd")
+    if cwd is not None:
+        # '' on sys.path meant the directory the child started in: keep meaning it
+        here = os.getcwd()
+        sys.path[:] = [here if p == "" else p for p in sys.path]
+        os.chdir(cwd)
 
 
 def describe_exit(pid: int, exitcode: int | None) -> str:
@@ -159,6 +214,9 @@ def child_entry(
     code = 0
     report = options.get("report")
     try:
+        apply_env_cwd(options)
+        if options.get("capture"):
+            redirect(*options["capture"])
         if isinstance(target, TargetRef):  # imported here: an import error is reported
             target = target.resolve()
         if inspect.iscoroutinefunction(target):

@@ -27,6 +27,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, NoReturn
 
+from ..capture import Output
 from ..child_errors import read_report
 from ..errors import PeerGone, RemoteError, TetherError
 from ..process import FINISHED, describe_exit
@@ -69,6 +70,10 @@ class Child(Peer):
         # main's end of the side channel where the child reports why it failed
         self._report = report
         self._failure: RemoteError | None = None
+        #: with ``spawn(capture=True)``: what the child writes to its stdout (else None)
+        self.stdout: Output | None = None
+        #: with ``spawn(capture=True)``: what the child writes to its stderr (else None)
+        self.stderr: Output | None = None
         pid = process.pid
         assert pid is not None
         self._pid = pid
@@ -120,6 +125,9 @@ class Child(Peer):
         fds = [self.fileno()]
         if self._report is not None:
             fds.append(self._report.fileno())
+        for out in (self.stdout, self.stderr):
+            if out is not None and out._sock is not None:
+                fds.append(out._sock.fileno())
         if self._pidfd >= 0:
             fds.append(self._pidfd)
         return [fd for fd in fds if fd >= 0]
@@ -185,6 +193,9 @@ class Child(Peer):
         """The one place an exit is recorded: every waiter and the connection learn it."""
         self._code = code
         self._unwatch()
+        for out in (self.stdout, self.stderr):
+            if out is not None:
+                out.drain()  # everything it wrote is in: read it, end the stream
         if not code:  # nothing to report: release the side channel now
             self.failure()
         self._process.close()  # frees the sentinel pipe now, not at the next start()

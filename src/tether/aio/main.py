@@ -13,15 +13,16 @@ import os
 import socket
 import ssl as _ssl
 import time
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Collection, Generator, Mapping
 from typing import Any
 
 from ..address import Address, parse_address, tune
+from ..capture import Output
 from ..checks import check_connect_options
 from ..child_errors import guard_hint, target_ref
 from ..errors import ConnectError, ConnectionClosed, PeerGone, ProtocolError, TetherError
 from ..identity import peer_address, peer_credentials
-from ..process import check_target, child_entry, describe_exit
+from ..process import check_spawn_options, check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
@@ -521,6 +522,9 @@ class Main(Handlers):
         name: str | None = None,
         role: str = "child",
         pickle: bool = False,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        capture: bool = False,
     ) -> Child:
         """Start ``target(peer, *args)`` in a new process and return it connected.
 
@@ -536,8 +540,24 @@ class Main(Handlers):
         you trust your own code: unpickling runs code. Peers from
         :meth:`listen` can never use pickle.
 
+        ``env``: variables merged into the child's environment (main's,
+        inherited); a value ``None`` removes that variable. ``cwd``: the
+        child's working directory. Both apply in the child before the
+        target's module is imported (spawn, forkserver), so module-level
+        code sees them; variables Python reads as it starts (``PYTHON*``)
+        have no effect there.
+
+        ``capture=True``: the child's stdout and stderr (descriptors 1 and
+        2, so C code and subprocesses too) go to main instead of main's
+        own: :attr:`Child.stdout` and :attr:`Child.stderr` keep their last
+        lines (bounded; see :class:`tether.capture.Output`) and call
+        ``on_line`` callbacks as lines arrive. Main reads them as they come,
+        so a child never blocks on output nobody reads.
+
         Raises:
-            TypeError: ``target`` is not callable or ``args`` do not fit it.
+            TypeError: ``target`` is not callable or ``args`` do not fit it;
+                ``env`` is not a mapping of str, ``cwd`` not a path.
+            FileNotFoundError, NotADirectoryError: ``cwd`` is not a directory.
             ConnectionClosed: this main was closed.
             PeerGone: the child died or stayed silent before saying hello.
                 Once started, a child whose target raised is gone with a
@@ -547,6 +567,7 @@ class Main(Handlers):
             raise ConnectionClosed(f"{self.name} is closed: no new children")
         method = start_method or self.start_method
         check_target(target, args, method)
+        child_env, child_cwd = check_spawn_options(env, cwd)
         ctx = multiprocessing.get_context(method)
         parent_sock, child_sock = socket.socketpair()
         report, report_child = socket.socketpair()  # the child's failure, if it fails
@@ -560,9 +581,21 @@ class Main(Handlers):
             "spin": self.spin,
             "pickle": pickle,
             "report": report_child,
+            "env": child_env,
+            "cwd": child_cwd,
         }
+        mains: list[socket.socket] = [report]  # main's ends of the side sockets
+        if capture:
+            out, out_child = socket.socketpair()
+            err, err_child = socket.socketpair()
+            options["capture"] = (out_child, err_child)
+            mains += [out, err]
         if method == "fork":
-            options["close_fds"] = [parent_sock.fileno(), report.fileno(), *self._descriptors()]
+            options["close_fds"] = [
+                parent_sock.fileno(),
+                *(s.fileno() for s in mains),
+                *self._descriptors(),
+            ]
         # Imported by name in a spawned child, so that an import error is reported.
         what = (method != "fork" and target_ref(target)) or target
         proc = ctx.Process(  # type: ignore[attr-defined]
@@ -575,12 +608,17 @@ class Main(Handlers):
                 proc.start()
         except BaseException:
             parent_sock.close()
-            report.close()
+            for s in mains:
+                s.close()
             raise
         finally:
             child_sock.close()
             report_child.close()
+            for s in options.get("capture", ()):
+                s.close()
         child = Child(parent_sock, proc, **self._peer_kw(role, label), pickle=pickle, report=report)
+        if capture:
+            child.stdout, child.stderr = Output("stdout", mains[1]), Output("stderr", mains[2])
         self.peers.add(child)
         self.children.add(child)
         child.on_exit(self.children.discard)  # ``children`` lists the running ones
