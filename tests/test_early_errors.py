@@ -7,7 +7,9 @@ import contextlib
 import math
 import pickle
 import socket
+import sys
 import threading
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,6 +76,22 @@ async def test_spawn_checks_target_and_arguments_in_main() -> None:
     with pytest.raises(tether.ConnectionClosed, match="closed"):
         await main.spawn(_targets.invoke_main_sync, 1, 2)
     assert not main.children
+
+
+async def test_spawn_refuses_a_target_the_child_cannot_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def target(peer: tether.Peer) -> None:
+        pass
+
+    # As typed at the interactive prompt: defined in a __main__ without a file.
+    monkeypatch.setattr(target, "__module__", "__main__")
+    monkeypatch.setattr(target, "__qualname__", "target")
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    async with tether.Main() as main:
+        with pytest.raises(TypeError, match=r"child can import.*interactive session"):
+            await main.spawn(target)
+        assert not main.children
 
 
 # -- connecting -------------------------------------------------------------------

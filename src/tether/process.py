@@ -62,6 +62,13 @@ def check_target(target: Callable[..., Any], args: tuple[Any, ...], method: str 
             f"spawn() needs a module-level function (the child imports it by name), "
             f"not {qualname}; or use start_method='fork'"
         )
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if method != "fork" and getattr(target, "__module__", None) == "__main__" and not main_file:
+        raise TypeError(
+            f"spawn() needs a target the child can import: {qualname or target!r} is defined in "
+            "an interactive session or 'python -c' (no main file to import again); put it in a "
+            "module, or use start_method='fork'"
+        )
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):  # no signature to check (some builtins)
