@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +19,7 @@ import pytest
 import _child_targets
 import _fails_in_child
 import tether
-from tether import capture
+from tether import capture, child_errors
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -113,9 +115,10 @@ def test_a_main_module_without_guard_gets_a_hint(
 
 CTRL_C_MAIN = """
 import asyncio
+import contextlib
 import _child_targets
 import tether
-from tether import capture
+from tether import capture, child_errors
 
 async def main():
     async with tether.Main() as m:
@@ -276,3 +279,41 @@ async def test_uncaptured_child_has_no_output_objects() -> None:
     async with tether.Main() as main:
         child = await main.spawn(_child_targets.idle_sync, 0.0)
         assert child.stdout is None and child.stderr is None
+
+
+def test_a_failure_report_is_bounded_and_keeps_the_end_of_the_traceback() -> None:
+    def deep(n: int, message: str) -> None:
+        if n == 0:
+            raise RuntimeError(message)
+        deep(n - 1, message)
+
+    def report_of(message: str) -> tuple[int, tether.RemoteError | None]:
+        try:
+            deep(900, message)  # a traceback longer than the report may be
+        except RuntimeError as exc:
+            error = exc
+        child_end, main_end = socket.socketpair()
+        with main_end:
+            child_errors.write_report(child_end, error)
+            size = len(main_end.recv(child_errors.REPORT_MAX * 2, socket.MSG_PEEK))
+            return size, child_errors.read_report(main_end)
+
+    size, got = report_of("the bottom")
+    assert 0 < size <= child_errors.REPORT_MAX
+    assert got is not None and got.type_name == "RuntimeError"
+    assert got.remote_traceback.rstrip().endswith("RuntimeError: the bottom")  # the tail is kept
+    # A message full of characters JSON escapes (6 bytes each) is cut, never over the cap.
+    size, got = report_of("\x01" * 100_000)
+    assert 0 < size <= child_errors.REPORT_MAX
+    assert got is not None and got.remote_message == "\x01" * 4096
+
+
+def test_a_garbled_or_oversized_report_is_no_cause() -> None:
+    for data in (b"not json", b'{"type": "X"', b"[" * 100_000):
+        child_end, main_end = socket.socketpair()
+        with main_end, child_end:
+            child_end.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                child_end.send(data)
+            child_end.shutdown(socket.SHUT_WR)
+            assert child_errors.read_report(main_end) is None

@@ -103,11 +103,14 @@ def write_report(sock: socket.socket | None, exc: BaseException) -> None:
     except Exception:  # a __str__ that raises still names the type
         message = ""
     tb = "".join(traceback.format_exception(exc))
-    # keep the tail of a long traceback: the frame that raised is at its end
-    room = REPORT_MAX - 1024 - min(len(message), _MESSAGE_MAX) * 6  # JSON may escape 6x
-    if len(tb) * 2 > room:
-        tb = "...\n" + tb[-(room // 6) :]
-    data = _encode(_Report(_type_name(exc), message[:_MESSAGE_MAX], tb))[:REPORT_MAX]
+    report = _Report(_type_name(exc)[:_MESSAGE_MAX], message[:_MESSAGE_MAX], tb)
+    data = _encode(report)
+    while len(data) > REPORT_MAX and report.traceback:
+        # keep the tail of a long traceback: the frame that raised is at its end
+        report.traceback = report.traceback[len(report.traceback) // 2 :]
+        data = _encode(report)
+    if len(data) > REPORT_MAX:  # (a message of 4096 characters always fits)
+        return
     with contextlib.suppress(OSError):
         sock.settimeout(1.0)
         sock.sendall(data)

@@ -220,6 +220,7 @@ def child_entry(
     # marker set in another pid, and 3.12+ clears it at fork.
     code = 0
     report = options.get("report")
+    watch_sigint()
     try:
         apply_env_cwd(options)
         if options.get("capture"):
@@ -238,10 +239,15 @@ def child_entry(
         else:
             print(exc.code, file=sys.stderr)
             code = 1
-    except KeyboardInterrupt:
-        # Ctrl-C in a terminal reaches every process of its group: main reports
-        # it once; the child leaves quietly, as killed by SIGINT (main says so).
-        code = -signal.SIGINT
+    except KeyboardInterrupt as exc:
+        if _sigint_seen:
+            # Ctrl-C in a terminal reaches every process of its group: main reports
+            # it once; the child leaves quietly, as killed by SIGINT (main says so).
+            code = -signal.SIGINT
+        else:  # raised by code, not by the signal: a failure like any other
+            traceback.print_exc()
+            write_report(report, exc)
+            code = 1
     except BaseException as exc:  # report, then exit non-zero
         traceback.print_exc()
         write_report(report, exc)
@@ -253,6 +259,25 @@ def child_entry(
     if code == -signal.SIGINT:
         quiet_sigint_exit()
     os._exit(code)
+
+
+_sigint_seen = False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    global _sigint_seen
+    _sigint_seen = True
+    raise KeyboardInterrupt
+
+
+def watch_sigint() -> None:
+    """Tell a KeyboardInterrupt from SIGINT (Ctrl-C: leave quietly) from one raised by code.
+
+    Only where SIGINT has Python's default handler: an ignored SIGINT stays ignored.
+    """
+    with contextlib.suppress(ValueError, OSError):
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_sigint)
 
 
 def quiet_sigint_exit() -> None:

@@ -108,7 +108,7 @@ class Child(Peer):
         Read once, without blocking, when the child has failed; the same
         error is the ``__cause__`` of the :class:`PeerGone` its calls raise.
         """
-        if self._report is not None:
+        if self._report is not None and self._code is not None:  # it has exited: all is written
             if self._code:
                 self._failure = read_report(self._report)
             self._report.close()
