@@ -8,6 +8,13 @@ user's target with a connected peer: an asyncio :class:`~tether.Peer` for an
 
 No orphans: the child asks the kernel to kill it when its parent dies
 (``PR_SET_PDEATHSIG``) and also exits as soon as its connection to main ends.
+
+A failing child tells main why (:mod:`tether.child_errors`): a spawned child
+imports its target by name (after ``env=``/``cwd=`` apply), so an import error
+is reported like a target's exception. Ctrl-C in a terminal sends SIGINT to
+every process of the group: a child then leaves quietly, ending by SIGINT
+(main's errors say "killed by SIGINT"), so that only main reports it; a
+``KeyboardInterrupt`` raised by code is a failure like any other.
 """
 
 from __future__ import annotations

@@ -334,10 +334,14 @@ class FrameParser:
         if first and not HEADER_SIZE - 4 <= size <= limit:
             # The handshake's frames are small: anything else is another protocol.
             sample = size.to_bytes(4, "little") + bytes(mv[pos : pos + 28])
+            why = (
+                f"exceeds the limit of {limit} bytes for a handshake frame"
+                if size > limit
+                else "is shorter than a header"
+            )
             raise ProtocolError(
                 f"not a tether peer: it sent {sample!r}..., which is not a tether frame "
-                f"(length field {size}; a handshake frame is {HEADER_SIZE - 4} bytes or more, "
-                f"within the limit of {limit} bytes)"
+                f"(length field {size} {why})"
             )
         if size > limit:
             raise ProtocolError(f"frame length {size} exceeds the limit of {limit} bytes")
