@@ -560,8 +560,12 @@ class Main(Handlers):
             FileNotFoundError, NotADirectoryError: ``cwd`` is not a directory.
             ConnectionClosed: this main was closed.
             PeerGone: the child died or stayed silent before saying hello.
-                Once started, a child whose target raised is gone with a
-                :class:`PeerGone` that carries the error's type and message.
+                When the child reported why (its target raised before its
+                first ``await``, its module failed to import there), the
+                ``__cause__`` is a :class:`~tether.RemoteError` with its type,
+                message and traceback. Once started, a child whose target
+                raised is gone with a :class:`PeerGone` that carries the same
+                (see :meth:`Child.failure`).
         """
         if self._closing:
             raise ConnectionClosed(f"{self.name} is closed: no new children")
