@@ -167,3 +167,25 @@ async def test_a_default_timeout_expiry_says_it_was_the_default() -> None:
         with pytest.raises(tether.InvokeTimeout) as info:
             await child.invoke("forever", "b", timeout=0.2)
         assert "default" not in str(info.value)  # an explicit timeout is not the default
+
+
+async def test_a_blocking_default_timeout_expiry_says_it_was_the_default(sock_path: str) -> None:
+    async with tether.Main() as main:
+
+        @main.handle("slow")
+        async def slow(call: tether.Call) -> None:
+            await asyncio.sleep(10)
+
+        server = await main.listen(f"unix://{sock_path}")
+
+        def run() -> tuple[str, str]:
+            with tether.sync.connect(str(server.address), timeout=0.2) as peer:
+                with pytest.raises(tether.InvokeTimeout) as by_default:
+                    peer.invoke("slow")
+                with pytest.raises(tether.InvokeTimeout) as given:
+                    peer.invoke("slow", timeout=0.2)
+            return str(by_default.value), str(given.value)
+
+        by_default, given = await asyncio.to_thread(run)
+    assert "within 0.2 s (the default timeout: pass timeout=" in by_default
+    assert "default" not in given
