@@ -30,6 +30,7 @@ FIXED_ERRORS = {
     "ProtocolError",
     "ConsumedError",
     "PayloadTooLarge",
+    "ConnectError",
     "ConnectionClosed",
     "EndOfStream",
     "BufferInUse",
@@ -45,6 +46,7 @@ EXPECTED_ALL = FIXED_ERRORS | FIXED_OTHERS | EXTRA
 # The standard exception each error also is, as errors.py documents.
 ALSO_STDLIB: dict[str, type[BaseException]] = {
     "PeerGone": ConnectionError,
+    "ConnectError": ConnectionError,
     "InvokeTimeout": TimeoutError,
     "NoHandler": LookupError,
     "Forbidden": PermissionError,

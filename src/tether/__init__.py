@@ -17,6 +17,7 @@ from .errors import AuthenticationError as AuthenticationError
 from .errors import BadRequest as BadRequest
 from .errors import BufferInUse as BufferInUse
 from .errors import Busy as Busy
+from .errors import ConnectError as ConnectError
 from .errors import ConnectionClosed as ConnectionClosed
 from .errors import ConsumedError as ConsumedError
 from .errors import EndOfStream as EndOfStream
@@ -43,6 +44,7 @@ __all__ = [
     "Busy",
     "Call",
     "Child",
+    "ConnectError",
     "ConnectionClosed",
     "ConsumedError",
     "EndOfStream",
