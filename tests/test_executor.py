@@ -249,6 +249,10 @@ async def test_timeout_cancels_an_async_job_and_keeps_its_worker(
             await pool.submit(jobs.async_nap, 30)
         assert await pool.submit(jobs.pid) == pid  # the cancel reached it: same worker
         assert await pool.submit(jobs.nap, 0.01, "quick", timeout=None) == "quick"
+        # the timeout counts while the job runs, not while it waits for a worker
+        first = pool.submit(jobs.nap, 0.6, "first", timeout=None)
+        assert await pool.submit(jobs.square, 3) == 9  # waited ~0.6 s, ran at once
+        assert first.result() == "first"
 
 
 async def test_timeout_of_a_plain_function_kills_and_replaces_its_worker(
@@ -257,7 +261,9 @@ async def test_timeout_of_a_plain_function_kills_and_replaces_its_worker(
     monkeypatch.setattr(tether.Pool, "cancel_grace", 0.3)
     async with tether.Pool(workers=1) as pool:
         (pid,) = pool.pids
-        with pytest.raises(tether.InvokeTimeout):
+        with pytest.raises(
+            tether.InvokeTimeout, match=r"_pool_jobs.nap\(\) did not finish within 0.3 s"
+        ):
             await pool.submit(jobs.nap, 30, timeout=0.3)
         new = await pool.submit(jobs.pid)  # queued behind it: runs on a fresh worker
         assert new != pid and not _alive(pid)

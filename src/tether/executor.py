@@ -363,8 +363,9 @@ class Pool:
     ) -> asyncio.Future[Any]:
         """Queue ``fn(*args)`` for a worker; await the returned future for its result.
 
-        ``timeout``: seconds for this job (default: the pool's). Cancelling the
-        future cancels the job (the worker gets a CANCEL).
+        ``timeout``: seconds this job may run (default: the pool's), counted
+        from when a worker takes it, not while it waits for one. Cancelling
+        the future cancels the job (the worker gets a CANCEL).
 
         Raises:
             TypeError, ValueError: ``fn`` cannot be imported by name in a
@@ -508,7 +509,12 @@ class Pool:
                 raise
             return await self._settle(child)  # the job's owner cancelled it
         except InvokeTimeout as exc:
-            job.fail(exc)
+            err = InvokeTimeout(
+                f"{job.module}.{job.qualname}() did not finish within {job.timeout} s "
+                "(cancelled in its worker)"
+            )
+            err.__cause__ = exc
+            job.fail(err)
             return await self._settle(child)
         except PeerGone as exc:
             if job.tries < self.retries and not job.future.done():
