@@ -204,6 +204,14 @@ async def test_a_killed_worker_fails_only_its_job_and_is_replaced() -> None:
             await pool.submit(jobs.die, signal.SIGTERM)
 
 
+async def test_a_worker_killed_while_idle_is_replaced_at_once() -> None:
+    async with tether.Pool(workers=1) as pool:
+        (victim,) = pool.pids
+        os.kill(victim, signal.SIGKILL)
+        await _until(lambda: len(pool.pids) == 1 and victim not in pool.pids)
+        assert await pool.submit(jobs.pid) == pool.pids[0]  # no job paid for it
+
+
 async def test_kill_9_during_a_map_of_many_jobs_loses_no_job() -> None:
     async with tether.Pool(workers=2) as pool:
         futures = [pool.submit(jobs.nap, 0.01, i) for i in range(200)]
@@ -280,7 +288,7 @@ async def test_cancelling_a_job_future_cancels_the_job() -> None:
         queued = pool.submit(jobs.square, 3)
         await asyncio.sleep(0.3)
         fut.cancel()
-        assert await queued == 9
+        assert await asyncio.wait_for(queued, 15) == 9  # not after the 30 s nap
         assert pool.pids == [pid]
 
 

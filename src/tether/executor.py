@@ -159,6 +159,10 @@ async def worker(peer: Peer) -> None:
 # -- the pool (runs in main) ---------------------------------------------------
 
 
+def _dead(child: Child) -> bool:
+    return child.closed or child.exitcode is not None
+
+
 class _Job:
     __slots__ = ("args", "future", "module", "qualname", "timeout", "tries")
 
@@ -316,6 +320,7 @@ class Pool:
             raise failed
         for child in results:
             assert isinstance(child, Child)
+            child.on_exit(self._on_worker_exit)
             task = asyncio.ensure_future(self._drive(child))
             self._drivers.add(task)
             task.add_done_callback(self._driver_done)
@@ -443,29 +448,42 @@ class Pool:
                 w.set_result(None)
                 break
 
-    async def _next(self) -> _Job:
+    async def _next(self, child: Child) -> _Job | None:
+        """The next job to run; ``None`` as soon as ``child`` dies while waiting for one."""
         while True:
             while self._jobs:
                 job = self._jobs.popleft()
                 if not job.future.done():  # (skip jobs cancelled while queued)
                     return job
+            if _dead(child):
+                return None
             w = asyncio.get_running_loop().create_future()
             self._waiters.append(w)
             await w
+
+    def _on_worker_exit(self, child: Child) -> None:
+        # Wake every idle driver: the one whose worker this was replaces it now.
+        waiters, self._waiters = self._waiters, collections.deque()
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     # -- one driver per worker slot ---------------------------------------------
 
     async def _drive(self, child: Child | None) -> None:
         """Feed one worker jobs, one at a time; replace it as soon as it dies."""
         while True:
-            if child is None or child.closed:
+            if child is None or _dead(child):
                 try:
                     child = await self._main.spawn(worker, name="pool-worker")
                 except (TetherError, OSError) as exc:  # (ConnectionClosed: the pool is closing)
                     self._spawn_failed = exc
                     return
-            job = await self._next()
-            if child.closed:  # died (or was killed) while idle: the job never started
+                child.on_exit(self._on_worker_exit)
+            job = await self._next(child)
+            if job is None:  # died (or was killed) while idle
+                continue
+            if _dead(child):  # died just now: the job never reached it
                 self._push(job, front=True)
                 continue
             if not await self._run(child, job):
@@ -509,24 +527,24 @@ class Pool:
                 raise
             return await self._settle(child)  # the job's owner cancelled it
         except InvokeTimeout as exc:
-            err = InvokeTimeout(
+            late = InvokeTimeout(
                 f"{job.module}.{job.qualname}() did not finish within {job.timeout} s "
                 "(cancelled in its worker)"
             )
-            err.__cause__ = exc
-            job.fail(err)
+            late.__cause__ = exc
+            job.fail(late)
             return await self._settle(child)
         except PeerGone as exc:
             if job.tries < self.retries and not job.future.done():
                 job.tries += 1
                 self._push(job, front=True)  # run once more, first, on a fresh worker
             else:
-                err = PeerGone(
+                gone = PeerGone(
                     f"{job.module}.{job.qualname}(): its pool worker died: {exc}",
                     exitcode=exc.exitcode,
                 )
-                err.__cause__ = exc
-                job.fail(err)
+                gone.__cause__ = exc
+                job.fail(gone)
             return False
         except Exception as exc:  # RemoteError, BadRequest, PayloadTooLarge...
             job.fail(exc)
