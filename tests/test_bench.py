@@ -332,7 +332,13 @@ def test_pool_scenarios_side_by_side_and_what_a_killed_worker_does(tmp_path: Pat
     proc = subprocess.run([*cmd, "--only", "pool_*"], capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["scenario"]: r for r in json.loads(out_json.read_text())["results"]}
-    assert sorted(results) == ["pool_loky", "pool_mp", "pool_ppe", "pool_tether"]
+    assert sorted(results) == [
+        "pool_loky",
+        "pool_mp",
+        "pool_ppe",
+        "pool_tether",
+        "pool_tether_sync",
+    ]
     got: dict[str, dict[str, float]] = {}
     for name, r in results.items():
         assert r["status"] == "ok", (name, r["reason"])
@@ -340,9 +346,10 @@ def test_pool_scenarios_side_by_side_and_what_a_killed_worker_does(tmp_path: Pat
         assert got[name]["small jobs"] > 0 and got[name]["4MiB array each way"] > 0
     # tether: the job the killed worker ran fails (none, if it was between jobs), every
     # other one returns, nothing hangs.
-    failed = got["pool_tether"]["kill: jobs failed"]
-    assert failed <= 1 and got["pool_tether"]["kill: jobs lost"] == 0
-    assert results["pool_tether"]["info"]["kill_returned"] == 200 - failed
+    for name in ("pool_tether", "pool_tether_sync"):
+        failed = got[name]["kill: jobs failed"]
+        assert failed <= 1 and got[name]["kill: jobs lost"] == 0
+        assert results[name]["info"]["kill_returned"] == 200 - failed
     # ProcessPoolExecutor and loky fail every job still pending; multiprocessing.Pool
     # never answers the one the worker ran (a map over it would hang).
     for peer in ("pool_ppe", "pool_loky"):

@@ -21,6 +21,7 @@ per task (``chunksize=1``, the executors' default; tether does not batch):
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import signal
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ..aio.loop import new_loop
 from .common import CpuMeter, MiB, Params, Result, latency, rate, spawn_ctx
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "pool_mp",
     "pool_ppe",
     "pool_tether",
+    "pool_tether_sync",
 ]
 
 WORKERS: Final = 2
@@ -92,7 +95,7 @@ class _Ops:
 
     map: Callable[[Callable[[Any], Any], list[Any]], list[Any]]  # in order
     submit_all: Callable[[Callable[[Any], Any], list[Any]], _Handles]
-    done: Callable[[_Handles], int]  # how many have returned or raised
+    until_done: Callable[[_Handles, int], None]  # wait (bounded) until this many ended
     wait_all: Callable[[_Handles, float], tuple[int, int, int]]  # (returned, failed, lost)
     pids: Callable[[], list[int]]  # the workers running now
 
@@ -138,9 +141,7 @@ def _measure(ops: _Ops, params: Params) -> Result:
 def _kill(ops: _Ops) -> tuple[int, int, int, int | None]:
     """Submit KILL_JOBS jobs, SIGKILL one worker mid-way: (returned, failed, lost, settle ns)."""
     handles = ops.submit_all(nap, list(range(KILL_JOBS)))
-    deadline = time.monotonic() + 30.0
-    while ops.done(handles) < _KILL_AFTER and time.monotonic() < deadline:
-        time.sleep(0.002)
+    ops.until_done(handles, _KILL_AFTER)
     os.kill(ops.pids()[0], signal.SIGKILL)
     t0 = time.perf_counter_ns()
     returned, failed, lost = ops.wait_all(handles, HANG_WAIT)
@@ -154,12 +155,18 @@ def _wait_futures(handles: _Handles, timeout: float) -> tuple[int, int, int]:
     return len(done) - failed, failed, len(handles) - len(done)
 
 
+def _poll_until(done: Callable[[], int], n: int) -> None:
+    deadline = time.monotonic() + 30.0
+    while done() < n and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
 def _executor_ops(ex: Any, pids: Callable[[], list[int]]) -> _Ops:
     """The operations of anything shaped like ``concurrent.futures.Executor``."""
     return _Ops(
         map=lambda fn, items: list(ex.map(fn, items)),
         submit_all=lambda fn, items: [ex.submit(fn, x) for x in items],
-        done=lambda hs: sum(f.done() for f in hs),
+        until_done=lambda hs, n: _poll_until(lambda: sum(f.done() for f in hs), n),
         wait_all=_wait_futures,
         pids=pids,
     )
@@ -169,13 +176,59 @@ def _executor_ops(ex: Any, pids: Callable[[], list[int]]) -> _Ops:
 
 
 def pool_tether(params: Params) -> Result:
-    """tether.sync.Pool (the blocking pool; the asyncio pool runs under it)."""
+    """tether.Pool (asyncio), driven from this thread one operation at a time."""
+    import tether
+
+    from .tether_cases import loop_name
+
+    async def collect(it: Any) -> list[Any]:
+        return [r async for r in it]
+
+    async def until_done(handles: _Handles, n: int) -> None:
+        deadline = time.monotonic() + 30.0
+        while sum(f.done() for f in handles) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+
+    async def wait_all(handles: _Handles, timeout: float) -> tuple[int, int, int]:
+        done, _ = await asyncio.wait(handles, timeout=timeout)
+        failed = sum(1 for f in done if f.exception() is not None)
+        return len(done) - failed, failed, len(handles) - len(done)
+
+    async def submit_all(fn: Callable[[Any], Any], items: list[Any]) -> _Handles:
+        return [pool.submit(fn, x) for x in items]
+
+    async def which_loop() -> str:
+        return loop_name()
+
+    async def start() -> None:
+        await pool.start()
+
+    loop = new_loop()
+    pool = tether.Pool(workers=WORKERS)
+    go = loop.run_until_complete
+    try:
+        go(start())
+        ops = _Ops(
+            map=lambda fn, items: go(collect(pool.map(fn, items))),
+            submit_all=lambda fn, items: go(submit_all(fn, items)),
+            until_done=lambda hs, n: go(until_done(hs, n)),
+            wait_all=lambda hs, t: go(wait_all(hs, t)),
+            pids=lambda: pool.pids,
+        )
+        result = _measure(ops, params)
+        result["info"]["loop"] = go(which_loop())
+        return result
+    finally:
+        go(pool.terminate())
+        loop.close()
+
+
+def pool_tether_sync(params: Params) -> Result:
+    """tether.sync.Pool: the same pool behind a blocking API (a private loop thread)."""
     import tether
 
     with tether.sync.Pool(workers=WORKERS) as pool:
-        result = _measure(_executor_ops(pool, lambda: pool.pids), params)
-    result["info"]["pool"] = "tether.sync.Pool"
-    return result
+        return _measure(_executor_ops(pool, lambda: pool.pids), params)
 
 
 def pool_ppe(params: Params) -> Result:
@@ -217,7 +270,7 @@ def pool_mp(params: Params) -> Result:
         ops = _Ops(
             map=lambda fn, items: list(pool.imap(fn, items, chunksize=1)),
             submit_all=lambda fn, items: [pool.apply_async(fn, (x,)) for x in items],
-            done=lambda hs: sum(h.ready() for h in hs),
+            until_done=lambda hs, n: _poll_until(lambda: sum(h.ready() for h in hs), n),
             wait_all=wait_all,
             pids=lambda: [p.pid for p in pool._pool if p.exitcode is None],  # type: ignore[attr-defined]
         )

@@ -99,7 +99,10 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("pool_ppe", "pool", "pools:pool_ppe", "ProcessPoolExecutor", "ppe"),
         Scenario("pool_loky", "pool", "pools:pool_loky", "loky reusable executor", "loky"),
         Scenario("pool_mp", "pool", "pools:pool_mp", "multiprocessing.Pool", "mp_pool"),
-        Scenario("pool_tether", "pool", "pools:pool_tether", "tether.sync.Pool", tether=True),
+        Scenario("pool_tether", "pool", "pools:pool_tether", "tether.Pool", tether=True),
+        Scenario(
+            "pool_tether_sync", "pool", "pools:pool_tether_sync", "tether.sync.Pool", tether=True
+        ),
     ]
 }
 

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from ..aio.loop import new_loop
 from ..errors import ConnectionClosed
 from ..executor import Pool as AsyncPool
 from ..executor import _timeout, job_target
@@ -22,14 +23,6 @@ from ..results import DEFAULT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = ["Pool"]
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()  # type: ignore[no-any-return,unused-ignore]
 
 
 class Pool:
@@ -68,7 +61,7 @@ class Pool:
             max_frame_size=max_frame_size,
         )
         self.workers = self._pool.workers
-        self._loop = _new_loop()
+        self._loop = new_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="tether-pool", daemon=True
         )
