@@ -391,6 +391,11 @@ def test_sync_pool_timeout_and_terminate(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(tether.InvokeTimeout):
         pool.submit(jobs.nap, 30).result(timeout=30)
     assert pool.submit(jobs.square, 2, timeout=10).result(timeout=30) == 4
+    running = pool.submit(jobs.async_nap, 30, timeout=None)
+    queued = pool.submit(jobs.square, 3)
+    time.sleep(0.3)
+    assert running.cancel()  # reaches the job in its worker: the next one runs at once
+    assert queued.result(timeout=15) == 9
     pids = pool.pids
     futures = [pool.submit(jobs.nap, 30, timeout=None) for _ in range(3)]
     pool.terminate()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -23,6 +24,14 @@ from ..results import DEFAULT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = ["Pool"]
+
+
+def _settle(done: concurrent.futures.Future[Any], result: Any, exc: BaseException | None) -> None:
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # (cancelled by its owner)
+        if exc is None:
+            done.set_result(result)
+        else:
+            done.set_exception(exc)
 
 
 class Pool:
@@ -120,13 +129,41 @@ class Pool:
         job_target(fn, self._pool.start_method)
         if timeout is not DEFAULT:
             _timeout(timeout)
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise ConnectionClosed("the pool is closed: no new jobs")
-            return asyncio.run_coroutine_threadsafe(self._job(fn, args, timeout), self._loop)
+            self._loop.call_soon_threadsafe(self._start_job, done, fn, args, timeout)
+        return done
 
-    async def _job(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: Any) -> Any:
-        return await self._pool.submit(fn, *args, timeout=timeout)
+    def _start_job(
+        self,
+        done: concurrent.futures.Future[Any],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        timeout: Any,
+    ) -> None:
+        """In the loop's thread: submit, and tie the two futures together."""
+        if done.cancelled():
+            return
+        try:
+            job = self._pool.submit(fn, *args, timeout=timeout)
+        except BaseException as exc:  # (the pool closed meanwhile)
+            _settle(done, None, exc)
+            return
+
+        def finished(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():
+                done.cancel()
+            else:
+                _settle(done, f.result() if f.exception() is None else None, f.exception())
+
+        def cancelled(d: concurrent.futures.Future[Any]) -> None:
+            if d.cancelled() and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(job.cancel)  # the job gets a CANCEL
+
+        job.add_done_callback(finished)
+        done.add_done_callback(cancelled)
 
     def map(
         self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: Any = DEFAULT
