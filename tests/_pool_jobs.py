@@ -77,3 +77,9 @@ class Tools:
 
     def method(self, x: int) -> int:
         return x
+
+
+async def short_lived_worker(peer: Any) -> None:
+    """A pool worker that says hello, then dies before taking any job."""
+    await asyncio.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)

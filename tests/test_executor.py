@@ -25,6 +25,7 @@ import pytest
 
 import _pool_jobs as jobs
 import tether
+import tether.executor
 from tether.executor import job_target
 
 pytestmark = pytest.mark.timeout(120)
@@ -210,6 +211,26 @@ async def test_a_worker_killed_while_idle_is_replaced_at_once() -> None:
         os.kill(victim, signal.SIGKILL)
         await _until(lambda: len(pool.pids) == 1 and victim not in pool.pids)
         assert await pool.submit(jobs.pid) == pool.pids[0]  # no job paid for it
+
+
+async def test_workers_that_keep_dying_are_replaced_ever_more_slowly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tether.executor, "worker", jobs.short_lived_worker)
+    pool = tether.Pool(workers=1, start_method="fork")  # (fast: without back-off, dozens)
+    spawned = 0
+    real_spawn = pool._main.spawn
+
+    async def counting_spawn(*args: Any, **kw: Any) -> Any:
+        nonlocal spawned
+        spawned += 1
+        return await real_spawn(*args, **kw)
+
+    monkeypatch.setattr(pool._main, "spawn", counting_spawn)
+    async with pool:
+        await asyncio.sleep(3.0)
+    # back-off 0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6 s (+ start-up): a handful, not dozens
+    assert 3 <= spawned <= 10
 
 
 async def test_kill_9_during_a_map_of_many_jobs_loses_no_job() -> None:
@@ -404,3 +425,4 @@ def test_sync_pool_timeout_and_terminate(monkeypatch: pytest.MonkeyPatch) -> Non
             f.result(timeout=0)
     assert not any(_alive(p) for p in pids)
     pool.terminate()  # twice is fine
+    assert pool.pids == [] and pool.closed

@@ -36,6 +36,7 @@ import collections
 import contextlib
 import importlib
 import inspect
+import logging
 import multiprocessing
 import os
 import sys
@@ -52,6 +53,8 @@ from .results import DEFAULT
 from .wire import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = ["Pool", "job_target"]
+
+log = logging.getLogger("tether")
 
 #: the worker's channels (a worker is a tether child; these are its handlers)
 JOB: Final = "tether.pool.job"
@@ -471,23 +474,38 @@ class Pool:
     # -- one driver per worker slot ---------------------------------------------
 
     async def _drive(self, child: Child | None) -> None:
-        """Feed one worker jobs, one at a time; replace it as soon as it dies."""
+        """Feed one worker jobs, one at a time; replace it as soon as it dies.
+
+        Workers that keep dying without finishing a job (a job that kills
+        every worker, a process that kills them as they start) are replaced
+        ever more slowly, up to once every 5 s, so the pool never spins.
+        """
+        deaths = 0  # in a row, without a job finished in between
         while True:
             if child is None or _dead(child):
+                if deaths > 1:
+                    await asyncio.sleep(min(0.05 * 2 ** (deaths - 2), 5.0))
                 try:
                     child = await self._main.spawn(worker, name="pool-worker")
                 except (TetherError, OSError) as exc:  # (ConnectionClosed: the pool is closing)
+                    if not self._closing:
+                        log.warning("a pool worker could not be started: %s", exc)
                     self._spawn_failed = exc
                     return
                 child.on_exit(self._on_worker_exit)
             job = await self._next(child)
             if job is None:  # died (or was killed) while idle
+                deaths += 1
                 continue
             if _dead(child):  # died just now: the job never reached it
                 self._push(job, front=True)
+                deaths += 1
                 continue
-            if not await self._run(child, job):
+            if await self._run(child, job):
+                deaths = 0
+            else:
                 child = None
+                deaths += 1
 
     def _driver_done(self, task: asyncio.Task[None]) -> None:
         self._drivers.discard(task)

@@ -114,7 +114,10 @@ class Pool:
     @property
     def pids(self) -> list[int]:
         """The process ids of the workers running now."""
-        return self._call(self._pids())  # type: ignore[no-any-return]
+        with self._lock:
+            if self._ended:
+                return []
+            return self._call(self._pids())  # type: ignore[no-any-return]
 
     async def _pids(self) -> list[int]:
         return self._pool.pids
