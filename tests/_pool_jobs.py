@@ -83,3 +83,13 @@ async def short_lived_worker(peer: Any) -> None:
     """A pool worker that says hello, then dies before taking any job."""
     await asyncio.sleep(0.05)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def returns_coroutine() -> Any:
+    """A plain function that returns an awaitable (a decorated async one, say)."""
+    return asyncio.sleep(0)
+
+
+async def async_square(x: int) -> int:
+    await asyncio.sleep(0)
+    return x * x

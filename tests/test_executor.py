@@ -69,8 +69,9 @@ def test_refuses_functions_a_worker_cannot_import() -> None:
     ]:
         with pytest.raises(TypeError, match=words):
             job_target(fn)
-    assert job_target(jobs.square) == ("_pool_jobs", "square")
-    assert job_target(jobs.Tools.triple) == ("_pool_jobs", "Tools.triple")
+    assert job_target(jobs.square) == ("tether.pool.job", "_pool_jobs", "square")
+    assert job_target(jobs.Tools.triple)[1:] == ("_pool_jobs", "Tools.triple")
+    assert job_target(jobs.async_nap)[0] == "tether.pool.async-job"
 
 
 def test_refuses_main_functions_of_an_interactive_session(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,7 +86,7 @@ def test_refuses_main_functions_of_an_interactive_session(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "__main__", repl)
     with pytest.raises(ValueError, match=r"interactive session.*put it in a module"):
         job_target(typed_in, "spawn")
-    assert job_target(typed_in, "fork") == ("__main__", "typed_in")
+    assert job_target(typed_in, "fork")[1:] == ("__main__", "typed_in")
 
 
 def test_constructor_checks_its_arguments() -> None:
@@ -186,6 +187,9 @@ async def test_a_job_that_raises_is_a_remote_error() -> None:
         assert "boom" in str(info.value)
         assert "def fail" in info.value.remote_traceback or "fail" in info.value.remote_traceback
         assert await pool.submit(jobs.square, 4) == 16  # the worker is still serving
+        with pytest.raises(tether.RemoteError, match="returned an awaitable: declare it async def"):
+            await pool.submit(jobs.returns_coroutine)
+        assert await pool.submit(jobs.async_square, 5) == 25
         with pytest.raises(tether.RemoteError, match="ValueError"):
             async for _ in pool.map(jobs.fail, ["a", "b"]):
                 pass

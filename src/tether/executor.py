@@ -56,15 +56,19 @@ __all__ = ["Pool", "job_target"]
 
 log = logging.getLogger("tether")
 
-#: the worker's channels (a worker is a tether child; these are its handlers)
+#: the worker's channels (a worker is a tether child; these are its handlers):
+#: plain functions (run inline, on the worker's main thread), ``async def``
+#: functions (a task, which a CANCEL cancels), and "are you idle?"
 JOB: Final = "tether.pool.job"
+ASYNC_JOB: Final = "tether.pool.async-job"
 IDLE: Final = "tether.pool.idle"
 
-_targets: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+_Target = tuple[str, str, str]  # (channel, module, qualname)
+_targets: weakref.WeakKeyDictionary[Any, _Target] = weakref.WeakKeyDictionary()
 
 
-def job_target(fn: object, start_method: str = "spawn") -> tuple[str, str]:
-    """``(module, qualname)`` a worker imports ``fn`` by; refuse what it cannot import.
+def job_target(fn: object, start_method: str = "spawn") -> _Target:
+    """``(channel, module, qualname)``: how a worker runs ``fn``; refuse what it cannot import.
 
     Raises:
         TypeError: ``fn`` is not callable, or not importable by name (a
@@ -109,7 +113,8 @@ def job_target(fn: object, start_method: str = "spawn") -> tuple[str, str]:
                 f"session (or python -c), which a {start_method!r} worker cannot import; put it "
                 "in a module and import it, or use Pool(start_method='fork')"
             )
-    target = (module, qualname)
+    channel = ASYNC_JOB if inspect.iscoroutinefunction(fn) else JOB
+    target = (channel, module, qualname)
     with contextlib.suppress(TypeError):  # (not weak-referenceable: not cached)
         _targets[fn] = target
     return target
@@ -132,26 +137,39 @@ async def worker(peer: Peer) -> None:
     running: set[asyncio.Task[Any]] = set()
     cache: dict[tuple[str, str], Callable[..., Any]] = {}
 
-    @peer.handle(JOB)
-    async def job(call: Call, module: str, qualname: str, *args: Any) -> Any:
+    def find(module: str, qualname: str) -> Callable[..., Any]:
         key = (module, qualname)
         fn = cache.get(key)
         if fn is None:
             fn = cache[key] = _resolve(module, qualname)
+        return fn
+
+    @peer.handle(JOB)
+    def job(call: Call, module: str, qualname: str, *args: Any) -> Any:
+        # Answered inline: the worker reads nothing else (a CANCEL included) until it returns.
+        result = find(module, qualname)(*args)
+        if inspect.isawaitable(result):
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()  # (no "never awaited" warning)
+            raise TypeError(f"{module}.{qualname}() returned an awaitable: declare it async def")
+        return result
+
+    @peer.handle(ASYNC_JOB)
+    async def async_job(call: Call, module: str, qualname: str, *args: Any) -> Any:
+        fn = find(module, qualname)
         task = asyncio.current_task()
         assert task is not None
         running.add(task)
         try:
-            result = fn(*args)  # a plain function runs here, on the worker's main thread
-            if inspect.isawaitable(result):
-                result = await result  # cancelled by a CANCEL (timeout)
-            return result
+            return await fn(*args)  # cancelled by a CANCEL (timeout, or the future cancelled)
         finally:
             running.discard(task)
 
     @peer.handle(IDLE)
     async def idle(call: Call) -> bool:
-        # Answered once no job is left running (a cancelled one may still be cleaning up).
+        # Answered once no job is left running: a plain one has returned (this
+        # runs after it), a cancelled async one has finished cleaning up.
         while running:
             await asyncio.wait(set(running))
         return True
@@ -167,16 +185,18 @@ def _dead(child: Child) -> bool:
 
 
 class _Job:
-    __slots__ = ("args", "future", "module", "qualname", "timeout", "tries")
+    __slots__ = ("args", "channel", "future", "module", "qualname", "timeout", "tries")
 
     def __init__(
         self,
+        channel: str,
         module: str,
         qualname: str,
         args: tuple[Any, ...],
         timeout: float | None,
         future: asyncio.Future[Any],
     ) -> None:
+        self.channel = channel
         self.module = module
         self.qualname = qualname
         self.args = args
@@ -386,7 +406,7 @@ class Pool:
             InvokeTimeout: the job ran out of time.
             BadRequest, PayloadTooLarge: the arguments or the result could not be sent.
         """
-        module, qualname = job_target(fn, self.start_method)
+        channel, module, qualname = job_target(fn, self.start_method)
         t = self.timeout if timeout is DEFAULT else _timeout(timeout)
         if self._closing:
             raise ConnectionClosed("the pool is closed: no new jobs")
@@ -398,7 +418,7 @@ class Pool:
             return fut
         self._pending.add(fut)
         fut.add_done_callback(self._pending.discard)
-        self._push(_Job(module, qualname, args, t, fut))
+        self._push(_Job(channel, module, qualname, args, t, fut))
         return fut
 
     def map(
@@ -528,7 +548,7 @@ class Pool:
     async def _run(self, child: Child, job: _Job) -> bool:
         """Run ``job`` on ``child``; whether the worker can take another job."""
         call = asyncio.ensure_future(
-            child.invoke(JOB, job.module, job.qualname, *job.args, timeout=job.timeout)
+            child.invoke(job.channel, job.module, job.qualname, *job.args, timeout=job.timeout)
         )
 
         def owner_cancelled(fut: asyncio.Future[Any]) -> None:
