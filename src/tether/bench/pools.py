@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -274,6 +276,25 @@ def pool_mp(params: Params) -> Result:
             wait_all=wait_all,
             pids=lambda: [p.pid for p in pool._pool if p.exitcode is None],  # type: ignore[attr-defined]
         )
-        return _measure(ops, params)
+        result = _measure(ops, params)
     finally:
-        pool.terminate()
+        hung = _bounded_terminate(pool)
+    result["info"]["terminate_hung"] = hung
+    return result
+
+
+def _bounded_terminate(pool: Any) -> bool:
+    """``pool.terminate()`` within 5 s, else SIGKILL its workers; whether it hung.
+
+    A worker killed while it held the task queue's lock leaves that lock held
+    for good, and ``terminate`` waits for it.
+    """
+    workers = list(pool._pool)
+    t = threading.Thread(target=pool.terminate, daemon=True)
+    t.start()
+    t.join(5.0)
+    for p in workers:
+        if p.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+    return t.is_alive()
