@@ -93,3 +93,8 @@ def returns_coroutine() -> Any:
 async def async_square(x: int) -> int:
     await asyncio.sleep(0)
     return x * x
+
+
+def checksum(data: Any) -> tuple[int, str]:
+    """Sum of the bytes of ``data``, and what the worker received."""
+    return int(np.frombuffer(data, np.uint8).sum(dtype=np.uint64)), type(data).__name__

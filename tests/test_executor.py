@@ -365,6 +365,16 @@ async def test_arrays_travel_through_shared_memory_both_ways() -> None:
     assert not doubled.flags.writeable  # a sealed memfd from the worker, not a socket copy
 
 
+async def test_a_buffer_is_moved_to_the_worker() -> None:
+    buf = tether.Buffer(1 << 20)
+    buf.view()[:] = b"\x01" * (1 << 20)
+    async with tether.Pool(workers=1) as pool:
+        total, kind = await pool.submit(jobs.checksum, buf)
+    assert total == 1 << 20 and kind in ("memoryview", "ndarray")
+    with pytest.raises(tether.ConsumedError):
+        buf.view()
+
+
 # -- the blocking pool ---------------------------------------------------------------
 
 

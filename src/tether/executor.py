@@ -391,6 +391,10 @@ class Pool:
     ) -> asyncio.Future[Any]:
         """Queue ``fn(*args)`` for a worker; await the returned future for its result.
 
+        Arguments are positional and travel as for :meth:`tether.Peer.invoke`
+        (what msgspec encodes; arrays and :class:`tether.Buffer` through shared
+        memory); so does the result.
+
         ``timeout``: seconds this job may run (default: the pool's), counted
         from when a worker takes it, not while it waits for one. Cancelling
         the future cancels the job (the worker gets a CANCEL).
