@@ -86,7 +86,12 @@ def test_refuses_main_functions_of_an_interactive_session(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "__main__", repl)
     with pytest.raises(ValueError, match=r"interactive session.*put it in a module"):
         job_target(typed_in, "spawn")
+    repl.__file__ = "<stdin>"  # python - < script.py
+    with pytest.raises(ValueError, match=r"interactive session"):
+        job_target(typed_in, "forkserver")
     assert job_target(typed_in, "fork")[1:] == ("__main__", "typed_in")
+    with pytest.raises(ValueError):  # (not cached by the fork pool's check)
+        job_target(typed_in, "spawn")
 
 
 def test_constructor_checks_its_arguments() -> None:

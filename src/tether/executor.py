@@ -107,7 +107,8 @@ def job_target(fn: object, start_method: str = "spawn") -> _Target:
         )
     if module == "__main__" and start_method != "fork":
         main = sys.modules["__main__"]
-        if getattr(main, "__file__", None) is None and getattr(main, "__spec__", None) is None:
+        path = getattr(main, "__file__", None)  # (what multiprocessing runs again in the worker)
+        if getattr(main, "__spec__", None) is None and not (path and os.path.isfile(path)):
             raise ValueError(
                 f"Pool cannot send __main__.{qualname}: it was defined in an interactive "
                 f"session (or python -c), which a {start_method!r} worker cannot import; put it "
@@ -115,8 +116,9 @@ def job_target(fn: object, start_method: str = "spawn") -> _Target:
             )
     channel = ASYNC_JOB if inspect.iscoroutinefunction(fn) else JOB
     target = (channel, module, qualname)
-    with contextlib.suppress(TypeError):  # (not weak-referenceable: not cached)
-        _targets[fn] = target
+    if module != "__main__":  # (whose check depends on the start method)
+        with contextlib.suppress(TypeError):  # (not weak-referenceable: not cached)
+            _targets[fn] = target
     return target
 
 
