@@ -374,10 +374,19 @@ async def test_a_buffer_is_moved_to_the_worker() -> None:
     buf = tether.Buffer(1 << 20)
     buf.view()[:] = b"\x01" * (1 << 20)
     async with tether.Pool(workers=1) as pool:
-        total, kind = await pool.submit(jobs.checksum, buf)
+        first = pool.submit(jobs.nap, 0.3)
+        job = pool.submit(jobs.checksum, buf)  # queued behind it: given away already
+        with pytest.raises(tether.ConsumedError):
+            buf.view()
+        total, kind = await job
+        await first
     assert total == 1 << 20 and kind in ("memoryview", "ndarray")
-    with pytest.raises(tether.ConsumedError):
-        buf.view()
+    with tether.sync.Pool(workers=1) as spool:
+        buf = tether.Buffer(4096)
+        buf.view()[:] = b"\x02" * 4096
+        fut = spool.submit(jobs.checksum, buf)
+        assert buf.consumed
+        assert fut.result(timeout=30)[0] == 2 * 4096
 
 
 # -- the blocking pool ---------------------------------------------------------------

@@ -50,6 +50,7 @@ from .aio.peer import Peer
 from .errors import ConnectionClosed, InvokeTimeout, PeerGone, TetherError
 from .registry import Call
 from .results import DEFAULT
+from .shm import Buffer
 from .wire import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = ["Pool", "job_target"]
@@ -180,6 +181,13 @@ async def worker(peer: Peer) -> None:
 
 
 # -- the pool (runs in main) ---------------------------------------------------
+
+
+def moved(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with each :class:`~tether.Buffer` moved into a new one: given away at submit."""
+    if not any(isinstance(a, Buffer) for a in args):
+        return args
+    return tuple(a._move() if isinstance(a, Buffer) else a for a in args)
 
 
 def _dead(child: Child) -> bool:
@@ -395,7 +403,8 @@ class Pool:
 
         Arguments are positional and travel as for :meth:`tether.Peer.invoke`
         (what msgspec encodes; arrays and :class:`tether.Buffer` through shared
-        memory); so does the result.
+        memory); so does the result. A Buffer argument is given away here:
+        it raises :class:`~tether.ConsumedError` from now on.
 
         ``timeout``: seconds this job may run (default: the pool's), counted
         from when a worker takes it, not while it waits for one. Cancelling
@@ -424,7 +433,7 @@ class Pool:
             return fut
         self._pending.add(fut)
         fut.add_done_callback(self._pending.discard)
-        self._push(_Job(channel, module, qualname, args, t, fut))
+        self._push(_Job(channel, module, qualname, moved(args), t, fut))
         return fut
 
     def map(

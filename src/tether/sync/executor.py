@@ -19,7 +19,7 @@ from typing import Any
 from ..aio.loop import new_loop
 from ..errors import ConnectionClosed
 from ..executor import Pool as AsyncPool
-from ..executor import _timeout, job_target
+from ..executor import _timeout, job_target, moved
 from ..results import DEFAULT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 
@@ -136,7 +136,7 @@ class Pool:
         with self._lock:
             if self._closed:
                 raise ConnectionClosed("the pool is closed: no new jobs")
-            self._loop.call_soon_threadsafe(self._start_job, done, fn, args, timeout)
+            self._loop.call_soon_threadsafe(self._start_job, done, fn, moved(args), timeout)
         return done
 
     def _start_job(
