@@ -29,6 +29,7 @@ from .errors import PeerGone as PeerGone
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteError as RemoteError
 from .errors import TetherError as TetherError
+from .executor import Pool as Pool
 from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
 from .pipe import pipe as pipe
@@ -57,6 +58,7 @@ __all__ = [
     "PeerGone",
     "PipeReader",
     "PipeWriter",
+    "Pool",
     "ProtocolError",
     "RemoteError",
     "Server",

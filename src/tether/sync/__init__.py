@@ -1,4 +1,4 @@
-"""Blocking API for scripts that don't use asyncio: ``tether.sync.connect``."""
+"""Blocking API for code without asyncio: ``tether.sync.connect``, ``tether.sync.Pool``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from ..protocol import check_secret
 from ..results import DEFAULT_TIMEOUT
 from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE
+from .executor import Pool
 from .peer import MAX_INFLIGHT, SPIN_SECONDS, Call, Peer, loop_serves
 
-__all__ = ["Call", "Peer", "connect"]
+__all__ = ["Call", "Peer", "Pool", "connect"]
 
 
 def connect(
