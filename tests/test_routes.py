@@ -447,8 +447,11 @@ async def test_send_or_drop_step_by_step(pair: Pair) -> None:
     assert relay.route.closed and relay.closed == 1
     with pytest.raises(tether.ConsumedError):
         buf.view()
+    late = tether.Buffer(16)
     with pytest.raises(tether.RouteClosed, match="channel 'frame': the route is closed"):
-        await relay.route.send("frame", b"again")
+        await relay.route.send("frame", late)
+    with pytest.raises(tether.ConsumedError):  # consumed even though nothing was sent
+        late.view()
     assert relay.closed == 1  # exactly once
     assert got == [b"first"]
 
