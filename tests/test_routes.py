@@ -331,6 +331,23 @@ async def test_the_cap_is_per_peer_and_settable(pair: Pair) -> None:
         await pair.opener.open("counter", 0)
 
 
+async def test_main_sets_the_cap_for_its_peers() -> None:
+    opened: list[tuple[int, str]] = []
+    async with tether.Main(timeout=20.0, max_routes=3) as main:
+        main.host("counter", Counter, roles={"child"})
+
+        @main.handle("opened")
+        def on_opened(call: tether.Call, count: int, refused: str) -> None:
+            opened.append((count, refused))
+
+        child = await main.spawn(_route_targets.open_many, 3, start_method="fork")
+        await until(lambda: len(opened) == 1, 20)
+        assert opened == [(3, "Busy: 3 routes are open on this connection already (max_routes)")]
+        assert child.max_routes == 3
+    with pytest.raises(ValueError, match="max_routes"):
+        tether.Main(max_routes=-1)
+
+
 # -- ordering ---------------------------------------------------------------------------
 
 
