@@ -14,7 +14,9 @@ import pytest
 
 import _route_targets
 import tether
+from tether.protocol import Connection
 from tether.routes import HOST_BIT
+from tether.wire import Frame, Kind
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -224,6 +226,54 @@ async def test_a_child_hosts_kinds_main_opens() -> None:
             await route.send("poke", 1)
             await until(lambda: got == [2])
         await until(lambda: closed == ["> "])
+
+
+async def test_an_open_that_times_out_closes_the_id_it_may_have_been_given() -> None:
+    """The opener gives up; its ROUTE_CLOSE ends whatever the host makes late, and frees the id.
+
+    The host is a bare protocol core driven by the test, so the late answer
+    comes exactly when the test says.
+    """
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    loop = asyncio.get_running_loop()
+    opener = tether.Peer(b, role="main", local_role="child", timeout=10.0)
+    opener.start()
+    host = Connection("main")
+
+    async def exchange() -> list[Frame]:
+        await loop.sock_sendall(a, bytes(host.data_to_send()[0]))
+        return host.receive_data(await asyncio.wait_for(loop.sock_recv(a, 65536), 10))
+
+    try:
+        assert await exchange() == []  # HELLOs
+        opening = asyncio.ensure_future(opener.open("slow", 1, timeout=0.2))
+        (f,) = await exchange()
+        assert (f.kind, f.route_id, f.channel) == (Kind.ROUTE_OPEN, 1, "slow")
+        with pytest.raises(tether.InvokeTimeout, match="opening route 'slow'"):
+            await opening
+        (close,) = await exchange()  # the opener closes the id it may have been given
+        assert (close.kind, close.route_id) == (Kind.ROUTE_CLOSE, 1)
+        table = opener._conn.route_table()
+        assert not table.routes and table.closing == {1 | HOST_BIT}
+        # The host made it late: it answers the open (dropped), then the close.
+        host_table = host.route_table()
+        assert host_table.accept(1) is None
+        host_table.add(1, "late host")
+        host.answer(f.request_id, None)
+        assert host_table.closed_by_peer(1) == "late host"
+        await loop.sock_sendall(a, bytes(host.data_to_send()[0]))
+        await until(lambda: not table.closing)  # both ROUTE_CLOSEs through: the id is free
+        assert not opener.closed
+    finally:
+        await opener.close()
+        a.close()
+
+
+async def test_peer_close_waits_for_async_host_closes(pair: Pair) -> None:
+    await pair.opener.open("counter", 1)
+    await pair.host.close()  # the host's own end closes: its hosts' close() finish first
+    assert closes() == [1]
 
 
 # -- refusals ------------------------------------------------------------------------

@@ -163,6 +163,8 @@ class Route(Handlers):
             consume_all(args)
             raise self._drop(what, exc) from exc
         self._pending[rid] = fut
+        if peer._paused:
+            peer._set_reading()  # answers to this call must still be read
         try:
             await self._push(what)
             if timeout is None:
@@ -284,6 +286,9 @@ class Route(Handlers):
             _CLOSING.add(task)
             task.add_done_callback(_closed_host)
             self._close_task = task
+            tasks = self.peer._tasks  # so Peer.close() lets it finish (bounded), as a listener
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
 
 def _closed_host(task: asyncio.Task[Any]) -> None:
@@ -322,6 +327,8 @@ async def open_route(peer: Peer, kind: str, args: tuple[Any, ...], timeout: floa
     rid, key = table.open(kind.encode(), args, fut, route)
     route._key = key
     route.id = key & _MASK
+    if peer._paused:
+        peer._set_reading()  # the answer must still be read
     peer._flush()
     try:
         if timeout is None:
@@ -330,21 +337,21 @@ async def open_route(peer: Peer, kind: str, args: tuple[Any, ...], timeout: floa
             async with asyncio.timeout(timeout):
                 await fut
     except BaseException as exc:
-        gave_up = isinstance(exc, asyncio.CancelledError) or (
-            isinstance(exc, TimeoutError) and not (fut.done() and not fut.cancelled())
-        )
-        if gave_up:
-            # No answer yet: the host may make it still; our ROUTE_CLOSE ends it
-            # (or, if it refuses, is answered all the same), so the id is freed.
-            conn.take_pending(rid)
-            route._finish(RouteClosed(f"opening {kind!r} was abandoned", kind=kind), notify=True)
-            if isinstance(exc, TimeoutError):
-                raise InvokeTimeout(
-                    f"no answer to opening route {kind!r} within {timeout} s"
-                ) from None
-            raise
-        table.refused(key)
-        route._closed = RouteClosed(f"opening route {kind!r} failed: {exc}", kind=kind)
+        answer = fut.exception() if fut.done() and not fut.cancelled() else None
+        if answer is not None:  # refused (or the connection ended): the id is free
+            table.refused(key)
+            route._closed = RouteClosed(f"opening route {kind!r} failed: {answer}", kind=kind)
+            if answer is exc:
+                raise
+            raise answer from None  # it came as the time ran out
+        if isinstance(exc, TimeoutError) and fut.done() and not fut.cancelled():
+            return route  # opened just as the time ran out
+        # No answer, or cancelled once open: the host may make it still; our
+        # ROUTE_CLOSE ends it (or, if it refused, is answered all the same).
+        conn.take_pending(rid)
+        route._finish(RouteClosed(f"opening {kind!r} was abandoned", kind=kind), notify=True)
+        if isinstance(exc, TimeoutError):
+            raise InvokeTimeout(f"no answer to opening route {kind!r} within {timeout} s") from None
         raise
     return route
 
