@@ -165,6 +165,18 @@ async def test_close_from_the_host_side(pair: Pair) -> None:
     assert closes() == [1]
 
 
+async def test_wait_closed_sees_the_other_end_close(pair: Pair) -> None:
+    route = await pair.opener.open("counter", 0)
+    waiting = asyncio.ensure_future(route.wait_closed())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    (host_route,) = pair.host._conn.route_table().routes.values()
+    await host_route.close()
+    await asyncio.wait_for(waiting, 10)
+    assert route.closed
+    await asyncio.wait_for(route.wait_closed(), 1)  # at once, once closed
+
+
 async def test_pending_invokes_fail_with_route_closed_when_the_opener_closes(pair: Pair) -> None:
     route = await pair.opener.open("counter", 0)
     calls = [asyncio.ensure_future(route.invoke("wait")) for _ in range(3)]
@@ -426,6 +438,27 @@ async def test_many_routes_interleaved_keep_per_route_fifo_order(pair: Pair) -> 
     results = await asyncio.gather(*(r.invoke("count") for r in routes))
     assert results == [list(range(100))] * 20
     assert sorted(seen) == [r.id for r in routes]
+
+
+async def test_route_frames_keep_fifo_order_with_the_peers_frames(pair: Pair) -> None:
+    log: list[tuple[int, int]] = []
+
+    def recorder(route: tether.Route) -> None:
+        route.on("n", lambda call, i: log.append((route.id, i)))
+
+    pair.host.host("rec", recorder, roles={"child"})
+    pair.host.on("n", lambda call, i: log.append((0, i)))
+    routes = [await pair.opener.open("rec") for _ in range(3)]
+    sent: list[tuple[int, int]] = []
+    for i in range(60):
+        target = i % 4
+        if target:
+            await routes[target - 1].send("n", i)
+        else:
+            await pair.opener.send("n", i)
+        sent.append((target, i))
+    await until(lambda: len(log) == len(sent))
+    assert log == sent
 
 
 # -- SendOrDrop --------------------------------------------------------------------------

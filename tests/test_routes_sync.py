@@ -129,6 +129,16 @@ def test_sync_pending_invoke_fails_when_the_host_closes_the_route(
     assert c.closes == 1
 
 
+def test_sync_wait_closed(peers: tuple[tether.sync.Peer, tether.sync.Peer]) -> None:
+    _, opener = peers
+    route = opener.open("counter", 0)
+    with pytest.raises(TimeoutError):
+        route.wait_closed(0.05)
+    threading.Timer(0.1, COUNTERS[0].route.close).start()
+    route.wait_closed(10)
+    assert route.closed
+
+
 def test_sync_connection_loss_closes_hosts_once(
     peers: tuple[tether.sync.Peer, tether.sync.Peer],
 ) -> None:

@@ -80,6 +80,7 @@ class Route(Handlers):
         self._closed: RouteClosed | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._close_task: asyncio.Task[Any] | None = None
+        self._ended: asyncio.Future[None] | None = None  # made by wait_closed
 
     @property
     def closed(self) -> bool:
@@ -90,6 +91,14 @@ class Route(Handlers):
     def close_reason(self) -> RouteClosed | None:
         """Why the route ended (``None`` while open)."""
         return self._closed
+
+    async def wait_closed(self) -> None:
+        """Wait until the route has ended, by either end or with the connection."""
+        if self._closed is not None:
+            return
+        if self._ended is None:
+            self._ended = self.peer._loop.create_future()
+        await asyncio.shield(self._ended)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed is not None else "open"
@@ -268,6 +277,8 @@ class Route(Handlers):
             conn.take_pending(rid)
             if not fut.done():
                 fut.set_exception(err)
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
         if self.hosting:
             self._close_host()
 
