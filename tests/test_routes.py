@@ -133,6 +133,15 @@ async def test_async_with_and_ids(pair: Pair) -> None:
     await until(lambda: table is not None and not table.routes and not table.closing)
 
 
+async def test_route_invoke_timeout_keeps_the_route(pair: Pair) -> None:
+    route = await pair.opener.open("counter", 1)
+    with pytest.raises(tether.InvokeTimeout, match=r"route 1 \('counter'\), channel 'wait'"):
+        await route.invoke("wait", timeout=0.1)
+    assert not route.closed  # a late answer is not a failed send
+    assert await route.invoke("add", 1) == 2
+    await until(lambda: not pair.host._serving)  # the handler was cancelled (CANCEL)
+
+
 async def test_route_handlers_are_separate_from_the_peers(pair: Pair) -> None:
     @pair.host.handle("add")
     def peer_add(call: tether.Call, k: int) -> int:

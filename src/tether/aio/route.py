@@ -179,14 +179,15 @@ class Route(Handlers):
             if timeout is None:
                 frame: Frame = await fut
             else:
-                async with asyncio.timeout(timeout):
-                    frame = await fut
-        except TimeoutError:
-            if fut.done() and not fut.cancelled():
-                raise  # the answer itself was a timeout error
-            conn.send_cancel(rid)
-            peer._kick()
-            raise InvokeTimeout(f"no answer on {what} within {timeout} s") from None
+                try:
+                    async with asyncio.timeout(timeout):
+                        frame = await fut
+                except TimeoutError:
+                    if not fut.done() or fut.cancelled():
+                        conn.send_cancel(rid)
+                        peer._kick()
+                        raise InvokeTimeout(f"no answer on {what} within {timeout} s") from None
+                    frame = fut.result()  # answered as the time ran out (or its error)
         except asyncio.CancelledError:
             conn.send_cancel(rid)
             peer._kick()
@@ -277,6 +278,7 @@ class Route(Handlers):
             conn.take_pending(rid)
             if not fut.done():
                 fut.set_exception(err)
+                fut.exception()  # retrieved: a send that dropped the route raises err itself
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)
         if self.hosting:
