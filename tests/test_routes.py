@@ -186,6 +186,23 @@ async def test_wait_closed_sees_the_other_end_close(pair: Pair) -> None:
     await asyncio.wait_for(route.wait_closed(), 1)  # at once, once closed
 
 
+async def test_a_factory_that_closes_its_own_route(pair: Pair) -> None:
+    closed: list[str] = []
+
+    class Quitter:
+        def __init__(self, route: tether.Route) -> None:
+            self.closing = asyncio.ensure_future(route.close())  # e.g. what it needed is gone
+            self.route = route
+
+        def close(self) -> None:
+            closed.append("closed")
+
+    pair.host.host("quitter", Quitter, roles={"child"})
+    route = await pair.opener.open("quitter")
+    await asyncio.wait_for(route.wait_closed(), 10)
+    await until(lambda: closed == ["closed"])
+
+
 async def test_pending_invokes_fail_with_route_closed_when_the_opener_closes(pair: Pair) -> None:
     route = await pair.opener.open("counter", 0)
     calls = [asyncio.ensure_future(route.invoke("wait")) for _ in range(3)]

@@ -419,6 +419,8 @@ def dispatch_route_frame(peer: Peer, f: Frame) -> None:
         if not isinstance(exc, Exception):
             raise
         return
+    if route._closed is not None:
+        route._close_host()  # the factory closed its own route: it had no host to close yet
     peer._answer(rid, None)
     peer._kick()
 

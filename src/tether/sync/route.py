@@ -352,6 +352,8 @@ def dispatch_route_frame(peer: Peer, f: Frame) -> None:
         if not isinstance(exc, Exception):
             peer._stop_process(exc)
         return
+    if route._closed is not None:
+        route._close_host()  # the factory closed its own route: it had no host to close yet
     peer._answer(rid, None, None)
 
 
