@@ -31,7 +31,8 @@ class Call:
             :class:`tether.sync.Peer` in blocking code); invoke it back, or keep it.
         channel: the channel name.
         request_id: the invoke's request id (0 for events).
-        route_id: the route addressed (0 = the peer itself).
+        route_id: the route addressed (0 = the peer itself), as on the wire:
+            bit 31 is set when the route's host sent it (``route.id`` is the rest).
     """
 
     __slots__ = ("channel", "peer", "request_id", "route_id")
