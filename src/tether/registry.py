@@ -31,8 +31,7 @@ class Call:
             :class:`tether.sync.Peer` in blocking code); invoke it back, or keep it.
         channel: the channel name.
         request_id: the invoke's request id (0 for events).
-        route_id: the route addressed (0 = the peer itself), as on the wire:
-            bit 31 is set when the route's host sent it (``route.id`` is the rest).
+        route_id: the route addressed (0 = the peer itself).
     """
 
     __slots__ = ("channel", "peer", "request_id", "route_id")
@@ -220,7 +219,7 @@ class Registry:
             TypeError: ``factory`` is a coroutine function (it must run inline,
                 in order with the frames), or ``roles`` is malformed.
         """
-        from .codec import host_spec_target
+        from .routes import host_spec_target
 
         kind = checked_channel(kind)
         if kind in self.hosts:
