@@ -218,6 +218,25 @@ async def test_a_factory_that_closes_its_own_route(pair: Pair) -> None:
     await until(lambda: closed == ["closed"])
 
 
+async def test_a_host_close_that_closes_its_route_does_not_wait_for_itself(pair: Pair) -> None:
+    done: list[float] = []
+
+    class Tidy:
+        def __init__(self, route: tether.Route) -> None:
+            self.route = route
+
+        async def close(self) -> None:
+            t = time.monotonic()
+            await self.route.close()  # already closed: returns at once
+            done.append(time.monotonic() - t)
+
+    pair.host.host("tidy", Tidy, roles={"child"})
+    await pair.opener.open("tidy")
+    (host_route,) = pair.host._conn.route_table().routes.values()
+    await asyncio.wait_for(host_route.close(), 10)
+    assert len(done) == 1 and done[0] < 1.0
+
+
 async def test_pending_invokes_fail_with_route_closed_when_the_opener_closes(pair: Pair) -> None:
     route = await pair.opener.open("counter", 0)
     calls = [asyncio.ensure_future(route.invoke("wait")) for _ in range(3)]

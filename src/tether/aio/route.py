@@ -260,8 +260,8 @@ class Route(Handlers):
             notify=True,
         )
         task = self._close_task
-        if task is not None and not task.done():
-            await asyncio.wait([task], timeout=timeout)
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            await asyncio.wait([task], timeout=timeout)  # (not from the host's close() itself)
 
     # -- ending -----------------------------------------------------------
 
