@@ -57,8 +57,7 @@ def peers() -> Iterator[tuple[tether.sync.Peer, tether.sync.Peer]]:
     a, b = socket.socketpair()
     host = tether.sync.Peer(a, role="client", name="host", timeout=10.0)
     opener = tether.sync.Peer(b, role="client", name="opener", timeout=10.0)
-    host.host("counter", Counter, roles={"client"})
-    host._start_serving(force=True)
+    host.host("counter", Counter, roles={"client"})  # it serves from here on
     try:
         yield host, opener
     finally:

@@ -412,6 +412,7 @@ class Handlers:
 
         def register(f: F) -> F:
             self.registry.host(kind, f, roles=roles)
+            self._registered()
             return f
 
         return register(factory) if factory is not None else register

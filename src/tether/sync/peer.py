@@ -350,7 +350,8 @@ class Peer(Handlers):
     def _start_serving(self, force: bool = False) -> None:
         if self._serving is not None or self._closed is not None:
             return
-        if not force and not (self.registry.invokes or self.registry.events):
+        reg = self.registry
+        if not force and not (reg.invokes or reg.events or reg.hosts):
             return
         with self._cv:
             if self._serving is not None:
