@@ -18,7 +18,7 @@ import pytest
 import tether
 import tether.errors
 
-# Every exception DESIGN.md names that exists today (RouteClosed comes with routes).
+# Every exception DESIGN.md names that exists today.
 FIXED_ERRORS = {
     "TetherError",
     "PeerGone",
@@ -34,9 +34,22 @@ FIXED_ERRORS = {
     "ConnectionClosed",
     "EndOfStream",
     "BufferInUse",
+    "RouteClosed",
 }
-# The other names DESIGN.md fixes that exist today (Handle, Route come later).
-FIXED_OTHERS = {"Main", "Peer", "Child", "Call", "connect", "pipe", "sync", "Buffer", "run", "Pool"}
+# The other names DESIGN.md fixes that exist today (Handle comes later).
+FIXED_OTHERS = {
+    "Main",
+    "Peer",
+    "Child",
+    "Call",
+    "connect",
+    "pipe",
+    "sync",
+    "Buffer",
+    "run",
+    "Pool",
+    "Route",
+}
 # Public, but not fixed by DESIGN.md.
 # Errors added since DESIGN.md fixed its list (public, in errors.py, under TetherError).
 OTHER_ERRORS = {"Busy", "AuthenticationError"}
@@ -56,6 +69,7 @@ ALSO_STDLIB: dict[str, type[BaseException]] = {
     "ConnectionClosed": ConnectionError,
     "EndOfStream": EOFError,
     "BufferInUse": BufferError,
+    "RouteClosed": ConnectionError,
 }
 
 

@@ -10,6 +10,7 @@ from .aio import Call as Call
 from .aio import Child as Child
 from .aio import Main as Main
 from .aio import Peer as Peer
+from .aio import Route as Route
 from .aio import Server as Server
 from .aio import connect as connect
 from .aio.runner import run as run
@@ -28,6 +29,7 @@ from .errors import PayloadTooLarge as PayloadTooLarge
 from .errors import PeerGone as PeerGone
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteError as RemoteError
+from .errors import RouteClosed as RouteClosed
 from .errors import TetherError as TetherError
 from .executor import Pool as Pool
 from .pipe import PipeReader as PipeReader
@@ -61,6 +63,8 @@ __all__ = [
     "Pool",
     "ProtocolError",
     "RemoteError",
+    "Route",
+    "RouteClosed",
     "Server",
     "TetherError",
     "connect",

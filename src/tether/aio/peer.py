@@ -69,6 +69,16 @@ from ..wire import (
     K_RESULT,
     Frame,
 )
+from .route import (
+    MAX_ROUTES,
+    ROUTE_FRAMES,
+    Route,
+    dispatch_route_frame,
+    end_routes,
+    open_route,
+    resolve_route_invoke,
+    route_listeners,
+)
 from .stream import SocketStream
 
 __all__ = ["Peer"]
@@ -168,6 +178,9 @@ class Peer(Handlers):
             handlers, at once (default :data:`MAX_INFLIGHT`); one more is
             answered at once with ERROR ``busy`` (the caller gets
             :class:`~tether.Busy`). Plain handlers answer inline and never count.
+        max_routes: the most routes this side hosts for the other side at
+            once, and opens to it (default 255); past it ``open`` gets
+            :class:`~tether.Busy` (docs/protocol.md, 8.2).
         max_queued: the most bytes that may wait to be written to the other
             side (default :data:`MAX_QUEUED`). A ``send`` or ``invoke`` that
             finds more queued (the other side stopped reading) drops the
@@ -202,6 +215,7 @@ class Peer(Handlers):
         address: str = "",
         local: bool = True,
         max_inflight: int = MAX_INFLIGHT,
+        max_routes: int = MAX_ROUTES,
         max_queued: int = MAX_QUEUED,
         drain_timeout: float | None = DRAIN_TIMEOUT,
         secret: bytes | None = None,
@@ -240,6 +254,8 @@ class Peer(Handlers):
         self.tracebacks = tracebacks
         #: invokes from the other side allowed in handler tasks at once (more: ERROR ``busy``)
         self.max_inflight = max_inflight
+        #: routes this side hosts for the other side at once (more: ``Busy``), and opens to it
+        self.max_routes = max_routes
         #: bytes allowed to wait for a peer that does not read (more: the peer is dropped)
         self.max_queued = max_queued
         #: seconds a sender waits for the other side to read (then: dropped; None: forever)
@@ -481,6 +497,25 @@ class Peer(Handlers):
         finally:
             deadlines.pop(rid, None)
         return decode_result(frame, result_type)
+
+    async def open(self, kind: str, *args: Any, timeout: float | None = DEFAULT) -> Route:
+        """Open a route of ``kind`` to a host object the other side makes with ``args``.
+
+        The other side registered the kind with ``@main.host(kind)`` (or
+        ``peer.host``); its factory is called as ``factory(route, *args)``.
+        Use the result as ``async with await peer.open(...) as route``, or
+        close it with ``await route.close()``.
+
+        Raises:
+            NoHandler: the other side hosts no such kind.
+            Forbidden: the kind is not exposed to this side's role.
+            BadRequest: ``args`` do not match the factory's type hints.
+            RemoteError: the factory raised.
+            Busy: ``max_routes`` routes are open already (on either side).
+            InvokeTimeout, PeerGone, ConnectionClosed, PayloadTooLarge.
+            TypeError: ``kind`` is not a str.
+        """
+        return await open_route(self, kind, args, self.timeout if timeout is DEFAULT else timeout)
 
     async def _until_open(self, args: tuple[Any, ...], timeout: float | None) -> float | None:
         """Wait for the peer's HELLO, or raise why nothing can be sent; the time left."""
@@ -913,6 +948,8 @@ class Peer(Handlers):
                 reason = self._conn.goodbye_reason or "no reason given"
                 self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
                 return False
+            elif k in ROUTE_FRAMES:
+                dispatch_route_frame(self, f)
         return False
 
     def _on_answer(self, f: Frame) -> None:
@@ -926,7 +963,10 @@ class Peer(Handlers):
 
     def _on_invoke(self, f: Frame) -> None:
         rid = f.request_id
-        found = self.registry.resolve(f, self.role, self.local)
+        if f.route_id:
+            found = resolve_route_invoke(self, f)
+        else:
+            found = self.registry.resolve(f, self.role, self.local)
         if isinstance(found, codec.ErrorInfo):
             self._send_error(rid, found)
             return
@@ -1033,7 +1073,11 @@ class Peer(Handlers):
         self._kick()
 
     def _on_event(self, f: Frame) -> None:
-        for h, args in self.registry.listeners(f, self.role, self.local):
+        if f.route_id:
+            found = route_listeners(self, f)
+        else:
+            found = self.registry.listeners(f, self.role, self.local)
+        for h, args in found:
             call = Call(self, f.channel, 0, f.route_id)
             if h.is_async:
                 task = self._loop.create_task(self._run_event(h, call, args))
@@ -1115,6 +1159,8 @@ class Peer(Handlers):
             self._fd_timer.cancel()
         self._deadlines.clear()
         self._backlog.clear()
+        if self._conn.routes is not None:
+            end_routes(self, exc)  # before fail_all: invokes on routes fail with RouteClosed
         for fut in self._conn.fail_all():
             if not fut.done():
                 fut.set_exception(exc)

@@ -15,8 +15,9 @@ from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .executor import Pool
 from .peer import MAX_INFLIGHT, SPIN_SECONDS, Call, Peer, loop_serves
+from .route import Route
 
-__all__ = ["Call", "Peer", "Pool", "connect"]
+__all__ = ["Call", "Peer", "Pool", "Route", "connect"]
 
 
 def connect(

@@ -105,6 +105,17 @@ from ..wire import (
     K_RESULT,
     Frame,
 )
+from .route import (
+    JOBS,
+    MAX_ROUTES,
+    ROUTE_FRAMES,
+    Route,
+    dispatch_route_frame,
+    end_routes,
+    open_route,
+    route_handler,
+    route_listeners,
+)
 
 __all__ = ["Call", "Peer"]
 
@@ -192,6 +203,9 @@ class Peer(Handlers):
             other side (as :attr:`tether.Peer.local`; the main a blocking
             peer talks to is).
     """
+
+    #: the most routes this side hosts for the other side at once, and opens to it
+    max_routes: int = MAX_ROUTES
 
     def __init__(
         self,
@@ -353,7 +367,8 @@ class Peer(Handlers):
     def _start_serving(self, force: bool = False) -> None:
         if self._serving is not None or self._closed is not None:
             return
-        if not force and not (self.registry.invokes or self.registry.events):
+        reg = self.registry
+        if not force and not (reg.invokes or reg.events or reg.hosts):
             return
         with self._cv:
             if self._serving is not None:
@@ -448,6 +463,14 @@ class Peer(Handlers):
             raise slot.exc
         assert slot.frame is not None
         return decode_result(slot.frame, result_type)
+
+    def open(self, kind: str, *args: Any, timeout: float | None = DEFAULT) -> Route:
+        """Blocking :meth:`tether.Peer.open`: a route to a host object the other side makes.
+
+        Use it as ``with peer.open(kind, *args) as route:``, or close it with
+        ``route.close()``. Same errors as :meth:`tether.Peer.open`.
+        """
+        return open_route(self, kind, args, self.timeout if timeout is DEFAULT else timeout)
 
     def send(self, channel: str, *args: Any) -> None:
         """Send a one-way event; blocks only while the peer is not reading.
@@ -729,7 +752,7 @@ class Peer(Handlers):
                     if slot is not None:
                         errors.append((slot, f))
                         settled.append(slot)
-                elif k in (K_INVOKE, K_EVENT):
+                elif k in JOBS:
                     if jobs is None:
                         jobs = []
                     jobs.append((f, _job_size(f)))
@@ -885,6 +908,9 @@ class Peer(Handlers):
                 closed = self._closed is not None
             if f.kind == K_EVENT:
                 self._run_listeners(f)  # events that came before the end still run
+            elif f.kind in ROUTE_FRAMES:
+                if not closed:
+                    dispatch_route_frame(self, f)
             elif not closed:
                 self._run_handler(f)
             del f
@@ -894,7 +920,11 @@ class Peer(Handlers):
                 return
 
     def _run_listeners(self, f: Frame) -> None:
-        for h, args in self.registry.listeners(f, self.role, self.local):
+        if f.route_id:
+            found = route_listeners(self, f)
+        else:
+            found = self.registry.listeners(f, self.role, self.local)
+        for h, args in found:
             try:
                 h.fn(Call(self, f.channel, 0, f.route_id), *args)
             except _FATAL as exc:
@@ -905,7 +935,10 @@ class Peer(Handlers):
 
     def _run_handler(self, f: Frame) -> None:
         rid = f.request_id
-        found = self.registry.resolve(f, self.role, self.local)
+        if f.route_id:
+            found = route_handler(self, f)
+        else:
+            found = self.registry.resolve(f, self.role, self.local)
         if isinstance(found, codec.ErrorInfo):
             self._answer(rid, None, found)
             return
@@ -1021,6 +1054,7 @@ class Peer(Handlers):
                 return
             self._closed = exc
         with self._lock:
+            routes_ended = end_routes(self, exc) if self._conn.routes is not None else None
             waiters = self._conn.fail_all()  # and closes the attachment store
         with self._mu:
             for slot in (*waiters, self._hello):
@@ -1036,6 +1070,8 @@ class Peer(Handlers):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in select()
         with contextlib.suppress(OSError):
             self._sock.close()
+        if routes_ended is not None:
+            routes_ended()  # hosts' close(), holding no lock
 
 
 def loop_serves(sock: socket.socket) -> bool:
