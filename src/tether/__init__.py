@@ -26,10 +26,13 @@ from .errors import PayloadTooLarge as PayloadTooLarge
 from .errors import PeerGone as PeerGone
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteError as RemoteError
+from .errors import SandboxError as SandboxError
 from .errors import TetherError as TetherError
 from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
 from .pipe import pipe as pipe
+from .sandbox import Sandbox as Sandbox
+from .sandbox import SandboxReport as SandboxReport
 from .shm import Buffer as Buffer
 
 __version__ = "0.1.0"
@@ -56,6 +59,9 @@ __all__ = [
     "PipeWriter",
     "ProtocolError",
     "RemoteError",
+    "Sandbox",
+    "SandboxError",
+    "SandboxReport",
     "Server",
     "TetherError",
     "connect",

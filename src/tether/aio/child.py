@@ -30,6 +30,7 @@ from typing import Any, Final, NoReturn
 from ..errors import PeerGone, TetherError
 from ..process import FINISHED, describe_exit
 from ..results import DEFAULT
+from ..sandbox import SandboxReport
 from ..shm import consume_all
 from .peer import Peer
 
@@ -77,6 +78,8 @@ class Child(Peer):
         self._ending: PeerGone | None = None
         self._drained = False  # nothing more to read from the child (EOF, GOODBYE)
         self._end_timer: asyncio.TimerHandle | None = None
+        #: What a sandboxed child applied (``spawn(..., sandbox=...)``); ``None``: no sandbox.
+        self.sandbox: SandboxReport | None = None
 
     @property
     def pid(self) -> int:

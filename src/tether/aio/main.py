@@ -17,12 +17,13 @@ from collections.abc import Callable, Collection, Generator
 from typing import Any
 
 from ..address import Address, parse_address, tune
-from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
+from ..errors import ConnectionClosed, PeerGone, ProtocolError, SandboxError, TetherError
 from ..identity import peer_address, peer_credentials
-from ..process import check_target, child_entry, describe_exit
+from ..process import Deferred, check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
+from ..sandbox import Sandbox, SandboxReport, read_report
 from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from .child import Child
@@ -519,6 +520,7 @@ class Main(Handlers):
         name: str | None = None,
         role: str = "child",
         pickle: bool = False,
+        sandbox: bool | Sandbox | None = None,
     ) -> Child:
         """Start ``target(peer, *args)`` in a new process and return it connected.
 
@@ -537,6 +539,8 @@ class Main(Handlers):
         Raises:
             TypeError: ``target`` is not callable or ``args`` do not fit it.
             ConnectionClosed: this main was closed.
+            SandboxError: the OS refused part of the sandbox (and
+                ``best_effort`` was not set); the child ran none of its code.
             PeerGone: the child died or stayed silent before saying hello.
                 Once started, a child whose target raised is gone with a
                 :class:`PeerGone` that carries the error's type and message.
@@ -545,6 +549,7 @@ class Main(Handlers):
             raise ConnectionClosed(f"{self.name} is closed: no new children")
         method = start_method or self.start_method
         check_target(target, args, method)
+        box = Sandbox.coerce(sandbox)
         ctx = multiprocessing.get_context(method)
         parent_sock, child_sock = socket.socketpair()
         label = str(name or getattr(target, "__name__", "child"))
@@ -559,8 +564,13 @@ class Main(Handlers):
         }
         if method == "fork":
             options["close_fds"] = [parent_sock.fileno(), *self._descriptors()]
+        call: tuple[Any, tuple[Any, ...]] = (target, args)
+        if box is not None:
+            options["sandbox"] = box
+            if method != "fork":  # imported only once the sandbox is in force
+                call = (Deferred(target, args), ())
         proc = ctx.Process(  # type: ignore[attr-defined]
-            target=child_entry, args=(child_sock, target, args, options), name=label, daemon=True
+            target=child_entry, args=(child_sock, *call, options), name=label, daemon=True
         )
         try:
             if method == "forkserver":  # talks to the fork server: keep the loop free
@@ -572,7 +582,11 @@ class Main(Handlers):
             raise
         finally:
             child_sock.close()
+        report = None
+        if box is not None:
+            report = await self._sandbox_report(parent_sock, proc, label)
         child = Child(parent_sock, proc, **self._peer_kw(role, label), pickle=pickle)
+        child.sandbox = report
         self.peers.add(child)
         self.children.add(child)
         child.on_exit(self.children.discard)  # ``children`` lists the running ones
@@ -594,6 +608,23 @@ class Main(Handlers):
             await self._end_child(child)
             raise ConnectionClosed(f"{self.name} was closed while {label} started")
         return child
+
+    async def _sandbox_report(self, sock: socket.socket, proc: Any, label: str) -> SandboxReport:
+        """Read what a sandboxed child applied; on refusal or silence end it and raise."""
+        try:
+            return await read_report(sock, self.spawn_timeout)
+        except BaseException as exc:
+            sock.close()
+            proc.kill()
+            if not isinstance(exc, SandboxError | OSError):  # cancelled: nothing to wait for
+                raise
+            await asyncio.get_running_loop().run_in_executor(None, proc.join, 2.0)
+            if isinstance(exc, SandboxError):
+                raise SandboxError(f"{label}: {exc}", part=exc.part) from None
+            how = describe_exit(proc.pid, proc.exitcode)
+            raise PeerGone(
+                f"{label} failed to start: {exc} ({how})", exitcode=proc.exitcode
+            ) from exc
 
     def _descriptors(self) -> list[int]:
         """Every listener and connection of this main: what a forked child must close."""
