@@ -10,6 +10,7 @@ from .aio import Call as Call
 from .aio import Child as Child
 from .aio import Main as Main
 from .aio import Peer as Peer
+from .aio import Route as Route
 from .aio import Server as Server
 from .aio import connect as connect
 from .errors import AuthenticationError as AuthenticationError
@@ -26,6 +27,7 @@ from .errors import PayloadTooLarge as PayloadTooLarge
 from .errors import PeerGone as PeerGone
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteError as RemoteError
+from .errors import RouteClosed as RouteClosed
 from .errors import SandboxError as SandboxError
 from .errors import TetherError as TetherError
 from .pipe import PipeReader as PipeReader
@@ -59,6 +61,8 @@ __all__ = [
     "PipeWriter",
     "ProtocolError",
     "RemoteError",
+    "Route",
+    "RouteClosed",
     "Sandbox",
     "SandboxError",
     "SandboxReport",

@@ -17,6 +17,8 @@
     ├── EndOfStream           a pipe's writer closed; no more messages will come
     ├── BufferInUse           a Buffer was sent while views of it were alive (also BufferError)
     ├── Busy                  the callee has too many of this caller's invokes in flight
+    ├── RouteClosed           the route ended (either side closed it, a send failed, the
+    │                         connection was lost); its pending invokes fail with this
     └── SandboxError          the OS refused part of a child's sandbox; ``part`` names it
 
 The split answers "whose fault, and what now?":
@@ -51,6 +53,7 @@ __all__ = [
     "PeerGone",
     "ProtocolError",
     "RemoteError",
+    "RouteClosed",
     "SandboxError",
     "TetherError",
 ]
@@ -198,3 +201,25 @@ class SandboxError(TetherError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild, (type(self), self.args, {"part": self.part}))
+
+
+class RouteClosed(TetherError, ConnectionError):
+    """The route ended: either side closed it, the connection was lost, or a send on it failed.
+
+    Pending invokes on the route fail with it, and so does every later use.
+    When a send failed (SendOrDrop: the route is dropped and its host closed),
+    the message names the route's kind, routing id and the channel sent on,
+    all captured before the send, and ``__cause__`` says why the send failed.
+
+    Attributes:
+        kind: the route's kind (what ``open`` named).
+        route_id: its routing id.
+    """
+
+    def __init__(self, message: str, *, kind: str = "", route_id: int = 0) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.route_id = route_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, {"kind": self.kind, "route_id": self.route_id}))

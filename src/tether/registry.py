@@ -70,7 +70,7 @@ class Handler:
 class Registry:
     """Channel name -> :class:`Handler`, for invokes and for events."""
 
-    __slots__ = ("_unlogged", "_warn_at", "_warned", "events", "invokes")
+    __slots__ = ("_unlogged", "_warn_at", "_warned", "events", "hosts", "invokes")
 
     #: dropped-event warnings logged per second at most (a flood of bad events
     #: must not become a flood of log lines); the rest are counted
@@ -79,6 +79,8 @@ class Registry:
     def __init__(self) -> None:
         self.invokes: dict[str, Handler] = {}
         self.events: dict[str, list[Handler]] = {}
+        #: route kind -> host factory (see :meth:`Handlers.host` and :mod:`tether.routes`)
+        self.hosts: dict[str, Handler] = {}
         self._warn_at = 0.0
         self._warned = 0
         self._unlogged = 0
@@ -207,6 +209,51 @@ class Registry:
                 self._dropped(f.channel, role, exc)
         return out
 
+    def host(
+        self, kind: str, factory: Callable[..., Any], *, roles: Collection[str] | str | None = None
+    ) -> None:
+        """Register ``factory`` to make the host object of each route of ``kind`` opened here.
+
+        Raises:
+            ValueError: ``kind`` already has a factory, or is not a valid name.
+            TypeError: ``factory`` is a coroutine function (it must run inline,
+                in order with the frames), or ``roles`` is malformed.
+        """
+        from .codec import host_spec_target
+
+        kind = checked_channel(kind)
+        if kind in self.hosts:
+            raise ValueError(f"attempted to register a second host for route kind {kind!r}")
+        if inspect.iscoroutinefunction(factory):
+            raise TypeError(
+                f"host factory for {kind!r} must be a class or a plain function, not async "
+                "(its close() may be async)"
+            )
+        h = Handler(host_spec_target(factory), roles)
+        h.fn = factory
+        self.hosts[kind] = h
+
+    def resolve_host(
+        self, f: Frame, role: str, local: bool = True
+    ) -> tuple[Handler, tuple[Any, ...]] | ErrorInfo:
+        """The host factory of a ROUTE_OPEN and its validated arguments, or the ERROR to answer.
+
+        Same checks, in the same order and with the same roles rule, as :meth:`resolve`.
+        """
+        h = self.hosts.get(f.channel)
+        if h is None:
+            return ErrorInfo("no_handler", f"no host for route kind {f.channel!r}")
+        if not h.allows(role, local):
+            return ErrorInfo(
+                "forbidden", f"route kind {f.channel!r} may not be opened by role {role!r}"
+            )
+        try:
+            return h, h.spec.decode(f.body, f.attachments, f.pickle)
+        except BadRequest as exc:
+            return ErrorInfo("bad_request", str(exc), path=exc.path)
+        except Exception as exc:
+            return ErrorInfo("bad_request", f"cannot decode arguments: {_describe(exc)}")
+
     def remove(self, channel: str) -> None:
         """Drop the invoke handler and every event listener of ``channel``."""
         self.invokes.pop(channel, None)
@@ -334,6 +381,40 @@ class Handlers:
             return f
 
         return register(fn) if fn is not None else register
+
+    @overload
+    def host(
+        self, kind: str, factory: None = None, *, roles: Collection[str] | str | None = None
+    ) -> Callable[[F], F]: ...
+    @overload
+    def host(self, kind: str, factory: F, *, roles: Collection[str] | str | None = None) -> F: ...
+    def host(
+        self, kind: str, factory: F | None = None, *, roles: Collection[str] | str | None = None
+    ) -> F | Callable[[F], F]:
+        """Host routes of ``kind``: ``factory(route, *args)`` makes each host; a decorator too.
+
+        The other side opens one with ``await peer.open(kind, *args)``. The
+        factory (a class works) is called inline with the route and the
+        arguments, validated from its type hints after the route parameter;
+        it registers the route's handlers (``route.handle``/``route.on``).
+        When the route ends -- either side closes it, a send on it fails,
+        the connection is lost -- the object's ``close()`` (plain or
+        ``async``), if it has one, runs exactly once. ``roles`` as for
+        :meth:`handle` (``None``: local peers only).
+
+        Raises:
+            ValueError: ``kind`` already has a host, or is empty or too long.
+            TypeError: ``kind`` is not a str, ``factory`` is async, or
+                ``roles`` is not a str or a collection of str.
+        """
+        checked_channel(kind)
+        checked_roles(roles)
+
+        def register(f: F) -> F:
+            self.registry.host(kind, f, roles=roles)
+            return f
+
+        return register(factory) if factory is not None else register
 
     def remove_handler(self, channel: str) -> None:
         """Stop answering invokes of ``channel`` (a no-op if nothing handles it).

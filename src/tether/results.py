@@ -19,6 +19,7 @@ from .errors import (
     PayloadTooLarge,
     ProtocolError,
     RemoteError,
+    RouteClosed,
     TetherError,
 )
 from .wire import Frame
@@ -49,6 +50,8 @@ def error_from_info(info: codec.ErrorInfo) -> TetherError:
         return PayloadTooLarge(info.message)
     if code == "busy":
         return Busy(info.message)
+    if code == "route_closed":
+        return RouteClosed(info.message)
     return RemoteError(info.type or code, info.message, info.traceback)
 
 

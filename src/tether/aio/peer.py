@@ -51,6 +51,7 @@ from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
+from ..routes import MAX_ROUTES
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -61,6 +62,15 @@ from ..wire import (
     K_INVOKE,
     K_RESULT,
     Frame,
+    Kind,
+)
+from .route import (
+    Route,
+    dispatch_route_frame,
+    end_routes,
+    open_route,
+    resolve_route_invoke,
+    route_listeners,
 )
 from .stream import SocketStream
 
@@ -93,6 +103,7 @@ _HELLO_WAIT: Final = 10.0  # a call with no timeout waits this long for the peer
 _OPEN: Final = State.OPEN
 _ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
 _EXITS: Final = (SystemExit, KeyboardInterrupt)
+_ROUTE_FRAMES: Final = frozenset((Kind.ROUTE_OPEN, Kind.ROUTE_CLOSE))
 
 
 _warned_at = 0.0
@@ -171,6 +182,10 @@ class Peer(Handlers):
             ends do, objects msgspec cannot encode travel pickled; otherwise
             a pickle received is a ``BadRequest`` and is never unpickled.
     """
+
+    #: the most routes this side hosts for the other side at once (more: ``Busy``),
+    #: and the most it opens to it; see :meth:`open`
+    max_routes: int = MAX_ROUTES
 
     def __init__(
         self,
@@ -454,6 +469,25 @@ class Peer(Handlers):
         finally:
             deadlines.pop(rid, None)
         return decode_result(frame, result_type)
+
+    async def open(self, kind: str, *args: Any, timeout: float | None = DEFAULT) -> Route:
+        """Open a route of ``kind`` to a host object the other side makes with ``args``.
+
+        The other side registered the kind with ``@main.host(kind)`` (or
+        ``peer.host``); its factory is called as ``factory(route, *args)``.
+        Use the result as ``async with await peer.open(...) as route``, or
+        close it with ``await route.close()``.
+
+        Raises:
+            NoHandler: the other side hosts no such kind.
+            Forbidden: the kind is not exposed to this side's role.
+            BadRequest: ``args`` do not match the factory's type hints.
+            RemoteError: the factory raised.
+            Busy: ``max_routes`` routes are open already (on either side).
+            InvokeTimeout, PeerGone, ConnectionClosed, PayloadTooLarge.
+            TypeError: ``kind`` is not a str.
+        """
+        return await open_route(self, kind, args, self.timeout if timeout is DEFAULT else timeout)
 
     async def _until_open(self, args: tuple[Any, ...], timeout: float | None) -> float | None:
         """Wait for the peer's HELLO, or raise why nothing can be sent; the time left."""
@@ -842,6 +876,8 @@ class Peer(Handlers):
                 task = self._serving.pop(f.request_id, None)
                 if task is not None:
                     task.cancel()
+            elif k in _ROUTE_FRAMES:
+                dispatch_route_frame(self, f)
             elif k == K_GOODBYE:
                 self._flush(poll=False)  # answers to what it asked before leaving
                 reason = self._conn.goodbye_reason or "no reason given"
@@ -860,7 +896,10 @@ class Peer(Handlers):
 
     def _on_invoke(self, f: Frame) -> None:
         rid = f.request_id
-        found = self.registry.resolve(f, self.role, self.local)
+        if f.route_id:
+            found = resolve_route_invoke(self, f)
+        else:
+            found = self.registry.resolve(f, self.role, self.local)
         if isinstance(found, codec.ErrorInfo):
             self._send_error(rid, found)
             return
@@ -966,7 +1005,11 @@ class Peer(Handlers):
         self._kick()
 
     def _on_event(self, f: Frame) -> None:
-        for h, args in self.registry.listeners(f, self.role, self.local):
+        if f.route_id:
+            found = route_listeners(self, f)
+        else:
+            found = self.registry.listeners(f, self.role, self.local)
+        for h, args in found:
             call = Call(self, f.channel, 0, f.route_id)
             if h.is_async:
                 task = self._loop.create_task(self._run_event(h, call, args))
@@ -1048,6 +1091,8 @@ class Peer(Handlers):
             self._fd_timer.cancel()
         self._deadlines.clear()
         self._backlog.clear()
+        if self._conn.routes is not None:
+            end_routes(self, exc)  # before fail_all: invokes on routes fail with RouteClosed
         for fut in self._conn.fail_all():
             if not fut.done():
                 fut.set_exception(exc)
