@@ -39,7 +39,12 @@ async def host_echoer(peer: tether.Peer) -> None:
 
 
 async def open_many(peer: tether.Peer, n: int) -> None:
-    """Open ``n`` counters on main and keep them open until main closes."""
+    """Open ``n`` counters on main, then one more; report how many opened and what refused it."""
     routes = [await peer.open("counter", i, timeout=20.0) for i in range(n)]
-    await peer.invoke("opened", len(routes), 0, timeout=20.0)
+    try:
+        await peer.open("counter", n, timeout=20.0)
+        refused = ""
+    except tether.TetherError as exc:
+        refused = f"{type(exc).__name__}: {exc}"
+    await peer.invoke("opened", len(routes), refused, timeout=20.0)
     await asyncio.wait_for(peer.wait_closed(), 60.0)

@@ -38,6 +38,17 @@ EXPECTED: dict[str, list[str]] = {
         "checksum of a 64 MiB Buffer: 67108864",
         "the sent Buffer is gone from main: ConsumedError",
     ],
+    "routes.py": [
+        "child: route 1 'counter': add(2) = 7",
+        "child: counter changed to 0",
+        "main: counter closed at 0",
+        "child: NoHandler: no host for route kind 'camera'",
+        "child: Forbidden: route kind 'admin-panel' may not be opened by role 'child'",
+        "main: feed 4 closed",
+        "main: child exited with code 0",
+        "main: RouteClosed: route 4 ('feed'), channel 'frame': the route is closed",
+        "main: the Buffer was consumed by the failed send",
+    ],
     "errors.py": [
         "RemoteError: ZeroDivisionError: division by zero",
         "NoHandler: no handler for channel 'no-such-channel'",

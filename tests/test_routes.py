@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -329,6 +331,23 @@ async def test_the_cap_is_per_peer_and_settable(pair: Pair) -> None:
         await pair.opener.open("counter", 0)
 
 
+async def test_main_sets_the_cap_for_its_peers() -> None:
+    opened: list[tuple[int, str]] = []
+    async with tether.Main(timeout=20.0, max_routes=3) as main:
+        main.host("counter", Counter, roles={"child"})
+
+        @main.handle("opened")
+        def on_opened(call: tether.Call, count: int, refused: str) -> None:
+            opened.append((count, refused))
+
+        child = await main.spawn(_route_targets.open_many, 3, start_method="fork")
+        await until(lambda: len(opened) == 1, 20)
+        assert opened == [(3, "Busy: 3 routes are open on this connection already (max_routes)")]
+        assert child.max_routes == 3
+    with pytest.raises(ValueError, match="max_routes"):
+        tether.Main(max_routes=-1)
+
+
 # -- ordering ---------------------------------------------------------------------------
 
 
@@ -447,10 +466,62 @@ async def test_send_or_drop_step_by_step(pair: Pair) -> None:
     assert relay.route.closed and relay.closed == 1
     with pytest.raises(tether.ConsumedError):
         buf.view()
+    late = tether.Buffer(16)
     with pytest.raises(tether.RouteClosed, match="channel 'frame': the route is closed"):
-        await relay.route.send("frame", b"again")
+        await relay.route.send("frame", late)
+    with pytest.raises(tether.ConsumedError):  # consumed even though nothing was sent
+        late.view()
     assert relay.closed == 1  # exactly once
     assert got == [b"first"]
+
+
+def _wait_dead(pid: int, timeout: float = 10.0) -> None:
+    """Block (no loop turn) until ``pid`` is a zombie or gone: main has not read its EOF yet."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still alive")
+
+
+async def test_send_or_drop_to_a_killed_child() -> None:
+    """The seed's case with a real renderer process: main relays to a child that was killed."""
+    hosts: list[Counter] = []
+    opened: list[tuple[int, int]] = []
+
+    class Relay(Counter):
+        def __init__(self, route: tether.Route, start: int) -> None:
+            super().__init__(route, start)
+            hosts.append(self)
+
+    async with tether.Main(timeout=20.0) as main:
+        main.host("relay", Relay, roles={"child"})
+
+        @main.handle("opened")
+        def on_opened(call: tether.Call, route_id: int, total: int) -> None:
+            opened.append((route_id, total))
+
+        child = await main.spawn(_route_targets.open_and_wait, "relay", 1, start_method="fork")
+        await until(lambda: opened == [(1, 2)], 20)
+        (relay,) = hosts
+        os.kill(child.pid, signal.SIGKILL)
+        _wait_dead(child.pid)  # dead, and main has not noticed (no loop turn since)
+        buf = tether.Buffer(4096)
+        with pytest.raises(tether.RouteClosed) as ei:
+            await relay.route.send("frame", buf)
+        assert "sending on route 1 ('relay'), channel 'frame' failed (PeerGone" in str(ei.value)
+        assert relay.route.closed
+        with pytest.raises(tether.ConsumedError):
+            buf.view()
+        await until(lambda: closes() == [1])
+        await asyncio.wait_for(child.wait_closed(), 20)
+        await asyncio.sleep(0.05)
+        assert closes() == [1]
 
 
 async def test_send_or_drop_never_reads_the_message_it_gave_away(pair: Pair) -> None:

@@ -23,6 +23,7 @@ from ..process import Deferred, check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
+from ..routes import MAX_ROUTES
 from ..sandbox import Sandbox, SandboxReport, read_report
 from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
@@ -312,6 +313,9 @@ class Main(Handlers):
             ``async`` handlers at once (default 1,024); past it an invoke is
             answered at once with ERROR ``busy`` (the caller gets
             :class:`~tether.Busy`).
+        max_routes: per peer, the most routes it may have open to this
+            main's hosts, and this main to it (default 255, Chromium's cap per
+            renderer); past it ``open`` raises :class:`~tether.Busy`. 0: none.
         max_queued: per peer, the most bytes that may wait to be written to it
             (default 64 MiB; checked once more than 4 MiB wait). A peer that
             stops reading past it is dropped: the ``send``/``invoke`` that
@@ -338,6 +342,7 @@ class Main(Handlers):
         name: str = "main",
         tracebacks: str = "children",
         max_inflight: int = MAX_INFLIGHT,
+        max_routes: int = MAX_ROUTES,
         max_queued: int = MAX_QUEUED,
         drain_timeout: float | None = DRAIN_TIMEOUT,
     ) -> None:
@@ -361,6 +366,7 @@ class Main(Handlers):
                 f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE} bytes, not {max_frame_size}"
             )
         _count("max_inflight", max_inflight)
+        _count("max_routes", max_routes, zero=True)
         _count("max_queued", max_queued)
         if drain_timeout is not None:
             _seconds("drain_timeout", drain_timeout)
@@ -380,6 +386,8 @@ class Main(Handlers):
         self.tracebacks = tracebacks
         #: per peer: invokes allowed in handler tasks at once (more: ERROR ``busy``)
         self.max_inflight = max_inflight
+        #: per peer: routes it may have open to this main's hosts (more: ``Busy``)
+        self.max_routes = max_routes
         #: per peer: bytes allowed to wait for it before it is dropped
         self.max_queued = max_queued
         #: per peer: seconds a sender waits for it to read (then it is dropped)
@@ -415,6 +423,7 @@ class Main(Handlers):
             "spin": self.spin,
             "tracebacks": trusted,
             "max_inflight": self.max_inflight,
+            "max_routes": self.max_routes,
             "max_queued": self.max_queued,
             "drain_timeout": self.drain_timeout,
         }

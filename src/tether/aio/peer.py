@@ -166,6 +166,9 @@ class Peer(Handlers):
             ``async`` handler tasks at once (default :data:`MAX_INFLIGHT`);
             one more is answered at once with ERROR ``busy`` (the caller gets
             :class:`~tether.Busy`). Plain handlers answer inline and never count.
+        max_routes: the most routes this side hosts for the other side at
+            once, and opens to it (default 255); past it ``open`` gets
+            :class:`~tether.Busy` (docs/protocol.md, 8.2).
         max_queued: the most bytes that may wait to be written to the other
             side (default :data:`MAX_QUEUED`). A ``send`` or ``invoke`` that
             finds more queued (the other side stopped reading) drops the
@@ -182,10 +185,6 @@ class Peer(Handlers):
             ends do, objects msgspec cannot encode travel pickled; otherwise
             a pickle received is a ``BadRequest`` and is never unpickled.
     """
-
-    #: the most routes this side hosts for the other side at once (more: ``Busy``),
-    #: and the most it opens to it; see :meth:`open`
-    max_routes: int = MAX_ROUTES
 
     def __init__(
         self,
@@ -204,6 +203,7 @@ class Peer(Handlers):
         address: str = "",
         local: bool = True,
         max_inflight: int = MAX_INFLIGHT,
+        max_routes: int = MAX_ROUTES,
         max_queued: int = MAX_QUEUED,
         drain_timeout: float | None = DRAIN_TIMEOUT,
         secret: bytes | None = None,
@@ -242,6 +242,8 @@ class Peer(Handlers):
         self.tracebacks = tracebacks
         #: invokes from the other side allowed in handler tasks at once (more: ERROR ``busy``)
         self.max_inflight = max_inflight
+        #: routes this side hosts for the other side at once (more: ``Busy``), and opens to it
+        self.max_routes = max_routes
         #: bytes allowed to wait for a peer that does not read (more: the peer is dropped)
         self.max_queued = max_queued
         #: seconds a sender waits for the other side to read (then: dropped; None: forever)

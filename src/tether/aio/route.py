@@ -156,8 +156,8 @@ class Route(Handlers):
         try:
             if type(channel) is not str:
                 raise TypeError(f"channel must be a str, not {type(channel).__name__}")
-            if peer._closed is not None:
-                raise peer._closed
+            if (gone := _gone(peer)) is not None:
+                raise gone
             rid = conn.send_invoke(channel.encode(), args, fut, self._key ^ HOST_BIT)
         except Exception as exc:
             consume_all(args)
@@ -206,8 +206,8 @@ class Route(Handlers):
         try:
             if type(channel) is not str:
                 raise TypeError(f"channel must be a str, not {type(channel).__name__}")
-            if peer._closed is not None:
-                raise peer._closed
+            if (gone := _gone(peer)) is not None:
+                raise gone
             peer._conn.send_event(channel.encode(), args, self._key ^ HOST_BIT)
         except Exception as exc:
             consume_all(args)
@@ -224,8 +224,8 @@ class Route(Handlers):
         peer = self.peer
         try:
             peer._flush(poll=False)
-            if peer._closed is not None:
-                raise peer._closed
+            if (gone := _gone(peer)) is not None:
+                raise gone
             queued = peer._stream.buffered + peer._conn.buffered_out
             if queued > peer_high_water():
                 peer._check_queued(queued)
@@ -290,6 +290,12 @@ def _closed_host(task: asyncio.Task[Any]) -> None:
     _CLOSING.discard(task)
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("close() of a route host raised", exc_info=exc)
+
+
+def _gone(peer: Peer) -> TetherError | None:
+    """Why nothing more reaches the peer: closed, or (a child) its end already gone."""
+    ending: TetherError | None = getattr(peer, "_ending", None)  # Child: a write failed, EOF due
+    return peer._closed or ending
 
 
 def peer_high_water() -> int:

@@ -13,8 +13,9 @@ from ..results import DEFAULT_TIMEOUT
 from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .peer import MAX_INFLIGHT, SPIN_SECONDS, Call, Peer, loop_serves
+from .route import Route
 
-__all__ = ["Call", "Peer", "connect"]
+__all__ = ["Call", "Peer", "Route", "connect"]
 
 
 def connect(

@@ -82,6 +82,7 @@ from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection
 from ..registry import Call, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
+from ..routes import MAX_ROUTES
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -92,6 +93,15 @@ from ..wire import (
     K_INVOKE,
     K_RESULT,
     Frame,
+    Kind,
+)
+from .route import (
+    Route,
+    dispatch_route_frame,
+    end_routes,
+    open_route,
+    route_handler,
+    route_listeners,
 )
 
 __all__ = ["Call", "Peer"]
@@ -119,6 +129,9 @@ _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 #: "try again later" from a non-blocking socket, plain or TLS (``ssl.SSLSocket``)
 _AGAIN: Final = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _FATAL: Final = (SystemExit, KeyboardInterrupt)
+_ROUTE_FRAMES: Final = frozenset((Kind.ROUTE_OPEN, Kind.ROUTE_CLOSE))
+#: frames the worker handles, in order
+_JOBS: Final = frozenset((K_INVOKE, K_EVENT)) | _ROUTE_FRAMES
 
 
 class _Slot:
@@ -176,6 +189,9 @@ class Peer(Handlers):
             other side (as :attr:`tether.Peer.local`; the main a blocking
             peer talks to is).
     """
+
+    #: the most routes this side hosts for the other side at once, and opens to it
+    max_routes: int = MAX_ROUTES
 
     def __init__(
         self,
@@ -418,6 +434,14 @@ class Peer(Handlers):
             raise slot.exc
         assert slot.frame is not None
         return decode_result(slot.frame, result_type)
+
+    def open(self, kind: str, *args: Any, timeout: float | None = DEFAULT) -> Route:
+        """Blocking :meth:`tether.Peer.open`: a route to a host object the other side makes.
+
+        Use it as ``with peer.open(kind, *args) as route:``, or close it with
+        ``route.close()``. Same errors as :meth:`tether.Peer.open`.
+        """
+        return open_route(self, kind, args, self.timeout if timeout is DEFAULT else timeout)
 
     def send(self, channel: str, *args: Any) -> None:
         """Send a one-way event; blocks only while the peer is not reading.
@@ -695,7 +719,7 @@ class Peer(Handlers):
                     if slot is not None:
                         errors.append((slot, f))
                         settled.append(slot)
-                elif k in (K_INVOKE, K_EVENT):
+                elif k in _JOBS:
                     if jobs is None:
                         jobs = []
                     jobs.append((f, _job_size(f)))
@@ -847,6 +871,9 @@ class Peer(Handlers):
                 closed = self._closed is not None
             if f.kind == K_EVENT:
                 self._run_listeners(f)  # events that came before the end still run
+            elif f.kind in _ROUTE_FRAMES:
+                if not closed:
+                    dispatch_route_frame(self, f)
             elif not closed:
                 self._run_handler(f)
             del f
@@ -856,7 +883,11 @@ class Peer(Handlers):
                 return
 
     def _run_listeners(self, f: Frame) -> None:
-        for h, args in self.registry.listeners(f, self.role, self.local):
+        if f.route_id:
+            found = route_listeners(self, f)
+        else:
+            found = self.registry.listeners(f, self.role, self.local)
+        for h, args in found:
             try:
                 h.fn(Call(self, f.channel, 0, f.route_id), *args)
             except _FATAL as exc:
@@ -867,7 +898,10 @@ class Peer(Handlers):
 
     def _run_handler(self, f: Frame) -> None:
         rid = f.request_id
-        found = self.registry.resolve(f, self.role, self.local)
+        if f.route_id:
+            found = route_handler(self, f)
+        else:
+            found = self.registry.resolve(f, self.role, self.local)
         fatal: BaseException | None = None
         if isinstance(found, codec.ErrorInfo):
             self._answer(rid, None, found)
@@ -950,6 +984,7 @@ class Peer(Handlers):
                 return
             self._closed = exc
         with self._lock:
+            routes_ended = end_routes(self, exc) if self._conn.routes is not None else None
             waiters = self._conn.fail_all()  # and closes the attachment store
         with self._mu:
             for slot in (*waiters, self._hello):
@@ -963,6 +998,8 @@ class Peer(Handlers):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in select()
         with contextlib.suppress(OSError):
             self._sock.close()
+        if routes_ended is not None:
+            routes_ended()  # hosts' close(), holding no lock
 
 
 def loop_serves(sock: socket.socket) -> bool:
