@@ -70,6 +70,9 @@ class Policy:
             (``"127.0.0.1"``, ``"example.com"``); no wildcards.
         ports: allowed ports (the scheme's default when the URL has none).
         schemes: ``"ws"`` and/or ``"wss"``.
+
+    A host name is resolved by main when it connects (no proxy is used):
+    name addresses rather than names where DNS is not trusted.
     """
 
     hosts: frozenset[str]
@@ -129,6 +132,7 @@ class WebSocketHost:
         self._ws: Any = None
         self._ended = False
         self._connected: asyncio.Task[Any] = asyncio.ensure_future(self._connect())
+        self._connected.add_done_callback(_retrieve)  # a failure nobody asked about is no warning
         self._relay: asyncio.Task[None] | None = None
         self._relay_ending = False  # _end runs (it closes the route): the relay is not cancelled
         route.handle("ready", self._ready)
@@ -216,6 +220,11 @@ class WebSocketHost:
                 async with asyncio.timeout(self._broker.close_timeout):
                     await ws.close(1001, "the other side went away")
         self._broker._closed(self)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class WebSocketBroker:
