@@ -7,10 +7,13 @@ a sandboxed ``spawn``/``forkserver`` child must import it inside its sandbox.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
+import fcntl
 import os
 import resource
 import socket
+import struct
 import sys
 from typing import Any
 
@@ -25,6 +28,27 @@ def _status(field: str) -> str:
             if line.startswith(field + ":"):
                 return line.split()[1]
     return ""
+
+
+def _escape_attempts() -> dict[str, str]:
+    """Try what dropped capabilities must stop: rejoin main's network, bring loopback up."""
+    out: dict[str, str] = {}
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        fd = os.open(f"/proc/{os.getppid()}/ns/net", os.O_RDONLY)
+    except OSError as exc:
+        out["setns"] = errno.errorcode.get(exc.errno or 0, str(exc))
+    else:
+        rc = libc.setns(fd, 0x40000000)  # CLONE_NEWNET
+        out["setns"] = "joined" if rc == 0 else errno.errorcode[ctypes.get_errno()]
+        os.close(fd)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", 1))  # SIOCSIFFLAGS, IFF_UP
+            out["lo_up"] = "up"
+        except OSError as exc:
+            out["lo_up"] = errno.errorcode.get(exc.errno or 0, str(exc))
+    return out
 
 
 def probe(port: int) -> dict[str, Any]:
@@ -45,6 +69,7 @@ def probe(port: int) -> dict[str, Any]:
         "cap_eff": _status("CapEff"),
         "cap_bnd": _status("CapBnd"),
         "uid": os.getuid(),
+        **_escape_attempts(),
     }
 
 

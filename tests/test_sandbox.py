@@ -72,6 +72,8 @@ async def test_sandboxed_child_cannot_reach_network_but_reaches_main(
     assert got["connect"] in ("ENETUNREACH", "EHOSTUNREACH", "EACCES", "EPERM")
     assert got["netns"] != MAIN_NETNS
     assert got["sum"] == 5  # its invokes reach main over the inherited socketpair
+    assert got["setns"] in ("EPERM", "EACCES")  # no way back into main's network
+    assert got["lo_up"] == "EPERM"  # nor up in its own
     assert got["report"] == SandboxReport(
         ("network", "capabilities", "no_new_privs", "address_space", "open_files", "cpu_seconds"),
         {},
