@@ -46,7 +46,8 @@ async def main() -> None:
             box = tether.Sandbox(best_effort=True)
             child = await hub.spawn(renderer, "127.0.0.1", port, sandbox=box)
         code = await child.wait(30.0)  # main prints after: lines from two processes never mix
-        print(f"main: renderer was sandboxed: {', '.join(child.sandbox.applied)}", flush=True)
+        applied = child.sandbox.applied if child.sandbox else ()
+        print(f"main: renderer was sandboxed: {', '.join(applied)}", flush=True)
         await broker.wait_idle(10.0)
         for host in broker.closed_hosts:
             print(f"main: host of route {host.route.id} closed {host.closes} time(s)", flush=True)
