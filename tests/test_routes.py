@@ -14,7 +14,9 @@ import pytest
 
 import _route_targets
 import tether
+from tether.protocol import Connection
 from tether.routes import HOST_BIT
+from tether.wire import Frame, Kind
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -131,6 +133,15 @@ async def test_async_with_and_ids(pair: Pair) -> None:
     await until(lambda: table is not None and not table.routes and not table.closing)
 
 
+async def test_route_invoke_timeout_keeps_the_route(pair: Pair) -> None:
+    route = await pair.opener.open("counter", 1)
+    with pytest.raises(tether.InvokeTimeout, match=r"route 1 \('counter'\), channel 'wait'"):
+        await route.invoke("wait", timeout=0.1)
+    assert not route.closed  # a late answer is not a failed send
+    assert await route.invoke("add", 1) == 2
+    await until(lambda: not pair.host._serving)  # the handler was cancelled (CANCEL)
+
+
 async def test_route_handlers_are_separate_from_the_peers(pair: Pair) -> None:
     @pair.host.handle("add")
     def peer_add(call: tether.Call, k: int) -> int:
@@ -161,6 +172,35 @@ async def test_close_from_the_host_side(pair: Pair) -> None:
     await until(lambda: closes() == [1])
     await asyncio.sleep(0.05)
     assert closes() == [1]
+
+
+async def test_wait_closed_sees_the_other_end_close(pair: Pair) -> None:
+    route = await pair.opener.open("counter", 0)
+    waiting = asyncio.ensure_future(route.wait_closed())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    (host_route,) = pair.host._conn.route_table().routes.values()
+    await host_route.close()
+    await asyncio.wait_for(waiting, 10)
+    assert route.closed
+    await asyncio.wait_for(route.wait_closed(), 1)  # at once, once closed
+
+
+async def test_a_factory_that_closes_its_own_route(pair: Pair) -> None:
+    closed: list[str] = []
+
+    class Quitter:
+        def __init__(self, route: tether.Route) -> None:
+            self.closing = asyncio.ensure_future(route.close())  # e.g. what it needed is gone
+            self.route = route
+
+        def close(self) -> None:
+            closed.append("closed")
+
+    pair.host.host("quitter", Quitter, roles={"child"})
+    route = await pair.opener.open("quitter")
+    await asyncio.wait_for(route.wait_closed(), 10)
+    await until(lambda: closed == ["closed"])
 
 
 async def test_pending_invokes_fail_with_route_closed_when_the_opener_closes(pair: Pair) -> None:
@@ -224,6 +264,54 @@ async def test_a_child_hosts_kinds_main_opens() -> None:
             await route.send("poke", 1)
             await until(lambda: got == [2])
         await until(lambda: closed == ["> "])
+
+
+async def test_an_open_that_times_out_closes_the_id_it_may_have_been_given() -> None:
+    """The opener gives up; its ROUTE_CLOSE ends whatever the host makes late, and frees the id.
+
+    The host is a bare protocol core driven by the test, so the late answer
+    comes exactly when the test says.
+    """
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    loop = asyncio.get_running_loop()
+    opener = tether.Peer(b, role="main", local_role="child", timeout=10.0)
+    opener.start()
+    host = Connection("main")
+
+    async def exchange() -> list[Frame]:
+        await loop.sock_sendall(a, bytes(host.data_to_send()[0]))
+        return host.receive_data(await asyncio.wait_for(loop.sock_recv(a, 65536), 10))
+
+    try:
+        assert await exchange() == []  # HELLOs
+        opening = asyncio.ensure_future(opener.open("slow", 1, timeout=0.2))
+        (f,) = await exchange()
+        assert (f.kind, f.route_id, f.channel) == (Kind.ROUTE_OPEN, 1, "slow")
+        with pytest.raises(tether.InvokeTimeout, match="opening route 'slow'"):
+            await opening
+        (close,) = await exchange()  # the opener closes the id it may have been given
+        assert (close.kind, close.route_id) == (Kind.ROUTE_CLOSE, 1)
+        table = opener._conn.route_table()
+        assert not table.routes and table.closing == {1 | HOST_BIT}
+        # The host made it late: it answers the open (dropped), then the close.
+        host_table = host.route_table()
+        assert host_table.accept(1) is None
+        host_table.add(1, "late host")
+        host.answer(f.request_id, None)
+        assert host_table.closed_by_peer(1) == "late host"
+        await loop.sock_sendall(a, bytes(host.data_to_send()[0]))
+        await until(lambda: not table.closing)  # both ROUTE_CLOSEs through: the id is free
+        assert not opener.closed
+    finally:
+        await opener.close()
+        a.close()
+
+
+async def test_peer_close_waits_for_async_host_closes(pair: Pair) -> None:
+    await pair.opener.open("counter", 1)
+    await pair.host.close()  # the host's own end closes: its hosts' close() finish first
+    assert closes() == [1]
 
 
 # -- refusals ------------------------------------------------------------------------
@@ -376,6 +464,27 @@ async def test_many_routes_interleaved_keep_per_route_fifo_order(pair: Pair) -> 
     results = await asyncio.gather(*(r.invoke("count") for r in routes))
     assert results == [list(range(100))] * 20
     assert sorted(seen) == [r.id for r in routes]
+
+
+async def test_route_frames_keep_fifo_order_with_the_peers_frames(pair: Pair) -> None:
+    log: list[tuple[int, int]] = []
+
+    def recorder(route: tether.Route) -> None:
+        route.on("n", lambda call, i: log.append((route.id, i)))
+
+    pair.host.host("rec", recorder, roles={"child"})
+    pair.host.on("n", lambda call, i: log.append((0, i)))
+    routes = [await pair.opener.open("rec") for _ in range(3)]
+    sent: list[tuple[int, int]] = []
+    for i in range(60):
+        target = i % 4
+        if target:
+            await routes[target - 1].send("n", i)
+        else:
+            await pair.opener.send("n", i)
+        sent.append((target, i))
+    await until(lambda: len(log) == len(sent))
+    assert log == sent
 
 
 # -- SendOrDrop --------------------------------------------------------------------------

@@ -129,6 +129,38 @@ def test_sync_pending_invoke_fails_when_the_host_closes_the_route(
     assert c.closes == 1
 
 
+def test_sync_wait_closed(peers: tuple[tether.sync.Peer, tether.sync.Peer]) -> None:
+    _, opener = peers
+    route = opener.open("counter", 0)
+    with pytest.raises(TimeoutError):
+        route.wait_closed(0.05)
+    threading.Timer(0.1, COUNTERS[0].route.close).start()
+    route.wait_closed(10)
+    assert route.closed
+
+
+def test_sync_factory_that_closes_its_own_route(
+    peers: tuple[tether.sync.Peer, tether.sync.Peer],
+) -> None:
+    host, opener = peers
+    closed: list[int] = []
+
+    class Quitter:
+        def __init__(self, route: tether.sync.Route) -> None:
+            self.route = route
+            route.close()  # before the factory returned: no host object to close yet
+
+        def close(self) -> None:
+            closed.append(self.route.id)
+
+    host.host("quitter", Quitter, roles={"client"})
+    route = opener.open("quitter")
+    route.wait_closed(10)
+    until(lambda: closed == [1])
+    time.sleep(0.05)
+    assert closed == [1]
+
+
 def test_sync_connection_loss_closes_hosts_once(
     peers: tuple[tether.sync.Peer, tether.sync.Peer],
 ) -> None:

@@ -80,6 +80,7 @@ class Route(Handlers):
         self._closed: RouteClosed | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._close_task: asyncio.Task[Any] | None = None
+        self._ended: asyncio.Future[None] | None = None  # made by wait_closed
 
     @property
     def closed(self) -> bool:
@@ -90,6 +91,14 @@ class Route(Handlers):
     def close_reason(self) -> RouteClosed | None:
         """Why the route ended (``None`` while open)."""
         return self._closed
+
+    async def wait_closed(self) -> None:
+        """Wait until the route has ended, by either end or with the connection."""
+        if self._closed is not None:
+            return
+        if self._ended is None:
+            self._ended = self.peer._loop.create_future()
+        await asyncio.shield(self._ended)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed is not None else "open"
@@ -163,19 +172,22 @@ class Route(Handlers):
             consume_all(args)
             raise self._drop(what, exc) from exc
         self._pending[rid] = fut
+        if peer._paused:
+            peer._set_reading()  # answers to this call must still be read
         try:
             await self._push(what)
             if timeout is None:
                 frame: Frame = await fut
             else:
-                async with asyncio.timeout(timeout):
-                    frame = await fut
-        except TimeoutError:
-            if fut.done() and not fut.cancelled():
-                raise  # the answer itself was a timeout error
-            conn.send_cancel(rid)
-            peer._kick()
-            raise InvokeTimeout(f"no answer on {what} within {timeout} s") from None
+                try:
+                    async with asyncio.timeout(timeout):
+                        frame = await fut
+                except TimeoutError:
+                    if not fut.done() or fut.cancelled():
+                        conn.send_cancel(rid)
+                        peer._kick()
+                        raise InvokeTimeout(f"no answer on {what} within {timeout} s") from None
+                    frame = fut.result()  # answered as the time ran out (or its error)
         except asyncio.CancelledError:
             conn.send_cancel(rid)
             peer._kick()
@@ -266,6 +278,9 @@ class Route(Handlers):
             conn.take_pending(rid)
             if not fut.done():
                 fut.set_exception(err)
+                fut.exception()  # retrieved: a send that dropped the route raises err itself
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
         if self.hosting:
             self._close_host()
 
@@ -284,6 +299,9 @@ class Route(Handlers):
             _CLOSING.add(task)
             task.add_done_callback(_closed_host)
             self._close_task = task
+            tasks = self.peer._tasks  # so Peer.close() lets it finish (bounded), as a listener
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
 
 def _closed_host(task: asyncio.Task[Any]) -> None:
@@ -322,6 +340,8 @@ async def open_route(peer: Peer, kind: str, args: tuple[Any, ...], timeout: floa
     rid, key = table.open(kind.encode(), args, fut, route)
     route._key = key
     route.id = key & _MASK
+    if peer._paused:
+        peer._set_reading()  # the answer must still be read
     peer._flush()
     try:
         if timeout is None:
@@ -330,21 +350,21 @@ async def open_route(peer: Peer, kind: str, args: tuple[Any, ...], timeout: floa
             async with asyncio.timeout(timeout):
                 await fut
     except BaseException as exc:
-        gave_up = isinstance(exc, asyncio.CancelledError) or (
-            isinstance(exc, TimeoutError) and not (fut.done() and not fut.cancelled())
-        )
-        if gave_up:
-            # No answer yet: the host may make it still; our ROUTE_CLOSE ends it
-            # (or, if it refuses, is answered all the same), so the id is freed.
-            conn.take_pending(rid)
-            route._finish(RouteClosed(f"opening {kind!r} was abandoned", kind=kind), notify=True)
-            if isinstance(exc, TimeoutError):
-                raise InvokeTimeout(
-                    f"no answer to opening route {kind!r} within {timeout} s"
-                ) from None
-            raise
-        table.refused(key)
-        route._closed = RouteClosed(f"opening route {kind!r} failed: {exc}", kind=kind)
+        answer = fut.exception() if fut.done() and not fut.cancelled() else None
+        if answer is not None:  # refused (or the connection ended): the id is free
+            table.refused(key)
+            route._closed = RouteClosed(f"opening route {kind!r} failed: {answer}", kind=kind)
+            if answer is exc:
+                raise
+            raise answer from None  # it came as the time ran out
+        if isinstance(exc, TimeoutError) and fut.done() and not fut.cancelled():
+            return route  # opened just as the time ran out
+        # No answer, or cancelled once open: the host may make it still; our
+        # ROUTE_CLOSE ends it (or, if it refused, is answered all the same).
+        conn.take_pending(rid)
+        route._finish(RouteClosed(f"opening {kind!r} was abandoned", kind=kind), notify=True)
+        if isinstance(exc, TimeoutError):
+            raise InvokeTimeout(f"no answer to opening route {kind!r} within {timeout} s") from None
         raise
     return route
 
@@ -399,6 +419,8 @@ def dispatch_route_frame(peer: Peer, f: Frame) -> None:
         if not isinstance(exc, Exception):
             raise
         return
+    if route._closed is not None:
+        route._close_host()  # the factory closed its own route: it had no host to close yet
     peer._answer(rid, None)
     peer._kick()
 

@@ -71,6 +71,22 @@ class Route(Handlers):
         """Why the route ended (``None`` while open)."""
         return self._closed
 
+    def wait_closed(self, timeout: float | None = None) -> None:
+        """Wait until the route has ended (by either end or with the connection).
+
+        Raises:
+            TimeoutError: still open after ``timeout`` seconds.
+        """
+        peer = self.peer
+        peer._start_serving(force=True)  # someone must read the ROUTE_CLOSE
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with peer._cv:
+            while self._closed is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"{self!r} still open")
+                peer._cv.wait(left)
+
     def __repr__(self) -> str:
         state = "closed" if self._closed is not None else "open"
         return f"<sync.Route {self.kind!r} #{self.id} on {self.peer!r} {state}>"
@@ -336,6 +352,8 @@ def dispatch_route_frame(peer: Peer, f: Frame) -> None:
         if not isinstance(exc, Exception):
             peer._stop_process(exc)
         return
+    if route._closed is not None:
+        route._close_host()  # the factory closed its own route: it had no host to close yet
     peer._answer(rid, None, None)
 
 
