@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import tether
 from tether.aio.loop import run
 
 
+def say(line: str) -> None:
+    """Print one line in one write: main and the child share stdout."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 async def renderer(peer: tether.Peer) -> None:
     """The child: opens routes to hosts that live in main."""
     async with await peer.open("counter", 5) as route:  # main runs Counter(route, 5)
-        print(
-            f"child: route {route.id} {route.kind!r}: add(2) = {await route.invoke('add', 2)}",
-            flush=True,
-        )
+        say(f"child: route {route.id} {route.kind!r}: add(2) = {await route.invoke('add', 2)}")
         changed: asyncio.Queue[int] = asyncio.Queue()
         route.on("changed", lambda call, n: changed.put_nowait(n))
         await route.send("reset")
-        print(
-            f"child: counter changed to {await asyncio.wait_for(changed.get(), 10.0)}", flush=True
-        )
+        say(f"child: counter changed to {await asyncio.wait_for(changed.get(), 10.0)}")
     for kind in ("camera", "admin-panel"):
         try:
             await peer.open(kind)
         except (tether.NoHandler, tether.Forbidden) as exc:
-            print(f"child: {type(exc).__name__}: {exc}", flush=True)
+            say(f"child: {type(exc).__name__}: {exc}")
     await peer.open("feed")  # left open: it ends with the connection
-    print("child: done", flush=True)
+    say("child: done")
 
 
 async def main() -> None:
@@ -51,7 +53,7 @@ async def main() -> None:
                     await route.send("changed", self.n)
 
             async def close(self) -> None:  # exactly once, when the route ends
-                print(f"main: counter closed at {self.n}", flush=True)
+                say(f"main: counter closed at {self.n}")
 
         @hub.host("admin-panel", roles={"admin"})
         class AdminPanel:
@@ -64,10 +66,10 @@ async def main() -> None:
                 feeds.append(self)
 
             def close(self) -> None:
-                print(f"main: feed {self.route.id} closed", flush=True)
+                say(f"main: feed {self.route.id} closed")
 
         child = await hub.spawn(renderer)
-        print(f"main: child exited with code {await child.wait(10.0)}", flush=True)
+        say(f"main: child exited with code {await child.wait(10.0)}")
         await asyncio.wait_for(child.wait_closed(), 10.0)  # its routes ended with it
 
         # SendOrDrop: relaying to a renderer that is gone drops the route and
@@ -77,11 +79,11 @@ async def main() -> None:
         try:
             await feeds[0].route.send("frame", buf)
         except tether.RouteClosed as exc:
-            print(f"main: RouteClosed: {exc}", flush=True)
+            say(f"main: RouteClosed: {exc}")
         try:
             buf.view()
         except tether.ConsumedError:
-            print("main: the Buffer was consumed by the failed send", flush=True)
+            say("main: the Buffer was consumed by the failed send")
 
 
 if __name__ == "__main__":

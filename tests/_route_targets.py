@@ -12,7 +12,7 @@ async def open_and_wait(peer: tether.Peer, kind: str, start: int) -> None:
     route = await peer.open(kind, start, timeout=20.0)
     total = await route.invoke("add", 1, timeout=20.0)
     await peer.invoke("opened", route.id, total, timeout=20.0)
-    await peer.wait_closed()
+    await asyncio.wait_for(peer.wait_closed(), 60.0)
 
 
 async def host_echoer(peer: tether.Peer) -> None:
@@ -35,7 +35,7 @@ async def host_echoer(peer: tether.Peer) -> None:
         async def close(self) -> None:
             await self.route.peer.send("echoer-closed", self.prefix)
 
-    await peer.wait_closed()
+    await asyncio.wait_for(peer.wait_closed(), 60.0)
 
 
 async def open_many(peer: tether.Peer, n: int) -> None:

@@ -142,6 +142,21 @@ async def test_route_invoke_timeout_keeps_the_route(pair: Pair) -> None:
     await until(lambda: not pair.host._serving)  # the handler was cancelled (CANCEL)
 
 
+async def test_the_host_invokes_the_opener_on_the_route(pair: Pair) -> None:
+    route = await pair.opener.open("counter", 0)
+
+    @route.handle("ask")
+    def ask(call: tether.Call, q: str) -> str:
+        assert call.route_id == route.id | HOST_BIT  # as it arrived: from the host's end
+        return q.upper()
+
+    (host_route,) = pair.host._conn.route_table().routes.values()
+    assert await host_route.invoke("ask", "why") == "WHY"
+    with pytest.raises(tether.NoHandler):
+        await host_route.invoke("add", 1)  # the opener's end has no "add"
+    await route.close()
+
+
 async def test_route_handlers_are_separate_from_the_peers(pair: Pair) -> None:
     @pair.host.handle("add")
     def peer_add(call: tether.Call, k: int) -> int:

@@ -8,6 +8,8 @@ methods where a peer dispatches ROUTE_OPEN/ROUTE_CLOSE.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tether import codec
 from tether.errors import Busy, ConnectionClosed, ProtocolError
@@ -234,3 +236,132 @@ def test_table_is_made_on_first_use() -> None:
     a, _ = pair()
     assert a.routes is None
     assert isinstance(a.route_table(), RouteTable) and a.route_table() is a.routes
+
+
+# -- random interleavings ------------------------------------------------------------
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["open", "close", "deliver", "refuse-next"]),
+        st.booleans(),  # which side acts (True: a)
+        st.integers(0, 7),  # which of its routes / how many frames
+    ),
+    max_size=60,
+)
+
+
+class _Side:
+    """One end, played as an I/O layer would: open, close, dispatch route frames."""
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self.name = name
+        self.table = conn.route_table()
+        self.table.max_routes = 4
+        #: request id -> key and object of an open awaiting its answer
+        self.opening: dict[int, tuple[int, str]] = {}
+        self.ended: list[str] = []  # route objects ended here, each must end once
+        self.refuse = False
+        self.n = 0
+        self.made: set[str] = set()  # route objects made here (opened or hosted)
+        self.refused: set[str] = set()  # opened here and refused by the peer
+
+    def open(self) -> None:
+        self.n += 1
+        try:
+            rid, key = self.table.open(b"k", (), None, f"{self.name}-opened-{self.n}")
+        except Busy:
+            return
+        self.made.add(f"{self.name}-opened-{self.n}")
+        self.opening[rid] = (key, f"{self.name}-opened-{self.n}")
+
+    def close(self, i: int) -> None:
+        keys = sorted(self.table.routes)
+        if keys:
+            key = keys[i % len(keys)]
+            obj = self.table.routes[key]
+            if self.table.close(key):
+                self.ended.append(obj)
+
+    def dispatch(self, f: Frame) -> None:
+        if f.kind == Kind.ROUTE_OPEN:
+            if self.refuse:
+                self.refuse = False
+                self.conn.send_error(f.request_id, codec.ErrorInfo("no_handler", "refused"))
+                return
+            obj = f"{self.name}-hosted-{f.route_id}-{f.request_id}"
+            if host_dispatch(self.conn, f, obj) is None:
+                self.made.add(obj)
+        elif f.kind == Kind.ROUTE_CLOSE:
+            obj = self.table.closed_by_peer(f.route_id)
+            if obj is not None:
+                self.ended.append(obj)
+        elif f.kind == Kind.ERROR and f.request_id in self.opening:
+            key, obj = self.opening.pop(f.request_id)
+            self.table.refused(key)
+            self.refused.add(obj)
+        elif f.kind == Kind.RESULT:
+            self.opening.pop(f.request_id, None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS)
+def test_random_opens_and_closes_converge(ops: list[tuple[str, bool, int]]) -> None:
+    """Whatever both sides do, in whatever order frames cross, every route ends once per
+    side, no id is in use twice, and once all frames are through both tables are empty."""
+    a, b = pair()
+    sa, sb = _Side(a, "a"), _Side(b, "b")
+    # bytes written by each side and not yet read by the other, frame by frame
+    wire: dict[str, list[bytes]] = {"a": [], "b": []}
+
+    def pump(side: _Side) -> None:
+        data = bytes(side.conn.data_to_send()[0])
+        if data:
+            wire[side.name].append(data)
+
+    def deliver(src: _Side, dst: _Side, n: int) -> None:
+        for _ in range(n):
+            if not wire[src.name]:
+                return
+            for f in dst.conn.receive_data(wire[src.name].pop(0)):
+                dst.dispatch(f)
+            pump(dst)
+
+    for op, on_a, k in ops:
+        me, other = (sa, sb) if on_a else (sb, sa)
+        if op == "open":
+            me.open()
+        elif op == "close":
+            me.close(k)
+        elif op == "refuse-next":
+            me.refuse = True
+        else:
+            deliver(other, me, k)
+        pump(me)
+        # ids in use are unique per space, and the cap holds
+        assert me.table.hosted <= me.table.max_routes
+        assert not set(me.table.routes) & me.table.closing
+    for _ in range(200):  # everything still on the wire goes through
+        if not wire["a"] and not wire["b"]:
+            break
+        deliver(sa, sb, 1)
+        deliver(sb, sa, 1)
+    for s in (sa, sb):  # close what is still open; the peer answers; the ids go
+        for key in list(s.table.routes):
+            s.ended.append(s.table.routes[key])
+            s.table.close(key)
+        pump(s)
+    for _ in range(200):
+        if not wire["a"] and not wire["b"]:
+            break
+        deliver(sa, sb, 1)
+        deliver(sb, sa, 1)
+    for s in (sa, sb):
+        assert not s.table.routes and not s.table.closing and s.table.hosted == 0
+        assert len(s.ended) == len(set(s.ended)), "a route ended twice"
+    for s in (sa, sb):
+        # every route hosted here ended here; so did every one opened here that the
+        # peer did not refuse (one closed while opening, then refused, ends once too)
+        ended = set(s.ended)
+        assert ended <= s.made
+        assert s.made - s.refused <= ended

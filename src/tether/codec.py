@@ -226,32 +226,6 @@ def _hints_one_by_one(fn: Callable[..., Any]) -> dict[str, Any]:
     return hints
 
 
-def host_spec_target(factory: Callable[..., Any]) -> Callable[..., Any]:
-    """What to build a host factory's :class:`ArgsSpec` from.
-
-    A class's own type hints describe its attributes, not its constructor's
-    parameters: use a stand-in with the signature of ``factory(route, ...)``
-    and the hints of ``__init__``.
-    """
-    if not isinstance(factory, type):
-        return factory
-
-    def stand_in(*args: Any) -> None:  # never called
-        raise AssertionError
-
-    init = vars(factory).get("__init__") or next(
-        (vars(c)["__init__"] for c in factory.__mro__ if "__init__" in vars(c)), None
-    )
-    try:
-        hints = typing.get_type_hints(init) if init is not None else {}
-    except Exception:
-        hints = _hints_one_by_one(init) if init is not None else {}
-    hints.pop("return", None)
-    stand_in.__signature__ = inspect.signature(factory)  # type: ignore[attr-defined]
-    stand_in.__annotations__ = hints
-    return stand_in
-
-
 class ArgsSpec:
     """Decodes a call's positional arguments for one handler.
 

@@ -219,7 +219,7 @@ class Registry:
             TypeError: ``factory`` is a coroutine function (it must run inline,
                 in order with the frames), or ``roles`` is malformed.
         """
-        from .codec import host_spec_target
+        from .routes import host_spec_target
 
         kind = checked_channel(kind)
         if kind in self.hosts:

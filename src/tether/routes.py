@@ -29,15 +29,18 @@ so frames on a route before its close still find it.
 
 from __future__ import annotations
 
+import inspect
+import typing
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from .codec import ErrorInfo
+from .codec import ErrorInfo, _hints_one_by_one
 from .errors import Busy, ProtocolError
 
 if TYPE_CHECKING:
     from .protocol import Connection
 
-__all__ = ["HOST_BIT", "MAX_ROUTES", "RouteTable"]
+__all__ = ["HOST_BIT", "MAX_ROUTES", "RouteTable", "host_spec_target"]
 
 #: set in the ``route_id`` of every frame the route's host sends
 HOST_BIT: Final = 0x80000000
@@ -178,3 +181,29 @@ class RouteTable:
         self.closing.clear()
         self.hosted = 0
         return out
+
+
+def host_spec_target(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """What to build a host factory's :class:`ArgsSpec` from.
+
+    A class's own type hints describe its attributes, not its constructor's
+    parameters: use a stand-in with the signature of ``factory(route, ...)``
+    and the hints of ``__init__``.
+    """
+    if not isinstance(factory, type):
+        return factory
+
+    def stand_in(*args: Any) -> None:  # never called
+        raise AssertionError
+
+    init = vars(factory).get("__init__") or next(
+        (vars(c)["__init__"] for c in factory.__mro__ if "__init__" in vars(c)), None
+    )
+    try:
+        hints = typing.get_type_hints(init) if init is not None else {}
+    except Exception:
+        hints = _hints_one_by_one(init) if init is not None else {}
+    hints.pop("return", None)
+    stand_in.__signature__ = inspect.signature(factory)  # type: ignore[attr-defined]
+    stand_in.__annotations__ = hints
+    return stand_in

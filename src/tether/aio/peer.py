@@ -51,7 +51,6 @@ from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
-from ..routes import MAX_ROUTES
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -62,9 +61,10 @@ from ..wire import (
     K_INVOKE,
     K_RESULT,
     Frame,
-    Kind,
 )
 from .route import (
+    MAX_ROUTES,
+    ROUTE_FRAMES,
     Route,
     dispatch_route_frame,
     end_routes,
@@ -103,7 +103,6 @@ _HELLO_WAIT: Final = 10.0  # a call with no timeout waits this long for the peer
 _OPEN: Final = State.OPEN
 _ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
 _EXITS: Final = (SystemExit, KeyboardInterrupt)
-_ROUTE_FRAMES: Final = frozenset((Kind.ROUTE_OPEN, Kind.ROUTE_CLOSE))
 
 
 _warned_at = 0.0
@@ -878,13 +877,13 @@ class Peer(Handlers):
                 task = self._serving.pop(f.request_id, None)
                 if task is not None:
                     task.cancel()
-            elif k in _ROUTE_FRAMES:
-                dispatch_route_frame(self, f)
             elif k == K_GOODBYE:
                 self._flush(poll=False)  # answers to what it asked before leaving
                 reason = self._conn.goodbye_reason or "no reason given"
                 self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
                 return False
+            elif k in ROUTE_FRAMES:
+                dispatch_route_frame(self, f)
         return False
 
     def _on_answer(self, f: Frame) -> None:

@@ -18,20 +18,22 @@ from ..errors import InvokeTimeout, ProtocolError, RouteClosed, TetherError
 from ..protocol import State
 from ..registry import Handler, Handlers, Registry
 from ..results import DEFAULT, decode_result
-from ..routes import HOST_BIT
+from ..routes import HOST_BIT, MAX_ROUTES
 from ..shm import consume_all
 from ..wire import Frame, Kind
 
 if TYPE_CHECKING:
     from .peer import Peer
 
-__all__ = ["Route"]
+__all__ = ["MAX_ROUTES", "ROUTE_FRAMES", "Route"]
 
 log = logging.getLogger("tether")
 
 T = TypeVar("T")
 
 _MASK: Final = HOST_BIT - 1
+#: the frame kinds a peer hands to this module, in order with the others
+ROUTE_FRAMES: Final = frozenset((int(Kind.ROUTE_OPEN), int(Kind.ROUTE_CLOSE)))
 #: host ``close()`` coroutines still running (held so they are not collected)
 _CLOSING: set[asyncio.Task[Any]] = set()
 #: how long ``Route.close()`` waits for this side's host ``close()`` by default

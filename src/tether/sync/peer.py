@@ -82,7 +82,6 @@ from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection
 from ..registry import Call, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
-from ..routes import MAX_ROUTES
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -93,9 +92,11 @@ from ..wire import (
     K_INVOKE,
     K_RESULT,
     Frame,
-    Kind,
 )
 from .route import (
+    JOBS,
+    MAX_ROUTES,
+    ROUTE_FRAMES,
     Route,
     dispatch_route_frame,
     end_routes,
@@ -129,9 +130,6 @@ _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 #: "try again later" from a non-blocking socket, plain or TLS (``ssl.SSLSocket``)
 _AGAIN: Final = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _FATAL: Final = (SystemExit, KeyboardInterrupt)
-_ROUTE_FRAMES: Final = frozenset((Kind.ROUTE_OPEN, Kind.ROUTE_CLOSE))
-#: frames the worker handles, in order
-_JOBS: Final = frozenset((K_INVOKE, K_EVENT)) | _ROUTE_FRAMES
 
 
 class _Slot:
@@ -719,7 +717,7 @@ class Peer(Handlers):
                     if slot is not None:
                         errors.append((slot, f))
                         settled.append(slot)
-                elif k in _JOBS:
+                elif k in JOBS:
                     if jobs is None:
                         jobs = []
                     jobs.append((f, _job_size(f)))
@@ -871,7 +869,7 @@ class Peer(Handlers):
                 closed = self._closed is not None
             if f.kind == K_EVENT:
                 self._run_listeners(f)  # events that came before the end still run
-            elif f.kind in _ROUTE_FRAMES:
+            elif f.kind in ROUTE_FRAMES:
                 if not closed:
                     dispatch_route_frame(self, f)
             elif not closed:

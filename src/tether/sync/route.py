@@ -20,18 +20,21 @@ from .. import codec
 from ..errors import InvokeTimeout, ProtocolError, RouteClosed, TetherError
 from ..registry import Handler, Handlers, Registry
 from ..results import DEFAULT, decode_result
-from ..routes import HOST_BIT
+from ..routes import HOST_BIT, MAX_ROUTES
 from ..shm import consume_all
-from ..wire import Frame, Kind
+from ..wire import K_EVENT, K_INVOKE, Frame, Kind
 
 if TYPE_CHECKING:
     from .peer import Peer, _Slot
 
-__all__ = ["Route"]
+__all__ = ["JOBS", "MAX_ROUTES", "ROUTE_FRAMES", "Route"]
 
 log = logging.getLogger("tether")
 
 _MASK: Final = HOST_BIT - 1
+ROUTE_FRAMES: Final = frozenset((int(Kind.ROUTE_OPEN), int(Kind.ROUTE_CLOSE)))
+#: the frame kinds a blocking peer's worker handles, in order
+JOBS: Final = frozenset((K_INVOKE, K_EVENT)) | ROUTE_FRAMES
 _WRITE: Final = 10.0  # seconds to write a ROUTE_CLOSE or a refusal
 
 
