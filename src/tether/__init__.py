@@ -30,11 +30,14 @@ from .errors import PeerGone as PeerGone
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteError as RemoteError
 from .errors import RouteClosed as RouteClosed
+from .errors import SandboxError as SandboxError
 from .errors import TetherError as TetherError
 from .executor import Pool as Pool
 from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
 from .pipe import pipe as pipe
+from .sandbox import Sandbox as Sandbox
+from .sandbox import SandboxReport as SandboxReport
 from .shm import Buffer as Buffer
 
 __version__ = "0.1.0"
@@ -65,6 +68,9 @@ __all__ = [
     "RemoteError",
     "Route",
     "RouteClosed",
+    "Sandbox",
+    "SandboxError",
+    "SandboxReport",
     "Server",
     "TetherError",
     "connect",

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
-from .errors import BadRequest
+from .errors import BadRequest, Forbidden
 
 __all__ = [
     "ErrorInfo",
@@ -174,7 +174,16 @@ def error_info(exc: BaseException, *, traceback: bool = True) -> ErrorInfo:
     An exception whose ``__str__`` (or formatting) raises is still described,
     by its type; text that is not valid UTF-8 (lone surrogates) is replaced,
     so the result always encodes.
+
+    A :class:`~tether.Forbidden` the handler (or a route's host factory)
+    raised is a refusal, not a failure: it is answered ``forbidden``, so the
+    caller gets ``Forbidden`` with its message (no type, no traceback).
     """
+    if isinstance(exc, Forbidden):
+        try:
+            return ErrorInfo(code="forbidden", message=_clean(str(exc)))
+        except BaseException:
+            return ErrorInfo(code="forbidden", message="forbidden")
     tp = type(exc)
     try:
         mod, qual = tp.__module__, tp.__qualname__

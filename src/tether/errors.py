@@ -18,8 +18,9 @@
     ├── EndOfStream           a pipe's writer closed; no more messages will come
     ├── BufferInUse           a Buffer was sent while views of it were alive (also BufferError)
     ├── Busy                  the callee has too many of this caller's invokes in flight
-    └── RouteClosed           the route ended (either side closed it, a send failed, the
-                              connection was lost); its pending invokes fail with this
+    ├── RouteClosed           the route ended (either side closed it, a send failed, the
+    │                         connection was lost); its pending invokes fail with this
+    └── SandboxError          the OS refused part of a child's sandbox; ``part`` names it
 
 The split answers "whose fault, and what now?":
 
@@ -55,6 +56,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RouteClosed",
+    "SandboxError",
     "TetherError",
 ]
 
@@ -199,6 +201,27 @@ class Busy(TetherError):
     handler did not run and the connection stays open: retry later, or wait
     for some of the calls already made.
     """
+
+
+class SandboxError(TetherError):
+    """The OS refused part of a sandboxed child's sandbox; ``spawn`` did not start it.
+
+    Raised by ``Main.spawn(..., sandbox=...)`` unless ``best_effort=True``:
+    no network namespace (neither privilege nor user namespaces), or a limit
+    or ``prctl`` the kernel refused. The child exited before running any of
+    the target's code.
+
+    Attributes:
+        part: what was refused: ``"network"``, ``"capabilities"``,
+            ``"no_new_privs"``, ``"address_space"``, ``"open_files"`` or ``"cpu_seconds"``.
+    """
+
+    def __init__(self, message: str, *, part: str = "") -> None:
+        super().__init__(message)
+        self.part = part
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, {"part": self.part}))
 
 
 class RouteClosed(TetherError, ConnectionError):

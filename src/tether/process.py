@@ -6,6 +6,12 @@ and ``fork``), handing it one end of a ``socketpair``. The child runs the
 user's target with a connected peer: an asyncio :class:`~tether.Peer` for an
 ``async def`` target, a blocking :class:`tether.sync.Peer` for a plain one.
 
+A sandboxed child (``spawn(..., sandbox=...)``) applies its
+:class:`~tether.Sandbox` before anything else runs in it, reports the result
+to main (:mod:`tether.sandbox`), and only then unpickles the target and its
+arguments (:class:`Deferred`): the target's module is imported inside the
+sandbox.
+
 No orphans: the child asks the kernel to kill it when its parent dies
 (``PR_SET_PDEATHSIG``) and also exits as soon as its connection to main ends.
 
@@ -26,12 +32,14 @@ import errno
 import inspect
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from .capture import redirect
@@ -39,6 +47,7 @@ from .child_errors import TargetRef, write_report
 
 __all__ = [
     "FINISHED",
+    "Deferred",
     "check_spawn_options",
     "check_target",
     "child_entry",
@@ -203,6 +212,53 @@ def allow_children() -> None:
     multiprocessing.current_process().daemon = False
 
 
+class Deferred:
+    """A target and its arguments, pickled inside the child's start-up data but unpickled on demand.
+
+    ``spawn`` and ``forkserver`` children unpickle their process object
+    before :func:`child_entry` runs, and that imports the target's module. A
+    sandboxed child gets this instead: the bytes are made while main pickles
+    the process object (so descriptors in the arguments still travel), and
+    :meth:`load` unpickles them after the sandbox is in force.
+    """
+
+    def __init__(self, target: Any, args: tuple[Any, ...]) -> None:
+        # target: a callable, or a TargetRef the child imports itself
+        self._call: tuple[Any, tuple[Any, ...]] | None = (target, args)
+        self._data = b""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_deferred, (bytes(ForkingPickler.dumps(self._call)),))
+
+    def load(self) -> tuple[Any, tuple[Any, ...]]:
+        """The target and its arguments (imports the target's module the first time)."""
+        if self._call is None:
+            self._call = pickle.loads(self._data)
+        return self._call
+
+
+def _deferred(data: bytes) -> Deferred:
+    """Unpickle a :class:`Deferred` without unpickling what it holds."""
+    obj = Deferred.__new__(Deferred)
+    obj._call, obj._data = None, data
+    return obj
+
+
+def _enter_sandbox(sock: socket.socket, box: Any) -> Any:
+    """Apply ``box`` and report to main; exit at once when the OS refused it."""
+    from .errors import SandboxError
+    from .sandbox import apply, write_report
+
+    try:
+        report = apply(box)
+    except SandboxError as exc:
+        with contextlib.suppress(OSError):
+            write_report(sock, None, exc)
+        os._exit(1)
+    write_report(sock, report)
+    return report
+
+
 def child_entry(
     sock: socket.socket,
     target: Callable[..., Any],
@@ -219,6 +275,10 @@ def child_entry(
     if options.get("start_method") == "fork":
         close_inherited(options.get("close_fds", ()))
         reset_signals()
+    if options.get("sandbox") is not None:  # first: before the target's module is imported
+        _enter_sandbox(sock, options["sandbox"])
+    if isinstance(target, Deferred):
+        target, args = target.load()
     parent_pid = options.get("parent_pid", os.getppid())
     if options.get("start_method") != "forkserver":
         set_parent_death_signal(parent_pid)

@@ -32,6 +32,7 @@ from ..child_errors import read_report
 from ..errors import PeerGone, RemoteError, TetherError
 from ..process import FINISHED, describe_exit
 from ..results import DEFAULT
+from ..sandbox import SandboxReport
 from ..shm import consume_all
 from .peer import Peer
 
@@ -94,6 +95,8 @@ class Child(Peer):
         self._ending: PeerGone | None = None
         self._drained = False  # nothing more to read from the child (EOF, GOODBYE)
         self._end_timer: asyncio.TimerHandle | None = None
+        #: What a sandboxed child applied (``spawn(..., sandbox=...)``); ``None``: no sandbox.
+        self.sandbox: SandboxReport | None = None
 
     @property
     def pid(self) -> int:

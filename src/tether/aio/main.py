@@ -21,13 +21,21 @@ from ..address import Address, parse_address, tune
 from ..capture import Output
 from ..checks import check_connect_options
 from ..child_errors import guard_hint, target_ref
-from ..errors import ConnectError, ConnectionClosed, PeerGone, ProtocolError, TetherError
+from ..errors import (
+    ConnectError,
+    ConnectionClosed,
+    PeerGone,
+    ProtocolError,
+    SandboxError,
+    TetherError,
+)
 from ..identity import peer_address, peer_credentials
-from ..process import check_spawn_options, check_target, child_entry, describe_exit
+from ..process import Deferred, check_spawn_options, check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
 from ..results import DEFAULT_TIMEOUT
 from ..routes import MAX_ROUTES
+from ..sandbox import Sandbox, SandboxReport, read_report
 from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from . import hub
@@ -540,6 +548,7 @@ class Main(Handlers):
         env: Mapping[str, str | None] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         capture: bool = False,
+        sandbox: bool | Sandbox | None = None,
     ) -> Child:
         """Start ``target(peer, *args)`` in a new process and return it connected.
 
@@ -574,6 +583,8 @@ class Main(Handlers):
                 ``env`` is not a mapping of str, ``cwd`` not a path.
             FileNotFoundError, NotADirectoryError: ``cwd`` is not a directory.
             ConnectionClosed: this main was closed.
+            SandboxError: the OS refused part of the sandbox (and
+                ``best_effort`` was not set); the child ran none of its code.
             PeerGone: the child died or stayed silent before saying hello.
                 When the child reported why (its target raised before its
                 first ``await``, its module failed to import there), the
@@ -587,6 +598,7 @@ class Main(Handlers):
         method = start_method or self.start_method
         check_target(target, args, method)
         child_env, child_cwd = check_spawn_options(env, cwd)
+        box = Sandbox.coerce(sandbox)
         ctx = multiprocessing.get_context(method)
         parent_sock, child_sock = socket.socketpair()
         report, report_child = socket.socketpair()  # the child's failure, if it fails
@@ -617,8 +629,13 @@ class Main(Handlers):
             ]
         # Imported by name in a spawned child, so that an import error is reported.
         what = (method != "fork" and target_ref(target)) or target
+        call: tuple[Any, tuple[Any, ...]] = (what, args)
+        if box is not None:
+            options["sandbox"] = box
+            if method != "fork":  # arguments unpickled only once the sandbox is in force
+                call = (Deferred(what, args), ())
         proc = ctx.Process(  # type: ignore[attr-defined]
-            target=child_entry, args=(child_sock, what, args, options), name=label, daemon=True
+            target=child_entry, args=(child_sock, *call, options), name=label, daemon=True
         )
         try:
             if method == "forkserver":  # talks to the fork server: keep the loop free
@@ -635,7 +652,16 @@ class Main(Handlers):
             report_child.close()
             for s in options.get("capture", ()):
                 s.close()
+        box_report = None
+        if box is not None:
+            try:
+                box_report = await self._sandbox_report(parent_sock, proc, label)
+            except BaseException:
+                for s in mains:
+                    s.close()
+                raise
         child = Child(parent_sock, proc, **self._peer_kw(role, label), pickle=pickle, report=report)
+        child.sandbox = box_report
         if capture:
             child.stdout, child.stderr = Output("stdout", mains[1]), Output("stderr", mains[2])
         self.peers.add(child)
@@ -670,6 +696,23 @@ class Main(Handlers):
             await self._end_child(child)
             raise ConnectionClosed(f"{self.name} was closed while {label} started")
         return child
+
+    async def _sandbox_report(self, sock: socket.socket, proc: Any, label: str) -> SandboxReport:
+        """Read what a sandboxed child applied; on refusal or silence end it and raise."""
+        try:
+            return await read_report(sock, self.spawn_timeout)
+        except BaseException as exc:
+            sock.close()
+            proc.kill()
+            if not isinstance(exc, SandboxError | OSError):  # cancelled: nothing to wait for
+                raise
+            await asyncio.get_running_loop().run_in_executor(None, proc.join, 2.0)
+            if isinstance(exc, SandboxError):
+                raise SandboxError(f"{label}: {exc}", part=exc.part) from None
+            how = describe_exit(proc.pid, proc.exitcode)
+            raise PeerGone(
+                f"{label} failed to start: {exc} ({how})", exitcode=proc.exitcode
+            ) from exc
 
     def _descriptors(self) -> list[int]:
         """Every listener and connection of this main: what a forked child must close."""
