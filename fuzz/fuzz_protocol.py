@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+from typing import Any
 
 if __name__ == "__main__":  # coverage-instrument the core before anything imports it
     import atheris
@@ -44,8 +45,17 @@ from tether.wire import FrameParser, Kind, encode_frame
 
 MAX_FRAME = 1 << 16
 _RETURNED = frozenset(
-    {Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL, Kind.GOODBYE}
-    | {Kind.STREAM, Kind.ITEM, Kind.CREDIT}  # with the "stream" feature (our peer's HELLO has it)
+    {
+        Kind.INVOKE,
+        Kind.RESULT,
+        Kind.ERROR,
+        Kind.EVENT,
+        Kind.CANCEL,
+        Kind.ROUTE_OPEN,
+        Kind.ROUTE_CLOSE,
+        Kind.GOODBYE,
+    }
+    | {Kind.STREAM, Kind.ITEM, Kind.CREDIT}  # with "stream" (our peer's HELLO has it)
 )
 _PEER_HELLO = bytes(Connection("main", name="fuzz-peer").data_to_send()[0])
 
@@ -116,6 +126,25 @@ def _fuzz_parser(pieces: list[bytes]) -> None:
         pass
 
 
+def _route_frame(conn: Connection, f: Any) -> None:
+    """What an I/O layer does with route frames (tether.routes), the host always accepting."""
+    table = conn.route_table()
+    if f.kind == Kind.ROUTE_CLOSE:
+        table.closed_by_peer(f.route_id)
+        return
+    try:
+        refusal = table.accept(f.route_id)
+    except ProtocolError:
+        conn.abort()  # as the peer drops one that broke the protocol
+        raise
+    if refusal is None:
+        table.add(f.route_id, f.channel)
+        conn.answer(f.request_id, None)
+    else:
+        conn.send_error(f.request_id, refusal)
+    assert table.hosted <= table.max_routes
+
+
 def _fuzz_connection(pieces: list[bytes], *, open_first: bool, eof: bool) -> None:
     conn = Connection("child", name="fuzz", max_frame_size=MAX_FRAME)
     conn.data_to_send()
@@ -131,6 +160,8 @@ def _fuzz_connection(pieces: list[bytes], *, open_first: bool, eof: bool) -> Non
                     # What an I/O layer does with an ERROR body.
                     with contextlib.suppress(msgspec.MsgspecError):
                         codec.error_decoder.decode(f.body)
+                elif f.kind in (Kind.ROUTE_OPEN, Kind.ROUTE_CLOSE):
+                    _route_frame(conn, f)
             conn.data_to_send()
         if eof:
             conn.receive_eof()

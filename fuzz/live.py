@@ -118,7 +118,18 @@ def serve(mode: str, path: str, lifetime: float = 7200.0) -> None:
     def raw(call: Any, data: Any) -> None:
         pass
 
+    class Room:
+        """A route host: the route's own ``echo`` and ``note``."""
+
+        def __init__(self, route: Any) -> None:
+            route.handle("echo", echo)
+            route.on("note", note)
+
+        def close(self) -> None:
+            pass
+
     def register(h: Any) -> None:
+        h.host("room", Room)
         h.handle("echo", echo)
         h.handle("size", size)
         h.handle("anything", anything)
@@ -221,13 +232,18 @@ def hello(features: list[str] | None = None) -> bytes:
 
 
 def frame(
-    kind: int, rid: int, channel: bytes, body: bytes, atts: list[bytes] | None = None
+    kind: int,
+    rid: int,
+    channel: bytes,
+    body: bytes,
+    atts: list[bytes] | None = None,
+    route: int = 0,
 ) -> bytes:
     """One encoded frame (inline attachments)."""
     from tether.wire import encode_frame
 
     out = bytearray()
-    encode_frame(out, kind, rid, 0, channel, body, atts or [])
+    encode_frame(out, kind, rid, route, channel, body, atts or [])
     return bytes(out)
 
 
@@ -251,7 +267,12 @@ def valid_frames(rng: random.Random) -> list[bytes]:
         frame(Kind.CANCEL, rid, b"", b""),
         frame(Kind.PING, rid, b"", b""),
         frame(Kind.RESULT, rid + 9, b"", encoder.encode(1)),
-        frame(Kind.ROUTE_OPEN, 0, b"route", b"\x90") if hasattr(Kind, "ROUTE_OPEN") else b"",
+        frame(Kind.ROUTE_OPEN, rid + 10, b"room", b"\x90", route=1),
+        frame(Kind.INVOKE, rid + 11, b"echo", encoder.encode([7]), route=1),
+        frame(Kind.EVENT, 0, b"note", encoder.encode([1]), route=1),
+        frame(Kind.ROUTE_OPEN, rid + 12, b"nowhere", b"\x90", route=2),
+        frame(Kind.ROUTE_CLOSE, 0, b"", b"", route=1),
+        frame(Kind.INVOKE, rid + 13, b"echo", encoder.encode([7]), route=1),
         frame(Kind.GOODBYE, 0, b"", encoder.encode({"reason": "fuzz"})),
     ]
 

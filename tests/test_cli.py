@@ -103,6 +103,17 @@ def test_demo_prints_the_seed_scenarios_in_order() -> None:
         assert lines.count(expected) == 1, result.stdout  # present, and not printed twice
     assert lines.index(PARENT_LINE) < lines.index(CHILD_LINE) < lines.index(ELECTRON_LINE)
     assert "Main invoked child's compute(21): 42" in lines
+    isolated = not any(line.startswith("(sandbox parts refused here") for line in lines)
+    broker = [  # scenario 4: the sandboxed renderer's WebSockets go through main
+        "Renderer opening a socket itself: "
+        + ("OSError ENETUNREACH" if isolated else "connected (no sandbox here)"),
+        "Renderer asked for ws://example.com/: Forbidden: host 'example.com' is not allowed"
+        " (url 'ws://example.com/')",
+        "Renderer sent 'Hola, mundo!' through the broker, got back 'Hola, mundo!'",
+        "Main: 1 URL refused, 1 socket brokered, its host closed 1 time(s)",
+    ]
+    at = [lines.index(line) for line in broker]  # each present (ValueError otherwise)
+    assert at == sorted(at) and at[0] > lines.index("Main invoked child's compute(21): 42")
 
 
 def test_version() -> None:
@@ -185,7 +196,7 @@ def test_call_nothing_listening_is_peer_gone() -> None:
         os.rmdir(folder)
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr.startswith("error: PeerGone: ")
+    assert result.stderr.startswith("error: ConnectError: cannot connect to unix:")  # a PeerGone
 
 
 def test_call_malformed_address_is_usage_error() -> None:

@@ -38,10 +38,37 @@ EXPECTED: dict[str, list[str]] = {
         "checksum of a 64 MiB Buffer: 67108864",
         "the sent Buffer is gone from main: ConsumedError",
     ],
+    "threads.py": [
+        "main: progress 0%",
+        "main: progress 75%",
+        "main: crunch = 21333253333400000",
+        "main: child: the thread saw call.cancelled and stopped",
+        "main: got bytes of 1048576 bytes back",
+    ],
+    "pool.py": [
+        "fib(25) = 75025",
+        "map: [0, 1, 1, 2, 3, 5, 8, 13, 21, 34]",
+        "normalized: mean 0.0, std 1.0",
+        "crash() failed: PeerGone, exit code -9 (SIGKILL)",
+        "fib(40) took more than 0.5 s",
+        "the pool goes on: fib(20) = 6765",
+        "sync: 75025, [0, 1, 1, 2, 3]",
+    ],
+    "routes.py": [
+        "child: route 1 'counter': add(2) = 7",
+        "child: counter changed to 0",
+        "main: counter closed at 0",
+        "child: NoHandler: no host for route kind 'camera'",
+        "child: Forbidden: route kind 'admin-panel' may not be opened by role 'child'",
+        "main: feed 4 closed",
+        "main: child exited with code 0",
+        "main: RouteClosed: route 4 ('feed'), channel 'frame': the route is closed",
+        "main: the Buffer was consumed by the failed send",
+    ],
     "errors.py": [
         "RemoteError: ZeroDivisionError: division by zero",
         "NoHandler: no handler for channel 'no-such-channel'",
-        "BadRequest: bad argument `b`: Expected `int`, got `str`",
+        "BadRequest: add() argument 'b': expected int, got str",
         "Forbidden: channel 'shutdown' is not exposed to role 'guest'",
         "InvokeTimeout: no answer on 'slow' within 0.2 s",
         "every error caught",
@@ -107,3 +134,15 @@ def test_pipe_fork_child_gets_the_big_message_intact() -> None:
     assert lines.index("Parent process message: Psst .. hello from parent process!") < lines.index(
         "Child received message: Psst .. hello from parent process!"
     )
+
+
+@pytest.mark.timeout(120)
+def test_threads_example_progress_arrives_before_the_result() -> None:
+    lines = run_example("threads.py")
+    assert lines[:5] == [
+        "main: progress 0%",
+        "main: progress 25%",
+        "main: progress 50%",
+        "main: progress 75%",
+        "main: crunch = 21333253333400000",
+    ]

@@ -18,7 +18,7 @@ import pytest
 import tether
 import tether.errors
 
-# Every exception DESIGN.md names that exists today (RouteClosed comes with routes).
+# Every exception DESIGN.md names that exists today.
 FIXED_ERRORS = {
     "TetherError",
     "PeerGone",
@@ -30,21 +30,36 @@ FIXED_ERRORS = {
     "ProtocolError",
     "ConsumedError",
     "PayloadTooLarge",
+    "ConnectError",
     "ConnectionClosed",
     "EndOfStream",
     "BufferInUse",
+    "RouteClosed",
 }
-# The other names DESIGN.md fixes that exist today (Pool, Handle, Route come later).
-FIXED_OTHERS = {"Main", "Peer", "Child", "Call", "connect", "pipe", "sync", "Buffer", "run"}
+# The other names DESIGN.md fixes that exist today (Handle comes later).
+FIXED_OTHERS = {
+    "Main",
+    "Peer",
+    "Child",
+    "Call",
+    "connect",
+    "pipe",
+    "sync",
+    "Buffer",
+    "run",
+    "Pool",
+    "Route",
+}
 # Public, but not fixed by DESIGN.md.
 # Errors added since DESIGN.md fixed its list (public, in errors.py, under TetherError).
-OTHER_ERRORS = {"Busy", "AuthenticationError", "StreamMismatch"}
-EXTRA = {"Server", "PipeReader", "PipeWriter"} | OTHER_ERRORS
+OTHER_ERRORS = {"Busy", "AuthenticationError", "SandboxError", "StreamMismatch"}
+EXTRA = {"Server", "PipeReader", "PipeWriter", "Sandbox", "SandboxReport"} | OTHER_ERRORS
 EXPECTED_ALL = FIXED_ERRORS | FIXED_OTHERS | EXTRA
 
 # The standard exception each error also is, as errors.py documents.
 ALSO_STDLIB: dict[str, type[BaseException]] = {
     "PeerGone": ConnectionError,
+    "ConnectError": ConnectionError,
     "InvokeTimeout": TimeoutError,
     "NoHandler": LookupError,
     "Forbidden": PermissionError,
@@ -55,6 +70,7 @@ ALSO_STDLIB: dict[str, type[BaseException]] = {
     "EndOfStream": EOFError,
     "BufferInUse": BufferError,
     "StreamMismatch": TypeError,
+    "RouteClosed": ConnectionError,
 }
 
 
@@ -109,13 +125,24 @@ def test_no_public_name_outside_all() -> None:
 
 
 def test_fixed_names_are_the_right_kind() -> None:
-    for name in ("Main", "Peer", "Child", "Call", "Buffer", "Server", "PipeReader", "PipeWriter"):
+    for name in (
+        "Main",
+        "Peer",
+        "Child",
+        "Call",
+        "Buffer",
+        "Server",
+        "PipeReader",
+        "PipeWriter",
+        "Pool",
+    ):
         assert isinstance(getattr(tether, name), type), name
     assert inspect.isfunction(tether.connect)
     assert inspect.isfunction(tether.pipe)
     assert tether.sync is importlib.import_module("tether.sync")
     assert inspect.isfunction(tether.sync.connect)
     assert "connect" in tether.sync.__all__
+    assert isinstance(tether.sync.Pool, type) and "Pool" in tether.sync.__all__
 
 
 def test_errors_module_all_is_the_whole_hierarchy() -> None:

@@ -235,13 +235,17 @@ def test_ping_answered_with_pong() -> None:
     assert [f.kind for f in outgoing(a)] == [Kind.PONG]
 
 
-def test_route_open_refused_with_route_close() -> None:
+def test_route_frames_go_to_the_application_in_order() -> None:
+    """ROUTE_OPEN/ROUTE_CLOSE change route state when dispatched (tests/test_routes_core.py)."""
     _a, b = pair()
-    assert b.receive_data(raw(Kind.ROUTE_OPEN, 0, 9, b"files", b"\x90")) == []
-    (close,) = outgoing(b)
-    assert close.kind == Kind.ROUTE_CLOSE and close.route_id == 9
-    assert b.receive_data(raw(Kind.ROUTE_CLOSE, 0, 9)) == []  # swallowed
-    assert outgoing(b) == []
+    data = raw(Kind.ROUTE_OPEN, 1, 9, b"files", b"\x90") + raw(Kind.EVENT, 0, 9, b"e", b"\x90")
+    frames = b.receive_data(data + raw(Kind.ROUTE_CLOSE, 0, 9))
+    assert [(f.kind, f.route_id) for f in frames] == [
+        (Kind.ROUTE_OPEN, 9),
+        (Kind.EVENT, 9),
+        (Kind.ROUTE_CLOSE, 9),
+    ]
+    assert outgoing(b) == []  # nothing is answered before the I/O layer dispatches them
     assert b.state is State.OPEN
 
 
@@ -544,6 +548,8 @@ def test_arbitrary_bytes_to_open_connection(data: bytes, cuts: list[int], eof: b
                     Kind.ERROR,
                     Kind.EVENT,
                     Kind.CANCEL,
+                    Kind.ROUTE_OPEN,
+                    Kind.ROUTE_CLOSE,
                     Kind.GOODBYE,
                     Kind.STREAM,
                     Kind.ITEM,

@@ -28,11 +28,12 @@ import msgspec
 import pytest
 
 import tether
-from tether import attachments, codec, pool, shm
+from tether import attachments, codec, segments, shm
 from tether.aio.peer import Peer
 from tether.attachments import MemfdStore
 from tether.protocol import Connection, State
 from tether.results import error_from_info
+from tether.routes import HOST_BIT
 from tether.wire import (
     ATT,
     FLAG_LEASE,
@@ -110,8 +111,12 @@ EXPECTED: dict[str, tuple[Kind, int, int, str, Any, list[bytes]]] = {
     "cancel": (Kind.CANCEL, 7, 0, "", EMPTY, []),
     "ping": (Kind.PING, 0xDEADBEEF, 0, "", EMPTY, []),
     "pong": (Kind.PONG, 0xDEADBEEF, 0, "", EMPTY, []),
-    "route-open": (Kind.ROUTE_OPEN, 0, 9, "", EMPTY, []),
-    "route-close": (Kind.ROUTE_CLOSE, 0, 9, "", EMPTY, []),
+    "route-open": (Kind.ROUTE_OPEN, 2, 1, "counter", [5], []),
+    "route-opened": (Kind.RESULT, 2, 0, "", None, []),
+    "route-invoke": (Kind.INVOKE, 3, 1, "add", [2], []),
+    "route-event": (Kind.EVENT, 0, 0x80000001, "changed", [7], []),
+    "route-close": (Kind.ROUTE_CLOSE, 0, 1, "", EMPTY, []),
+    "route-close-answer": (Kind.ROUTE_CLOSE, 0, 0x80000001, "", EMPTY, []),
     "goodbye": (Kind.GOODBYE, 0, 0, "", {"reason": "child finished"}, []),
     "invoke-buffer": (Kind.INVOKE, 1, 0, "process", [_BUFFER], [_BUFFER]),
     "invoke-buffer-fd": (Kind.INVOKE, 1, 0, "process", [_BUFFER], [_BUFFER]),
@@ -119,10 +124,10 @@ EXPECTED: dict[str, tuple[Kind, int, int, str, Any, list[bytes]]] = {
     "invoke-buffer-moved": (Kind.INVOKE, 1, 0, "process", [_BUFFER], [_BUFFER]),
     "event-ndarray-lease": (Kind.EVENT, 0, 0, "frame", [_FRAME_ARRAY], [_FRAME]),
     "release": (Kind.RELEASE, 1, 0, "", EMPTY, []),
-    "stream": (Kind.STREAM, 2, 0, "tokens", ["a b"], []),
-    "credit": (Kind.CREDIT, 2, 0, "", 16, []),
-    "item": (Kind.ITEM, 2, 0, "", "a", []),
-    "stream-end": (Kind.RESULT, 2, 0, "", None, []),
+    "stream": (Kind.STREAM, 4, 0, "tokens", ["a b"], []),
+    "credit": (Kind.CREDIT, 4, 0, "", 16, []),
+    "item": (Kind.ITEM, 4, 0, "", "a", []),
+    "stream-end": (Kind.RESULT, 4, 0, "", None, []),
 }
 
 # The attachment references as they sit in the body, extensions not resolved.
@@ -285,20 +290,28 @@ def _generated_plain() -> dict[str, bytes]:
     out["ping"] = bytes(child.data_to_send()[0])
     main.receive_data(out["hello-child"] + out["ping"])
     out["pong"] = bytes(main.data_to_send()[0])
-    route_open = bytearray()
-    encode_frame(route_open, Kind.ROUTE_OPEN, 0, 9, b"", b"")
-    out["route-open"] = bytes(route_open)
-    main.receive_data(out["route-open"])
-    out["route-close"] = bytes(main.data_to_send()[0])
+    rid, key = child.route_table().open(b"counter", (5,), object(), "route")
+    out["route-open"] = bytes(child.data_to_send()[0])
+    main.send_result(rid, None)
+    out["route-opened"] = bytes(main.data_to_send()[0])
+    child.send_invoke(b"add", (2,), object(), route_id=key ^ HOST_BIT)
+    out["route-invoke"] = bytes(child.data_to_send()[0])
+    main.send_event(b"changed", (7,), route_id=1 | HOST_BIT)
+    out["route-event"] = bytes(main.data_to_send()[0])
+    child.route_table().close(key)
+    out["route-close"] = bytes(child.data_to_send()[0])
+    main.route_table().add(1, "host")
+    main.route_table().closed_by_peer(1)
+    out["route-close-answer"] = bytes(main.data_to_send()[0])
     child.receive_data(out["hello-main"])  # the child learns main takes streams
     rid = child.send_stream(b"tokens", ("a b",), object(), 16)
-    assert rid == 2  # the child's invoke was 1
+    assert rid == 4  # after the child's invoke (1), ROUTE_OPEN (2) and route invoke (3)
     both = bytes(child.data_to_send()[0])
     n = int.from_bytes(both[:4], "little") + 4
     out["stream"], out["credit"] = both[:n], both[n:]
-    main.send_item(2, "a")
+    main.send_item(4, "a")
     out["item"] = bytes(main.data_to_send()[0])
-    main.answer(2, None)
+    main.answer(4, None)
     out["stream-end"] = bytes(main.data_to_send()[0])
     child.send_goodbye("child finished")
     out["goodbye"] = bytes(child.data_to_send()[0])
@@ -409,8 +422,18 @@ def test_worked_example_conversation() -> None:
 def test_automatic_answers_match_the_doc() -> None:
     _, main = _connections()
     main.data_to_send()[0]
-    assert main.receive_data(BLOCKS["hello-child"] + BLOCKS["ping"] + BLOCKS["route-open"]) == []
-    assert bytes(main.data_to_send()[0]) == BLOCKS["pong"] + BLOCKS["route-close"]
+    assert main.receive_data(BLOCKS["hello-child"] + BLOCKS["ping"]) == []
+    assert bytes(main.data_to_send()[0]) == BLOCKS["pong"]
+    # Routes (8.2): the host dispatches the ROUTE_OPEN, then answers the ROUTE_CLOSE.
+    (opening,) = main.receive_data(BLOCKS["route-open"])
+    table = main.route_table()
+    assert table.accept(opening.route_id) is None
+    table.add(opening.route_id, "host")
+    main.answer(opening.request_id, None)
+    assert bytes(main.data_to_send()[0]) == BLOCKS["route-opened"]
+    (closing,) = main.receive_data(BLOCKS["route-close"])
+    assert table.closed_by_peer(closing.route_id) == "host"
+    assert bytes(main.data_to_send()[0]) == BLOCKS["route-close-answer"]
 
 
 def test_documented_body_is_hello_schema() -> None:
@@ -494,14 +517,14 @@ def test_moved_segment_without_its_seals_is_refused() -> None:
     child.abort()
 
 
-class _SpyPool(pool.SegmentPool):
+class _SpyPool(segments.SegmentPool):
     """A private pool that remembers every segment it handed out."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.lent: list[pool.Segment] = []
+        self.lent: list[segments.Segment] = []
 
-    def get(self, nbytes: int) -> pool.Segment:
+    def get(self, nbytes: int) -> segments.Segment:
         seg = super().get(nbytes)
         self.lent.append(seg)
         return seg
@@ -764,6 +787,7 @@ def test_error_code_table_matches_caller() -> None:
         "too_large",
         "busy",
         "stream_mismatch",
+        "route_closed",
         "cancelled",
         "closed",
     }

@@ -149,14 +149,7 @@ _CODE = re.compile(r"`([^`]+)`")
 # Rows that hold once another branch lands (strict: they fail loudly when they start to pass,
 # so the marker goes at the merge). The large-bytes fix (bytes hints give bytes at every size,
 # a memoryview hint the view, both ways) is helper `handlers`'s.
-PENDING: dict[tuple[str, str], str] = {
-    ("bytes(100_000)", "bytes"): "large bytes under a bytes hint: helper handlers",
-    ("bytes(100_000)", "memoryview"): "result_type=memoryview for large bytes: helper handlers",
-    (
-        "tether.Buffer(100_000)",
-        "memoryview",
-    ): "result_type=memoryview for a Buffer: helper handlers",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def table_rows() -> list[tuple[str, str, str, str]]:

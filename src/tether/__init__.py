@@ -10,6 +10,7 @@ from .aio import Call as Call
 from .aio import Child as Child
 from .aio import Main as Main
 from .aio import Peer as Peer
+from .aio import Route as Route
 from .aio import Server as Server
 from .aio import connect as connect
 from .aio.runner import run as run
@@ -17,6 +18,7 @@ from .errors import AuthenticationError as AuthenticationError
 from .errors import BadRequest as BadRequest
 from .errors import BufferInUse as BufferInUse
 from .errors import Busy as Busy
+from .errors import ConnectError as ConnectError
 from .errors import ConnectionClosed as ConnectionClosed
 from .errors import ConsumedError as ConsumedError
 from .errors import EndOfStream as EndOfStream
@@ -27,11 +29,16 @@ from .errors import PayloadTooLarge as PayloadTooLarge
 from .errors import PeerGone as PeerGone
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteError as RemoteError
+from .errors import RouteClosed as RouteClosed
+from .errors import SandboxError as SandboxError
 from .errors import StreamMismatch as StreamMismatch
 from .errors import TetherError as TetherError
+from .executor import Pool as Pool
 from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
 from .pipe import pipe as pipe
+from .sandbox import Sandbox as Sandbox
+from .sandbox import SandboxReport as SandboxReport
 from .shm import Buffer as Buffer
 
 __version__ = "0.1.0"
@@ -44,6 +51,7 @@ __all__ = [
     "Busy",
     "Call",
     "Child",
+    "ConnectError",
     "ConnectionClosed",
     "ConsumedError",
     "EndOfStream",
@@ -56,8 +64,14 @@ __all__ = [
     "PeerGone",
     "PipeReader",
     "PipeWriter",
+    "Pool",
     "ProtocolError",
     "RemoteError",
+    "Route",
+    "RouteClosed",
+    "Sandbox",
+    "SandboxError",
+    "SandboxReport",
     "Server",
     "StreamMismatch",
     "TetherError",

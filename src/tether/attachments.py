@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from . import shm
 from .errors import ProtocolError
-from .pool import Borrowed, Segment, SegmentPool
+from .segments import Borrowed, Segment, SegmentPool
 from .wire import FLAG_LEASE, FLAG_MOVED
 
 __all__ = ["MAX_LEASES", "MemfdStore"]

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
-from .errors import BadRequest
+from .errors import BadRequest, Forbidden
 
 __all__ = [
     "ErrorInfo",
@@ -114,7 +114,7 @@ def _decodable(tp: Any) -> Any:
     Buffer types become ``Any`` too, checked after decoding: large buffers
     arrive as attachments (read-only memoryviews), which msgspec would reject.
     """
-    if tp in _BUFFER_TYPES:
+    if tp in _BUFFER_TYPES or buffer_target(tp) is not None:
         return Any
     try:
         msgspec.msgpack.Decoder(tp)
@@ -174,7 +174,16 @@ def error_info(exc: BaseException, *, traceback: bool = True) -> ErrorInfo:
     An exception whose ``__str__`` (or formatting) raises is still described,
     by its type; text that is not valid UTF-8 (lone surrogates) is replaced,
     so the result always encodes.
+
+    A :class:`~tether.Forbidden` the handler (or a route's host factory)
+    raised is a refusal, not a failure: it is answered ``forbidden``, so the
+    caller gets ``Forbidden`` with its message (no type, no traceback).
     """
+    if isinstance(exc, Forbidden):
+        try:
+            return ErrorInfo(code="forbidden", message=_clean(str(exc)))
+        except BaseException:
+            return ErrorInfo(code="forbidden", message="forbidden")
     tp = type(exc)
     try:
         mod, qual = tp.__module__, tp.__qualname__
@@ -204,6 +213,8 @@ def _clean(text: str) -> str:
 
 
 _INDEX: Final = re.compile(r"^\$\[(\d+)\]")
+_ARITY: Final = re.compile(r"^Expected `array` of length (\d+)(?: to (\d+))?, got (\d+)$")
+_RAW_LIST: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
 
 
 def _hints_one_by_one(fn: Callable[..., Any]) -> dict[str, Any]:
@@ -217,30 +228,102 @@ def _hints_one_by_one(fn: Callable[..., Any]) -> dict[str, Any]:
     return hints
 
 
+def type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """``fn``'s resolved type hints; an unresolvable one becomes ``Any``."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # one unresolvable hint: resolve the others one by one
+        return _hints_one_by_one(fn)
+
+
+def buffer_target(hint: Any) -> type | None:
+    """What a buffer hint turns a received buffer into: bytes, bytearray, or a memoryview.
+
+    ``bytes`` and ``bytearray`` copy (the same type at every size: large
+    buffers arrive as views of an attachment); ``memoryview`` and
+    :class:`tether.Buffer` keep the zero-copy view (small ones are wrapped).
+    """
+    if hint in _BUFFER_TYPES:
+        return hint  # type: ignore[no-any-return]
+    if isinstance(hint, type) and getattr(hint, "__tether_buffer__", False):
+        return memoryview
+    return None
+
+
+def as_buffer(value: Any, target: type) -> Any:
+    """``value`` (bytes or a view) as ``target``; anything else is returned as is."""
+    if type(value) is target or not isinstance(value, _BUFFER_TYPES):
+        return value
+    if target is memoryview:
+        return memoryview(value).toreadonly()
+    return target(value)
+
+
+#: msgspec's complaint when a large buffer (an attachment reference) meets a typed field
+EXT_MISMATCH: Final = "got `ext`"
+
+
+def nested_buffers(
+    decoder: msgspec.msgpack.Decoder[Any],
+    body: Any,
+    attachments: Any,
+    pickled: bool,
+    error: msgspec.ValidationError,
+) -> Any:
+    """Decode ``body`` untyped, then convert it to the decoder's type.
+
+    The slow path for a large ``bytes`` value *inside* a typed argument or
+    result (a Struct field, a ``list[bytes]``): it crossed as an attachment,
+    which msgspec's typed decoding refuses (``got `ext```). Converting the
+    untyped value gives it the hinted type at every size, as at the top level.
+    Raises msgspec's ValidationError for a real mismatch, with its path;
+    ``error`` (the typed decoder's) if the value cannot be converted at all
+    (an array where the hint wants something else).
+    """
+    raw = decode_with(any_decoder, body, attachments, pickled)
+    try:
+        return msgspec.convert(raw, decoder.type)
+    except msgspec.ValidationError:
+        raise
+    except Exception:
+        raise error from None
+
+
+def _plural(n: int) -> str:
+    return "argument" if n == 1 else "arguments"
+
+
 class ArgsSpec:
     """Decodes a call's positional arguments for one handler.
 
     Built once per handler from its signature (the first parameter, the
-    :class:`~tether.Call`, is skipped). Unannotated parameters accept anything;
-    ``*args`` makes the whole argument list untyped.
+    :class:`~tether.Call`, is skipped). Unannotated parameters accept anything.
+    A ``*args`` parameter takes the arguments past the named ones, each
+    validated against its hint. A parameter hinted ``bytes`` (or
+    ``bytearray``) receives that type at every size; ``memoryview`` or
+    :class:`tether.Buffer` receives a read-only view (zero-copy when large).
+    Mismatches read like Python's own: ``add() takes 2 arguments (a, b),
+    got 1``; ``add() argument 'b': expected int, got str``.
     """
 
-    __slots__ = ("buffers", "decoder", "names")
+    __slots__ = ("buffers", "decoder", "fname", "items", "names", "required", "rest", "slow")
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         sig = inspect.signature(fn)
-        try:
-            hints = typing.get_type_hints(fn)
-        except Exception:  # one unresolvable hint: resolve the others one by one
-            hints = _hints_one_by_one(fn)
-        params = list(sig.parameters.values())[1:]
+        hints = type_hints(fn)
+        self.fname = str(getattr(fn, "__name__", None) or "handler")
+        every = list(sig.parameters.values())
+        # The Call comes first; a handler taking only *args gets it in args[0].
+        params = every if every and every[0].kind is every[0].VAR_POSITIONAL else every[1:]
         names: list[str] = []
         types: dict[str, Any] = {}
         defaults: list[Any] = []
-        variadic = False
+        rest: Any = None  # the *args item type, when there is one
         for p in params:
             if p.kind is p.VAR_POSITIONAL:
-                variadic = True
+                rest = hints.get(p.name, Any)
+                if p is every[0]:
+                    rest = Any  # its hint is for the call as well
                 break
             if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD):
                 if p.kind is p.KEYWORD_ONLY and p.default is p.empty:
@@ -255,12 +338,26 @@ class ArgsSpec:
             elif defaults:
                 raise TypeError(f"handler {fn!r}: parameter {p.name!r} follows a default")
         self.names = tuple(names)
+        self.required = len(names) - len(defaults)
         self.buffers = tuple(
-            i for i, n in enumerate(names) if types.get(n) is Any and hints.get(n) in _BUFFER_TYPES
+            (i, t) for i, n in enumerate(names) if (t := buffer_target(hints.get(n))) is not None
         )
-        if variadic:
-            self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
-                tuple[Any, ...], ext_hook=ext_hook
+        self.rest: tuple[msgspec.msgpack.Decoder[Any], type | None] | None = None
+        self.items: tuple[tuple[msgspec.msgpack.Decoder[Any], Any], ...] = ()
+        #: buffer hints or *args: decoding takes the longer way
+        self.slow = bool(self.buffers) or rest is not None
+        if rest is not None:
+            # Each argument is decoded on its own: the named ones, then *args.
+            self.decoder: msgspec.msgpack.Decoder[Any] = _RAW_LIST
+            self.items = tuple(
+                (msgspec.msgpack.Decoder(types[n], ext_hook=ext_hook), d)
+                for n, d in zip(
+                    names, [inspect.Parameter.empty] * self.required + defaults, strict=True
+                )
+            )
+            self.rest = (
+                msgspec.msgpack.Decoder(_decodable(rest), ext_hook=ext_hook),
+                buffer_target(rest),
             )
             return
         nt = collections.namedtuple("Args", names, defaults=defaults)  # type: ignore[misc]
@@ -275,33 +372,137 @@ class ArgsSpec:
         ``pickled``: the frame came over a connection whose ends opted in to pickle.
         """
         try:
+            if self.slow:  # one check on the common path
+                if self.rest is not None:
+                    return self._variadic(body, attachments, pickled)
+                return self._buffers(decode_with(self.decoder, body, attachments, pickled))
             if attachments or pickled:
                 args: tuple[Any, ...] = decode_with(self.decoder, body, attachments, pickled)
-            else:
-                args = self.decoder.decode(body)
-            for i in self.buffers:
-                if i < len(args) and not isinstance(args[i], _BUFFER_TYPES):
-                    got = type(args[i]).__name__
-                    raise BadRequest(
-                        f"bad argument `{self.names[i]}`: Expected `bytes`, got `{got}`",
-                        path=self.names[i],
-                    )
+                return args
+            args = self.decoder.decode(body)
             return args
         except msgspec.ValidationError as exc:
+            if attachments and EXT_MISMATCH in str(exc):
+                return self._converted(body, attachments, pickled, exc)
             raise self._bad(str(exc)) from None
         except msgspec.DecodeError as exc:
             raise BadRequest(f"malformed arguments: {exc}") from None
         except RecursionError:  # msgspec's depth guard, for values decoded as Any
             raise BadRequest("malformed arguments: nested too deeply") from None
 
+    def _converted(
+        self, body: Any, attachments: Any, pickled: bool, error: msgspec.ValidationError
+    ) -> tuple[Any, ...]:
+        """Arguments with a large buffer nested in a typed one (see :func:`nested_buffers`)."""
+        try:
+            args: tuple[Any, ...] = nested_buffers(self.decoder, body, attachments, pickled, error)
+        except msgspec.ValidationError as exc:
+            raise self._bad(str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"malformed arguments: {exc}") from None
+        except RecursionError:
+            raise BadRequest("malformed arguments: nested too deeply") from None
+        return self._buffers(args) if self.buffers else args
+
+    def _buffers(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Buffer-hinted arguments as their hinted type (checked: msgspec took them as Any)."""
+        out: list[Any] | None = None
+        for i, target in self.buffers:
+            if i >= len(args):
+                continue
+            v = args[i]
+            if not isinstance(v, _BUFFER_TYPES):
+                raise self._type(self.names[i], target, v)
+            if type(v) is not target:
+                if out is None:
+                    out = list(args)
+                out[i] = as_buffer(v, target)
+        return args if out is None else type(args)(*out)
+
+    def _variadic(self, body: Any, attachments: Any, pickled: bool) -> tuple[Any, ...]:
+        raws = _RAW_LIST.decode(body)
+        n = len(raws)
+        if n < self.required:
+            raise BadRequest(self._arity(n))
+        assert self.rest is not None
+        out: list[Any] = []
+        for i, raw in enumerate(raws):
+            if i < len(self.items):
+                dec, target = self.items[i][0], None
+                name = self.names[i]
+                for j, t in self.buffers:
+                    if j == i:
+                        target = t
+            else:
+                dec, target = self.rest
+                name = f"*args[{i - len(self.items)}]"
+            try:
+                try:
+                    v = (
+                        decode_with(dec, raw, attachments, pickled)
+                        if attachments or pickled
+                        else dec.decode(raw)
+                    )
+                except msgspec.ValidationError as exc:
+                    if not (attachments and EXT_MISMATCH in str(exc)):
+                        raise
+                    v = nested_buffers(dec, raw, attachments, pickled, exc)
+            except msgspec.ValidationError as exc:
+                msg, _, where = str(exc).rpartition(" - at `")
+                if not msg:
+                    msg, where = str(exc), "$`"
+                path = name + where.rstrip("`")[1:]
+                raise BadRequest(
+                    f"{self.fname}() argument '{path}': {python_words(msg)}", path=path
+                ) from None
+            if target is not None:
+                if not isinstance(v, _BUFFER_TYPES):
+                    raise self._type(name, target, v)
+                v = as_buffer(v, target)
+            out.append(v)
+        for _, default in self.items[n:]:
+            out.append(default)
+        return tuple(out)
+
+    def _type(self, name: str, target: type, got: Any) -> BadRequest:
+        return BadRequest(
+            f"{self.fname}() argument '{name}': expected {target.__name__}, "
+            f"got {type(got).__name__}",
+            path=name,
+        )
+
+    def _arity(self, got: int) -> str:
+        hi = len(self.names)
+        lo = self.required
+        shown = f" ({', '.join(self.names)})" if self.names else ""
+        if self.rest is not None:
+            return f"{self.fname}() takes at least {lo} {_plural(lo)}{shown}, got {got}"
+        if hi == 0:
+            return f"{self.fname}() takes no arguments, got {got}"
+        if lo == hi:
+            return f"{self.fname}() takes {hi} {_plural(hi)}{shown}, got {got}"
+        return f"{self.fname}() takes {lo} to {hi} arguments{shown}, got {got}"
+
     def _bad(self, text: str) -> BadRequest:
+        m = _ARITY.match(text)
+        if m:
+            return BadRequest(self._arity(int(m.group(3))))
         msg, _, where = text.rpartition(" - at `")
         if not msg:
-            return BadRequest(f"bad arguments: {text}")
+            if text.startswith("Expected `array`, got"):
+                got = text.rpartition(" ")[2].strip("`")
+                return BadRequest(f"{self.fname}() arguments must be an array, got {got}")
+            return BadRequest(f"bad arguments to {self.fname}(): {python_words(text)}")
         where = where.rstrip("`")
         m = _INDEX.match(where)
         if m and int(m.group(1)) < len(self.names):
             path = self.names[int(m.group(1))] + where[m.end() :]
         else:
             path = where
-        return BadRequest(f"bad argument `{path}`: {msg}", path=path)
+        return BadRequest(f"{self.fname}() argument '{path}': {python_words(msg)}", path=path)
+
+
+def python_words(msg: str) -> str:
+    """A msgspec message in Python's style: ``expected int, got str`` (no backticks)."""
+    msg = msg.replace("`", "") if msg.startswith("Expected ") else msg.replace("`", "'")
+    return msg[:1].lower() + msg[1:]

@@ -6,6 +6,9 @@
 2. The Electron example: main handles ``message-from-renderer``; a renderer
    process invokes it with ``Hola, mundo!`` and prints the reply.
 3. What Electron lacks: main invokes a handler in the child (``compute``).
+4. The Chromium example: a sandboxed renderer with no network opens
+   WebSockets through main's broker, one route per socket
+   (:mod:`tether.demo_broker`).
 
 The child's target must be a module-level function, so the ``spawn`` start
 method can import it in the new interpreter.
@@ -14,6 +17,7 @@ method can import it in the new interpreter.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import sys
 import traceback
@@ -123,5 +127,15 @@ def main() -> int:
     code = run(electron_demo())
     if code != 0:
         print(f"electron demo: child exited with code {code}", file=sys.stderr)
+        return 1
+    _heading("4. Chromium: a sandboxed renderer's WebSockets, owned by main (routes)")
+    if importlib.util.find_spec("websockets") is None:  # main's real sockets need it
+        print("skipped: needs the websockets package (pip install 'tether-ipc[broker]')")
+        return 0
+    from .demo_broker import broker_demo
+
+    code = run(broker_demo(ELECTRON_MESSAGE))
+    if code != 0:
+        print(f"broker demo: renderer exited with code {code}", file=sys.stderr)
         return 1
     return 0

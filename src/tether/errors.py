@@ -4,6 +4,7 @@
 
     TetherError
     ├── PeerGone              the other side went away (EOF, reset, exit, kill)
+    │   └── ConnectError      nothing answered at the address (refused, absent, unreachable)
     ├── InvokeTimeout         an invoke got no answer in time (also TimeoutError)
     ├── RemoteError           the remote handler raised; type, message, traceback kept
     ├── NoHandler             nothing handles that channel on the other side
@@ -17,6 +18,9 @@
     ├── EndOfStream           a pipe's writer closed; no more messages will come
     ├── BufferInUse           a Buffer was sent while views of it were alive (also BufferError)
     ├── Busy                  the callee has too many of this caller's invokes in flight
+    ├── RouteClosed           the route ended (either side closed it, a send failed, the
+    │                         connection was lost); its pending invokes fail with this
+    ├── SandboxError          the OS refused part of a child's sandbox; ``part`` names it
     └── StreamMismatch        invoke of a generator handler, or stream of a plain one
 
 The split answers "whose fault, and what now?":
@@ -41,6 +45,7 @@ __all__ = [
     "BadRequest",
     "BufferInUse",
     "Busy",
+    "ConnectError",
     "ConnectionClosed",
     "ConsumedError",
     "EndOfStream",
@@ -51,6 +56,8 @@ __all__ = [
     "PeerGone",
     "ProtocolError",
     "RemoteError",
+    "RouteClosed",
+    "SandboxError",
     "StreamMismatch",
     "TetherError",
 ]
@@ -74,6 +81,25 @@ class PeerGone(TetherError, ConnectionError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild, (type(self), self.args, {"exitcode": self.exitcode}))
+
+
+class ConnectError(PeerGone):
+    """Connecting failed: nothing listens at the address, or it refused or is unreachable.
+
+    A :class:`PeerGone`, so ``except PeerGone`` still catches it; its own type
+    tells "never connected" from "connected, then lost". The ``OSError`` is
+    its ``__cause__``.
+
+    Attributes:
+        address: the address that was tried, as given (``unix:///...``, ``tcp://...``).
+    """
+
+    def __init__(self, message: str, *, address: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, {"address": self.address}))
 
 
 class InvokeTimeout(TetherError, TimeoutError):
@@ -184,3 +210,46 @@ class Busy(TetherError):
     handler did not run and the connection stays open: retry later, or wait
     for some of the calls already made.
     """
+
+
+class SandboxError(TetherError):
+    """The OS refused part of a sandboxed child's sandbox; ``spawn`` did not start it.
+
+    Raised by ``Main.spawn(..., sandbox=...)`` unless ``best_effort=True``:
+    no network namespace (neither privilege nor user namespaces), or a limit
+    or ``prctl`` the kernel refused. The child exited before running any of
+    the target's code.
+
+    Attributes:
+        part: what was refused: ``"network"``, ``"capabilities"``,
+            ``"no_new_privs"``, ``"address_space"``, ``"open_files"`` or ``"cpu_seconds"``.
+    """
+
+    def __init__(self, message: str, *, part: str = "") -> None:
+        super().__init__(message)
+        self.part = part
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, {"part": self.part}))
+
+
+class RouteClosed(TetherError, ConnectionError):
+    """The route ended: either side closed it, the connection was lost, or a send on it failed.
+
+    Pending invokes on the route fail with it, and so does every later use.
+    When a send failed (SendOrDrop: the route is dropped and its host closed),
+    the message names the route's kind, routing id and the channel sent on,
+    all captured before the send, and ``__cause__`` says why the send failed.
+
+    Attributes:
+        kind: the route's kind (what ``open`` named).
+        route_id: its routing id.
+    """
+
+    def __init__(self, message: str, *, kind: str = "", route_id: int = 0) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.route_id = route_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, {"kind": self.kind, "route_id": self.route_id}))

@@ -69,6 +69,7 @@ from .errors import (
     ProtocolError,
     StreamMismatch,
 )
+from .routes import RouteTable
 from .streams import credit_body, is_a_stream
 from .wire import (
     ATT,
@@ -114,7 +115,16 @@ MAX_AUTO_REPLIES: Final = 4096
 _BLANK_HEADER: Final = bytes(HEADER_SIZE)
 _WHILE_CLOSING: Final = frozenset((K_RESULT, K_ERROR))  # after our GOODBYE: answers to our calls
 _TO_APP: Final = frozenset(
-    int(k) for k in (Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL)
+    int(k)
+    for k in (
+        Kind.INVOKE,
+        Kind.RESULT,
+        Kind.ERROR,
+        Kind.EVENT,
+        Kind.CANCEL,
+        Kind.ROUTE_OPEN,  # routes change state when dispatched, in order (tether.routes)
+        Kind.ROUTE_CLOSE,
+    )
 )
 #: STREAM, ITEM, CREDIT: passed to the application when both sides announced ``stream``
 _STREAM_KINDS: Final = frozenset(int(k) for k in (Kind.STREAM, Kind.ITEM, Kind.CREDIT))
@@ -304,6 +314,8 @@ class Connection:
         self._next_rid = 0
         #: request id -> the application's waiter, for invokes awaiting an answer
         self.pending: dict[int, Any] = {}
+        #: the routes of this connection, made by :meth:`route_table` on first use
+        self.routes: RouteTable | None = None
         hello = codec.encoder.encode(
             codec.Hello(
                 protocol=codec.PROTOCOL_NAME,
@@ -386,8 +398,9 @@ class Connection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Feed received bytes; return the frames the application must act on.
 
-        Frames returned are INVOKE, RESULT, ERROR, EVENT, CANCEL and GOODBYE.
-        HELLO, PING, PONG, ROUTE_OPEN and RELEASE are answered here. Nothing
+        Frames returned are INVOKE, RESULT, ERROR, EVENT, CANCEL, ROUTE_OPEN,
+        ROUTE_CLOSE (see :mod:`tether.routes`) and GOODBYE. HELLO, PING, PONG
+        and RELEASE are answered here. Nothing
         after the peer's GOODBYE is returned, in this read or a later one.
         ``data`` must not be modified afterwards: frames may hold views into
         it. After this returns, call :meth:`data_to_send` and write what it gives.
@@ -445,11 +458,7 @@ class Connection:
                 elif k == Kind.PING:
                     self._auto_reply()
                     self._emit(Kind.PONG, f.request_id, 0, b"", b"")
-                elif k == Kind.ROUTE_OPEN:
-                    # Routes are reserved in protocol version 1: refuse each one.
-                    self._auto_reply()
-                    self._emit(Kind.ROUTE_CLOSE, 0, f.route_id, b"", b"")
-                elif k in _STREAM_KINDS:  # docs/protocol.md 7.5
+                elif k in _STREAM_KINDS:  # docs/protocol.md 7.6
                     if not self.streams:
                         raise ProtocolError(
                             f"frame kind {k} from a peer that did not announce stream"
@@ -457,7 +466,7 @@ class Connection:
                     if k == K_STREAM and not f.request_id:
                         raise ProtocolError("STREAM with request id 0")
                     append(f)
-                # PONG, ROUTE_CLOSE: nothing to do
+                # PONG: nothing to do
             if self._fds_in:
                 self._check_unclaimed()
             if self.pickle:
@@ -540,13 +549,15 @@ class Connection:
 
     def _handshake(self, f: Frame) -> None:
         if f.kind != Kind.HELLO:
-            raise ProtocolError(f"expected HELLO, got frame kind {f.kind}")
+            raise ProtocolError(f"not a tether peer: expected HELLO, got frame kind {f.kind}")
         try:
             hello = codec.hello_decoder.decode(f.body)
         except (msgspec.MsgspecError, RecursionError) as exc:
-            raise ProtocolError(f"malformed HELLO: {exc}") from None
+            raise ProtocolError(f"not a tether peer: malformed HELLO: {exc}") from None
         if hello.protocol != codec.PROTOCOL_NAME:
-            raise ProtocolError(f"peer speaks {hello.protocol!r}, not {codec.PROTOCOL_NAME!r}")
+            raise ProtocolError(
+                f"not a tether peer: it speaks {hello.protocol!r}, not {codec.PROTOCOL_NAME!r}"
+            )
         if hello.version != codec.PROTOCOL_VERSION:
             raise ProtocolError(
                 f"peer speaks protocol version {hello.version}; "
@@ -716,6 +727,33 @@ class Connection:
         self._emit_obj(K_INVOKE, rid, route_id, channel, _wrap(args))
         self.pending[rid] = waiter
         return rid
+
+    def send_route_open(self, route_id: int, kind: bytes, args: Any, waiter: Any) -> int:
+        """Queue a ROUTE_OPEN of ``kind``; return its request id (use :meth:`RouteTable.open`)."""
+        if self.state is not State.OPEN:
+            self._check_open(args)
+        rid = self._next_rid = (self._next_rid + 1) & _U32 or 1
+        while rid in self.pending:
+            rid = self._next_rid = (rid + 1) & _U32 or 1
+        self._emit_obj(Kind.ROUTE_OPEN, rid, route_id, kind, _wrap(args))
+        self.pending[rid] = waiter
+        return rid
+
+    def route_table(self) -> RouteTable:
+        """The routes of this connection (made on first use: most connections have none)."""
+        if self.routes is None:
+            self.routes = RouteTable(self)
+        return self.routes
+
+    def route_frame_allowed(self) -> bool:
+        """Whether this side may still send frames (open, or handshaking, and no GOODBYE sent)."""
+        return self.state is State.OPEN or self.state is State.HANDSHAKE
+
+    def emit_route_close(self, route_id: int, auto: bool) -> None:
+        """Queue a ROUTE_CLOSE (``auto``: an answer the peer asked for, counted like a PONG)."""
+        if auto:
+            self._auto_reply()
+        self._emit(Kind.ROUTE_CLOSE, 0, route_id, b"", b"")
 
     def send_event(self, channel: bytes, args: Any, route_id: int = 0) -> None:
         """Queue a one-way EVENT on ``channel``."""

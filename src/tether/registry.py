@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, ClassVar, TypeVar, overload
 
-from .codec import ArgsSpec, ErrorInfo
+from .codec import ArgsSpec, ErrorInfo, type_hints
 from .errors import BadRequest
 from .wire import Frame
 
@@ -50,28 +51,98 @@ class Call:
         channel: the channel name.
         request_id: the invoke's request id (0 for events).
         route_id: the route addressed (0 = the peer itself).
+
+    A handler registered with ``thread=True`` runs on a worker thread (see
+    :mod:`tether.threads`): it polls :attr:`cancelled` to stop when its caller
+    gives up, and reports progress with :meth:`send`, whose events reach the
+    caller before the result, in order.
     """
 
-    __slots__ = ("channel", "peer", "request_id", "route_id")
+    __slots__ = ("_cancel", "_task", "channel", "peer", "request_id", "route_id")
 
     def __init__(self, peer: Any, channel: str, request_id: int, route_id: int) -> None:
         self.peer = peer
         self.channel = channel
         self.request_id = request_id
         self.route_id = route_id
+        self._cancel: threading.Event | None = None
+        self._task: Any = None  # the asyncio task serving this invoke, if any
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the caller gave up on this invoke; safe to read from any thread.
+
+        Set when the caller sends CANCEL (it cancelled the call, or its
+        timeout expired) and when the connection is lost. A long loop in a
+        ``thread=True`` handler checks it and returns early (the answer is
+        dropped anyway). An ``async`` handler is also cancelled at its next
+        ``await``; a plain handler on the event loop never sees it set, since
+        nothing is read while it runs. Events (``on``) are never cancelled.
+        """
+        ev = self._cancel
+        return ev is not None and ev.is_set()
+
+    def send(self, channel: str, *args: Any) -> None:
+        """Send an event to the caller from a handler running on a thread; blocks until queued.
+
+        For ``thread=True`` handlers (and handlers of a blocking
+        :class:`tether.sync.Peer`): the event is queued before this returns,
+        so events sent this way reach the caller before the handler's result,
+        in the order sent. It waits, as :meth:`tether.Peer.send` does, while
+        the caller does not read (bounded by the peer's ``max_queued`` and
+        ``drain_timeout``: past them the peer is dropped and this raises
+        :class:`~tether.PeerGone`). On the event loop's own thread it raises
+        ``RuntimeError``: there, ``await call.peer.send(...)``.
+        """
+        self.peer.send_threadsafe(channel, *args)
+
+    def _arm_cancel(self) -> None:
+        """Make the flag before another thread reads it (threaded handlers)."""
+        if self._cancel is None:
+            self._cancel = threading.Event()
+
+    def _set_cancelled(self) -> None:
+        self._arm_cancel()
+        assert self._cancel is not None
+        self._cancel.set()
+
+    def _abandon(self) -> None:
+        """The caller gave up, or the connection ended: set the flag, cancel the task."""
+        self._set_cancelled()
+        if self._task is not None:
+            self._task.cancel()
 
     def __repr__(self) -> str:
         return f"<Call {self.channel!r} #{self.request_id} from {self.peer!r}>"
 
 
 class Handler:
-    """One registered function with its prebuilt argument decoder."""
+    """One registered function with its prebuilt argument decoder.
 
-    __slots__ = ("fn", "is_async", "roles", "spec")
+    ``run`` is what the asyncio layer awaits for an ``async`` or threaded
+    handler (``is_async``); ``thread``: registered with ``thread=True``.
+    """
 
-    def __init__(self, fn: Callable[..., Any], roles: Collection[str] | str | None) -> None:
+    __slots__ = ("fn", "is_async", "roles", "run", "spec", "thread")
+
+    def __init__(
+        self, fn: Callable[..., Any], roles: Collection[str] | str | None, thread: bool = False
+    ) -> None:
         self.fn = fn
-        self.is_async = inspect.iscoroutinefunction(fn)
+        coro = inspect.iscoroutinefunction(fn)
+        if thread and (coro or inspect.isasyncgenfunction(fn)):
+            raise TypeError(
+                f"handler {_name(fn)}() is async: thread=True is for plain functions "
+                "(an async handler already leaves the event loop free while it awaits)"
+            )
+        self.thread = bool(thread)
+        self.is_async = coro or self.thread
+        self.run: Callable[..., Any] = fn
+        if self.thread:
+            from .threads import run_in_thread
+
+            self.run = lambda call, *args: run_in_thread(fn, call, args)
+        _check_call_param(fn)
         self.spec = ArgsSpec(fn)
         self.roles = checked_roles(roles)
 
@@ -85,10 +156,53 @@ class Handler:
         return local if self.roles is None else role in self.roles
 
 
+def _name(fn: Any) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
+
+
+def _check_call_param(fn: Callable[..., Any]) -> None:
+    """Refuse, at registration, a handler that cannot take the :class:`Call` first.
+
+    Handlers take ``call`` first, then the arguments. What an invoke will
+    send cannot be known here, so the check is on that rule: ``fn`` needs a
+    positional first parameter (or ``*args``), and if that parameter is
+    annotated, with a type the Call can be.
+
+    Raises:
+        TypeError: naming the function, saying its first parameter receives the Call.
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return  # no signature to check (some builtins): calls will tell
+    first = params[0] if params else None
+    positional = (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD) if first else ()
+    if first is None or first.kind not in (*positional, first.VAR_POSITIONAL):
+        raise TypeError(
+            f"handler {_name(fn)}() takes no positional parameter for the call: its first "
+            f"parameter receives the tether.Call, then come the invoke's arguments "
+            f"(def {getattr(fn, '__name__', 'handler')}(call, ...))"
+        )
+    if first.kind is first.VAR_POSITIONAL:
+        return
+    hint = type_hints(fn).get(first.name)
+    if (
+        isinstance(hint, type)
+        and hint is not Any
+        and not (issubclass(hint, Call) or issubclass(Call, hint))
+    ):
+        raise TypeError(
+            f"handler {_name(fn)}(): its first parameter {first.name!r} is annotated "
+            f"{hint.__name__}, but the first parameter receives the tether.Call "
+            f"(def {getattr(fn, '__name__', 'handler')}(call: tether.Call, {first.name}: "
+            f"{hint.__name__}, ...))"
+        )
+
+
 class Registry:
     """Channel name -> :class:`Handler`, for invokes and for events."""
 
-    __slots__ = ("_unlogged", "_warn_at", "_warned", "events", "invokes")
+    __slots__ = ("_unlogged", "_warn_at", "_warned", "events", "hosts", "invokes")
 
     #: dropped-event warnings logged per second at most (a flood of bad events
     #: must not become a flood of log lines); the rest are counted
@@ -97,6 +211,8 @@ class Registry:
     def __init__(self) -> None:
         self.invokes: dict[str, Handler] = {}
         self.events: dict[str, list[Handler]] = {}
+        #: route kind -> host factory (see :meth:`Handlers.host` and :mod:`tether.routes`)
+        self.hosts: dict[str, Handler] = {}
         self._warn_at = 0.0
         self._warned = 0
         self._unlogged = 0
@@ -114,9 +230,14 @@ class Registry:
         log.warning("dropped event on %r from role %r: %s", channel, role, _describe(exc))
 
     def handle(
-        self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | str | None = None
+        self,
+        channel: str,
+        fn: Callable[..., Any],
+        *,
+        roles: Collection[str] | str | None = None,
+        thread: bool = False,
     ) -> None:
-        """Register ``fn`` to answer invokes on ``channel``.
+        """Register ``fn`` to answer invokes on ``channel`` (``thread``: on a worker thread).
 
         One handler per channel, as in Electron: remove the first with
         :meth:`remove_handler` before registering another. ``roles`` limits
@@ -134,7 +255,7 @@ class Registry:
                 f"attempted to register a second handler for {channel!r} "
                 f"(remove_handler({channel!r}) removes the first)"
             )
-        self.invokes[channel] = Handler(fn, roles)
+        self.invokes[channel] = Handler(fn, roles, thread)
 
     def on(
         self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | str | None = None
@@ -149,7 +270,8 @@ class Registry:
                 a collection of roles.
         """
         channel = checked_channel(channel)
-        self.events.setdefault(channel, []).append(Handler(fn, roles))
+        h = Handler(fn, roles)  # before the table: a refused listener leaves no trace
+        self.events.setdefault(channel, []).append(h)
 
     def remove_handler(self, channel: str) -> None:
         """Drop the invoke handler of ``channel``, if any (its event listeners stay).
@@ -225,6 +347,51 @@ class Registry:
                 self._dropped(f.channel, role, exc)
         return out
 
+    def host(
+        self, kind: str, factory: Callable[..., Any], *, roles: Collection[str] | str | None = None
+    ) -> None:
+        """Register ``factory`` to make the host object of each route of ``kind`` opened here.
+
+        Raises:
+            ValueError: ``kind`` already has a factory, or is not a valid name.
+            TypeError: ``factory`` is a coroutine function (it must run inline,
+                in order with the frames), or ``roles`` is malformed.
+        """
+        from .routes import host_spec_target
+
+        kind = checked_channel(kind)
+        if kind in self.hosts:
+            raise ValueError(f"attempted to register a second host for route kind {kind!r}")
+        if inspect.iscoroutinefunction(factory):
+            raise TypeError(
+                f"host factory for {kind!r} must be a class or a plain function, not async "
+                "(its close() may be async)"
+            )
+        h = Handler(host_spec_target(factory), roles)
+        h.fn = factory
+        self.hosts[kind] = h
+
+    def resolve_host(
+        self, f: Frame, role: str, local: bool = True
+    ) -> tuple[Handler, tuple[Any, ...]] | ErrorInfo:
+        """The host factory of a ROUTE_OPEN and its validated arguments, or the ERROR to answer.
+
+        Same checks, in the same order and with the same roles rule, as :meth:`resolve`.
+        """
+        h = self.hosts.get(f.channel)
+        if h is None:
+            return ErrorInfo("no_handler", f"no host for route kind {f.channel!r}")
+        if not h.allows(role, local):
+            return ErrorInfo(
+                "forbidden", f"route kind {f.channel!r} may not be opened by role {role!r}"
+            )
+        try:
+            return h, h.spec.decode(f.body, f.attachments, f.pickle)
+        except BadRequest as exc:
+            return ErrorInfo("bad_request", str(exc), path=exc.path)
+        except Exception as exc:
+            return ErrorInfo("bad_request", f"cannot decode arguments: {_describe(exc)}")
+
     def remove(self, channel: str) -> None:
         """Drop the invoke handler and every event listener of ``channel``."""
         self.invokes.pop(_not_reserved(channel), None)
@@ -292,34 +459,60 @@ class Handlers:
 
     @overload
     def handle(
-        self, channel: str, fn: None = None, *, roles: Collection[str] | str | None = None
+        self,
+        channel: str,
+        fn: None = None,
+        *,
+        roles: Collection[str] | str | None = None,
+        thread: bool = False,
     ) -> Callable[[F], F]: ...
     @overload
-    def handle(self, channel: str, fn: F, *, roles: Collection[str] | str | None = None) -> F: ...
     def handle(
-        self, channel: str, fn: F | None = None, *, roles: Collection[str] | str | None = None
+        self,
+        channel: str,
+        fn: F,
+        *,
+        roles: Collection[str] | str | None = None,
+        thread: bool = False,
+    ) -> F: ...
+    def handle(
+        self,
+        channel: str,
+        fn: F | None = None,
+        *,
+        roles: Collection[str] | str | None = None,
+        thread: bool = False,
     ) -> F | Callable[[F], F]:
         """Answer invokes of ``channel`` with ``fn(call, *args)``; a decorator too.
 
-        ``fn`` may be sync or ``async``; its arguments are validated from its
-        type hints before it runs. ``roles`` limits which peers may call it:
+        ``fn`` may be sync or ``async``; it takes the :class:`Call` first, then
+        the invoke's arguments, which are validated from its type hints before
+        it runs. ``roles`` limits which peers may call it:
         a role (``"admin"``) or a collection of roles. ``None`` (the default)
         exposes it to *local* peers only: spawned children and unix peers of
         main's own user, whatever their role. Strangers -- TCP peers, unix
         peers of another allowed uid, and later web pages -- reach only
         handlers that name their role; others answer them ``Forbidden``.
 
+        ``thread=True`` (plain functions only) runs ``fn`` on a worker thread
+        of a process-wide pool of at most :data:`tether.threads.MAX_THREADS`
+        threads, so a CPU-bound handler does not stall other calls. Invokes
+        waiting for a thread count against the peer's ``max_inflight`` (past
+        it: ``Busy``). It stops cooperatively on :attr:`Call.cancelled` and
+        sends progress with :meth:`Call.send`.
+
         Raises:
             ValueError: ``channel`` already has a handler (see
                 :meth:`remove_handler`), or is empty or too long.
-            TypeError: ``channel`` is not a str, or ``roles`` is not a str
-                or a collection of str.
+            TypeError: ``channel`` is not a str, ``roles`` is not a str
+                or a collection of str, ``fn`` takes no ``call`` parameter
+                first, or ``thread=True`` with an ``async`` function.
         """
         _not_reserved(checked_channel(channel))
         checked_roles(roles)
 
         def register(f: F) -> F:
-            self.registry.handle(channel, f, roles=roles)
+            self.registry.handle(channel, f, roles=roles, thread=thread)
             self._registered()
             return f
 
@@ -336,12 +529,12 @@ class Handlers:
     ) -> F | Callable[[F], F]:
         """Call ``fn(call, *args)`` for each event on ``channel``; a decorator too.
 
-        ``roles`` as for :meth:`handle`.
+        ``roles`` as for :meth:`handle`; ``fn`` takes the :class:`Call` first, too.
 
         Raises:
             ValueError: ``channel`` is empty or too long.
-            TypeError: ``channel`` is not a str, or ``roles`` is not a str
-                or a collection of str.
+            TypeError: ``channel`` is not a str, ``roles`` is not a str
+                or a collection of str, or ``fn`` takes no ``call`` parameter first.
         """
         _not_reserved(checked_channel(channel))
         checked_roles(roles)
@@ -352,6 +545,41 @@ class Handlers:
             return f
 
         return register(fn) if fn is not None else register
+
+    @overload
+    def host(
+        self, kind: str, factory: None = None, *, roles: Collection[str] | str | None = None
+    ) -> Callable[[F], F]: ...
+    @overload
+    def host(self, kind: str, factory: F, *, roles: Collection[str] | str | None = None) -> F: ...
+    def host(
+        self, kind: str, factory: F | None = None, *, roles: Collection[str] | str | None = None
+    ) -> F | Callable[[F], F]:
+        """Host routes of ``kind``: ``factory(route, *args)`` makes each host; a decorator too.
+
+        The other side opens one with ``await peer.open(kind, *args)``. The
+        factory (a class works) is called inline with the route and the
+        arguments, validated from its type hints after the route parameter;
+        it registers the route's handlers (``route.handle``/``route.on``).
+        When the route ends -- either side closes it, a send on it fails,
+        the connection is lost -- the object's ``close()`` (plain or
+        ``async``), if it has one, runs exactly once. ``roles`` as for
+        :meth:`handle` (``None``: local peers only).
+
+        Raises:
+            ValueError: ``kind`` already has a host, or is empty or too long.
+            TypeError: ``kind`` is not a str, ``factory`` is async, or
+                ``roles`` is not a str or a collection of str.
+        """
+        checked_channel(kind)
+        checked_roles(roles)
+
+        def register(f: F) -> F:
+            self.registry.host(kind, f, roles=roles)
+            self._registered()
+            return f
+
+        return register(factory) if factory is not None else register
 
     def remove_handler(self, channel: str) -> None:
         """Stop answering invokes of ``channel`` (a no-op if nothing handles it).

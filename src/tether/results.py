@@ -6,6 +6,7 @@ the same frames.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final
 
 import msgspec
@@ -19,12 +20,21 @@ from .errors import (
     PayloadTooLarge,
     ProtocolError,
     RemoteError,
+    RouteClosed,
     StreamMismatch,
     TetherError,
 )
+from .shm import consume_all
 from .wire import Frame
 
-__all__ = ["DEFAULT", "DEFAULT_TIMEOUT", "decode_result", "error_from_info"]
+__all__ = [
+    "DEFAULT",
+    "DEFAULT_TIMEOUT",
+    "checked_timeout",
+    "decode_result",
+    "error_from_info",
+    "timeout_message",
+]
 
 
 class _Default:
@@ -35,6 +45,44 @@ class _Default:
 #: "use the peer's default" for ``timeout=`` (``None`` already means "forever")
 DEFAULT: Final[Any] = _Default()
 DEFAULT_TIMEOUT: Final = 30.0
+
+
+def checked_timeout(timeout: object, args: tuple[Any, ...] = ()) -> float | None:
+    """An invoke's ``timeout`` as seconds (``None``, or ``inf``: wait forever).
+
+    Called only when the fast check fails (not a finite int or float >= 0), so a
+    valid float costs the invoke nothing more. On error ``args`` are
+    consumed, as by any failed send (their Buffers are moved).
+
+    Raises:
+        TypeError: ``timeout`` is not a number.
+        ValueError: it is negative or NaN.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        consume_all(args)
+        raise TypeError(
+            f"timeout must be a number of seconds or None, not {type(timeout).__name__}: "
+            f"{timeout!r}"
+        )
+    if timeout == math.inf:
+        return None
+    if not timeout >= 0:  # also NaN
+        consume_all(args)
+        raise ValueError(f"timeout must be >= 0 seconds (or None: no limit), not {timeout!r}")
+    return float(timeout)
+
+
+def timeout_message(channel: str, timeout: float, default: bool) -> str:
+    """What an expired invoke says; when the timeout was the peer's default, how to change it."""
+    text = f"no answer on {channel!r} within {timeout} s"
+    if default:
+        text += (
+            " (the default timeout: pass timeout= to invoke(), or to Main()/connect() for "
+            "every call; None waits forever)"
+        )
+    return text
 
 
 def error_from_info(info: codec.ErrorInfo) -> TetherError:
@@ -52,6 +100,8 @@ def error_from_info(info: codec.ErrorInfo) -> TetherError:
         return Busy(info.message)
     if code == "stream_mismatch":
         return StreamMismatch(info.message)
+    if code == "route_closed":
+        return RouteClosed(info.message)
     return RemoteError(info.type or code, info.message, info.traceback)
 
 
@@ -64,16 +114,50 @@ def decode_error(frame: Frame) -> TetherError:
 
 
 def decode_result(frame: Frame, result_type: Any) -> Any:
-    """Decode a RESULT body; a body that is not valid MessagePack is a ProtocolError."""
-    decoder = codec.any_decoder if result_type is Any else _typed_decoder(result_type)
+    """Decode a RESULT body; a body that is not valid MessagePack is a ProtocolError.
+
+    ``result_type`` ``bytes``/``bytearray`` gives that type at every size
+    (large results arrive as views of an attachment); ``memoryview`` or
+    :class:`tether.Buffer` a read-only view.
+    """
+    target = None if result_type is Any else codec.buffer_target(result_type)
+    if result_type is Any or target is not None:
+        decoder = codec.any_decoder
+    else:
+        decoder = _typed_decoder(result_type)
     try:
-        return codec.decode_with(decoder, frame.body, frame.attachments, frame.pickle)
+        try:
+            value = codec.decode_with(decoder, frame.body, frame.attachments, frame.pickle)
+        except msgspec.ValidationError as exc:
+            if not (frame.attachments and codec.EXT_MISMATCH in str(exc)):
+                raise
+            # a large buffer nested in the typed result: the slow way (see codec)
+            value = codec.nested_buffers(decoder, frame.body, frame.attachments, frame.pickle, exc)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"result does not match {result_type!r}: {exc}") from None
+        msg, _, where = str(exc).rpartition(" - at `")
+        if not msg:
+            msg, where = str(exc), "$`"
+        path = "result" + where.rstrip("`")[1:]
+        raise BadRequest(
+            f"{path} does not match {_type_name(result_type)}: {codec.python_words(msg)}",
+            path=path,
+        ) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"malformed result: {exc}") from None
     except RecursionError:
         raise ProtocolError("malformed result: nested too deeply") from None
+    if target is not None:  # a buffer type: the same type at every size (see ArgsSpec)
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise BadRequest(
+                f"result does not match {_type_name(result_type)}: expected {target.__name__}, "
+                f"got {type(value).__name__}"
+            )
+        return codec.as_buffer(value, target)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else repr(tp)  # list[int] reads as list[int]
 
 
 _typed: dict[Any, msgspec.msgpack.Decoder[Any]] = {}

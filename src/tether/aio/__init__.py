@@ -6,5 +6,6 @@ from .main import Main as Main
 from .main import Server as Server
 from .main import connect as connect
 from .peer import Peer as Peer
+from .route import Route as Route
 
-__all__ = ["Call", "Child", "Main", "Peer", "Server", "connect"]
+__all__ = ["Call", "Child", "Main", "Peer", "Route", "Server", "connect"]

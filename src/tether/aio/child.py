@@ -25,11 +25,14 @@ import os
 import signal
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar, overload
 
-from ..errors import PeerGone, TetherError
+from ..capture import Output
+from ..child_errors import read_report
+from ..errors import PeerGone, RemoteError, TetherError
 from ..process import FINISHED, describe_exit
 from ..results import DEFAULT
+from ..sandbox import SandboxReport
 from ..shm import consume_all
 from .peer import Peer
 
@@ -48,6 +51,9 @@ _POLL_FIRST: Final = 0.001
 _POLL_MAX: Final = 0.1
 
 
+T = TypeVar("T")
+
+
 class Child(Peer):
     """A child process started by :meth:`Main.spawn`, connected by a socketpair.
 
@@ -56,10 +62,22 @@ class Child(Peer):
     """
 
     def __init__(
-        self, sock: socket.socket, process: multiprocessing.process.BaseProcess, **kw: Any
+        self,
+        sock: socket.socket,
+        process: multiprocessing.process.BaseProcess,
+        *,
+        report: socket.socket | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__(sock, **kw)
         self._process = process
+        # main's end of the side channel where the child reports why it failed
+        self._report = report
+        self._failure: RemoteError | None = None
+        #: with ``spawn(capture=True)``: what the child writes to its stdout (else None)
+        self.stdout: Output | None = None
+        #: with ``spawn(capture=True)``: what the child writes to its stderr (else None)
+        self.stderr: Output | None = None
         pid = process.pid
         assert pid is not None
         self._pid = pid
@@ -77,6 +95,8 @@ class Child(Peer):
         self._ending: PeerGone | None = None
         self._drained = False  # nothing more to read from the child (EOF, GOODBYE)
         self._end_timer: asyncio.TimerHandle | None = None
+        #: What a sandboxed child applied (``spawn(..., sandbox=...)``); ``None``: no sandbox.
+        self.sandbox: SandboxReport | None = None
 
     @property
     def pid(self) -> int:
@@ -88,6 +108,19 @@ class Child(Peer):
         """Exit code; ``-N`` if killed by signal N; ``None`` while running."""
         return self._poll()
 
+    def failure(self) -> RemoteError | None:
+        """What the child's target (or its import) raised, as it reported it; None if nothing.
+
+        Read once, without blocking, when the child has failed; the same
+        error is the ``__cause__`` of the :class:`PeerGone` its calls raise.
+        """
+        if self._report is not None and self._code is not None:  # it has exited: all is written
+            if self._code:
+                self._failure = read_report(self._report)
+            self._report.close()
+            self._report = None
+        return self._failure
+
     @property
     def closed(self) -> bool:
         """Whether the connection is closed: by main, or by the child (EOF or GOODBYE)."""
@@ -96,6 +129,11 @@ class Child(Peer):
     def descriptors(self) -> list[int]:
         """Descriptors main holds for this child: what a forked sibling must close."""
         fds = [self.fileno()]
+        if self._report is not None:
+            fds.append(self._report.fileno())
+        for out in (self.stdout, self.stderr):
+            if out is not None and out._sock is not None:
+                fds.append(out._sock.fileno())
         if self._pidfd >= 0:
             fds.append(self._pidfd)
         return [fd for fd in fds if fd >= 0]
@@ -161,6 +199,11 @@ class Child(Peer):
         """The one place an exit is recorded: every waiter and the connection learn it."""
         self._code = code
         self._unwatch()
+        for out in (self.stdout, self.stderr):
+            if out is not None:
+                out.drain()  # everything it wrote is in: read it, end the stream
+        if not code:  # nothing to report: release the side channel now
+            self.failure()
         self._process.close()  # frees the sentinel pipe now, not at the next start()
         if not self._exited.done():
             self._exited.set_result(code)
@@ -213,6 +256,9 @@ class Child(Peer):
             if said and said != FINISHED:  # e.g. the error its target raised
                 how += f" ({said})"
             exc: TetherError = PeerGone(how, exitcode=code)
+            cause = self.failure() if code else None
+            if cause is not None:  # what its target raised, with the traceback
+                exc.__cause__ = cause
         else:
             exc = self._ending or PeerGone(describe_exit(self._pid, None))
         self._shutdown(exc)
@@ -222,6 +268,14 @@ class Child(Peer):
         consume_all(args)  # a refused send moves its Buffers, as Peer's does
         raise exc
 
+    @overload
+    def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: type[T]
+    ) -> Coroutine[Any, Any, T]: ...
+    @overload
+    def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: Any = ...
+    ) -> Coroutine[Any, Any, Any]: ...
     def invoke(
         self,
         channel: str,

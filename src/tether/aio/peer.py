@@ -36,7 +36,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, overload
 
 from .. import codec
 from ..attachments import MemfdStore, store_for
@@ -50,7 +50,14 @@ from ..errors import (
 from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
-from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
+from ..results import (
+    DEFAULT,
+    DEFAULT_TIMEOUT,
+    checked_timeout,
+    decode_error,
+    decode_result,
+    timeout_message,
+)
 from ..shm import consume_all
 from ..streams import DEFAULT_WINDOW
 from ..wire import (
@@ -65,6 +72,16 @@ from ..wire import (
     Frame,
 )
 from . import streaming
+from .route import (
+    MAX_ROUTES,
+    ROUTE_FRAMES,
+    Route,
+    dispatch_route_frame,
+    end_routes,
+    open_route,
+    resolve_route_invoke,
+    route_listeners,
+)
 from .stream import SocketStream
 
 __all__ = ["Peer"]
@@ -93,6 +110,9 @@ _SPIN_EXTEND: Final = 0.002  # how far answering inline may stretch one spin win
 FD_CLAIM_TIMEOUT: Final = 5.0  # seconds received descriptors may wait for their frame
 _REAP_GRACE: Final = 0.5  # how long close() waits for listeners it had to cancel
 _HELLO_WAIT: Final = 10.0  # a call with no timeout waits this long for the peer's HELLO
+_INF: Final = float("inf")
+_NUMBERS: Final = (float, int)  # exactly: a bool is no timeout
+_THREAD_POLL: Final = 1.0  # how often send_threadsafe checks that the loop still runs
 _OPEN: Final = State.OPEN
 _ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
 _EXITS: Final = (SystemExit, KeyboardInterrupt)
@@ -131,8 +151,10 @@ class Peer(Handlers):
     would (the event loop stops), once the ERROR was written; any other
     ``BaseException`` is only answered and logged. A handler cancelled because
     the caller sent CANCEL (or timed out) is not answered: the caller forgot
-    the call; nor is one cancelled from outside (its task cancelled, as when
-    the loop ends with the process): the caller gets :class:`PeerGone` then.
+    the call (its ``call.cancelled`` is set first, and a ``thread=True``
+    handler, which cannot be interrupted, sees only that); nor is one
+    cancelled from outside (its task cancelled, as when the loop ends with the
+    process): the caller gets :class:`PeerGone` then.
 
     Attributes:
         role: the role granted to the *other* side (``child``, ``client``,
@@ -155,9 +177,13 @@ class Peer(Handlers):
             listener's address for an accepted unix peer), ``child:<pid>``.
         origin: a web page's origin; ``None`` for every other peer.
         max_inflight: the most invokes from the other side that may run in
-            ``async`` handler tasks at once (default :data:`MAX_INFLIGHT`);
-            one more is answered at once with ERROR ``busy`` (the caller gets
+            ``async`` handler tasks, or run or wait in ``thread=True``
+            handlers, at once (default :data:`MAX_INFLIGHT`); one more is
+            answered at once with ERROR ``busy`` (the caller gets
             :class:`~tether.Busy`). Plain handlers answer inline and never count.
+        max_routes: the most routes this side hosts for the other side at
+            once, and opens to it (default 255); past it ``open`` gets
+            :class:`~tether.Busy` (docs/protocol.md, 8.2).
         max_queued: the most bytes that may wait to be written to the other
             side (default :data:`MAX_QUEUED`). A ``send`` or ``invoke`` that
             finds more queued (the other side stopped reading) drops the
@@ -192,6 +218,7 @@ class Peer(Handlers):
         address: str = "",
         local: bool = True,
         max_inflight: int = MAX_INFLIGHT,
+        max_routes: int = MAX_ROUTES,
         max_queued: int = MAX_QUEUED,
         drain_timeout: float | None = DRAIN_TIMEOUT,
         secret: bytes | None = None,
@@ -230,6 +257,8 @@ class Peer(Handlers):
         self.tracebacks = tracebacks
         #: invokes from the other side allowed in handler tasks at once (more: ERROR ``busy``)
         self.max_inflight = max_inflight
+        #: routes this side hosts for the other side at once (more: ``Busy``), and opens to it
+        self.max_routes = max_routes
         #: bytes allowed to wait for a peer that does not read (more: the peer is dropped)
         self.max_queued = max_queued
         #: seconds a sender waits for the other side to read (then: dropped; None: forever)
@@ -242,7 +271,7 @@ class Peer(Handlers):
             store.on_release = self._lease_released
         self._last_direct = 0.0  # when an invoke last flushed on its own
         # rid -> (deadline, future, channel, timeout) of invokes with a timeout
-        self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str, float]] = {}
+        self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str, float, bool]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._fd_timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -252,7 +281,7 @@ class Peer(Handlers):
         self._woke = False  # the last read resolved a future or started a task
         self._chan_cache: dict[str, bytes] = {}
         # invokes being served by a task and still owing an answer (CANCEL pops them)
-        self._serving: dict[int, asyncio.Task[Any] | None] = {}
+        self._serving: dict[int, Call | None] = {}  # each with its task in ``_task``
         # every handler and listener task until it ends: held, counted, cancelled on close
         self._tasks: set[asyncio.Task[Any]] = set()
         # streams by request id (tether.aio.streaming): read here / produced here
@@ -391,6 +420,14 @@ class Peer(Handlers):
         b = self._chan_cache[channel] = channel.encode()
         return b
 
+    @overload
+    async def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: type[T]
+    ) -> T: ...
+    @overload
+    async def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: Any = ...
+    ) -> Any: ...
     async def invoke(
         self,
         channel: str,
@@ -407,16 +444,22 @@ class Peer(Handlers):
         Args:
             timeout: seconds to wait; defaults to the peer's ``timeout``.
                 ``None`` waits forever. On expiry the remote handler is cancelled.
-            result_type: decode and validate the result as this type.
+            result_type: decode and validate the result as this type (and
+                the type checker sees it). ``bytes`` gives bytes at every
+                size; ``memoryview`` keeps a large result's zero-copy view.
 
         Raises:
             InvokeTimeout, RemoteError, NoHandler, Forbidden, BadRequest,
             PeerGone (also when the peer said goodbye), ProtocolError,
             ConnectionClosed (this side closed it), PayloadTooLarge.
-            TypeError: ``channel`` is not a str.
+            TypeError: ``channel`` is not a str, or ``timeout`` not a number.
+            ValueError: ``timeout`` is negative or NaN.
         """
-        if timeout is DEFAULT:
+        default = timeout is DEFAULT
+        if default:
             timeout = self.timeout
+        if timeout is not None and not (type(timeout) in _NUMBERS and 0 <= timeout < _INF):
+            timeout = checked_timeout(timeout, args)
         conn = self._conn
         if conn.state is not _OPEN:
             timeout = await self._until_open(args, timeout)
@@ -431,7 +474,7 @@ class Peer(Handlers):
         if timeout is not None:
             # Before anything is written: writing may read (spin) and run handlers.
             at = loop.time() + timeout
-            deadlines[rid] = (at, fut, channel, timeout)
+            deadlines[rid] = (at, fut, channel, timeout, default)
             if self._timer is None or at < self._timer_at:
                 self._arm(at)
         if self._paused:
@@ -460,6 +503,25 @@ class Peer(Handlers):
         finally:
             deadlines.pop(rid, None)
         return decode_result(frame, result_type)
+
+    async def open(self, kind: str, *args: Any, timeout: float | None = DEFAULT) -> Route:
+        """Open a route of ``kind`` to a host object the other side makes with ``args``.
+
+        The other side registered the kind with ``@main.host(kind)`` (or
+        ``peer.host``); its factory is called as ``factory(route, *args)``.
+        Use the result as ``async with await peer.open(...) as route``, or
+        close it with ``await route.close()``.
+
+        Raises:
+            NoHandler: the other side hosts no such kind.
+            Forbidden: the kind is not exposed to this side's role.
+            BadRequest: ``args`` do not match the factory's type hints.
+            RemoteError: the factory raised.
+            Busy: ``max_routes`` routes are open already (on either side).
+            InvokeTimeout, PeerGone, ConnectionClosed, PayloadTooLarge.
+            TypeError: ``kind`` is not a str.
+        """
+        return await open_route(self, kind, args, self.timeout if timeout is DEFAULT else timeout)
 
     async def _until_open(self, args: tuple[Any, ...], timeout: float | None) -> float | None:
         """Wait for the peer's HELLO, or raise why nothing can be sent; the time left."""
@@ -503,16 +565,18 @@ class Peer(Handlers):
         now = self._loop.time()
         due = [rid for rid, d in self._deadlines.items() if d[0] <= now]
         for rid in due:
-            _, fut, channel, timeout = self._deadlines.pop(rid)
-            self._expire(rid, fut, channel, timeout)
+            _, fut, channel, timeout, default = self._deadlines.pop(rid)
+            self._expire(rid, fut, channel, timeout, default)
         if self._deadlines and self._closed is None:
             self._arm(min(d[0] for d in self._deadlines.values()))
 
-    def _expire(self, rid: int, fut: asyncio.Future[Any], channel: str, timeout: float) -> None:
+    def _expire(
+        self, rid: int, fut: asyncio.Future[Any], channel: str, timeout: float, default: bool
+    ) -> None:
         if not fut.done():
             self._conn.send_cancel(rid)
             self._kick()
-            fut.set_exception(InvokeTimeout(f"no answer on {channel!r} within {timeout} s"))
+            fut.set_exception(InvokeTimeout(timeout_message(channel, timeout, default)))
 
     async def send(self, channel: str, *args: Any) -> None:
         """Send a one-way event on ``channel``. Waits only when the peer lags.
@@ -570,6 +634,43 @@ class Peer(Handlers):
             :class:`~tether.InvokeTimeout` raised.
         """
         return streaming.stream(self, channel, args, item_type, window, item_timeout, timeout)
+
+    def send_threadsafe(self, channel: str, *args: Any) -> None:
+        """:meth:`send` from another thread (a ``thread=True`` handler); blocks until queued.
+
+        Returns once the event is queued on the connection, so events sent
+        by a threaded handler precede its result, in order. Waits while the
+        other side lags, as :meth:`send` does (bounded by ``max_queued`` and
+        ``drain_timeout``), and gives up with :class:`ConnectionClosed` if
+        the event loop stops meanwhile. :meth:`tether.Call.send` calls this.
+
+        Raises:
+            RuntimeError: called on the event loop's own thread (``await
+                send(...)`` there; waiting here would block the loop forever).
+            The errors of :meth:`send`.
+        """
+        loop = self._loop
+        if loop.is_closed() or not loop.is_running():
+            consume_all(args)
+            raise ConnectionClosed(f"{self!r}: its event loop is not running")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            consume_all(args)
+            raise RuntimeError(
+                "send_threadsafe (call.send) blocks: on the event loop's thread "
+                "use `await call.peer.send(...)`, or register the handler with thread=True"
+            )
+        fut = asyncio.run_coroutine_threadsafe(self.send(channel, *args), loop)
+        while True:
+            try:
+                return fut.result(_THREAD_POLL)
+            except TimeoutError:
+                if loop.is_closed() or not loop.is_running():
+                    fut.cancel()
+                    raise ConnectionClosed(f"{self!r}: its event loop stopped") from None
 
     def _check_queued(self, queued: int) -> None:
         """More than ``max_queued`` bytes wait for the other side: drop it, raise PeerGone."""
@@ -740,9 +841,9 @@ class Peer(Handlers):
             if k in _ANSWERS:
                 self._woke = True
                 self._on_answer(f)
-            elif k == K_CANCEL and (task := self._serving.get(f.request_id)) is not None:
+            elif k == K_CANCEL and (served := self._serving.get(f.request_id)) is not None:
                 del self._serving[f.request_id]
-                task.cancel()  # running already: cancelling it now means less to hold
+                served._abandon()  # running already: cancelling it now means less to hold
             else:
                 backlog.append(f)
                 for a in f.attachments:  # mapped segments count as held too
@@ -872,14 +973,16 @@ class Peer(Handlers):
             elif k == K_ERROR:
                 self._on_answer(f)
             elif k == K_CANCEL:
-                task = self._serving.pop(f.request_id, None)
-                if task is not None:
-                    task.cancel()
+                served = self._serving.pop(f.request_id, None)
+                if served is not None:
+                    served._abandon()  # sets call.cancelled, cancels the task
             elif k == K_GOODBYE:
                 self._flush(poll=False)  # answers to what it asked before leaving
                 reason = self._conn.goodbye_reason or "no reason given"
                 self._end(PeerGone(f"{self!r} said goodbye: {reason}"))
                 return False
+            elif k in ROUTE_FRAMES:
+                dispatch_route_frame(self, f)
             elif k >= K_STREAM:  # STREAM, ITEM, CREDIT
                 streaming.on_frame(self, f)
                 if self._paused:
@@ -897,7 +1000,10 @@ class Peer(Handlers):
 
     def _on_invoke(self, f: Frame) -> None:
         rid = f.request_id
-        found = self.registry.resolve(f, self.role, self.local)
+        if f.route_id:
+            found = resolve_route_invoke(self, f)
+        else:
+            found = self.registry.resolve(f, self.role, self.local)
         if isinstance(found, codec.ErrorInfo):
             self._send_error(rid, found)
             return
@@ -911,7 +1017,8 @@ class Peer(Handlers):
             serving[rid] = None  # the task may end inside create_task (eager task factories)
             task = self._loop.create_task(self._run_async(h, call, args))
             if not task.done():
-                serving[rid] = task
+                call._task = task
+                serving[rid] = call
                 self._tasks.add(task)
                 if len(self._tasks) > MAX_TASKS:
                     self._pause()
@@ -977,7 +1084,7 @@ class Peer(Handlers):
     async def _run_async(self, h: Handler, call: Call, args: tuple[Any, ...]) -> None:
         rid = call.request_id
         try:
-            result = await h.fn(call, *args)
+            result = await h.run(call, *args)
         except BaseException as exc:
             if self._serving.pop(rid, None) is None:
                 # The caller's CANCEL or timeout, or the connection ended: no
@@ -1003,7 +1110,11 @@ class Peer(Handlers):
         self._kick()
 
     def _on_event(self, f: Frame) -> None:
-        for h, args in self.registry.listeners(f, self.role, self.local):
+        if f.route_id:
+            found = route_listeners(self, f)
+        else:
+            found = self.registry.listeners(f, self.role, self.local)
+        for h, args in found:
             call = Call(self, f.channel, 0, f.route_id)
             if h.is_async:
                 task = self._loop.create_task(self._run_event(h, call, args))
@@ -1085,16 +1196,18 @@ class Peer(Handlers):
             self._fd_timer.cancel()
         self._deadlines.clear()
         self._backlog.clear()
+        if self._conn.routes is not None:
+            end_routes(self, exc)  # before fail_all: invokes on routes fail with RouteClosed
         for fut in self._conn.fail_all():
             if not fut.done():
                 fut.set_exception(exc)
         # Invoke handlers are cancelled: nobody is left to take their answers.
         # Event listeners run on: the event was delivered, so it is handled
         # (they stay held in _tasks until they end; close() bounds them).
-        serving = [t for t in self._serving.values() if t is not None]
+        serving = [c for c in self._serving.values() if c is not None]
         self._serving.clear()
-        for task in serving:
-            task.cancel()
+        for call in serving:
+            call._abandon()
         if not self._hello_fut.done():
             self._hello_fut.set_exception(exc)
             self._hello_fut.exception()  # mark retrieved

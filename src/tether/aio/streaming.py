@@ -289,7 +289,12 @@ def on_frame(peer: Peer, f: Frame) -> None:
 
 def _open_stream(peer: Peer, f: Frame) -> None:
     rid = f.request_id
-    found = peer.registry.resolve(f, peer.role, peer.local)
+    if f.route_id:  # a stream on a route: that route's handlers (tether.aio.route)
+        from .route import resolve_route_invoke
+
+        found = resolve_route_invoke(peer, f)
+    else:
+        found = peer.registry.resolve(f, peer.role, peer.local)
     if isinstance(found, codec.ErrorInfo):
         peer._send_error(rid, found)
         return
@@ -307,7 +312,8 @@ def _open_stream(peer: Peer, f: Frame) -> None:
     call = Call(peer, f.channel, rid, f.route_id)
     task = peer._loop.create_task(_produce(peer, h, call, args, out))
     if not task.done():
-        serving[rid] = task
+        call._task = task  # CANCEL and the connection's end cancel it (Call._abandon)
+        serving[rid] = call
         peer._tasks.add(task)
         if len(peer._tasks) > 1024:  # MAX_TASKS
             peer._pause()

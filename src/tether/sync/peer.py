@@ -5,7 +5,12 @@ has handlers, a thread waiting for its result reads itself (leader/follower:
 it spins briefly before it sleeps, which saves a wake-up per round trip) and
 hands other threads their results. Once handlers are registered (or the other
 side invokes or sends), a dispatcher thread reads instead, and handlers run in
-order on one worker thread, so a handler may itself invoke or send.
+order on one worker thread, so a handler may itself invoke or send. A handler
+registered with ``thread=True`` runs on the process's handler pool
+(:mod:`tether.threads`) instead, beside the others, and counts against
+``max_inflight`` until answered. A running handler cannot be interrupted: a
+CANCEL (or the connection lost) sets its ``call.cancelled``, and an invoke
+still queued is dropped.
 
 Writing. ``send_*`` only queues frames in the :class:`Connection`; whoever
 holds the write lock then writes everything queued, its own frames and those
@@ -67,9 +72,9 @@ import struct
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
 
-from .. import codec
+from .. import codec, threads
 from ..attachments import store_for
 from ..errors import (
     ConnectionClosed,
@@ -80,8 +85,15 @@ from ..errors import (
 )
 from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection
-from ..registry import Call, Handlers, Registry
-from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
+from ..registry import Call, Handler, Handlers, Registry
+from ..results import (
+    DEFAULT,
+    DEFAULT_TIMEOUT,
+    checked_timeout,
+    decode_error,
+    decode_result,
+    timeout_message,
+)
 from ..shm import consume_all
 from ..streams import DEFAULT_WINDOW
 from ..wire import (
@@ -97,6 +109,17 @@ from ..wire import (
     Frame,
 )
 from . import streaming
+from .route import (
+    JOBS,
+    MAX_ROUTES,
+    ROUTE_FRAMES,
+    Route,
+    dispatch_route_frame,
+    end_routes,
+    open_route,
+    route_handler,
+    route_listeners,
+)
 
 __all__ = ["Call", "Peer"]
 
@@ -123,6 +146,10 @@ _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
 #: "try again later" from a non-blocking socket, plain or TLS (``ssl.SSLSocket``)
 _AGAIN: Final = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _FATAL: Final = (SystemExit, KeyboardInterrupt)
+_INF: Final = float("inf")
+_NUMBERS: Final = (float, int)  # exactly: a bool is no timeout
+
+T = TypeVar("T")
 
 
 class _Slot:
@@ -180,6 +207,9 @@ class Peer(Handlers):
             other side (as :attr:`tether.Peer.local`; the main a blocking
             peer talks to is).
     """
+
+    #: the most routes this side hosts for the other side at once, and opens to it
+    max_routes: int = MAX_ROUTES
 
     def __init__(
         self,
@@ -261,6 +291,7 @@ class Peer(Handlers):
         #: invokes from the other side allowed in the queue at once (more: ERROR ``busy``)
         self.max_inflight = max_inflight
         self._inflight = 0  # invokes in the worker's queue and the backlog (under _mu)
+        self._running: dict[int, Call] = {}  # invokes whose handler runs (for call.cancelled)
         #: the most jobs ever queued for the worker at once (flow control)
         self.max_queued = 0
         self._flush(time.monotonic() + 10.0)
@@ -344,7 +375,8 @@ class Peer(Handlers):
     def _start_serving(self, force: bool = False) -> None:
         if self._serving is not None or self._closed is not None:
             return
-        if not force and not (self.registry.invokes or self.registry.events):
+        reg = self.registry
+        if not force and not (reg.invokes or reg.events or reg.hosts):
             return
         with self._cv:
             if self._serving is not None:
@@ -379,21 +411,33 @@ class Peer(Handlers):
         reason = self._conn.goodbye_reason
         return PeerGone(f"{self!r} said goodbye: {reason or 'no reason given'}")
 
+    @overload
+    def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: type[T]
+    ) -> T: ...
+    @overload
+    def invoke(
+        self, channel: str, *args: Any, timeout: float | None = ..., result_type: Any = ...
+    ) -> Any: ...
     def invoke(
         self, channel: str, *args: Any, timeout: float | None = DEFAULT, result_type: Any = Any
     ) -> Any:
-        """Blocking invoke; same errors as :meth:`tether.Peer.invoke`.
+        """Blocking invoke; same errors and ``result_type`` as :meth:`tether.Peer.invoke`.
 
         Raises:
-            TypeError: ``channel`` is not a str.
+            TypeError: ``channel`` is not a str, or ``timeout`` not a number.
+            ValueError: ``timeout`` is negative or NaN.
         """
         chan = self._chan_cache.get(channel) if type(channel) is str else None
         if chan is None:
             chan = self._chan(channel, args)
         if self._lazy:
             self._start_serving()
-        if timeout is DEFAULT:
+        default = timeout is DEFAULT
+        if default:
             timeout = self.timeout
+        if timeout is not None and not (type(timeout) in _NUMBERS and 0 <= timeout < _INF):
+            timeout = checked_timeout(timeout, args)
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._leased:
             self._poll_releases()
@@ -418,7 +462,8 @@ class Peer(Handlers):
                 self._conn.send_cancel(rid)
             with contextlib.suppress(TetherError):
                 self._flush(time.monotonic() + 1.0, block=False)
-            raise InvokeTimeout(f"no answer on {channel!r} within {timeout} s") from None
+            assert timeout is not None
+            raise InvokeTimeout(timeout_message(channel, timeout, default)) from None
         finally:
             if worker:
                 self._set_worker_waits(False)
@@ -444,6 +489,14 @@ class Peer(Handlers):
         """
         return streaming.stream(self, channel, args, item_type, window, item_timeout, timeout)
 
+    def open(self, kind: str, *args: Any, timeout: float | None = DEFAULT) -> Route:
+        """Blocking :meth:`tether.Peer.open`: a route to a host object the other side makes.
+
+        Use it as ``with peer.open(kind, *args) as route:``, or close it with
+        ``route.close()``. Same errors as :meth:`tether.Peer.open`.
+        """
+        return open_route(self, kind, args, self.timeout if timeout is DEFAULT else timeout)
+
     def send(self, channel: str, *args: Any) -> None:
         """Send a one-way event; blocks only while the peer is not reading.
 
@@ -464,6 +517,10 @@ class Peer(Handlers):
             self._conn.send_event(chan, args)
             block = self._may_block(before)
         self._flush(None if self.timeout is None else time.monotonic() + self.timeout, block)
+
+    def send_threadsafe(self, channel: str, *args: Any) -> None:
+        """:meth:`send`: every blocking call is thread-safe (:meth:`tether.Call.send` uses it)."""
+        self.send(channel, *args)
 
     def _may_block(self, before: int) -> bool:
         """Whether this thread waits for the write lock, rather than leave its frames to the holder.
@@ -721,7 +778,7 @@ class Peer(Handlers):
                     if slot is not None:
                         errors.append((slot, f))
                         settled.append(slot)
-                elif k in (K_INVOKE, K_EVENT):
+                elif k in JOBS:
                     if jobs is None:
                         jobs = []
                     jobs.append((f, _job_size(f)))
@@ -877,8 +934,12 @@ class Peer(Handlers):
 
     def _cancel_queued(self, rids: list[int]) -> None:
         # CANCEL: an invoke still queued is dropped (the caller no longer waits for
-        # it). A handler already running cannot be interrupted: it runs to the end
-        # and its answer is still sent; the caller ignores it.
+        # it). A handler already running cannot be interrupted: its call.cancelled
+        # is set (it may stop early); its answer is still sent, the caller ignores it.
+        for rid in rids:
+            running = self._running.get(rid)
+            if running is not None:
+                running._set_cancelled()
         with self._mu:
             for q in (self._jobs, self._backlog):
                 for job in list(q):
@@ -908,6 +969,9 @@ class Peer(Handlers):
                 closed = self._closed is not None
             if f.kind == K_EVENT:
                 self._run_listeners(f)  # events that came before the end still run
+            elif f.kind in ROUTE_FRAMES:
+                if not closed:
+                    dispatch_route_frame(self, f)
             elif not closed:
                 self._run_handler(f)
             del f
@@ -917,7 +981,11 @@ class Peer(Handlers):
                 return
 
     def _run_listeners(self, f: Frame) -> None:
-        for h, args in self.registry.listeners(f, self.role, self.local):
+        if f.route_id:
+            found = route_listeners(self, f)
+        else:
+            found = self.registry.listeners(f, self.role, self.local)
+        for h, args in found:
             try:
                 h.fn(Call(self, f.channel, 0, f.route_id), *args)
             except _FATAL as exc:
@@ -931,23 +999,59 @@ class Peer(Handlers):
             streaming.produce(self, f)
             return
         rid = f.request_id
-        found = self.registry.resolve(f, self.role, self.local)
-        fatal: BaseException | None = None
+        if f.route_id:
+            found = route_handler(self, f)
+        else:
+            found = self.registry.resolve(f, self.role, self.local)
         if isinstance(found, codec.ErrorInfo):
             self._answer(rid, None, found)
             return
         handler, args = found
         del found
+        call = Call(self, f.channel, rid, f.route_id)
+        self._running[rid] = call  # so a CANCEL, or the end, sets call.cancelled
+        if handler.thread:
+            # Off the in-order worker, onto the shared pool: the worker goes on
+            # with the next job. The invoke counts in flight until answered.
+            with self._mu:
+                self._inflight += 1
+            try:
+                threads.submit(self._run_threaded, handler, call, args)
+            except RuntimeError:  # the pool is shutting down with the process
+                self._running.pop(rid, None)
+                with self._mu:
+                    self._inflight -= 1
+                self._answer(rid, None, codec.ErrorInfo("closed", "shutting down"))
+            return
+        self._call(handler, call, args)
+
+    def _run_threaded(self, handler: Handler, call: Call, args: tuple[Any, ...]) -> None:
+        """A ``thread=True`` handler, on a pool thread."""
         try:
-            result = handler.fn(Call(self, f.channel, rid, f.route_id), *args)
+            if self._closed is None and not call.cancelled:
+                self._call(handler, call, args)
+            else:
+                self._running.pop(call.request_id, None)
+        finally:
+            with self._mu:
+                self._inflight -= 1
+
+    def _call(self, handler: Handler, call: Call, args: tuple[Any, ...]) -> None:
+        """Run one invoke's handler and answer it (worker or pool thread)."""
+        rid = call.request_id
+        fatal: BaseException | None = None
+        try:
+            result = handler.fn(call, *args)
         except BaseException as exc:
             if not isinstance(exc, (Exception, *_FATAL)):
-                log.exception("handler for %r raised %s", f.channel, type(exc).__name__)
+                log.exception("handler for %r raised %s", call.channel, type(exc).__name__)
             if isinstance(exc, _FATAL):
                 fatal = exc
             self._answer(rid, None, codec.error_info(exc, traceback=self.tracebacks))
         else:
             self._answer(rid, result, None)
+        finally:
+            self._running.pop(rid, None)
         if fatal is not None:
             self._stop_process(fatal)
 
@@ -1014,6 +1118,7 @@ class Peer(Handlers):
                 return
             self._closed = exc
         with self._lock:
+            routes_ended = end_routes(self, exc) if self._conn.routes is not None else None
             waiters = self._conn.fail_all()  # and closes the attachment store
         with self._mu:
             for slot in (*waiters, self._hello):
@@ -1023,10 +1128,14 @@ class Peer(Handlers):
             self._cv.notify_all()
             self._work_cv.notify_all()
             self._room_cv.notify_all()
+        for call in self._running.copy().values():
+            call._set_cancelled()  # nobody is left to take the answer
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in select()
         with contextlib.suppress(OSError):
             self._sock.close()
+        if routes_ended is not None:
+            routes_ended()  # hosts' close(), holding no lock
 
 
 def loop_serves(sock: socket.socket) -> bool:

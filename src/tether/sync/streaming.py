@@ -22,6 +22,7 @@ from ..results import DEFAULT, decode_result
 from ..shm import consume_all
 from ..streams import MAX_CREDIT, Inbound, check_window, credit_of, is_streaming, not_a_stream
 from ..wire import Frame
+from .route import route_handler
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -271,7 +272,10 @@ def produce(peer: Peer, f: Frame) -> None:
     out = peer._streams_out.get(rid)  # made by the reader thread with the STREAM
     if out is None:
         return  # cancelled before it started: no answer
-    found = peer.registry.resolve(f, peer.role, peer.local)
+    if f.route_id:  # a stream on a route: that route's handlers (tether.sync.route)
+        found = route_handler(peer, f)
+    else:
+        found = peer.registry.resolve(f, peer.role, peer.local)
     if isinstance(found, codec.ErrorInfo):
         peer._streams_out.pop(rid, None)
         peer._answer(rid, None, found)

@@ -1,0 +1,400 @@
+"""The privileged WebSocket broker: Chromium's ``WebSocketDispatcherHost``, on routes.
+
+A sandboxed child has no network (``spawn(..., sandbox=True)``). It asks main
+for each WebSocket by opening a route of kind ``"websocket"``
+(:func:`open_websocket`); main checks the URL against its :class:`Policy`,
+owns the real socket (a ``websockets`` client), and relays frames both ways
+on that route, whose routing id names the socket, as Chromium keeps one
+``WebSocketHost`` per routing id for a renderer::
+
+    main                                        sandboxed child
+    WebSocketBroker(policy).install(main)       ws = await open_websocket(peer, url)
+      factory: policy check -> Forbidden          ROUTE_OPEN "websocket" (url)
+      WebSocketHost: connects the real socket     await ws.send("hi")   -> INVOKE "send"
+      server frame -> route.send("message")       await ws.recv()       <- EVENT "message"
+      server gone  -> route.send("closed"), close  RouteClosed after the "closed" event
+
+SendOrDrop: when relaying to the child fails (the child died, its route or
+connection closed, it stopped reading), ``route.send`` drops the route and
+raises :class:`~tether.RouteClosed`, whose message was made before the send;
+the host's ``close`` then closes the real socket (code 1001). When the real
+socket fails or the server closes it, the host tells the child (``closed``
+with the close code and reason) and closes the route: the child's ``recv``
+raises ``RouteClosed`` and its iteration ends cleanly. Either way the host's
+``close`` runs exactly once.
+
+Needs the ``websockets`` package in main (``pip install 'tether-ipc[broker]'``);
+the child needs nothing but tether.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+from .errors import Forbidden, RouteClosed
+
+if TYPE_CHECKING:
+    from .aio.main import Main
+    from .aio.peer import Peer
+    from .aio.route import Route
+    from .registry import Call
+
+__all__ = [
+    "KIND",
+    "BrokeredWebSocket",
+    "Policy",
+    "WebSocketBroker",
+    "WebSocketHost",
+    "open_websocket",
+]
+
+log = logging.getLogger("tether")
+
+#: the route kind the broker hosts
+KIND: Final = "websocket"
+_DEFAULT_PORTS: Final = {"ws": 80, "wss": 443}
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Which WebSocket URLs main opens for a child: hosts and ports it names, nothing else.
+
+    Attributes:
+        hosts: allowed host names or addresses, compared lower-case
+            (``"127.0.0.1"``, ``"example.com"``); no wildcards.
+        ports: allowed ports (the scheme's default when the URL has none).
+        schemes: ``"ws"`` and/or ``"wss"``.
+
+    A host name is resolved by main when it connects (no proxy is used):
+    name addresses rather than names where DNS is not trusted.
+    """
+
+    hosts: frozenset[str]
+    ports: frozenset[int]
+    schemes: frozenset[str] = frozenset({"ws", "wss"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hosts", frozenset(h.lower() for h in self.hosts))
+        object.__setattr__(self, "ports", frozenset(self.ports))
+        object.__setattr__(self, "schemes", frozenset(self.schemes))
+
+    def check(self, url: str) -> str:
+        """Return ``url`` if the policy allows it.
+
+        Raises:
+            Forbidden: not a ws/wss URL, credentials in it, or a host, port or
+                scheme the policy does not name (the message says which).
+        """
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise Forbidden(f"not a WebSocket URL: {url!r} ({exc})") from None
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS or scheme not in self.schemes:
+            raise Forbidden(f"scheme {scheme!r} is not allowed (url {url!r})")
+        if parts.username is not None or parts.password is not None:
+            raise Forbidden(f"credentials in the URL are not allowed (url {url!r})")
+        host = (parts.hostname or "").lower()
+        if host not in self.hosts:
+            raise Forbidden(f"host {host!r} is not allowed (url {url!r})")
+        port = _DEFAULT_PORTS[scheme] if port is None else port
+        if port not in self.ports:
+            raise Forbidden(f"port {port} is not allowed (url {url!r})")
+        return url
+
+
+class WebSocketHost:
+    """Main's end of one brokered WebSocket: owns the real socket, relays both ways.
+
+    Made by :class:`WebSocketBroker` for each route a child opens (after the
+    policy check); it connects at once. Route handlers: ``ready`` (waits
+    until the real socket is open, raises if it could not be, and starts
+    relaying: the child invokes it once its listeners are in place, so no
+    message arrives before them), ``send(data)`` (one message to the
+    server). Events to the child: ``message(data)``, then ``closed(code, reason)``.
+
+    Attributes:
+        closes: how many times :meth:`close` ran (exactly once per route).
+    """
+
+    def __init__(self, route: Route, url: str, broker: WebSocketBroker) -> None:
+        self.route = route
+        self.url = url
+        self.closes = 0
+        self._broker = broker
+        self._ws: Any = None
+        self._ended = False
+        self._connected: asyncio.Task[Any] = asyncio.ensure_future(self._connect())
+        self._connected.add_done_callback(_retrieve)  # a failure nobody asked about is no warning
+        self._relay: asyncio.Task[None] | None = None
+        self._relay_ending = False  # _end runs (it closes the route): the relay is not cancelled
+        route.handle("ready", self._ready)
+        route.handle("send", self._send)
+
+    async def _connect(self) -> Any:
+        from websockets.asyncio.client import connect
+
+        broker = self._broker
+        ws = await connect(
+            self.url, open_timeout=broker.open_timeout, max_size=broker.max_message, proxy=None
+        )
+        if self._ended:  # the route ended while connecting
+            await ws.close(1001, "going away")
+            raise RouteClosed(f"route {self.route.id} ended while connecting", kind=KIND)
+        self._ws = ws
+        return ws
+
+    async def _ready(self, call: Call) -> str | None:
+        """Answer once the real socket is open: its subprotocol. Raises why it could not open."""
+        try:
+            ws = await asyncio.shield(self._connected)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"cannot connect to {self.url}: {exc}") from None
+        except Exception as exc:  # websockets' handshake errors
+            raise ConnectionError(
+                f"cannot connect to {self.url}: {type(exc).__name__}: {exc}"
+            ) from None
+        if self._relay is None:  # the child listens now: relay the server's messages from here on
+            self._relay = asyncio.ensure_future(self._pump(ws))
+        return str(ws.subprotocol) if ws.subprotocol else None
+
+    async def _send(self, call: Call, data: str | bytes) -> None:
+        """Relay one message from the child to the server.
+
+        If the real socket is closed the route is closed first (the child's
+        invoke then fails with ``RouteClosed``, after the ``closed`` event).
+        """
+        from websockets.exceptions import ConnectionClosed
+
+        ws = await asyncio.shield(self._connected)
+        try:
+            await ws.send(data)
+        except ConnectionClosed:
+            await self._end(ws)
+            raise RouteClosed(f"websocket {self.url} is closed", kind=KIND) from None
+
+    async def _pump(self, ws: Any) -> None:
+        """Server -> child, until either side ends; then the route ends too."""
+        from websockets.exceptions import ConnectionClosed
+
+        route = self.route
+        try:
+            async for message in ws:
+                await route.send("message", message)  # SendOrDrop: raises RouteClosed, dropped
+        except RouteClosed as exc:
+            log.debug("broker: %s", exc)  # its message was made before the send
+            return  # the route is gone; close() closes the real socket
+        except ConnectionClosed:
+            pass  # the real socket failed: the child is told and the route closed
+        await self._end(ws)
+
+    async def _end(self, ws: Any) -> None:
+        """The real socket ended: tell the child how (``closed``), then close the route; once."""
+        if self._relay_ending:
+            return
+        self._relay_ending = True
+        code, reason = ws.close_code, ws.close_reason
+        with contextlib.suppress(RouteClosed):
+            await self.route.send("closed", 1006 if code is None else int(code), str(reason or ""))
+        await self.route.close()
+
+    async def close(self) -> None:
+        """The route ended (either side, or the connection): close the real socket, once."""
+        self.closes += 1
+        self._ended = True
+        if not self._connected.done():
+            self._connected.cancel()
+        relay = self._relay
+        if relay is not None and not self._relay_ending and not relay.done():
+            relay.cancel()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._broker.close_timeout):
+                    await ws.close(1001, "the other side went away")
+        self._broker._closed(self)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class WebSocketBroker:
+    """Hosts the ``websocket`` route kind in main: a :class:`WebSocketHost` per allowed URL.
+
+    Args:
+        policy: which URLs may be opened; anything else answers ``Forbidden``.
+        open_timeout: seconds to open the real socket.
+        close_timeout: seconds to close it when the route ends.
+        max_message: largest message accepted from the server (bytes).
+
+    Attributes:
+        hosts: the hosts alive now.
+        closed_hosts: every host that ended, in order (its ``closes`` is 1).
+        refused: how many opens the policy refused.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        open_timeout: float = 10.0,
+        close_timeout: float = 5.0,
+        max_message: int = 1 << 20,
+    ) -> None:
+        self.policy = policy
+        self.open_timeout = open_timeout
+        self.close_timeout = close_timeout
+        self.max_message = max_message
+        self._hosts: set[WebSocketHost] = set()
+        self.closed_hosts: list[WebSocketHost] = []
+        self.refused = 0
+        self.on_close: Callable[[WebSocketHost], None] | None = None
+
+    @property
+    def hosts(self) -> frozenset[WebSocketHost]:
+        return frozenset(self._hosts)
+
+    def install(self, main: Main, *, roles: Collection[str] | str | None = None) -> None:
+        """Host :data:`KIND` on ``main`` for peers of ``roles`` (``None``: local peers only)."""
+        main.host(KIND, self.open, roles=roles)
+
+    def open(self, route: Route, url: str) -> WebSocketHost:
+        """The route factory: check ``url``, then make its host (which connects in the background).
+
+        Raises:
+            Forbidden: the policy refuses ``url``; the opener gets ``Forbidden``.
+        """
+        try:
+            self.policy.check(url)
+        except Forbidden:
+            self.refused += 1
+            raise
+        host = WebSocketHost(route, url, self)
+        self._hosts.add(host)
+        return host
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait until every host has closed (its real socket too).
+
+        Raises:
+            TimeoutError: some host is still open after ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while self._hosts:
+                await asyncio.sleep(0.01)
+
+    def _closed(self, host: WebSocketHost) -> None:
+        self._hosts.discard(host)
+        self.closed_hosts.append(host)
+        if self.on_close is not None:
+            self.on_close(host)
+
+
+# -- the child's side -------------------------------------------------------------
+
+
+class BrokeredWebSocket:
+    """A sandboxed child's WebSocket, whose real socket main owns (:func:`open_websocket`).
+
+    ``recv`` returns the server's messages in order; after the server (or
+    main) closed the socket it raises :class:`~tether.RouteClosed`, and
+    ``async for message in ws`` ends. ``close_code`` and ``close_reason``
+    then say how it closed (1006: abnormally, no close frame).
+    """
+
+    def __init__(self, route: Route, url: str) -> None:
+        self.route = route
+        self.url = url
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        route.on("message", self._message)
+        route.on("closed", self._closed)
+
+    def _message(self, call: Call, data: str | bytes) -> None:
+        self._inbox.put_nowait(data)
+
+    def _closed(self, call: Call, code: int, reason: str) -> None:
+        self.close_code, self.close_reason = code, reason
+        self._inbox.put_nowait(None)
+
+    def _ended(self) -> RouteClosed:
+        how = f"code {self.close_code} {self.close_reason!r}" if self.close_code else "closed"
+        return RouteClosed(
+            f"websocket {self.url} on route {self.route.id}: {how}",
+            kind=self.route.kind,
+            route_id=self.route.id,
+        )
+
+    async def send(self, data: str | bytes, *, timeout: float | None = 30.0) -> None:
+        """Send one message to the server (returns once main has written it).
+
+        Raises:
+            RouteClosed: the socket or the route is closed.
+        """
+        await self.route.invoke("send", data, timeout=timeout)
+
+    async def recv(self, timeout: float = 30.0) -> str | bytes:
+        """The next message from the server.
+
+        Raises:
+            RouteClosed: the socket was closed (by the server, main, or a lost connection).
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                if self._inbox.empty() and (self.route.closed or self.close_code is not None):
+                    raise self._ended()
+                try:  # short slices: a route dropped without a "closed" event is noticed too
+                    item = await asyncio.wait_for(self._inbox.get(), 0.25)
+                except TimeoutError:
+                    continue
+                if item is None:
+                    self._inbox.put_nowait(None)  # every later recv raises as well
+                    raise self._ended()
+                return item
+
+    async def __aiter__(self) -> AsyncIterator[str | bytes]:
+        """Messages until the socket closes (no error at a close)."""
+        while True:
+            try:
+                yield await self.recv(timeout=3600.0)
+            except RouteClosed:
+                return
+
+    async def close(self) -> None:
+        """Close the socket: main's host closes the real one."""
+        await self.route.close()
+
+    async def __aenter__(self) -> BrokeredWebSocket:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def open_websocket(peer: Peer, url: str, *, timeout: float = 30.0) -> BrokeredWebSocket:
+    """Ask main for a WebSocket to ``url``; return it once the real socket is open.
+
+    Raises:
+        Forbidden: main's policy refuses ``url``.
+        NoHandler: main runs no broker.
+        RemoteError: main could not connect (``ConnectionError`` there).
+    """
+    route = await peer.open(KIND, url, timeout=timeout)
+    ws = BrokeredWebSocket(route, url)
+    try:
+        await route.invoke("ready", timeout=timeout)
+    except BaseException:
+        await route.close()
+        raise
+    return ws

@@ -1,0 +1,238 @@
+"""The WebSocket broker (``tether.broker``): policy, relaying, SendOrDrop, the example end to end.
+
+Main hosts the ``websocket`` route kind; a sandboxed child opens sockets
+through it to a local echo server (``websockets``, 127.0.0.1, port 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+import tether
+from _broker_targets import echo_client, open_and_wait, open_unreachable
+from tether.broker import Policy, WebSocketBroker, open_websocket
+
+# -- the policy -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("ws://example.com/", "host 'example.com' is not allowed"),
+        ("ws://127.0.0.1:81/", "port 81 is not allowed"),
+        ("ws://127.0.0.1/", "port 80 is not allowed"),
+        ("http://127.0.0.1:8080/", "scheme 'http' is not allowed"),
+        ("wss://127.0.0.1:8080/", "scheme 'wss' is not allowed"),
+        ("ws://me:pw@127.0.0.1:8080/", "credentials in the URL are not allowed"),
+        ("ws://127.0.0.1:99999/", "not a WebSocket URL"),
+        ("ws://127.0.0.1.evil.example:8080/", "host '127.0.0.1.evil.example' is not allowed"),
+    ],
+)
+def test_policy_refuses_what_it_does_not_name(url: str, reason: str) -> None:
+    policy = Policy(
+        hosts=frozenset({"127.0.0.1"}), ports=frozenset({8080}), schemes=frozenset({"ws"})
+    )
+    with pytest.raises(tether.Forbidden, match=reason):
+        policy.check(url)
+
+
+def test_policy_allows_what_it_names() -> None:
+    policy = Policy(hosts=frozenset({"LocalHost", "127.0.0.1"}), ports=frozenset({8080, 443}))
+    assert policy.check("ws://127.0.0.1:8080/chat?x=1") == "ws://127.0.0.1:8080/chat?x=1"
+    assert policy.check("WS://localhost:8080") == "WS://localhost:8080"
+    assert policy.check("wss://localhost/") == "wss://localhost/"
+
+
+async def test_a_handler_raising_forbidden_answers_forbidden(sock_path: str) -> None:
+    """A refusal on purpose reaches the caller as Forbidden, not as a RemoteError."""
+    async with tether.Main() as main:
+
+        @main.handle("door")
+        def door(call: tether.Call, who: str) -> str:
+            if who != "friend":
+                raise tether.Forbidden(f"{who} may not enter")
+            return "welcome"
+
+        await main.listen(f"unix://{sock_path}")
+        async with tether.connect(f"unix://{sock_path}") as peer:
+            assert await peer.invoke("door", "friend", timeout=10.0) == "welcome"
+            with pytest.raises(tether.Forbidden, match=r"^stranger may not enter$"):
+                await peer.invoke("door", "stranger", timeout=10.0)
+
+
+# -- relaying, end to end with a sandboxed child ------------------------------------
+
+
+class Echo:
+    """A local WebSocket server (127.0.0.1, port 0): echoes, or ticks without being asked."""
+
+    def __init__(self, tick: bool = False) -> None:
+        self.tick = tick
+        self.connections = 0
+        self.ended = 0  # server-side handlers that saw their connection end
+        self.server: Any = None
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        try:
+            if self.tick:
+                n = 0
+                while True:
+                    await ws.send(f"tick {n}")
+                    n += 1
+                    await asyncio.sleep(0.005)
+            async for message in ws:
+                await ws.send(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.ended += 1
+
+    async def __aenter__(self) -> Echo:
+        self.server = await serve(self.handler, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        return int(next(iter(self.server.sockets)).getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+
+async def _until(predicate: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def _main_with(broker: WebSocketBroker, got: dict[str, Any]) -> tether.Main:
+    main = tether.Main()
+    broker.install(main, roles={"child"})
+
+    @main.handle("report")
+    def report(call: tether.Call, found: dict[str, Any]) -> None:
+        got.update(found)
+
+    return main
+
+
+async def test_broker_end_to_end_and_the_server_dying_mid_conversation() -> None:
+    async with Echo() as echo:
+        policy = Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({echo.port}))
+        broker = WebSocketBroker(policy)
+        got: dict[str, Any] = {}
+        async with _main_with(broker, got) as main:
+
+            @main.handle("stop-server")
+            async def stop_server(call: tether.Call) -> None:
+                echo.server.close()
+                await echo.server.wait_closed()
+
+            messages = ["Hola, mundo!", "dos", "x" * 100_000]
+            child = await main.spawn(
+                echo_client, echo.url, "ws://example.com/", messages, sandbox=True
+            )
+            assert await child.wait(30.0) == 0
+            await broker.wait_idle(10.0)
+    assert got["forbidden"] == "host 'example.com' is not allowed (url 'ws://example.com/')"
+    assert got["echoes"] == messages  # in order, through main, by routing id
+    assert got["after"].startswith("RouteClosed: websocket ws://127.0.0.1:")
+    assert got["send_after"] == "RouteClosed"
+    assert got["close_code"] == 1001  # the server went away: a clean close
+    assert got["route_closed"] is True
+    assert broker.refused == 1
+    assert [(h.route.id, h.closes) for h in broker.closed_hosts] == [(got["route"], 1)]
+    assert echo.connections == 1 and echo.ended == 1
+
+
+async def test_child_killed_mid_stream_drops_the_route_and_closes_the_real_socket() -> None:
+    """SendOrDrop: relaying to a dead child fails; the host closes the real socket, once."""
+    async with Echo(tick=True) as ticker:
+        policy = Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({ticker.port}))
+        broker = WebSocketBroker(policy)
+        got: dict[str, Any] = {}
+        async with _main_with(broker, got) as main:
+            child = await main.spawn(open_and_wait, ticker.url, sandbox=True)
+            await _until(lambda: "first" in got)
+            assert got["first"] == "tick 0"
+            (host,) = broker.hosts
+            child.kill()
+            await broker.wait_idle(10.0)
+            await _until(lambda: ticker.ended == 1)  # the server saw the real socket close
+            assert host.closes == 1
+            assert host.route.closed
+            assert broker.closed_hosts == [host]
+
+
+async def test_peer_closing_its_socket_closes_the_real_one_once(sock_path: str) -> None:
+    async with Echo() as echo:
+        policy = Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({echo.port}))
+        broker = WebSocketBroker(policy)
+        async with tether.Main() as main:
+            broker.install(main)  # no roles: local peers (this unix client) may open
+            await main.listen(f"unix://{sock_path}")
+            async with tether.connect(f"unix://{sock_path}") as peer:
+                ws = await open_websocket(peer, echo.url)
+                await ws.send(b"\x00bytes\xff")
+                assert await ws.recv(timeout=10.0) == b"\x00bytes\xff"
+                await ws.close()
+                with pytest.raises(tether.RouteClosed):
+                    await ws.send("after close")
+                await broker.wait_idle(10.0)
+            await _until(lambda: echo.ended == 1)
+    assert [h.closes for h in broker.closed_hosts] == [1]
+
+
+async def test_unreachable_server_fails_the_open_and_closes_the_host() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    broker = WebSocketBroker(Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({port})))
+    got: dict[str, Any] = {}
+    async with _main_with(broker, got) as main:
+        child = await main.spawn(open_unreachable, f"ws://127.0.0.1:{port}/", sandbox=True)
+        assert await child.wait(30.0) == 0
+        await broker.wait_idle(10.0)
+    expected = f"RemoteError: ConnectionError: cannot connect to ws://127.0.0.1:{port}/"
+    assert got["error"].startswith(expected), got
+    assert [h.closes for h in broker.closed_hosts] == [1]
+
+
+# -- the example and the demo ---------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_broker_example_runs() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "broker" / "main.py"
+    out = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=90, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for expected in (
+        "renderer: own socket refused: ENETUNREACH",
+        "renderer: ws://example.com/ is Forbidden: host 'example.com' is not allowed"
+        " (url 'ws://example.com/')",
+        "renderer: echoed 'Hola, mundo!'",
+        "renderer: echoed 'second message'",
+        "main: echo server stopped",
+        "renderer: socket closed cleanly (code 1001)",
+        "main: host of route 2 closed 1 time(s)",
+        "main: 1 URL refused; renderer exited with code 0",
+    ):
+        assert expected in lines, out.stdout
