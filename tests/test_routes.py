@@ -721,3 +721,19 @@ async def test_route_id_on_the_wire_has_the_host_bit(pair: Pair) -> None:
     table = pair.opener._conn.route_table()
     assert table.routes[1 | HOST_BIT] is route
     assert pair.host._conn.route_table().routes[1].kind == "counter"
+
+
+async def test_a_host_factory_must_take_the_route_first() -> None:
+    async with tether.Main() as main:
+
+        class Wrong:
+            def __init__(self, route: tether.Call, start: int) -> None: ...
+
+        with pytest.raises(TypeError, match=r"Wrong\(\).*receives the tether.Route"):
+            main.host("wrong", Wrong)
+
+        class Right:
+            def __init__(self, route: tether.Route, start: int) -> None: ...
+
+        main.host("right", Right)
+        assert "right" in main.registry.hosts

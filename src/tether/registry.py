@@ -126,7 +126,11 @@ class Handler:
     __slots__ = ("fn", "is_async", "roles", "run", "spec", "thread")
 
     def __init__(
-        self, fn: Callable[..., Any], roles: Collection[str] | str | None, thread: bool = False
+        self,
+        fn: Callable[..., Any],
+        roles: Collection[str] | str | None,
+        thread: bool = False,
+        first: type | None = None,
     ) -> None:
         self.fn = fn
         coro = inspect.iscoroutinefunction(fn)
@@ -142,7 +146,7 @@ class Handler:
             from .threads import run_in_thread
 
             self.run = lambda call, *args: run_in_thread(fn, call, args)
-        _check_call_param(fn)
+        _check_call_param(fn, first or Call)
         self.spec = ArgsSpec(fn)
         self.roles = checked_roles(roles)
 
@@ -160,8 +164,11 @@ def _name(fn: Any) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
 
 
-def _check_call_param(fn: Callable[..., Any]) -> None:
+def _check_call_param(fn: Callable[..., Any], first_type: type = Call) -> None:
     """Refuse, at registration, a handler that cannot take the :class:`Call` first.
+
+    (A host factory takes its route first: ``first_type`` is then the
+    routes' base, :class:`Handlers`.)
 
     Handlers take ``call`` first, then the arguments. What an invoke will
     send cannot be known here, so the check is on that rule: ``fn`` needs a
@@ -171,6 +178,8 @@ def _check_call_param(fn: Callable[..., Any]) -> None:
     Raises:
         TypeError: naming the function, saying its first parameter receives the Call.
     """
+    receives = "tether.Route" if first_type is not Call else "tether.Call"
+    arg = "route" if first_type is not Call else "call"
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
@@ -180,8 +189,8 @@ def _check_call_param(fn: Callable[..., Any]) -> None:
     if first is None or first.kind not in (*positional, first.VAR_POSITIONAL):
         raise TypeError(
             f"handler {_name(fn)}() takes no positional parameter for the call: its first "
-            f"parameter receives the tether.Call, then come the invoke's arguments "
-            f"(def {getattr(fn, '__name__', 'handler')}(call, ...))"
+            f"parameter receives the {receives}, then come the arguments "
+            f"(def {getattr(fn, '__name__', 'handler')}({arg}, ...))"
         )
     if first.kind is first.VAR_POSITIONAL:
         return
@@ -189,12 +198,12 @@ def _check_call_param(fn: Callable[..., Any]) -> None:
     if (
         isinstance(hint, type)
         and hint is not Any
-        and not (issubclass(hint, Call) or issubclass(Call, hint))
+        and not (issubclass(hint, first_type) or issubclass(first_type, hint))
     ):
         raise TypeError(
             f"handler {_name(fn)}(): its first parameter {first.name!r} is annotated "
-            f"{hint.__name__}, but the first parameter receives the tether.Call "
-            f"(def {getattr(fn, '__name__', 'handler')}(call: tether.Call, {first.name}: "
+            f"{hint.__name__}, but the first parameter receives the {receives} "
+            f"(def {getattr(fn, '__name__', 'handler')}({arg}: {receives}, {first.name}: "
             f"{hint.__name__}, ...))"
         )
 
@@ -367,7 +376,7 @@ class Registry:
                 f"host factory for {kind!r} must be a class or a plain function, not async "
                 "(its close() may be async)"
             )
-        h = Handler(host_spec_target(factory), roles)
+        h = Handler(host_spec_target(factory), roles, first=Handlers)
         h.fn = factory
         self.hosts[kind] = h
 

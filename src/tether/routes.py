@@ -206,4 +206,6 @@ def host_spec_target(factory: Callable[..., Any]) -> Callable[..., Any]:
     hints.pop("return", None)
     stand_in.__signature__ = inspect.signature(factory)  # type: ignore[attr-defined]
     stand_in.__annotations__ = hints
+    stand_in.__name__, stand_in.__qualname__ = factory.__name__, factory.__qualname__
+    stand_in.__module__ = factory.__module__
     return stand_in
