@@ -630,3 +630,144 @@ async def test_blocking_producer_killed_mid_stream() -> None:
                 if got == 3:
                     child.kill()
         assert got >= 3
+
+
+# -- routes -----------------------------------------------------------------------------
+
+
+class Tokens:
+    """A host object whose route streams; records what its generators did."""
+
+    log: list[str] = []  # noqa: RUF012
+
+    def __init__(self, route: Any, prefix: str) -> None:
+        @route.handle("tokens")
+        async def tokens(call: tether.Call, text: str) -> AsyncIterator[str]:
+            try:
+                for w in text.split():
+                    yield prefix + w
+            finally:
+                Tokens.log.append("tokens")
+
+        @route.handle("forever")
+        def forever(call: tether.Call) -> Iterator[int]:  # a plain generator
+            i = 0
+            try:
+                while True:
+                    yield i
+                    i += 1
+            finally:
+                Tokens.log.append("forever")
+
+        @route.handle("plain")
+        def plain(call: tether.Call) -> str:
+            return prefix
+
+    def close(self) -> None:
+        Tokens.log.append("close")
+
+
+async def _until(cond: Any, timeout: float = 20.0) -> None:
+    end = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < end, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def route_pair() -> AsyncIterator[tuple[tether.Peer, tether.Peer]]:
+    Tokens.log = []
+    a, b = socket.socketpair()
+    host = tether.Peer(a, role="child", local_role="main", timeout=10.0)
+    opener = tether.Peer(b, role="main", local_role="child", timeout=10.0)
+    host.host("tokens", Tokens, roles={"child"})
+    host.start()
+    opener.start()
+    try:
+        yield host, opener
+    finally:
+        await opener.close()
+        await host.close()
+
+
+async def test_route_streams_from_its_host(route_pair: tuple[tether.Peer, tether.Peer]) -> None:
+    host, opener = route_pair
+    # the peer itself has no "tokens" handler: the route's is used
+    with pytest.raises(tether.NoHandler):
+        await opener.stream("tokens", "a").__anext__()
+    async with await opener.open("tokens", "r1:") as r1, await opener.open("tokens", "r2:") as r2:
+        assert [w async for w in r1.stream("tokens", "a b", item_type=str)] == ["r1:a", "r1:b"]
+        assert [w async for w in r2.stream("tokens", "c")] == ["r2:c"]
+        async for n in r1.stream("forever", window=4):
+            if n == 6:
+                break
+        await _until(lambda: "forever" in Tokens.log)
+        with pytest.raises(tether.StreamMismatch):
+            await r1.stream("plain").__anext__()
+        assert await r1.invoke("plain") == "r1:"
+    await _until(lambda: Tokens.log.count("close") == 2)
+
+
+async def test_route_closed_mid_stream(route_pair: tuple[tether.Peer, tether.Peer]) -> None:
+    host, opener = route_pair
+    route = await opener.open("tokens", "")
+    got: list[int] = []
+    with pytest.raises(tether.RouteClosed):
+        async for n in route.stream("forever", window=4):
+            got.append(n)
+            if n == 2:
+                await route.close()
+    assert got[:3] == [0, 1, 2]
+    await _until(lambda: "forever" in Tokens.log)  # CANCEL reached the host's generator
+    with pytest.raises(tether.RouteClosed):
+        route.stream("forever")
+
+
+async def test_blocking_route_stream_on_an_asyncio_host(sock_path: str) -> None:
+    Tokens.log = []
+    async with tether.Main(timeout=20.0) as main:
+        main.host("tokens", Tokens, roles="client")
+        server = await main.listen(f"unix://{sock_path}")
+
+        def run() -> tuple[list[str], list[int]]:
+            with tether.sync.connect(str(server.address)) as peer:
+                with peer.open("tokens", "s:") as route:
+                    words = list(route.stream("tokens", "x y"))
+                    got = []
+                    for n in route.stream("forever", window=4):
+                        got.append(n)
+                        if n == 3:
+                            break
+                    return words, got
+
+        words, got = await in_thread(run)
+        assert words == ["s:x", "s:y"] and got == [0, 1, 2, 3]
+        await _until(lambda: "forever" in Tokens.log and "close" in Tokens.log)
+
+
+def test_blocking_host_streams_on_a_route() -> None:
+    """A blocking peer hosts the route; a blocking opener reads its plain generator."""
+    Tokens.log = []
+    a, b = socket.socketpair()
+    host = tether.sync.Peer(a, role="client", name="host", timeout=10.0)
+    opener = tether.sync.Peer(b, role="client", name="opener", timeout=10.0)
+    try:
+        host.host("tokens", Tokens, roles={"client"})
+        with opener.open("tokens", "h:") as route:
+            got = []
+            for n in route.stream("forever", window=4):
+                got.append(n)
+                if n == 5:
+                    break
+            assert got == list(range(6))
+            with pytest.raises(tether.StreamMismatch):  # an async generator on a blocking host
+                list(route.stream("tokens", "a"))
+        import time
+
+        end = time.monotonic() + 20.0
+        while "forever" not in Tokens.log:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+    finally:
+        opener.close()
+        host.close()

@@ -20,10 +20,12 @@ from ..registry import Handler, Handlers, Registry
 from ..results import DEFAULT, decode_result
 from ..routes import HOST_BIT, MAX_ROUTES
 from ..shm import consume_all
+from ..streams import DEFAULT_WINDOW
 from ..wire import Frame, Kind
 
 if TYPE_CHECKING:
     from .peer import Peer
+    from .streaming import Stream
 
 __all__ = ["MAX_ROUTES", "ROUTE_FRAMES", "Route"]
 
@@ -137,6 +139,32 @@ class Route(Handlers):
         return err
 
     # -- calling ----------------------------------------------------------
+
+    def stream(
+        self,
+        channel: str,
+        *args: Any,
+        item_type: Any = Any,
+        window: int = DEFAULT_WINDOW,
+        item_timeout: float | None = DEFAULT,
+        timeout: float | None = None,
+    ) -> Stream[Any]:
+        """Iterate a stream handler (a generator) of the other end of the route.
+
+        As :meth:`tether.Peer.stream`, on this route's handlers; when the route
+        ends the loop ends with :class:`RouteClosed` (after the items already
+        received).
+
+        Raises:
+            RouteClosed: the route is closed (the arguments were consumed).
+        """
+        if self._closed is not None:
+            raise self._refuse(self._what(channel), args)
+        from .streaming import stream
+
+        return stream(
+            self.peer, channel, args, item_type, window, item_timeout, timeout, route=self
+        )
 
     async def invoke(
         self,

@@ -17,15 +17,17 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .. import codec
-from ..errors import InvokeTimeout, ProtocolError, TetherError
+from ..errors import InvokeTimeout, ProtocolError, RouteClosed, TetherError
 from ..protocol import State
 from ..registry import Call, Handler
 from ..results import DEFAULT, decode_result
+from ..routes import HOST_BIT
 from ..streams import MAX_CREDIT, Inbound, check_window, credit_of, is_streaming, not_a_stream
 from ..wire import K_CREDIT, K_ITEM, K_STREAM, Frame
 
 if TYPE_CHECKING:
     from .peer import Peer
+    from .route import Route
 
 __all__ = ["Stream", "on_frame"]
 
@@ -65,6 +67,9 @@ class _State:
     def set_exception(self, exc: BaseException) -> None:
         self.end = exc
         self._wake()
+
+    def exception(self) -> BaseException | None:
+        return self.end if isinstance(self.end, BaseException) else None
 
     def _wake(self) -> None:
         w = self.waiter
@@ -106,9 +111,10 @@ class Stream(AsyncIterator[T], Generic[T]):
         window: int,
         item_timeout: float | None,
         timeout: float | None,
-        route_id: int = 0,
+        route: Route | None = None,
     ) -> None:
         self._peer = peer
+        self._route = route  # a route's stream: registered with the route, ended with it
         self._channel = channel
         self._args: tuple[Any, ...] | None = args
         self._item_type = item_type
@@ -116,7 +122,7 @@ class Stream(AsyncIterator[T], Generic[T]):
         self._in = self._st.inb
         self._item_timeout = item_timeout
         self._timeout = timeout
-        self._route_id = route_id
+        self._route_id = route._key ^ HOST_BIT if route is not None else 0
         self._rid = 0  # 0: not opened yet
         self._deadline: float | None = None
         self._over = False  # the reader is done with it (ended, abandoned, closed)
@@ -139,11 +145,16 @@ class Stream(AsyncIterator[T], Generic[T]):
         conn = peer._conn
         if conn.state is not State.OPEN:
             await peer._until_open(args, timeout)
+        route = self._route
+        if route is not None and route._closed is not None:
+            raise route._refuse(route._what(self._channel), args)
         chan = peer._chan_cache.get(self._channel) if type(self._channel) is str else None
         if chan is None:
             chan = peer._new_chan(self._channel, args)
         self._rid = conn.send_stream(chan, args, self._st, self._in.window, self._route_id)
         peer._streams_in[self._rid] = self._st
+        if self._route is not None:
+            self._route._pending[self._rid] = self._st  # type: ignore[assignment]
         if peer._paused:
             peer._set_reading()  # items and the end must still be read
         peer._flush()
@@ -181,6 +192,9 @@ class Stream(AsyncIterator[T], Generic[T]):
             end = self._st.end
             if end is not None:
                 self._finish()
+                if isinstance(end, RouteClosed):  # ended here, not by the producer: stop it
+                    peer._conn.send_cancel(self._rid)
+                    peer._kick()
                 if isinstance(end, BaseException):
                     raise end
                 raise StopAsyncIteration
@@ -211,6 +225,8 @@ class Stream(AsyncIterator[T], Generic[T]):
     def _finish(self) -> None:
         self._over = True
         self._peer._streams_in.pop(self._rid, None)
+        if self._route is not None:
+            self._route._pending.pop(self._rid, None)
         self._in.items.clear()
 
     def _abandon(self) -> None:
@@ -223,6 +239,8 @@ class Stream(AsyncIterator[T], Generic[T]):
             peer._conn.send_cancel(self._rid)
             peer._kick()
         peer._streams_in.pop(self._rid, None)
+        if self._route is not None:
+            self._route._pending.pop(self._rid, None)
         self._in.items.clear()
 
     async def aclose(self) -> None:
@@ -405,9 +423,12 @@ def stream(
     window: int,
     item_timeout: Any,
     timeout: float | None,
-    route_id: int = 0,
+    route: Route | None = None,
 ) -> Stream[Any]:
-    """What :meth:`tether.Peer.stream` returns (``item_timeout`` DEFAULT: the peer's timeout)."""
+    """What :meth:`tether.Peer.stream` and :meth:`tether.Route.stream` return.
+
+    ``item_timeout`` DEFAULT: the peer's timeout.
+    """
     if item_timeout is DEFAULT:
         item_timeout = peer.timeout
-    return Stream(peer, channel, args, item_type, window, item_timeout, timeout, route_id)
+    return Stream(peer, channel, args, item_type, window, item_timeout, timeout, route)

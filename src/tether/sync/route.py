@@ -22,10 +22,12 @@ from ..registry import Handler, Handlers, Registry
 from ..results import DEFAULT, decode_result
 from ..routes import HOST_BIT, MAX_ROUTES
 from ..shm import consume_all
+from ..streams import DEFAULT_WINDOW
 from ..wire import K_EVENT, K_INVOKE, Frame, Kind
 
 if TYPE_CHECKING:
     from .peer import Peer, _Slot
+    from .streaming import Stream
 
 __all__ = ["JOBS", "MAX_ROUTES", "ROUTE_FRAMES", "Route"]
 
@@ -171,6 +173,28 @@ class Route(Handlers):
             raise slot.exc
         assert slot.frame is not None
         return decode_result(slot.frame, result_type)
+
+    def stream(
+        self,
+        channel: str,
+        *args: Any,
+        item_type: Any = Any,
+        window: int = DEFAULT_WINDOW,
+        item_timeout: float | None = DEFAULT,
+        timeout: float | None = None,
+    ) -> Stream[Any]:
+        """Blocking :meth:`tether.Route.stream`: iterate a stream handler of the route's other end.
+
+        Raises:
+            RouteClosed: the route is closed (the arguments were consumed).
+        """
+        if self._closed is not None:
+            raise self._refuse(self._what(channel), args)
+        from .streaming import stream
+
+        return stream(
+            self.peer, channel, args, item_type, window, item_timeout, timeout, route=self
+        )
 
     def send(self, channel: str, *args: Any) -> None:
         """Blocking :meth:`tether.Route.send`: SendOrDrop, the message consumed either way.

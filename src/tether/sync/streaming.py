@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from .. import codec
-from ..errors import InvokeTimeout, ProtocolError, TetherError
+from ..errors import InvokeTimeout, ProtocolError, RouteClosed, TetherError
 from ..registry import Call
 from ..results import DEFAULT, decode_result
+from ..routes import HOST_BIT
 from ..shm import consume_all
 from ..streams import MAX_CREDIT, Inbound, check_window, credit_of, is_streaming, not_a_stream
 from ..wire import Frame
@@ -26,6 +27,7 @@ from .route import route_handler
 
 if TYPE_CHECKING:
     from .peer import Peer
+    from .route import Route
 
 __all__ = ["Stream"]
 
@@ -69,8 +71,10 @@ class Stream(Iterator[T], Generic[T]):
         window: int,
         item_timeout: float | None,
         timeout: float | None,
+        route: Route | None = None,
     ) -> None:
         self._peer = peer
+        self._route = route  # a route's stream: registered with the route, ended with it
         self._channel = channel
         self._args: tuple[Any, ...] | None = args
         self._item_type = item_type
@@ -102,8 +106,19 @@ class Stream(Iterator[T], Generic[T]):
             with peer._lock:
                 if peer._closed is not None or conn.their_goodbye:
                     raise peer._refused(args)
-                self._rid = conn.send_stream(chan, args, self._slot, self._slot.inb.window)
+                route = self._route
+                if route is not None and route._closed is not None:
+                    raise route._refuse(route._what(self._channel), args)
+                self._rid = conn.send_stream(
+                    chan,
+                    args,
+                    self._slot,
+                    self._slot.inb.window,
+                    route._key ^ HOST_BIT if route is not None else 0,
+                )
                 peer._streams_in[self._rid] = self._slot
+                if route is not None:
+                    route._pending[self._rid] = self._slot  # type: ignore[assignment]
                 data, fds = peer._take_out()
             peer._write(data, fds, self._deadline)
 
@@ -143,6 +158,8 @@ class Stream(Iterator[T], Generic[T]):
                 return item
             if slot.frame is not None or slot.exc is not None:
                 self._finish()
+                if isinstance(slot.exc, RouteClosed):  # ended here, not by the producer
+                    self._cancel(self._rid)
                 if slot.exc is not None:
                     raise slot.exc
                 raise StopIteration
@@ -151,6 +168,10 @@ class Stream(Iterator[T], Generic[T]):
                     if peer._closed is not None:
                         self._finish()
                         raise peer._closed
+                    if self._route is not None and self._route._closed is not None:
+                        self._finish()
+                        self._cancel(self._rid)
+                        raise self._route._refuse(self._route._what(self._channel), ())
                     slot.done = False  # wake me at the next item or at the end
             now = time.monotonic()
             deadline = None if self._item_timeout is None else now + self._item_timeout
@@ -173,9 +194,20 @@ class Stream(Iterator[T], Generic[T]):
                 self._finish()
                 raise
 
+    def _cancel(self, rid: int) -> None:
+        """CANCEL the producer (the stream ended on this side only, with its route)."""
+        peer = self._peer
+        with peer._lock:
+            if peer._closed is None:
+                peer._conn.send_cancel(rid)
+        with contextlib.suppress(TetherError):
+            peer._flush(time.monotonic() + _WRITE, block=False)
+
     def _finish(self) -> None:
         self._over = True
         self._peer._streams_in.pop(self._rid, None)
+        if self._route is not None:
+            self._route._pending.pop(self._rid, None)
         self._slot.inb.items.clear()
 
     def close(self, _blocking: bool = True) -> None:
@@ -186,6 +218,8 @@ class Stream(Iterator[T], Generic[T]):
         peer = self._peer
         rid = self._rid
         peer._streams_in.pop(rid, None)
+        if self._route is not None:
+            self._route._pending.pop(rid, None)
         self._slot.inb.items.clear()
         slot = self._slot
         if not rid or slot.frame is not None or slot.exc is not None:
@@ -225,11 +259,15 @@ def stream(
     window: int,
     item_timeout: Any,
     timeout: float | None,
+    route: Route | None = None,
 ) -> Stream[Any]:
-    """What :meth:`tether.sync.Peer.stream` returns (``item_timeout`` DEFAULT: the peer's)."""
+    """What :meth:`tether.sync.Peer.stream` and ``Route.stream`` return.
+
+    ``item_timeout`` DEFAULT: the peer's timeout.
+    """
     if item_timeout is DEFAULT:
         item_timeout = peer.timeout
-    return Stream(peer, channel, args, item_type, window, item_timeout, timeout)
+    return Stream(peer, channel, args, item_type, window, item_timeout, timeout, route)
 
 
 # -- the producing side (runs on the peer's worker thread) ---------------------------
