@@ -691,7 +691,7 @@ async def route_pair() -> AsyncIterator[tuple[tether.Peer, tether.Peer]]:
 
 
 async def test_route_streams_from_its_host(route_pair: tuple[tether.Peer, tether.Peer]) -> None:
-    host, opener = route_pair
+    _, opener = route_pair
     # the peer itself has no "tokens" handler: the route's is used
     with pytest.raises(tether.NoHandler):
         await opener.stream("tokens", "a").__anext__()
@@ -709,7 +709,7 @@ async def test_route_streams_from_its_host(route_pair: tuple[tether.Peer, tether
 
 
 async def test_route_closed_mid_stream(route_pair: tuple[tether.Peer, tether.Peer]) -> None:
-    host, opener = route_pair
+    _, opener = route_pair
     route = await opener.open("tokens", "")
     got: list[int] = []
     with pytest.raises(tether.RouteClosed):
@@ -730,15 +730,17 @@ async def test_blocking_route_stream_on_an_asyncio_host(sock_path: str) -> None:
         server = await main.listen(f"unix://{sock_path}")
 
         def run() -> tuple[list[str], list[int]]:
-            with tether.sync.connect(str(server.address)) as peer:
-                with peer.open("tokens", "s:") as route:
-                    words = list(route.stream("tokens", "x y"))
-                    got = []
-                    for n in route.stream("forever", window=4):
-                        got.append(n)
-                        if n == 3:
-                            break
-                    return words, got
+            with (
+                tether.sync.connect(str(server.address)) as peer,
+                peer.open("tokens", "s:") as route,
+            ):
+                words = list(route.stream("tokens", "x y"))
+                got = []
+                for n in route.stream("forever", window=4):
+                    got.append(n)
+                    if n == 3:
+                        break
+                return words, got
 
         words, got = await in_thread(run)
         assert words == ["s:x", "s:y"] and got == [0, 1, 2, 3]
