@@ -1,4 +1,4 @@
-"""``tether demo``, scenario 4: the seed's Chromium system, a sandboxed renderer's WebSockets.
+"""``tether demo``, scenario 4: Chromium's broker, a sandboxed renderer's WebSockets.
 
 Main starts a local WebSocket echo server (127.0.0.1, port 0), hosts the
 ``websocket`` route kind with a :class:`~tether.broker.WebSocketBroker` whose
