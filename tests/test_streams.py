@@ -288,6 +288,15 @@ async def test_item_timeout_stops_the_generator(served: tuple[str, Record]) -> N
         assert got == [1] and rec.finals == ["slow"]
 
 
+async def test_item_timeout_defaults_to_the_peers_timeout(served: tuple[str, Record]) -> None:
+    address, rec = served
+    async with tether.connect(address, timeout=0.3) as peer:
+        with pytest.raises(tether.InvokeTimeout, match="no item within 0.3 s"):
+            async for _ in peer.stream("slow", 1):
+                pass
+        await _wait(rec.final)
+
+
 async def test_whole_stream_timeout_stops_the_generator(served: tuple[str, Record]) -> None:
     address, rec = served
     async with tether.connect(address) as peer:
