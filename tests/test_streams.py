@@ -291,7 +291,7 @@ async def test_item_timeout_stops_the_generator(served: tuple[str, Record]) -> N
 async def test_item_timeout_defaults_to_the_peers_timeout(served: tuple[str, Record]) -> None:
     address, rec = served
     async with tether.connect(address, timeout=0.3) as peer:
-        with pytest.raises(tether.InvokeTimeout, match="no item within 0.3 s"):
+        with pytest.raises(tether.InvokeTimeout, match=r"no item within 0\.3 s"):
             async for _ in peer.stream("slow", 1):
                 pass
         await _wait(rec.final)
