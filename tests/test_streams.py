@@ -520,6 +520,12 @@ async def test_blocking_reader_break_stops_the_generator(served: tuple[str, Reco
                 if x == 5:
                     break
             assert peer.invoke("plain", 1) == 2
+            import time
+
+            end = time.monotonic() + 20.0  # the generator ends while the connection is open
+            while "forever" not in rec.finals:
+                assert time.monotonic() < end, "the producer's finally did not run"
+                time.sleep(0.01)
             return got
 
     assert await in_thread(run) == [0, 1, 2, 3, 4, 5]
