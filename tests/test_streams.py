@@ -533,6 +533,29 @@ async def test_blocking_reader_break_stops_the_generator(served: tuple[str, Reco
     assert rec.finals == ["forever"]
 
 
+async def test_blocking_reader_dropped_while_its_peer_is_locked(
+    served: tuple[str, Record],
+) -> None:
+    """A stream dropped inside tether (a GC with the peer's lock held) still gets its CANCEL."""
+    address, rec = served
+
+    def run() -> None:
+        import time
+
+        with tether.sync.connect(address) as peer:
+            s = peer.stream("forever", window=4)
+            assert next(s) == 0
+            time.sleep(0.2)  # the rest of the window has arrived: no ITEM will come
+            with peer._lock:
+                s.close(_blocking=False)  # what __del__ does
+            end = time.monotonic() + 20.0
+            while "forever" not in rec.finals:
+                assert time.monotonic() < end, "no CANCEL reached the producer"
+                time.sleep(0.01)
+
+    await in_thread(run)
+
+
 async def test_blocking_reader_close_and_with(served: tuple[str, Record]) -> None:
     address, rec = served
 

@@ -286,7 +286,6 @@ class Peer(Handlers):
         # streams by request id (tether.sync.streaming): read here / produced here
         self._streams_in: dict[int, Any] = {}
         self._streams_out: dict[int, Any] = {}
-        self._streams_dropped: set[int] = set()  # readers gone without their CANCEL sent
         self._backlog: collections.deque[tuple[Frame, int]] = collections.deque()
         #: invokes from the other side allowed in the queue at once (more: ERROR ``busy``)
         self.max_inflight = max_inflight
@@ -798,9 +797,6 @@ class Peer(Handlers):
                                 err = exc
                                 break
                             settled.append(st)
-                        elif f.request_id in self._streams_dropped:
-                            self._streams_dropped.discard(f.request_id)
-                            conn.send_cancel(f.request_id)
                     else:
                         if credits is None:
                             credits = []

@@ -226,8 +226,10 @@ class Stream(Iterator[T], Generic[T]):
             return
         if not peer._lock.acquire(_blocking):
             # Dropped while this thread holds the lock (a garbage collection
-            # inside tether): the reader cancels at the stream's next ITEM.
-            peer._streams_dropped.add(rid)
+            # inside tether): another thread sends the CANCEL once it is free.
+            threading.Thread(
+                target=self._cancel, args=(rid,), name="tether-stream-cancel", daemon=True
+            ).start()
             return
         try:
             if peer._closed is None:
