@@ -556,6 +556,33 @@ async def test_blocking_reader_dropped_while_its_peer_is_locked(
     await in_thread(run)
 
 
+async def test_blocking_reader_connection_lost_mid_stream(sock_path: str) -> None:
+    rec = Record()
+    main = tether.Main(timeout=20.0)
+    install(main, rec)
+    async with main:
+        server = await main.listen(f"unix://{sock_path}")
+        loop = asyncio.get_running_loop()
+
+        def drop() -> None:
+            (mpeer,) = main.peers
+            mpeer.abort(tether.PeerGone("dropped by the test"))
+
+        def run() -> list[int]:
+            got: list[int] = []
+            with tether.sync.connect(str(server.address)) as peer, pytest.raises(tether.PeerGone):
+                for x in peer.stream("forever", window=4):
+                    got.append(x)
+                    if x == 2:
+                        loop.call_soon_threadsafe(drop)
+            return got
+
+        got = await in_thread(run)
+        assert got[:3] == [0, 1, 2]
+        await _wait(rec.final)
+        assert rec.finals == ["forever"]
+
+
 async def test_blocking_reader_close_and_with(served: tuple[str, Record]) -> None:
     address, rec = served
 

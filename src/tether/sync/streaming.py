@@ -143,10 +143,12 @@ class Stream(Iterator[T], Generic[T]):
         while True:
             if inb.items:
                 f = inb.take()
-                with peer._lock:
-                    n = inb.regrant()
-                    if n:
-                        peer._conn.send_credit(self._rid, n)
+                n = 0
+                if inb.consumed >= (inb.window + 1) // 2:  # the lock only to give credit back
+                    with peer._lock:
+                        n = inb.regrant()
+                        if n:
+                            peer._conn.send_credit(self._rid, n)
                 if n:
                     with contextlib.suppress(TetherError):
                         peer._flush(time.monotonic() + _WRITE, block=False)
