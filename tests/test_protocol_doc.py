@@ -855,3 +855,29 @@ async def test_eof_in_the_middle_of_a_frame_is_logged_as_a_protocol_error(
     b.close()
     assert "middle of a frame" in caplog.text
     assert isinstance(peer._closed, tether.ProtocolError)
+
+
+def test_stream_conversation_matches_the_doc() -> None:
+    """7.6 / 12.5: the documented STREAM and CREDIT open a stream; ITEM and RESULT answer it."""
+    from tether.streams import Inbound, credit_of
+
+    ends = _open_pair()
+    child, main = ends["child"], ends["main"]
+    frames = main.receive_data(BLOCKS["stream"] + BLOCKS["credit"])
+    assert [(f.kind, f.request_id, f.channel) for f in frames] == [
+        (Kind.STREAM, 4, "tokens"),
+        (Kind.CREDIT, 4, ""),
+    ]
+    assert msgspec.msgpack.decode(frames[0].body) == ["a b"]
+    assert credit_of(frames[1]) == 16
+    waiter = object()
+    child.pending[4] = waiter  # as send_stream left it
+    frames = child.receive_data(BLOCKS["item"] + BLOCKS["stream-end"])
+    assert [(f.kind, f.request_id) for f in frames] == [(Kind.ITEM, 4), (Kind.RESULT, 4)]
+    inb = Inbound(16)
+    inb.on_item(frames[0])
+    assert msgspec.msgpack.decode(inb.take().body) == "a"
+    assert msgspec.msgpack.decode(frames[1].body) is None
+    assert child.take_pending(4) is waiter
+    # "stream" is what lets these kinds through: without it they break the protocol
+    assert "`stream` | it takes streams" in TEXT
