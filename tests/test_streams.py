@@ -35,6 +35,7 @@ class Record:
         self.finals: list[str] = []
         self.final = asyncio.Event()
         self.started = asyncio.Event()
+        self.threads: set[int] = set()
 
     def ended(self, name: str) -> None:
         self.finals.append(name)
@@ -97,6 +98,15 @@ def install(main: tether.Main, rec: Record) -> None:
     @main.handle("plain", roles="client")
     async def plain(call: tether.Call, x: int) -> int:
         return x + 1
+
+    @main.handle("threaded", roles="client", thread=True)
+    def threaded(call: tether.Call, n: int) -> Iterator[int]:
+        try:
+            for i in range(n):
+                rec.threads.add(threading.get_ident())
+                yield i
+        finally:
+            rec.finals.append("threaded")  # on a worker thread: no asyncio.Event here
 
     @main.handle("blobs", roles="client")
     def blobs(call: tether.Call, n: int, size: int) -> Iterator[bytes]:
@@ -308,6 +318,20 @@ async def test_whole_stream_timeout_stops_the_generator(served: tuple[str, Recor
         assert got > 0
         await _wait(rec.final)
         assert rec.finals == ["forever"]
+
+
+async def test_thread_handler_generator_steps_on_a_worker_thread(
+    served: tuple[str, Record],
+) -> None:
+    address, rec = served
+    async with tether.connect(address) as peer:
+        assert [x async for x in peer.stream("threaded", 5)] == [0, 1, 2, 3, 4]
+        assert rec.threads and threading.get_ident() not in rec.threads
+        await _until(lambda: rec.finals == ["threaded"])
+        async for x in peer.stream("threaded", 10**9, window=2):
+            if x == 3:
+                break
+        await _until(lambda: rec.finals == ["threaded", "threaded"])
 
 
 # -- errors ---------------------------------------------------------------------------

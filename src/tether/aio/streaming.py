@@ -349,6 +349,9 @@ async def _produce(
     try:
         gen = h.fn(call, *args)
         is_async = inspect.isasyncgen(gen)
+        if not is_async and getattr(h, "thread", False):
+            gen = _Threaded(gen, call)  # thread=True: each step on a worker thread
+            is_async = True
         send_item = conn.send_item
         kick = peer._kick
         while True:
@@ -404,10 +407,45 @@ async def _produce(
     peer._kick()
 
 
+class _Threaded:
+    """A plain generator of a ``thread=True`` handler, stepped and closed on worker threads.
+
+    One lock per generator: a step still running on a thread (its caller
+    cancelled) finishes before ``aclose`` closes the generator.
+    """
+
+    def __init__(self, gen: Any, call: Call) -> None:
+        self._gen = gen
+        self._call = call
+        self._lock = threading.Lock()
+
+    def _step(self, call: Call) -> Any:
+        with self._lock:
+            return next(self._gen, _END)
+
+    def _close(self, call: Call) -> None:
+        with self._lock:
+            self._gen.close()
+
+    async def __anext__(self) -> Any:
+        from ..threads import run_in_thread
+
+        item = await run_in_thread(self._step, self._call, ())
+        if item is _END:
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._close, self._call)
+
+
+_END = object()
+
+
 async def _close_gen(gen: Any) -> None:
     """Close a generator so its ``finally`` runs (a no-op once it finished)."""
     try:
-        if inspect.isasyncgen(gen):
+        if isinstance(gen, _Threaded) or inspect.isasyncgen(gen):
             await gen.aclose()
         elif inspect.isgenerator(gen):
             gen.close()
