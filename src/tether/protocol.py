@@ -896,7 +896,7 @@ class Connection:
                     self._fds_out = []
                 self._fds_out.extend(fds)
 
-    # -- streams (docs/protocol.md 7.5; state above this: tether.streams) ---
+    # -- streams (docs/protocol.md 7.6; their accounting: tether.streams) ---
 
     def send_stream(
         self, channel: bytes, args: Any, waiter: Any, credit: int, route_id: int = 0

@@ -2,7 +2,7 @@
 
 Shared by the asyncio (:mod:`tether.aio.streaming`) and blocking
 (:mod:`tether.sync.peer`) layers. The frames are specified in
-``docs/protocol.md`` (7.5): the caller opens a stream with STREAM (an INVOKE
+``docs/protocol.md`` (7.6): the caller opens a stream with STREAM (an INVOKE
 that expects items) followed by CREDIT, the callee sends one ITEM per item
 while it has credit and ends with RESULT (done) or ERROR (failed); CANCEL
 from the caller stops it.

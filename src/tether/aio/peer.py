@@ -625,7 +625,7 @@ class Peer(Handlers):
         Args:
             item_type: decode and validate each item as this type.
             window: items the producer may send ahead of what this side took
-                (credit, docs/protocol.md 7.5): a reader that stops reading
+                (credit, docs/protocol.md 7.6): a reader that stops reading
                 stops the producer after at most ``window`` items.
             item_timeout: seconds to wait for each item; defaults to the
                 peer's ``timeout``; ``None`` waits forever.

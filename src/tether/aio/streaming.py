@@ -1,7 +1,7 @@
 """Streams on an asyncio :class:`~tether.Peer`: the reader's :class:`Stream`, the producer's task.
 
 The accounting is :mod:`tether.streams` (sans I/O); the frames are in
-``docs/protocol.md`` 7.5. A peer keeps two tables keyed by request id:
+``docs/protocol.md`` 7.6. A peer keeps two tables keyed by request id:
 ``_streams_in`` (streams this side reads) and ``_streams_out`` (streams it
 produces); both are connection-wide, so routes can share them.
 """

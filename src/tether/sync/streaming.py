@@ -1,7 +1,7 @@
 """Streams on a blocking :class:`tether.sync.Peer`: the reader's iterator, the producer's loop.
 
 The accounting is :mod:`tether.streams` (sans I/O), the frames
-``docs/protocol.md`` 7.5. The peer's reader thread files ITEMs into the
+``docs/protocol.md`` 7.6. The peer's reader thread files ITEMs into the
 stream's slot and CREDITs into the producer's account; the thread that
 iterates (reader side) or the worker thread (producer side) does the rest.
 """
