@@ -362,7 +362,8 @@ class ArgsSpec:
             return
         # rename: a name namedtuple refuses (``_k``) gets a stand-in field; errors use self.names
         nt = collections.namedtuple("Args", names, defaults=defaults, rename=True)  # type: ignore[misc]
-        nt.__annotations__ = {f: types[n] for f, n in zip(nt._fields, names, strict=True)}
+        fields: tuple[str, ...] = nt._fields
+        nt.__annotations__ = {f: types[n] for f, n in zip(fields, names, strict=True)}
         self.decoder = msgspec.msgpack.Decoder(nt, ext_hook=ext_hook)
 
     def decode(
