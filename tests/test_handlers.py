@@ -627,3 +627,35 @@ async def test_blocking_peer_progress_from_a_thread_arrives_before_the_result(
             assert seen == list(range(30))
         finally:
             await asyncio.to_thread(client.close)
+
+
+async def test_parameters_named_with_an_underscore_are_accepted_and_named_in_errors(
+    sock_path: str,
+) -> None:
+    def scale(call: tether.Call, _factor: int, _k: int = 2) -> int:
+        return _factor * _k
+
+    async with tether.Main(timeout=10.0) as main:
+        main.handle("scale", scale)
+        await main.listen(f"unix://{sock_path}")
+        async with tether.connect(f"unix://{sock_path}", timeout=10.0) as peer:
+            assert await peer.invoke("scale", 3) == 6
+            assert await peer.invoke("scale", 3, 5) == 15
+            with pytest.raises(tether.BadRequest, match="scale\\(\\) argument '_factor'"):
+                await peer.invoke("scale", "x")
+
+
+async def test_an_unannotated_handler_without_the_call_says_who_got_the_call(
+    sock_path: str,
+) -> None:
+    def noann(a):  # type: ignore[no-untyped-def]
+        return a
+
+    async with tether.Main(timeout=10.0) as main:
+        main.handle("noann", noann)
+        await main.listen(f"unix://{sock_path}")
+        async with tether.connect(f"unix://{sock_path}", timeout=10.0) as peer:
+            with pytest.raises(
+                tether.BadRequest, match=r"its first parameter, 'a', receives the tether\.Call"
+            ):
+                await peer.invoke("noann", 5)

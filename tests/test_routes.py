@@ -470,6 +470,22 @@ async def test_main_sets_the_cap_for_its_peers() -> None:
         tether.Main(max_routes=-1)
 
 
+async def test_a_child_opens_as_many_routes_as_main_allows() -> None:
+    """Main(max_routes=) above the default reaches the child's own opener-side cap."""
+    opened: list[tuple[int, str]] = []
+    async with tether.Main(timeout=20.0, max_routes=300) as main:
+        main.host("counter", Counter, roles={"child"})
+
+        @main.handle("opened")
+        def on_opened(call: tether.Call, count: int, refused: str) -> None:
+            opened.append((count, refused))
+
+        for method in ("fork", "spawn"):
+            await main.spawn(_route_targets.open_many, 300, start_method=method)
+            await until(lambda: len(opened) == 1, 40)
+            assert opened.pop()[0] == 300
+
+
 # -- ordering ---------------------------------------------------------------------------
 
 

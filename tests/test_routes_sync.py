@@ -226,3 +226,18 @@ async def test_a_sync_client_opens_routes_on_an_asyncio_main(sock_path: str) -> 
                 break
             await asyncio.sleep(0.01)
         assert closed == [1]
+
+
+def test_a_blocking_host_with_an_async_close_is_refused_at_host() -> None:
+    a, b = socket.socketpair()
+    with tether.sync.Peer(a, role="main", local_role="child") as peer:
+
+        class Doc:
+            def __init__(self, route: tether.sync.Route) -> None: ...
+
+            async def close(self) -> None: ...
+
+        with pytest.raises(TypeError, match="async close"):
+            peer.host("doc", Doc)
+        assert "doc" not in peer.registry.hosts
+    b.close()

@@ -262,3 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _call(ns)
     parser.print_help(sys.stderr)
     return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -306,7 +306,17 @@ class ArgsSpec:
     got 1``; ``add() argument 'b': expected int, got str``.
     """
 
-    __slots__ = ("buffers", "decoder", "fname", "items", "names", "required", "rest", "slow")
+    __slots__ = (
+        "buffers",
+        "decoder",
+        "first",
+        "fname",
+        "items",
+        "names",
+        "required",
+        "rest",
+        "slow",
+    )
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         sig = inspect.signature(fn)
@@ -315,6 +325,8 @@ class ArgsSpec:
         every = list(sig.parameters.values())
         # The Call comes first; a handler taking only *args gets it in args[0].
         params = every if every and every[0].kind is every[0].VAR_POSITIONAL else every[1:]
+        #: the parameter that receives the Call (named in arity errors)
+        self.first = every[0].name if every and params is not every else ""
         names: list[str] = []
         types: dict[str, Any] = {}
         defaults: list[Any] = []
@@ -360,8 +372,10 @@ class ArgsSpec:
                 buffer_target(rest),
             )
             return
-        nt = collections.namedtuple("Args", names, defaults=defaults)  # type: ignore[misc]
-        nt.__annotations__ = types
+        # rename: a name namedtuple refuses (``_k``) gets a stand-in field; errors use self.names
+        nt = collections.namedtuple("Args", names, defaults=defaults, rename=True)  # type: ignore[misc]
+        fields: tuple[str, ...] = nt._fields
+        nt.__annotations__ = {f: types[n] for f, n in zip(fields, names, strict=True)}
         self.decoder = msgspec.msgpack.Decoder(nt, ext_hook=ext_hook)
 
     def decode(
@@ -472,6 +486,13 @@ class ArgsSpec:
         )
 
     def _arity(self, got: int) -> str:
+        text = self._arity_text(got)
+        if got > len(self.names) and self.rest is None and self.first not in ("", "call"):
+            # def h(a): ... registered as a handler: 'a' gets the Call, not the argument
+            text += f" (its first parameter, {self.first!r}, receives the tether.Call)"
+        return text
+
+    def _arity_text(self, got: int) -> str:
         hi = len(self.names)
         lo = self.required
         shown = f" ({', '.join(self.names)})" if self.names else ""

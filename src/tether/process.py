@@ -377,6 +377,8 @@ async def _run_async(
     from .errors import PeerGone
 
     peer = Peer(sock, **_peer_options(options), spin=options.get("spin", 0.0))
+    if "max_routes" in options:  # main's cap: the child opens (and hosts) as many
+        peer.max_routes = options["max_routes"]
     task = asyncio.ensure_future(target(peer, *args))
     await asyncio.sleep(0)  # the target runs to its first await: handlers are in place
     if task.done() and not task.cancelled() and task.exception() is not None:
@@ -409,6 +411,8 @@ def _run_sync(
 
     # lazy: read nothing until the target's first blocking call, so its handlers are in place
     with Peer(sock, **_peer_options(options), lazy=True) as peer:
+        if "max_routes" in options:  # main's cap: the child opens (and hosts) as many
+            peer.max_routes = options["max_routes"]
         try:
             target(peer, *args)
         except Exception as exc:

@@ -462,6 +462,8 @@ class Handlers:
     """
 
     registry: Registry
+    #: a blocking peer: no event loop, so a host's close() must be plain
+    _blocking: ClassVar[bool] = False
 
     def _registered(self) -> None:
         """Called after each registration (the blocking peer starts serving here)."""
@@ -584,6 +586,11 @@ class Handlers:
         checked_roles(roles)
 
         def register(f: F) -> F:
+            if self._blocking and inspect.iscoroutinefunction(getattr(f, "close", None)):
+                raise TypeError(
+                    f"host {getattr(f, '__qualname__', f)!r} for {kind!r} has an async close(): "
+                    "a blocking peer runs no event loop to await it; make close() a plain method"
+                )
             self.registry.host(kind, f, roles=roles)
             self._registered()
             return f

@@ -612,6 +612,7 @@ class Main(Handlers):
             "spin": self.spin,
             "pickle": pickle,
             "report": report_child,
+            "max_routes": self.max_routes,
             "env": child_env,
             "cwd": child_cwd,
         }

@@ -208,6 +208,8 @@ class Peer(Handlers):
             peer talks to is).
     """
 
+    _blocking = True
+
     #: the most routes this side hosts for the other side at once, and opens to it
     max_routes: int = MAX_ROUTES
 
