@@ -825,7 +825,7 @@ class Peer(Handlers):
             except ProtocolError as exc:
                 self._bad_message(exc)
                 raise self._closed from None  # type: ignore[misc]
-        if reply or self._conn.buffered_out:
+        if reply:
             with contextlib.suppress(TetherError):
                 self._flush(time.monotonic() + _REPLY_WRITE, block=False)
         if settled or hello:
