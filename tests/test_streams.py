@@ -862,3 +862,30 @@ def test_blocking_host_streams_on_a_route() -> None:
     finally:
         opener.close()
         host.close()
+
+
+# -- the core's checks ------------------------------------------------------------------
+
+
+def test_credit_bodies_are_checked() -> None:
+    from tether.aio.streaming import _Outbound
+    from tether.streams import MAX_CREDIT, check_window, credit_of
+
+    def credit(body: bytes) -> Frame:
+        f = Frame(Kind.CREDIT, 1)
+        f.body = memoryview(body)
+        return f
+
+    assert credit_of(credit(credit_body(16))) == 16
+    for bad in (credit_body(0), credit_body(-1), credit_body(MAX_CREDIT + 1), b"\xa1x", b""):
+        with pytest.raises(tether.ProtocolError):
+            credit_of(credit(bad))
+    out = _Outbound()
+    out.grant(MAX_CREDIT)
+    with pytest.raises(tether.ProtocolError, match="outstanding"):
+        out.grant(1)
+    for window in (0, -1, MAX_CREDIT + 1):
+        with pytest.raises(ValueError):
+            check_window(window)
+    with pytest.raises(TypeError):
+        check_window(1.5)
