@@ -6,6 +6,8 @@ Driven against each other and against hand-made frames, with no sockets.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -197,3 +199,30 @@ def test_json_connection_takes_no_store_secret_or_pickle() -> None:
         Connection("main", encoding="json", pickle=True)
     with pytest.raises(ValueError, match="encoding"):
         Connection("main", encoding="cbor")
+
+
+DOC = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
+JSON_BLOCKS = {
+    name: bytes.fromhex(" ".join(body.split()))
+    for name, body in re.findall(r"^```hex-json name=([\w-]+)\n(.*?)^```", DOC, re.M | re.S)
+}
+
+
+def test_json_worked_example_matches_the_python_main() -> None:
+    """docs/protocol.md 12.8: main reads the page's blocks and answers with the documented RESULT."""
+    assert set(JSON_BLOCKS) == {"page-hello", "page-invoke", "page-result"}
+    main = Connection("main", name="web", encoding="json")
+    main.data_to_send()
+    frames = main.receive_data(JSON_BLOCKS["page-hello"] + JSON_BLOCKS["page-invoke"])
+    assert main.peer_hello == codec.Hello(
+        "tether", 1, role="page", max_frame_size=64 << 20, encoding="json"
+    )
+    (invoke,) = frames
+    assert (invoke.kind, invoke.request_id, invoke.channel) == (
+        Kind.INVOKE,
+        1,
+        "message-from-renderer",
+    )
+    assert msgspec.msgpack.decode(invoke.body) == ["Hola, mundo!"]
+    main.send_result(1, "Received: Hola, mundo!")
+    assert bytes(main.data_to_send()[0]) == JSON_BLOCKS["page-result"]

@@ -3,6 +3,7 @@
 // No WebSocket and no server: a fake transport records what the Session writes.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 
 import {
   Kind, Session, encodeFrame, decodeFrame, errorFromBody, pageToken, connect,
@@ -350,4 +351,21 @@ test("connect() opens /tether with the token and the subprotocol, and waits for 
     constructor() { setTimeout(() => this.onclose({ code: 1006, reason: "" }), 0); }
   } });
   await assert.rejects(refused, (e) => e instanceof PeerGone && /refused/.test(e.message));
+});
+
+test("the page's frames are docs/protocol.md 12.8, byte for byte", async () => {
+  const doc = readFileSync(new URL("../../docs/protocol.md", import.meta.url), "utf8");
+  const blocks = {};
+  for (const m of doc.matchAll(/^```hex-json name=([\w-]+)\n([\s\S]*?)^```/gm)) {
+    blocks[m[1]] = m[2].split(/\s+/).filter(Boolean).join(" ");
+  }
+  assert.deepEqual(Object.keys(blocks).sort(), ["page-hello", "page-invoke", "page-result"]);
+  const { s, written } = session();
+  const call = s.invoke("message-from-renderer", "Hola, mundo!", { timeout: 5000 });
+  assert.equal(hex(written[0]), blocks["page-hello"]);
+  assert.equal(hex(written[1]), blocks["page-invoke"]);
+  s.receive(encodeFrame(Kind.HELLO, 0, 0, "", json(MAIN_HELLO)));
+  const result = Uint8Array.from(blocks["page-result"].split(" ").map((h) => parseInt(h, 16)));
+  s.receive(result);
+  assert.equal(await call, "Received: Hola, mundo!");
 });
