@@ -550,3 +550,25 @@ def test_server_url_of_other_listeners_is_the_address() -> None:
             assert server.url == str(server.address)
 
     asyncio.run(run())
+
+
+async def test_main_pushes_to_every_connected_page(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    assert isinstance(server, WebServer)
+    async with await open_page(server) as a, await open_page(server) as b:
+        for _ in range(100):
+            if len(server.peers) == 2:
+                break
+            await asyncio.sleep(0.02)
+        pages = server.peers
+        assert len(pages) == 2 and all(p.role == "web" for p in pages)
+        for page in pages:
+            await page.send("theme", "dark")
+        for ws in (a, b):
+            assert parse(await asyncio.wait_for(ws.recv(), 5)) == (EVENT, 0, "theme", ["dark"])
+        await a.close()
+        for _ in range(100):
+            if len(server.peers) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert len(server.peers) == 1

@@ -131,6 +131,15 @@ class Server:
         """The listening socket's descriptor (-1 once closed)."""
         return self._sock.fileno()
 
+    @property
+    def peers(self) -> list[Peer]:
+        """The peers this listener accepted that are connected and said HELLO.
+
+        E.g. the pages of a ``ws://`` listener, to push to them:
+        ``for page in server.peers: await page.send("theme", "dark")``.
+        """
+        return [p for p in self._held if p.remote_hello is not None and not p.closed]
+
     def _accept(self) -> None:
         for _ in range(64):
             try:
