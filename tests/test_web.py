@@ -572,3 +572,43 @@ async def test_main_pushes_to_every_connected_page(main: tether.Main) -> None:
                 break
             await asyncio.sleep(0.02)
         assert len(server.peers) == 1
+
+
+async def test_random_frames_never_break_the_server(
+    main: tether.Main, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage in well-sized messages: each page is answered or closed (1002), nothing else."""
+    import random
+
+    rng = random.Random(9)
+    server = await main.listen("ws://127.0.0.1:0")
+    with caplog.at_level("WARNING"):
+        for _ in range(40):
+            kind = rng.choice([0, *range(1, 14), 14, 255])
+            chan = bytes(rng.randrange(256) for _ in range(rng.randrange(4)))
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+            head = HEADER.pack(
+                16 + len(chan) + len(body),
+                kind,
+                rng.randrange(2),
+                rng.choice([len(chan), len(chan) + 5]),
+                rng.randrange(3),
+                rng.randrange(2),
+                rng.choice([0, 0, 1]),
+                0,
+            )
+            async with await open_page(server) as ws:
+                await ws.send(head + chan + body)
+                await ws.send(frame(INVOKE, 77, "message-from-renderer", ["after"]))
+                try:
+                    while True:
+                        kind_, rid, _, _ = parse(await asyncio.wait_for(ws.recv(), 5))
+                        if rid == 77 and kind_ in (RESULT, ERROR):
+                            break
+                except ConnectionClosed as exc:  # 1000 after a GOODBYE, else a protocol error
+                    assert exc.rcvd is not None
+                    assert exc.rcvd.code in ((1000, 1002) if kind == GOODBYE else (1002,)), kind
+        async with await open_page(server) as ws:
+            assert (await call(ws, 1, "message-from-renderer", "x"))[0] == RESULT
+    bad = [r for r in caplog.records if "broke the protocol" not in r.getMessage()]
+    assert not [r for r in bad if r.levelname in ("ERROR", "CRITICAL") or r.exc_info], bad
