@@ -671,7 +671,11 @@ class Main(Handlers):
             ValueError: the address is malformed; a limit is below 1; the secret
                 is shorter than 16 bytes; a TCP address other than loopback
                 without a secret or TLS client authentication; ``ssl`` on a
-                unix address.
+                unix address; for ``ws://``: a host other than loopback
+                without ``public=True``, a ``role`` other than ``"web"``,
+                ``uids``/``secret``/``ssl``; ``static``/``public`` elsewhere.
+            FileNotFoundError: ``static`` is not a folder.
+            ImportError: ``ws://`` without the ``websockets`` package.
             PermissionError: the unix socket's directory is open to others.
             OSError: the address is in use (``EADDRINUSE``), the path is not a
                 socket, or its directory is missing; the message names it.
