@@ -612,3 +612,16 @@ async def test_random_frames_never_break_the_server(
             assert (await call(ws, 1, "message-from-renderer", "x"))[0] == RESULT
     bad = [r for r in caplog.records if "broke the protocol" not in r.getMessage()]
     assert not [r for r in bad if r.levelname in ("ERROR", "CRITICAL") or r.exc_info], bad
+
+
+async def test_without_websockets_listen_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    for name in [n for n in sys.modules if n == "tether.web.server" or n.startswith("websockets")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "websockets", None)  # as if not installed
+    async with tether.Main() as main:
+        with pytest.raises(ImportError, match=r"tether-ipc\[web\]"):
+            await main.listen("ws://127.0.0.1:0")

@@ -693,7 +693,14 @@ class Main(Handlers):
                 raise ValueError(
                     "uids=, secret= and ssl= are not for ws:// (it has its own secret)"
                 )
-            from ..web.server import listen_web  # websockets is imported only for pages
+            try:
+                from ..web.server import listen_web  # websockets is imported only for pages
+            except ModuleNotFoundError as exc:
+                if (exc.name or "").partition(".")[0] != "websockets":
+                    raise
+                raise ImportError(
+                    "ws:// needs the websockets package: pip install 'tether-ipc[web]'"
+                ) from exc
 
             return await listen_web(
                 self,
