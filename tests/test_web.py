@@ -74,11 +74,14 @@ def ws_url(server: WebServer, token: str | None = None) -> str:
 
 
 async def open_page(
-    server: WebServer, origin: str | None = None, hello: dict[str, Any] = PAGE_HELLO
+    server: WebServer,
+    origin: str | None = None,
+    hello: dict[str, Any] = PAGE_HELLO,
+    url: str | None = None,
 ) -> ClientConnection:
     """A WebSocket as a page would open it (JSON), its HELLO sent and main's read."""
     ws = await ws_connect(
-        ws_url(server, server.token),
+        f"{url}/tether?token={server.token}" if url else ws_url(server, server.token),
         subprotocols=["tether.json"],  # type: ignore[list-item]
         origin=origin or server.origin,  # type: ignore[arg-type]
         open_timeout=5,
@@ -176,9 +179,19 @@ async def test_socket_from_another_origin_is_refused(main: tether.Main) -> None:
             await open_page(server, origin=origin)
         assert info.value.response.status_code == 403
     assert not main.peers
-    # The served origin, and localhost for a loopback listener, are fine.
-    async with await open_page(server) as ws:
+    # https only for a public listener (behind a TLS proxy that keeps the Host).
+    with pytest.raises(InvalidStatus):
+        await open_page(server, origin=server.origin.replace("http:", "https:"))
+    async with await open_page(server) as ws:  # the served origin
         assert (await call(ws, 1, "message-from-renderer", "x"))[0] == RESULT
+    public = await main.listen("ws://127.0.0.1:0", public=True)  # (tests bind loopback only)
+    assert isinstance(public, WebServer)
+    host = f"127.0.0.1:{public.address.port}"
+    for origin in (f"http://{host}", f"https://{host}"):
+        async with await open_page(public, origin=origin, url=f"ws://{host}") as ws:
+            assert (await call(ws, 1, "message-from-renderer", "x"))[0] == RESULT
+    with pytest.raises(InvalidStatus):
+        await open_page(public, origin="https://evil.example", url=f"ws://{host}")
 
 
 async def raw_http(server: WebServer, target: str, host: str | None = None) -> int:
@@ -481,8 +494,9 @@ async def test_listen_arguments_are_checked(main: tether.Main, tmp_path: Path) -
         await main.listen("tcp://127.0.0.1:0", static=tmp_path)
     with pytest.raises(ValueError, match="own secret"):
         await main.listen("ws://127.0.0.1:0", secret=b"0123456789abcdef")
-    server = await main.listen("ws://0.0.0.0:0", public=True)
-    assert server.url.startswith("http://0.0.0.0:")
+    server = await main.listen("ws://127.0.0.1:0", public=True)
+    assert server.url.startswith("http://127.0.0.1:")
+    assert await raw_http(server, "/", host=f"any.example:{server.address.port}") == 404
 
 
 async def test_close_ends_pages_with_a_goodbye(site: Path) -> None:
