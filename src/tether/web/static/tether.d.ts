@@ -5,7 +5,15 @@
 //   const text: string = await ipc.invoke("message-from-renderer", "Hola, mundo!", { timeout: 5000 });
 //
 // `tether types --ts MODULE:ATTR` writes the channel types of one Main (its handlers for role
-// "web"); with them, `invoke` is checked channel by channel through the `Channels` map below.
+// "web"); with them, `invoke` is checked channel by channel through the `Channels` map below,
+// which such a file fills by module augmentation (the specifier is however the page's
+// TypeScript resolves tether.js):
+//
+//   declare module "/tether.js" {
+//     interface Channels {
+//       "message-from-renderer": [[message: string], string];   // [argument types, result type]
+//     }
+//   }
 
 /** Any JSON value: what crosses a JSON connection. */
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
