@@ -85,6 +85,8 @@ export class ProtocolError extends TetherError { name: "ProtocolError"; }
 export class PayloadTooLarge extends TetherError { name: "PayloadTooLarge"; }
 /** The other side runs as many of this page's invokes as it allows. */
 export class Busy extends TetherError { name: "Busy"; }
+/** The route the call was made on is closed. */
+export class RouteClosed extends TetherError { name: "RouteClosed"; }
 
 /** The error an ERROR body stands for. */
 export function errorFromBody(body: { code: string; message: string; type?: string; traceback?: string; path?: string }): TetherError;
