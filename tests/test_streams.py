@@ -416,6 +416,13 @@ def test_stream_feature_is_negotiated() -> None:
     assert a.peer_hello is not None and "stream" in a.peer_hello.features
 
 
+def test_json_connections_announce_no_streams() -> None:
+    """A page's connection (JSON bodies, tether.js) gets no streams: main does not offer them."""
+    page_side = Connection("main", encoding="json")
+    hello = bytes(page_side.data_to_send()[0])
+    assert b"stream" not in hello and b"json" in hello
+
+
 def test_stream_frames_from_a_peer_without_the_feature_are_refused() -> None:
     a = Connection("client")
     hello = codec.encoder.encode(codec.Hello(protocol="tether", version=1, role="main"))
