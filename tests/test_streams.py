@@ -896,3 +896,21 @@ def test_credit_bodies_are_checked() -> None:
             check_window(window)
     with pytest.raises(TypeError):
         check_window(1.5)
+
+
+async def test_open_streams_count_against_max_inflight(sock_path: str) -> None:
+    rec = Record()
+    async with tether.Main(timeout=20.0, max_inflight=2) as main:
+        install(main, rec)
+        server = await main.listen(f"unix://{sock_path}")
+        async with tether.connect(str(server.address)) as peer:
+            a, b = peer.stream("forever", window=1), peer.stream("forever", window=1)
+            assert (await a.__anext__(), await b.__anext__()) == (0, 0)
+            with pytest.raises(tether.Busy):
+                await peer.stream("forever").__anext__()
+            await a.aclose()
+            await _until(lambda: rec.finals == ["forever"])
+            c = peer.stream("forever", window=1)
+            assert await c.__anext__() == 0  # a slot is free again
+            await b.aclose()
+            await c.aclose()
