@@ -21,6 +21,7 @@ from .errors import ConnectionClosed as ConnectionClosed
 from .errors import ConsumedError as ConsumedError
 from .errors import EndOfStream as EndOfStream
 from .errors import Forbidden as Forbidden
+from .errors import HandleRefused as HandleRefused
 from .errors import InvokeTimeout as InvokeTimeout
 from .errors import NoHandler as NoHandler
 from .errors import PayloadTooLarge as PayloadTooLarge
@@ -28,6 +29,7 @@ from .errors import PeerGone as PeerGone
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteError as RemoteError
 from .errors import TetherError as TetherError
+from .handles import Handle as Handle
 from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
 from .pipe import pipe as pipe
@@ -47,6 +49,8 @@ __all__ = [
     "ConsumedError",
     "EndOfStream",
     "Forbidden",
+    "Handle",
+    "HandleRefused",
     "InvokeTimeout",
     "Main",
     "NoHandler",

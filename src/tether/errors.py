@@ -44,6 +44,7 @@ __all__ = [
     "ConsumedError",
     "EndOfStream",
     "Forbidden",
+    "HandleRefused",
     "InvokeTimeout",
     "NoHandler",
     "PayloadTooLarge",
@@ -140,6 +141,15 @@ class AuthenticationError(ProtocolError):
 
 class ConsumedError(TetherError, RuntimeError):
     """The object was moved into a message by send/invoke and may not be used again."""
+
+
+class HandleRefused(TetherError, TypeError):
+    """A :class:`~tether.Handle` was sent on a connection that passes no descriptors.
+
+    Only unix sockets and socketpairs carry descriptors (the ``fd`` feature of
+    both HELLOs); over TCP or WebSocket the send fails and nothing is sent. The
+    Handle is consumed (its descriptor closed) all the same, as a sent one is.
+    """
 
 
 class PayloadTooLarge(TetherError, ValueError):

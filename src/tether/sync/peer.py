@@ -83,6 +83,7 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
+from ..handles import held_size
 from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection
 from ..registry import Call, Handler, Handlers, Registry
@@ -148,7 +149,7 @@ def _close_all(fds: Iterable[int]) -> None:
 def _job_size(f: Frame) -> int:
     n = len(f.body)
     for a in f.attachments:
-        n += len(a)
+        n += held_size(a)
     return n
 
 

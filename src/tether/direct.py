@@ -1,0 +1,107 @@
+"""Direct channels between two children: :meth:`tether.Main.connect`.
+
+Main makes a socketpair and hands one end to each child as a
+:class:`~tether.Handle`, by invoking the reserved channel ``tether.connect``
+on each with ``(handle, name)``: ``name`` is the other child's name. A child
+answers it only if it registered a callback with ``@peer.on_connect``; the
+callback gets an ordinary :class:`~tether.Peer` (or :class:`tether.sync.Peer`)
+for the other child, already started, with its own handlers: register them
+in the callback before its first ``await``. From then on the two talk over
+their own socketpair; main relays nothing and sees nothing.
+
+Each end grants the other the role ``sibling`` (``local``: handlers without
+``roles=`` answer it), and accepts only *sealed* shared memory from it (no
+lent or moved segments: neither child trusts the other's pages). When one
+child dies, the other's direct peer ends with :class:`~tether.PeerGone`; its
+channel to main stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from .errors import Forbidden
+from .handles import Handle
+from .registry import Call, Handler, Registry
+
+if TYPE_CHECKING:
+    from .aio.peer import Peer
+
+__all__ = ["CONNECT", "SIBLING", "join", "register"]
+
+#: the reserved channel main invokes on each child to hand it its end
+CONNECT: Final = "tether.connect"
+#: the role each end of a direct channel grants the other
+SIBLING: Final = "sibling"
+#: roles :meth:`Main.connect` connects by default
+DEFAULT_ROLES: Final = frozenset({"child"})
+
+
+def register(registry: Registry, accept: Callable[[Call, Handle, str], Any]) -> None:
+    """Answer ``tether.connect`` (from main only) with ``accept(call, handle, name)``."""
+    registry.invokes[CONNECT] = Handler(accept, {"main"})
+
+
+def aio_accept(owner: Peer, fn: Callable[[Peer], Any]) -> Callable[[Call, Handle, str], Any]:
+    """The asyncio ``tether.connect`` handler of ``owner``: a new Peer for ``fn``."""
+    from .aio.peer import Peer
+
+    held: set[Peer] = set()  # the direct peers, alive until they close
+
+    async def accept(call: Call, handle: Handle, name: str) -> None:
+        sock = handle.socket()
+        direct = Peer(
+            sock,
+            role=SIBLING,
+            local_role=SIBLING,
+            name=name,
+            timeout=owner.timeout,
+            max_frame_size=owner._conn.max_frame_size,
+            on_close=held.discard,
+            spin=owner.spin,
+            tracebacks=owner.tracebacks,
+            address=f"sibling:{name}",
+        )
+        held.add(direct)
+        direct.start()
+        try:
+            r = fn(direct)
+            if inspect.isawaitable(r):
+                await r
+        except BaseException:
+            direct.abort(_refused(name))
+            raise
+
+    return accept
+
+
+def _refused(name: str) -> Any:
+    from .errors import PeerGone
+
+    return PeerGone(f"the direct channel to {name!r} was refused by this side's on_connect")
+
+
+async def join(roles: frozenset[str] | set[str], a: Peer, b: Peer, timeout: float | None) -> None:
+    """Give ``a`` and ``b`` a direct channel (see :meth:`tether.Main.connect`)."""
+    if a is b:
+        raise ValueError("cannot connect a peer to itself")
+    for p in (a, b):
+        if p.role not in roles:
+            raise Forbidden(
+                f"{p!r} has role {p.role!r}: main connects only {sorted(roles)} "
+                "(set main.connect_roles to allow more)"
+            )
+    sa, sb = socket.socketpair()
+    ha, hb = Handle(sa.detach()), Handle(sb.detach())
+    results = await asyncio.gather(
+        a.invoke(CONNECT, ha, b.name, timeout=timeout),
+        b.invoke(CONNECT, hb, a.name, timeout=timeout),
+        return_exceptions=True,
+    )
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
