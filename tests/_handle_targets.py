@@ -61,6 +61,10 @@ async def direct_child(peer: tether.Peer) -> None:
         def whoami(call: tether.Call) -> list[object]:
             return [os.getpid(), call.peer.role]
 
+    @peer.handle("ping")
+    def ping(call: tether.Call) -> str:
+        return "pong"
+
     @peer.handle("hammer")
     async def hammer(call: tether.Call, n: int) -> int:
         sib = siblings[-1]

@@ -123,7 +123,12 @@ class Handle:
         return self.detach()
 
     def refuse(self, why: str) -> HandleRefused:
-        """Consume the Handle (closing its descriptor) and return the error to raise."""
+        """Consume the Handle (closing its descriptor) and return the error to raise.
+
+        Raises:
+            ConsumedError: it was already consumed (that is the error to see).
+        """
+        self._check()
         self.close()
         return HandleRefused(why)
 
