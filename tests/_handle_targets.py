@@ -61,6 +61,11 @@ async def direct_child(peer: tether.Peer) -> None:
         def whoami(call: tether.Call) -> list[object]:
             return [os.getpid(), call.peer.role]
 
+        @sib.handle("write_pipe")
+        def write_pipe(call: tether.Call, h: tether.Handle, data: bytes) -> None:
+            with h.open("wb") as f:
+                f.write(data)
+
     @peer.handle("ping")
     def ping(call: tether.Call) -> str:
         return "pong"
@@ -105,3 +110,33 @@ async def refusing_child(peer: tether.Peer) -> None:
         raise PermissionError("no siblings here")
 
     await peer.wait_closed()
+
+
+def direct_child_sync(peer: tether.sync.Peer) -> None:
+    """A blocking child on a direct channel: answers its sibling, and asks it."""
+    siblings: list[tether.sync.Peer] = []
+
+    @peer.on_connect
+    def connected(sib: tether.sync.Peer) -> None:
+        siblings.append(sib)
+
+        @sib.handle("add")
+        def add(call: tether.sync.Call, a: int, b: int) -> int:
+            return a + b
+
+        @sib.handle("whoami")
+        def whoami(call: tether.sync.Call) -> list[object]:
+            return [os.getpid(), call.peer.role]
+
+    @peer.handle("ask")
+    def ask(call: tether.sync.Call) -> list[object]:
+        return list(siblings[-1].invoke("whoami"))
+
+    @peer.handle("pipe_to_sibling")
+    def pipe_to_sibling(call: tether.sync.Call, data: bytes) -> bytes:
+        r, w = os.pipe()
+        siblings[-1].invoke("write_pipe", tether.Handle(w), data)
+        with open(r, "rb") as f:
+            return f.read()
+
+    peer.wait_closed()

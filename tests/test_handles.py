@@ -376,3 +376,15 @@ async def test_connect_refusals(main: tether.Main) -> None:
 async def test_tether_connect_is_reserved(main: tether.Main) -> None:
     with pytest.raises(ValueError, match="reserved"):
         main.handle("tether.connect", lambda call: None)
+
+
+async def test_a_blocking_child_on_a_direct_channel(main: tether.Main) -> None:
+    a = await main.spawn(_handle_targets.direct_child, name="async")
+    b = await main.spawn(_handle_targets.direct_child_sync, name="sync")
+    await main.connect(a, b)
+    assert await a.invoke("hammer", 1000) == sum(range(1000)) + 1000
+    assert await b.invoke("ask") == [a.pid, "sibling"]
+    # a Handle from the blocking child to its sibling, on the direct channel
+    assert await b.invoke("pipe_to_sibling", b"sibling pipe") == b"sibling pipe"
+    b.kill()
+    assert await a.invoke("sibling_gone") == "PeerGone"

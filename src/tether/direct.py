@@ -30,6 +30,7 @@ from .registry import Call, Handler, Registry
 
 if TYPE_CHECKING:
     from .aio.peer import Peer
+    from .sync.peer import Peer as SyncPeer
 
 __all__ = ["CONNECT", "SIBLING", "join", "register"]
 
@@ -75,6 +76,35 @@ def aio_accept(owner: Peer, fn: Callable[[Peer], Any]) -> Callable[[Call, Handle
         except BaseException:
             direct.abort(_refused(name))
             raise
+
+    return accept
+
+
+def sync_accept(
+    owner: SyncPeer, fn: Callable[[SyncPeer], Any]
+) -> Callable[[Call, Handle, str], None]:
+    """The blocking ``tether.connect`` handler of ``owner``: a new sync Peer for ``fn``."""
+    from .sync.peer import Peer as SyncPeer
+
+    def accept(call: Call, handle: Handle, name: str) -> None:
+        direct = SyncPeer(
+            handle.socket(),
+            role=SIBLING,
+            local_role=SIBLING,
+            name=name,
+            timeout=owner.timeout,
+            max_frame_size=owner._conn.max_frame_size,
+            lazy=True,  # serve once fn registered its handlers
+            spin=owner.spin,
+            tracebacks=owner.tracebacks,
+            address=f"sibling:{name}",
+        )
+        try:
+            fn(direct)
+        except BaseException:
+            direct.close()
+            raise
+        direct._start_serving(force=True)
 
     return accept
 

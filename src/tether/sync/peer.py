@@ -71,10 +71,10 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar, overload
 
-from .. import codec, threads
+from .. import codec, direct, threads
 from ..attachments import store_for
 from ..errors import (
     ConnectionClosed,
@@ -337,6 +337,17 @@ class Peer(Handlers):
         return f"<sync.Peer {self.name or self._sock.fileno()} role={self.role}>"
 
     # -- registering ------------------------------------------------------
+
+    def on_connect(self, fn: Callable[[Peer], Any]) -> Callable[[Peer], Any]:
+        """Accept direct channels main opens with :meth:`tether.Main.connect`; a decorator.
+
+        ``fn(peer)`` gets a new blocking :class:`Peer` for the other child, on
+        this peer's handler thread; it starts serving once ``fn`` returned
+        (register its handlers there). Raising refuses the channel.
+        """
+        direct.register(self.registry, direct.sync_accept(self, fn))
+        self._registered()
+        return fn
 
     def _registered(self) -> None:
         # Handlers run on a worker thread, in order; serving starts at the first
