@@ -39,8 +39,10 @@ FIXED_OTHERS = {"Main", "Peer", "Child", "Call", "connect", "pipe", "sync", "Buf
 # Public, but not fixed by DESIGN.md.
 # Errors added since DESIGN.md fixed its list (public, in errors.py, under TetherError).
 OTHER_ERRORS = {"Busy", "AuthenticationError"}
+OTHER_ERRORS |= {"HandleRefused"}  # issue 11: a Handle sent where no descriptors pass
 EXTRA = {"Server", "PipeReader", "PipeWriter"} | OTHER_ERRORS
 EXPECTED_ALL = FIXED_ERRORS | FIXED_OTHERS | EXTRA
+EXPECTED_ALL |= {"Handle"}  # issue 11: descriptors as values
 
 # The standard exception each error also is, as errors.py documents.
 ALSO_STDLIB: dict[str, type[BaseException]] = {
@@ -54,6 +56,7 @@ ALSO_STDLIB: dict[str, type[BaseException]] = {
     "ConnectionClosed": ConnectionError,
     "EndOfStream": EOFError,
     "BufferInUse": BufferError,
+    "HandleRefused": TypeError,
 }
 
 

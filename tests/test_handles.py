@@ -388,3 +388,30 @@ async def test_a_blocking_child_on_a_direct_channel(main: tether.Main) -> None:
     assert await b.invoke("pipe_to_sibling", b"sibling pipe") == b"sibling pipe"
     b.kill()
     assert await a.invoke("sibling_gone") == "PeerGone"
+
+
+def test_the_documented_handle_frame_is_what_the_code_sends() -> None:
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md")) as f:
+        doc = f.read()
+    block = doc.split("```hex frame=invoke-handle\n", 1)[1].split("```", 1)[0]
+    documented = bytes.fromhex(block.replace("\n", " "))
+    from tether.attachments import MemfdStore
+
+    child = Connection("child", name="renderer", pid=4242, store=MemfdStore(borrow=True))
+    main = Connection("main", name="renderer", pid=4241, store=MemfdStore(lend=True))
+    main.receive_data(bytes(child.data_to_send()[0]))
+    child.receive_data(bytes(main.data_to_send()[0]))
+    r, w = os.pipe()
+    child.send_invoke(b"write_to", (tether.Handle(w),), object())
+    data, fds = child.data_to_send()
+    assert bytes(data) == documented and len(fds) == 1
+    main.receive_fds(fds)  # the receiver takes the passed copy; the sender closes its own
+    (frame,) = main.receive_data(documented)
+    (h,) = codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
+    assert isinstance(h, tether.Handle) and wire.FLAG_HANDLE == 0x04
+    with h.open("wb") as out:
+        out.write(b"ok")
+    assert os.read(r, 2) == b"ok"
+    os.close(r)
+    child.abort()
+    main.abort()
