@@ -16,6 +16,7 @@
     ├── ConnectionClosed      this side closed the connection (or pipe end) already
     ├── EndOfStream           a pipe's writer closed; no more messages will come
     ├── BufferInUse           a Buffer was sent while views of it were alive (also BufferError)
+    ├── HandleRefused         a Handle was sent where no descriptors pass (also TypeError)
     └── Busy                  the callee has too many of this caller's invokes in flight
 
 The split answers "whose fault, and what now?":
@@ -29,8 +30,8 @@ The split answers "whose fault, and what now?":
   malformed frame is killed.
 * ``ConnectionClosed`` means *you* closed it; ``PeerGone`` means something
   outside did (its ``__cause__`` holds the ``OSError`` when there was one).
-* ``PayloadTooLarge`` raised by ``invoke``/``send`` means nothing was sent and
-  the connection is still open.
+* ``PayloadTooLarge`` and ``HandleRefused`` raised by ``invoke``/``send``
+  mean nothing was sent and the connection is still open.
 """
 
 from __future__ import annotations
