@@ -415,3 +415,11 @@ def test_the_documented_handle_frame_is_what_the_code_sends() -> None:
     os.close(r)
     child.abort()
     main.abort()
+
+
+async def test_a_handle_cannot_be_broadcast(main: tether.Main) -> None:
+    r, w = os.pipe()
+    os.close(r)
+    with pytest.raises(TypeError, match="moved by a send"):
+        await main.broadcast("news", tether.Handle(w))
+    assert closed(w)
