@@ -270,14 +270,18 @@ async def test_no_leak_when_the_receiver_is_killed_mid_transfer(main: tether.Mai
     base = fd_count()
     child = await main.spawn(_handle_targets.handle_child)
     r, w = os.pipe()
-    calls = [
-        asyncio.ensure_future(child.invoke("slow", tether.Handle(os.dup(w)))) for i in range(300)
-    ]
+    handles = [tether.Handle(os.dup(w)) for _ in range(300)]
+    calls = [asyncio.ensure_future(child.invoke("slow", h)) for h in handles]
     await asyncio.sleep(0.2)
     child.kill()
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
     assert all(isinstance(o, tether.PeerGone) for o in outcomes)
     await child.wait(30)
+    late = tether.Handle(os.dup(w))
+    with pytest.raises(tether.PeerGone):
+        await child.invoke("slow", late)  # a send that fails moves the Handle too
+    assert all(h.consumed for h in [*handles, late])
+    del handles, late
     os.close(r)
     os.close(w)
     assert await settle(base) <= base
