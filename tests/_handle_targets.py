@@ -84,7 +84,7 @@ async def direct_child(peer: tether.Peer) -> None:
 
     @peer.handle("ask")
     async def ask(call: tether.Call) -> list[object]:
-        return list(await siblings[-1].invoke("whoami"))
+        return [*await siblings[-1].invoke("whoami"), siblings[-1].pid]
 
     @peer.handle("sibling_gone")
     async def sibling_gone(call: tether.Call) -> str:
@@ -130,7 +130,7 @@ def direct_child_sync(peer: tether.sync.Peer) -> None:
 
     @peer.handle("ask")
     def ask(call: tether.sync.Call) -> list[object]:
-        return list(siblings[-1].invoke("whoami"))
+        return [*siblings[-1].invoke("whoami"), siblings[-1].pid]
 
     @peer.handle("pipe_to_sibling")
     def pipe_to_sibling(call: tether.sync.Call, data: bytes) -> bytes:

@@ -351,8 +351,8 @@ async def test_two_children_talk_directly(main: tether.Main) -> None:
     assert await b.invoke("hammer", 10_000) == sum(range(10_000)) + 10_000
     # main saw the two hammer calls' answers, none of the 20,000 invokes between them
     assert from_a() == 1 and from_b() == 1
-    pid, role = await a.invoke("ask")
-    assert pid == b.pid and role == "sibling"
+    pid, role, seen = await a.invoke("ask")
+    assert pid == b.pid == seen and role == "sibling"
     assert await a.invoke("big", 4 << 20) == 4 << 20  # shared memory on the direct channel
     b.kill()
     assert await a.invoke("sibling_gone") == "PeerGone"
@@ -387,7 +387,7 @@ async def test_a_blocking_child_on_a_direct_channel(main: tether.Main) -> None:
     b = await main.spawn(_handle_targets.direct_child_sync, name="sync")
     await main.connect(a, b)
     assert await a.invoke("hammer", 1000) == sum(range(1000)) + 1000
-    assert await b.invoke("ask") == [a.pid, "sibling"]
+    assert await b.invoke("ask") == [a.pid, "sibling", a.pid]
     # a Handle from the blocking child to its sibling, on the direct channel
     assert await b.invoke("pipe_to_sibling", b"sibling pipe") == b"sibling pipe"
     b.kill()

@@ -2,7 +2,9 @@
 
 Main makes a socketpair and hands one end to each child as a
 :class:`~tether.Handle`, by invoking the reserved channel ``tether.connect``
-on each with ``(handle, name)``: ``name`` is the other child's name. A child
+on each with ``(handle, name, pid)``: the other child's name and process id
+(the direct peer's :attr:`~tether.Peer.pid`: main's word, since the kernel's
+``SO_PEERCRED`` names main, which made the pair). A child
 answers it only if it registered a callback with ``@peer.on_connect``; the
 callback gets an ordinary :class:`~tether.Peer` (or :class:`tether.sync.Peer`)
 for the other child, already started, with its own handlers: register them
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .errors import Forbidden
 from .handles import Handle
+from .identity import Credentials, peer_credentials
 from .registry import Call, Handler, Registry
 
 if TYPE_CHECKING:
@@ -42,18 +45,24 @@ SIBLING: Final = "sibling"
 DEFAULT_ROLES: Final = frozenset({"child"})
 
 
-def register(registry: Registry, accept: Callable[[Call, Handle, str], Any]) -> None:
-    """Answer ``tether.connect`` (from main only) with ``accept(call, handle, name)``."""
+def register(registry: Registry, accept: Callable[[Call, Handle, str, int], Any]) -> None:
+    """Answer ``tether.connect`` (from main only) with ``accept(call, handle, name, pid)``."""
     registry.invokes[CONNECT] = Handler(accept, {"main"})
 
 
-def aio_accept(owner: Peer, fn: Callable[[Peer], Any]) -> Callable[[Call, Handle, str], Any]:
+def _credentials(sock: socket.socket, pid: int) -> Credentials:
+    """The sibling's pid (main's word) with the uid and gid the kernel gives."""
+    cred = peer_credentials(sock)
+    return Credentials(pid or None, cred.uid, cred.gid)
+
+
+def aio_accept(owner: Peer, fn: Callable[[Peer], Any]) -> Callable[[Call, Handle, str, int], Any]:
     """The asyncio ``tether.connect`` handler of ``owner``: a new Peer for ``fn``."""
     from .aio.peer import Peer
 
     held: set[Peer] = set()  # the direct peers, alive until they close
 
-    async def accept(call: Call, handle: Handle, name: str) -> None:
+    async def accept(call: Call, handle: Handle, name: str, pid: int = 0) -> None:
         sock = handle.socket()
         direct = Peer(
             sock,
@@ -66,6 +75,7 @@ def aio_accept(owner: Peer, fn: Callable[[Peer], Any]) -> Callable[[Call, Handle
             spin=owner.spin,
             tracebacks=owner.tracebacks,
             address=f"sibling:{name}",
+            credentials=_credentials(sock, pid),
         )
         held.add(direct)
         direct.start()
@@ -82,13 +92,14 @@ def aio_accept(owner: Peer, fn: Callable[[Peer], Any]) -> Callable[[Call, Handle
 
 def sync_accept(
     owner: SyncPeer, fn: Callable[[SyncPeer], Any]
-) -> Callable[[Call, Handle, str], None]:
+) -> Callable[[Call, Handle, str, int], None]:
     """The blocking ``tether.connect`` handler of ``owner``: a new sync Peer for ``fn``."""
     from .sync.peer import Peer as SyncPeer
 
-    def accept(call: Call, handle: Handle, name: str) -> None:
+    def accept(call: Call, handle: Handle, name: str, pid: int = 0) -> None:
+        sock = handle.socket()
         direct = SyncPeer(
-            handle.socket(),
+            sock,
             role=SIBLING,
             local_role=SIBLING,
             name=name,
@@ -98,6 +109,7 @@ def sync_accept(
             spin=owner.spin,
             tracebacks=owner.tracebacks,
             address=f"sibling:{name}",
+            credentials=_credentials(sock, pid),
         )
         try:
             fn(direct)
@@ -128,8 +140,8 @@ async def join(roles: frozenset[str] | set[str], a: Peer, b: Peer, timeout: floa
     sa, sb = socket.socketpair()
     ha, hb = Handle(sa.detach()), Handle(sb.detach())
     results = await asyncio.gather(
-        a.invoke(CONNECT, ha, b.name, timeout=timeout),
-        b.invoke(CONNECT, hb, a.name, timeout=timeout),
+        a.invoke(CONNECT, ha, b.name, b.pid or 0, timeout=timeout),
+        b.invoke(CONNECT, hb, a.name, a.pid or 0, timeout=timeout),
         return_exceptions=True,
     )
     for r in results:

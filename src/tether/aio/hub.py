@@ -16,9 +16,9 @@ from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConnectionClosed, PeerGone, ProtocolError
+from ..handles import Handle
 from ..introspect import install as install_introspection
 from ..registry import checked_channel, checked_roles
-from ..handles import Handle
 from ..shm import Buffer
 
 if TYPE_CHECKING:
