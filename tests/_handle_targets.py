@@ -132,6 +132,11 @@ def direct_child_sync(peer: tether.sync.Peer) -> None:
     def ask(call: tether.sync.Call) -> list[object]:
         return [*siblings[-1].invoke("whoami"), siblings[-1].pid]
 
+    @peer.handle("read_handle")
+    def read_handle(call: tether.sync.Call, h: tether.Handle) -> bytes:
+        with h.open("rb") as f:
+            return f.read()
+
     @peer.handle("pipe_to_sibling")
     def pipe_to_sibling(call: tether.sync.Call, data: bytes) -> bytes:
         r, w = os.pipe()

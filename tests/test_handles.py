@@ -388,6 +388,10 @@ async def test_a_blocking_child_on_a_direct_channel(main: tether.Main) -> None:
     await main.connect(a, b)
     assert await a.invoke("hammer", 1000) == sum(range(1000)) + 1000
     assert await b.invoke("ask") == [a.pid, "sibling", a.pid]
+    r, w = os.pipe()  # main -> a blocking child, as an argument
+    os.write(w, b"to a blocking child")
+    os.close(w)
+    assert await b.invoke("read_handle", tether.Handle(r)) == b"to a blocking child"
     # a Handle from the blocking child to its sibling, on the direct channel
     assert await b.invoke("pipe_to_sibling", b"sibling pipe") == b"sibling pipe"
     b.kill()
