@@ -431,3 +431,36 @@ async def test_a_handle_cannot_be_broadcast(main: tether.Main) -> None:
     with pytest.raises(TypeError, match="moved by a send"):
         await main.broadcast("news", tether.Handle(w))
     assert closed(w)
+
+
+def test_a_peer_cannot_park_unbounded_descriptors_here() -> None:
+    from tether.attachments import MemfdStore
+    from tether.handles import MAX_LIVE_HANDLES
+
+    child = Connection("child", store=MemfdStore(borrow=True))
+    main = Connection("main", store=MemfdStore())
+    main.receive_data(bytes(child.data_to_send()[0]))
+    child.receive_data(bytes(main.data_to_send()[0]))
+    r, w = os.pipe()
+    os.close(w)
+    base = fd_count()
+
+    def one() -> list[wire.Frame]:
+        child.send_event(b"take", (tether.Handle(os.dup(r)),))
+        data, fds = child.data_to_send()
+        main.receive_fds(fds)  # (the same numbers: the sender's copies become the receiver's)
+        return main.receive_data(bytes(data))
+
+    for _ in range(100):  # dropped at once: never counted for long
+        one()
+    kept = [one() for _ in range(MAX_LIVE_HANDLES)]
+    taken = kept.pop()[0]
+    (h,) = codec.decode_with(codec.any_decoder, taken.body, taken.attachments)
+    os.close(h.detach())  # taken: no longer counted
+    kept.append(one())
+    with pytest.raises(tether.ProtocolError, match=f"more than {MAX_LIVE_HANDLES} descriptors"):
+        one()
+    del kept, taken
+    gc.collect()
+    os.close(r)
+    assert fd_count() <= base - 1  # every received one closed, the refused one too

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from . import shm
 from .errors import ProtocolError
-from .handles import Handle
+from .handles import MAX_LIVE_HANDLES, Handle, received
 from .pool import Borrowed, Segment, SegmentPool
 from .wire import FLAG_HANDLE, FLAG_LEASE, FLAG_MOVED
 
@@ -78,6 +78,7 @@ class MemfdStore:
         #: HELLO features this store supports
         self.features: tuple[str, ...] = ("fd", "lease") if borrow else ("fd",)
         self._fds_in: collections.deque[int] = collections.deque()
+        self._handles: weakref.WeakSet[Handle] = weakref.WeakSet()  # received, not yet taken
         self._pool = SegmentPool(max_idle, max_segments)
         self._leases: dict[int, Segment] = {}  # lent out, awaiting RELEASE
         self._next_lease = 0
@@ -114,7 +115,13 @@ class MemfdStore:
             raise ProtocolError("frame refers to a file descriptor that did not arrive")
         fd = self._fds_in.popleft()
         if flags & FLAG_HANDLE:
-            return Handle(fd)
+            if len(self._handles) >= MAX_LIVE_HANDLES:
+                os.close(fd)
+                raise ProtocolError(
+                    f"more than {MAX_LIVE_HANDLES} descriptors received as Handles "
+                    "and not yet taken, closed or dropped"
+                )
+            return received(fd, self._handles)
         if not flags & (FLAG_LEASE | FLAG_MOVED):
             return shm.map_sealed(fd, nbytes)
         if not self.borrow:

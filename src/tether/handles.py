@@ -26,12 +26,16 @@ import contextlib
 import io
 import os
 import socket as _socket
+import weakref
 from typing import IO, Any, Final
 
 from .errors import ConsumedError, HandleRefused
 
-__all__ = ["Handle", "HandleRefused", "held_size"]
+__all__ = ["MAX_LIVE_HANDLES", "Handle", "HandleRefused", "held_size", "received"]
 
+#: received Handles one connection may have alive and not taken (detached, opened,
+#: closed); one more is a protocol error (a peer must not exhaust this side's descriptors)
+MAX_LIVE_HANDLES: Final = 1024
 #: bytes a received Handle counts for in a paused peer's backlog (bounds held descriptors)
 HELD_SIZE: Final = 4096
 
@@ -55,7 +59,7 @@ class Handle:
                 f.write(b"hello")
     """
 
-    __slots__ = ("__weakref__", "_fd")
+    __slots__ = ("__weakref__", "_fd", "_live")
 
     #: how the protocol core recognizes a Handle without importing this module
     __tether_handle__: Final = True
@@ -66,6 +70,8 @@ class Handle:
         if fd < 0:
             raise ValueError(f"fd must be >= 0, not {fd}")
         self._fd: int | None = fd
+        #: the receiving connection's untaken Handles (see :func:`received`)
+        self._live: weakref.WeakSet[Handle] | None = None
 
     @classmethod
     def from_file(cls, f: IO[Any] | io.IOBase | int) -> Handle:
@@ -99,13 +105,20 @@ class Handle:
         """Take the descriptor: it is yours to close; the Handle is consumed."""
         fd = self._check()
         self._fd = None
+        self._taken()
         return fd
+
+    def _taken(self) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            live.discard(self)
 
     def open(self, mode: str = "rb", **kw: Any) -> IO[Any]:
         """The descriptor as a file object (:func:`open` with ``closefd=True``); consumed."""
         fd = self._check()
         f = open(fd, mode, **kw)  # noqa: SIM115 (the caller closes it)
         self._fd = None
+        self._taken()
         return f
 
     def socket(self) -> _socket.socket:
@@ -113,6 +126,7 @@ class Handle:
         fd = self._check()
         s = _socket.socket(fileno=fd)
         self._fd = None
+        self._taken()
         return s
 
     def take(self) -> int:
@@ -136,6 +150,7 @@ class Handle:
         """Close the descriptor if the Handle still owns it; idempotent."""
         fd, self._fd = self._fd, None
         if fd is not None:
+            self._taken()
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -151,6 +166,14 @@ class Handle:
 
     def __repr__(self) -> str:
         return f"<tether.Handle {'consumed' if self._fd is None else f'fd={self._fd}'}>"
+
+
+def received(fd: int, live: weakref.WeakSet[Handle]) -> Handle:
+    """A Handle for a descriptor a connection received, counted in ``live`` until taken."""
+    h = Handle(fd)
+    h._live = live
+    live.add(h)
+    return h
 
 
 def held_size(att: Any) -> int:
