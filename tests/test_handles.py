@@ -464,3 +464,11 @@ def test_a_peer_cannot_park_unbounded_descriptors_here() -> None:
     gc.collect()
     os.close(r)
     assert fd_count() <= base - 1  # every received one closed, the refused one too
+
+
+def test_introspection_names_handle_hints() -> None:
+    from tether import introspect
+
+    names = [introspect.type_name(t) for t in (tether.Handle | None, list[tether.Handle])]
+    assert names == ["Handle | None", "list[Handle]"]
+    assert introspect.type_name(tether.Handle) == "Handle"
