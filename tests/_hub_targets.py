@@ -27,7 +27,8 @@ async def listener(peer: tether.Peer, tag: str) -> None:
 
 
 async def exit_with(peer: tether.Peer, code: int) -> None:
-    """Exit at once with ``code``."""
+    """Exit with ``code`` once connected (a target failing before its first await fails spawn)."""
+    await asyncio.sleep(0.2)
     sys.exit(code)
 
 

@@ -24,7 +24,7 @@ import pytest
 import _targets
 import tether
 import tether.aio.child
-import tether.pool
+import tether.segments
 from _targets import Recorder, install_main_handlers
 from tether import codec, wire
 from tether.aio import peer as peer_module
@@ -1100,7 +1100,7 @@ async def test_a_kept_lent_view_is_polled_ever_less_often(
     sock_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without NumPy a dropped view is noticed by polling: backing off while nothing drops."""
-    monkeypatch.setattr(tether.pool, "_numpy", lambda: None)
+    monkeypatch.setattr(tether.segments, "_numpy", lambda: None)
     async with tether.Main() as main:
         main.handle("big", lambda call: bytes(1 << 20))
         main.handle("echo", lambda call, x: x)

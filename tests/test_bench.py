@@ -322,3 +322,46 @@ def test_transfer_cases_report_cold_warm_and_cpu(name: str, direction: str) -> N
     assert cpu["ops"] == len(warm["samples"])
     assert 0 < cpu["wall_s"] < 30 and 0 <= cpu["cpu_s"] < 60
     assert "cpu" not in cold
+
+
+@pytest.mark.timeout(300)
+def test_pool_scenarios_side_by_side_and_what_a_killed_worker_does(tmp_path: Path) -> None:
+    """tether.Pool beside ProcessPoolExecutor, loky and multiprocessing.Pool, in one quick run."""
+    out_json = tmp_path / "pools.json"
+    cmd = [sys.executable, "-m", "tether.bench", "--quick", "--json", str(out_json)]
+    proc = subprocess.run([*cmd, "--only", "pool_*"], capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["scenario"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert sorted(results) == [
+        "pool_loky",
+        "pool_mp",
+        "pool_ppe",
+        "pool_tether",
+        "pool_tether_sync",
+    ]
+    got: dict[str, dict[str, float]] = {}
+    for name, r in results.items():
+        assert r["status"] == "ok", (name, r["reason"])
+        got[name] = {m["metric"]: m["median"] for m in r["metrics"]}
+        assert got[name]["small jobs"] > 0 and got[name]["4MiB array each way"] > 0
+    # tether: the job the killed worker ran fails (none, if it was between jobs), every
+    # other one returns, nothing hangs.
+    for name in ("pool_tether", "pool_tether_sync"):
+        failed = got[name]["kill: jobs failed"]
+        assert failed <= 1 and got[name]["kill: jobs lost"] == 0
+        assert results[name]["info"]["kill_returned"] == 200 - failed
+    # ProcessPoolExecutor and loky fail every job still pending; multiprocessing.Pool
+    # never answers the one the worker ran (a map over it would hang).
+    for peer in ("pool_ppe", "pool_loky"):
+        assert got[peer]["kill: jobs failed"] > 1 and got[peer]["kill: jobs lost"] == 0
+    assert got["pool_mp"]["kill: jobs lost"] >= 1 and "kill: settled after" not in got["pool_mp"]
+    assert results["pool_mp"]["info"]["kill_hung"] is True
+    # ratios against the executors, like for like only (no ratio for the kill metrics)
+    tether_row = {m["metric"]: m for m in results["pool_tether"]["metrics"]}
+    small = tether_row["small jobs"]
+    ppe_small = got["pool_ppe"]["small jobs"]
+    assert math.isclose(small["ratios"]["ppe"], small["median"] / ppe_small)
+    assert set(tether_row["4MiB array each way"]["ratios"]) == {"ppe", "loky"}
+    assert tether_row["kill: jobs failed"]["ratios"] == {}
+    header = proc.stdout.splitlines()[0]
+    assert "vs PPE" in header and "vs loky" in header

@@ -267,7 +267,15 @@ async def test_silent_child_is_killed_and_spawn_says_why() -> None:
         assert not main.children and not main.peers
 
 
-@pytest.mark.parametrize("target", [fails_at_start, fails_at_start_sync])
+async def test_child_whose_async_target_raises_before_its_first_await_fails_spawn() -> None:
+    async with tether.Main(timeout=10.0) as main:
+        # No HELLO went out: spawn() raises, with the child's error (issue 8).
+        with pytest.raises(tether.PeerGone, match=r"code 1.*ValueError: no config file") as ei:
+            await main.spawn(fails_at_start, start_method="fork")
+        assert ei.value.exitcode == 1
+
+
+@pytest.mark.parametrize("target", [fails_at_start_sync])
 async def test_child_whose_target_raises_reports_its_error(target: Any) -> None:
     async with tether.Main(timeout=10.0) as main:
         child = await main.spawn(target, start_method="fork")

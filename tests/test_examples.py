@@ -58,6 +58,15 @@ EXPECTED: dict[str, list[str]] = {
         "main: a says sibling PeerGone",
         "main: b exited: True",
     ],
+    "pool.py": [
+        "fib(25) = 75025",
+        "map: [0, 1, 1, 2, 3, 5, 8, 13, 21, 34]",
+        "normalized: mean 0.0, std 1.0",
+        "crash() failed: PeerGone, exit code -9 (SIGKILL)",
+        "fib(40) took more than 0.5 s",
+        "the pool goes on: fib(20) = 6765",
+        "sync: 75025, [0, 1, 1, 2, 3]",
+    ],
     "errors.py": [
         "RemoteError: ZeroDivisionError: division by zero",
         "NoHandler: no handler for channel 'no-such-channel'",

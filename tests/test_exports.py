@@ -30,12 +30,13 @@ FIXED_ERRORS = {
     "ProtocolError",
     "ConsumedError",
     "PayloadTooLarge",
+    "ConnectError",
     "ConnectionClosed",
     "EndOfStream",
     "BufferInUse",
 }
-# The other names DESIGN.md fixes that exist today (Pool, Handle, Route come later).
-FIXED_OTHERS = {"Main", "Peer", "Child", "Call", "connect", "pipe", "sync", "Buffer", "run"}
+# The other names DESIGN.md fixes that exist today (Handle, Route come later).
+FIXED_OTHERS = {"Main", "Peer", "Child", "Call", "connect", "pipe", "sync", "Buffer", "run", "Pool"}
 # Public, but not fixed by DESIGN.md.
 # Errors added since DESIGN.md fixed its list (public, in errors.py, under TetherError).
 OTHER_ERRORS = {"Busy", "AuthenticationError"}
@@ -47,6 +48,7 @@ EXPECTED_ALL |= {"Handle"}  # issue 11: descriptors as values
 # The standard exception each error also is, as errors.py documents.
 ALSO_STDLIB: dict[str, type[BaseException]] = {
     "PeerGone": ConnectionError,
+    "ConnectError": ConnectionError,
     "InvokeTimeout": TimeoutError,
     "NoHandler": LookupError,
     "Forbidden": PermissionError,
@@ -111,13 +113,24 @@ def test_no_public_name_outside_all() -> None:
 
 
 def test_fixed_names_are_the_right_kind() -> None:
-    for name in ("Main", "Peer", "Child", "Call", "Buffer", "Server", "PipeReader", "PipeWriter"):
+    for name in (
+        "Main",
+        "Peer",
+        "Child",
+        "Call",
+        "Buffer",
+        "Server",
+        "PipeReader",
+        "PipeWriter",
+        "Pool",
+    ):
         assert isinstance(getattr(tether, name), type), name
     assert inspect.isfunction(tether.connect)
     assert inspect.isfunction(tether.pipe)
     assert tether.sync is importlib.import_module("tether.sync")
     assert inspect.isfunction(tether.sync.connect)
     assert "connect" in tether.sync.__all__
+    assert isinstance(tether.sync.Pool, type) and "Pool" in tether.sync.__all__
 
 
 def test_errors_module_all_is_the_whole_hierarchy() -> None:

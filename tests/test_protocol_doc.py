@@ -28,7 +28,7 @@ import msgspec
 import pytest
 
 import tether
-from tether import attachments, codec, pool, shm
+from tether import attachments, codec, segments, shm
 from tether.aio.peer import Peer
 from tether.attachments import MemfdStore
 from tether.protocol import Connection, State
@@ -477,14 +477,14 @@ def test_moved_segment_without_its_seals_is_refused() -> None:
     child.abort()
 
 
-class _SpyPool(pool.SegmentPool):
+class _SpyPool(segments.SegmentPool):
     """A private pool that remembers every segment it handed out."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.lent: list[pool.Segment] = []
+        self.lent: list[segments.Segment] = []
 
-    def get(self, nbytes: int) -> pool.Segment:
+    def get(self, nbytes: int) -> segments.Segment:
         seg = super().get(nbytes)
         self.lent.append(seg)
         return seg

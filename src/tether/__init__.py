@@ -17,6 +17,7 @@ from .errors import AuthenticationError as AuthenticationError
 from .errors import BadRequest as BadRequest
 from .errors import BufferInUse as BufferInUse
 from .errors import Busy as Busy
+from .errors import ConnectError as ConnectError
 from .errors import ConnectionClosed as ConnectionClosed
 from .errors import ConsumedError as ConsumedError
 from .errors import EndOfStream as EndOfStream
@@ -29,6 +30,7 @@ from .errors import PeerGone as PeerGone
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteError as RemoteError
 from .errors import TetherError as TetherError
+from .executor import Pool as Pool
 from .handles import Handle as Handle
 from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
@@ -45,6 +47,7 @@ __all__ = [
     "Busy",
     "Call",
     "Child",
+    "ConnectError",
     "ConnectionClosed",
     "ConsumedError",
     "EndOfStream",
@@ -59,6 +62,7 @@ __all__ = [
     "PeerGone",
     "PipeReader",
     "PipeWriter",
+    "Pool",
     "ProtocolError",
     "RemoteError",
     "Server",

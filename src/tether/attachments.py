@@ -26,7 +26,7 @@ from typing import Any, Final
 from . import shm
 from .errors import ProtocolError
 from .handles import MAX_LIVE_HANDLES, Handle, received
-from .pool import Borrowed, Segment, SegmentPool
+from .segments import Borrowed, Segment, SegmentPool
 from .wire import FLAG_HANDLE, FLAG_LEASE, FLAG_MOVED
 
 __all__ = ["MAX_LEASES", "MemfdStore"]

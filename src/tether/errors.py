@@ -4,6 +4,7 @@
 
     TetherError
     ├── PeerGone              the other side went away (EOF, reset, exit, kill)
+    │   └── ConnectError      nothing answered at the address (refused, absent, unreachable)
     ├── InvokeTimeout         an invoke got no answer in time (also TimeoutError)
     ├── RemoteError           the remote handler raised; type, message, traceback kept
     ├── NoHandler             nothing handles that channel on the other side
@@ -41,6 +42,7 @@ __all__ = [
     "BadRequest",
     "BufferInUse",
     "Busy",
+    "ConnectError",
     "ConnectionClosed",
     "ConsumedError",
     "EndOfStream",
@@ -74,6 +76,25 @@ class PeerGone(TetherError, ConnectionError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild, (type(self), self.args, {"exitcode": self.exitcode}))
+
+
+class ConnectError(PeerGone):
+    """Connecting failed: nothing listens at the address, or it refused or is unreachable.
+
+    A :class:`PeerGone`, so ``except PeerGone`` still catches it; its own type
+    tells "never connected" from "connected, then lost". The ``OSError`` is
+    its ``__cause__``.
+
+    Attributes:
+        address: the address that was tried, as given (``unix:///...``, ``tcp://...``).
+    """
+
+    def __init__(self, message: str, *, address: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, {"address": self.address}))
 
 
 class InvokeTimeout(TetherError, TimeoutError):

@@ -8,6 +8,13 @@ user's target with a connected peer: an asyncio :class:`~tether.Peer` for an
 
 No orphans: the child asks the kernel to kill it when its parent dies
 (``PR_SET_PDEATHSIG``) and also exits as soon as its connection to main ends.
+
+A failing child tells main why (:mod:`tether.child_errors`): a spawned child
+imports its target by name (after ``env=``/``cwd=`` apply), so an import error
+is reported like a target's exception. Ctrl-C in a terminal sends SIGINT to
+every process of the group: a child then leaves quietly, ending by SIGINT
+(main's errors say "killed by SIGINT"), so that only main reports it; a
+``KeyboardInterrupt`` raised by code is a failure like any other.
 """
 
 from __future__ import annotations
@@ -15,18 +22,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import inspect
 import multiprocessing
 import os
 import signal
 import socket
 import sys
+import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from .capture import redirect
+from .child_errors import TargetRef, write_report
 
 __all__ = [
     "FINISHED",
+    "check_spawn_options",
     "check_target",
     "child_entry",
     "describe_exit",
@@ -56,6 +69,13 @@ def check_target(target: Callable[..., Any], args: tuple[Any, ...], method: str 
             f"spawn() needs a module-level function (the child imports it by name), "
             f"not {qualname}; or use start_method='fork'"
         )
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if method != "fork" and getattr(target, "__module__", None) == "__main__" and not main_file:
+        raise TypeError(
+            f"spawn() needs a target the child can import: {qualname or target!r} is defined in "
+            "an interactive session or 'python -c' (no main file to import again); put it in a "
+            "module, or use start_method='fork'"
+        )
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):  # no signature to check (some builtins)
@@ -67,6 +87,58 @@ def check_target(target: Callable[..., Any], args: tuple[Any, ...], method: str 
         raise TypeError(
             f"spawn({name}, ...) with {len(args)} argument(s) after the peer: {exc}"
         ) from None
+
+
+def check_spawn_options(
+    env: object, cwd: object
+) -> tuple[dict[str, str | None] | None, str | None]:
+    """Check ``spawn(env=, cwd=)`` in main; return them as the child applies them.
+
+    Raises:
+        TypeError: ``env`` is not a mapping of str to str (or None), ``cwd`` not a path.
+        FileNotFoundError, NotADirectoryError: ``cwd`` is not a directory.
+    """
+    checked_env: dict[str, str | None] | None = None
+    if env is not None:
+        if not isinstance(env, Mapping):
+            raise TypeError(f"env must be a mapping of str to str, not {type(env).__name__}")
+        checked_env = {}
+        for key, value in env.items():
+            if not isinstance(key, str) or not (value is None or isinstance(value, str)):
+                raise TypeError(
+                    f"env must map str to str (or None to remove a variable), not "
+                    f"{type(key).__name__} to {type(value).__name__}: {key!r}"
+                )
+            if not key or "=" in key or "\0" in key or (value is not None and "\0" in value):
+                raise ValueError(f"env has a name or value the OS cannot hold: {key!r}")
+            checked_env[key] = value
+    checked_cwd: str | None = None
+    if cwd is not None:
+        if not isinstance(cwd, str | os.PathLike):
+            raise TypeError(f"cwd must be a path (str or os.PathLike), not {type(cwd).__name__}")
+        checked_cwd = os.path.abspath(os.fspath(cwd))
+        if not os.path.exists(checked_cwd):
+            raise FileNotFoundError(errno.ENOENT, "cwd does not exist", checked_cwd)
+        if not os.path.isdir(checked_cwd):
+            raise NotADirectoryError(errno.ENOTDIR, "cwd is not a directory", checked_cwd)
+    return checked_env, checked_cwd
+
+
+def apply_env_cwd(options: dict[str, Any]) -> None:
+    """In the child, before its target is imported: the environment and directory main asked for."""
+    env: dict[str, str | None] | None = options.get("env")
+    if env:
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    cwd: str | None = options.get("cwd")
+    if cwd is not None:
+        # '' on sys.path meant the directory the child started in: keep meaning it
+        here = os.getcwd()
+        sys.path[:] = [here if p == "" else p for p in sys.path]
+        os.chdir(cwd)
 
 
 def describe_exit(pid: int, exitcode: int | None) -> str:
@@ -154,7 +226,14 @@ def child_entry(
     # No running-loop marker to reset in a forked child: Python 3.11 ignores a
     # marker set in another pid, and 3.12+ clears it at fork.
     code = 0
+    report = options.get("report")
+    watch_sigint()
     try:
+        apply_env_cwd(options)
+        if options.get("capture"):
+            redirect(*options["capture"])
+        if isinstance(target, TargetRef):  # imported here: an import error is reported
+            target = target.resolve()
         if inspect.iscoroutinefunction(target):
             from .aio.loop import run
 
@@ -167,13 +246,55 @@ def child_entry(
         else:
             print(exc.code, file=sys.stderr)
             code = 1
-    except BaseException:  # report, then exit non-zero
+    except KeyboardInterrupt as exc:
+        if _sigint_seen:
+            # Ctrl-C in a terminal reaches every process of its group: main reports
+            # it once; the child leaves quietly, as killed by SIGINT (main says so).
+            code = -signal.SIGINT
+        else:  # raised by code, not by the signal: a failure like any other
+            traceback.print_exc()
+            write_report(report, exc)
+            code = 1
+    except BaseException as exc:  # report, then exit non-zero
         traceback.print_exc()
+        write_report(report, exc)
         code = 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+    if code == -signal.SIGINT:
+        quiet_sigint_exit()
     os._exit(code)
+
+
+_sigint_seen = False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    global _sigint_seen
+    _sigint_seen = True
+    raise KeyboardInterrupt
+
+
+def watch_sigint() -> None:
+    """Tell a KeyboardInterrupt from SIGINT (Ctrl-C: leave quietly) from one raised by code.
+
+    Only where SIGINT has Python's default handler: an ignored SIGINT stays ignored.
+    """
+    with contextlib.suppress(ValueError, OSError):
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_sigint)
+
+
+def quiet_sigint_exit() -> None:
+    """End this process by SIGINT's default action: no traceback, and its parent sees SIGINT."""
+    with contextlib.suppress(OSError, ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)  # bounded: the signal ends us well before this
+    os._exit(128 + signal.SIGINT)
 
 
 def _peer_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -193,10 +314,15 @@ async def _run_async(
     sock: socket.socket, target: Callable[..., Any], args: tuple[Any, ...], options: dict[str, Any]
 ) -> int:
     from .aio.peer import Peer
+    from .errors import PeerGone
 
     peer = Peer(sock, **_peer_options(options), spin=options.get("spin", 0.0))
     task = asyncio.ensure_future(target(peer, *args))
     await asyncio.sleep(0)  # the target runs to its first await: handlers are in place
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        # Failed before the channel is up: no HELLO, so main's spawn() raises with the cause.
+        peer.abort(PeerGone("the target failed before the connection started"))
+        task.result()  # raises: child_entry prints and reports it
     peer.start()
     closed = asyncio.ensure_future(peer.wait_closed())
     await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -211,6 +337,7 @@ async def _run_async(
         task.result()  # the target raised CancelledError itself: reported as a failure
     if exc is not None:
         traceback.print_exception(exc)
+        write_report(options.get("report"), exc)
         return 1
     return 0
 

@@ -519,13 +519,15 @@ class Connection:
 
     def _handshake(self, f: Frame) -> None:
         if f.kind != Kind.HELLO:
-            raise ProtocolError(f"expected HELLO, got frame kind {f.kind}")
+            raise ProtocolError(f"not a tether peer: expected HELLO, got frame kind {f.kind}")
         try:
             hello = codec.hello_decoder.decode(f.body)
         except (msgspec.MsgspecError, RecursionError) as exc:
-            raise ProtocolError(f"malformed HELLO: {exc}") from None
+            raise ProtocolError(f"not a tether peer: malformed HELLO: {exc}") from None
         if hello.protocol != codec.PROTOCOL_NAME:
-            raise ProtocolError(f"peer speaks {hello.protocol!r}, not {codec.PROTOCOL_NAME!r}")
+            raise ProtocolError(
+                f"not a tether peer: it speaks {hello.protocol!r}, not {codec.PROTOCOL_NAME!r}"
+            )
         if hello.version != codec.PROTOCOL_VERSION:
             raise ProtocolError(
                 f"peer speaks protocol version {hello.version}; "

@@ -25,7 +25,14 @@ from .errors import (
 from .shm import consume_all
 from .wire import Frame
 
-__all__ = ["DEFAULT", "DEFAULT_TIMEOUT", "checked_timeout", "decode_result", "error_from_info"]
+__all__ = [
+    "DEFAULT",
+    "DEFAULT_TIMEOUT",
+    "checked_timeout",
+    "decode_result",
+    "error_from_info",
+    "timeout_message",
+]
 
 
 class _Default:
@@ -63,6 +70,17 @@ def checked_timeout(timeout: object, args: tuple[Any, ...] = ()) -> float | None
         consume_all(args)
         raise ValueError(f"timeout must be >= 0 seconds (or None: no limit), not {timeout!r}")
     return float(timeout)
+
+
+def timeout_message(channel: str, timeout: float, default: bool) -> str:
+    """What an expired invoke says; when the timeout was the peer's default, how to change it."""
+    text = f"no answer on {channel!r} within {timeout} s"
+    if default:
+        text += (
+            " (the default timeout: pass timeout= to invoke(), or to Main()/connect() for "
+            "every call; None waits forever)"
+        )
+    return text
 
 
 def error_from_info(info: codec.ErrorInfo) -> TetherError:

@@ -269,6 +269,14 @@ class Buffer:
             raise
         return fd, self._nbytes
 
+    def _move(self) -> Buffer:
+        """A new Buffer holding these pages; this one is consumed (for a send queued for later)."""
+        self._check()
+        new = Buffer.__new__(Buffer)
+        new._fd, new._map, new._nbytes = self._fd, self._map, self._nbytes
+        self._fd = self._map = None
+        return new
+
     def take_bytes(self) -> memoryview:
         """Consume the buffer and return its contents, read-only (for a peer without ``fd``).
 

@@ -327,11 +327,24 @@ class FrameParser:
     def _start(self, size: int, mv: memoryview, pos: int, n: int, frames: list[Frame]) -> int:
         """Begin a frame of ``size`` bytes whose body starts at ``mv[pos]``."""
         limit = self.max_frame_size
-        if self._first is not None:
-            limit = self._first
+        first = self._first is not None
+        if first:
+            limit = self._first  # type: ignore[assignment]
             self._first_left -= 1
             if self._first_left <= 0:
                 self._first = None
+        if first and not HEADER_SIZE - 4 <= size <= limit:
+            # The handshake's frames are small: anything else is another protocol.
+            sample = size.to_bytes(4, "little") + bytes(mv[pos : pos + 28])
+            why = (
+                f"exceeds the limit of {limit} bytes for a handshake frame"
+                if size > limit
+                else "is shorter than a header"
+            )
+            raise ProtocolError(
+                f"not a tether peer: it sent {sample!r}..., which is not a tether frame "
+                f"(length field {size} {why})"
+            )
         if size > limit:
             raise ProtocolError(f"frame length {size} exceeds the limit of {limit} bytes")
         if size < HEADER_SIZE - 4:

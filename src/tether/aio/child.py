@@ -27,7 +27,9 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, NoReturn, TypeVar, overload
 
-from ..errors import PeerGone, TetherError
+from ..capture import Output
+from ..child_errors import read_report
+from ..errors import PeerGone, RemoteError, TetherError
 from ..process import FINISHED, describe_exit
 from ..results import DEFAULT
 from ..shm import consume_all
@@ -59,10 +61,22 @@ class Child(Peer):
     """
 
     def __init__(
-        self, sock: socket.socket, process: multiprocessing.process.BaseProcess, **kw: Any
+        self,
+        sock: socket.socket,
+        process: multiprocessing.process.BaseProcess,
+        *,
+        report: socket.socket | None = None,
+        **kw: Any,
     ) -> None:
         super().__init__(sock, **kw)
         self._process = process
+        # main's end of the side channel where the child reports why it failed
+        self._report = report
+        self._failure: RemoteError | None = None
+        #: with ``spawn(capture=True)``: what the child writes to its stdout (else None)
+        self.stdout: Output | None = None
+        #: with ``spawn(capture=True)``: what the child writes to its stderr (else None)
+        self.stderr: Output | None = None
         pid = process.pid
         assert pid is not None
         self._pid = pid
@@ -91,6 +105,19 @@ class Child(Peer):
         """Exit code; ``-N`` if killed by signal N; ``None`` while running."""
         return self._poll()
 
+    def failure(self) -> RemoteError | None:
+        """What the child's target (or its import) raised, as it reported it; None if nothing.
+
+        Read once, without blocking, when the child has failed; the same
+        error is the ``__cause__`` of the :class:`PeerGone` its calls raise.
+        """
+        if self._report is not None and self._code is not None:  # it has exited: all is written
+            if self._code:
+                self._failure = read_report(self._report)
+            self._report.close()
+            self._report = None
+        return self._failure
+
     @property
     def closed(self) -> bool:
         """Whether the connection is closed: by main, or by the child (EOF or GOODBYE)."""
@@ -99,6 +126,11 @@ class Child(Peer):
     def descriptors(self) -> list[int]:
         """Descriptors main holds for this child: what a forked sibling must close."""
         fds = [self.fileno()]
+        if self._report is not None:
+            fds.append(self._report.fileno())
+        for out in (self.stdout, self.stderr):
+            if out is not None and out._sock is not None:
+                fds.append(out._sock.fileno())
         if self._pidfd >= 0:
             fds.append(self._pidfd)
         return [fd for fd in fds if fd >= 0]
@@ -164,6 +196,11 @@ class Child(Peer):
         """The one place an exit is recorded: every waiter and the connection learn it."""
         self._code = code
         self._unwatch()
+        for out in (self.stdout, self.stderr):
+            if out is not None:
+                out.drain()  # everything it wrote is in: read it, end the stream
+        if not code:  # nothing to report: release the side channel now
+            self.failure()
         self._process.close()  # frees the sentinel pipe now, not at the next start()
         if not self._exited.done():
             self._exited.set_result(code)
@@ -216,6 +253,9 @@ class Child(Peer):
             if said and said != FINISHED:  # e.g. the error its target raised
                 how += f" ({said})"
             exc: TetherError = PeerGone(how, exitcode=code)
+            cause = self.failure() if code else None
+            if cause is not None:  # what its target raised, with the traceback
+                exc.__cause__ = cause
         else:
             exc = self._ending or PeerGone(describe_exit(self._pid, None))
         self._shutdown(exc)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["run"]
+__all__ = ["new_loop", "run"]
 
 T = TypeVar("T")
 
@@ -22,3 +22,15 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         else:
             return uvloop.run(main)  # type: ignore[no-any-return,unused-ignore]
     return asyncio.run(main)
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop, of the kind :func:`run` would use (for a loop run in a thread)."""
+    if os.environ.get("TETHER_LOOP", "") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()  # type: ignore[no-any-return,unused-ignore]
+    return asyncio.new_event_loop()

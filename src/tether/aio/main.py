@@ -14,14 +14,17 @@ import signal
 import socket
 import ssl as _ssl
 import time
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Collection, Generator, Mapping
 from typing import Any
 
 from .. import direct
 from ..address import Address, parse_address, tune
-from ..errors import ConnectionClosed, PeerGone, ProtocolError, TetherError
+from ..capture import Output
+from ..checks import check_connect_options
+from ..child_errors import guard_hint, target_ref
+from ..errors import ConnectError, ConnectionClosed, PeerGone, ProtocolError, TetherError
 from ..identity import peer_address, peer_credentials
-from ..process import check_target, child_entry, describe_exit
+from ..process import check_spawn_options, check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT
@@ -528,6 +531,9 @@ class Main(Handlers):
         name: str | None = None,
         role: str = "child",
         pickle: bool = False,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        capture: bool = False,
     ) -> Child:
         """Start ``target(peer, *args)`` in a new process and return it connected.
 
@@ -543,19 +549,41 @@ class Main(Handlers):
         you trust your own code: unpickling runs code. Peers from
         :meth:`listen` can never use pickle.
 
+        ``env``: variables merged into the child's environment (main's,
+        inherited); a value ``None`` removes that variable. ``cwd``: the
+        child's working directory. Both apply in the child before the
+        target's module is imported (spawn, forkserver), so module-level
+        code sees them; variables Python reads as it starts (``PYTHON*``)
+        have no effect there.
+
+        ``capture=True``: the child's stdout and stderr (descriptors 1 and
+        2, so C code and subprocesses too) go to main instead of main's
+        own: :attr:`Child.stdout` and :attr:`Child.stderr` keep their last
+        lines (bounded; see :class:`tether.capture.Output`) and call
+        ``on_line`` callbacks as lines arrive. Main reads them as they come,
+        so a child never blocks on output nobody reads.
+
         Raises:
-            TypeError: ``target`` is not callable or ``args`` do not fit it.
+            TypeError: ``target`` is not callable or ``args`` do not fit it;
+                ``env`` is not a mapping of str, ``cwd`` not a path.
+            FileNotFoundError, NotADirectoryError: ``cwd`` is not a directory.
             ConnectionClosed: this main was closed.
             PeerGone: the child died or stayed silent before saying hello.
-                Once started, a child whose target raised is gone with a
-                :class:`PeerGone` that carries the error's type and message.
+                When the child reported why (its target raised before its
+                first ``await``, its module failed to import there), the
+                ``__cause__`` is a :class:`~tether.RemoteError` with its type,
+                message and traceback. Once started, a child whose target
+                raised is gone with a :class:`PeerGone` that carries the same
+                (see :meth:`Child.failure`).
         """
         if self._closing:
             raise ConnectionClosed(f"{self.name} is closed: no new children")
         method = start_method or self.start_method
         check_target(target, args, method)
+        child_env, child_cwd = check_spawn_options(env, cwd)
         ctx = multiprocessing.get_context(method)
         parent_sock, child_sock = socket.socketpair()
+        report, report_child = socket.socketpair()  # the child's failure, if it fails
         label = str(name or getattr(target, "__name__", "child"))
         options: dict[str, Any] = {
             "parent_pid": os.getpid(),
@@ -565,11 +593,26 @@ class Main(Handlers):
             "name": label,
             "spin": self.spin,
             "pickle": pickle,
+            "report": report_child,
+            "env": child_env,
+            "cwd": child_cwd,
         }
+        mains: list[socket.socket] = [report]  # main's ends of the side sockets
+        if capture:
+            out, out_child = socket.socketpair()
+            err, err_child = socket.socketpair()
+            options["capture"] = (out_child, err_child)
+            mains += [out, err]
         if method == "fork":
-            options["close_fds"] = [parent_sock.fileno(), *self._descriptors()]
+            options["close_fds"] = [
+                parent_sock.fileno(),
+                *(s.fileno() for s in mains),
+                *self._descriptors(),
+            ]
+        # Imported by name in a spawned child, so that an import error is reported.
+        what = (method != "fork" and target_ref(target)) or target
         proc = ctx.Process(  # type: ignore[attr-defined]
-            target=child_entry, args=(child_sock, target, args, options), name=label, daemon=True
+            target=child_entry, args=(child_sock, what, args, options), name=label, daemon=True
         )
         try:
             if method == "forkserver":  # talks to the fork server: keep the loop free
@@ -578,10 +621,17 @@ class Main(Handlers):
                 proc.start()
         except BaseException:
             parent_sock.close()
+            for s in mains:
+                s.close()
             raise
         finally:
             child_sock.close()
-        child = Child(parent_sock, proc, **self._peer_kw(role, label), pickle=pickle)
+            report_child.close()
+            for s in options.get("capture", ()):
+                s.close()
+        child = Child(parent_sock, proc, **self._peer_kw(role, label), pickle=pickle, report=report)
+        if capture:
+            child.stdout, child.stderr = Output("stdout", mains[1]), Output("stderr", mains[2])
         self.peers.add(child)
         self.children.add(child)
         child.on_exit(self.children.discard)  # ``children`` lists the running ones
@@ -597,6 +647,16 @@ class Main(Handlers):
             child.abort(exc if isinstance(exc, PeerGone) else PeerGone(str(exc)))
             self.children.discard(child)
             how = f"{exc} (killed)" if silent else describe_exit(child.pid, code)
+            cause = child.failure()
+            if cause is not None:  # the child's own exception: type, message, traceback
+                how += f": {cause.type_name}: {cause.remote_message}"
+                raise PeerGone(f"{label} failed to start: {how}", exitcode=code) from cause
+            if code and method != "fork":
+                how += (
+                    " before tether started in it: Python failed while starting it (importing "
+                    "the main module or unpickling the target or its arguments; its traceback "
+                    "is on its stderr)" + guard_hint()
+                )
             raise PeerGone(f"{label} failed to start: {how}", exitcode=code) from exc
         child.on_exit(self._child_exited)
         if self._closing:  # main was closed while the child started: end it too
@@ -897,8 +957,11 @@ class _Connecting:
             sock = await asyncio.wait_for(
                 loop.run_in_executor(None, addr.connect, connect_timeout), connect_timeout
             )
-        except OSError as exc:
-            raise PeerGone(f"cannot connect to {addr}: {exc}") from exc
+        except OSError as exc:  # (TimeoutError too)
+            why = (
+                exc.strerror or str(exc) or f"no answer within connect_timeout={connect_timeout} s"
+            )
+            raise ConnectError(f"cannot connect to {addr}: {why}", address=str(addr)) from exc
         ctx = kw.pop("ssl")
         address = peer_address(sock, str(addr))
         if ctx is not None:
@@ -961,10 +1024,22 @@ def connect(
     ``max_queued`` and ``drain_timeout``: this side's limits, as for :class:`Main`.
 
     Raises:
-        PeerGone: nothing listens there, or the handshake failed.
+        ConnectError: nothing listens there (refused, no such socket file,
+            unreachable); a :class:`PeerGone`, as is a failed handshake.
+        ProtocolError: what answers is not a tether peer (an HTTP server, say).
         AuthenticationError: the secrets differ, or only one side has one; or
             the TLS handshake failed (the server's certificate, or ours, refused).
+        TypeError, ValueError: an option has the wrong type or an impossible value.
     """
+    check_connect_options(
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        max_frame_size=max_frame_size,
+        spin=spin,
+        max_inflight=max_inflight,
+        max_queued=max_queued,
+        drain_timeout=drain_timeout,
+    )
     if secret is not None:
         check_secret(secret)
     return _Connecting(

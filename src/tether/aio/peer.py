@@ -51,7 +51,14 @@ from ..handles import held_size
 from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
-from ..results import DEFAULT, DEFAULT_TIMEOUT, checked_timeout, decode_error, decode_result
+from ..results import (
+    DEFAULT,
+    DEFAULT_TIMEOUT,
+    checked_timeout,
+    decode_error,
+    decode_result,
+    timeout_message,
+)
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -246,7 +253,7 @@ class Peer(Handlers):
             store.on_release = self._lease_released
         self._last_direct = 0.0  # when an invoke last flushed on its own
         # rid -> (deadline, future, channel, timeout) of invokes with a timeout
-        self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str, float]] = {}
+        self._deadlines: dict[int, tuple[float, asyncio.Future[Any], str, float, bool]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._fd_timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -437,7 +444,8 @@ class Peer(Handlers):
             TypeError: ``channel`` is not a str, or ``timeout`` not a number.
             ValueError: ``timeout`` is negative or NaN.
         """
-        if timeout is DEFAULT:
+        default = timeout is DEFAULT
+        if default:
             timeout = self.timeout
         if timeout is not None and not (type(timeout) in _NUMBERS and 0 <= timeout < _INF):
             timeout = checked_timeout(timeout, args)
@@ -455,7 +463,7 @@ class Peer(Handlers):
         if timeout is not None:
             # Before anything is written: writing may read (spin) and run handlers.
             at = loop.time() + timeout
-            deadlines[rid] = (at, fut, channel, timeout)
+            deadlines[rid] = (at, fut, channel, timeout, default)
             if self._timer is None or at < self._timer_at:
                 self._arm(at)
         if self._paused:
@@ -527,16 +535,18 @@ class Peer(Handlers):
         now = self._loop.time()
         due = [rid for rid, d in self._deadlines.items() if d[0] <= now]
         for rid in due:
-            _, fut, channel, timeout = self._deadlines.pop(rid)
-            self._expire(rid, fut, channel, timeout)
+            _, fut, channel, timeout, default = self._deadlines.pop(rid)
+            self._expire(rid, fut, channel, timeout, default)
         if self._deadlines and self._closed is None:
             self._arm(min(d[0] for d in self._deadlines.values()))
 
-    def _expire(self, rid: int, fut: asyncio.Future[Any], channel: str, timeout: float) -> None:
+    def _expire(
+        self, rid: int, fut: asyncio.Future[Any], channel: str, timeout: float, default: bool
+    ) -> None:
         if not fut.done():
             self._conn.send_cancel(rid)
             self._kick()
-            fut.set_exception(InvokeTimeout(f"no answer on {channel!r} within {timeout} s"))
+            fut.set_exception(InvokeTimeout(timeout_message(channel, timeout, default)))
 
     async def send(self, channel: str, *args: Any) -> None:
         """Send a one-way event on ``channel``. Waits only when the peer lags.

@@ -40,7 +40,7 @@ DIRECTION_TITLES = {"m2c": "m->c", "c2m": "c->m"}
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    group: str  # rt, ev, inflight, big, kill, mem
+    group: str  # rt, ev, inflight, big, kill, mem, pool
     func: str  # "module:function" inside tether.bench
     title: str
     peer: str | None = None  # for baselines: the ratio column it feeds
@@ -96,6 +96,13 @@ SCENARIOS: dict[str, Scenario] = {
             "websockets",
         ),
         Scenario("mem_tether_flood", "mem", "connmem:mem_tether_flood", "tether Main", tether=True),
+        Scenario("pool_ppe", "pool", "pools:pool_ppe", "ProcessPoolExecutor", "ppe"),
+        Scenario("pool_loky", "pool", "pools:pool_loky", "loky reusable executor", "loky"),
+        Scenario("pool_mp", "pool", "pools:pool_mp", "multiprocessing.Pool", "mp_pool"),
+        Scenario("pool_tether", "pool", "pools:pool_tether", "tether.Pool", tether=True),
+        Scenario(
+            "pool_tether_sync", "pool", "pools:pool_tether_sync", "tether.sync.Pool", tether=True
+        ),
     ]
 }
 

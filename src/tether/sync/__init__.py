@@ -1,4 +1,4 @@
-"""Blocking API for scripts that don't use asyncio: ``tether.sync.connect``."""
+"""Blocking API for code without asyncio: ``tether.sync.connect``, ``tether.sync.Pool``."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import contextlib
 import ssl as _ssl
 
 from ..address import Address, parse_address
-from ..errors import PeerGone
+from ..checks import check_connect_options
+from ..errors import ConnectError
 from ..identity import peer_address
 from ..protocol import check_secret
 from ..results import DEFAULT_TIMEOUT
 from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE
+from .executor import Pool
 from .peer import MAX_INFLIGHT, SPIN_SECONDS, Call, Peer, loop_serves
 
-__all__ = ["Call", "Peer", "connect"]
+__all__ = ["Call", "Peer", "Pool", "connect"]
 
 
 def connect(
@@ -39,7 +41,10 @@ def connect(
     handlers at once (more are answered ``busy``).
 
     Raises:
-        PeerGone: nothing listens at ``address``, or it sent no HELLO in time.
+        ConnectError: nothing listens at ``address`` (a :class:`PeerGone`).
+        PeerGone: it sent no HELLO in time.
+        ProtocolError: what answers is not a tether peer.
+        TypeError, ValueError: an option has the wrong type or an impossible value.
         AuthenticationError: the secrets differ, or only one side has one; or
             the TLS handshake failed.
         RuntimeError: called from the thread running the event loop that
@@ -47,13 +52,21 @@ def connect(
             (use ``await tether.connect(...)`` there, or call this from another
             thread).
     """
+    check_connect_options(
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        max_frame_size=max_frame_size,
+        spin=spin,
+        max_inflight=max_inflight,
+    )
     addr = parse_address(address)
     if secret is not None:
         check_secret(secret)
     try:
         sock = addr.connect(connect_timeout)
-    except OSError as exc:
-        raise PeerGone(f"cannot connect to {addr}: {exc}") from exc
+    except OSError as exc:  # (TimeoutError too)
+        why = exc.strerror or str(exc) or f"no answer within connect_timeout={connect_timeout} s"
+        raise ConnectError(f"cannot connect to {addr}: {why}", address=str(addr)) from exc
     try:
         same_loop = loop_serves(sock)
     except OSError:

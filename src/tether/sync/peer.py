@@ -87,7 +87,14 @@ from ..handles import held_size
 from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection
 from ..registry import Call, Handler, Handlers, Registry
-from ..results import DEFAULT, DEFAULT_TIMEOUT, checked_timeout, decode_error, decode_result
+from ..results import (
+    DEFAULT,
+    DEFAULT_TIMEOUT,
+    checked_timeout,
+    decode_error,
+    decode_result,
+    timeout_message,
+)
 from ..shm import consume_all
 from ..wire import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -413,12 +420,13 @@ class Peer(Handlers):
         chan = self._chan_cache.get(channel) if type(channel) is str else None
         if chan is None:
             chan = self._chan(channel, args)
-        if timeout is DEFAULT:
+        if self._lazy:
+            self._start_serving()
+        default = timeout is DEFAULT
+        if default:
             timeout = self.timeout
         if timeout is not None and not (type(timeout) in _NUMBERS and 0 <= timeout < _INF):
             timeout = checked_timeout(timeout, args)
-        if self._lazy:
-            self._start_serving()
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._leased:
             self._poll_releases()
@@ -443,7 +451,8 @@ class Peer(Handlers):
                 self._conn.send_cancel(rid)
             with contextlib.suppress(TetherError):
                 self._flush(time.monotonic() + 1.0, block=False)
-            raise InvokeTimeout(f"no answer on {channel!r} within {timeout} s") from None
+            assert timeout is not None
+            raise InvokeTimeout(timeout_message(channel, timeout, default)) from None
         finally:
             if worker:
                 self._set_worker_waits(False)

@@ -1,5 +1,7 @@
 """Reusable shared-memory segments, lent to peers that trust this side.
 
+(Not the worker pool: that is :class:`tether.Pool`, in :mod:`tether.executor`.)
+
 A sealed segment can never be written again, so every sealed transfer pays
 for fresh pages: on a VM that is about 1 GB/s, far below a memory copy. When
 the receiver trusts the sender (a child trusts its main, a client the main it

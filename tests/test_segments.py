@@ -20,8 +20,8 @@ import tether
 from tether import codec
 from tether.attachments import MAX_LEASES, MemfdStore
 from tether.errors import ProtocolError
-from tether.pool import SegmentPool, _size_class
 from tether.protocol import Connection
+from tether.segments import SegmentPool, _size_class
 from tether.wire import Kind
 
 pytestmark = pytest.mark.timeout(60)
@@ -252,7 +252,7 @@ def test_a_borrower_cannot_shrink_or_write_a_lent_segment() -> None:
 
 
 def test_an_empty_or_short_lease_is_a_protocol_error() -> None:
-    from tether.pool import Borrowed
+    from tether.segments import Borrowed
 
     borrowed = Borrowed()
     for nbytes in (0, 64 * KIB + 1):

@@ -1,0 +1,456 @@
+"""The worker pool: ``tether.Pool`` and ``tether.sync.Pool`` (src/tether/executor.py).
+
+Workers are tether children running module-level jobs from ``tests/_pool_jobs.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import _pool_jobs as jobs
+import tether
+import tether.executor
+from tether.executor import job_target
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def _until(cond: Any, timeout: float = 60.0) -> None:
+    """Wait (bounded) until ``cond()`` is true."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+# -- what can be sent -------------------------------------------------------------
+
+
+def test_refuses_functions_a_worker_cannot_import() -> None:
+    def nested(x: int) -> int:
+        return x
+
+    for fn, words in [
+        (lambda x: x, "<lambda>"),
+        (nested, "<locals>"),
+        (functools.partial(jobs.add, 1), "no module-level name"),
+        (jobs.Tools().method, "does not name it"),
+        (42, "not int"),
+    ]:
+        with pytest.raises(TypeError, match=words):
+            job_target(fn)
+    assert job_target(jobs.square) == ("tether.pool.job", "_pool_jobs", "square")
+    assert job_target(jobs.Tools.triple)[1:] == ("_pool_jobs", "Tools.triple")
+    assert job_target(jobs.async_nap)[0] == "tether.pool.async-job"
+
+
+def test_refuses_main_functions_of_an_interactive_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    repl = types.ModuleType("__main__")  # no __file__, no __spec__: python -c, the REPL
+
+    def typed_in(x: int) -> int:
+        return x
+
+    typed_in.__module__ = "__main__"
+    typed_in.__qualname__ = "typed_in"
+    repl.typed_in = typed_in  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "__main__", repl)
+    with pytest.raises(ValueError, match=r"interactive session.*put it in a module"):
+        job_target(typed_in, "spawn")
+    repl.__file__ = "<stdin>"  # python - < script.py
+    with pytest.raises(ValueError, match=r"interactive session"):
+        job_target(typed_in, "forkserver")
+    assert job_target(typed_in, "fork")[1:] == ("__main__", "typed_in")
+    with pytest.raises(ValueError):  # (not cached by the fork pool's check)
+        job_target(typed_in, "spawn")
+
+
+def test_constructor_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        tether.Pool(0)
+    with pytest.raises(TypeError, match="workers must be an int"):
+        tether.Pool("2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="retries"):
+        tether.Pool(1, retries=-1)
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        tether.Pool(1, timeout=0)
+    with pytest.raises(TypeError, match="timeout must be a number"):
+        tether.Pool(1, timeout="5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="start_method"):
+        tether.Pool(1, start_method="thread")
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        tether.sync.Pool(0)
+
+
+def test_a_function_of_the_main_script_runs_in_a_spawned_worker(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    # spawn runs the script again in the worker (as __mp_main__), so its functions import.
+    script = tmp_path / "app.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, tether
+
+            def cube(x: int) -> int:
+                return x ** 3
+
+            async def main() -> None:
+                async with tether.Pool(workers=1) as pool:
+                    print(await pool.submit(cube, 3), [r async for r in pool.map(cube, [1, 2])])
+
+            if __name__ == "__main__":
+                asyncio.run(main())
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], env=child_env, capture_output=True, text=True, timeout=90
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "27 [1, 8]"
+
+
+# -- the asyncio pool -------------------------------------------------------------------
+
+
+async def test_submit_and_map_in_input_order() -> None:
+    async with tether.Pool(workers=2) as pool:
+        assert await pool.submit(jobs.add, 2, 3) == 5
+        assert await pool.submit(jobs.Tools.triple, 3) == 9
+        assert [r async for r in pool.map(jobs.square, range(20))] == [x * x for x in range(20)]
+        # later inputs that finish first still come out in input order
+        naps = [0.3, 0.0, 0.1, 0.0]
+        got = [r async for r in pool.map(jobs.nap, naps, range(4))]
+        assert got == [0, 1, 2, 3]
+        results = await asyncio.gather(*(pool.submit(jobs.square, x) for x in range(10)))
+        assert results == [x * x for x in range(10)]
+        assert len(pool.pids) == 2 and os.getpid() not in pool.pids
+
+
+async def test_map_bounds_work_in_flight(tmp_path: Path) -> None:
+    log = str(tmp_path / "log")
+    pulled = 0
+
+    def numbers() -> Iterator[int]:  # lazily read: counts what the pool took
+        nonlocal pulled
+        for i in range(30):
+            pulled += 1
+            yield i
+
+    out = []
+    ahead = 0
+    async with tether.Pool(workers=2) as pool:
+        async for r in pool.map(
+            jobs.logged, itertools.repeat(log), numbers(), itertools.repeat(0.02)
+        ):
+            out.append(r)
+            ahead = max(ahead, pulled - len(out))
+    assert out == list(range(30))
+    assert 1 <= ahead <= 2 * 2  # never more than workers * 2 read ahead of the consumer
+    running = peak = 0
+    for line in Path(log).read_text().split():
+        running += 1 if line == "s" else -1
+        peak = max(peak, running)
+    assert peak == 2  # jobs started but unfinished: one per worker, never more
+
+
+async def test_a_job_that_raises_is_a_remote_error() -> None:
+    async with tether.Pool(workers=1) as pool:
+        with pytest.raises(tether.RemoteError) as info:
+            await pool.submit(jobs.fail, "boom")
+        assert info.value.type_name == "ValueError"
+        assert "boom" in str(info.value)
+        assert "def fail" in info.value.remote_traceback or "fail" in info.value.remote_traceback
+        assert await pool.submit(jobs.square, 4) == 16  # the worker is still serving
+        with pytest.raises(tether.RemoteError, match="returned an awaitable: declare it async def"):
+            await pool.submit(jobs.returns_coroutine)
+        assert await pool.submit(jobs.async_square, 5) == 25
+        with pytest.raises(tether.RemoteError, match="ValueError"):
+            async for _ in pool.map(jobs.fail, ["a", "b"]):
+                pass
+
+
+async def test_a_killed_worker_fails_only_its_job_and_is_replaced() -> None:
+    async with tether.Pool(workers=2) as pool:
+        before = set(pool.pids)
+        with pytest.raises(tether.PeerGone, match="SIGKILL") as info:
+            await pool.submit(jobs.die)
+        assert info.value.exitcode == -signal.SIGKILL
+        assert "_pool_jobs.die()" in str(info.value)
+        assert await pool.submit(jobs.square, 5) == 25
+        await _until(lambda: len(pool.pids) == 2)  # replaced at once, not at the next job
+        assert set(pool.pids) != before
+        with pytest.raises(tether.PeerGone, match="SIGTERM"):
+            await pool.submit(jobs.die, signal.SIGTERM)
+
+
+async def test_a_worker_killed_while_idle_is_replaced_at_once() -> None:
+    async with tether.Pool(workers=1) as pool:
+        (victim,) = pool.pids
+        os.kill(victim, signal.SIGKILL)
+        await _until(lambda: len(pool.pids) == 1 and victim not in pool.pids)
+        assert await pool.submit(jobs.pid) == pool.pids[0]  # no job paid for it
+
+
+async def test_workers_that_keep_dying_are_replaced_ever_more_slowly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tether.executor, "worker", jobs.short_lived_worker)
+    pool = tether.Pool(workers=1, start_method="fork")  # (fast: without back-off, dozens)
+    spawned = 0
+    real_spawn = pool._main.spawn
+
+    async def counting_spawn(*args: Any, **kw: Any) -> Any:
+        nonlocal spawned
+        spawned += 1
+        return await real_spawn(*args, **kw)
+
+    monkeypatch.setattr(pool._main, "spawn", counting_spawn)
+    async with pool:
+        await asyncio.sleep(3.0)
+    # back-off 0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6 s (+ start-up): a handful, not dozens
+    assert 3 <= spawned <= 10
+
+
+async def test_kill_9_during_a_map_of_many_jobs_loses_no_job() -> None:
+    async with tether.Pool(workers=2) as pool:
+        futures = [pool.submit(jobs.nap, 0.01, i) for i in range(200)]
+        while sum(f.done() for f in futures) < 20:
+            await asyncio.sleep(0.01)
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        done, _ = await asyncio.wait(futures, timeout=90)
+        assert len(done) == 200  # every job returned or raised
+        lost = [f.exception() for f in futures if f.exception() is not None]
+        assert all(isinstance(e, tether.PeerGone) and "SIGKILL" in str(e) for e in lost)
+        assert len(lost) <= 1  # only the job the victim was running (if it was running one)
+        assert sorted(f.result() for f in futures if f.exception() is None) == sorted(
+            i for i, f in enumerate(futures) if f.exception() is None
+        )
+        assert victim not in pool.pids
+        assert [r async for r in pool.map(jobs.square, range(5))] == [0, 1, 4, 9, 16]
+        await _until(lambda: len(pool.pids) == 2)
+
+
+async def test_retries_1_runs_a_job_again_once_when_its_worker_dies(tmp_path: Path) -> None:
+    marker = str(tmp_path / "tries")
+    async with tether.Pool(workers=1, retries=1) as pool:
+        assert await pool.submit(jobs.die_once, marker) == "second try"
+        first, second = Path(marker).read_text().split()
+        assert first != second  # on a fresh worker
+        with pytest.raises(tether.PeerGone, match="SIGKILL"):
+            await pool.submit(jobs.die)  # dies twice: no third run
+        with pytest.raises(tether.RemoteError):
+            await pool.submit(jobs.fail, "x")  # an error is never retried
+    async with tether.Pool(workers=1) as pool:  # retries=0: the first death fails it
+        with pytest.raises(tether.PeerGone):
+            await pool.submit(jobs.die_once, str(tmp_path / "other"))
+
+
+async def test_timeout_cancels_an_async_job_and_keeps_its_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tether.Pool, "cancel_grace", 5.0)
+    async with tether.Pool(workers=1, timeout=0.3) as pool:
+        (pid,) = pool.pids
+        with pytest.raises(tether.InvokeTimeout):
+            await pool.submit(jobs.async_nap, 30)
+        assert await pool.submit(jobs.pid) == pid  # the cancel reached it: same worker
+        assert await pool.submit(jobs.nap, 0.01, "quick", timeout=None) == "quick"
+        # the timeout counts while the job runs, not while it waits for a worker
+        first = pool.submit(jobs.nap, 0.6, "first", timeout=None)
+        assert await pool.submit(jobs.square, 3) == 9  # waited ~0.6 s, ran at once
+        assert first.result() == "first"
+
+
+async def test_timeout_of_a_plain_function_kills_and_replaces_its_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tether.Pool, "cancel_grace", 0.3)
+    async with tether.Pool(workers=1) as pool:
+        (pid,) = pool.pids
+        with pytest.raises(
+            tether.InvokeTimeout, match=r"_pool_jobs.nap\(\) did not finish within 0.3 s"
+        ):
+            await pool.submit(jobs.nap, 30, timeout=0.3)
+        new = await pool.submit(jobs.pid)  # queued behind it: runs on a fresh worker
+        assert new != pid and not _alive(pid)
+        # a plain function that finishes within the grace keeps its worker
+        with pytest.raises(tether.InvokeTimeout):
+            await pool.submit(jobs.nap, 0.4, timeout=0.2)
+        assert await pool.submit(jobs.pid) == new
+
+
+async def test_cancelling_a_job_future_cancels_the_job() -> None:
+    async with tether.Pool(workers=1) as pool:
+        (pid,) = pool.pids
+        fut = pool.submit(jobs.async_nap, 30)
+        queued = pool.submit(jobs.square, 3)
+        await asyncio.sleep(0.3)
+        fut.cancel()
+        assert await asyncio.wait_for(queued, 15) == 9  # not after the 30 s nap
+        assert pool.pids == [pid]
+
+
+async def test_close_waits_for_submitted_jobs_and_refuses_new_ones() -> None:
+    pool = tether.Pool(workers=2)
+    futures = [pool.submit(jobs.nap, 0.1, i) for i in range(6)]  # starts the pool
+    await pool.start()
+    pids = pool.pids
+    await pool.close()
+    assert [f.result() for f in futures] == list(range(6))
+    assert pool.closed and pool.pids == []
+    assert not any(_alive(p) for p in pids)
+    with pytest.raises(tether.ConnectionClosed, match="closed"):
+        pool.submit(jobs.square, 1)
+    with pytest.raises(tether.ConnectionClosed):
+        pool.map(jobs.square, [1])
+    await pool.close()  # twice is fine
+
+
+async def test_terminate_kills_workers_and_fails_unfinished_jobs() -> None:
+    async with tether.Pool(workers=2) as pool:
+        pids = pool.pids
+        futures = [pool.submit(jobs.nap, 30, i) for i in range(5)]
+        await asyncio.sleep(0.3)
+        await pool.terminate()
+    for f in futures:
+        with pytest.raises(tether.ConnectionClosed, match="terminated"):
+            f.result()
+    assert not any(_alive(p) for p in pids)
+    with pytest.raises(tether.ConnectionClosed):
+        pool.submit(jobs.square, 1)
+
+
+async def test_an_exception_in_the_with_block_terminates() -> None:
+    with pytest.raises(KeyError):
+        async with tether.Pool(workers=1) as pool:
+            fut = pool.submit(jobs.nap, 30)
+            raise KeyError("leaving")
+    with pytest.raises(tether.ConnectionClosed, match="terminated"):
+        fut.result()
+
+
+async def test_arrays_travel_through_shared_memory_both_ways() -> None:
+    a = np.arange(1 << 20, dtype=np.float32)  # 4 MiB
+    async with tether.Pool(workers=1) as pool:
+        doubled, kind, writeable = await pool.submit(jobs.double, a)
+    assert kind == "ndarray" and not writeable  # the worker maps main's pages read-only
+    assert isinstance(doubled, np.ndarray) and np.array_equal(doubled, a * 2)
+    assert not doubled.flags.writeable  # a sealed memfd from the worker, not a socket copy
+
+
+async def test_a_buffer_is_moved_to_the_worker() -> None:
+    buf = tether.Buffer(1 << 20)
+    buf.view()[:] = b"\x01" * (1 << 20)
+    async with tether.Pool(workers=1) as pool:
+        first = pool.submit(jobs.nap, 0.3)
+        job = pool.submit(jobs.checksum, buf)  # queued behind it: given away already
+        with pytest.raises(tether.ConsumedError):
+            buf.view()
+        total, kind = await job
+        await first
+    assert total == 1 << 20 and kind in ("memoryview", "ndarray")
+    with tether.sync.Pool(workers=1) as spool:
+        buf = tether.Buffer(4096)
+        buf.view()[:] = b"\x02" * 4096
+        fut = spool.submit(jobs.checksum, buf)
+        assert buf.consumed
+        assert fut.result(timeout=30)[0] == 2 * 4096
+
+
+# -- the blocking pool ---------------------------------------------------------------
+
+
+def test_sync_pool_submit_map_errors_close() -> None:
+    with tether.sync.Pool(workers=2) as pool:
+        fut = pool.submit(jobs.add, 1, 2)
+        assert isinstance(fut, concurrent.futures.Future) and fut.result(timeout=30) == 3
+        assert list(pool.map(jobs.square, range(20))) == [x * x for x in range(20)]
+        assert list(pool.map(jobs.nap, [0.3, 0.0, 0.1], "abc")) == ["a", "b", "c"]
+        with pytest.raises(tether.RemoteError, match="ValueError"):
+            pool.submit(jobs.fail, "no").result(timeout=30)
+        with pytest.raises(TypeError, match="<lambda>"):
+            pool.submit(lambda: 1)
+        a = np.ones(1 << 20, dtype=np.float32)
+        doubled, kind, _ = pool.submit(jobs.double, a).result(timeout=30)
+        assert kind == "ndarray" and np.array_equal(doubled, a * 2)
+        slow = [pool.submit(jobs.nap, 0.1, i) for i in range(4)]
+    assert [f.result(timeout=0) for f in slow] == list(range(4))  # close waited for them
+    with pytest.raises(tether.ConnectionClosed):
+        pool.submit(jobs.square, 1)
+    pool.close()
+
+
+def test_sync_pool_survives_a_killed_worker(tmp_path: Path) -> None:
+    with tether.sync.Pool(workers=2) as pool:
+        futures = [pool.submit(jobs.nap, 0.01, i) for i in range(100)]
+        concurrent.futures.wait(futures[:10], timeout=60)
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        done, _ = concurrent.futures.wait(futures, timeout=90)
+        assert len(done) == 100
+        lost = [f.exception() for f in futures if f.exception() is not None]
+        assert len(lost) <= 1 and all(isinstance(e, tether.PeerGone) for e in lost)
+        with pytest.raises(tether.PeerGone, match="SIGKILL"):
+            pool.submit(jobs.die).result(timeout=60)
+        assert pool.submit(jobs.square, 7).result(timeout=60) == 49
+        end = time.monotonic() + 60
+        while len(pool.pids) != 2:  # the dead ones are replaced
+            assert time.monotonic() < end
+            time.sleep(0.02)
+        assert victim not in pool.pids
+    with tether.sync.Pool(workers=1, retries=1) as pool:
+        assert pool.submit(jobs.die_once, str(tmp_path / "m")).result(timeout=60) == "second try"
+
+
+def test_sync_pool_timeout_and_terminate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tether.Pool, "cancel_grace", 0.3)
+    pool = tether.sync.Pool(workers=1, timeout=0.3)
+    with pytest.raises(tether.InvokeTimeout):
+        pool.submit(jobs.nap, 30).result(timeout=30)
+    assert pool.submit(jobs.square, 2, timeout=10).result(timeout=30) == 4
+    running = pool.submit(jobs.async_nap, 30, timeout=None)
+    queued = pool.submit(jobs.square, 3)
+    time.sleep(0.3)
+    assert running.cancel()  # reaches the job in its worker: the next one runs at once
+    assert queued.result(timeout=15) == 9
+    pids = pool.pids
+    futures = [pool.submit(jobs.nap, 30, timeout=None) for _ in range(3)]
+    pool.terminate()
+    for f in futures:
+        with pytest.raises(tether.ConnectionClosed, match="terminated"):
+            f.result(timeout=0)
+    assert not any(_alive(p) for p in pids)
+    pool.terminate()  # twice is fine
+    assert pool.pids == [] and pool.closed
