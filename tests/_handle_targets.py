@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import tempfile
 
 import tether
 
@@ -33,6 +35,20 @@ async def handle_child(peer: tether.Peer) -> None:
         os.write(w, data)
         os.close(w)
         return tether.Handle(r)
+
+    @peer.handle("socket_back")
+    def socket_back(call: tether.Call, data: bytes) -> tether.Handle:
+        a, b = socket.socketpair()
+        with a, b:
+            a.sendall(data)
+            return tether.Handle.from_socket(b)
+
+    @peer.handle("file_back")
+    def file_back(call: tether.Call, text: str) -> tether.Handle:
+        with tempfile.TemporaryFile("w+") as f:
+            f.write(text)
+            f.flush()
+            return tether.Handle.from_file(f)
 
     @peer.handle("slow")
     async def slow(call: tether.Call, h: tether.Handle) -> None:

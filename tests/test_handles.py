@@ -151,6 +151,12 @@ async def test_pipe_socket_file_to_child_and_back(main: tether.Main) -> None:
     assert isinstance(back, tether.Handle)
     with back.open("rb") as rf:
         assert rf.read() == b"from the child"
+    with (await child.invoke("socket_back", b"a socket from the child")).socket() as s:
+        s.settimeout(30)
+        assert s.recv(100) == b"a socket from the child"
+    with (await child.invoke("file_back", "a file from the child")).open("r") as f:
+        f.seek(0)
+        assert f.read() == "a file from the child"
     typed = await child.invoke("pipe_back", b"typed", result_type=tether.Handle)
     assert os.read(typed.fileno(), 10) == b"typed"
     typed.close()
