@@ -103,6 +103,8 @@ def test_handle_owns_its_descriptor() -> None:
         tether.Handle("3")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         tether.Handle(-1)
+    with pytest.raises(OSError):
+        tether.Handle(r)  # closed above: refused now, not at the send
 
 
 def test_from_file_and_socket_duplicate() -> None:

@@ -44,9 +44,14 @@ class Handle:
     """An owned file descriptor that can be sent to another process.
 
     Args:
-        fd: the descriptor; the Handle takes ownership (it closes it once sent,
-            detached to nobody, closed, or garbage-collected). Use
-            :meth:`from_file` or :meth:`from_socket` to keep your object open.
+        fd: the descriptor. The Handle owns it from now on: it is closed once
+            sent, or when the Handle is closed or garbage-collected without
+            having been taken (:meth:`detach`, :meth:`open`, :meth:`socket`).
+            Use :meth:`from_file` or :meth:`from_socket` to keep your object open.
+
+    Raises:
+        TypeError, ValueError: ``fd`` is not a non-negative int.
+        OSError: ``fd`` is not an open descriptor.
 
     Example::
 
@@ -69,6 +74,7 @@ class Handle:
             raise TypeError(f"fd must be an int, not {type(fd).__name__}")
         if fd < 0:
             raise ValueError(f"fd must be >= 0, not {fd}")
+        os.fstat(fd)  # OSError (EBADF) now, not a failed write that drops the connection later
         self._fd: int | None = fd
         #: the receiving connection's untaken Handles (see :func:`received`)
         self._live: weakref.WeakSet[Handle] | None = None
