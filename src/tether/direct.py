@@ -6,9 +6,10 @@ on each with ``(handle, name, pid)``: the other child's name and process id
 (the direct peer's :attr:`~tether.Peer.pid`: main's word, since the kernel's
 ``SO_PEERCRED`` names main, which made the pair). A child
 answers it only if it registered a callback with ``@peer.on_connect``; the
-callback gets an ordinary :class:`~tether.Peer` (or :class:`tether.sync.Peer`)
-for the other child, already started, with its own handlers: register them
-in the callback before its first ``await``. From then on the two talk over
+callback gets an ordinary :class:`~tether.Peer` for the other child, with
+its own handlers: register them in the callback before its first ``await``
+(a :class:`tether.sync.Peer` in a blocking child: it serves once the
+callback returned). ``Main.connect`` returns once both callbacks did. From then on the two talk over
 their own socketpair; main relays nothing and sees nothing.
 
 Each end grants the other the role ``sibling`` (``local``: handlers without
@@ -26,7 +27,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from .errors import Forbidden
+from .errors import Forbidden, PeerGone
 from .handles import Handle
 from .identity import Credentials, peer_credentials
 from .registry import Call, Handler, Registry
@@ -121,9 +122,7 @@ def sync_accept(
     return accept
 
 
-def _refused(name: str) -> Any:
-    from .errors import PeerGone
-
+def _refused(name: str) -> PeerGone:
     return PeerGone(f"the direct channel to {name!r} was refused by this side's on_connect")
 
 
