@@ -480,3 +480,37 @@ def test_introspection_names_handle_hints() -> None:
     names = [introspect.type_name(t) for t in (tether.Handle | None, list[tether.Handle])]
     assert names == ["Handle | None", "list[Handle]"]
     assert introspect.type_name(tether.Handle) == "Handle"
+
+
+async def test_connect_clients_when_main_allows_their_role(
+    main: tether.Main, sock_path: str
+) -> None:
+    await main.listen(f"unix://{sock_path}")
+    got: list[tether.Peer] = []
+    clients = []
+    for tag in ("one", "two"):
+        before = set(main.peers)
+        c = await tether.connect(f"unix://{sock_path}")
+
+        @c.on_connect
+        def connected(sib: tether.Peer, tag: str = tag) -> None:
+            got.append(sib)
+
+            @sib.handle("tag")
+            def which(call: tether.Call) -> str:
+                return tag
+
+        clients.append(c)
+        deadline = time.monotonic() + 10
+        while set(main.peers) == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        (p,) = set(main.peers) - before
+        clients.append(p)
+    c1, p1, c2, p2 = clients
+    with pytest.raises(tether.Forbidden, match="'client'"):
+        await main.connect(p1, p2)  # clients are not connected unless main says so
+    main.connect_roles.add("client")
+    await main.connect(p1, p2)
+    assert sorted([await got[0].invoke("tag"), await got[1].invoke("tag")]) == ["one", "two"]
+    await c1.close()
+    await c2.close()
