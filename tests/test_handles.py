@@ -514,3 +514,13 @@ async def test_connect_clients_when_main_allows_their_role(
     assert sorted([await got[0].invoke("tag"), await got[1].invoke("tag")]) == ["one", "two"]
     await c1.close()
     await c2.close()
+
+
+def test_a_held_handle_counts_as_a_page() -> None:
+    from tether.handles import HELD_SIZE, held_size
+
+    r, w = os.pipe()
+    os.close(w)
+    with tether.Handle(r) as h:
+        assert held_size(h) == HELD_SIZE == 4096
+    assert held_size(memoryview(b"abc")) == 3 and held_size(b"abcd") == 4
