@@ -41,6 +41,8 @@ EXT_NDARRAY: Final = 2  # data: msgpack [index, dtype str, shape] -> read-only n
 #: child it spawned with ``pickle=True``); anywhere else a validation error,
 #: and never unpickled
 EXT_PICKLE: Final = 3
+#: data: u32 LE attachment index (a FLAG_HANDLE descriptor) -> tether.Handle
+EXT_HANDLE: Final = 4
 
 _local = threading.local()
 
@@ -59,6 +61,13 @@ def ext_hook(code: int, data: memoryview) -> Any:
         if len(data) != 4:
             raise msgspec.ValidationError("malformed attachment reference")
         return _attachment(atts, int.from_bytes(data, "little"))
+    if code == EXT_HANDLE and atts is not None:
+        att = _att(atts, data)
+        if not getattr(att, "__tether_handle__", False):
+            raise msgspec.ValidationError(
+                "handle reference to an attachment that is not a descriptor"
+            )
+        return att
     if code == EXT_NDARRAY and atts is not None:
         import numpy as np
 
@@ -76,7 +85,19 @@ def ext_hook(code: int, data: memoryview) -> Any:
 def _attachment(atts: Any, index: int) -> memoryview:
     if not 0 <= index < len(atts):
         raise msgspec.ValidationError(f"attachment {index} does not exist")
-    return memoryview(atts[index]).toreadonly()
+    att = atts[index]
+    if getattr(att, "__tether_handle__", False):
+        raise msgspec.ValidationError(f"attachment {index} is a descriptor, not bytes")
+    return memoryview(att).toreadonly()
+
+
+def _att(atts: Any, data: memoryview) -> Any:
+    if len(data) != 4:
+        raise msgspec.ValidationError("malformed attachment reference")
+    index = int.from_bytes(data, "little")
+    if not 0 <= index < len(atts):
+        raise msgspec.ValidationError(f"attachment {index} does not exist")
+    return atts[index]
 
 
 def decode_with(

@@ -62,7 +62,14 @@ def type_name(hint: Any) -> str:
     if isinstance(hint, type) and not typing.get_args(hint):
         return hint.__qualname__
     text = repr(hint)
-    for prefix in ("typing.", "collections.abc.", "numpy.", "tether.shm.", "tether."):
+    for prefix in (
+        "typing.",
+        "collections.abc.",
+        "numpy.",
+        "tether.shm.",
+        "tether.handles.",
+        "tether.",
+    ):
         text = text.replace(prefix, "")
     return text
 
