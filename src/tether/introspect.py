@@ -88,7 +88,11 @@ def _signature(fn: Callable[..., Any], event: bool) -> tuple[list[tuple[str, str
         if p.kind is p.VAR_POSITIONAL:
             out.append((f"*{p.name}", type_name(hints.get(p.name, Any))))
         elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            out.append((p.name, type_name(hints.get(p.name, Any))))
+            shown = type_name(hints.get(p.name, Any))
+            if p.default is not p.empty:  # optional: say so, as Python writes it
+                default = repr(p.default)
+                shown += f" = {default if len(default) <= 40 else default[:37] + '...'}"
+            out.append((p.name, shown))
     result = None if event else type_name(hints.get("return", Any))
     return out, result
 
