@@ -259,3 +259,11 @@ def test_cli_bad_target(
 ) -> None:
     assert cli.main(["types", "--ts", target.format(app=app)]) == cli.EXIT_USAGE
     assert error in capsys.readouterr().err
+
+
+def test_electron_style_example_types() -> None:
+    """The example's page gets its two channels, and nothing main keeps to itself."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "electron_style" / "main.py"
+    text = typescript(load_main(f"{example}:main"))
+    assert '  "message-from-renderer": (message: string) => string;' in text
+    assert '  "page-ready": () => void;' in text

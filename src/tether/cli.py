@@ -39,7 +39,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("demo", help="run the seed article's IPC scenarios end to end")
+    demo = sub.add_parser("demo", help="run the seed article's IPC scenarios end to end")
+    demo.add_argument(
+        "--web",
+        action="store_true",
+        help="serve the Electron example's page to a browser until interrupted",
+    )
     call = sub.add_parser(
         "call",
         help="invoke a channel on a listening main and print the JSON result",
@@ -80,10 +85,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo() -> int:
+def _demo(web: bool = False) -> int:
     from . import demo
 
-    return demo.main()
+    return demo.web_main() if web else demo.main()
 
 
 def _call(address: str, channel: str, raw_args: Sequence[str], timeout: float) -> int:
@@ -165,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     ns = parser.parse_args(args_list)
     if ns.command == "demo":
-        return _demo()
+        return _demo(ns.web)
     if ns.command == "call":
         return _call(ns.address, ns.channel, ns.args, ns.timeout)
     if ns.command == "types":
