@@ -670,7 +670,7 @@ def test_feature_table_matches_code() -> None:
     keys, features, roles = _tables("## 6. Handshake: HELLO")
     assert [r[0].strip("`") for r in keys] == list(codec.Hello.__struct_fields__)
     assert [r[0].strip("`") for r in features] == ["fd", "lease", "pickle"]
-    assert len(roles) == 2
+    assert len(roles) == 3
 
 
 def test_extension_table_matches_codec() -> None:

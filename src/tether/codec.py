@@ -136,6 +136,8 @@ class Hello(msgspec.Struct, omit_defaults=True):
     credentials: dict[str, str] = {}
     #: fresh random bytes for the shared-secret proof (AUTH); empty without a secret
     nonce: bytes = b""
+    #: the encoding of the sender's bodies: "" (MessagePack) or "json" (WebSocket pages)
+    encoding: str = ""
 
 
 class ErrorInfo(msgspec.Struct, omit_defaults=True):
@@ -161,6 +163,13 @@ class Goodbye(msgspec.Struct, omit_defaults=True):
 hello_decoder: Final = msgspec.msgpack.Decoder(Hello)
 error_decoder: Final = msgspec.msgpack.Decoder(ErrorInfo)
 goodbye_decoder: Final = msgspec.msgpack.Decoder(Goodbye)
+
+#: body encodings a connection may use (docs/protocol.md, section 2); "json" only for pages
+ENCODINGS: Final = ("msgpack", "json")
+json_encoder: Final = msgspec.json.Encoder()
+json_any_decoder: Final = msgspec.json.Decoder()
+json_hello_decoder: Final = msgspec.json.Decoder(Hello)
+json_goodbye_decoder: Final = msgspec.json.Decoder(Goodbye)
 
 
 def error_info(exc: BaseException, *, traceback: bool = True) -> ErrorInfo:

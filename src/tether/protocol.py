@@ -46,6 +46,14 @@ Bad-message policy: :meth:`receive_data` raises :class:`ProtocolError` for any
 malformed frame and the connection moves to CLOSED (its store is closed); the
 I/O layer closes the transport and fails every pending call (and a main kills
 a spawned child).
+
+Bodies are MessagePack, or JSON on a connection made with ``encoding="json"``
+(a browser page over a WebSocket, which has JSON built in and no MessagePack):
+then every body this side writes is JSON, the HELLOs say ``"encoding": "json"``,
+and the peer's INVOKE, EVENT, RESULT and ERROR bodies are re-encoded as
+MessagePack as they arrive, so the layers above decode and validate them as
+they do any other peer's (a body that is not JSON reads as malformed).
+Attachments cannot ride on such a connection.
 """
 
 from __future__ import annotations
@@ -108,6 +116,10 @@ _TO_APP: Final = frozenset(
     int(k) for k in (Kind.INVOKE, Kind.RESULT, Kind.ERROR, Kind.EVENT, Kind.CANCEL)
 )
 _NO_FDS: Final[list[int]] = []
+#: kinds whose body a JSON peer writes as JSON and the layers above read as MessagePack
+_JSON_BODIES: Final = frozenset((K_INVOKE, K_EVENT, K_RESULT, K_ERROR))
+#: stands in for a JSON body that does not decode: never valid MessagePack (0xc1)
+_MALFORMED: Final = b"\xc1"
 _NO_FRAMES: Final[list[Frame]] = []
 #: room kept in an ERROR frame for everything but its message and traceback
 _ERROR_OVERHEAD: Final = 512
@@ -219,6 +231,10 @@ class Connection:
             the peer's AUTH proof made with the same secret (module docstring).
         initiator: this side opened the connection (``False`` on the
             accepting side); only the AUTH proof uses it.
+        encoding: ``"msgpack"`` (the default) or ``"json"``: the encoding of
+            every body on this connection, both ways (the transport decided
+            it before the first frame, e.g. a WebSocket subprotocol). A JSON
+            connection takes no store, secret or pickle.
 
     Raises:
         ValueError: ``max_frame_size`` is below the floor, or the HELLO would
@@ -236,9 +252,16 @@ class Connection:
         secret: bytes | None = None,
         initiator: bool = True,
         pickle: bool = False,
+        encoding: str = "msgpack",
     ) -> None:
         if secret is not None:
             check_secret(secret)
+        if encoding not in codec.ENCODINGS:
+            raise ValueError(f"encoding must be one of {codec.ENCODINGS}, not {encoding!r}")
+        #: bodies are JSON both ways (a browser page), not MessagePack
+        self.json = encoding == "json"
+        if self.json and (store is not None or secret is not None or pickle):
+            raise ValueError("a JSON connection carries no attachments, secret or pickle")
         if max_frame_size < MIN_MAX_FRAME_SIZE:
             raise ValueError(
                 f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE} bytes, not {max_frame_size}"
@@ -287,11 +310,15 @@ class Connection:
         self._ready: collections.deque[tuple[bytearray, list[int]]] = collections.deque()
         self._atts: list[_Att] = []  # the encoder's attachments for the frame being built
         self._released: collections.deque[int] = collections.deque()
-        self.encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        self.encoder: msgspec.msgpack.Encoder | msgspec.json.Encoder = (
+            msgspec.json.Encoder(enc_hook=_json_hook)
+            if self.json
+            else msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        )
         self._next_rid = 0
         #: request id -> the application's waiter, for invokes awaiting an answer
         self.pending: dict[int, Any] = {}
-        hello = codec.encoder.encode(
+        hello = (codec.json_encoder if self.json else codec.encoder).encode(
             codec.Hello(
                 protocol=codec.PROTOCOL_NAME,
                 version=codec.PROTOCOL_VERSION,
@@ -302,6 +329,7 @@ class Connection:
                 features=(list(store.features) if store is not None else [])
                 + (["pickle"] if pickle else []),
                 nonce=self._nonce,
+                encoding="json" if self.json else "",
             )
         )
         if HEADER_SIZE + len(hello) > MIN_MAX_FRAME_SIZE:
@@ -436,6 +464,8 @@ class Connection:
                     self._auto_reply()
                     self._emit(Kind.ROUTE_CLOSE, 0, f.route_id, b"", b"")
                 # PONG, ROUTE_CLOSE: nothing to do
+            if self.json:
+                _from_json(frames)
             if self._fds_in:
                 self._check_unclaimed()
             if self.pickle:
@@ -520,9 +550,14 @@ class Connection:
         if f.kind != Kind.HELLO:
             raise ProtocolError(f"expected HELLO, got frame kind {f.kind}")
         try:
-            hello = codec.hello_decoder.decode(f.body)
+            hello = (codec.json_hello_decoder if self.json else codec.hello_decoder).decode(f.body)
         except (msgspec.MsgspecError, RecursionError) as exc:
             raise ProtocolError(f"malformed HELLO: {exc}") from None
+        if (hello.encoding or "msgpack") != ("json" if self.json else "msgpack"):
+            raise ProtocolError(
+                f"peer's bodies are {hello.encoding or 'msgpack'!r}, this connection's "
+                f"{'json' if self.json else 'msgpack'!r}"
+            )
         if hello.protocol != codec.PROTOCOL_NAME:
             raise ProtocolError(f"peer speaks {hello.protocol!r}, not {codec.PROTOCOL_NAME!r}")
         if hello.version != codec.PROTOCOL_VERSION:
@@ -571,10 +606,13 @@ class Connection:
         if self.state is State.HANDSHAKE:
             self.state = State.OPEN
 
-    @staticmethod
-    def _goodbye_reason(f: Frame) -> str:
+    def _goodbye_reason(self, f: Frame) -> str:
         try:
-            return codec.goodbye_decoder.decode(f.body).reason
+            return (
+                (codec.json_goodbye_decoder if self.json else codec.goodbye_decoder)
+                .decode(f.body)
+                .reason
+            )
         except (msgspec.MsgspecError, RecursionError):
             return ""
 
@@ -764,7 +802,8 @@ class Connection:
     def send_goodbye(self, reason: str = "") -> None:
         """Queue a GOODBYE; it is the last frame this side sends."""
         if self.state in (State.OPEN, State.HANDSHAKE):
-            self._emit(Kind.GOODBYE, 0, 0, b"", codec.encoder.encode(codec.Goodbye(reason)))
+            enc = codec.json_encoder if self.json else codec.encoder
+            self._emit(Kind.GOODBYE, 0, 0, b"", enc.encode(codec.Goodbye(reason)))
             self.our_goodbye = True
             self._released.clear()
             self.state = State.CLOSING
@@ -903,6 +942,41 @@ class Connection:
         for a in atts:
             if a.where == WHERE_FD:
                 store.unsent(a.fd, a.aux if a.flags & FLAG_LEASE else 0)
+
+
+def _from_json(frames: Iterable[Frame]) -> None:
+    """Re-encode a JSON peer's bodies as MessagePack, in place (module docstring).
+
+    A body that is not JSON becomes one that is not MessagePack either, so it
+    meets the rule for malformed bodies: ``bad_request`` for an INVOKE, a
+    dropped EVENT, a decoding error for the caller of a RESULT or ERROR.
+
+    Raises:
+        ProtocolError: a frame has attachments (JSON has nowhere to refer to them).
+    """
+    for f in frames:
+        if f.attachments:
+            raise ProtocolError("attachments on a JSON connection")
+        if f.kind in _JSON_BODIES:
+            try:
+                f.body = codec.encoder.encode(codec.json_any_decoder.decode(f.body))
+            except Exception:  # not JSON, too deep, an integer beyond 64 bits...
+                f.body = _MALFORMED
+
+
+def _json_hook(obj: Any) -> Any:
+    """What JSON bodies make of values MessagePack would carry as attachments.
+
+    Large bytes and :class:`~tether.Buffer` contents become bytes (base64
+    strings in JSON), NumPy arrays nested lists; nothing is ever pickled.
+    """
+    if isinstance(obj, _Blob):
+        return memoryview(obj.data).cast("B")
+    if getattr(obj, "__tether_buffer__", False):
+        return obj.take_bytes()
+    if hasattr(obj, "__array_interface__") and type(obj).__module__ == "numpy":
+        return obj.tolist()
+    raise TypeError(f"objects of type {type(obj).__name__} cannot be sent")
 
 
 def _smaller_errors(info: codec.ErrorInfo, limit: int) -> Iterable[codec.ErrorInfo]:

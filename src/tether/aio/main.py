@@ -606,14 +606,23 @@ class Main(Handlers):
         self,
         address: str | Address,
         *,
-        role: str = "client",
+        role: str | None = None,
         uids: Collection[int] | None = None,
         secret: bytes | None = None,
         ssl: _ssl.SSLContext | None = None,
         max_connections: int | None = MAX_CONNECTIONS,
         max_handshaking: int | None = MAX_HANDSHAKING,
+        static: str | os.PathLike[str] | None = None,
+        public: bool = False,
     ) -> Server:
         """Accept peers on ``unix:///path`` or ``tcp://host:port`` (port 0 picks one).
+
+        ``ws://host:port`` serves browser pages instead (:mod:`tether.web`):
+        the files under ``static``, ``/tether.js``, and their WebSocket, all
+        gated by a secret made at each start; open the returned server's
+        ``url``, which carries it. Pages get role ``web`` and are never
+        local: they reach only handlers that name ``"web"``. Loopback only,
+        unless ``public=True``.
 
         Accepted peers get ``role`` (one role, a str); handlers limited with
         ``roles=`` check it. Handlers registered without ``roles=`` answer
@@ -655,7 +664,7 @@ class Main(Handlers):
             OSError: the address is in use (``EADDRINUSE``), the path is not a
                 socket, or its directory is missing; the message names it.
         """
-        if not isinstance(role, str):
+        if role is not None and not isinstance(role, str):
             raise TypeError(f"role must be a str (one role), not {type(role).__name__}")
         for name, limit in (
             ("max_connections", max_connections),
@@ -663,6 +672,26 @@ class Main(Handlers):
         ):
             if limit is not None:
                 _count(name, limit)
+        if isinstance(address, str) and address.startswith("ws://"):
+            if uids is not None or secret is not None or ssl is not None:
+                raise ValueError(
+                    "uids=, secret= and ssl= are not for ws:// (it has its own secret)"
+                )
+            from ..web.server import listen_web  # websockets is imported only for pages
+
+            return await listen_web(
+                self,
+                address,
+                role=role,
+                static=static,
+                public=public,
+                max_connections=max_connections,
+                max_handshaking=max_handshaking,
+            )
+        if static is not None or public:
+            raise ValueError("static= and public= are for ws:// addresses")
+        if role is None:
+            role = "client"
         me = os.geteuid()
         allowed = frozenset((me,)) if uids is None else _checked_uids(uids)
         addr = parse_address(address)

@@ -47,7 +47,7 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
-from ..identity import Credentials, peer_address, peer_credentials
+from ..identity import NO_CREDENTIALS, Credentials, peer_address, peer_credentials
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
 from ..results import DEFAULT, DEFAULT_TIMEOUT, decode_error, decode_result
@@ -62,7 +62,7 @@ from ..wire import (
     K_RESULT,
     Frame,
 )
-from .stream import SocketStream
+from .stream import SocketStream, Stream
 
 __all__ = ["Peer"]
 
@@ -170,11 +170,16 @@ class Peer(Handlers):
             sets it on both ends of a child's connection). Only when both
             ends do, objects msgspec cannot encode travel pickled; otherwise
             a pickle received is a ``BadRequest`` and is never unpickled.
+        encoding: the bodies' encoding, ``"msgpack"`` or ``"json"`` (a page).
+
+    ``sock`` is a connected socket, or any other :class:`~tether.aio.stream.Stream`
+    (a WebSocket: :mod:`tether.web`), which then says nothing about who is on
+    the other end: pass ``credentials`` and ``address``, or they stay unknown.
     """
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: socket.socket | Stream,
         *,
         role: str,
         local_role: str,
@@ -194,13 +199,18 @@ class Peer(Handlers):
         secret: bytes | None = None,
         initiator: bool = True,
         pickle: bool = False,
+        encoding: str = "msgpack",
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._sock = sock
-        self._stream = SocketStream(
-            sock, self._loop, self._on_readable, self._write_failed, LOW_WATER
-        )
-        self._fd = self._stream.fd
+        self._stream: Stream
+        if isinstance(sock, socket.socket):
+            self._stream = SocketStream(
+                sock, self._loop, self._on_readable, self._write_failed, LOW_WATER
+            )
+        else:
+            self._stream = sock
+            sock.attach(self._on_readable, self._write_failed)
+        self._fd = self._stream.fileno()
         self._conn = Connection(
             local_role,
             name=name,
@@ -210,15 +220,22 @@ class Peer(Handlers):
             secret=secret,
             initiator=initiator,
             pickle=pickle,
+            encoding=encoding,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
         # Who is on the other end, read once here (see tether.identity).
-        cred = credentials if credentials is not None else peer_credentials(sock)
+        if credentials is None:
+            credentials = (
+                peer_credentials(sock) if isinstance(sock, socket.socket) else NO_CREDENTIALS
+            )
+        cred = credentials
         self._peer_pid = cred.pid
         self.uid: int | None = cred.uid
         self.gid: int | None = cred.gid
-        self.address: str = address or peer_address(sock)
+        if not address and isinstance(sock, socket.socket):
+            address = peer_address(sock)
+        self.address: str = address
         self.origin: str | None = None
         self.local = local
         self.timeout = timeout
@@ -289,7 +306,7 @@ class Peer(Handlers):
 
     def fileno(self) -> int:
         """The connection's socket descriptor (-1 once closed)."""
-        return self._sock.fileno()
+        return self._stream.fileno()
 
     @property
     def close_reason(self) -> TetherError | None:
