@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -110,22 +111,22 @@ def test_only_channels_exposed_to_pages(text: str) -> None:
     assert "admin-only" not in text
     assert "internal" not in text
     for ch in ("message-from-renderer", "shapes", "stamp", "loose", "odd", "nothing"):
-        assert f'  "{ch}": (' in text
+        assert f'  "{ch}": [[' in text
 
 
 def test_invoke_signatures_from_type_hints(text: str) -> None:
-    assert '  "message-from-renderer": (message: string) => string;' in text
+    assert '  "message-from-renderer": [[message: string], string];' in text
     assert "  /** Answer the page. */" in text
     assert "More text" not in text
-    assert '  "shapes": (points: Point[], opts?: Opts | null) => Record<string, Point | null>;' in (
-        text
-    )
-    assert '  "stamp": (pair: Pair, mode: "a" | "b", ...rest: number[]) => Stamp;' in text
+    assert (
+        '  "shapes": [[points: Point[], opts?: Opts | null], Record<string, Point | null>];'
+    ) in text
+    assert '  "stamp": [[pair: Pair, mode: "a" | "b", ...rest: number[]], Stamp];' in text
     # unannotated parameters and results; a reserved word renamed; keyword-only left out
-    assert '  "loose": (x: unknown, new_?: unknown) => unknown;' in text
+    assert '  "loose": [[x: unknown, new_?: unknown], unknown];' in text
     # a class with no JSON form is unknown; a date is a string; a tuple a fixed array
-    assert '  "odd": (o: unknown, when: string) => [number, string];' in text
-    assert '  "nothing": () => null;' in text
+    assert '  "odd": [[o: unknown, when: string], [number, string]];' in text
+    assert '  "nothing": [[], null];' in text
 
 
 def test_structs_typeddicts_dataclasses_become_declarations(text: str) -> None:
@@ -140,13 +141,22 @@ def test_structs_typeddicts_dataclasses_become_declarations(text: str) -> None:
     assert "export type Pair = [number, string?];" in text
 
 
-def test_events_and_typed_ipc(text: str) -> None:
-    assert (
-        'export interface WebEvents {\n  "log": (line: string, level?: number) => void;\n}'
-    ) in text
-    assert "export interface TypedIpc {" in text
-    assert "...args: [...Parameters<WebInvokes[K]>, InvokeOptions?]" in text
-    assert "): Promise<ReturnType<WebInvokes[K]>>;" in text
+def test_events_and_the_channels_map_of_tether_d_ts(text: str) -> None:
+    assert ('export interface WebEvents {\n  "log": [line: string, level?: number];\n}') in text
+    # merged into tether.d.ts's Channels, through which Session.invoke is typed
+    assert text.endswith(
+        'declare module "/tether.js" {\n  interface Channels extends WebChannels {}\n}\n'
+    )
+
+
+def test_tether_d_ts_has_the_channels_map_it_augments() -> None:
+    """The augmentation names what tether.d.ts declares: Channels, as [arguments, result]."""
+    from importlib import resources
+
+    dts = (resources.files("tether.web") / "static" / "tether.d.ts").read_text()
+    assert "export interface Channels {}" in dts
+    assert "Channels[C] extends [infer A extends unknown[], unknown]" in dts
+    assert "Channels[C] extends [unknown[], infer R]" in dts
 
 
 def test_no_web_channels_gives_empty_maps() -> None:
@@ -155,7 +165,7 @@ def test_no_web_channels_gives_empty_maps() -> None:
     main = tether.Main()
     main.handle("x", lambda call: 1)
     text = typescript(main)
-    assert "export interface WebInvokes {}" in text
+    assert "export interface WebChannels {}" in text
     assert "export interface WebEvents {}" in text
 
 
@@ -166,8 +176,11 @@ def _strip_strings(text: str) -> str:
 
 
 # One top-level TypeScript declaration, or a member line inside one.
-_DECL = re.compile(r"^export (interface [A-Za-z_$][\w$]* (\{\}|\{)|type [A-Za-z_$][\w$]* = .+;)$")
-_MEMBER = re.compile(r'^  (""|[A-Za-z_$][\w$]*\??)(: .+;|<.*|\(.*)$')
+_DECL = re.compile(
+    r"^(export (interface [A-Za-z_$][\w$]* (\{\}|\{)|type [A-Za-z_$][\w$]* = .+;)"
+    r'|declare module "" \{)$'
+)
+_MEMBER = re.compile(r'^  (""|[A-Za-z_$][\w$]*\??): .+;$|^  interface \w+ extends \w+ \{\}$')
 
 
 def test_output_is_well_formed(text: str) -> None:
@@ -188,7 +201,7 @@ def test_output_is_well_formed(text: str) -> None:
         if depth == 0:
             assert _DECL.match(line), line
         elif line.startswith("  ") and not line.startswith("   "):
-            assert _MEMBER.match(line) or line.startswith("  ):"), line
+            assert _MEMBER.match(line), line
         depth += line.count("{") - line.count("}")
     assert depth == 0
 
@@ -213,24 +226,31 @@ def test_output_brackets_balance_under_node(
           .replace(/\/\*[\s\S]*?\*\//g, "").replace(/\/\/.*$/gm, "")
           .replace(/"(?:[^"\\]|\\.)*"/g, '""').replace(/=>/g, "  ");
         const open = "([{<", close = ")]}>", stack = [];
+        let nested = true;
         for (const c of src) {
           if (open.includes(c)) stack.push(c);
-          else if (close.includes(c) && stack.pop() !== open[close.indexOf(c)]) process.exit(1);
+          else if (close.includes(c) && stack.pop() !== open[close.indexOf(c)]) nested = false;
         }
-        const decls = src.match(/^export (interface|type) \w+/gm) || [];
-        process.exit(stack.length === 0 && decls.length >= 8 ? 0 : 1);
+        const decls = (src.match(/^export (interface|type) \w+/gm) || [])
+          .map((d) => d.split(" ")[2]);
+        console.log(JSON.stringify({ balanced: nested && stack.length === 0, decls }));
         """
     )
-    done = subprocess.run(["node", "-e", script, str(out)], timeout=30, capture_output=True)
-    assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        ["node", "-e", script, str(out)], timeout=30, capture_output=True, text=True, check=True
+    )
+    assert json.loads(done.stdout) == {
+        "balanced": True,
+        "decls": ["Opts", "Pair", "Point", "Stamp", "WebChannels", "WebEvents"],
+    }
 
 
 def test_cli_writes_file(app: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "channels.d.ts"
     assert cli.main(["types", "--ts", f"{app}:main", "-o", str(out)]) == cli.EXIT_OK
-    assert '"message-from-renderer": (message: string) => string;' in out.read_text()
+    assert '"message-from-renderer": [[message: string], string];' in out.read_text()
     assert cli.main(["types", "--ts", f"{app}:main"]) == cli.EXIT_OK
-    assert "export interface WebInvokes {" in capsys.readouterr().out
+    assert "export interface WebChannels {" in capsys.readouterr().out
 
 
 def test_cli_dotted_module_from_current_directory(
@@ -265,5 +285,5 @@ def test_electron_style_example_types() -> None:
     """The example's page gets its two channels, and nothing main keeps to itself."""
     example = Path(__file__).resolve().parent.parent / "examples" / "electron_style" / "main.py"
     text = typescript(load_main(f"{example}:main"))
-    assert '  "message-from-renderer": (message: string) => string;' in text
-    assert '  "page-ready": () => void;' in text
+    assert '  "message-from-renderer": [[message: string], string];' in text
+    assert '  "page-ready": [];' in text

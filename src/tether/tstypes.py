@@ -8,13 +8,15 @@ encoding produces (bytes are base64 strings, datetimes ISO 8601 strings,
 Structs and TypedDicts objects, ``array_like`` Structs and tuples arrays),
 so the declarations describe the JSON, not the Python objects.
 
-The output declares ``WebInvokes`` (channel -> ``(args) => result``) and
-``WebEvents`` (channel -> ``(args) => void``, for ``send``), and ``TypedIpc``,
-the typed ``invoke``/``send`` a page casts its connection to::
+The output declares ``WebChannels`` (channel -> ``[[arguments], result]``)
+and ``WebEvents`` (channel -> ``[arguments]``, for ``send``), and merges
+``WebChannels`` into the ``Channels`` map of ``tether.d.ts`` (a module
+augmentation of ``"/tether.js"``), through which tether.js's ``invoke`` is
+typed::
 
     import { connect } from "/tether.js";
-    import type { TypedIpc } from "./channels";
-    const ipc = (await connect()) as TypedIpc;
+    import "./channels";  // the file `tether types --ts app:main` wrote
+    const ipc = await connect();
     const text: string = await ipc.invoke("message-from-renderer", "Hola");
 """
 
@@ -259,7 +261,8 @@ def _component(name: str, s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _signature(params: list[_Param], types: list[str], result: str) -> str:
+def _arguments(params: list[_Param], types: list[str]) -> str:
+    """A labelled tuple of the arguments: ``[message: string, opts?: Opts]``."""
     args = []
     for p, t in zip(params, types, strict=True):
         name = p.name + "_" if p.name in _RESERVED else p.name
@@ -267,7 +270,7 @@ def _signature(params: list[_Param], types: list[str], result: str) -> str:
             args.append(f"...{name}: {_array_of(t)}")
         else:
             args.append(f"{name}{'?' if p.optional else ''}: {t}")
-    return f"({', '.join(args)}) => {result}"
+    return f"[{', '.join(args)}]"
 
 
 def typescript(main: Any, *, source: str = "") -> str:
@@ -314,41 +317,30 @@ def typescript(main: Any, *, source: str = "") -> str:
         out.append("")
     blocks: dict[bool, list[str]] = {False: [], True: []}
     for ch, fn, params, first, event in entries:
-        types = [schemas.ts(first + i) for i in range(len(params))]
-        result = "void" if event else schemas.ts(first + len(params))
+        args = _arguments(params, [schemas.ts(first + i) for i in range(len(params))])
+        entry = args if event else f"[{args}, {schemas.ts(first + len(params))}]"
         blocks[event].extend(_doc(inspect.getdoc(fn), "  "))
-        blocks[event].append(f"  {json.dumps(ch)}: {_signature(params, types, result)};")
-    for title, event in (("WebInvokes", False), ("WebEvents", True)):
+        blocks[event].append(f"  {json.dumps(ch)}: {entry};")
+    for title, event in (("WebChannels", False), ("WebEvents", True)):
         out.append(_TITLES[event])
         body = blocks[event]
         out.append(
             f"export interface {title} " + ("{\n" + "\n".join(body) + "\n}" if body else "{}")
         )
         out.append("")
-    out.extend(_TYPED_IPC)
+    out.extend(_AUGMENT)
     return "\n".join(out) + "\n"
 
 
 _TITLES: Final = {
-    False: "/** Channel -> (args) => what `ipc.invoke(channel, ...args)` resolves to. */",
-    True: "/** Channel -> (args) => void: the arguments of `ipc.send(channel, ...args)`. */",
+    False: "/** What `ipc.invoke(channel, ...args)` takes and resolves to: [arguments, result]. */",
+    True: "/** The arguments of `ipc.send(channel, ...args)` for the events main listens to. */",
 }
 
-_TYPED_IPC: Final = [
-    "/** Options of one invoke (as tether.js takes them). */",
-    "export interface InvokeOptions {",
-    "  timeout?: number;",
-    "}",
-    "",
-    "/** A tether.js connection with typed invoke and send: `(await connect()) as TypedIpc`. */",
-    "export interface TypedIpc {",
-    "  invoke<K extends keyof WebInvokes>(",
-    "    channel: K,",
-    "    ...args: [...Parameters<WebInvokes[K]>, InvokeOptions?]",
-    "  ): Promise<ReturnType<WebInvokes[K]>>;",
-    "  send<K extends keyof WebEvents>(channel: K, ...args: Parameters<WebEvents[K]>): void;",
-    "  on(channel: string, listener: (...args: any[]) => void): () => void;",
-    "  handle(channel: string, handler: (...args: any[]) => unknown): void;",
-    "  close(): void;",
+# tether.d.ts types invoke through its (empty) Channels map; this fills it.
+_AUGMENT: Final = [
+    "// With these, tether.d.ts's `invoke` checks each channel's arguments and result.",
+    'declare module "/tether.js" {',
+    "  interface Channels extends WebChannels {}",
     "}",
 ]
