@@ -39,8 +39,9 @@ async def reply(call: tether.Call, message: str) -> str:
 async def page_ready(call: tether.Call) -> None:
     """A page connected: invoke its handler, then push what it said back to it."""
     title = await call.peer.invoke("page.title", timeout=5.0)
+    print(f"page connected: role {call.peer.role}, origin {call.peer.origin}", flush=True)
     await call.peer.send(
-        "main-status", f"Main invoked page.title: {title!r} (from {call.peer.origin})"
+        "main-status", f"Main invoked page.title: {title!r} (role {call.peer.role})"
     )
 
 
