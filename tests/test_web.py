@@ -516,3 +516,37 @@ async def test_a_page_that_stops_reading_is_dropped() -> None:
                 for _ in range(400):  # the page reads nothing from here on
                     await peer.send("flood", "x" * (256 << 10))
             assert peer.closed
+
+
+async def test_a_silent_page_is_dropped_after_hello_timeout() -> None:
+    async with tether.Main(hello_timeout=0.3) as main:
+        server = await main.listen("ws://127.0.0.1:0")
+        assert isinstance(server, WebServer)
+        ws = await ws_connect(
+            ws_url(server, server.token),
+            subprotocols=["tether.json"],  # type: ignore[list-item]
+            origin=server.origin,  # type: ignore[arg-type]
+        )
+        async with ws:
+            assert parse(await asyncio.wait_for(ws.recv(), 5))[0] == HELLO  # main's
+            assert await _closed_with(ws) == 1002  # then nothing from us: dropped
+        assert server.refused == 1
+
+
+async def test_max_connections_holds_for_pages() -> None:
+    async with tether.Main() as main:
+        server = await main.listen("ws://127.0.0.1:0", max_connections=1)
+        assert isinstance(server, WebServer)
+        async with await open_page(server):
+            with pytest.raises(InvalidStatus) as info:
+                await open_page(server)
+            assert info.value.response.status_code == 503
+
+
+def test_server_url_of_other_listeners_is_the_address() -> None:
+    async def run() -> None:
+        async with tether.Main() as main:
+            server = await main.listen("tcp://127.0.0.1:0")
+            assert server.url == str(server.address)
+
+    asyncio.run(run())

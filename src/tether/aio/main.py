@@ -74,6 +74,8 @@ class Server:
             bad HELLO, the ``hello_timeout``); each is logged at WARNING with
             the peer's address.
         handshakes_dropped: peers dropped still in the handshake to make room.
+        url: where to reach it: the address (``unix:///path``, ``tcp://host:port``);
+            for ``ws://``, the page to open, its secret included.
     """
 
     #: seconds to stop accepting after ``accept`` ran out of descriptors or memory
@@ -94,6 +96,7 @@ class Server:
     ) -> None:
         self.main = main
         self.address = address
+        self.url = str(address)
         self.role = role
         self.uids = uids if address.scheme == "unix" else None
         self._me = os.geteuid()

@@ -138,6 +138,7 @@ class WebServer(Server):
             open_timeout=main.hello_timeout,
             max_size=main.max_frame_size + 4,
             max_queue=4,
+            close_timeout=2.0,
             server_header=None,
         )
 
