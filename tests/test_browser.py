@@ -2,8 +2,8 @@
 
 These tests run, never skip: ``make test`` installs /usr/bin/chromium when it
 is missing, and a missing browser fails the tests. Playwright's own browser
-download is not used (the machines have no network); the browser is started
-once per session with ``executable_path``.
+download is not used (the machines have no network): /usr/bin/chromium is
+started once per session and Playwright connects to it (``connect_over_cdp``).
 
 Two kinds of server: ``tether demo --web`` as a subprocess (the seed's page,
 clicked), and a Main running in a thread of this process (``WebApp``), whose
@@ -13,6 +13,7 @@ handlers record what ran, for the security tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import re
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -53,12 +55,55 @@ WAIT_S = WAIT_MS / 1000
 
 
 @pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    """One headless Chromium for the whole session; missing Chromium fails, never skips."""
+def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One headless Chromium for the whole session; its DevTools address.
+
+    Missing Chromium fails, never skips. Chromium runs as its own process and
+    Playwright connects to it per module (:func:`browser`): Playwright's sync
+    API holds an event loop in this thread while it is started, which would
+    stop every asyncio test that runs after it in the session.
+    """
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
+    profile = tmp_path_factory.mktemp("chromium")
+    log = profile / "stderr.txt"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [
+                CHROMIUM,
+                *CHROMIUM_ARGS,
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile / 'profile'}",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,  # its helper processes end with it (killpg below)
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not (found := re.search(r"DevTools listening on (ws://\S+)", log.read_text())):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{CHROMIUM} did not start (exit {proc.poll()}):\n{log.read_text()}")
+            time.sleep(0.05)
+        yield found.group(1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(WAIT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(WAIT_S)
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator[Browser]:
+    """Playwright connected to the session's Chromium, for this module's tests."""
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        b = pw.chromium.connect_over_cdp(chromium, timeout=30_000)
         try:
             yield b
         finally:
