@@ -225,6 +225,21 @@ def test_demo_web_stops_on_sigterm(child_env: dict[str, str]) -> None:
         demo.close()
 
 
+def test_demo_web_without_websockets_says_what_to_install(child_env: dict[str, str]) -> None:
+    env = dict(child_env)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env["PYTHONPATH"]])
+    script = (
+        "import sys; sys.modules['websockets'] = None\n"  # import websockets now fails
+        "from tether import cli; sys.exit(cli.main(['demo', '--web']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    assert "needs the websockets package: pip install 'tether-ipc[web]'" in done.stderr
+    assert "http" not in done.stdout  # no address printed: nothing is served
+
+
 # ---------------------------------------------------------------- a Main in a thread
 
 TEST_PAGE = """<!DOCTYPE html>

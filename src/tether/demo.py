@@ -171,5 +171,14 @@ def web_main() -> int:
         _heading("The Electron page in a browser: open this address (Ctrl-C stops)", first=True)
         print(url, flush=True)
 
-    code: int = run(module.serve(on_url=show))
+    try:
+        code: int = run(module.serve(on_url=show))
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "websockets":
+            raise
+        print(
+            "error: tether demo --web needs the websockets package: pip install 'tether-ipc[web]'",
+            file=sys.stderr,
+        )
+        return 1
     return code
