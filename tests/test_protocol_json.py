@@ -209,7 +209,7 @@ JSON_BLOCKS = {
 
 
 def test_json_worked_example_matches_the_python_main() -> None:
-    """docs/protocol.md 12.8: main reads the page's blocks and answers with the documented RESULT."""
+    """docs/protocol.md 12.8: main reads the page's blocks, answers with the documented RESULT."""
     assert set(JSON_BLOCKS) == {"page-hello", "page-invoke", "page-result"}
     main = Connection("main", name="web", encoding="json")
     main.data_to_send()

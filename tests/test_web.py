@@ -74,11 +74,14 @@ def ws_url(server: WebServer, token: str | None = None) -> str:
 
 
 async def open_page(
-    server: WebServer, origin: str | None = None, hello: dict[str, Any] = PAGE_HELLO
+    server: WebServer,
+    origin: str | None = None,
+    hello: dict[str, Any] = PAGE_HELLO,
+    url: str | None = None,
 ) -> ClientConnection:
     """A WebSocket as a page would open it (JSON), its HELLO sent and main's read."""
     ws = await ws_connect(
-        ws_url(server, server.token),
+        f"{url}/tether?token={server.token}" if url else ws_url(server, server.token),
         subprotocols=["tether.json"],  # type: ignore[list-item]
         origin=origin or server.origin,  # type: ignore[arg-type]
         open_timeout=5,
@@ -176,9 +179,19 @@ async def test_socket_from_another_origin_is_refused(main: tether.Main) -> None:
             await open_page(server, origin=origin)
         assert info.value.response.status_code == 403
     assert not main.peers
-    # The served origin, and localhost for a loopback listener, are fine.
-    async with await open_page(server) as ws:
+    # https only for a public listener (behind a TLS proxy that keeps the Host).
+    with pytest.raises(InvalidStatus):
+        await open_page(server, origin=server.origin.replace("http:", "https:"))
+    async with await open_page(server) as ws:  # the served origin
         assert (await call(ws, 1, "message-from-renderer", "x"))[0] == RESULT
+    public = await main.listen("ws://127.0.0.1:0", public=True)  # (tests bind loopback only)
+    assert isinstance(public, WebServer)
+    host = f"127.0.0.1:{public.address.port}"
+    for origin in (f"http://{host}", f"https://{host}"):
+        async with await open_page(public, origin=origin, url=f"ws://{host}") as ws:
+            assert (await call(ws, 1, "message-from-renderer", "x"))[0] == RESULT
+    with pytest.raises(InvalidStatus):
+        await open_page(public, origin="https://evil.example", url=f"ws://{host}")
 
 
 async def raw_http(server: WebServer, target: str, host: str | None = None) -> int:
@@ -481,8 +494,9 @@ async def test_listen_arguments_are_checked(main: tether.Main, tmp_path: Path) -
         await main.listen("tcp://127.0.0.1:0", static=tmp_path)
     with pytest.raises(ValueError, match="own secret"):
         await main.listen("ws://127.0.0.1:0", secret=b"0123456789abcdef")
-    server = await main.listen("ws://0.0.0.0:0", public=True)
-    assert server.url.startswith("http://0.0.0.0:")
+    server = await main.listen("ws://127.0.0.1:0", public=True)
+    assert server.url.startswith("http://127.0.0.1:")
+    assert await raw_http(server, "/", host=f"any.example:{server.address.port}") == 404
 
 
 async def test_close_ends_pages_with_a_goodbye(site: Path) -> None:
@@ -550,3 +564,78 @@ def test_server_url_of_other_listeners_is_the_address() -> None:
             assert server.url == str(server.address)
 
     asyncio.run(run())
+
+
+async def test_main_pushes_to_every_connected_page(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    assert isinstance(server, WebServer)
+    async with await open_page(server) as a, await open_page(server) as b:
+        for _ in range(100):
+            if len(server.peers) == 2:
+                break
+            await asyncio.sleep(0.02)
+        pages = server.peers
+        assert len(pages) == 2 and all(p.role == "web" for p in pages)
+        for page in pages:
+            await page.send("theme", "dark")
+        for ws in (a, b):
+            assert parse(await asyncio.wait_for(ws.recv(), 5)) == (EVENT, 0, "theme", ["dark"])
+        await a.close()
+        for _ in range(100):
+            if len(server.peers) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert len(server.peers) == 1
+
+
+async def test_random_frames_never_break_the_server(
+    main: tether.Main, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage in well-sized messages: each page is answered or closed (1002), nothing else."""
+    import random
+
+    rng = random.Random(9)
+    server = await main.listen("ws://127.0.0.1:0")
+    with caplog.at_level("WARNING"):
+        for _ in range(40):
+            kind = rng.choice([0, *range(1, 14), 14, 255])
+            chan = bytes(rng.randrange(256) for _ in range(rng.randrange(4)))
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+            head = HEADER.pack(
+                16 + len(chan) + len(body),
+                kind,
+                rng.randrange(2),
+                rng.choice([len(chan), len(chan) + 5]),
+                rng.randrange(3),
+                rng.randrange(2),
+                rng.choice([0, 0, 1]),
+                0,
+            )
+            async with await open_page(server) as ws:
+                await ws.send(head + chan + body)
+                await ws.send(frame(INVOKE, 77, "message-from-renderer", ["after"]))
+                try:
+                    while True:
+                        kind_, rid, _, _ = parse(await asyncio.wait_for(ws.recv(), 5))
+                        if rid == 77 and kind_ in (RESULT, ERROR):
+                            break
+                except ConnectionClosed as exc:  # 1000 after a GOODBYE, else a protocol error
+                    assert exc.rcvd is not None
+                    assert exc.rcvd.code in ((1000, 1002) if kind == GOODBYE else (1002,)), kind
+        async with await open_page(server) as ws:
+            assert (await call(ws, 1, "message-from-renderer", "x"))[0] == RESULT
+    bad = [r for r in caplog.records if "broke the protocol" not in r.getMessage()]
+    assert not [r for r in bad if r.levelname in ("ERROR", "CRITICAL") or r.exc_info], bad
+
+
+async def test_without_websockets_listen_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    for name in [n for n in sys.modules if n == "tether.web.server" or n.startswith("websockets")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "websockets", None)  # as if not installed
+    async with tether.Main() as main:
+        with pytest.raises(ImportError, match=r"tether-ipc\[web\]"):
+            await main.listen("ws://127.0.0.1:0")

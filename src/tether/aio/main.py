@@ -131,6 +131,15 @@ class Server:
         """The listening socket's descriptor (-1 once closed)."""
         return self._sock.fileno()
 
+    @property
+    def peers(self) -> list[Peer]:
+        """The peers this listener accepted that are connected and said HELLO.
+
+        E.g. the pages of a ``ws://`` listener, to push to them:
+        ``for page in server.peers: await page.send("theme", "dark")``.
+        """
+        return [p for p in self._held if p.remote_hello is not None and not p.closed]
+
     def _accept(self) -> None:
         for _ in range(64):
             try:
@@ -662,7 +671,11 @@ class Main(Handlers):
             ValueError: the address is malformed; a limit is below 1; the secret
                 is shorter than 16 bytes; a TCP address other than loopback
                 without a secret or TLS client authentication; ``ssl`` on a
-                unix address.
+                unix address; for ``ws://``: a host other than loopback
+                without ``public=True``, a ``role`` other than ``"web"``,
+                ``uids``/``secret``/``ssl``; ``static``/``public`` elsewhere.
+            FileNotFoundError: ``static`` is not a folder.
+            ImportError: ``ws://`` without the ``websockets`` package.
             PermissionError: the unix socket's directory is open to others.
             OSError: the address is in use (``EADDRINUSE``), the path is not a
                 socket, or its directory is missing; the message names it.
@@ -680,7 +693,14 @@ class Main(Handlers):
                 raise ValueError(
                     "uids=, secret= and ssl= are not for ws:// (it has its own secret)"
                 )
-            from ..web.server import listen_web  # websockets is imported only for pages
+            try:
+                from ..web.server import listen_web  # websockets is imported only for pages
+            except ModuleNotFoundError as exc:
+                if (exc.name or "").partition(".")[0] != "websockets":
+                    raise
+                raise ImportError(
+                    "ws:// needs the websockets package: pip install 'tether-ipc[web]'"
+                ) from exc
 
             return await listen_web(
                 self,

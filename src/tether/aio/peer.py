@@ -203,6 +203,8 @@ class Peer(Handlers):
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._stream: Stream
+        #: the socket, for a peer on one (``None`` over another Stream)
+        self._sock = sock if isinstance(sock, socket.socket) else None
         if isinstance(sock, socket.socket):
             self._stream = SocketStream(
                 sock, self._loop, self._on_readable, self._write_failed, LOW_WATER

@@ -215,7 +215,7 @@ class WebServer(Server):
                     request, 403, "the WebSocket needs the secret (?token= or the cookie)"
                 )
             origin = request.headers.get("Origin")
-            if origin is not None and origin != f"http://{self._host(host)}":
+            if origin is not None and not self._same_origin(origin, host):
                 return self._refuse_http(request, 403, f"origin {origin!r} is not this server's")
             offered = ",".join(request.headers.get_all("Sec-WebSocket-Protocol"))
             if not any(p.strip() in SUBPROTOCOLS for p in offered.split(",")):
@@ -254,6 +254,18 @@ class WebServer(Server):
         if ctype is None:
             ctype = mimetypes.guess_type(file)[0] or "application/octet-stream"
         return self._respond(200, body, ctype, extra)
+
+    def _same_origin(self, origin: str, host: str) -> bool:
+        """Whether ``Origin`` names the host the request came to (``Host``), over http.
+
+        Both as the browser wrote them, so a default port is left out of
+        both or of neither. A ``public`` listener also takes ``https``: its
+        pages may come through a TLS proxy that keeps the ``Host``.
+        """
+        scheme, sep, netloc = origin.partition("://")
+        if not sep or not host or netloc != host:
+            return False
+        return scheme == "http" or (self._public and scheme == "https")
 
     @staticmethod
     def _host(host: str) -> str:
