@@ -236,7 +236,9 @@ def test_demo_web_without_websockets_says_what_to_install(child_env: dict[str, s
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
     )
     assert done.returncode == 1, done.stderr
-    assert "needs the websockets package: pip install 'tether-ipc[web]'" in done.stderr
+    assert done.stderr.startswith("error: tether demo --web: ws:// needs the websockets package")
+    assert "pip install 'tether-ipc[web]'" in done.stderr
+    assert "Traceback" not in done.stderr
     assert "http" not in done.stdout  # no address printed: nothing is served
 
 

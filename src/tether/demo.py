@@ -173,12 +173,7 @@ def web_main() -> int:
 
     try:
         code: int = run(module.serve(on_url=show))
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] != "websockets":
-            raise
-        print(
-            "error: tether demo --web needs the websockets package: pip install 'tether-ipc[web]'",
-            file=sys.stderr,
-        )
+    except ImportError as exc:  # ws:// without websockets: the message names the extra
+        print(f"error: tether demo --web: {exc}", file=sys.stderr)
         return 1
     return code
