@@ -1,5 +1,6 @@
 # tether: `make demo` and `make test` are all a fresh checkout needs (python3 >= 3.11 and make).
-# The first run creates $(VENV) and installs the package with its dev extra.
+# The first run creates $(VENV) and installs the package with its dev extra; `make test` also
+# installs Debian's chromium (apt-get, as root or through sudo) when /usr/bin/chromium is missing.
 
 # PYTHON defaults to the first of python3.13/3.12/3.11/python3 that runs and is >= 3.11.
 ifeq ($(origin PYTHON),undefined)
