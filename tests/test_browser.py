@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime
 import os
 import queue
 import re
@@ -30,10 +32,12 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 import tether
+from tether.tstypes import typescript
 
 T = TypeVar("T")
 
@@ -287,6 +291,20 @@ PROBE = """async (url) => await new Promise((resolve) => {
 })"""
 
 
+class Point(msgspec.Struct):
+    x: int
+    y: float = 0.0
+
+
+@dataclasses.dataclass
+class Shapes:
+    point: Point
+    when: datetime.datetime
+    data: bytes
+    pair: tuple[int, str]
+    maybe: dict[str, int | None]
+
+
 class WebApp:
     """A Main serving ``static`` on ws://127.0.0.1:0 in its own thread and event loop."""
 
@@ -313,6 +331,10 @@ class WebApp:
         @main.handle("echo", roles={"web"})
         def echo(call: tether.Call, text: str) -> str:
             return text
+
+        @main.handle("shapes", roles={"web"})
+        def shapes(call: tether.Call, p: Point, when: datetime.datetime) -> Shapes:
+            return Shapes(p, when, b"\x00\x01", (1, "one"), {"k": None})
 
         @main.handle("local-only")
         def local_only(call: tether.Call) -> str:
@@ -377,6 +399,33 @@ def test_page_identity(page: Page, app: WebApp) -> None:
         "value": {"role": "web", "origin": origin},
     }
     assert page.evaluate("attempt('echo', 'Hola, mundo!')") == {"ok": True, "value": "Hola, mundo!"}
+
+
+def test_json_a_page_gets_is_what_tether_types_declares(page: Page, app: WebApp) -> None:
+    """`tether types --ts` says what the JSON encoding gives the page; check it in the page."""
+    text = typescript(app.main)
+    assert '  "shapes": [[p: Point, when: string], Shapes];' in text
+    assert "export interface Point {\n  x: number;\n  y?: number;\n}" in text
+    assert (
+        "export interface Shapes {\n  point: Point;\n  when: string;\n  data: string;\n"
+        "  pair: [number, string];\n  maybe: Record<string, number | null>;\n}"
+    ) in text
+    open_test_page(page, app)
+    got = page.evaluate(
+        """async () => {
+          const r = await ipc.invoke("shapes", { x: 1 }, "2024-01-02T03:04:05Z", { timeout: 5000 });
+          return { r, types: [typeof r.point.x, typeof r.point.y, typeof r.when, typeof r.data,
+                              Array.isArray(r.pair), r.maybe.k === null] };
+        }"""
+    )
+    assert got["types"] == ["number", "number", "string", "string", True, True]
+    assert got["r"] == {
+        "point": {"x": 1, "y": 0.0},
+        "when": "2024-01-02T03:04:05Z",
+        "data": "AAE=",  # base64
+        "pair": [1, "one"],
+        "maybe": {"k": None},
+    }
 
 
 def test_main_pushes_and_invokes_the_page(page: Page, app: WebApp) -> None:
