@@ -336,6 +336,10 @@ class WebApp:
         def shapes(call: tether.Call, p: Point, when: datetime.datetime) -> Shapes:
             return Shapes(p, when, b"\x00\x01", (1, "one"), {"k": None})
 
+        @main.handle("blob", roles={"web"})
+        def blob(call: tether.Call, data: bytes) -> int:
+            return len(data)
+
         @main.handle("local-only")
         def local_only(call: tether.Call) -> str:
             self.ran.append("local-only")
@@ -426,6 +430,15 @@ def test_json_a_page_gets_is_what_tether_types_declares(page: Page, app: WebApp)
         "pair": [1, "one"],
         "maybe": {"k": None},
     }
+
+
+def test_a_page_cannot_send_bytes(page: Page, app: WebApp) -> None:
+    """JSON has no bytes: a base64 string for a bytes argument is a BadRequest (as the
+    header of `tether types --ts` output says)."""
+    open_test_page(page, app)
+    outcome = page.evaluate("attempt('blob', 'AAE=')")
+    assert outcome["ok"] is False and outcome["name"] == "BadRequest", outcome
+    assert "Expected `bytes`, got `str`" in outcome["message"]
 
 
 def test_main_pushes_and_invokes_the_page(page: Page, app: WebApp) -> None:

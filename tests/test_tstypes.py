@@ -135,7 +135,8 @@ def test_structs_typeddicts_dataclasses_become_declarations(text: str) -> None:
         in (text)
     )
     assert "export interface Opts {\n  name?: string;\n  tags?: string[];\n}" in text
-    # the JSON encoding: datetime and bytes are strings (ISO 8601, base64)
+    # the JSON encoding: datetime and bytes are strings (ISO 8601, base64); bytes one way only
+    assert "// (A page can receive bytes, as base64, but not send them" in text
     assert "export interface Stamp {\n  when: string;\n  data: string;\n}" in text
     # an array_like Struct is an array; a field with a default may be left out
     assert "export type Pair = [number, string?];" in text
