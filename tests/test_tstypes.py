@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import pytest
 
@@ -288,3 +289,41 @@ def test_electron_style_example_types() -> None:
     text = typescript(load_main(f"{example}:main"))
     assert '  "message-from-renderer": [[message: string], string];' in text
     assert '  "page-ready": [];' in text
+
+
+T = TypeVar("T")  # module level: Box's string annotation `T` must resolve
+
+
+def test_same_named_and_generic_types_get_distinct_names() -> None:
+    import msgspec
+
+    import tether
+
+    class Box(msgspec.Struct, Generic[T]):
+        v: T
+
+    def one() -> type:
+        class Item(msgspec.Struct):
+            a: int
+
+        return Item
+
+    def two() -> type:
+        class Item(msgspec.Struct):
+            b: str
+
+        return Item
+
+    first, second = one(), two()
+    main = tether.Main()
+    main.handle("boxes", lambda call, x: None, roles="web")
+    main.registry.invokes["boxes"].fn.__annotations__ = {"x": Box[int], "return": Box[str]}
+    main.handle("items", lambda call, x: None, roles="web")
+    main.registry.invokes["items"].fn.__annotations__ = {"x": first, "return": second}
+    text = typescript(main)
+    assert '  "boxes": [[x: Box_int_], Box_str_];' in text
+    assert "export interface Box_int_ {\n  v: number;\n}" in text
+    # two classes named Item: the page gets Item and Item_2
+    assert '  "items": [[x: Item], Item_2];' in text
+    assert "export interface Item {\n  a: number;\n}" in text
+    assert "export interface Item_2 {\n  b: string;\n}" in text

@@ -152,11 +152,36 @@ class _Schemas:
             except Exception:  # numpy arrays, Buffers, arbitrary classes: no JSON form
                 self.unknown.add(i)
                 ok.append(Any)
-        schemas, self.components = msgspec.json.schema_components(ok, ref_template=_REF)
-        self.schemas = list(schemas)
+        schemas, components = msgspec.json.schema_components(ok, ref_template=_REF)
+        # msgspec tells same-named classes apart by their full dotted path
+        # (``app.models.<locals>.Item``); the page gets the class name, numbered on a clash.
+        short: dict[str, str] = {}
+        for key, comp in sorted(components.items()):
+            base = _ident(str(comp.get("title", key)))
+            name, n = base, 1
+            while name in short.values():
+                n += 1
+                name = f"{base}_{n}"
+            short[key] = name
+        self.components = {short[k]: _renamed(v, short) for k, v in components.items()}
+        self.schemas = [_renamed(x, short) for x in schemas]
 
     def ts(self, i: int) -> str:
         return "unknown" if i in self.unknown else _ts(self.schemas[i])
+
+
+def _renamed(schema: Any, short: dict[str, str]) -> Any:
+    """``schema`` with every ``$ref`` pointing at its short name."""
+    if isinstance(schema, dict):
+        return {
+            k: _REF.format(name=short[v.rsplit("/", 1)[-1]])
+            if k == "$ref" and isinstance(v, str)
+            else _renamed(v, short)
+            for k, v in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_renamed(x, short) for x in schema]
+    return schema
 
 
 def _name(ref: str) -> str:
