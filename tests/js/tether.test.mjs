@@ -8,7 +8,7 @@ import { readFileSync } from "node:fs";
 import {
   Kind, Session, encodeFrame, decodeFrame, errorFromBody, pageToken, connect,
   RemoteError, NoHandler, Forbidden, BadRequest, InvokeTimeout, PeerGone, ConnectionClosed,
-  ProtocolError, PayloadTooLarge, Busy, TetherError, CLOSE_PROTOCOL_ERROR,
+  ProtocolError, PayloadTooLarge, Busy, RouteClosed, TetherError, CLOSE_PROTOCOL_ERROR,
 } from "../../src/tether/web/static/tether.js";
 
 const enc = new TextEncoder();
@@ -152,6 +152,7 @@ test("ERROR bodies reject with the Python class names", async () => {
     [{ code: "bad_request", message: "bad argument `x`", path: "x" }, BadRequest],
     [{ code: "too_large", message: "big" }, PayloadTooLarge],
     [{ code: "busy", message: "busy" }, Busy],
+    [{ code: "route_closed", message: "closed" }, RouteClosed],
     [{ code: "something_new", message: "?" }, RemoteError],
   ];
   for (const [body, cls] of bodies) {
@@ -368,4 +369,21 @@ test("the page's frames are docs/protocol.md 12.8, byte for byte", async () => {
   const result = Uint8Array.from(blocks["page-result"].split(" ").map((h) => parseInt(h, 16)));
   s.receive(result);
   assert.equal(await call, "Received: Hola, mundo!");
+});
+
+test("a page hosts no routes: ROUTE_OPEN is refused, frames on a route are not dispatched", () => {
+  const { s, frames } = opened();
+  const seen = [];
+  s.handle("ch", () => seen.push("handler"));
+  s.on("ch", () => seen.push("listener"));
+  s.receive(encodeFrame(Kind.ROUTE_OPEN, 0, 9)); // version 1: no request id -> ROUTE_CLOSE
+  s.receive(encodeFrame(Kind.ROUTE_OPEN, 5, 3, "counter", json([1]))); // with one: an answer
+  s.receive(encodeFrame(Kind.INVOKE, 6, 3, "ch", json([])));
+  s.receive(encodeFrame(Kind.EVENT, 0, 3, "ch", json([])));
+  const [close, refused, onRoute] = frames();
+  assert.deepEqual([close.kind, close.routeId], [Kind.ROUTE_CLOSE, 9]);
+  assert.deepEqual([refused.kind, refused.requestId, refused.json.code], [Kind.ERROR, 5, "no_handler"]);
+  assert.deepEqual([onRoute.kind, onRoute.requestId, onRoute.json.code], [Kind.ERROR, 6, "route_closed"]);
+  assert.equal(frames().length, 3);
+  assert.deepEqual(seen, []);
 });

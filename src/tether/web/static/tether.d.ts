@@ -5,7 +5,15 @@
 //   const text: string = await ipc.invoke("message-from-renderer", "Hola, mundo!", { timeout: 5000 });
 //
 // `tether types --ts MODULE:ATTR` writes the channel types of one Main (its handlers for role
-// "web"); with them, `invoke` is checked channel by channel through the `Channels` map below.
+// "web"); with them, `invoke` is checked channel by channel through the `Channels` map below,
+// which such a file fills by module augmentation (the specifier is however the page's
+// TypeScript resolves tether.js):
+//
+//   declare module "/tether.js" {
+//     interface Channels {
+//       "message-from-renderer": [[message: string], string];   // [argument types, result type]
+//     }
+//   }
 
 /** Any JSON value: what crosses a JSON connection. */
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
@@ -77,6 +85,8 @@ export class ProtocolError extends TetherError { name: "ProtocolError"; }
 export class PayloadTooLarge extends TetherError { name: "PayloadTooLarge"; }
 /** The other side runs as many of this page's invokes as it allows. */
 export class Busy extends TetherError { name: "Busy"; }
+/** The route the call was made on is closed. */
+export class RouteClosed extends TetherError { name: "RouteClosed"; }
 
 /** The error an ERROR body stands for. */
 export function errorFromBody(body: { code: string; message: string; type?: string; traceback?: string; path?: string }): TetherError;

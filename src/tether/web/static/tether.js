@@ -58,6 +58,8 @@ export class PayloadTooLarge extends TetherError {
   constructor(m) { super(m); this.name = "PayloadTooLarge"; }
 }
 export class Busy extends TetherError { constructor(m) { super(m); this.name = "Busy"; } }
+/** The route the call was made on is closed (code `route_closed`). */
+export class RouteClosed extends TetherError { constructor(m) { super(m); this.name = "RouteClosed"; } }
 
 /** The error an ERROR body stands for (docs/protocol.md, 7.3); unknown codes are remote errors. */
 export function errorFromBody(body) {
@@ -68,6 +70,7 @@ export function errorFromBody(body) {
     case "bad_request": return new BadRequest(message, String(body.path ?? ""));
     case "too_large": return new PayloadTooLarge(message);
     case "busy": return new Busy(message);
+    case "route_closed": return new RouteClosed(message);
     default: return new RemoteError(String(body.type || body.code), message, String(body.traceback ?? ""));
   }
 }
@@ -334,7 +337,7 @@ export class Session {
         if (p) { this._pings.delete(f.requestId); clearTimeout(p.timer); p.resolve(); }
         return;
       }
-      case Kind.ROUTE_OPEN: if (!this._ourGoodbye) this._write(encodeFrame(Kind.ROUTE_CLOSE, 0, f.routeId)); return;
+      case Kind.ROUTE_OPEN: return this._routeOpen(f);
       case Kind.GOODBYE: return this._goodbye(f);
       case Kind.HELLO: throw new ProtocolError("second HELLO");
       case Kind.AUTH: throw new ProtocolError("AUTH on a connection without a secret");
@@ -360,6 +363,15 @@ export class Session {
     for (const w of this._helloWaiters.splice(0)) w.resolve(this);
   }
 
+  _routeOpen(f) {
+    // A page hosts no routes. A ROUTE_OPEN without a request id (version 1, 8.2) is refused
+    // with a ROUTE_CLOSE; one with a request id is answered as an INVOKE of a kind nothing
+    // handles, so that no route ever exists (8.2 of the routes revision).
+    if (this._ourGoodbye) return;
+    if (f.requestId === 0) return this._write(encodeFrame(Kind.ROUTE_CLOSE, 0, f.routeId));
+    this._error(f.requestId, { code: "no_handler", message: `a page hosts no routes (kind ${JSON.stringify(f.channel)})` });
+  }
+
   _answer(f) {
     const call = this._pending.get(f.requestId);
     if (!call) return; // timed out, cancelled or answered: dropped (7.2)
@@ -378,6 +390,9 @@ export class Session {
     const rid = f.requestId;
     if (rid === 0) throw new ProtocolError("INVOKE with request id 0");
     if (this._ourGoodbye) return;
+    if (f.routeId !== 0) {
+      return this._error(rid, { code: "route_closed", message: `no route ${f.routeId} on this page` });
+    }
     const fn = this._handlers.get(f.channel);
     if (!fn) return this._error(rid, { code: "no_handler", message: `no handler for channel ${JSON.stringify(f.channel)}` });
     let args;
@@ -415,6 +430,7 @@ export class Session {
   }
 
   _event(f) {
+    if (f.routeId !== 0) return; // a page has no routes: dropped
     const list = this._listeners.get(f.channel);
     if (!list || list.length === 0) return;
     let args;
