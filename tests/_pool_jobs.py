@@ -140,3 +140,7 @@ def echo(value: Any) -> Any:
 def liar() -> int:
     """Says int, returns a str."""
     return "not an int"  # type: ignore[return-value]
+
+
+def a_job_whose_name_is_longer_than_thirty_one_characters(x: int) -> int:
+    return x

@@ -455,6 +455,27 @@ async def test_a_wrong_argument_is_a_bad_request_naming_it() -> None:
         assert await pool.submit(jobs.add, 1, 2) == 3  # the worker goes on
 
 
+def test_the_worker_reads_a_job_body_as_msgpack_would() -> None:
+    from tether.codec import encoder
+    from tether.executor import _Jobs
+
+    decoder = _Jobs()
+    long_name = "a_job_whose_name_is_longer_than_thirty_one_characters"  # str8, not fixstr
+    for body, fn, args in [
+        (("_pool_jobs", "add", 1, 2), jobs.add, (1, 2)),
+        (("_pool_jobs", long_name, 5), getattr(jobs, long_name), (5,)),
+        (("builtins", "max", *range(20)), max, tuple(range(20))),  # 16+ items: a longer header
+        (("builtins", "max", *range(70_000)), max, tuple(range(70_000))),
+    ]:
+        data = encoder.encode(body)
+        for raw in (data, memoryview(bytearray(data))):  # (frames hand bodies over as views)
+            got_fn, got_args = decoder.decode(raw)
+            assert got_fn is fn and tuple(got_args) == args
+    for bad in [b"", b"\x01", b"\x91\xa1x", b"\x92\xa5ab", b"\x92\xa1\xff\xa1x", b"\x92\x01\xa1x"]:
+        with pytest.raises(tether.BadRequest, match="malformed job"):
+            decoder.decode(bad)
+
+
 async def test_a_function_its_worker_cannot_import_is_a_remote_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -184,8 +184,7 @@ def _resolve(module: str, qualname: str) -> Callable[..., Any]:
     return found  # type: ignore[no-any-return]
 
 
-_RAW_LIST: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
-_NAME: Final = msgspec.msgpack.Decoder(str)
+_NAMES: Final = msgspec.msgpack.Decoder(tuple[str, str])
 
 
 def _array_header(n: int) -> bytes:
@@ -195,6 +194,45 @@ def _array_header(n: int) -> bytes:
     if n < 1 << 16:
         return b"\xdc" + n.to_bytes(2, "big")
     return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _split(body: bytes | memoryview) -> tuple[bytes, int, int]:
+    """A job body ``[module, qualname, *args]`` as ``(names, n, start)``.
+
+    ``names``: the two names as raw MessagePack (what jobs are cached by);
+    ``n``: how many arguments follow; ``start``: where they begin. Read by
+    hand, being only two headers: a full decode would cost each small job more.
+
+    Raises:
+        ValueError, IndexError: the body is not an array starting with two strings.
+    """
+    b = body[0]
+    if b & 0xF0 == 0x90:
+        n, pos = b & 0x0F, 1
+    elif b == 0xDC:
+        n, pos = int.from_bytes(body[1:3], "big"), 3
+    elif b == 0xDD:
+        n, pos = int.from_bytes(body[1:5], "big"), 5
+    else:
+        raise ValueError("a job is an array")
+    if n < 2:
+        raise ValueError("a job starts with its function's module and name")
+    first = pos
+    for _ in range(2):
+        b = body[pos]
+        if b & 0xE0 == 0xA0:
+            pos += 1 + (b & 0x1F)
+        elif b == 0xD9:
+            pos += 2 + body[pos + 1]
+        elif b == 0xDA:
+            pos += 3 + int.from_bytes(body[pos + 1 : pos + 3], "big")
+        elif b == 0xDB:
+            pos += 5 + int.from_bytes(body[pos + 1 : pos + 5], "big")
+        else:
+            raise ValueError("a job's module and name are strings")
+    if pos > len(body):
+        raise ValueError("truncated")
+    return bytes(body[first:pos]), n - 2, pos
 
 
 def _raiser(exc: Exception) -> Callable[..., Any]:
@@ -219,37 +257,35 @@ class _Jobs:
     __slots__ = ("cache",)
 
     def __init__(self) -> None:
-        self.cache: dict[tuple[str, str], tuple[Callable[..., Any], ArgsSpec | None]] = {}
-
-    def find(self, module: str, qualname: str) -> tuple[Callable[..., Any], ArgsSpec | None]:
-        key = (module, qualname)
-        found = self.cache.get(key)
-        if found is None:
-            fn = _resolve(module, qualname)
-            try:
-                spec: ArgsSpec | None = ArgsSpec(fn, call=False)
-            except (TypeError, ValueError):  # no signature (some builtins): arguments as sent
-                spec = None
-            found = self.cache[key] = (fn, spec)
-        return found
+        #: the two names, as raw MessagePack -> the function and its decoder
+        self.cache: dict[bytes, tuple[Callable[..., Any], ArgsSpec | None]] = {}
 
     def decode(
         self, body: bytes | memoryview, attachments: Any = (), pickled: bool = False
     ) -> tuple[Any, ...]:
         """``(fn, args)``; raises :class:`~tether.BadRequest` naming a bad argument."""
         try:
-            raws = _RAW_LIST.decode(body)
-            module, qualname = _NAME.decode(raws[0]), _NAME.decode(raws[1])
-        except (msgspec.MsgspecError, IndexError) as exc:
+            names, n, start = _split(body)
+        except (ValueError, IndexError) as exc:
             raise BadRequest(f"malformed job: {exc}") from None
-        try:
-            fn, spec = self.find(module, qualname)
-        except Exception as exc:  # (not importable: the job raises it, as a RemoteError)
-            return _raiser(exc), ()
-        # The arguments, re-framed as an array of their own (the bytes after the two names).
-        view = memoryview(body).cast("B")
-        rest = sum(memoryview(r).nbytes for r in raws[2:])
-        args = _array_header(len(raws) - 2) + view[view.nbytes - rest :]
+        found = self.cache.get(names)
+        if found is None:
+            try:
+                module, qualname = _NAMES.decode(b"\x92" + names)
+            except msgspec.MsgspecError as exc:
+                raise BadRequest(f"malformed job: {exc}") from None
+            try:
+                fn = _resolve(module, qualname)
+            except Exception as exc:  # (not importable: the job raises it, as a RemoteError)
+                return _raiser(exc), ()
+            try:
+                spec: ArgsSpec | None = ArgsSpec(fn, call=False)
+            except (TypeError, ValueError):  # no signature (some builtins): arguments as sent
+                spec = None
+            found = self.cache[names] = (fn, spec)
+        fn, spec = found
+        # The arguments, re-framed as an array of their own.
+        args = _array_header(n) + body[start:]
         if spec is None:
             return fn, tuple(decode_with(any_decoder, args, attachments, pickled))
         return fn, spec.decode(args, attachments, pickled)
