@@ -75,6 +75,7 @@ IDLE: Final = "tether.pool.idle"
 _Target = tuple[str, str, str]  # (channel, module, qualname)
 _targets: weakref.WeakKeyDictionary[Any, _Target] = weakref.WeakKeyDictionary()
 _returns: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_checked: set[Any] = {Any}  # result types found decodable
 
 
 def job_target(fn: object, start_method: str = "spawn") -> _Target:
@@ -155,11 +156,17 @@ def job_result_type(fn: Any, result_type: Any = DEFAULT) -> Any:
         TypeError: ``result_type`` is given and is not a type a result can be decoded as.
     """
     if result_type is not DEFAULT:
+        try:
+            if result_type in _checked:
+                return result_type
+        except TypeError:  # unhashable: not decodable either
+            pass
         if not _decodable(result_type):
             raise TypeError(
                 f"result_type {result_type!r} is not a type a result can be decoded as "
                 "(what msgspec decodes, bytes, memoryview, or Any)"
             )
+        _checked.add(result_type)
         return result_type
     try:
         return _returns[fn]
