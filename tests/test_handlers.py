@@ -643,3 +643,19 @@ async def test_parameters_named_with_an_underscore_are_accepted_and_named_in_err
             assert await peer.invoke("scale", 3, 5) == 15
             with pytest.raises(tether.BadRequest, match="scale\\(\\) argument '_factor'"):
                 await peer.invoke("scale", "x")
+
+
+async def test_an_unannotated_handler_without_the_call_says_who_got_the_call(
+    sock_path: str,
+) -> None:
+    def noann(a):  # type: ignore[no-untyped-def]
+        return a
+
+    async with tether.Main(timeout=10.0) as main:
+        main.handle("noann", noann)
+        await main.listen(f"unix://{sock_path}")
+        async with tether.connect(f"unix://{sock_path}", timeout=10.0) as peer:
+            with pytest.raises(
+                tether.BadRequest, match=r"its first parameter, 'a', receives the tether\.Call"
+            ):
+                await peer.invoke("noann", 5)

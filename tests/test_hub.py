@@ -93,11 +93,17 @@ def test_serve_forever_ends_cleanly_on_a_signal(sig: signal.Signals, child_env: 
     assert _wait_gone(child_pid)
 
 
-def test_run_ends_quietly_on_ctrl_c_closing_the_children(child_env: Any) -> None:
+@pytest.mark.parametrize(
+    ("sig", "status"),
+    [(signal.SIGINT, runner.EXIT_INTERRUPTED), (signal.SIGTERM, runner.EXIT_TERMINATED)],
+)
+def test_run_ends_quietly_on_ctrl_c_or_sigterm_closing_the_children(
+    sig: signal.Signals, status: int, child_env: Any
+) -> None:
     proc, child_pid = _start("sleep", child_env)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == runner.EXIT_INTERRUPTED == 130
+    assert proc.returncode == status == 128 + sig
     assert "Traceback" not in err, err
     assert _wait_gone(child_pid)
 

@@ -693,13 +693,17 @@ def test_feature_table_matches_code() -> None:
     keys, features, roles = _tables("## 6. Handshake: HELLO")
     assert [r[0].strip("`") for r in keys] == list(codec.Hello.__struct_fields__)
     assert [r[0].strip("`") for r in features] == ["fd", "lease", "pickle"]
-    assert len(roles) == 2
+    assert len(roles) == 3
 
 
 def test_extension_table_matches_codec() -> None:
     rows = _tables("### 3.6 Referring to attachments from the body")[0]
     documented = {int(r[0].split()[0]): r[0].split()[1].strip("()`") for r in rows}
-    assert documented == {codec.EXT_BYTES: "bytes", codec.EXT_NDARRAY: "ndarray"}
+    assert documented == {
+        codec.EXT_BYTES: "bytes",
+        codec.EXT_NDARRAY: "ndarray",
+        codec.EXT_HANDLE: "handle",
+    }
 
 
 def _pair(family: int) -> tuple[socket.socket, socket.socket]:

@@ -102,7 +102,10 @@ def test_guide_block_runs_and_prints_what_it_says(index: int, child_env: dict[st
                 seen.append(line.rstrip("\n"))
                 if seen[-1] == wanted:
                     break
-            _wait_caught(proc.pid, signal.SIGTERM)  # serve_forever's handlers are in place
+            _wait_caught(proc.pid, signal.SIGTERM)
+            # tether.run catches SIGTERM from the start; serve_forever takes over the
+            # signals in the few bytecodes after "serving" is printed: let it get there
+            time.sleep(0.3)
             proc.send_signal(signal.SIGINT)
             rest, err = proc.communicate(timeout=120)
             out = "\n".join(seen) + "\n" + rest

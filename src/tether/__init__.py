@@ -23,6 +23,7 @@ from .errors import ConnectionClosed as ConnectionClosed
 from .errors import ConsumedError as ConsumedError
 from .errors import EndOfStream as EndOfStream
 from .errors import Forbidden as Forbidden
+from .errors import HandleRefused as HandleRefused
 from .errors import InvokeTimeout as InvokeTimeout
 from .errors import NoHandler as NoHandler
 from .errors import PayloadTooLarge as PayloadTooLarge
@@ -33,6 +34,7 @@ from .errors import RouteClosed as RouteClosed
 from .errors import SandboxError as SandboxError
 from .errors import TetherError as TetherError
 from .executor import Pool as Pool
+from .handles import Handle as Handle
 from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
 from .pipe import pipe as pipe
@@ -55,6 +57,8 @@ __all__ = [
     "ConsumedError",
     "EndOfStream",
     "Forbidden",
+    "Handle",
+    "HandleRefused",
     "InvokeTimeout",
     "Main",
     "NoHandler",

@@ -19,7 +19,7 @@ __all__ = ["Address", "parse_address"]
 
 @dataclass(frozen=True)
 class Address:
-    """A parsed address. ``scheme`` is ``unix`` or ``tcp``."""
+    """A parsed address. ``scheme`` is ``unix`` or ``tcp`` (``ws`` for a page listener)."""
 
     scheme: str
     path: str = ""
@@ -30,7 +30,7 @@ class Address:
         if self.scheme == "unix":
             return f"unix://{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def listen(self, backlog: int = 128, *, others: bool = False) -> socket.socket:
         """Bind and listen. Unix socket files are created with mode 0600.

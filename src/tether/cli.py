@@ -20,6 +20,7 @@ import msgspec
 
 from . import __version__
 from .errors import NoHandler, TetherError
+from .wire import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = ["main", "parse_arg", "parse_call_arg"]
 
@@ -53,12 +54,24 @@ def parse_call_arg(text: str) -> Any:
             raise ValueError(f"{text[:20]!r}...: not base64 ({exc})") from None
     if text.startswith("@"):
         if text == "@-":
-            return sys.stdin.buffer.read()
-        try:
-            return Path(text[1:]).read_bytes()
-        except OSError as exc:
-            raise ValueError(f"cannot read {text[1:]!r}: {exc.strerror or exc}") from None
+            data = sys.stdin.buffer.read(_MAX_ARG + 1)
+        else:
+            try:
+                with open(text[1:], "rb") as f:  # bounded: /dev/zero must not fill memory
+                    data = f.read(_MAX_ARG + 1)
+            except OSError as exc:
+                raise ValueError(f"cannot read {text[1:]!r}: {exc.strerror or exc}") from None
+        if len(data) > _MAX_ARG:
+            raise ValueError(
+                f"{text[1:] if text != '@-' else 'standard input'!r} is larger than "
+                f"{_MAX_ARG >> 20} MiB, the most one frame carries"
+            )
+        return data
     return parse_arg(text)
+
+
+#: the most bytes one ``@FILE`` argument may hold (the default frame limit)
+_MAX_ARG = DEFAULT_MAX_FRAME_SIZE
 
 
 def _has_bytes(value: Any, depth: int = 0) -> bool:

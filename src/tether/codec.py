@@ -41,6 +41,8 @@ EXT_NDARRAY: Final = 2  # data: msgpack [index, dtype str, shape] -> read-only n
 #: child it spawned with ``pickle=True``); anywhere else a validation error,
 #: and never unpickled
 EXT_PICKLE: Final = 3
+#: data: u32 LE attachment index (a FLAG_HANDLE descriptor) -> tether.Handle
+EXT_HANDLE: Final = 4
 
 _local = threading.local()
 
@@ -59,6 +61,13 @@ def ext_hook(code: int, data: memoryview) -> Any:
         if len(data) != 4:
             raise msgspec.ValidationError("malformed attachment reference")
         return _attachment(atts, int.from_bytes(data, "little"))
+    if code == EXT_HANDLE and atts is not None:
+        att = _att(atts, data)
+        if not getattr(att, "__tether_handle__", False):
+            raise msgspec.ValidationError(
+                "handle reference to an attachment that is not a descriptor"
+            )
+        return att
     if code == EXT_NDARRAY and atts is not None:
         import numpy as np
 
@@ -76,7 +85,19 @@ def ext_hook(code: int, data: memoryview) -> Any:
 def _attachment(atts: Any, index: int) -> memoryview:
     if not 0 <= index < len(atts):
         raise msgspec.ValidationError(f"attachment {index} does not exist")
-    return memoryview(atts[index]).toreadonly()
+    att = atts[index]
+    if getattr(att, "__tether_handle__", False):
+        raise msgspec.ValidationError(f"attachment {index} is a descriptor, not bytes")
+    return memoryview(att).toreadonly()
+
+
+def _att(atts: Any, data: memoryview) -> Any:
+    if len(data) != 4:
+        raise msgspec.ValidationError("malformed attachment reference")
+    index = int.from_bytes(data, "little")
+    if not 0 <= index < len(atts):
+        raise msgspec.ValidationError(f"attachment {index} does not exist")
+    return atts[index]
 
 
 def decode_with(
@@ -136,6 +157,8 @@ class Hello(msgspec.Struct, omit_defaults=True):
     credentials: dict[str, str] = {}
     #: fresh random bytes for the shared-secret proof (AUTH); empty without a secret
     nonce: bytes = b""
+    #: the encoding of the sender's bodies: "" (MessagePack) or "json" (WebSocket pages)
+    encoding: str = ""
 
 
 class ErrorInfo(msgspec.Struct, omit_defaults=True):
@@ -161,6 +184,13 @@ class Goodbye(msgspec.Struct, omit_defaults=True):
 hello_decoder: Final = msgspec.msgpack.Decoder(Hello)
 error_decoder: Final = msgspec.msgpack.Decoder(ErrorInfo)
 goodbye_decoder: Final = msgspec.msgpack.Decoder(Goodbye)
+
+#: body encodings a connection may use (docs/protocol.md, section 2); "json" only for pages
+ENCODINGS: Final = ("msgpack", "json")
+json_encoder: Final = msgspec.json.Encoder()
+json_any_decoder: Final = msgspec.json.Decoder()
+json_hello_decoder: Final = msgspec.json.Decoder(Hello)
+json_goodbye_decoder: Final = msgspec.json.Decoder(Goodbye)
 
 
 def error_info(exc: BaseException, *, traceback: bool = True) -> ErrorInfo:
@@ -308,7 +338,17 @@ class ArgsSpec:
     got 1``; ``add() argument 'b': expected int, got str``.
     """
 
-    __slots__ = ("buffers", "decoder", "fname", "items", "names", "required", "rest", "slow")
+    __slots__ = (
+        "buffers",
+        "decoder",
+        "first",
+        "fname",
+        "items",
+        "names",
+        "required",
+        "rest",
+        "slow",
+    )
 
     def __init__(self, fn: Callable[..., Any], *, call: bool = True) -> None:
         sig = inspect.signature(fn)
@@ -318,6 +358,8 @@ class ArgsSpec:
         # The Call comes first (a handler taking only *args gets it in args[0]); a job has none.
         skip = call and bool(every) and every[0].kind is not every[0].VAR_POSITIONAL
         params = every[1:] if skip else every
+        #: the parameter that receives the Call (named in arity errors)
+        self.first = every[0].name if skip else ""
         names: list[str] = []
         types: dict[str, Any] = {}
         defaults: list[Any] = []
@@ -477,6 +519,13 @@ class ArgsSpec:
         )
 
     def _arity(self, got: int) -> str:
+        text = self._arity_text(got)
+        if got > len(self.names) and self.rest is None and self.first not in ("", "call"):
+            # def h(a): ... registered as a handler: 'a' gets the Call, not the argument
+            text += f" (its first parameter, {self.first!r}, receives the tether.Call)"
+        return text
+
+    def _arity_text(self, got: int) -> str:
         hi = len(self.names)
         lo = self.required
         shown = f" ({', '.join(self.names)})" if self.names else ""

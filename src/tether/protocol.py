@@ -46,6 +46,14 @@ Bad-message policy: :meth:`receive_data` raises :class:`ProtocolError` for any
 malformed frame and the connection moves to CLOSED (its store is closed); the
 I/O layer closes the transport and fails every pending call (and a main kills
 a spawned child).
+
+Bodies are MessagePack, or JSON on a connection made with ``encoding="json"``
+(a browser page over a WebSocket, which has JSON built in and no MessagePack):
+then every body this side writes is JSON, the HELLOs say ``"encoding": "json"``,
+and the peer's INVOKE, EVENT, RESULT and ERROR bodies are re-encoded as
+MessagePack as they arrive, so the layers above decode and validate them as
+they do any other peer's (a body that is not JSON reads as malformed).
+Attachments cannot ride on such a connection.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from .routes import RouteTable
 from .wire import (
     ATT,
     DEFAULT_MAX_FRAME_SIZE,
+    FLAG_HANDLE,
     FLAG_LEASE,
     FLAG_MOVED,
     HEADER,
@@ -118,6 +127,10 @@ _TO_APP: Final = frozenset(
     )
 )
 _NO_FDS: Final[list[int]] = []
+#: kinds whose body a JSON peer writes as JSON and the layers above read as MessagePack
+_JSON_BODIES: Final = frozenset((K_INVOKE, K_EVENT, K_RESULT, K_ERROR, int(Kind.ROUTE_OPEN)))
+#: stands in for a JSON body that does not decode: never valid MessagePack (0xc1)
+_MALFORMED: Final = b"\xc1"
 _NO_FRAMES: Final[list[Frame]] = []
 #: room kept in an ERROR frame for everything but its message and traceback
 _ERROR_OVERHEAD: Final = 512
@@ -147,7 +160,7 @@ class AttachmentStore(Protocol):
     def receive_fds(self, fds: Iterable[int]) -> None: ...
     @property
     def unclaimed(self) -> int: ...
-    def claim(self, nbytes: int, flags: int, aux: int) -> memoryview: ...
+    def claim(self, nbytes: int, flags: int, aux: int) -> Any: ...
     def released(self) -> list[int]: ...
     @property
     def outstanding(self) -> int: ...
@@ -229,6 +242,10 @@ class Connection:
             the peer's AUTH proof made with the same secret (module docstring).
         initiator: this side opened the connection (``False`` on the
             accepting side); only the AUTH proof uses it.
+        encoding: ``"msgpack"`` (the default) or ``"json"``: the encoding of
+            every body on this connection, both ways (the transport decided
+            it before the first frame, e.g. a WebSocket subprotocol). A JSON
+            connection takes no store, secret or pickle.
 
     Raises:
         ValueError: ``max_frame_size`` is below the floor, or the HELLO would
@@ -246,9 +263,16 @@ class Connection:
         secret: bytes | None = None,
         initiator: bool = True,
         pickle: bool = False,
+        encoding: str = "msgpack",
     ) -> None:
         if secret is not None:
             check_secret(secret)
+        if encoding not in codec.ENCODINGS:
+            raise ValueError(f"encoding must be one of {codec.ENCODINGS}, not {encoding!r}")
+        #: bodies are JSON both ways (a browser page), not MessagePack
+        self.json = encoding == "json"
+        if self.json and (store is not None or secret is not None or pickle):
+            raise ValueError("a JSON connection carries no attachments, secret or pickle")
         if max_frame_size < MIN_MAX_FRAME_SIZE:
             raise ValueError(
                 f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE} bytes, not {max_frame_size}"
@@ -297,13 +321,17 @@ class Connection:
         self._ready: collections.deque[tuple[bytearray, list[int]]] = collections.deque()
         self._atts: list[_Att] = []  # the encoder's attachments for the frame being built
         self._released: collections.deque[int] = collections.deque()
-        self.encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        self.encoder: msgspec.msgpack.Encoder | msgspec.json.Encoder = (
+            msgspec.json.Encoder(enc_hook=_json_hook)
+            if self.json
+            else msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        )
         self._next_rid = 0
         #: request id -> the application's waiter, for invokes awaiting an answer
         self.pending: dict[int, Any] = {}
         #: the routes of this connection, made by :meth:`route_table` on first use
         self.routes: RouteTable | None = None
-        hello = codec.encoder.encode(
+        hello = (codec.json_encoder if self.json else codec.encoder).encode(
             codec.Hello(
                 protocol=codec.PROTOCOL_NAME,
                 version=codec.PROTOCOL_VERSION,
@@ -314,6 +342,7 @@ class Connection:
                 features=(list(store.features) if store is not None else [])
                 + (["pickle"] if pickle else []),
                 nonce=self._nonce,
+                encoding="json" if self.json else "",
             )
         )
         if HEADER_SIZE + len(hello) > MIN_MAX_FRAME_SIZE:
@@ -353,7 +382,7 @@ class Connection:
             self.abort()
             raise ProtocolError("received file descriptors from a peer that did not announce fd")
 
-    def _claim(self, nbytes: int, flags: int, aux: int) -> memoryview:
+    def _claim(self, nbytes: int, flags: int, aux: int) -> Any:
         """The parser's callback for a descriptor attachment."""
         if self._handshaking:
             # A frame right behind the HELLO (and AUTH), in the same read: they
@@ -445,6 +474,8 @@ class Connection:
                     self._auto_reply()
                     self._emit(Kind.PONG, f.request_id, 0, b"", b"")
                 # PONG: nothing to do
+            if self.json:
+                _from_json(frames)
             if self._fds_in:
                 self._check_unclaimed()
             if self.pickle:
@@ -529,9 +560,14 @@ class Connection:
         if f.kind != Kind.HELLO:
             raise ProtocolError(f"not a tether peer: expected HELLO, got frame kind {f.kind}")
         try:
-            hello = codec.hello_decoder.decode(f.body)
+            hello = (codec.json_hello_decoder if self.json else codec.hello_decoder).decode(f.body)
         except (msgspec.MsgspecError, RecursionError) as exc:
             raise ProtocolError(f"not a tether peer: malformed HELLO: {exc}") from None
+        if (hello.encoding or "msgpack") != ("json" if self.json else "msgpack"):
+            raise ProtocolError(
+                f"peer's bodies are {hello.encoding or 'msgpack'!r}, this connection's "
+                f"{'json' if self.json else 'msgpack'!r}"
+            )
         if hello.protocol != codec.PROTOCOL_NAME:
             raise ProtocolError(
                 f"not a tether peer: it speaks {hello.protocol!r}, not {codec.PROTOCOL_NAME!r}"
@@ -582,10 +618,13 @@ class Connection:
         if self.state is State.HANDSHAKE:
             self.state = State.OPEN
 
-    @staticmethod
-    def _goodbye_reason(f: Frame) -> str:
+    def _goodbye_reason(self, f: Frame) -> str:
         try:
-            return codec.goodbye_decoder.decode(f.body).reason
+            return (
+                (codec.json_goodbye_decoder if self.json else codec.goodbye_decoder)
+                .decode(f.body)
+                .reason
+            )
         except (msgspec.MsgspecError, RecursionError):
             return ""
 
@@ -802,7 +841,8 @@ class Connection:
     def send_goodbye(self, reason: str = "") -> None:
         """Queue a GOODBYE; it is the last frame this side sends."""
         if self.state in (State.OPEN, State.HANDSHAKE):
-            self._emit(Kind.GOODBYE, 0, 0, b"", codec.encoder.encode(codec.Goodbye(reason)))
+            enc = codec.json_encoder if self.json else codec.encoder
+            self._emit(Kind.GOODBYE, 0, 0, b"", enc.encode(codec.Goodbye(reason)))
             self.our_goodbye = True
             self._released.clear()
             self.state = State.CLOSING
@@ -888,6 +928,8 @@ class Connection:
                 return self._ext(_Att(WHERE_FD, n, fd=fd, flags=FLAG_MOVED))
             fd, n = store.move(obj, False)
             return self._ext(_Att(WHERE_FD, n, fd=fd))
+        if getattr(obj, "__tether_handle__", False):
+            return self._handle_ext(obj)
         if hasattr(obj, "__array_interface__") and type(obj).__module__ == "numpy":
             import numpy as np
 
@@ -903,6 +945,21 @@ class Connection:
         if self.pickle:  # both ends opted in (a main and its child): pickle the rest
             return msgspec.msgpack.Ext(codec.EXT_PICKLE, _pickle.dumps(obj, protocol=5))
         raise TypeError(f"objects of type {type(obj).__name__} cannot be sent")
+
+    def _handle_ext(self, handle: Any) -> msgspec.msgpack.Ext:
+        """A :class:`~tether.Handle`: its descriptor passed as a value (EXT_HANDLE)."""
+        if self._store is None or not self._send_fds:
+            raise handle.refuse(
+                "a tether.Handle cannot be sent on this connection: it passes no file "
+                "descriptors (the peer did not announce 'fd'; only unix sockets and "
+                "socketpairs carry them, not TCP or WebSocket)"
+            )
+        if self._fd_count() >= MAX_UNCLAIMED_FDS:
+            raise handle.refuse(
+                f"more than {MAX_UNCLAIMED_FDS} descriptors in one message (Handles, large buffers)"
+            )
+        self._ext(_Att(WHERE_FD, 0, fd=handle.take(), flags=FLAG_HANDLE))
+        return msgspec.msgpack.Ext(codec.EXT_HANDLE, (len(self._atts) - 1).to_bytes(4, "little"))
 
     def _fd_count(self) -> int:
         return sum(1 for a in self._atts if a.where == WHERE_FD)
@@ -943,6 +1000,41 @@ class Connection:
                 store.unsent(a.fd, a.aux if a.flags & FLAG_LEASE else 0)
 
 
+def _from_json(frames: Iterable[Frame]) -> None:
+    """Re-encode a JSON peer's bodies as MessagePack, in place (module docstring).
+
+    A body that is not JSON becomes one that is not MessagePack either, so it
+    meets the rule for malformed bodies: ``bad_request`` for an INVOKE, a
+    dropped EVENT, a decoding error for the caller of a RESULT or ERROR.
+
+    Raises:
+        ProtocolError: a frame has attachments (JSON has nowhere to refer to them).
+    """
+    for f in frames:
+        if f.attachments:
+            raise ProtocolError("attachments on a JSON connection")
+        if f.kind in _JSON_BODIES:
+            try:
+                f.body = codec.encoder.encode(codec.json_any_decoder.decode(f.body))
+            except Exception:  # not JSON, too deep, an integer beyond 64 bits...
+                f.body = _MALFORMED
+
+
+def _json_hook(obj: Any) -> Any:
+    """What JSON bodies make of values MessagePack would carry as attachments.
+
+    Large bytes and :class:`~tether.Buffer` contents become bytes (base64
+    strings in JSON), NumPy arrays nested lists; nothing is ever pickled.
+    """
+    if isinstance(obj, _Blob):
+        return memoryview(obj.data).cast("B")
+    if getattr(obj, "__tether_buffer__", False):
+        return obj.take_bytes()
+    if hasattr(obj, "__array_interface__") and type(obj).__module__ == "numpy":
+        return obj.tolist()
+    raise TypeError(f"objects of type {type(obj).__name__} cannot be sent")
+
+
 def _smaller_errors(info: codec.ErrorInfo, limit: int) -> Iterable[codec.ErrorInfo]:
     """``info``, then ever smaller versions of it, the last one sure to fit ``limit``."""
     yield info
@@ -965,7 +1057,7 @@ def _consume_all(obj: Any, _depth: int = 0) -> None:
 
     A send that fails before or while encoding moves its Buffers all the same.
     """
-    if getattr(obj, "__tether_buffer__", False):
+    if getattr(obj, "__tether_buffer__", False) or getattr(obj, "__tether_handle__", False):
         obj.close()
     elif _depth < 64 and isinstance(obj, (list, tuple, set, frozenset, dict)):
         for x in obj.values() if isinstance(obj, dict) else obj:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Collection, Generator, Mapping
 from typing import Any
 
+from .. import direct
 from ..address import Address, parse_address, tune
 from ..capture import Output
 from ..checks import check_connect_options
@@ -33,7 +34,7 @@ from ..identity import peer_address, peer_credentials
 from ..process import Deferred, check_spawn_options, check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
-from ..results import DEFAULT_TIMEOUT
+from ..results import DEFAULT, DEFAULT_TIMEOUT
 from ..routes import MAX_ROUTES
 from ..sandbox import Sandbox, SandboxReport, read_report
 from ..tls import tls_connect, tls_refusal
@@ -88,6 +89,8 @@ class Server:
             bad HELLO, the ``hello_timeout``); each is logged at WARNING with
             the peer's address.
         handshakes_dropped: peers dropped still in the handshake to make room.
+        url: where to reach it: the address (``unix:///path``, ``tcp://host:port``);
+            for ``ws://``, the page to open, its secret included.
     """
 
     #: seconds to stop accepting after ``accept`` ran out of descriptors or memory
@@ -108,6 +111,7 @@ class Server:
     ) -> None:
         self.main = main
         self.address = address
+        self.url = str(address)
         self.role = role
         self.uids = uids if address.scheme == "unix" else None
         self._me = os.geteuid()
@@ -141,6 +145,15 @@ class Server:
     def fileno(self) -> int:
         """The listening socket's descriptor (-1 once closed)."""
         return self._sock.fileno()
+
+    @property
+    def peers(self) -> list[Peer]:
+        """The peers this listener accepted that are connected and said HELLO.
+
+        E.g. the pages of a ``ws://`` listener, to push to them:
+        ``for page in server.peers: await page.send("theme", "dark")``.
+        """
+        return [p for p in self._held if p.remote_hello is not None and not p.closed]
 
     def _accept(self) -> None:
         for _ in range(64):
@@ -419,6 +432,8 @@ class Main(Handlers):
         self._exit_tasks: set[asyncio.Future[Any]] = set()  # ...the async ones running
         self._stopping: set[asyncio.Future[int | None]] = set()  # serve_forever waiting
         hub.install_introspection(self.registry)
+        #: roles :meth:`connect` may give a direct channel (default: spawned children)
+        self.connect_roles: set[str] = set(direct.DEFAULT_ROLES)
 
     async def __aenter__(self) -> Main:
         return self
@@ -726,14 +741,23 @@ class Main(Handlers):
         self,
         address: str | Address,
         *,
-        role: str = "client",
+        role: str | None = None,
         uids: Collection[int] | None = None,
         secret: bytes | None = None,
         ssl: _ssl.SSLContext | None = None,
         max_connections: int | None = MAX_CONNECTIONS,
         max_handshaking: int | None = MAX_HANDSHAKING,
+        static: str | os.PathLike[str] | None = None,
+        public: bool = False,
     ) -> Server:
         """Accept peers on ``unix:///path`` or ``tcp://host:port`` (port 0 picks one).
+
+        ``ws://host:port`` serves browser pages instead (:mod:`tether.web`):
+        the files under ``static``, ``/tether.js``, and their WebSocket, all
+        gated by a secret made at each start; open the returned server's
+        ``url``, which carries it. Pages get role ``web`` and are never
+        local: they reach only handlers that name ``"web"``. Loopback only,
+        unless ``public=True``.
 
         Accepted peers get ``role`` (one role, a str); handlers limited with
         ``roles=`` check it. Handlers registered without ``roles=`` answer
@@ -770,12 +794,16 @@ class Main(Handlers):
             ValueError: the address is malformed; a limit is below 1; the secret
                 is shorter than 16 bytes; a TCP address other than loopback
                 without a secret or TLS client authentication; ``ssl`` on a
-                unix address.
+                unix address; for ``ws://``: a host other than loopback
+                without ``public=True``, a ``role`` other than ``"web"``,
+                ``uids``/``secret``/``ssl``; ``static``/``public`` elsewhere.
+            FileNotFoundError: ``static`` is not a folder.
+            ImportError: ``ws://`` without the ``websockets`` package.
             PermissionError: the unix socket's directory is open to others.
             OSError: the address is in use (``EADDRINUSE``), the path is not a
                 socket, or its directory is missing; the message names it.
         """
-        if not isinstance(role, str):
+        if role is not None and not isinstance(role, str):
             raise TypeError(f"role must be a str (one role), not {type(role).__name__}")
         for name, limit in (
             ("max_connections", max_connections),
@@ -783,6 +811,33 @@ class Main(Handlers):
         ):
             if limit is not None:
                 _count(name, limit)
+        if isinstance(address, str) and address.startswith("ws://"):
+            if uids is not None or secret is not None or ssl is not None:
+                raise ValueError(
+                    "uids=, secret= and ssl= are not for ws:// (it has its own secret)"
+                )
+            try:
+                from ..web.server import listen_web  # websockets is imported only for pages
+            except ModuleNotFoundError as exc:
+                if (exc.name or "").partition(".")[0] != "websockets":
+                    raise
+                raise ImportError(
+                    "ws:// needs the websockets package: pip install 'tether-ipc[web]'"
+                ) from exc
+
+            return await listen_web(
+                self,
+                address,
+                role=role,
+                static=static,
+                public=public,
+                max_connections=max_connections,
+                max_handshaking=max_handshaking,
+            )
+        if static is not None or public:
+            raise ValueError("static= and public= are for ws:// addresses")
+        if role is None:
+            role = "client"
         me = os.geteuid()
         allowed = frozenset((me,)) if uids is None else _checked_uids(uids)
         addr = parse_address(address)
@@ -893,6 +948,24 @@ class Main(Handlers):
             PayloadTooLarge: the event exceeds ``max_frame_size``.
         """
         return await hub.broadcast(self, channel, args, role)
+
+    async def connect(self, a: Peer, b: Peer, *, timeout: float | None = None) -> None:
+        """Give two peers (children) a direct channel to each other; main relays nothing.
+
+        A socketpair's ends go to each as a :class:`~tether.Handle`, through the
+        reserved channel ``tether.connect``: each must have registered
+        ``@peer.on_connect`` (its callback gets a :class:`~tether.Peer` for the
+        other, role ``sibling``). Both must have a role in
+        :attr:`connect_roles` (``{"child"}`` by default) and be on unix sockets.
+        ``timeout``: per child, for its callback (default: the peer's timeout).
+
+        Raises:
+            Forbidden: a peer's role is not in :attr:`connect_roles`.
+            NoHandler: a child did not register ``on_connect``.
+            HandleRefused: a peer is not on a unix socket (TCP, WebSocket).
+            RemoteError: a child's ``on_connect`` callback raised (it refused).
+        """
+        await direct.join(self.connect_roles, a, b, DEFAULT if timeout is None else timeout)
 
     def on_child_exit(self, fn: hub.OnExit) -> hub.OnExit:
         """Call ``fn(child, exitcode)`` when a child :meth:`spawn` returned exits; a decorator too.

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar, overload
 
-from .. import codec
+from .. import codec, direct
 from ..attachments import MemfdStore, store_for
 from ..errors import (
     ConnectionClosed,
@@ -47,7 +47,8 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
-from ..identity import Credentials, peer_address, peer_credentials
+from ..handles import held_size
+from ..identity import NO_CREDENTIALS, Credentials, peer_address, peer_credentials
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
 from ..results import (
@@ -79,7 +80,7 @@ from .route import (
     resolve_route_invoke,
     route_listeners,
 )
-from .stream import SocketStream
+from .stream import SocketStream, Stream
 
 __all__ = ["Peer"]
 
@@ -196,11 +197,16 @@ class Peer(Handlers):
             sets it on both ends of a child's connection). Only when both
             ends do, objects msgspec cannot encode travel pickled; otherwise
             a pickle received is a ``BadRequest`` and is never unpickled.
+        encoding: the bodies' encoding, ``"msgpack"`` or ``"json"`` (a page).
+
+    ``sock`` is a connected socket, or any other :class:`~tether.aio.stream.Stream`
+    (a WebSocket: :mod:`tether.web`), which then says nothing about who is on
+    the other end: pass ``credentials`` and ``address``, or they stay unknown.
     """
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: socket.socket | Stream,
         *,
         role: str,
         local_role: str,
@@ -221,13 +227,20 @@ class Peer(Handlers):
         secret: bytes | None = None,
         initiator: bool = True,
         pickle: bool = False,
+        encoding: str = "msgpack",
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._sock = sock
-        self._stream = SocketStream(
-            sock, self._loop, self._on_readable, self._write_failed, LOW_WATER
-        )
-        self._fd = self._stream.fd
+        self._stream: Stream
+        #: the socket, for a peer on one (``None`` over another Stream)
+        self._sock = sock if isinstance(sock, socket.socket) else None
+        if isinstance(sock, socket.socket):
+            self._stream = SocketStream(
+                sock, self._loop, self._on_readable, self._write_failed, LOW_WATER
+            )
+        else:
+            self._stream = sock
+            sock.attach(self._on_readable, self._write_failed)
+        self._fd = self._stream.fileno()
         self._conn = Connection(
             local_role,
             name=name,
@@ -237,15 +250,22 @@ class Peer(Handlers):
             secret=secret,
             initiator=initiator,
             pickle=pickle,
+            encoding=encoding,
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
         # Who is on the other end, read once here (see tether.identity).
-        cred = credentials if credentials is not None else peer_credentials(sock)
+        if credentials is None:
+            credentials = (
+                peer_credentials(sock) if isinstance(sock, socket.socket) else NO_CREDENTIALS
+            )
+        cred = credentials
         self._peer_pid = cred.pid
         self.uid: int | None = cred.uid
         self.gid: int | None = cred.gid
-        self.address: str = address or peer_address(sock)
+        if not address and isinstance(sock, socket.socket):
+            address = peer_address(sock)
+        self.address: str = address
         self.origin: str | None = None
         self.local = local
         self.timeout = timeout
@@ -318,7 +338,7 @@ class Peer(Handlers):
 
     def fileno(self) -> int:
         """The connection's socket descriptor (-1 once closed)."""
-        return self._sock.fileno()
+        return self._stream.fileno()
 
     @property
     def close_reason(self) -> TetherError | None:
@@ -338,6 +358,16 @@ class Peer(Handlers):
         the peer's word, this one the kernel's.
         """
         return self._peer_pid
+
+    def on_connect(self, fn: Callable[[Peer], Any]) -> Callable[[Peer], Any]:
+        """Accept direct channels main opens with :meth:`Main.connect`; a decorator.
+
+        ``fn(peer)`` gets the new :class:`Peer` for the other child (already
+        started: register its handlers before the first ``await``); it may be
+        a coroutine function. Raising refuses the channel. See :mod:`tether.direct`.
+        """
+        direct.register(self.registry, direct.aio_accept(self, fn))
+        return fn
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed, by either side."""
@@ -814,7 +844,7 @@ class Peer(Handlers):
             else:
                 backlog.append(f)
                 for a in f.attachments:  # mapped segments count as held too
-                    self._held += memoryview(a).nbytes
+                    self._held += held_size(a)
 
     # -- reading ----------------------------------------------------------
 

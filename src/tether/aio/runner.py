@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["EXIT_INTERRUPTED", "run"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "run"]
 
 T = TypeVar("T")
 
 #: the exit status :func:`run` ends with on Ctrl-C (128 + SIGINT, as a shell reports it)
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+#: the exit status :func:`run` ends with on SIGTERM (128 + SIGTERM)
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -39,20 +42,50 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
     close (children are ended, listeners removed), then exits the process with
     status 130 (:data:`EXIT_INTERRUPTED`) by raising ``SystemExit``: no
     traceback. A second Ctrl-C during that clean-up stops it at once (same
-    exit). To end a server on SIGTERM as well, await
-    :meth:`tether.Main.serve_forever` in ``main``.
+    exit). SIGTERM (what systemd and docker send) does the same clean-up and
+    exits with status 143 (:data:`EXIT_TERMINATED`), unless something else
+    handles SIGTERM (:meth:`tether.Main.serve_forever` does, and returns).
 
     Raises:
         TypeError: ``main`` is not a coroutine (``tether.run(amain)`` instead
             of ``tether.run(amain())``).
         RuntimeError: called from a running event loop.
-        SystemExit: (status 130) on Ctrl-C.
+        SystemExit: (status 130) on Ctrl-C, (status 143) on SIGTERM.
     """
     if not asyncio.iscoroutine(main):
         hint = " (call it: tether.run(amain()), not tether.run(amain))" if callable(main) else ""
         raise TypeError(f"tether.run() needs a coroutine, not {type(main).__name__}{hint}")
     try:
         with asyncio.Runner(loop_factory=_loop_factory(), debug=debug) as runner:
-            return runner.run(main)
+            return runner.run(_ending_on_sigterm(main))
     except KeyboardInterrupt:
         raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+async def _ending_on_sigterm(main: Coroutine[Any, Any, T]) -> T:
+    """Await ``main``; SIGTERM cancels it (its ``async with`` blocks clean up), then exit 143."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    termed = False
+
+    def on_term() -> None:
+        nonlocal termed
+        termed = True
+        if task is not None:
+            task.cancel()
+
+    installed = False
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, on_term)
+            installed = True
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if termed:
+            raise SystemExit(EXIT_TERMINATED) from None
+        raise
+    finally:
+        if installed:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signal.SIGTERM)

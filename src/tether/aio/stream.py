@@ -18,11 +18,11 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Final, Protocol
 
 from ..errors import ProtocolError, TetherError
 
-__all__ = ["AGAIN", "SocketStream", "close_all", "tls_handshake"]
+__all__ = ["AGAIN", "SocketStream", "Stream", "close_all", "tls_handshake"]
 
 READ_SIZE: Final = 256 * 1024
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
@@ -56,6 +56,44 @@ def close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+class Stream(Protocol):
+    """What a :class:`~tether.Peer` needs of its transport: bytes in and out, and back-pressure.
+
+    :class:`SocketStream` is the one for sockets; :mod:`tether.web` has one
+    for WebSockets. The peer calls :meth:`attach` once (a SocketStream gets
+    its callbacks when made), then :meth:`start`.
+    """
+
+    #: whether file descriptors can ride along (unix sockets only)
+    unix: bool
+    #: bytes accepted by :meth:`write` and not yet handed to the OS
+    buffered: int
+
+    def attach(self, on_readable: Callable[[], None], on_error: Callable[[OSError], None]) -> None:
+        """Set the callbacks: bytes (or EOF) can be read; a queued write failed."""
+
+    def fileno(self) -> int:
+        """The underlying socket's descriptor (-1 once closed)."""
+
+    def start(self) -> None:
+        """Start (or resume) calling ``on_readable`` when there is something to read."""
+
+    def stop_reading(self) -> None:
+        """Stop reading until :meth:`start`: the other side is pushed back on."""
+
+    def recv(self, on_fds: Callable[[array.array[int]], None]) -> bytes | None:
+        """The bytes that arrived, ``b""`` at EOF, ``None`` if none yet."""
+
+    def write(self, data: bytearray, fds: list[int] | None = None) -> bool:
+        """Send ``data`` (whole frames), queueing what cannot go now; True if all went."""
+
+    async def drain(self, low: int) -> None:
+        """Wait until at most ``low`` bytes are queued."""
+
+    def close(self, exc: TetherError) -> None:
+        """Close the transport now and drop what is queued; drain waiters get ``exc``."""
 
 
 class SocketStream:
@@ -101,6 +139,13 @@ class SocketStream:
         self._reading = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed = False
+
+    def attach(self, on_readable: Callable[[], None], on_error: Callable[[OSError], None]) -> None:
+        self._on_readable = on_readable
+        self._on_error = on_error
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     def start(self) -> None:
         """Start watching for readability."""

@@ -1,0 +1,425 @@
+"""``Main.listen("ws://host:port", static=DIR)``: pages, tether.js and their WebSocket, one port.
+
+One ``websockets`` server answers three things:
+
+* ``GET /tether`` with a WebSocket upgrade: a page's connection, which becomes
+  a :class:`~tether.Peer` of role ``web`` (docs/protocol.md, section 1.1);
+* ``GET /tether.js`` and ``GET /tether.d.ts``: the client library shipped in
+  this package;
+* any other ``GET``: a file under ``static`` (``index.html`` for a folder).
+
+Every request must carry the listener's secret, made fresh at each start
+(docs/security.md, "Web pages"): ``?token=<secret>`` in the URL, or the
+cookie the server sets when a URL carried it (so the page's own scripts,
+images and reloads need no token). Anything else is answered 403. The
+WebSocket upgrade must also come from the served origin (``Origin``), to a
+host name this server answers to (``Host``): a page of another site cannot
+drive the app even if it learnt the port. HTTP and WebSocket framing are
+websockets'; nothing here parses either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import http
+import ipaddress
+import mimetypes
+import os
+import secrets
+import socket
+from collections.abc import Sequence
+from http.cookies import CookieError, SimpleCookie
+from importlib import resources
+from typing import TYPE_CHECKING, Final
+from urllib.parse import parse_qs, unquote
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from ..address import Address
+from ..aio.main import Server
+from ..aio.peer import Peer
+from ..identity import NO_CREDENTIALS
+from .stream import WebSocketStream
+
+if TYPE_CHECKING:
+    from ..aio.main import Main
+
+__all__ = ["SUBPROTOCOLS", "WS_PATH", "WebServer", "listen_web"]
+
+#: the path of the WebSocket endpoint
+WS_PATH: Final = "/tether"
+#: WebSocket subprotocol -> body encoding of the connection (docs/protocol.md, 1.1)
+SUBPROTOCOLS: Final = {"tether.json": "json", "tether.msgpack": "msgpack"}
+#: the client library, served from this package at these paths
+LIBRARY: Final = {
+    "/tether.js": ("tether.js", "text/javascript; charset=utf-8"),
+    "/tether.d.ts": ("tether.d.ts", "text/plain; charset=utf-8"),
+}
+_TYPES: Final = {
+    ".html": "text/html; charset=utf-8",
+    ".htm": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".txt": "text/plain; charset=utf-8",
+    ".ts": "text/plain; charset=utf-8",
+    ".wasm": "application/wasm",
+}
+#: headers on every response: the URL (with its token) never leaves as a
+#: Referer, nothing is sniffed or cached, no other site frames the page
+_SAFE_HEADERS: Final = (
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("Content-Security-Policy", "frame-ancestors 'self'"),
+)
+
+
+def _library(name: str) -> bytes:
+    return resources.files("tether.web").joinpath("static").joinpath(name).read_bytes()
+
+
+class WebServer(Server):
+    """A ``ws://`` listener: serves pages and their WebSocket (module docstring).
+
+    Attributes:
+        url: the page to open, secret included (``http://127.0.0.1:PORT/?token=...``).
+        origin: the origin pages are served from (``http://127.0.0.1:PORT``).
+        static: the folder whose files are served (``None``: only tether.js).
+        token: this start's secret (also in :attr:`url`).
+    """
+
+    def __init__(
+        self,
+        main: Main,
+        sock: socket.socket,
+        address: Address,
+        static: str | None,
+        *,
+        public: bool,
+        max_connections: int | None,
+        max_handshaking: int | None,
+    ) -> None:
+        # The base class's bookkeeping (limits, refusals) without its accept
+        # loop: websockets accepts on this socket.
+        super().__init__(
+            main,
+            sock,
+            address,
+            "web",
+            max_connections=max_connections,
+            max_handshaking=max_handshaking,
+        )
+        self._loop.remove_reader(self._fd)
+        self.static = static
+        self.token = secrets.token_urlsafe(32)
+        self._cookie = f"tether-{address.port}"
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        self.origin = f"http://{host}:{address.port}"
+        self.url = f"{self.origin}/?token={self.token}"
+        self._public = public
+        port = address.port
+        # Host names this server answers to: a page at another name that
+        # resolves here (DNS rebinding) is refused, token or not.
+        self._hosts = {f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
+        self._library = {path: (_library(name), ctype) for path, (name, ctype) in LIBRARY.items()}
+        self._ws_server = serve(
+            self._handler,
+            sock=sock,
+            process_request=self._process_request,
+            select_subprotocol=_select,
+            compression=None,
+            open_timeout=main.hello_timeout,
+            max_size=main.max_frame_size + 4,
+            max_queue=4,
+            close_timeout=2.0,
+            server_header=None,
+        )
+
+    async def _start(self) -> None:
+        await self._ws_server.__aenter__()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        """Stop accepting; connected pages stay until their peers close (``Main.close``)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ws_server.server.close()  # the listening socket closes now, not at the next turn
+        self._ws_server.close(close_connections=False)
+
+    async def wait_closed(self) -> None:
+        """Wait until every page's connection has ended (after :meth:`close`)."""
+        await self._ws_server.wait_closed()
+
+    def __repr__(self) -> str:
+        return f"<WebServer {self.origin} static={self.static!r}>"
+
+    # -- HTTP -------------------------------------------------------------
+
+    def _token_ok(self, query: str, headers: Headers) -> tuple[bool, bool]:
+        """(the request carries the secret, it came in the URL)."""
+        want = self.token.encode()
+        for value in parse_qs(query).get("token", ()):
+            if hmac.compare_digest(value.encode(), want):
+                return True, True
+        for header in headers.get_all("Cookie"):
+            jar: SimpleCookie = SimpleCookie()
+            try:
+                jar.load(header)
+            except CookieError:
+                continue
+            morsel = jar.get(self._cookie)
+            if morsel is not None and hmac.compare_digest(morsel.value.encode(), want):
+                return True, False
+        return False, False
+
+    def _respond(
+        self, status: int, body: bytes, ctype: str, extra: tuple[tuple[str, str], ...] = ()
+    ) -> Response:
+        headers = Headers(
+            [
+                ("Content-Type", ctype),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close"),
+                *_SAFE_HEADERS,
+                *extra,
+            ]
+        )
+        return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+    def _refuse_http(self, request: Request, status: int, why: str) -> Response:
+        if status == 403:
+            self.refused += 1
+            if self._may_log_refusal():
+                log_refusal(self, request, why)
+        return self._respond(status, f"{status} {why}\n".encode(), "text/plain; charset=utf-8")
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path, _, query = request.path.partition("?")
+        host = request.headers.get("Host", "")
+        if not self._public and self._host(host) not in self._hosts:
+            return self._refuse_http(request, 403, f"unknown host {host!r}")
+        ok, in_url = self._token_ok(query, request.headers)
+        if path == WS_PATH:
+            if not ok:
+                return self._refuse_http(
+                    request, 403, "the WebSocket needs the secret (?token= or the cookie)"
+                )
+            origin = request.headers.get("Origin")
+            if origin is not None and not self._same_origin(origin, host):
+                return self._refuse_http(request, 403, f"origin {origin!r} is not this server's")
+            offered = ",".join(request.headers.get_all("Sec-WebSocket-Protocol"))
+            if not any(p.strip() in SUBPROTOCOLS for p in offered.split(",")):
+                return self._respond(
+                    400,
+                    f"400 offer a subprotocol: {', '.join(SUBPROTOCOLS)}\n".encode(),
+                    "text/plain; charset=utf-8",
+                )
+            if self.max_connections is not None and len(self._held) >= self.max_connections:
+                return self._respond(503, b"503 too many connections\n", "text/plain")
+            if self.main._closing:
+                return self._respond(503, b"503 closing\n", "text/plain")
+            return None  # websockets completes the upgrade
+        if not ok:
+            return self._refuse_http(
+                request, 403, "open the address tether printed: it carries the secret"
+            )
+        # The secret came in the URL: keep it in a cookie, so the page's own
+        # requests (scripts, images, a reload without the token) pass too.
+        extra = (
+            (("Set-Cookie", f"{self._cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"),)
+            if in_url
+            else ()
+        )
+        lib = self._library.get(path)
+        if lib is not None:
+            return self._respond(200, lib[0], lib[1], extra)
+        file = self._file(path)
+        if file is None:
+            return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8", extra)
+        try:
+            body = await asyncio.to_thread(_read, file)
+        except OSError:
+            return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8", extra)
+        ctype = _TYPES.get(os.path.splitext(file)[1].lower())
+        if ctype is None:
+            ctype = mimetypes.guess_type(file)[0] or "application/octet-stream"
+        return self._respond(200, body, ctype, extra)
+
+    def _same_origin(self, origin: str, host: str) -> bool:
+        """Whether ``Origin`` names the host the request came to (``Host``), over http.
+
+        Both as the browser wrote them, so a default port is left out of
+        both or of neither. A ``public`` listener also takes ``https``: its
+        pages may come through a TLS proxy that keeps the ``Host``.
+        """
+        scheme, sep, netloc = origin.partition("://")
+        if not sep or not host or netloc != host:
+            return False
+        return scheme == "http" or (self._public and scheme == "https")
+
+    @staticmethod
+    def _host(host: str) -> str:
+        """``Host`` with its port (a browser leaves out ``:80``)."""
+        if host.endswith("]") or ":" not in host:
+            return f"{host}:80"
+        return host
+
+    def _file(self, path: str) -> str | None:
+        """The file under ``static`` that ``path`` names, or ``None``.
+
+        Refused: no static folder; a path that is not UTF-8 or holds a NUL;
+        any ``..`` or hidden (``.name``) segment, after percent-decoding; and
+        any file whose real path (symlinks resolved) is outside the folder.
+        """
+        root = self.static
+        if root is None:
+            return None
+        try:
+            rel = unquote(path, errors="strict")
+        except UnicodeDecodeError:
+            return None
+        if "\0" in rel or "\\" in rel:
+            return None
+        parts = [p for p in rel.split("/") if p]
+        if any(p.startswith(".") for p in parts):
+            return None  # .., hidden files (.git, .env)
+        real = os.path.realpath(os.path.join(root, *parts))
+        if os.path.isdir(real):
+            real = os.path.realpath(os.path.join(real, "index.html"))
+        if real != root and not real.startswith(root + os.sep):
+            return None
+        return real if os.path.isfile(real) else None
+
+    # -- WebSocket --------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        """One page's connection: a :class:`~tether.Peer` of role ``web`` until it closes."""
+        main = self.main
+        encoding = SUBPROTOCOLS.get(ws.subprotocol or "")
+        if encoding is None or main._closing or self._closed:
+            await ws.close(1008, "no tether subprotocol" if encoding is None else "closing")
+            return
+        if self.max_handshaking is not None and len(self._handshaking) >= self.max_handshaking:
+            self._make_handshake_room(self.max_handshaking)
+        stream = WebSocketStream(ws, main.max_frame_size)
+        remote = ws.remote_address
+        where = f"{remote[0]}:{remote[1]}" if remote else "?"
+        if remote and ":" in str(remote[0]):
+            where = f"[{remote[0]}]:{remote[1]}"
+        peer = Peer(
+            stream,
+            **main._peer_kw("web", self._name, child=False),
+            credentials=NO_CREDENTIALS,
+            address=f"tcp://{where}",
+            local=False,
+            initiator=False,
+            encoding=encoding,
+        )
+        assert ws.request is not None
+        peer.origin = ws.request.headers.get("Origin")
+        main._accepted[peer] = (self, where)
+        main.peers.add(peer)
+        self._track(peer)
+        peer.start()
+        if not peer.closed:
+            main._hello_timers[peer] = self._loop.call_later(
+                main.hello_timeout, main._check_hello, peer
+            )
+        await stream.finish()
+
+
+def _select(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """``tether.json`` if the client offers it, else ``tether.msgpack``, else none."""
+    for name in SUBPROTOCOLS:
+        if name in offered:
+            return Subprotocol(name)
+    return None
+
+
+def log_refusal(server: WebServer, request: Request, why: str) -> None:
+    import logging
+
+    logging.getLogger("tether").warning(
+        "%r refused %s: %s", server, request.path.partition("?")[0], why
+    )
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def listen_web(
+    main: Main,
+    address: str,
+    *,
+    role: str | None,
+    static: str | os.PathLike[str] | None,
+    public: bool,
+    max_connections: int | None,
+    max_handshaking: int | None,
+) -> WebServer:
+    """Start a ``ws://host:port`` listener for ``main`` (see :meth:`tether.Main.listen`)."""
+    from urllib.parse import urlsplit
+
+    if role not in (None, "web"):
+        raise ValueError(f"a page's role is always 'web' (handlers name it), not {role!r}")
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {address!r}") from exc
+    if port is None:
+        raise ValueError(f"ws address needs a port: {address!r}")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"a ws:// listener address is host and port only, not {address!r}")
+    host = parts.hostname or "127.0.0.1"
+    if not _loopback(host) and not public:
+        raise ValueError(
+            f"refusing to serve pages on {address} (not loopback) without public=True: the "
+            "page and its secret travel in clear text; anyone on the network who sees them "
+            "drives the app (put a TLS proxy in front, and pass public=True)"
+        )
+    root: str | None = None
+    if static is not None:
+        root = os.path.realpath(os.fspath(static))
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"static={static!r} is not a folder")
+    addr = Address("ws", host=host, port=port)
+    sock = addr.listen()
+    bound_host, bound_port = sock.getsockname()[:2]
+    server = WebServer(
+        main,
+        sock,
+        Address("ws", host=bound_host, port=bound_port),
+        root,
+        public=public,
+        max_connections=max_connections,
+        max_handshaking=max_handshaking,
+    )
+    try:
+        await server._start()
+    except BaseException:
+        sock.close()
+        raise
+    main.servers.append(server)
+    return server

@@ -1,0 +1,642 @@
+"""``ws://`` listeners: pages, tether.js and their WebSocket, driven by raw websockets clients.
+
+The clients here build frames by hand (struct, JSON), as a page's own code
+would, so these tests check the wire (docs/protocol.md, 1.1) and the web
+security rules (docs/security.md, "Web pages"), not tether.js.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+import tether
+from tether.web.server import WebServer
+
+HEADER = struct.Struct("<IBBHIIHH")
+HELLO, INVOKE, RESULT, ERROR, EVENT, CANCEL, GOODBYE = 1, 2, 3, 4, 5, 6, 11
+PAGE_HELLO = {"protocol": "tether", "version": 1, "role": "page", "encoding": "json"}
+
+
+def frame(kind: int, rid: int = 0, channel: str = "", body: Any = None, raw: bytes = b"") -> bytes:
+    """One frame: ``body`` JSON-encoded (unless ``raw`` bytes are given)."""
+    chan = channel.encode()
+    data = raw if body is None else json.dumps(body).encode()
+    return HEADER.pack(16 + len(chan) + len(data), kind, 0, len(chan), rid, 0, 0, 0) + chan + data
+
+
+def parse(message: bytes | str) -> tuple[int, int, str, Any]:
+    """(kind, request id, channel, JSON body or None) of one frame-message."""
+    assert isinstance(message, bytes)
+    size, kind, _, chan_len, rid, _, n_att, _ = HEADER.unpack_from(message)
+    assert size + 4 == len(message) and n_att == 0
+    body = message[20 + chan_len :]
+    return kind, rid, message[20 : 20 + chan_len].decode(), json.loads(body) if body else None
+
+
+@pytest.fixture
+async def main(tmp_path: Path) -> AsyncIterator[tether.Main]:
+    m = tether.Main(hello_timeout=5.0)
+
+    @m.handle("message-from-renderer", roles={"web"})
+    def reply(call: tether.Call, message: str) -> str:
+        return f"Received: {message}"
+
+    async with m:
+        yield m
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "index.html").write_text("<h1>page</h1>")
+    (root / "app.js").write_text("export const x = 1;")
+    return root
+
+
+def ws_url(server: WebServer, token: str | None = None) -> str:
+    base = server.origin.replace("http://", "ws://") + "/tether"
+    return base if token is None else f"{base}?token={token}"
+
+
+async def open_page(
+    server: WebServer,
+    origin: str | None = None,
+    hello: dict[str, Any] = PAGE_HELLO,
+    url: str | None = None,
+) -> ClientConnection:
+    """A WebSocket as a page would open it (JSON), its HELLO sent and main's read."""
+    ws = await ws_connect(
+        f"{url}/tether?token={server.token}" if url else ws_url(server, server.token),
+        subprotocols=["tether.json"],  # type: ignore[list-item]
+        origin=origin or server.origin,  # type: ignore[arg-type]
+        open_timeout=5,
+        close_timeout=1,  # a page that stopped reading cannot finish a closing handshake
+    )
+    await ws.send(frame(HELLO, body=hello))
+    kind, _, _, theirs = parse(await asyncio.wait_for(ws.recv(), 5))
+    assert kind == HELLO and theirs["role"] == "main" and theirs["encoding"] == "json"
+    return ws
+
+
+async def call(ws: ClientConnection, rid: int, channel: str, *args: Any) -> tuple[int, Any]:
+    await ws.send(frame(INVOKE, rid, channel, list(args)))
+    kind, got, _, body = parse(await asyncio.wait_for(ws.recv(), 5))
+    assert got == rid
+    return kind, body
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    return await asyncio.to_thread(http_get, url, headers)
+
+
+async def test_page_invokes_a_web_channel(main: tether.Main, site: Path) -> None:
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    assert isinstance(server, WebServer) and server.address.port != 0
+    assert server.url == f"{server.origin}/?token={server.token}"
+    async with await open_page(server) as ws:
+        assert await call(ws, 1, "message-from-renderer", "Hola, mundo!") == (
+            RESULT,
+            "Received: Hola, mundo!",
+        )
+
+
+async def test_page_is_served_with_the_token_and_refused_without(
+    main: tether.Main, site: Path
+) -> None:
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    status, headers, body = await get(server.url)
+    assert (status, body) == (200, b"<h1>page</h1>")
+    assert headers["Content-Type"].startswith("text/html")
+    assert headers["Referrer-Policy"] == "no-referrer"
+    cookie = headers["Set-Cookie"].split(";")[0]
+    assert cookie == f"tether-{server.address.port}={server.token}"
+    # Without the secret: 403, for the page, a file and the library alike.
+    for path in ("/", "/index.html", "/app.js", "/tether.js"):
+        status, _, _ = await get(server.origin + path)
+        assert status == 403, path
+    status, _, _ = await get(server.url.replace(server.token, server.token[:-1] + "x"))
+    assert status == 403
+    # The cookie the page got lets its own requests through (scripts, a reload).
+    status, headers, body = await get(server.origin + "/app.js", {"Cookie": cookie})
+    assert (status, body) == (200, b"export const x = 1;")
+    assert headers["Content-Type"].startswith("text/javascript")
+    assert server.refused >= 5
+
+
+async def test_library_is_served_from_the_package(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")  # no static folder: the library only
+    status, headers, body = await get(f"{server.origin}/tether.js?token={server.token}")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert b"export function connect" in body
+    status, _, body = await get(f"{server.origin}/tether.d.ts?token={server.token}")
+    assert status == 200 and b"export function connect" in body
+    status, _, _ = await get(server.url)
+    assert status == 404  # no index without a static folder
+
+
+async def test_socket_without_the_secret_is_refused(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    for token in (None, "", server.token[:-1] + ("a" if server.token[-1] != "a" else "b")):
+        with pytest.raises(InvalidStatus) as info:
+            await ws_connect(
+                ws_url(server, token),
+                subprotocols=["tether.json"],  # type: ignore[list-item]
+                origin=server.origin,  # type: ignore[arg-type]
+                open_timeout=5,
+            )
+        assert info.value.response.status_code == 403
+    assert not main.peers
+
+
+async def test_socket_from_another_origin_is_refused(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    port = server.address.port
+    for origin in ("http://evil.example", f"http://localhost.evil.example:{port}", "null"):
+        with pytest.raises(InvalidStatus) as info:
+            await open_page(server, origin=origin)
+        assert info.value.response.status_code == 403
+    assert not main.peers
+    # https only for a public listener (behind a TLS proxy that keeps the Host).
+    with pytest.raises(InvalidStatus):
+        await open_page(server, origin=server.origin.replace("http:", "https:"))
+    async with await open_page(server) as ws:  # the served origin
+        assert (await call(ws, 1, "message-from-renderer", "x"))[0] == RESULT
+    public = await main.listen("ws://127.0.0.1:0", public=True)  # (tests bind loopback only)
+    assert isinstance(public, WebServer)
+    host = f"127.0.0.1:{public.address.port}"
+    for origin in (f"http://{host}", f"https://{host}"):
+        async with await open_page(public, origin=origin, url=f"ws://{host}") as ws:
+            assert (await call(ws, 1, "message-from-renderer", "x"))[0] == RESULT
+    with pytest.raises(InvalidStatus):
+        await open_page(public, origin="https://evil.example", url=f"ws://{host}")
+
+
+async def raw_http(server: WebServer, target: str, host: str | None = None) -> int:
+    """The status of ``GET target`` sent byte for byte (no client-side path cleaning)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.address.port)
+    try:
+        host = host or f"127.0.0.1:{server.address.port}"
+        cookie = f"tether-{server.address.port}={server.token}"
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        return int(line.split()[1])
+    finally:
+        writer.close()
+
+
+async def test_no_file_outside_the_static_folder(
+    main: tether.Main, site: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "secret.txt").write_text("not for pages")
+    (site / ".env").write_text("KEY=1")
+    (site / "sub").mkdir()
+    (site / "sub" / "ok.txt").write_text("fine")
+    os.symlink(tmp_path / "secret.txt", site / "link.txt")
+    os.symlink(tmp_path, site / "linkdir")
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    assert await raw_http(server, "/sub/ok.txt") == 200
+    assert await raw_http(server, "/sub/../index.html") == 404  # no .. at all, even inside
+    for target in (
+        "/../secret.txt",
+        "/sub/../../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/%2E%2E%2Fsecret.txt",
+        "/sub/%2e%2e/%2e%2e/secret.txt",
+        "/..%2fsecret.txt",
+        "//etc/passwd",
+        "/%2fetc%2fpasswd",
+        f"/{tmp_path}/secret.txt".replace("//", "/"),
+        f"/%2F{str(tmp_path).lstrip('/')}%2Fsecret.txt",
+        "/link.txt",
+        "/linkdir/secret.txt",
+        "/.env",
+        "/%2eenv",
+        "/index.html%00.txt",
+        "/sub\\..\\..\\secret.txt",
+    ):
+        assert await raw_http(server, target) == 404, target
+
+
+async def test_unknown_host_is_refused(main: tether.Main, site: Path) -> None:
+    """A name that resolves here (DNS rebinding) is not this server's, token or not."""
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    port = server.address.port
+    assert await raw_http(server, "/", host=f"localhost:{port}") == 200
+    assert await raw_http(server, "/", host=f"rebind.example:{port}") == 403
+
+
+async def test_page_reaches_only_web_channels(main: tether.Main) -> None:
+    ran: list[str] = []
+
+    @main.handle("local-only")
+    def local_only(call: tether.Call) -> str:
+        ran.append("local-only")
+        return "no"
+
+    @main.handle("admin", roles={"client"})
+    def admin(call: tether.Call) -> str:
+        ran.append("admin")
+        return "no"
+
+    @main.on("log")
+    def log(call: tether.Call, line: str) -> None:
+        ran.append(line)
+
+    server = await main.listen("ws://127.0.0.1:0")
+    async with await open_page(server) as ws:
+        kind, body = await call(ws, 1, "local-only")
+        assert (kind, body["code"]) == (ERROR, "forbidden")
+        kind, body = await call(ws, 2, "admin")
+        assert (kind, body["code"]) == (ERROR, "forbidden")
+        await ws.send(frame(EVENT, 0, "log", ["from a page"]))
+        kind, body = await call(ws, 3, "nope")
+        assert (kind, body["code"]) == (ERROR, "no_handler")
+        assert "traceback" not in body
+    assert ran == []
+
+
+async def test_web_peer_identity(main: tether.Main) -> None:
+    seen: list[tether.Peer] = []
+
+    @main.handle("who", roles="web")
+    def who(call: tether.Call) -> dict[str, Any]:
+        seen.append(call.peer)
+        p = call.peer
+        return {"role": p.role, "origin": p.origin, "local": p.local, "uid": p.uid, "pid": p.pid}
+
+    server = await main.listen("ws://127.0.0.1:0")
+    async with await open_page(server) as ws:
+        kind, body = await call(ws, 1, "who")
+        assert kind == RESULT
+        assert body == {
+            "role": "web",
+            "origin": server.origin,
+            "local": False,
+            "uid": None,
+            "pid": None,
+        }
+        local = ws.local_address
+        assert seen[0].address == f"tcp://{local[0]}:{local[1]}"
+        assert seen[0] in main.peers
+
+
+async def test_main_invokes_and_sends_to_a_page(main: tether.Main) -> None:
+    got: asyncio.Future[tether.Peer] = asyncio.get_running_loop().create_future()
+
+    @main.handle("ready", roles="web")
+    def ready(call: tether.Call) -> None:
+        got.set_result(call.peer)
+
+    server = await main.listen("ws://127.0.0.1:0")
+    async with await open_page(server) as ws:
+        assert await call(ws, 1, "ready") == (RESULT, None)
+        peer = await asyncio.wait_for(got, 5)
+        await peer.send("theme", "dark")
+        assert parse(await asyncio.wait_for(ws.recv(), 5)) == (EVENT, 0, "theme", ["dark"])
+        task = asyncio.create_task(peer.invoke("page.title", 2, timeout=5))
+        kind, rid, channel, args = parse(await asyncio.wait_for(ws.recv(), 5))
+        assert (kind, channel, args) == (INVOKE, "page.title", [2])
+        await ws.send(frame(RESULT, rid, body={"title": "tab 2"}))
+        assert await task == {"title": "tab 2"}
+        task = asyncio.create_task(peer.invoke("page.fail", timeout=5))
+        kind, rid, _, _ = parse(await asyncio.wait_for(ws.recv(), 5))
+        await ws.send(
+            frame(ERROR, rid, body={"code": "remote", "message": "no", "type": "TypeError"})
+        )
+        with pytest.raises(tether.RemoteError) as info:
+            await task
+        assert info.value.type_name == "TypeError"
+        # A timeout sends CANCEL, as to any peer.
+        with pytest.raises(tether.InvokeTimeout):
+            await peer.invoke("page.slow", timeout=0.2)
+        kind, rid, _, _ = parse(await asyncio.wait_for(ws.recv(), 5))
+        assert kind == INVOKE
+        assert parse(await asyncio.wait_for(ws.recv(), 5))[:2] == (CANCEL, rid)
+
+
+async def _closed_with(ws: ClientConnection) -> int | None:
+    with pytest.raises(ConnectionClosed) as info:
+        for _ in range(10):
+            await asyncio.wait_for(ws.recv(), 5)
+    return info.value.rcvd.code if info.value.rcvd else None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        frame(INVOKE, 1, "message-from-renderer", ["x"]) + b"\x00",  # one frame and a byte
+        frame(INVOKE, 1, "message-from-renderer", ["x"]) * 2,  # two frames in one message
+        frame(INVOKE, 1, "message-from-renderer", ["x"])[:-1],  # a frame cut short
+        b"\x10\x00\x00",  # shorter than a header
+        frame(99, 1),  # unknown kind
+        frame(INVOKE, 0, "message-from-renderer", ["x"]),  # request id 0
+        frame(HELLO, body=PAGE_HELLO),  # a second HELLO
+        HEADER.pack(16 + 2 + 16 + 3, INVOKE, 0, 2, 1, 0, 1, 0)  # an attachment: not on JSON
+        + b"ch"
+        + struct.pack("<BBHIQ", 0, 0, 0, 0, 3)
+        + b"abc",
+        "a text message",
+    ],
+    ids=["trailing", "two", "short", "tiny", "kind", "rid0", "hello2", "attachment", "text"],
+)
+async def test_malformed_frame_closes_only_that_page(main: tether.Main, bad: bytes | str) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    async with await open_page(server) as good, await open_page(server) as evil:
+        await evil.send(bad)
+        assert await _closed_with(evil) == 1002  # protocol error
+        assert await call(good, 1, "message-from-renderer", "still here") == (
+            RESULT,
+            "Received: still here",
+        )
+        for _ in range(100):
+            if len(main.peers) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert len(main.peers) == 1
+
+
+async def test_malformed_body_is_a_bad_request_not_a_close(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    async with await open_page(server) as ws:
+        for rid, raw in enumerate(
+            (b"[1,", b"\xff", b"", b"[1e999999]", b"[123456789012345678901234]"), 1
+        ):
+            await ws.send(frame(INVOKE, rid, "message-from-renderer", raw=raw))
+            kind, got, _, body = parse(await asyncio.wait_for(ws.recv(), 5))
+            assert (kind, got, body["code"]) == (ERROR, rid, "bad_request"), raw
+        kind, body = await call(ws, 9, "message-from-renderer", 5)
+        assert (kind, body["code"], body["path"]) == (ERROR, "bad_request", "message")
+
+
+async def test_oversize_message_closes_the_page() -> None:
+    async with tether.Main(max_frame_size=8192) as main:
+
+        @main.handle("echo", roles="web")
+        def echo(call: tether.Call, text: str) -> str:
+            return text
+
+        server = await main.listen("ws://127.0.0.1:0")
+        async with await open_page(server) as ws:
+            # The largest frame fits (its message is max_frame_size + 4 bytes)...
+            body = json.dumps(["x" * (8192 - 16 - 4 - 4)]).encode()
+            fits = frame(INVOKE, 1, "echo", raw=body)
+            assert len(fits) == 8192 + 4
+            await ws.send(fits)
+            kind, _, _, answer = parse(await asyncio.wait_for(ws.recv(), 5))
+            assert (kind, len(answer)) == (RESULT, 8192 - 24)
+            # ...one byte more does not: the page is closed.
+            await ws.send(frame(INVOKE, 2, "echo", raw=body + b" "))
+            assert await _closed_with(ws) == 1009  # websockets: message too big
+        for _ in range(100):
+            if not main.peers:
+                break
+            await asyncio.sleep(0.05)
+        assert not main.peers
+
+
+async def test_main_cannot_send_a_page_more_than_it_accepts() -> None:
+    async with tether.Main() as main:
+        got: asyncio.Future[tether.Peer] = asyncio.get_running_loop().create_future()
+
+        @main.handle("ready", roles="web")
+        def ready(call: tether.Call) -> None:
+            got.set_result(call.peer)
+
+        server = await main.listen("ws://127.0.0.1:0")
+        async with await open_page(server, hello={**PAGE_HELLO, "max_frame_size": 4096}) as ws:
+            assert await call(ws, 1, "ready") == (RESULT, None)
+            peer = await asyncio.wait_for(got, 5)
+            with pytest.raises(tether.PayloadTooLarge):
+                await peer.send("x", "y" * 5000)
+            await peer.send("x", "small")
+            assert parse(await asyncio.wait_for(ws.recv(), 5)) == (EVENT, 0, "x", ["small"])
+
+
+async def test_hello_must_say_json(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    ws = await ws_connect(
+        ws_url(server, server.token),
+        subprotocols=["tether.json"],  # type: ignore[list-item]
+        origin=server.origin,  # type: ignore[arg-type]
+    )
+    async with ws:
+        hello = {k: v for k, v in PAGE_HELLO.items() if k != "encoding"}
+        await ws.send(frame(HELLO, body=hello))
+        assert parse(await asyncio.wait_for(ws.recv(), 5))[0] == HELLO
+        assert await _closed_with(ws) == 1002
+
+
+async def test_msgpack_subprotocol_speaks_the_byte_stream_protocol(main: tether.Main) -> None:
+    """``tether.msgpack``: the very frames of docs/protocol.md, one per message."""
+    server = await main.listen("ws://127.0.0.1:0")
+    ws = await ws_connect(
+        ws_url(server, server.token),
+        subprotocols=["tether.msgpack"],  # type: ignore[list-item]
+        origin=server.origin,  # type: ignore[arg-type]
+    )
+    async with ws:
+        assert ws.subprotocol == "tether.msgpack"
+        hello = msgspec.msgpack.encode({"protocol": "tether", "version": 1, "role": "page"})
+        await ws.send(HEADER.pack(16 + len(hello), HELLO, 0, 0, 0, 0, 0, 0) + hello)
+        their = await asyncio.wait_for(ws.recv(), 5)
+        assert isinstance(their, bytes)
+        assert msgspec.msgpack.decode(their[20:])["role"] == "main"
+        body = msgspec.msgpack.encode(["Hola, mundo!"])
+        chan = b"message-from-renderer"
+        await ws.send(
+            HEADER.pack(16 + len(chan) + len(body), INVOKE, 0, len(chan), 1, 0, 0, 0) + chan + body
+        )
+        answer = await asyncio.wait_for(ws.recv(), 5)
+        assert isinstance(answer, bytes)
+        assert answer[4] == RESULT
+        assert msgspec.msgpack.decode(answer[20:]) == "Received: Hola, mundo!"
+
+
+async def test_socket_needs_a_tether_subprotocol(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    with pytest.raises(InvalidStatus) as info:
+        await ws_connect(ws_url(server, server.token), origin=server.origin)  # type: ignore[arg-type]
+    assert info.value.response.status_code == 400
+
+
+async def test_listen_arguments_are_checked(main: tether.Main, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="public=True"):
+        await main.listen("ws://0.0.0.0:0")
+    with pytest.raises(ValueError, match="'web'"):
+        await main.listen("ws://127.0.0.1:0", role="client")
+    with pytest.raises(FileNotFoundError):
+        await main.listen("ws://127.0.0.1:0", static=tmp_path / "missing")
+    with pytest.raises(ValueError, match="ws://"):
+        await main.listen("tcp://127.0.0.1:0", static=tmp_path)
+    with pytest.raises(ValueError, match="own secret"):
+        await main.listen("ws://127.0.0.1:0", secret=b"0123456789abcdef")
+    server = await main.listen("ws://127.0.0.1:0", public=True)
+    assert server.url.startswith("http://127.0.0.1:")
+    assert await raw_http(server, "/", host=f"any.example:{server.address.port}") == 404
+
+
+async def test_close_ends_pages_with_a_goodbye(site: Path) -> None:
+    main = tether.Main()
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    assert isinstance(server, WebServer)
+    ws = await open_page(server)
+    fd = server.fileno()
+    assert fd >= 0
+    await main.close()
+    kind, _, _, body = parse(await asyncio.wait_for(ws.recv(), 5))
+    assert (kind, body) == (GOODBYE, {"reason": "main closing"})
+    assert await _closed_with(ws) == 1000
+    assert server.fileno() == -1
+    await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def test_a_page_that_stops_reading_is_dropped() -> None:
+    async with tether.Main(max_queued=64 << 20, drain_timeout=1.0) as main:
+        got: asyncio.Future[tether.Peer] = asyncio.get_running_loop().create_future()
+
+        @main.handle("ready", roles="web")
+        def ready(call: tether.Call) -> None:
+            got.set_result(call.peer)
+
+        server = await main.listen("ws://127.0.0.1:0")
+        async with await open_page(server) as ws:
+            assert await call(ws, 1, "ready") == (RESULT, None)
+            peer = await asyncio.wait_for(got, 5)
+            with pytest.raises(tether.PeerGone, match="stopped reading: nothing drained"):
+                for _ in range(400):  # the page reads nothing from here on
+                    await peer.send("flood", "x" * (256 << 10))
+            assert peer.closed
+
+
+async def test_a_silent_page_is_dropped_after_hello_timeout() -> None:
+    async with tether.Main(hello_timeout=0.3) as main:
+        server = await main.listen("ws://127.0.0.1:0")
+        assert isinstance(server, WebServer)
+        ws = await ws_connect(
+            ws_url(server, server.token),
+            subprotocols=["tether.json"],  # type: ignore[list-item]
+            origin=server.origin,  # type: ignore[arg-type]
+        )
+        async with ws:
+            assert parse(await asyncio.wait_for(ws.recv(), 5))[0] == HELLO  # main's
+            assert await _closed_with(ws) == 1002  # then nothing from us: dropped
+        assert server.refused == 1
+
+
+async def test_max_connections_holds_for_pages() -> None:
+    async with tether.Main() as main:
+        server = await main.listen("ws://127.0.0.1:0", max_connections=1)
+        assert isinstance(server, WebServer)
+        async with await open_page(server):
+            with pytest.raises(InvalidStatus) as info:
+                await open_page(server)
+            assert info.value.response.status_code == 503
+
+
+def test_server_url_of_other_listeners_is_the_address() -> None:
+    async def run() -> None:
+        async with tether.Main() as main:
+            server = await main.listen("tcp://127.0.0.1:0")
+            assert server.url == str(server.address)
+
+    asyncio.run(run())
+
+
+async def test_main_pushes_to_every_connected_page(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    assert isinstance(server, WebServer)
+    async with await open_page(server) as a, await open_page(server) as b:
+        for _ in range(100):
+            if len(server.peers) == 2:
+                break
+            await asyncio.sleep(0.02)
+        pages = server.peers
+        assert len(pages) == 2 and all(p.role == "web" for p in pages)
+        for page in pages:
+            await page.send("theme", "dark")
+        for ws in (a, b):
+            assert parse(await asyncio.wait_for(ws.recv(), 5)) == (EVENT, 0, "theme", ["dark"])
+        await a.close()
+        for _ in range(100):
+            if len(server.peers) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert len(server.peers) == 1
+
+
+async def test_random_frames_never_break_the_server(
+    main: tether.Main, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage in well-sized messages: each page is answered or closed (1002), nothing else."""
+    import random
+
+    rng = random.Random(9)
+    server = await main.listen("ws://127.0.0.1:0")
+    with caplog.at_level("WARNING"):
+        for _ in range(40):
+            kind = rng.choice([0, *range(1, 14), 14, 255])
+            chan = bytes(rng.randrange(256) for _ in range(rng.randrange(4)))
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+            head = HEADER.pack(
+                16 + len(chan) + len(body),
+                kind,
+                rng.randrange(2),
+                rng.choice([len(chan), len(chan) + 5]),
+                rng.randrange(3),
+                rng.randrange(2),
+                rng.choice([0, 0, 1]),
+                0,
+            )
+            async with await open_page(server) as ws:
+                await ws.send(head + chan + body)
+                await ws.send(frame(INVOKE, 77, "message-from-renderer", ["after"]))
+                try:
+                    while True:
+                        kind_, rid, _, _ = parse(await asyncio.wait_for(ws.recv(), 5))
+                        if rid == 77 and kind_ in (RESULT, ERROR):
+                            break
+                except ConnectionClosed as exc:  # 1000 after a GOODBYE, else a protocol error
+                    assert exc.rcvd is not None
+                    assert exc.rcvd.code in ((1000, 1002) if kind == GOODBYE else (1002,)), kind
+        async with await open_page(server) as ws:
+            assert (await call(ws, 1, "message-from-renderer", "x"))[0] == RESULT
+    bad = [r for r in caplog.records if "broke the protocol" not in r.getMessage()]
+    assert not [r for r in bad if r.levelname in ("ERROR", "CRITICAL") or r.exc_info], bad
+
+
+async def test_without_websockets_listen_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    for name in [n for n in sys.modules if n == "tether.web.server" or n.startswith("websockets")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "websockets", None)  # as if not installed
+    async with tether.Main() as main:
+        with pytest.raises(ImportError, match=r"tether-ipc\[web\]"):
+            await main.listen("ws://127.0.0.1:0")
