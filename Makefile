@@ -1,5 +1,6 @@
 # tether: `make demo` and `make test` are all a fresh checkout needs (python3 >= 3.11 and make).
-# The first run creates $(VENV) and installs the package with its dev extra.
+# The first run creates $(VENV) and installs the package with its dev extra; `make test` also
+# installs Debian's chromium (apt-get, as root or through sudo) when /usr/bin/chromium is missing.
 
 # PYTHON defaults to the first of python3.13/3.12/3.11/python3 that runs and is >= 3.11.
 ifeq ($(origin PYTHON),undefined)
@@ -14,8 +15,10 @@ FUZZ_SECONDS ?= 60
 FUZZ_SESSIONS ?= 100000
 FUZZ_LIVE_SECONDS ?= 900
 FUZZ_DIR := .fuzz
+# The browser tests drive Debian's Chromium (Playwright's own browser download is not used).
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: all demo test bench lint fuzz clean
+.PHONY: all demo test bench lint fuzz clean chromium
 
 all: test
 
@@ -30,8 +33,24 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tether demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/python -m pytest -q
+
+# Install Debian's chromium package when $(CHROMIUM) is missing: as root, or through sudo.
+# apt-get update only when the first install fails (a fresh machine has no package lists).
+chromium:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+		else echo "error: $(CHROMIUM) is missing and the browser tests need it; as root run:" \
+			"apt-get install -y chromium (no sudo here to do it)" >&2; exit 1; fi; \
+		echo "installing Debian's chromium for the browser tests ($(CHROMIUM) is missing)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q chromium \
+		|| { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; } \
+		|| { echo "error: could not install chromium with apt-get" >&2; exit 1; }; \
+		[ -x "$(CHROMIUM)" ] || { echo "error: chromium installed but $(CHROMIUM) is missing" >&2; exit 1; }; \
+	fi
 
 bench: $(STAMP)
 	$(VENV)/bin/tether bench

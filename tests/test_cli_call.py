@@ -112,7 +112,7 @@ def test_list_shows_every_channel_a_local_peer_may_reach_with_types(
     result = tether_cmd("call", "--list", server[0])
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "invoke  add(a: int, b: int) -> int",
+        "invoke  add(a: int, b: int = 1) -> int",
         "invoke  blob(n: int) -> bytes",
         "invoke  local.only(names: list[str], x: float | None) -> dict[str, int]",
         "invoke  mean(a: ndarray) -> float",
@@ -127,7 +127,7 @@ def test_list_shows_a_stranger_only_what_its_role_reaches(server: tuple[str, str
     result = tether_cmd("call", "--list", "--secret", SECRET.decode(), server[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "invoke  add(a: int, b: int) -> int",
+        "invoke  add(a: int, b: int = 1) -> int",
         "event   log(line: str)",
     ]
 
@@ -163,6 +163,15 @@ def test_bytes_arguments_b64_file_and_stdin(server: tuple[str, str]) -> None:
     nofile = tether_cmd("call", server[0], "size", f"@{folder}/nope")
     assert nofile.returncode == 2 and "nope" in nofile.stderr
     shutil.rmtree(folder)
+
+
+def test_an_endless_file_argument_is_refused_past_the_frame_limit(
+    server: tuple[str, str],
+) -> None:
+    # /dev/zero never ends: read at most one frame's worth, then say so (was: memory grew)
+    endless = tether_cmd("call", server[0], "size", "@/dev/zero")
+    assert endless.returncode == 2
+    assert "/dev/zero" in endless.stderr and "larger than 64 MiB" in endless.stderr
 
 
 def test_a_bytes_result_is_base64_and_the_caller_is_told(server: tuple[str, str]) -> None:

@@ -45,6 +45,19 @@ EXPECTED: dict[str, list[str]] = {
         "main: child: the thread saw call.cancelled and stopped",
         "main: got bytes of 1048576 bytes back",
     ],
+    "handles.py": [
+        "main: the pipe says 'hello through a pipe'",
+        "main: the sent Handle is gone from main: ConsumedError",
+        "main: the socket says 'PING'",
+        "main: the child's file says 'written by the child'",
+        "tcp client: a Handle over TCP is refused: HandleRefused",
+    ],
+    "direct.py": [
+        "main: a's sibling is b: True",
+        "main: a summed 0..9999 through b: 49995000",
+        "main: a says sibling PeerGone",
+        "main: b exited: True",
+    ],
     "pool.py": [
         "fib(25) = 75025",
         "map: [0, 1, 1, 2, 3, 5, 8, 13, 21, 34]",

@@ -36,7 +36,7 @@ FIXED_ERRORS = {
     "BufferInUse",
     "RouteClosed",
 }
-# The other names DESIGN.md fixes that exist today (Handle comes later).
+# The other names DESIGN.md fixes.
 FIXED_OTHERS = {
     "Main",
     "Peer",
@@ -49,12 +49,15 @@ FIXED_OTHERS = {
     "run",
     "Pool",
     "Route",
+    "Handle",
 }
 # Public, but not fixed by DESIGN.md.
 # Errors added since DESIGN.md fixed its list (public, in errors.py, under TetherError).
 OTHER_ERRORS = {"Busy", "AuthenticationError", "SandboxError", "StreamMismatch"}
+OTHER_ERRORS |= {"HandleRefused"}  # issue 11: a Handle sent where no descriptors pass
 EXTRA = {"Server", "PipeReader", "PipeWriter", "Sandbox", "SandboxReport"} | OTHER_ERRORS
 EXPECTED_ALL = FIXED_ERRORS | FIXED_OTHERS | EXTRA
+EXPECTED_ALL |= {"Handle"}  # issue 11: descriptors as values
 
 # The standard exception each error also is, as errors.py documents.
 ALSO_STDLIB: dict[str, type[BaseException]] = {
@@ -71,6 +74,7 @@ ALSO_STDLIB: dict[str, type[BaseException]] = {
     "BufferInUse": BufferError,
     "StreamMismatch": TypeError,
     "RouteClosed": ConnectionError,
+    "HandleRefused": TypeError,
 }
 
 

@@ -716,7 +716,11 @@ def test_feature_table_matches_code() -> None:
 def test_extension_table_matches_codec() -> None:
     rows = _tables("### 3.6 Referring to attachments from the body")[0]
     documented = {int(r[0].split()[0]): r[0].split()[1].strip("()`") for r in rows}
-    assert documented == {codec.EXT_BYTES: "bytes", codec.EXT_NDARRAY: "ndarray"}
+    assert documented == {
+        codec.EXT_BYTES: "bytes",
+        codec.EXT_NDARRAY: "ndarray",
+        codec.EXT_HANDLE: "handle",
+    }
 
 
 def _pair(family: int) -> tuple[socket.socket, socket.socket]:

@@ -23,6 +23,7 @@ from .errors import ConnectionClosed as ConnectionClosed
 from .errors import ConsumedError as ConsumedError
 from .errors import EndOfStream as EndOfStream
 from .errors import Forbidden as Forbidden
+from .errors import HandleRefused as HandleRefused
 from .errors import InvokeTimeout as InvokeTimeout
 from .errors import NoHandler as NoHandler
 from .errors import PayloadTooLarge as PayloadTooLarge
@@ -34,6 +35,7 @@ from .errors import SandboxError as SandboxError
 from .errors import StreamMismatch as StreamMismatch
 from .errors import TetherError as TetherError
 from .executor import Pool as Pool
+from .handles import Handle as Handle
 from .pipe import PipeReader as PipeReader
 from .pipe import PipeWriter as PipeWriter
 from .pipe import pipe as pipe
@@ -56,6 +58,8 @@ __all__ = [
     "ConsumedError",
     "EndOfStream",
     "Forbidden",
+    "Handle",
+    "HandleRefused",
     "InvokeTimeout",
     "Main",
     "NoHandler",

@@ -25,8 +25,9 @@ from typing import Any, Final
 
 from . import shm
 from .errors import ProtocolError
+from .handles import MAX_LIVE_HANDLES, Handle, received
 from .segments import Borrowed, Segment, SegmentPool
-from .wire import FLAG_LEASE, FLAG_MOVED
+from .wire import FLAG_HANDLE, FLAG_LEASE, FLAG_MOVED
 
 __all__ = ["MAX_LEASES", "MemfdStore"]
 
@@ -43,11 +44,12 @@ def store_for(unix: bool, peer_role: str, local_role: str) -> MemfdStore | None:
     The one place the lending rule lives, for both I/O layers: on unix sockets
     descriptors pass; a main lends its pooled segments only to the children it
     spawned (``peer_role == "child"``), and every side but a main accepts
-    segments lent by the other side (it trusts the privileged side's pages).
+    segments lent by the other side (it trusts the privileged side's pages);
+    two children on a direct channel (``sibling``) trust neither: sealed only.
     """
     if not unix:
         return None
-    return MemfdStore(lend=peer_role == "child", borrow=local_role != "main")
+    return MemfdStore(lend=peer_role == "child", borrow=local_role not in ("main", "sibling"))
 
 
 class MemfdStore:
@@ -76,6 +78,7 @@ class MemfdStore:
         #: HELLO features this store supports
         self.features: tuple[str, ...] = ("fd", "lease") if borrow else ("fd",)
         self._fds_in: collections.deque[int] = collections.deque()
+        self._handles: weakref.WeakSet[Handle] = weakref.WeakSet()  # received, not yet taken
         self._pool = SegmentPool(max_idle, max_segments)
         self._leases: dict[int, Segment] = {}  # lent out, awaiting RELEASE
         self._next_lease = 0
@@ -98,8 +101,11 @@ class MemfdStore:
         """Descriptors received that no frame has claimed yet."""
         return len(self._fds_in)
 
-    def claim(self, nbytes: int, flags: int, aux: int) -> memoryview:
+    def claim(self, nbytes: int, flags: int, aux: int) -> Any:
         """Map the next received descriptor as an attachment of ``nbytes``.
+
+        A descriptor passed as a value (``FLAG_HANDLE``) becomes a
+        :class:`tether.Handle` that owns it (closed unless the application takes it).
 
         Raises:
             ProtocolError: no descriptor arrived, it is not sealed, is smaller
@@ -108,6 +114,14 @@ class MemfdStore:
         if not self._fds_in:
             raise ProtocolError("frame refers to a file descriptor that did not arrive")
         fd = self._fds_in.popleft()
+        if flags & FLAG_HANDLE:
+            if len(self._handles) >= MAX_LIVE_HANDLES:
+                os.close(fd)
+                raise ProtocolError(
+                    f"more than {MAX_LIVE_HANDLES} descriptors received as Handles "
+                    "and not yet taken, closed or dropped"
+                )
+            return received(fd, self._handles)
         if not flags & (FLAG_LEASE | FLAG_MOVED):
             return shm.map_sealed(fd, nbytes)
         if not self.borrow:

@@ -41,6 +41,8 @@ EXT_NDARRAY: Final = 2  # data: msgpack [index, dtype str, shape] -> read-only n
 #: child it spawned with ``pickle=True``); anywhere else a validation error,
 #: and never unpickled
 EXT_PICKLE: Final = 3
+#: data: u32 LE attachment index (a FLAG_HANDLE descriptor) -> tether.Handle
+EXT_HANDLE: Final = 4
 
 _local = threading.local()
 
@@ -59,6 +61,13 @@ def ext_hook(code: int, data: memoryview) -> Any:
         if len(data) != 4:
             raise msgspec.ValidationError("malformed attachment reference")
         return _attachment(atts, int.from_bytes(data, "little"))
+    if code == EXT_HANDLE and atts is not None:
+        att = _att(atts, data)
+        if not getattr(att, "__tether_handle__", False):
+            raise msgspec.ValidationError(
+                "handle reference to an attachment that is not a descriptor"
+            )
+        return att
     if code == EXT_NDARRAY and atts is not None:
         import numpy as np
 
@@ -76,7 +85,19 @@ def ext_hook(code: int, data: memoryview) -> Any:
 def _attachment(atts: Any, index: int) -> memoryview:
     if not 0 <= index < len(atts):
         raise msgspec.ValidationError(f"attachment {index} does not exist")
-    return memoryview(atts[index]).toreadonly()
+    att = atts[index]
+    if getattr(att, "__tether_handle__", False):
+        raise msgspec.ValidationError(f"attachment {index} is a descriptor, not bytes")
+    return memoryview(att).toreadonly()
+
+
+def _att(atts: Any, data: memoryview) -> Any:
+    if len(data) != 4:
+        raise msgspec.ValidationError("malformed attachment reference")
+    index = int.from_bytes(data, "little")
+    if not 0 <= index < len(atts):
+        raise msgspec.ValidationError(f"attachment {index} does not exist")
+    return atts[index]
 
 
 def decode_with(
@@ -306,7 +327,9 @@ class ArgsSpec:
     """Decodes a call's positional arguments for one handler.
 
     Built once per handler from its signature (the first parameter, the
-    :class:`~tether.Call`, is skipped). Unannotated parameters accept anything.
+    :class:`~tether.Call`, is skipped; with ``call=False`` every parameter is
+    an argument, as for a :class:`tether.Pool` job). Unannotated parameters
+    accept anything.
     A ``*args`` parameter takes the arguments past the named ones, each
     validated against its hint. A parameter hinted ``bytes`` (or
     ``bytearray``) receives that type at every size; ``memoryview`` or
@@ -327,15 +350,16 @@ class ArgsSpec:
         "slow",
     )
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], *, call: bool = True) -> None:
         sig = inspect.signature(fn)
         hints = type_hints(fn)
         self.fname = str(getattr(fn, "__name__", None) or "handler")
         every = list(sig.parameters.values())
-        # The Call comes first; a handler taking only *args gets it in args[0].
-        params = every if every and every[0].kind is every[0].VAR_POSITIONAL else every[1:]
+        # The Call comes first (a handler taking only *args gets it in args[0]); a job has none.
+        skip = call and bool(every) and every[0].kind is not every[0].VAR_POSITIONAL
+        params = every[1:] if skip else every
         #: the parameter that receives the Call (named in arity errors)
-        self.first = every[0].name if every and params is not every else ""
+        self.first = every[0].name if skip else ""
         names: list[str] = []
         types: dict[str, Any] = {}
         defaults: list[Any] = []
@@ -343,7 +367,7 @@ class ArgsSpec:
         for p in params:
             if p.kind is p.VAR_POSITIONAL:
                 rest = hints.get(p.name, Any)
-                if p is every[0]:
+                if call and p is every[0]:
                     rest = Any  # its hint is for the call as well
                 break
             if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD):

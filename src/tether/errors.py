@@ -17,6 +17,7 @@
     ├── ConnectionClosed      this side closed the connection (or pipe end) already
     ├── EndOfStream           a pipe's writer closed; no more messages will come
     ├── BufferInUse           a Buffer was sent while views of it were alive (also BufferError)
+    ├── HandleRefused         a Handle was sent where no descriptors pass (also TypeError)
     ├── Busy                  the callee has too many of this caller's invokes in flight
     ├── RouteClosed           the route ended (either side closed it, a send failed, the
     │                         connection was lost); its pending invokes fail with this
@@ -34,8 +35,8 @@ The split answers "whose fault, and what now?":
   malformed frame is killed.
 * ``ConnectionClosed`` means *you* closed it; ``PeerGone`` means something
   outside did (its ``__cause__`` holds the ``OSError`` when there was one).
-* ``PayloadTooLarge`` raised by ``invoke``/``send`` means nothing was sent and
-  the connection is still open.
+* ``PayloadTooLarge`` and ``HandleRefused`` raised by ``invoke``/``send``
+  mean nothing was sent and the connection is still open.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "ConsumedError",
     "EndOfStream",
     "Forbidden",
+    "HandleRefused",
     "InvokeTimeout",
     "NoHandler",
     "PayloadTooLarge",
@@ -175,6 +177,15 @@ class AuthenticationError(ProtocolError):
 
 class ConsumedError(TetherError, RuntimeError):
     """The object was moved into a message by send/invoke and may not be used again."""
+
+
+class HandleRefused(TetherError, TypeError):
+    """A :class:`~tether.Handle` was sent on a connection that passes no descriptors.
+
+    Only unix sockets and socketpairs carry descriptors (the ``fd`` feature of
+    both HELLOs); over TCP or WebSocket the send fails and nothing is sent. The
+    Handle is consumed (its descriptor closed) all the same, as a sent one is.
+    """
 
 
 class PayloadTooLarge(TetherError, ValueError):

@@ -62,7 +62,14 @@ def type_name(hint: Any) -> str:
     if isinstance(hint, type) and not typing.get_args(hint):
         return hint.__qualname__
     text = repr(hint)
-    for prefix in ("typing.", "collections.abc.", "numpy.", "tether.shm.", "tether."):
+    for prefix in (
+        "typing.",
+        "collections.abc.",
+        "numpy.",
+        "tether.shm.",
+        "tether.handles.",
+        "tether.",
+    ):
         text = text.replace(prefix, "")
     return text
 
@@ -81,7 +88,11 @@ def _signature(fn: Callable[..., Any], event: bool) -> tuple[list[tuple[str, str
         if p.kind is p.VAR_POSITIONAL:
             out.append((f"*{p.name}", type_name(hints.get(p.name, Any))))
         elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            out.append((p.name, type_name(hints.get(p.name, Any))))
+            shown = type_name(hints.get(p.name, Any))
+            if p.default is not p.empty:  # optional: say so, as Python writes it
+                default = repr(p.default)
+                shown += f" = {default if len(default) <= 40 else default[:37] + '...'}"
+            out.append((p.name, shown))
     result = None if event else type_name(hints.get("return", Any))
     return out, result
 

@@ -82,6 +82,7 @@ from .streams import credit_body, is_a_stream
 from .wire import (
     ATT,
     DEFAULT_MAX_FRAME_SIZE,
+    FLAG_HANDLE,
     FLAG_LEASE,
     FLAG_MOVED,
     HEADER,
@@ -170,7 +171,7 @@ class AttachmentStore(Protocol):
     def receive_fds(self, fds: Iterable[int]) -> None: ...
     @property
     def unclaimed(self) -> int: ...
-    def claim(self, nbytes: int, flags: int, aux: int) -> memoryview: ...
+    def claim(self, nbytes: int, flags: int, aux: int) -> Any: ...
     def released(self) -> list[int]: ...
     @property
     def outstanding(self) -> int: ...
@@ -395,7 +396,7 @@ class Connection:
             self.abort()
             raise ProtocolError("received file descriptors from a peer that did not announce fd")
 
-    def _claim(self, nbytes: int, flags: int, aux: int) -> memoryview:
+    def _claim(self, nbytes: int, flags: int, aux: int) -> Any:
         """The parser's callback for a descriptor attachment."""
         if self._handshaking:
             # A frame right behind the HELLO (and AUTH), in the same read: they
@@ -997,6 +998,8 @@ class Connection:
                 return self._ext(_Att(WHERE_FD, n, fd=fd, flags=FLAG_MOVED))
             fd, n = store.move(obj, False)
             return self._ext(_Att(WHERE_FD, n, fd=fd))
+        if getattr(obj, "__tether_handle__", False):
+            return self._handle_ext(obj)
         if hasattr(obj, "__array_interface__") and type(obj).__module__ == "numpy":
             import numpy as np
 
@@ -1012,6 +1015,21 @@ class Connection:
         if self.pickle:  # both ends opted in (a main and its child): pickle the rest
             return msgspec.msgpack.Ext(codec.EXT_PICKLE, _pickle.dumps(obj, protocol=5))
         raise TypeError(f"objects of type {type(obj).__name__} cannot be sent")
+
+    def _handle_ext(self, handle: Any) -> msgspec.msgpack.Ext:
+        """A :class:`~tether.Handle`: its descriptor passed as a value (EXT_HANDLE)."""
+        if self._store is None or not self._send_fds:
+            raise handle.refuse(
+                "a tether.Handle cannot be sent on this connection: it passes no file "
+                "descriptors (the peer did not announce 'fd'; only unix sockets and "
+                "socketpairs carry them, not TCP or WebSocket)"
+            )
+        if self._fd_count() >= MAX_UNCLAIMED_FDS:
+            raise handle.refuse(
+                f"more than {MAX_UNCLAIMED_FDS} descriptors in one message (Handles, large buffers)"
+            )
+        self._ext(_Att(WHERE_FD, 0, fd=handle.take(), flags=FLAG_HANDLE))
+        return msgspec.msgpack.Ext(codec.EXT_HANDLE, (len(self._atts) - 1).to_bytes(4, "little"))
 
     def _fd_count(self) -> int:
         return sum(1 for a in self._atts if a.where == WHERE_FD)
@@ -1109,7 +1127,7 @@ def _consume_all(obj: Any, _depth: int = 0) -> None:
 
     A send that fails before or while encoding moves its Buffers all the same.
     """
-    if getattr(obj, "__tether_buffer__", False):
+    if getattr(obj, "__tether_buffer__", False) or getattr(obj, "__tether_handle__", False):
         obj.close()
     elif _depth < 64 and isinstance(obj, (list, tuple, set, frozenset, dict)):
         for x in obj.values() if isinstance(obj, dict) else obj:

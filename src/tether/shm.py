@@ -142,7 +142,7 @@ def consume_all(obj: Any, _depth: int = 0) -> None:
 
     A send that fails before or while encoding moves its Buffers all the same.
     """
-    if isinstance(obj, Buffer):
+    if isinstance(obj, Buffer) or getattr(obj, "__tether_handle__", False):
         obj.close()
     elif _depth < 64 and isinstance(obj, (list, tuple, set, frozenset, dict)):
         for x in obj.values() if isinstance(obj, dict) else obj:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from .errors import PayloadTooLarge, ProtocolError
 
@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "FLAG_LEASE",
     "FLAG_MOVED",
+    "FLAG_HANDLE",
     "MIN_MAX_FRAME_SIZE",
     "WHERE_FD",
     "WHERE_INLINE",
@@ -63,6 +64,7 @@ WHERE_FD: Final = 1  # a file descriptor passed beside the frame, claimed in arr
 # Its ``flags`` field (bits; only meaningful with WHERE_FD).
 FLAG_LEASE: Final = 1  # a lent, reusable segment (aux = lease id)
 FLAG_MOVED: Final = 2  # a moved Buffer, sealed against future writes only
+FLAG_HANDLE: Final = 4  # a descriptor passed as a value (a tether.Handle), never mapped; length 0
 _MAX_U32: Final = 0xFFFFFFFF
 
 
@@ -231,7 +233,7 @@ class FrameParser:
     def __init__(
         self,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        claim_fd: Callable[[int, int, int], memoryview] | None = None,
+        claim_fd: Callable[[int, int, int], Any] | None = None,
         first_limit: int | None = None,
         first_count: int = 1,
     ) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConnectionClosed, PeerGone, ProtocolError
+from ..handles import Handle
 from ..introspect import install as install_introspection
 from ..registry import checked_channel, checked_roles
 from ..shm import Buffer
@@ -104,6 +105,12 @@ async def broadcast(
             raise TypeError(
                 "a tether.Buffer is moved by a send, so it cannot go to several peers: "
                 "broadcast its bytes or an ndarray instead"
+            )
+        if isinstance(a, Handle):
+            a.close()  # refused like a failed send: moved all the same
+            raise TypeError(
+                "a tether.Handle is moved by a send, so it cannot go to several peers: "
+                "send each one its own (Handle.from_file or from_socket duplicate)"
             )
     peers = [p for p in list(main.peers) if _reaches(p, roles)]
     if not peers:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Collection, Generator, Mapping
 from typing import Any
 
+from .. import direct
 from ..address import Address, parse_address, tune
 from ..capture import Output
 from ..checks import check_connect_options
@@ -33,7 +34,7 @@ from ..identity import peer_address, peer_credentials
 from ..process import Deferred, check_spawn_options, check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
-from ..results import DEFAULT_TIMEOUT
+from ..results import DEFAULT, DEFAULT_TIMEOUT
 from ..routes import MAX_ROUTES
 from ..sandbox import Sandbox, SandboxReport, read_report
 from ..tls import tls_connect, tls_refusal
@@ -431,6 +432,8 @@ class Main(Handlers):
         self._exit_tasks: set[asyncio.Future[Any]] = set()  # ...the async ones running
         self._stopping: set[asyncio.Future[int | None]] = set()  # serve_forever waiting
         hub.install_introspection(self.registry)
+        #: roles :meth:`connect` may give a direct channel (default: spawned children)
+        self.connect_roles: set[str] = set(direct.DEFAULT_ROLES)
 
     async def __aenter__(self) -> Main:
         return self
@@ -945,6 +948,24 @@ class Main(Handlers):
             PayloadTooLarge: the event exceeds ``max_frame_size``.
         """
         return await hub.broadcast(self, channel, args, role)
+
+    async def connect(self, a: Peer, b: Peer, *, timeout: float | None = None) -> None:
+        """Give two peers (children) a direct channel to each other; main relays nothing.
+
+        A socketpair's ends go to each as a :class:`~tether.Handle`, through the
+        reserved channel ``tether.connect``: each must have registered
+        ``@peer.on_connect`` (its callback gets a :class:`~tether.Peer` for the
+        other, role ``sibling``). Both must have a role in
+        :attr:`connect_roles` (``{"child"}`` by default) and be on unix sockets.
+        ``timeout``: per child, for its callback (default: the peer's timeout).
+
+        Raises:
+            Forbidden: a peer's role is not in :attr:`connect_roles`.
+            NoHandler: a child did not register ``on_connect``.
+            HandleRefused: a peer is not on a unix socket (TCP, WebSocket).
+            RemoteError: a child's ``on_connect`` callback raised (it refused).
+        """
+        await direct.join(self.connect_roles, a, b, DEFAULT if timeout is None else timeout)
 
     def on_child_exit(self, fn: hub.OnExit) -> hub.OnExit:
         """Call ``fn(child, exitcode)`` when a child :meth:`spawn` returned exits; a decorator too.

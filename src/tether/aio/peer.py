@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar, overload
 
-from .. import codec
+from .. import codec, direct
 from ..attachments import MemfdStore, store_for
 from ..errors import (
     ConnectionClosed,
@@ -47,6 +47,7 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
+from ..handles import held_size
 from ..identity import NO_CREDENTIALS, Credentials, peer_address, peer_credentials
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
@@ -363,6 +364,16 @@ class Peer(Handlers):
         the peer's word, this one the kernel's.
         """
         return self._peer_pid
+
+    def on_connect(self, fn: Callable[[Peer], Any]) -> Callable[[Peer], Any]:
+        """Accept direct channels main opens with :meth:`Main.connect`; a decorator.
+
+        ``fn(peer)`` gets the new :class:`Peer` for the other child (already
+        started: register its handlers before the first ``await``); it may be
+        a coroutine function. Raising refuses the channel. See :mod:`tether.direct`.
+        """
+        direct.register(self.registry, direct.aio_accept(self, fn))
+        return fn
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed, by either side."""
@@ -866,7 +877,7 @@ class Peer(Handlers):
             else:
                 backlog.append(f)
                 for a in f.attachments:  # mapped segments count as held too
-                    self._held += memoryview(a).nbytes
+                    self._held += held_size(a)
 
     # -- reading ----------------------------------------------------------
 

@@ -71,10 +71,10 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar, overload
 
-from .. import codec, threads
+from .. import codec, direct, threads
 from ..attachments import store_for
 from ..errors import (
     ConnectionClosed,
@@ -83,6 +83,7 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
+from ..handles import held_size
 from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection
 from ..registry import Call, Handler, Handlers, Registry
@@ -170,7 +171,7 @@ def _close_all(fds: Iterable[int]) -> None:
 def _job_size(f: Frame) -> int:
     n = len(f.body)
     for a in f.attachments:
-        n += len(a)
+        n += held_size(a)
     return n
 
 
@@ -366,6 +367,17 @@ class Peer(Handlers):
         return f"<sync.Peer {self.name or self._sock.fileno()} role={self.role}>"
 
     # -- registering ------------------------------------------------------
+
+    def on_connect(self, fn: Callable[[Peer], Any]) -> Callable[[Peer], Any]:
+        """Accept direct channels main opens with :meth:`tether.Main.connect`; a decorator.
+
+        ``fn(peer)`` gets a new blocking :class:`Peer` for the other child, on
+        this peer's handler thread; it starts serving once ``fn`` returned
+        (register its handlers there). Raising refuses the channel.
+        """
+        direct.register(self.registry, direct.sync_accept(self, fn))
+        self._registered()
+        return fn
 
     def _registered(self) -> None:
         # Handlers run on a worker thread, in order; serving starts at the first
