@@ -236,3 +236,43 @@ def test_broker_example_runs() -> None:
         "main: 1 URL refused; renderer exited with code 0",
     ):
         assert expected in lines, out.stdout
+
+
+# -- redirects, flow control -----------------------------------------------------------
+
+
+async def _redirector(location: str) -> asyncio.Server:
+    """A loopback HTTP server answering every request ``302 Found`` to ``location``."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n".encode()
+            )
+            await writer.drain()
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+async def test_a_redirect_is_refused_not_followed(sock_path: str) -> None:
+    """An allowed URL whose server redirects to a URL the policy does not name: Forbidden."""
+    async with Echo() as secret:
+        target = secret.url  # its port is not in the policy
+        red = await _redirector(target)
+        async with red:
+            rport = red.sockets[0].getsockname()[1]
+            policy = Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({rport}))
+            broker = WebSocketBroker(policy)
+            async with tether.Main() as main:
+                broker.install(main)
+                await main.listen(f"unix://{sock_path}")
+                async with tether.connect(f"unix://{sock_path}") as peer:
+                    with pytest.raises(tether.Forbidden, match="redirect") as info:
+                        await open_websocket(peer, f"ws://127.0.0.1:{rport}/", timeout=10.0)
+                    assert target in str(info.value)
+                    await broker.wait_idle(10.0)
+        assert secret.connections == 0  # never reached
+    assert [h.closes for h in broker.closed_hosts] == [1]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import TYPE_CHECKING, Any, Final
@@ -72,7 +73,9 @@ class Policy:
         schemes: ``"ws"`` and/or ``"wss"``.
 
     A host name is resolved by main when it connects (no proxy is used):
-    name addresses rather than names where DNS is not trusted.
+    name addresses rather than names where DNS is not trusted. Redirects
+    are not followed (the server's ``Location`` could name anything): the
+    open fails with ``Forbidden`` naming the redirect's target.
     """
 
     hosts: frozenset[str]
@@ -139,10 +142,8 @@ class WebSocketHost:
         route.handle("send", self._send)
 
     async def _connect(self) -> Any:
-        from websockets.asyncio.client import connect
-
         broker = self._broker
-        ws = await connect(
+        ws = await _no_redirects()(
             self.url, open_timeout=broker.open_timeout, max_size=broker.max_message, proxy=None
         )
         if self._ended:  # the route ended while connecting
@@ -155,6 +156,8 @@ class WebSocketHost:
         """Answer once the real socket is open: its subprotocol. Raises why it could not open."""
         try:
             ws = await asyncio.shield(self._connected)
+        except Forbidden:
+            raise  # a redirect: the child gets Forbidden naming its target
         except (OSError, TimeoutError) as exc:
             raise ConnectionError(f"cannot connect to {self.url}: {exc}") from None
         except Exception as exc:  # websockets' handshake errors
@@ -220,6 +223,29 @@ class WebSocketHost:
                 async with asyncio.timeout(self._broker.close_timeout):
                     await ws.close(1001, "the other side went away")
         self._broker._closed(self)
+
+
+@functools.cache
+def _no_redirects() -> Any:
+    """``websockets``' ``connect``, refusing HTTP redirects instead of following them.
+
+    The policy checked the URL the child asked for, not where a server
+    redirects it (another host or port, one the policy does not name): a
+    redirect fails the open with :class:`~tether.Forbidden` naming its target.
+    """
+    from websockets.asyncio.client import connect
+
+    class NoRedirects(connect):
+        def process_redirect(self, exc: Exception) -> Exception | str:
+            target = super().process_redirect(exc)
+            if isinstance(target, str):  # a redirect websockets would follow
+                return Forbidden(
+                    f"redirect to {target!r} refused (url {self.uri!r}):"
+                    " the broker follows no redirects"
+                )
+            return target
+
+    return NoRedirects
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
