@@ -18,7 +18,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 import tether
-from _broker_targets import echo_client, open_and_wait, open_unreachable
+from _broker_targets import echo_client, flood_reader, open_and_wait, open_unreachable
 from tether.broker import Policy, WebSocketBroker, open_websocket
 
 # -- the policy -------------------------------------------------------------------
@@ -276,3 +276,71 @@ async def test_a_redirect_is_refused_not_followed(sock_path: str) -> None:
                     await broker.wait_idle(10.0)
         assert secret.connections == 0  # never reached
     assert [h.closes for h in broker.closed_hosts] == [1]
+
+
+class Flood:
+    """A loopback WebSocket server sending numbered messages as fast as it may, until ``stop``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sent = 0
+        self.stop = False
+        self.server: Any = None
+
+    async def handler(self, ws: ServerConnection) -> None:
+        await ws.recv()
+        pad = "x" * (self.size - 8)
+        try:
+            while not self.stop:
+                await ws.send(f"{self.sent:08d}{pad}")
+                self.sent += 1
+            await ws.send("end")
+            await ws.wait_closed()
+        except ConnectionClosed:
+            pass
+
+    async def __aenter__(self) -> Flood:
+        self.server = await serve(self.handler, "127.0.0.1", 0, compression=None)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        return int(next(iter(self.server.sockets)).getsockname()[1])
+
+
+@pytest.mark.timeout(120)
+async def test_a_child_that_does_not_read_pushes_back_on_the_server() -> None:
+    """Flow control: the window bounds the child's queue, TCP stalls the flood; then all arrives."""
+    size, window = 16 * 1024, 8
+    async with Flood(size) as flood:
+        policy = Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({flood.port}))
+        broker = WebSocketBroker(policy, window=window)
+        got: dict[str, Any] = {}
+        seen: dict[str, int] = {}
+        async with _main_with(broker, got) as main:
+
+            @main.handle("flooding", roles={"child"})
+            async def flooding(call: tether.Call) -> None:
+                """Return once the server stalled: neither main nor the child reads on."""
+                last = -1
+                async with asyncio.timeout(60.0):
+                    while flood.sent != last or flood.sent == 0:
+                        last = flood.sent
+                        await asyncio.sleep(1.0)
+                (host,) = broker.hosts
+                frames = len(host._ws.recv_messages.frames)  # what websockets holds in main
+                seen.update(sent=flood.sent, inflight=host.inflight, frames=frames)
+                flood.stop = True  # its send in progress completes once the child reads
+
+            child = await main.spawn(flood_reader, f"ws://127.0.0.1:{flood.port}/", sandbox=True)
+            assert await child.wait(90.0) == 0
+    assert seen["inflight"] == window, seen
+    assert seen["frames"] < 256, seen  # main: one read's worth of frames, no more
+    assert got["queued"] <= window, got
+    assert got["queued_bytes"] <= window * size, got
+    assert got["received"] == flood.sent
+    assert got["in_order"] is True
