@@ -464,7 +464,10 @@ async def test_main_sets_the_cap_for_its_peers() -> None:
 
         child = await main.spawn(_route_targets.open_many, 3, start_method="fork")
         await until(lambda: len(opened) == 1, 20)
-        assert opened == [(3, "Busy: 3 routes are open on this connection already (max_routes)")]
+        # the child got main's cap too: it refuses the fourth itself, before asking
+        assert opened == [
+            (3, "Busy: 3 routes opened to this peer already (max_routes): close some first")
+        ]
         assert child.max_routes == 3
     with pytest.raises(ValueError, match="max_routes"):
         tether.Main(max_routes=-1)
