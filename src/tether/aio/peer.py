@@ -387,7 +387,8 @@ class Peer(Handlers):
         """
         if self._closed is not None:
             return
-        if isinstance(exc, ProtocolError) and _may_warn():
+        # Before HELLO completes, whoever awaits the handshake reports it (one line, not two).
+        if isinstance(exc, ProtocolError) and self._hello_fut.done() and _may_warn():
             log.warning("%r broke the protocol: %s", self, exc)
         self._dropped = True
         if isinstance(exc, PeerGone):
@@ -402,7 +403,7 @@ class Peer(Handlers):
         await self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._closed else "open" if self._hello_fut.done() else "handshaking"
         return f"<Peer {self.name or self._fd} role={self.role} {state}>"
 
     # -- calling ----------------------------------------------------------
