@@ -387,9 +387,11 @@ class Peer(Handlers):
         """
         if self._closed is not None:
             return
-        # Before HELLO completes, whoever awaits the handshake reports it (one line, not two).
-        if isinstance(exc, ProtocolError) and self._hello_fut.done() and _may_warn():
-            log.warning("%r broke the protocol: %s", self, exc)
+        if isinstance(exc, ProtocolError):
+            if not self._hello_fut.done():  # who awaits the handshake reports it: one line
+                log.debug("%r broke the protocol: %s", self, exc)
+            elif _may_warn():
+                log.warning("%r broke the protocol: %s", self, exc)
         self._dropped = True
         if isinstance(exc, PeerGone):
             self._shutdown(exc)
