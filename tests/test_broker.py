@@ -344,3 +344,28 @@ async def test_a_child_that_does_not_read_pushes_back_on_the_server() -> None:
     assert got["queued_bytes"] <= window * size, got
     assert got["received"] == flood.sent
     assert got["in_order"] is True
+
+
+async def test_the_real_socket_is_opened_without_compression(sock_path: str) -> None:
+    """Compressed frames could inflate in main beyond any window: none are negotiated."""
+    offered: list[str | None] = []
+
+    async def record(ws: ServerConnection) -> None:
+        offered.append(ws.request.headers.get("Sec-WebSocket-Extensions") if ws.request else "?")
+        await ws.send("hello")
+        await ws.wait_closed()
+
+    async with serve(record, "127.0.0.1", 0) as server:  # offers permessage-deflate itself
+        port = next(iter(server.sockets)).getsockname()[1]
+        broker = WebSocketBroker(Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({port})))
+        async with tether.Main() as main:
+            broker.install(main)
+            await main.listen(f"unix://{sock_path}")
+            async with tether.connect(f"unix://{sock_path}") as peer:
+                ws = await open_websocket(peer, f"ws://127.0.0.1:{port}/", timeout=10.0)
+                assert await ws.recv(timeout=10.0) == "hello"
+                (host,) = broker.hosts
+                assert host._ws.protocol.extensions == []
+                await ws.close()
+                await broker.wait_idle(10.0)
+    assert offered == [None]
