@@ -313,12 +313,22 @@ class Flood:
 
 
 @pytest.mark.timeout(120)
-async def test_a_child_that_does_not_read_pushes_back_on_the_server() -> None:
+@pytest.mark.parametrize(
+    ("window", "window_bytes", "full"),
+    [
+        (8, 1 << 20, 8),  # the message count fills the window
+        (1000, 64 * 1024, 4),  # the bytes do: 4 messages of 16 KiB
+        (1000, 1000, 1),  # one message larger than the window still goes, alone
+    ],
+)
+async def test_a_child_that_does_not_read_pushes_back_on_the_server(
+    window: int, window_bytes: int, full: int
+) -> None:
     """Flow control: the window bounds the child's queue, TCP stalls the flood; then all arrives."""
-    size, window = 16 * 1024, 8
+    size = 16 * 1024
     async with Flood(size) as flood:
         policy = Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({flood.port}))
-        broker = WebSocketBroker(policy, window=window)
+        broker = WebSocketBroker(policy, window=window, window_bytes=window_bytes)
         got: dict[str, Any] = {}
         seen: dict[str, int] = {}
         async with _main_with(broker, got) as main:
@@ -338,10 +348,10 @@ async def test_a_child_that_does_not_read_pushes_back_on_the_server() -> None:
 
             child = await main.spawn(flood_reader, f"ws://127.0.0.1:{flood.port}/", sandbox=True)
             assert await child.wait(90.0) == 0
-    assert seen["inflight"] == window, seen
+    assert seen["inflight"] == full, seen
     assert seen["frames"] < 256, seen  # main: one read's worth of frames, no more
-    assert got["queued"] <= window, got
-    assert got["queued_bytes"] <= window * size, got
+    assert got["queued"] <= full, got
+    assert got["queued_bytes"] <= full * size, got
     assert got["received"] == flood.sent
     assert got["in_order"] is True
 
