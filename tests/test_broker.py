@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 import tether
 from _broker_targets import echo_client, flood_reader, open_and_wait, open_unreachable
-from tether.broker import Policy, WebSocketBroker, open_websocket
+from tether.broker import BrokeredWebSocket, Policy, WebSocketBroker, open_websocket
 
 # -- the policy -------------------------------------------------------------------
 
@@ -379,3 +379,36 @@ async def test_the_real_socket_is_opened_without_compression(sock_path: str) -> 
                 await ws.close()
                 await broker.wait_idle(10.0)
     assert offered == [None]
+
+
+class _StuckRoute:
+    """A route whose sends never complete (a peer that stopped reading): records listeners."""
+
+    id, kind, closed = 2, "websocket", False
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, Any] = {}
+        self.acks: list[tuple[int, int]] = []
+
+    def on(self, channel: str, fn: Any) -> None:
+        self.listeners[channel] = fn
+
+    async def send(self, channel: str, *args: Any) -> None:
+        self.acks.append(args)
+        await asyncio.Event().wait()
+
+
+async def test_recv_returns_its_message_while_the_ack_for_it_cannot_be_sent() -> None:
+    """The credit goes out on its own: a recv never waits on it, so none times out holding data."""
+    route = _StuckRoute()
+    ws = BrokeredWebSocket(route, "ws://127.0.0.1:1/", window=2)  # type: ignore[arg-type]
+    for text in ("one", "two"):
+        route.listeners["message"](None, text)
+    assert ws.queued == (2, 6)
+    assert await ws.recv(timeout=5.0) == "one"  # one message is half the window: an ack
+    assert await ws.recv(timeout=5.0) == "two"
+    assert ws.queued == (0, 0)
+    await asyncio.sleep(0)
+    assert route.acks == [(1, 3), (1, 3)]
+    for task in list(ws._acking):
+        task.cancel()

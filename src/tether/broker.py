@@ -13,6 +13,7 @@ on that route, whose routing id names the socket, as Chromium keeps one
       WebSocketHost: connects the real socket     await ws.send("hi")   -> INVOKE "send"
       server frame -> route.send("message")       await ws.recv()       <- EVENT "message"
       server gone  -> route.send("closed"), close  RouteClosed after the "closed" event
+      a full window: stops reading the socket     recv() gives credit: EVENT "ack" (n, bytes)
 
 SendOrDrop: when relaying to the child fails (the child died, its route or
 connection closed, it stopped reading), ``route.send`` drops the route and
@@ -411,6 +412,7 @@ class BrokeredWebSocket:
         self._queued_bytes = 0
         self._unacked = 0
         self._unacked_bytes = 0
+        self._acking: set[asyncio.Task[None]] = set()
         route.on("message", self._message)
         route.on("closed", self._closed)
 
@@ -424,7 +426,7 @@ class BrokeredWebSocket:
         self._queued_bytes += len(data)
         self._inbox.put_nowait(data)
 
-    async def _consumed(self, data: str | bytes) -> None:
+    def _consumed(self, data: str | bytes) -> None:
         """Count one message ``recv`` returns; give main credit every half window or when idle."""
         size = len(data)
         self._queued_bytes -= size
@@ -434,8 +436,14 @@ class BrokeredWebSocket:
         if self._unacked >= n or self._unacked_bytes >= nbytes or self._inbox.empty():
             ack = (self._unacked, self._unacked_bytes)
             self._unacked = self._unacked_bytes = 0
-            with contextlib.suppress(RouteClosed):  # the next recv says the socket ended
-                await self.route.send("ack", *ack)
+            # Its own task: a recv timed out or cancelled while the ack waits loses no message.
+            task = asyncio.ensure_future(self._ack(*ack))
+            self._acking.add(task)
+            task.add_done_callback(self._acking.discard)
+
+    async def _ack(self, messages: int, nbytes: int) -> None:
+        with contextlib.suppress(RouteClosed):  # the next recv says the socket ended
+            await self.route.send("ack", messages, nbytes)
 
     def _closed(self, call: Call, code: int, reason: str) -> None:
         self.close_code, self.close_reason = code, reason
@@ -475,7 +483,7 @@ class BrokeredWebSocket:
                 if item is None:
                     self._inbox.put_nowait(None)  # every later recv raises as well
                     raise self._ended()
-                await self._consumed(item)
+                self._consumed(item)
                 return item
 
     async def __aiter__(self) -> AsyncIterator[str | bytes]:
