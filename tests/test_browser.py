@@ -438,7 +438,7 @@ def test_a_page_cannot_send_bytes(page: Page, app: WebApp) -> None:
     open_test_page(page, app)
     outcome = page.evaluate("attempt('blob', 'AAE=')")
     assert outcome["ok"] is False and outcome["name"] == "BadRequest", outcome
-    assert "Expected `bytes`, got `str`" in outcome["message"]
+    assert "blob() argument 'data': expected bytes, got str" in outcome["message"]
 
 
 def test_main_pushes_and_invokes_the_page(page: Page, app: WebApp) -> None:
