@@ -1,4 +1,4 @@
-"""The ``tether`` command: ``demo``, ``call`` and ``bench``.
+"""The ``tether`` command: ``demo``, ``call``, ``trace`` and ``bench``.
 
 Exit codes: 0 on success, 1 when the operation failed (a tether error, a
 failed demo), 2 for a usage error (bad arguments, malformed address).
@@ -105,12 +105,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo",
         help=(
             "run the scenarios tether grew from (a pipe across fork(), Electron's "
             "main/renderer IPC) end to end"
         ),
+    )
+    demo.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write a Chrome trace-event timeline of every process's frames to FILE",
     )
     call = sub.add_parser(
         "call",
@@ -160,6 +165,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="how long to wait to connect and for the result (default: 10)",
     )
     sub.add_parser(
+        "trace",
+        help="watch a running main's frames live (tether trace ADDRESS), or merge trace files",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="benchmark tether against other IPC libraries (arguments go to the benchmark)",
         add_help=False,
@@ -167,10 +177,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo() -> int:
+def _demo(trace: str | None = None) -> int:
     from . import demo
 
-    return demo.main()
+    return demo.main(trace=trace)
 
 
 def _format_channels(channels: Any) -> str:
@@ -267,10 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything after "bench" belongs to the benchmark's own parser.
     if args_list[:1] == ["bench"]:
         return _bench(args_list[1:])
+    if args_list[:1] == ["trace"]:
+        from .trace_cli import main as trace_main
+
+        return trace_main(args_list[1:])
     parser = _build_parser()
     ns = parser.parse_args(args_list)
     if ns.command == "demo":
-        return _demo()
+        return _demo(ns.trace)
     if ns.command == "call":
         return _call(ns)
     parser.print_help(sys.stderr)

@@ -70,6 +70,7 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from . import codec
+from . import tracing as _tracing
 from .errors import AuthenticationError, ConnectionClosed, PayloadTooLarge, ProtocolError
 from .routes import RouteTable
 from .wire import (
@@ -481,6 +482,8 @@ class Connection:
             if self.pickle:
                 for f in out:
                     f.pickle = True
+            if _tracing.hook is not None and out:  # tracing: once per read, not per frame
+                _tracing.hook.received(self, out)
             return out
         except ProtocolError:
             self.abort()
@@ -683,18 +686,21 @@ class Connection:
             pre, self._pre = self._pre, bytearray()
             return pre, _NO_FDS
         if self._ready:
-            return self._ready.popleft()
-        released = self._released
-        while released:
-            self._emit(Kind.RELEASE, released.popleft(), 0, b"", b"")
-        out = self._out
-        if out:
-            self._out = bytearray()
-        fds = self._fds_out
-        if fds:
-            self._fds_out = []
-            return out, fds
-        return out, _NO_FDS
+            chunk = self._ready.popleft()
+        else:
+            released = self._released
+            while released:
+                self._emit(Kind.RELEASE, released.popleft(), 0, b"", b"")
+            out = self._out
+            if out:
+                self._out = bytearray()
+            fds = self._fds_out
+            if fds:
+                self._fds_out = []
+            chunk = out, fds or _NO_FDS
+        if _tracing.hook is not None and chunk[0]:  # tracing: once per write, not per frame
+            _tracing.hook.sent(self, chunk[0])
+        return chunk
 
     @property
     def store(self) -> AttachmentStore | None:
