@@ -308,6 +308,8 @@ class Connection:
         #: both ends opted in to pickle (set at handshake): objects msgspec cannot
         #: encode travel pickled, and received pickles are unpickled
         self.pickle = False
+        #: leave this connection out of traces (a ``tether trace`` watcher's own)
+        self.trace_off = False
         self._parser = FrameParser(
             max_frame_size,
             self._claim if store is not None else None,

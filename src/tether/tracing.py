@@ -152,7 +152,7 @@ class Recorder:
 
     def sent(self, conn: Any, data: bytes | bytearray) -> None:
         """Frames ``conn`` is about to write (whole frames, back to back)."""
-        if getattr(conn, "trace_off", False):
+        if conn.trace_off:
             return
         ts = _now_us()
         view = memoryview(data)
@@ -170,7 +170,7 @@ class Recorder:
 
     def received(self, conn: Any, frames: Iterable[Any]) -> None:
         """Frames ``conn`` just parsed and hands to the application."""
-        if getattr(conn, "trace_off", False):
+        if conn.trace_off:
             return
         ts = _now_us()
         for f in frames:

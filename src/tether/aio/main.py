@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Collection, Generator, Mapping
 from typing import Any
 
-from .. import direct, tracing
+from .. import direct, trace_control, tracing
 from ..address import Address, parse_address, tune
 from ..capture import Output
 from ..checks import check_connect_options
@@ -439,6 +439,7 @@ class Main(Handlers):
         self._exit_tasks: set[asyncio.Future[Any]] = set()  # ...the async ones running
         self._stopping: set[asyncio.Future[int | None]] = set()  # serve_forever waiting
         hub.install_introspection(self.registry)
+        trace_control.install(self.registry)
         #: roles :meth:`connect` may give a direct channel (default: spawned children)
         self.connect_roles: set[str] = set(direct.DEFAULT_ROLES)
 
