@@ -128,7 +128,7 @@ def format_record(rec: dict[str, Any]) -> str:
 
 
 async def watch(ns: argparse.Namespace) -> int:
-    """``tether trace ADDRESS``: print main's frames until Ctrl-C or ``--duration``, then a summary."""
+    """``tether trace ADDRESS``: print frames until Ctrl-C or ``--duration``, then a summary."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
