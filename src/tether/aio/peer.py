@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar, overload
 
-from .. import codec, direct
+from .. import codec, direct, otel
 from ..attachments import MemfdStore, store_for
 from ..errors import (
     ConnectionClosed,
@@ -251,6 +251,7 @@ class Peer(Handlers):
             initiator=initiator,
             pickle=pickle,
             encoding=encoding,
+            trace_context=encoding == "msgpack" and otel.available(),
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
@@ -493,6 +494,8 @@ class Peer(Handlers):
             chan = self._new_chan(channel, args)
         loop = self._loop
         fut = loop.create_future()
+        if conn.trace_context:  # OpenTelemetry: a span, its context after the channel name
+            chan = otel.client_span(chan, fut)
         rid = conn.send_invoke(chan, args, fut)
         deadlines = self._deadlines
         if timeout is not None:
@@ -993,6 +996,7 @@ class Peer(Handlers):
 
     def _on_invoke(self, f: Frame) -> None:
         rid = f.request_id
+        ctx = self._conn.contexts.pop(rid, None) if self._conn.contexts else None
         if f.route_id:
             found = resolve_route_invoke(self, f)
         else:
@@ -1001,6 +1005,8 @@ class Peer(Handlers):
             self._send_error(rid, found)
             return
         h, args = found
+        if ctx is not None:  # the caller's OpenTelemetry trace continues in this handler
+            h = otel.traced_handler(h, f.channel, ctx)
         call = Call(self, f.channel, rid, f.route_id)
         if h.is_async:
             serving = self._serving
