@@ -225,3 +225,49 @@ def test_merge_cli_joins_files(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 1 and "nope" in bad.stderr
+
+
+def test_plot_draws_a_timeline(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from tether.trace_cli import plot
+
+    events = [
+        {"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "main"}},
+        {
+            "name": "add",
+            "cat": "invoke",
+            "ph": "X",
+            "ts": 10.0,
+            "dur": 50.0,
+            "pid": 1,
+            "tid": 1,
+            "args": {"side": "caller"},
+        },
+        {"name": "add", "cat": "invoke", "ph": "s", "id": 7, "ts": 10.0, "pid": 1, "tid": 1},
+        {
+            "name": "add",
+            "cat": "handler",
+            "ph": "X",
+            "ts": 20.0,
+            "dur": 20.0,
+            "pid": 2,
+            "tid": 2,
+            "args": {"side": "handler"},
+        },
+        {
+            "name": "add",
+            "cat": "invoke",
+            "ph": "f",
+            "bp": "e",
+            "id": 7,
+            "ts": 20.0,
+            "pid": 2,
+            "tid": 2,
+        },
+        {"name": "child exited", "ph": "i", "s": "p", "ts": 90.0, "pid": 1, "tid": 1, "args": {}},
+    ]
+    out = tmp_path / "t.png"
+    plot(events, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError):
+        plot(events[:1], str(tmp_path / "empty.png"))

@@ -3,6 +3,8 @@
 ``tether trace merge OUT FILE...`` joins Chrome trace-event files (one per
 process, see :mod:`tether.tracing`) into one timeline.
 
+``tether trace plot TRACE OUT.png`` draws a trace as a timeline (matplotlib).
+
 ``tether trace ADDRESS`` attaches to the main listening at ``ADDRESS`` (a
 ``unix://`` address of the same user: main answers the control channel only
 there, see :mod:`tether.trace_control`) and prints every frame main sends and
@@ -21,7 +23,7 @@ from typing import Any
 
 from . import tracing
 
-__all__ = ["Summary", "main"]
+__all__ = ["Summary", "main", "plot"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -111,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["merge"]:
         return _merge(args[1:])
+    if args[:1] == ["plot"]:
+        return _plot(args[1:])
     ns = _build_parser().parse_args(args)
     from .trace_control import watch
 
@@ -118,3 +122,106 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(watch(ns))
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def plot(events: list[dict[str, Any]], out: str, title: str = "tether trace") -> None:
+    """Draw a trace as a timeline PNG: one row per process and thread, as a trace viewer does.
+
+    Top: the whole run (spans, instants, children's deaths). Bottom: a zoom on
+    the invokes, each a caller span and a handler span joined by its flow arrow.
+    Needs matplotlib.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    timed = [e for e in events if e.get("ph") != "M"]
+    if not timed:
+        raise ValueError("the trace has no timed events")
+    t0 = min(e["ts"] for e in timed)
+    tracks = sorted({(e["pid"], e["tid"]) for e in timed}, key=lambda k: (k[0], k[1]))
+    row = {k: i for i, k in enumerate(tracks)}
+    labels = [
+        n if str(pid) in (n := str(names.get(pid, pid))) else f"{n} ({pid})" for pid, _ in tracks
+    ]
+    spans = [e for e in timed if e["ph"] == "X"]
+    flows: dict[int, dict[str, dict[str, Any]]] = {}
+    for e in timed:
+        if e["ph"] in ("s", "f"):
+            flows.setdefault(e["id"], {})[e["ph"]] = e
+    colors = {"invoke": "#4878d0", "handler": "#ee854a"}
+    fig, axes = plt.subplots(2, 1, figsize=(11, 2.2 + 1.1 * len(tracks)), dpi=110)
+    ms = 1000.0
+    lo = min((s["ts"] for s in spans), default=t0)
+    hi = max((s["ts"] + s["dur"] for s in spans), default=t0 + 1)
+    pad = (hi - lo) * 0.08 + 1
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        scale = 1.0 if zoom else ms  # µs in the zoom, ms for the whole run
+        origin = lo - pad if zoom else t0
+        for s in spans:
+            y = row[(s["pid"], s["tid"])]
+            x = (s["ts"] - origin) / scale
+            w = max(s["dur"] / scale, (hi - lo) / scale / 400 if zoom else 0.05)
+            ax.broken_barh([(x, w)], (y - 0.3, 0.6), color=colors.get(s["cat"], "grey"))
+            if zoom:
+                side = s["args"].get("side", "")
+                ax.text(x, y + 0.36, f"{s['name']} ({side})", fontsize=8, va="bottom")
+        for e in timed:
+            if e["ph"] != "i":
+                continue
+            y = row[(e["pid"], e["tid"])]
+            x = (e["ts"] - origin) / scale
+            death = e["name"] == "child exited"
+            if zoom and not lo - pad <= e["ts"] <= hi + pad:
+                continue
+            ax.plot(
+                [x],
+                [y],
+                marker="X" if death else "|",
+                color="#d62728" if death else "#555555",
+                markersize=11 if death else 9,
+            )
+            if death and not zoom:
+                ax.text(x, y - 0.45, "child exited", fontsize=7, color="#d62728", va="top")
+        for pair in flows.values():
+            if "s" in pair and "f" in pair:
+                a, b = pair["s"], pair["f"]
+                ax.annotate(
+                    "",
+                    xy=((b["ts"] - origin) / scale, row[(b["pid"], b["tid"])]),
+                    xytext=((a["ts"] - origin) / scale, row[(a["pid"], a["tid"])]),
+                    arrowprops={"arrowstyle": "->", "color": "#2ca02c", "lw": 1.2},
+                )
+        ax.set_yticks(range(len(tracks)), labels, fontsize=8)
+        ax.set_ylim(len(tracks) - 0.4, -0.8)
+        ax.grid(axis="x", alpha=0.3)
+        if zoom:
+            ax.set_xlim(0, (hi + pad - origin) / scale)
+            ax.set_xlabel(f"µs (zoom on the invokes, from {(origin - t0) / ms:.1f} ms)")
+        else:
+            ax.set_xlabel("ms since the first event")
+    axes[0].set_title(
+        f"{title}: caller spans (blue), handler spans (orange), flows (green), "
+        "frames as instants (|), children's deaths (X)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _plot(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tether trace plot", description="Draw a trace file as a timeline PNG (matplotlib)."
+    )
+    parser.add_argument("trace", metavar="TRACE", help="a trace file (tether trace merge's too)")
+    parser.add_argument("out", metavar="OUT", help="the PNG to write")
+    ns = parser.parse_args(argv)
+    try:
+        plot(tracing.load(ns.trace), ns.out)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
