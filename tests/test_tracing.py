@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -271,3 +273,31 @@ def test_plot_draws_a_timeline(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         plot(events[:1], str(tmp_path / "empty.png"))
+
+
+async def test_log_records_about_a_peer_name_it(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = socket.socketpair()
+    serving = tether.Peer(a, role="client", local_role="main", name="worker-7")
+    calling = tether.Peer(b, role="main", local_role="client")
+    got = asyncio.Event()
+
+    def broken(call: tether.Call) -> None:
+        got.set()
+        raise RuntimeError("listener bug")
+
+    serving.on("note", broken)
+    serving.handle("ping", lambda call: "pong")
+    serving.start()
+    calling.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="tether"):
+            await calling.send("note")
+            await asyncio.wait_for(got.wait(), 10)
+            await calling.invoke("ping", timeout=10)  # the listener ran before
+    finally:
+        await calling.close()
+        await serving.close()
+    [record] = [r for r in caplog.records if "listener" in r.getMessage()]
+    assert record.name.startswith("tether")
+    assert "worker-7" in record.peer  # type: ignore[attr-defined]
+    assert record.peer_pid == os.getpid()  # type: ignore[attr-defined]

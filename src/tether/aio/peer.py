@@ -419,7 +419,7 @@ class Peer(Handlers):
         if self._closed is not None:
             return
         if isinstance(exc, ProtocolError) and _may_warn():
-            log.warning("%r broke the protocol: %s", self, exc)
+            log.warning("%r broke the protocol: %s", self, exc, extra=self._who())
         self._dropped = True
         if isinstance(exc, PeerGone):
             self._shutdown(exc)
@@ -431,6 +431,10 @@ class Peer(Handlers):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def _who(self) -> dict[str, Any]:
+        """``extra=`` for a log record about this peer: its identity as ``record.peer``."""
+        return {"peer": repr(self), "peer_pid": self._peer_pid, "peer_address": self.address}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -680,6 +684,7 @@ class Peer(Handlers):
                 self,
                 queued,
                 self.max_queued,
+                extra=self._who(),
             )
             self.abort(PeerGone(f"{self!r} stopped reading: over {self.max_queued} bytes queued"))
         if self._closed is not None:
@@ -700,6 +705,7 @@ class Peer(Handlers):
                 self,
                 queued,
                 bound,
+                extra=self._who(),
             )
             self.abort(PeerGone(f"{self!r} stopped reading: nothing drained for {bound} s"))
             raise self._closed or PeerGone("dropped") from None
@@ -1077,6 +1083,7 @@ class Peer(Handlers):
             call.channel,
             type(exc).__name__,
             exc_info=exc,
+            extra=self._who(),
         )
         return False
 
@@ -1125,7 +1132,7 @@ class Peer(Handlers):
             try:
                 h.fn(call, *args)
             except Exception:
-                log.exception("listener for %r raised", f.channel)
+                log.exception("listener for %r raised", f.channel, extra=self._who())
             except BaseException as exc:
                 if self._listener_raised(call, exc):
                     raise
@@ -1134,19 +1141,25 @@ class Peer(Handlers):
         if isinstance(exc, _EXITS):
             self._flush(poll=False)
             return True
-        log.error("listener for %r raised %s", call.channel, type(exc).__name__, exc_info=exc)
+        log.error(
+            "listener for %r raised %s",
+            call.channel,
+            type(exc).__name__,
+            exc_info=exc,
+            extra=self._who(),
+        )
         return False
 
     async def _run_event(self, h: Handler, call: Call, args: tuple[Any, ...]) -> None:
         try:
             await h.fn(call, *args)
         except Exception:
-            log.exception("listener for %r raised", call.channel)
+            log.exception("listener for %r raised", call.channel, extra=self._who())
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # the peer closed (or the loop is ending)
-            log.error("listener for %r raised CancelledError", call.channel)
+            log.error("listener for %r raised CancelledError", call.channel, extra=self._who())
         except BaseException as exc:
             if self._listener_raised(call, exc):
                 raise
