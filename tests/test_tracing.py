@@ -86,12 +86,16 @@ def test_demo_trace_links_every_invoke_across_processes(tmp_path: Path) -> None:
     check_events(events)
     pairs = linked_invokes(events)
     names = sorted(c["name"] for c, _ in pairs)
-    # the renderer invokes main, main invokes the renderer: both directions
-    assert names == ["compute", "message-from-renderer"]
-    (a, ha), (b, hb) = pairs
-    assert {a["pid"], ha["pid"]} == {b["pid"], hb["pid"]}
+    # scenario 2: the renderer invokes main, main invokes it (compute); scenario 4: the
+    # renderer invokes its broker routes' hosts in main (ready, send)
+    assert names == ["compute", "message-from-renderer", "ready", "send"]
+    by_name = {c["name"]: (c, h) for c, h in pairs}
+    caller, handler = by_name["message-from-renderer"]
+    back_caller, back_handler = by_name["compute"]
+    assert (caller["pid"], handler["pid"]) == (back_handler["pid"], back_caller["pid"])
+    assert by_name["send"][0]["args"]["route_id"] != 0  # an invoke on a route
     # every handler span has its caller (nothing unmatched)
-    assert len([e for e in events if e["ph"] == "X" and e["cat"] == "handler"]) == 2
+    assert len([e for e in events if e["ph"] == "X" and e["cat"] == "handler"]) == len(pairs)
     # processes and threads are named, children's deaths marked, events are instants
     named = {e["pid"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
     assert {e["pid"] for e in events} <= named
@@ -301,3 +305,37 @@ async def test_log_records_about_a_peer_name_it(caplog: pytest.LogCaptureFixture
     assert record.name.startswith("tether")
     assert "worker-7" in record.peer  # type: ignore[attr-defined]
     assert record.peer_pid == os.getpid()  # type: ignore[attr-defined]
+
+
+class Counter:
+    """A route host: ``add`` on the route."""
+
+    def __init__(self, route: tether.Route, start: int) -> None:
+        self.n = start
+        route.handle("add", self.add)
+
+    def add(self, call: tether.Call, k: int) -> int:
+        self.n += k
+        return self.n
+
+
+async def test_invokes_on_a_route_are_spans_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = tracing.Recorder()
+    seen: list[dict[str, Any]] = []
+    rec.listen(seen.append)
+    a, b = socket.socketpair()
+    host = tether.Peer(a, role="child", local_role="main")
+    opener = tether.Peer(b, role="main", local_role="child")
+    host.host("counter", Counter, roles={"child"})
+    host.start()
+    opener.start()
+    monkeypatch.setattr(tracing, "hook", rec)
+    try:
+        route = await opener.open("counter", 5, timeout=10)
+        assert await route.invoke("add", 2, timeout=10) == 7
+    finally:
+        await opener.close()
+        await host.close()
+    answers = [r for r in seen if "latency_us" in r]
+    assert [(r["channel"], r["dir"]) for r in answers] == [("add", "send"), ("add", "recv")]
+    assert all(r["route_id"] == route.id for r in answers)  # the INVOKE's route, not the answer's

@@ -65,6 +65,8 @@ hook: Recorder | None = None
 
 #: events a recorder keeps for its file at most (then it counts what it drops)
 MAX_EVENTS = 1_000_000
+#: invokes awaiting their answer a recorder tracks at most, per direction
+MAX_OPEN = 100_000
 
 _K_INVOKE = int(Kind.INVOKE)
 _K_RESULT = int(Kind.RESULT)
@@ -114,9 +116,10 @@ class Recorder:
         self.events: list[dict[str, Any]] = []
         self.dropped = 0
         self._lock = threading.Lock()
-        # (id(conn), route, rid) -> (start µs, channel, peer, peer pid, tid) of open invokes
-        self._calls: dict[tuple[int, int, int], tuple[float, str, str, int, int]] = {}
-        self._served: dict[tuple[int, int, int], tuple[float, str, str, int, int]] = {}
+        # (id(conn), rid) -> (start µs, channel, route, peer pid, tid) of open invokes (an
+        # answer names no route: the request id alone pairs it, per connection and direction)
+        self._calls: dict[tuple[int, int], tuple[float, str, int, int, int]] = {}
+        self._served: dict[tuple[int, int], tuple[float, str, int, int, int]] = {}
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._threads: dict[int, str] = {}
         #: pids of the peers this process talked to (their files are merged into ours)
@@ -210,17 +213,20 @@ class Recorder:
             "size": size,
             "attachment_bytes": att,
         }
-        key = (id(conn), route, rid)
+        key = (id(conn), rid)
         span: dict[str, Any] | None = None
         if kind == _K_INVOKE:
             table = self._calls if direction == "send" else self._served
-            table[key] = (ts, channel, peer, peer_pid, tid)
+            if len(table) >= MAX_OPEN:  # invokes of connections that died unanswered
+                table.clear()
+            table[key] = (ts, channel, route, peer_pid, tid)
         elif kind in (_K_RESULT, _K_ERROR):
             mine = direction == "recv"  # an answer to our call, or our answer
             opened = (self._calls if mine else self._served).pop(key, None)
             if opened is not None:
-                start, chan, _, _, start_tid = opened
+                start, chan, route, _, start_tid = opened
                 rec["channel"] = chan
+                rec["route_id"] = route
                 rec["latency_us"] = ts - start
                 rec["error"] = kind == _K_ERROR
                 caller, callee = (self.pid, peer_pid) if mine else (peer_pid, self.pid)

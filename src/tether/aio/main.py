@@ -434,7 +434,9 @@ class Main(Handlers):
         self._tls_tasks: set[asyncio.Task[None]] = set()  # TLS handshakes of accepted sockets
         self._closing = False
         # trace=: this main started tracing (it stops it, merging its children's files, at close)
-        self._tracing = tracing.start(trace, name) if trace is not None else None
+        self._tracing = (
+            tracing.start(trace, name) if trace is not None and tracing.hook is None else None
+        )
         self._exit_callbacks: list[hub.ChildExitCallback] = []  # on_child_exit
         self._exit_tasks: set[asyncio.Future[Any]] = set()  # ...the async ones running
         self._stopping: set[asyncio.Future[int | None]] = set()  # serve_forever waiting
