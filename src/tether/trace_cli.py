@@ -128,7 +128,8 @@ def plot(events: list[dict[str, Any]], out: str, title: str = "tether trace") ->
     """Draw a trace as a timeline PNG: one row per process and thread, as a trace viewer does.
 
     Top: the whole run (spans, instants, children's deaths). Bottom: a zoom on
-    the invokes, each a caller span and a handler span joined by its flow arrow.
+    the first burst of invokes, each a caller span and a handler span joined by its
+    flow arrow.
     Needs matplotlib.
     """
     import matplotlib
@@ -152,22 +153,28 @@ def plot(events: list[dict[str, Any]], out: str, title: str = "tether trace") ->
         if e["ph"] in ("s", "f"):
             flows.setdefault(e["id"], {})[e["ph"]] = e
     colors = {"invoke": "#4878d0", "handler": "#ee854a"}
-    fig, axes = plt.subplots(2, 1, figsize=(11, 2.2 + 1.1 * len(tracks)), dpi=110)
+    fig, axes = plt.subplots(
+        2, 1, figsize=(11, 2.2 + 1.1 * len(tracks)), dpi=110, layout="constrained"
+    )
     ms = 1000.0
     lo = min((s["ts"] for s in spans), default=t0)
-    hi = max((s["ts"] + s["dur"] for s in spans), default=t0 + 1)
+    # the zoom: the first burst of invokes (those starting within 5 ms of the first)
+    burst = [s for s in spans if s["ts"] <= lo + 5000.0]
+    hi = max((s["ts"] + s["dur"] for s in burst), default=t0 + 1)
     pad = (hi - lo) * 0.08 + 1
     for ax, zoom in zip(axes, (False, True), strict=True):
         scale = 1.0 if zoom else ms  # µs in the zoom, ms for the whole run
         origin = lo - pad if zoom else t0
         for s in spans:
+            if zoom and s["ts"] > hi + pad:
+                continue
             y = row[(s["pid"], s["tid"])]
             x = (s["ts"] - origin) / scale
             w = max(s["dur"] / scale, (hi - lo) / scale / 400 if zoom else 0.05)
             ax.broken_barh([(x, w)], (y - 0.3, 0.6), color=colors.get(s["cat"], "grey"))
             if zoom:
                 side = s["args"].get("side", "")
-                ax.text(x, y + 0.36, f"{s['name']} ({side})", fontsize=8, va="bottom")
+                ax.text(x, y + 0.36, f"{s['name']} ({side})", fontsize=8, va="bottom", clip_on=True)
         for e in timed:
             if e["ph"] != "i":
                 continue
@@ -184,10 +191,14 @@ def plot(events: list[dict[str, Any]], out: str, title: str = "tether trace") ->
                 markersize=11 if death else 9,
             )
             if death and not zoom:
-                ax.text(x, y - 0.45, "child exited", fontsize=7, color="#d62728", va="top")
+                ax.text(
+                    x, y - 0.45, "child exited", fontsize=7, color="#d62728", va="top", ha="right"
+                )
         for pair in flows.values():
             if "s" in pair and "f" in pair:
                 a, b = pair["s"], pair["f"]
+                if zoom and a["ts"] > hi + pad:
+                    continue
                 ax.annotate(
                     "",
                     xy=((b["ts"] - origin) / scale, row[(b["pid"], b["tid"])]),
@@ -207,7 +218,6 @@ def plot(events: list[dict[str, Any]], out: str, title: str = "tether trace") ->
         "frames as instants (|), children's deaths (X)",
         fontsize=9,
     )
-    fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
 
