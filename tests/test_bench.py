@@ -102,6 +102,7 @@ def test_select_accepts_globs_and_keeps_table_order() -> None:
         "rt_tether_sync_nospin",
         "rt_tether_main_child",
         "rt_tether_spin",
+        "rt_tether_traced",
     ]
     assert len(select(None)) == len(SCENARIOS)
 

@@ -709,7 +709,7 @@ def test_pool_limits_match_the_doc() -> None:
 def test_feature_table_matches_code() -> None:
     keys, features, roles = _tables("## 6. Handshake: HELLO")
     assert [r[0].strip("`") for r in keys] == list(codec.Hello.__struct_fields__)
-    assert [r[0].strip("`") for r in features] == ["fd", "lease", "pickle", "stream"]
+    assert [r[0].strip("`") for r in features] == ["fd", "lease", "pickle", "stream", "trace"]
     assert len(roles) == 3
 
 

@@ -1,4 +1,4 @@
-"""The ``tether`` command: ``demo``, ``call``, ``types`` and ``bench``.
+"""The ``tether`` command: ``demo``, ``call``, ``types``, ``trace`` and ``bench``.
 
 Exit codes: 0 on success, 1 when the operation failed (a tether error, a
 failed demo), 2 for a usage error (bad arguments, malformed address).
@@ -117,6 +117,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve the Electron example's page to a browser until interrupted",
     )
+    demo.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write a Chrome trace-event timeline of every process's frames to FILE",
+    )
     call = sub.add_parser(
         "call",
         help="invoke a channel on a listening main, print the JSON result (--list: its channels)",
@@ -178,6 +183,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "-o", "--output", metavar="FILE", help="write to FILE instead of standard output"
     )
     sub.add_parser(
+        "trace",
+        help="watch a running main's frames live (tether trace ADDRESS), or merge trace files",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench",
         help="benchmark tether against other IPC libraries (arguments go to the benchmark)",
         add_help=False,
@@ -185,10 +195,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo(web: bool = False) -> int:
+def _demo(web: bool = False, trace: str | None = None) -> int:
     from . import demo
 
-    return demo.web_main() if web else demo.main()
+    return demo.web_main() if web else demo.main(trace=trace)
 
 
 def _format_channels(channels: Any) -> str:
@@ -302,10 +312,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Everything after "bench" belongs to the benchmark's own parser.
     if args_list[:1] == ["bench"]:
         return _bench(args_list[1:])
+    if args_list[:1] == ["trace"]:
+        from .trace_cli import main as trace_main
+
+        return trace_main(args_list[1:])
     parser = _build_parser()
     ns = parser.parse_args(args_list)
     if ns.command == "demo":
-        return _demo(ns.web)
+        return _demo(ns.web, ns.trace)
     if ns.command == "call":
         return _call(ns)
     if ns.command == "types":

@@ -26,6 +26,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from . import tracing
 from .aio.loop import run
 from .aio.main import Main
 from .aio.peer import Peer
@@ -130,8 +131,24 @@ async def electron_demo() -> int:
         return await child.wait(_TIMEOUT)
 
 
-def main() -> int:
-    """Run every scenario; return 0 when all of them succeeded."""
+def main(trace: str | None = None) -> int:
+    """Run every scenario; return 0 when all of them succeeded.
+
+    ``trace``: a path where every process's frames are written as one
+    Chrome trace-event timeline (:mod:`tether.tracing`).
+    """
+    if trace is None:
+        return _scenarios()
+    tracing.start(trace, "tether demo")
+    try:
+        return _scenarios()
+    finally:
+        written = tracing.stop()
+        if written is not None:
+            print(f"\ntrace written to {written}", flush=True)
+
+
+def _scenarios() -> int:
     _heading("1. C: pipe() + fork(), parent writes, child reads", first=True)
     code = pipe_demo()
     if code != 0:

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from . import tracing
 from .capture import redirect
 from .child_errors import TargetRef, write_report
 
@@ -323,6 +324,9 @@ def child_entry(
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
+    if tracing.hook is not None:  # os._exit skips atexit: write this child's trace file now
+        with contextlib.suppress(Exception):
+            tracing.stop()
     if code == -signal.SIGINT:
         quiet_sigint_exit()
     os._exit(code)

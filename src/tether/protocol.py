@@ -70,6 +70,7 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from . import codec
+from . import tracing as _tracing
 from .errors import (
     AuthenticationError,
     ConnectionClosed,
@@ -275,6 +276,7 @@ class Connection:
         initiator: bool = True,
         pickle: bool = False,
         encoding: str = "msgpack",
+        trace_context: bool = False,
     ) -> None:
         if secret is not None:
             check_secret(secret)
@@ -320,6 +322,14 @@ class Connection:
         self.pickle = False
         #: both ends announced ``stream`` (set at handshake): STREAM, ITEM and CREDIT may cross
         self.streams = False
+        #: leave this connection out of traces (a ``tether trace`` watcher's own)
+        self.trace_off = False
+        self._ctx_local = trace_context  # this side announced ``trace``
+        #: both ends announced ``trace`` (set at handshake): an INVOKE may carry a
+        #: W3C trace context after its channel name (docs/protocol.md 7.7)
+        self.trace_context = False
+        #: request id -> the ``traceparent`` an INVOKE of this read carried (the peer pops it)
+        self.contexts: dict[int, str] = {}
         self._parser = FrameParser(
             max_frame_size,
             self._claim if store is not None else None,
@@ -354,7 +364,8 @@ class Connection:
                 max_frame_size=max_frame_size,
                 features=(list(store.features) if store is not None else [])
                 + (["pickle"] if pickle else [])
-                + ([] if self.json else ["stream"]),  # pages (tether.js) take no streams
+                + ([] if self.json else ["stream"])  # pages (tether.js) take no streams
+                + (["trace"] if trace_context else []),
                 nonce=self._nonce,
                 encoding="json" if self.json else "",
             )
@@ -503,10 +514,21 @@ class Connection:
             if self.pickle:
                 for f in out:
                     f.pickle = True
+            if self.trace_context:
+                self._take_contexts(out)
+            if _tracing.hook is not None and out:  # tracing: once per read, not per frame
+                _tracing.hook.received(self, out)
             return out
         except ProtocolError:
             self.abort()
             raise
+
+    def _take_contexts(self, frames: list[Frame]) -> None:
+        """Split a trace context off the channel of each INVOKE that carries one (7.7)."""
+        for f in frames:
+            if f.kind == K_INVOKE and "\0" in f.channel:
+                f.channel, ctx = f.channel.split("\0", 1)
+                self.contexts[f.request_id] = ctx.split("\0", 1)[0]
 
     def _auto_reply(self) -> None:
         """Count a reply the core makes by itself (PONG, ROUTE_CLOSE).
@@ -636,6 +658,7 @@ class Connection:
         self._send_leases = self._send_moved and store is not None and store.lend
         self.pickle = self._pickle_local and "pickle" in hello.features
         self.streams = "stream" in hello.features
+        self.trace_context = self._ctx_local and "trace" in hello.features
         if hello.max_frame_size and hello.max_frame_size < self.send_limit:
             self.send_limit = hello.max_frame_size  # never send what the peer must refuse
         if self.state is State.HANDSHAKE:
@@ -706,18 +729,21 @@ class Connection:
             pre, self._pre = self._pre, bytearray()
             return pre, _NO_FDS
         if self._ready:
-            return self._ready.popleft()
-        released = self._released
-        while released:
-            self._emit(Kind.RELEASE, released.popleft(), 0, b"", b"")
-        out = self._out
-        if out:
-            self._out = bytearray()
-        fds = self._fds_out
-        if fds:
-            self._fds_out = []
-            return out, fds
-        return out, _NO_FDS
+            chunk = self._ready.popleft()
+        else:
+            released = self._released
+            while released:
+                self._emit(Kind.RELEASE, released.popleft(), 0, b"", b"")
+            out = self._out
+            if out:
+                self._out = bytearray()
+            fds = self._fds_out
+            if fds:
+                self._fds_out = []
+            chunk = out, fds or _NO_FDS
+        if _tracing.hook is not None and chunk[0]:  # tracing: once per write, not per frame
+            _tracing.hook.sent(self, chunk[0])
+        return chunk
 
     @property
     def store(self) -> AttachmentStore | None:

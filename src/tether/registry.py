@@ -33,7 +33,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: channels tether answers itself (``tether.channels``: see :mod:`tether.introspect`);
 #: ``handle``/``on``/``remove_handler`` refuse them
-RESERVED_CHANNELS = frozenset({"tether.channels", "tether.connect"})
+RESERVED_CHANNELS = frozenset({"tether.channels", "tether.connect", "tether.trace"})
 
 
 def _not_reserved(channel: str) -> str:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Collection, Generator, Mapping
 from typing import Any
 
-from .. import direct
+from .. import direct, trace_control, tracing
 from ..address import Address, parse_address, tune
 from ..capture import Output
 from ..checks import check_connect_options
@@ -348,6 +348,10 @@ class Main(Handlers):
         drain_timeout: per peer, how long a ``send``/``invoke`` waits for a
             lagging peer to read what is queued for it (default 60 s; ``None``:
             forever); then that peer is dropped the same way.
+        trace: a path: write a Chrome trace-event timeline of every frame and
+            invoke there (:mod:`tether.tracing`); children inherit it through
+            ``TETHER_TRACE`` and write ``<stem>.<pid>.json``, merged into it by
+            :meth:`close`.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or an impossible
@@ -370,6 +374,7 @@ class Main(Handlers):
         max_routes: int = MAX_ROUTES,
         max_queued: int = MAX_QUEUED,
         drain_timeout: float | None = DRAIN_TIMEOUT,
+        trace: str | os.PathLike[str] | None = None,
     ) -> None:
         if tracebacks not in _TRACEBACKS:
             raise ValueError(
@@ -428,10 +433,15 @@ class Main(Handlers):
         self._accepted: dict[Peer, tuple[Server, str]] = {}
         self._tls_tasks: set[asyncio.Task[None]] = set()  # TLS handshakes of accepted sockets
         self._closing = False
+        # trace=: this main started tracing (it stops it, merging its children's files, at close)
+        self._tracing = (
+            tracing.start(trace, name) if trace is not None and tracing.hook is None else None
+        )
         self._exit_callbacks: list[hub.ChildExitCallback] = []  # on_child_exit
         self._exit_tasks: set[asyncio.Future[Any]] = set()  # ...the async ones running
         self._stopping: set[asyncio.Future[int | None]] = set()  # serve_forever waiting
         hub.install_introspection(self.registry)
+        trace_control.install(self.registry)
         #: roles :meth:`connect` may give a direct channel (default: spawned children)
         self.connect_roles: set[str] = set(direct.DEFAULT_ROLES)
 
@@ -903,6 +913,8 @@ class Main(Handlers):
             _, late = await asyncio.wait(list(self._exit_tasks), timeout=self.close_timeout)
             for fut in late:
                 fut.cancel()
+        if self._tracing is not None and tracing.hook is self._tracing:
+            tracing.stop()
 
     async def serve_forever(
         self, *, signals: hub.Signals = (signal.SIGINT, signal.SIGTERM)
@@ -984,6 +996,8 @@ class Main(Handlers):
         return fn
 
     def _child_exited(self, child: Child) -> None:
+        if tracing.hook is not None:
+            tracing.child_exited(child.pid, child.exitcode, repr(child))
         hub.child_exited(self, child)
 
     async def _end_child(self, child: Child) -> None:

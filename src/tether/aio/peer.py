@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar, overload
 
-from .. import codec, direct
+from .. import codec, direct, otel
 from ..attachments import MemfdStore, store_for
 from ..errors import (
     ConnectionClosed,
@@ -254,6 +254,7 @@ class Peer(Handlers):
             initiator=initiator,
             pickle=pickle,
             encoding=encoding,
+            trace_context=encoding == "msgpack" and otel.available(),
         )
         self.registry = registry if registry is not None else Registry()
         self.role = role
@@ -425,9 +426,9 @@ class Peer(Handlers):
             return
         if isinstance(exc, ProtocolError):
             if not self._hello_fut.done():  # who awaits the handshake reports it: one line
-                log.debug("%r broke the protocol: %s", self, exc)
+                log.debug("%r broke the protocol: %s", self, exc, extra=self._who())
             elif _may_warn():
-                log.warning("%r broke the protocol: %s", self, exc)
+                log.warning("%r broke the protocol: %s", self, exc, extra=self._who())
         self._dropped = True
         if isinstance(exc, PeerGone):
             self._shutdown(exc)
@@ -439,6 +440,10 @@ class Peer(Handlers):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def _who(self) -> dict[str, Any]:
+        """``extra=`` for a log record about this peer: its identity as ``record.peer``."""
+        return {"peer": repr(self), "peer_pid": self._peer_pid, "peer_address": self.address}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._hello_fut.done() else "handshaking"
@@ -502,6 +507,8 @@ class Peer(Handlers):
             chan = self._new_chan(channel, args)
         loop = self._loop
         fut = loop.create_future()
+        if conn.trace_context:  # OpenTelemetry: a span, its context after the channel name
+            chan = otel.client_span(chan, fut)
         rid = conn.send_invoke(chan, args, fut)
         deadlines = self._deadlines
         if timeout is not None:
@@ -713,6 +720,7 @@ class Peer(Handlers):
                 self,
                 queued,
                 self.max_queued,
+                extra=self._who(),
             )
             self.abort(PeerGone(f"{self!r} stopped reading: over {self.max_queued} bytes queued"))
         if self._closed is not None:
@@ -733,6 +741,7 @@ class Peer(Handlers):
                 self,
                 queued,
                 bound,
+                extra=self._who(),
             )
             self.abort(PeerGone(f"{self!r} stopped reading: nothing drained for {bound} s"))
             raise self._closed or PeerGone("dropped") from None
@@ -1033,6 +1042,7 @@ class Peer(Handlers):
 
     def _on_invoke(self, f: Frame) -> None:
         rid = f.request_id
+        ctx = self._conn.contexts.pop(rid, None) if self._conn.contexts else None
         if f.route_id:
             found = resolve_route_invoke(self, f)
         else:
@@ -1041,6 +1051,8 @@ class Peer(Handlers):
             self._send_error(rid, found)
             return
         h, args = found
+        if ctx is not None:  # the caller's OpenTelemetry trace continues in this handler
+            h = otel.traced_handler(h, f.channel, ctx)
         call = Call(self, f.channel, rid, f.route_id)
         if h.is_async:
             serving = self._serving
@@ -1111,6 +1123,7 @@ class Peer(Handlers):
             call.channel,
             type(exc).__name__,
             exc_info=exc,
+            extra=self._who(),
         )
         return False
 
@@ -1159,7 +1172,7 @@ class Peer(Handlers):
             try:
                 h.fn(call, *args)
             except Exception:
-                log.exception("listener for %r raised", f.channel)
+                log.exception("listener for %r raised", f.channel, extra=self._who())
             except BaseException as exc:
                 if self._listener_raised(call, exc):
                     raise
@@ -1168,19 +1181,25 @@ class Peer(Handlers):
         if isinstance(exc, _EXITS):
             self._flush(poll=False)
             return True
-        log.error("listener for %r raised %s", call.channel, type(exc).__name__, exc_info=exc)
+        log.error(
+            "listener for %r raised %s",
+            call.channel,
+            type(exc).__name__,
+            exc_info=exc,
+            extra=self._who(),
+        )
         return False
 
     async def _run_event(self, h: Handler, call: Call, args: tuple[Any, ...]) -> None:
         try:
             await h.fn(call, *args)
         except Exception:
-            log.exception("listener for %r raised", call.channel)
+            log.exception("listener for %r raised", call.channel, extra=self._who())
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # the peer closed (or the loop is ending)
-            log.error("listener for %r raised CancelledError", call.channel)
+            log.error("listener for %r raised CancelledError", call.channel, extra=self._who())
         except BaseException as exc:
             if self._listener_raised(call, exc):
                 raise

@@ -74,6 +74,7 @@ SCENARIOS: dict[str, Scenario] = {
         _s("rt_tether_sync_nospin", "rt", "tether blocking, spin=0"),
         _s("rt_tether_main_child", "rt", "tether main->child"),
         _s("rt_tether_spin", "rt", "tether main->child, spin"),
+        _s("rt_tether_traced", "rt", "tether async, tracing on"),
         _s("ev_mp_pipe", "ev", "mp.Pipe", "mp_pipe"),
         _s("ev_zmq", "ev", "pyzmq PUSH/PULL", "zmq"),
         _s("ev_tether", "ev", "tether send/on"),

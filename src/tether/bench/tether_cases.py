@@ -48,6 +48,7 @@ __all__ = [
     "rt_tether_sync",
     "rt_tether_sync_nospin",
     "stream_tether",
+    "rt_tether_traced",
 ]
 
 WAIT = 30.0  # bound on every wait outside the hot loops, in seconds
@@ -139,6 +140,26 @@ def rt_tether_async(params: Params) -> Result:
         finally:
             server.stop()
     return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"loop": loop}}
+
+
+def rt_tether_traced(params: Params) -> Result:
+    """``rt_tether_async`` with tracing on in the client: what recording every frame costs.
+
+    Each frame becomes a record and each invoke a span kept for a timeline file
+    (the file itself is not written: that happens once, at exit). Compare with
+    ``rt_tether_async``, the same round trip with tracing off.
+    """
+    from .. import tracing
+
+    with scratch_dir() as tmp:
+        rec = tracing.Recorder(f"{tmp}/trace.json")
+        tracing.hook = rec
+        try:
+            result = rt_tether_async(params)
+        finally:
+            tracing.hook = None
+    result["info"]["events"] = len(rec.events)
+    return result
 
 
 def rt_tether_sync(params: Params, spin: float | None = None) -> Result:
