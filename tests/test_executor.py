@@ -201,6 +201,26 @@ async def test_a_job_that_raises_is_a_remote_error() -> None:
                 pass
 
 
+async def test_a_job_raising_system_exit_fails_only_itself() -> None:
+    # sys.exit() or KeyboardInterrupt in a job is that job's error; the worker
+    # lives on, so the next (innocent) job sent to it succeeds, every time.
+    async with tether.Pool(workers=2) as pool:
+        workers = set(pool.pids)
+        for i in range(12):
+            with pytest.raises(tether.RemoteError) as info:
+                await pool.submit(jobs.exits, 3)
+            assert info.value.type_name == "SystemExit"
+            assert info.value.remote_message == "3"
+            assert "sys.exit(code)" in info.value.remote_traceback
+            assert await pool.submit(jobs.square, i) == i * i
+            with pytest.raises(tether.RemoteError, match="KeyboardInterrupt: pressed"):
+                await pool.submit(jobs.interrupted)
+            with pytest.raises(tether.RemoteError, match="SystemExit: 4"):
+                await pool.submit(jobs.async_exits, 4)
+            assert await pool.submit(jobs.square, i) == i * i
+        assert set(pool.pids) == workers  # no worker died
+
+
 async def test_a_killed_worker_fails_only_its_job_and_is_replaced() -> None:
     async with tether.Pool(workers=2) as pool:
         before = set(pool.pids)

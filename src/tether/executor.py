@@ -298,6 +298,33 @@ class _Jobs:
         return fn, spec.decode(args, attachments, pickled)
 
 
+_stand_ins: dict[type[BaseException], type[Exception]] = {}
+
+
+def _as_error(exc: BaseException) -> Exception:
+    """An ``Exception`` that a job's ``BaseException`` is answered as, under the same name.
+
+    A job that raises ``SystemExit`` or ``KeyboardInterrupt`` (or another
+    ``BaseException``) failed; its worker did not: it answers with that
+    exception's type name, message and traceback (the caller's
+    :class:`~tether.RemoteError` says ``SystemExit: 3``) and serves the next
+    job, as ``ProcessPoolExecutor``'s worker does. Raised as is, the peer
+    would stop the worker's loop after answering, failing the next, innocent
+    job sent to it.
+    """
+    tp = type(exc)
+    cls = _stand_ins.get(tp)
+    if cls is None:
+        cls = type(tp.__name__, (Exception,), {"__module__": tp.__module__})
+        cls.__qualname__ = tp.__qualname__
+        _stand_ins[tp] = cls
+    try:
+        err = cls(*exc.args)
+    except Exception:
+        err = cls(str(exc))
+    return err.with_traceback(exc.__traceback__)
+
+
 async def worker(peer: Peer) -> None:
     """A pool worker's target: run jobs until main closes the connection."""
     running: set[asyncio.Task[Any]] = set()
@@ -305,7 +332,12 @@ async def worker(peer: Peer) -> None:
     @peer.handle(JOB)
     def job(call: Call, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         # Answered inline: the worker reads nothing else (a CANCEL included) until it returns.
-        result = fn(*args)
+        try:
+            result = fn(*args)
+        except Exception:
+            raise
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt...: the job's error only
+            raise _as_error(exc) from None
         if inspect.isawaitable(result):
             close = getattr(result, "close", None)
             if close is not None:
@@ -322,6 +354,10 @@ async def worker(peer: Peer) -> None:
         running.add(task)
         try:
             return await fn(*args)  # cancelled by a CANCEL (timeout, or the future cancelled)
+        except (Exception, asyncio.CancelledError):
+            raise
+        except BaseException as exc:  # as for a plain job
+            raise _as_error(exc) from None
         finally:
             running.discard(task)
 
