@@ -462,8 +462,16 @@ async def test_a_wrong_argument_is_a_bad_request_naming_it() -> None:
             tether.BadRequest, match=r"^add\(\) argument 'b': expected int, got str$"
         ):
             await pool.submit(jobs.add, 1, "x")
-        with pytest.raises(tether.BadRequest, match=r"add\(\) takes 2 arguments \(a, b\), got 1"):
-            await pool.submit(jobs.add, 1)
+        # Arguments that do not fit the signature are refused at submit, as spawn does.
+        with pytest.raises(
+            TypeError, match=r"^_pool_jobs\.add\(\): missing a required argument: 'b'"
+        ):
+            pool.submit(jobs.add, 1)
+        with pytest.raises(TypeError, match=r"_pool_jobs\.square\(\): too many positional"):
+            pool.submit(jobs.square, 1, 2)
+        with pytest.raises(TypeError, match=r"_pool_jobs\.add\(\): missing"):
+            async for _ in pool.map(jobs.add, [1, 2]):
+                pass
         with pytest.raises(
             tether.BadRequest, match=r"async_kinds\(\) argument 'p.y': expected int, got str"
         ):
@@ -540,6 +548,8 @@ def test_sync_pool_submit_map_errors_close() -> None:
             pool.submit(jobs.fail, "no").result(timeout=30)
         with pytest.raises(TypeError, match="<lambda>"):
             pool.submit(lambda: 1)
+        with pytest.raises(TypeError, match=r"_pool_jobs\.add\(\): missing a required argument"):
+            pool.submit(jobs.add, 1)
         a = np.ones(1 << 20, dtype=np.float32)
         doubled, kind, _ = pool.submit(jobs.double, a).result(timeout=30)
         assert kind == "ndarray" and np.array_equal(doubled, a * 2)

@@ -61,7 +61,7 @@ from .results import DEFAULT, _typed_decoder
 from .shm import Buffer
 from .wire import DEFAULT_MAX_FRAME_SIZE
 
-__all__ = ["Pool", "job_target"]
+__all__ = ["Pool", "check_arguments", "job_target"]
 
 log = logging.getLogger("tether")
 
@@ -131,6 +131,33 @@ def job_target(fn: object, start_method: str = "spawn") -> _Target:
         with contextlib.suppress(TypeError):  # (not weak-referenceable: not cached)
             _targets[fn] = target
     return target
+
+
+_signatures: weakref.WeakKeyDictionary[Any, inspect.Signature | None] = weakref.WeakKeyDictionary()
+
+
+def check_arguments(fn: Any, args: tuple[Any, ...]) -> None:
+    """Refuse, at submit, arguments ``fn``'s signature cannot take (as calling it would).
+
+    Raises:
+        TypeError: naming ``fn``: ``_jobs.add() missing a required argument: 'b'``.
+    """
+    try:
+        sig = _signatures[fn]
+    except (KeyError, TypeError):
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # no signature (some builtins): the worker will say
+            sig = None
+        with contextlib.suppress(TypeError):
+            _signatures[fn] = sig
+    if sig is None:
+        return
+    try:
+        sig.bind(*args)
+    except TypeError as exc:
+        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+        raise TypeError(f"{name}(): {exc} (arguments given: {len(args)})") from None
 
 
 def _decodable(tp: Any) -> bool:
@@ -631,8 +658,8 @@ class Pool:
 
         Raises:
             TypeError, ValueError: ``fn`` cannot be imported by name in a
-                worker (see the module's docs), or ``timeout`` or
-                ``result_type`` is invalid.
+                worker (see the module's docs), ``args`` do not fit its
+                signature, or ``timeout`` or ``result_type`` is invalid.
             ConnectionClosed: the pool was closed or terminated.
         Raises (when awaited):
             RemoteError: ``fn`` raised (``type_name`` is the remote exception type).
@@ -645,6 +672,7 @@ class Pool:
             PayloadTooLarge: the arguments or the result could not be sent.
         """
         channel, module, qualname = job_target(fn, self.start_method)
+        check_arguments(fn, args)
         rtype = job_result_type(fn, result_type)
         t = self.timeout if timeout is DEFAULT else _timeout(timeout)
         if self._closing:

@@ -19,7 +19,7 @@ from typing import Any
 from ..aio.loop import new_loop
 from ..errors import ConnectionClosed
 from ..executor import Pool as AsyncPool
-from ..executor import _timeout, job_result_type, job_target, moved
+from ..executor import _timeout, check_arguments, job_result_type, job_target, moved
 from ..results import DEFAULT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 
@@ -136,6 +136,7 @@ class Pool:
         as :meth:`tether.Pool.submit`.
         """
         job_target(fn, self._pool.start_method)
+        check_arguments(fn, args)
         rtype = job_result_type(fn, result_type)
         if timeout is not DEFAULT:
             _timeout(timeout)
