@@ -263,6 +263,72 @@ async def test_workers_that_keep_dying_are_replaced_ever_more_slowly(
     assert 3 <= spawned <= 10
 
 
+def _kill_starting_children(
+    pool: tether.Pool, kills: int, monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
+    """Make the pool's next ``kills`` worker starts fail for real: SIGKILL each new process as it starts."""
+    psutil = pytest.importorskip("psutil")
+    me = psutil.Process()
+    real_spawn = pool._main.spawn
+    killed: list[int] = []
+
+    async def killing_spawn(*args: Any, **kw: Any) -> Any:
+        if len(killed) >= kills:
+            return await real_spawn(*args, **kw)
+        before = {p.pid for p in me.children()}
+        starting = asyncio.ensure_future(real_spawn(*args, **kw))
+        for _ in range(3000):  # (bounded: 30 s)
+            new = [p.pid for p in me.children() if p.pid not in before and p.pid not in killed]
+            if new or starting.done():
+                break
+            await asyncio.sleep(0.01)
+        if new:  # (one: two slots may be starting one each)
+            killed.append(new[0])
+            os.kill(new[0], signal.SIGKILL)
+        return await starting
+
+    monkeypatch.setattr(pool._main, "spawn", killing_spawn)
+    return killed
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_worker_killed_while_starting_is_started_again(
+    workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kill the worker, then its replacements while they start: the pool keeps
+    # trying (with back-off) and later jobs succeed; none fails for it.
+    async with tether.Pool(workers=workers) as pool:
+        killed = _kill_starting_children(pool, 3, monkeypatch)
+        first = pool.pids
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        await _until(lambda: not set(pool.pids) & set(first))  # (a job sent first would fail)
+        waiting = [pool.submit(jobs.square, i) for i in range(4)]
+        assert await asyncio.wait_for(asyncio.gather(*waiting), 60) == [0, 1, 4, 9]
+        assert len(killed) >= 3
+        await _until(lambda: len(pool.pids) == workers)
+        assert not set(pool.pids) & set(first)
+        assert [await pool.submit(jobs.square, 5) for _ in range(3)] == [25] * 3
+
+
+async def test_a_pool_whose_workers_never_start_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tether.Pool, "start_attempts", 3)
+    async with tether.Pool(workers=2) as pool:
+        killed = _kill_starting_children(pool, 1000, monkeypatch)
+        first = pool.pids
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        await _until(lambda: not set(pool.pids) & set(first))
+        waiting = pool.submit(jobs.square, 3)
+        with pytest.raises(tether.PeerGone, match="the pool cannot start workers"):
+            await asyncio.wait_for(waiting, 60)  # bounded: not left waiting forever
+        assert len(killed) >= 3
+        with pytest.raises(tether.PeerGone, match="the pool cannot start workers"):
+            await pool.submit(jobs.square, 3)
+
+
 async def test_kill_9_during_a_map_of_many_jobs_loses_no_job() -> None:
     async with tether.Pool(workers=2) as pool:
         futures = [pool.submit(jobs.nap, 0.01, i) for i in range(200)]

@@ -505,6 +505,13 @@ class Pool:
     #: before it is killed and replaced (a plain function cannot be interrupted)
     cancel_grace: ClassVar[float] = 1.0
 
+    #: failed worker starts in a row (none succeeding in between, no worker
+    #: alive) after which the pool gives up: every queued and later job fails
+    #: with :class:`~tether.PeerGone` ("the pool cannot start workers"). Until
+    #: then a failed start is retried with the growing back-off (0.05 s
+    #: doubling, up to 5 s: about 7 s for 8 starts) and jobs wait for a worker.
+    start_attempts: ClassVar[int] = 8
+
     def __init__(
         self,
         workers: int | None = None,
@@ -538,6 +545,7 @@ class Pool:
         self._closing = False
         self._broken: BaseException | None = None  # no worker can be started
         self._spawn_failed: BaseException | None = None  # why a replacement did not start
+        self._start_failures = 0  # failed worker starts in a row, over every slot
 
     # -- lifetime ------------------------------------------------------------
 
@@ -775,20 +783,35 @@ class Pool:
 
         Workers that keep dying without finishing a job (a job that kills
         every worker, a process that kills them as they start) are replaced
-        ever more slowly, up to once every 5 s, so the pool never spins.
+        ever more slowly, up to once every 5 s, so the pool never spins. A
+        start that fails is retried the same way; after
+        :attr:`start_attempts` failures in a row with no worker alive, the
+        pool gives up (:meth:`_break`) rather than keep jobs waiting forever.
         """
         deaths = 0  # in a row, without a job finished in between
         while True:
             if child is None or _dead(child):
                 if deaths > 1:
                     await asyncio.sleep(min(0.05 * 2 ** (deaths - 2), 5.0))
+                if self._closing or self._broken is not None:
+                    return
                 try:
                     child = await self._main.spawn(worker, name="pool-worker")
                 except (TetherError, OSError) as exc:  # (ConnectionClosed: the pool is closing)
-                    if not self._closing:
-                        log.warning("a pool worker could not be started: %s", exc)
+                    if self._closing or self._broken is not None:
+                        return
                     self._spawn_failed = exc
-                    return
+                    self._start_failures += 1
+                    if self._start_failures == 1:  # (once per streak: no log every 5 s)
+                        log.warning("a pool worker could not be started (retrying): %s", exc)
+                    alive = any(not _dead(c) for c in self._main.children)
+                    if self._start_failures >= self.start_attempts and not alive:
+                        self._break(exc)
+                        return
+                    child = None
+                    deaths += 1
+                    continue
+                self._start_failures = 0
                 child.on_exit(self._on_worker_exit)
             job = await self._next(child)
             if job is None:  # died (or was killed) while idle
@@ -818,7 +841,9 @@ class Pool:
         self._jobs.clear()
 
     def _broken_error(self) -> PeerGone:
-        err = PeerGone(f"the pool cannot start workers: {self._broken}")
+        n = self._start_failures
+        tries = f" ({n} starts failed in a row)" if n > 1 else ""
+        err = PeerGone(f"the pool cannot start workers{tries}: {self._broken}")
         err.__cause__ = self._broken
         return err
 
