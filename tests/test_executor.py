@@ -266,7 +266,7 @@ async def test_workers_that_keep_dying_are_replaced_ever_more_slowly(
 def _kill_starting_children(
     pool: tether.Pool, kills: int, monkeypatch: pytest.MonkeyPatch
 ) -> list[int]:
-    """Make the next ``kills`` worker starts fail for real: SIGKILL each new process as it starts."""
+    """Make the next ``kills`` worker starts fail for real: SIGKILL each process as it starts."""
     psutil = pytest.importorskip("psutil")
     me = psutil.Process()
     real_spawn = pool._main.spawn
