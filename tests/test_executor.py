@@ -668,3 +668,53 @@ def test_sync_pool_timeout_and_terminate(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not any(_alive(p) for p in pids)
     pool.terminate()  # twice is fine
     assert pool.pids == [] and pool.closed
+
+
+_UNCLOSED = """
+import os, signal, sys, time
+import tether.sync
+import _pool_jobs as jobs
+
+if __name__ == "__main__":
+    pool = tether.sync.Pool(workers=2)
+    print(*pool.pids, flush=True)
+    if sys.argv[1] == "sigint":  # Ctrl-C while a job runs
+        pool.submit(jobs.nap, 60)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+    print(pool.submit(jobs.square, 7).result(timeout=30), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "sigint"])
+def test_a_sync_pool_left_open_at_exit_ends_quietly(
+    how: str, tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    # Never closed (or interrupted mid-job): terminated at exit, with nothing on
+    # stderr but the script's own KeyboardInterrupt, and no worker left behind.
+    script = tmp_path / "unclosed.py"
+    script.write_text(_UNCLOSED)
+    for _ in range(3):  # (the noise came from a race: 0 to 3 tracebacks a run)
+        out = subprocess.run(
+            [sys.executable, str(script), how],
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        pids = [int(p) for p in out.stdout.split()[:2]]
+        if how == "exit":
+            assert out.returncode == 0 and out.stdout.split()[2:] == ["49"], out.stderr
+            assert out.stderr == ""
+        else:
+            assert out.returncode != 0
+            assert out.stderr.count("Traceback") == 1, out.stderr
+            assert out.stderr.rstrip().endswith("KeyboardInterrupt"), out.stderr
+        assert "Exception ignored" not in out.stderr and "EOFError" not in out.stderr
+        for pid in pids:
+            for _ in range(500):  # (bounded: 10 s)
+                if not _alive(pid):
+                    break
+                time.sleep(0.02)
+            assert not _alive(pid)
