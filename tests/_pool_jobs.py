@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -144,3 +145,16 @@ def liar() -> int:
 
 def a_job_whose_name_is_longer_than_thirty_one_characters(x: int) -> int:
     return x
+
+
+def exits(code: int) -> None:
+    """``sys.exit(code)``: a job that would end a script."""
+    sys.exit(code)
+
+
+def interrupted() -> None:
+    raise KeyboardInterrupt("pressed")
+
+
+async def async_exits(code: int) -> None:
+    sys.exit(code)

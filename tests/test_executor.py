@@ -201,6 +201,26 @@ async def test_a_job_that_raises_is_a_remote_error() -> None:
                 pass
 
 
+async def test_a_job_raising_system_exit_fails_only_itself() -> None:
+    # sys.exit() or KeyboardInterrupt in a job is that job's error; the worker
+    # lives on, so the next (innocent) job sent to it succeeds, every time.
+    async with tether.Pool(workers=2) as pool:
+        workers = set(pool.pids)
+        for i in range(12):
+            with pytest.raises(tether.RemoteError) as info:
+                await pool.submit(jobs.exits, 3)
+            assert info.value.type_name == "SystemExit"
+            assert info.value.remote_message == "3"
+            assert "sys.exit(code)" in info.value.remote_traceback
+            assert await pool.submit(jobs.square, i) == i * i
+            with pytest.raises(tether.RemoteError, match="KeyboardInterrupt: pressed"):
+                await pool.submit(jobs.interrupted)
+            with pytest.raises(tether.RemoteError, match="SystemExit: 4"):
+                await pool.submit(jobs.async_exits, 4)
+            assert await pool.submit(jobs.square, i) == i * i
+        assert set(pool.pids) == workers  # no worker died
+
+
 async def test_a_killed_worker_fails_only_its_job_and_is_replaced() -> None:
     async with tether.Pool(workers=2) as pool:
         before = set(pool.pids)
@@ -241,6 +261,72 @@ async def test_workers_that_keep_dying_are_replaced_ever_more_slowly(
         await asyncio.sleep(3.0)
     # back-off 0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6 s (+ start-up): a handful, not dozens
     assert 3 <= spawned <= 10
+
+
+def _kill_starting_children(
+    pool: tether.Pool, kills: int, monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
+    """Make the next ``kills`` worker starts fail for real: SIGKILL each process as it starts."""
+    psutil = pytest.importorskip("psutil")
+    me = psutil.Process()
+    real_spawn = pool._main.spawn
+    killed: list[int] = []
+
+    async def killing_spawn(*args: Any, **kw: Any) -> Any:
+        if len(killed) >= kills:
+            return await real_spawn(*args, **kw)
+        before = {p.pid for p in me.children()}
+        starting = asyncio.ensure_future(real_spawn(*args, **kw))
+        for _ in range(3000):  # (bounded: 30 s)
+            new = [p.pid for p in me.children() if p.pid not in before and p.pid not in killed]
+            if new or starting.done():
+                break
+            await asyncio.sleep(0.01)
+        if new:  # (one: two slots may be starting one each)
+            killed.append(new[0])
+            os.kill(new[0], signal.SIGKILL)
+        return await starting
+
+    monkeypatch.setattr(pool._main, "spawn", killing_spawn)
+    return killed
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_worker_killed_while_starting_is_started_again(
+    workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kill the worker, then its replacements while they start: the pool keeps
+    # trying (with back-off) and later jobs succeed; none fails for it.
+    async with tether.Pool(workers=workers) as pool:
+        killed = _kill_starting_children(pool, 3, monkeypatch)
+        first = pool.pids
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        await _until(lambda: not set(pool.pids) & set(first))  # (a job sent first would fail)
+        waiting = [pool.submit(jobs.square, i) for i in range(4)]
+        assert await asyncio.wait_for(asyncio.gather(*waiting), 60) == [0, 1, 4, 9]
+        assert len(killed) >= 3
+        await _until(lambda: len(pool.pids) == workers)
+        assert not set(pool.pids) & set(first)
+        assert [await pool.submit(jobs.square, 5) for _ in range(3)] == [25] * 3
+
+
+async def test_a_pool_whose_workers_never_start_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tether.Pool, "start_attempts", 3)
+    async with tether.Pool(workers=2) as pool:
+        killed = _kill_starting_children(pool, 1000, monkeypatch)
+        first = pool.pids
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        await _until(lambda: not set(pool.pids) & set(first))
+        waiting = pool.submit(jobs.square, 3)
+        with pytest.raises(tether.PeerGone, match="the pool cannot start workers"):
+            await asyncio.wait_for(waiting, 60)  # bounded: not left waiting forever
+        assert len(killed) >= 3
+        with pytest.raises(tether.PeerGone, match="the pool cannot start workers"):
+            await pool.submit(jobs.square, 3)
 
 
 async def test_kill_9_during_a_map_of_many_jobs_loses_no_job() -> None:
@@ -442,8 +528,16 @@ async def test_a_wrong_argument_is_a_bad_request_naming_it() -> None:
             tether.BadRequest, match=r"^add\(\) argument 'b': expected int, got str$"
         ):
             await pool.submit(jobs.add, 1, "x")
-        with pytest.raises(tether.BadRequest, match=r"add\(\) takes 2 arguments \(a, b\), got 1"):
-            await pool.submit(jobs.add, 1)
+        # Arguments that do not fit the signature are refused at submit, as spawn does.
+        with pytest.raises(
+            TypeError, match=r"^_pool_jobs\.add\(\): missing a required argument: 'b'"
+        ):
+            pool.submit(jobs.add, 1)
+        with pytest.raises(TypeError, match=r"_pool_jobs\.square\(\): too many positional"):
+            pool.submit(jobs.square, 1, 2)
+        with pytest.raises(TypeError, match=r"_pool_jobs\.add\(\): missing"):
+            async for _ in pool.map(jobs.add, [1, 2]):
+                pass
         with pytest.raises(
             tether.BadRequest, match=r"async_kinds\(\) argument 'p.y': expected int, got str"
         ):
@@ -520,6 +614,8 @@ def test_sync_pool_submit_map_errors_close() -> None:
             pool.submit(jobs.fail, "no").result(timeout=30)
         with pytest.raises(TypeError, match="<lambda>"):
             pool.submit(lambda: 1)
+        with pytest.raises(TypeError, match=r"_pool_jobs\.add\(\): missing a required argument"):
+            pool.submit(jobs.add, 1)
         a = np.ones(1 << 20, dtype=np.float32)
         doubled, kind, _ = pool.submit(jobs.double, a).result(timeout=30)
         assert kind == "ndarray" and np.array_equal(doubled, a * 2)
@@ -572,3 +668,53 @@ def test_sync_pool_timeout_and_terminate(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not any(_alive(p) for p in pids)
     pool.terminate()  # twice is fine
     assert pool.pids == [] and pool.closed
+
+
+_UNCLOSED = """
+import os, signal, sys, time
+import tether.sync
+import _pool_jobs as jobs
+
+if __name__ == "__main__":
+    pool = tether.sync.Pool(workers=2)
+    print(*pool.pids, flush=True)
+    if sys.argv[1] == "sigint":  # Ctrl-C while a job runs
+        pool.submit(jobs.nap, 60)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+    print(pool.submit(jobs.square, 7).result(timeout=30), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "sigint"])
+def test_a_sync_pool_left_open_at_exit_ends_quietly(
+    how: str, tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    # Never closed (or interrupted mid-job): terminated at exit, with nothing on
+    # stderr but the script's own KeyboardInterrupt, and no worker left behind.
+    script = tmp_path / "unclosed.py"
+    script.write_text(_UNCLOSED)
+    for _ in range(3):  # (the noise came from a race: 0 to 3 tracebacks a run)
+        out = subprocess.run(
+            [sys.executable, str(script), how],
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        pids = [int(p) for p in out.stdout.split()[:2]]
+        if how == "exit":
+            assert out.returncode == 0 and out.stdout.split()[2:] == ["49"], out.stderr
+            assert out.stderr == ""
+        else:
+            assert out.returncode != 0
+            assert out.stderr.count("Traceback") == 1, out.stderr
+            assert out.stderr.rstrip().endswith("KeyboardInterrupt"), out.stderr
+        assert "Exception ignored" not in out.stderr and "EOFError" not in out.stderr
+        for pid in pids:
+            for _ in range(500):  # (bounded: 10 s)
+                if not _alive(pid):
+                    break
+                time.sleep(0.02)
+            assert not _alive(pid)

@@ -61,7 +61,7 @@ from .results import DEFAULT, _typed_decoder
 from .shm import Buffer
 from .wire import DEFAULT_MAX_FRAME_SIZE
 
-__all__ = ["Pool", "job_target"]
+__all__ = ["Pool", "check_arguments", "job_target"]
 
 log = logging.getLogger("tether")
 
@@ -131,6 +131,33 @@ def job_target(fn: object, start_method: str = "spawn") -> _Target:
         with contextlib.suppress(TypeError):  # (not weak-referenceable: not cached)
             _targets[fn] = target
     return target
+
+
+_signatures: weakref.WeakKeyDictionary[Any, inspect.Signature | None] = weakref.WeakKeyDictionary()
+
+
+def check_arguments(fn: Any, args: tuple[Any, ...]) -> None:
+    """Refuse, at submit, arguments ``fn``'s signature cannot take (as calling it would).
+
+    Raises:
+        TypeError: naming ``fn``: ``_jobs.add() missing a required argument: 'b'``.
+    """
+    try:
+        sig = _signatures[fn]
+    except (KeyError, TypeError):
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # no signature (some builtins): the worker will say
+            sig = None
+        with contextlib.suppress(TypeError):
+            _signatures[fn] = sig
+    if sig is None:
+        return
+    try:
+        sig.bind(*args)
+    except TypeError as exc:
+        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+        raise TypeError(f"{name}(): {exc} (arguments given: {len(args)})") from None
 
 
 def _decodable(tp: Any) -> bool:
@@ -298,6 +325,33 @@ class _Jobs:
         return fn, spec.decode(args, attachments, pickled)
 
 
+_stand_ins: dict[type[BaseException], type[Exception]] = {}
+
+
+def _as_error(exc: BaseException) -> Exception:
+    """An ``Exception`` that a job's ``BaseException`` is answered as, under the same name.
+
+    A job that raises ``SystemExit`` or ``KeyboardInterrupt`` (or another
+    ``BaseException``) failed; its worker did not: it answers with that
+    exception's type name, message and traceback (the caller's
+    :class:`~tether.RemoteError` says ``SystemExit: 3``) and serves the next
+    job, as ``ProcessPoolExecutor``'s worker does. Raised as is, the peer
+    would stop the worker's loop after answering, failing the next, innocent
+    job sent to it.
+    """
+    tp = type(exc)
+    cls = _stand_ins.get(tp)
+    if cls is None:
+        cls = type(tp.__name__, (Exception,), {"__module__": tp.__module__})
+        cls.__qualname__ = tp.__qualname__
+        _stand_ins[tp] = cls
+    try:
+        err = cls(*exc.args)
+    except Exception:
+        err = cls(str(exc))
+    return err.with_traceback(exc.__traceback__)
+
+
 async def worker(peer: Peer) -> None:
     """A pool worker's target: run jobs until main closes the connection."""
     running: set[asyncio.Task[Any]] = set()
@@ -305,7 +359,12 @@ async def worker(peer: Peer) -> None:
     @peer.handle(JOB)
     def job(call: Call, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         # Answered inline: the worker reads nothing else (a CANCEL included) until it returns.
-        result = fn(*args)
+        try:
+            result = fn(*args)
+        except Exception:
+            raise
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt...: the job's error only
+            raise _as_error(exc) from None
         if inspect.isawaitable(result):
             close = getattr(result, "close", None)
             if close is not None:
@@ -322,6 +381,10 @@ async def worker(peer: Peer) -> None:
         running.add(task)
         try:
             return await fn(*args)  # cancelled by a CANCEL (timeout, or the future cancelled)
+        except (Exception, asyncio.CancelledError):
+            raise
+        except BaseException as exc:  # as for a plain job
+            raise _as_error(exc) from None
         finally:
             running.discard(task)
 
@@ -442,6 +505,13 @@ class Pool:
     #: before it is killed and replaced (a plain function cannot be interrupted)
     cancel_grace: ClassVar[float] = 1.0
 
+    #: failed worker starts in a row (none succeeding in between, no worker
+    #: alive) after which the pool gives up: every queued and later job fails
+    #: with :class:`~tether.PeerGone` ("the pool cannot start workers"). Until
+    #: then a failed start is retried with the growing back-off (0.05 s
+    #: doubling, up to 5 s: about 7 s for 8 starts) and jobs wait for a worker.
+    start_attempts: ClassVar[int] = 8
+
     def __init__(
         self,
         workers: int | None = None,
@@ -475,6 +545,7 @@ class Pool:
         self._closing = False
         self._broken: BaseException | None = None  # no worker can be started
         self._spawn_failed: BaseException | None = None  # why a replacement did not start
+        self._start_failures = 0  # failed worker starts in a row, over every slot
 
     # -- lifetime ------------------------------------------------------------
 
@@ -595,8 +666,8 @@ class Pool:
 
         Raises:
             TypeError, ValueError: ``fn`` cannot be imported by name in a
-                worker (see the module's docs), or ``timeout`` or
-                ``result_type`` is invalid.
+                worker (see the module's docs), ``args`` do not fit its
+                signature, or ``timeout`` or ``result_type`` is invalid.
             ConnectionClosed: the pool was closed or terminated.
         Raises (when awaited):
             RemoteError: ``fn`` raised (``type_name`` is the remote exception type).
@@ -609,6 +680,7 @@ class Pool:
             PayloadTooLarge: the arguments or the result could not be sent.
         """
         channel, module, qualname = job_target(fn, self.start_method)
+        check_arguments(fn, args)
         rtype = job_result_type(fn, result_type)
         t = self.timeout if timeout is DEFAULT else _timeout(timeout)
         if self._closing:
@@ -711,20 +783,35 @@ class Pool:
 
         Workers that keep dying without finishing a job (a job that kills
         every worker, a process that kills them as they start) are replaced
-        ever more slowly, up to once every 5 s, so the pool never spins.
+        ever more slowly, up to once every 5 s, so the pool never spins. A
+        start that fails is retried the same way; after
+        :attr:`start_attempts` failures in a row with no worker alive, the
+        pool gives up (:meth:`_break`) rather than keep jobs waiting forever.
         """
         deaths = 0  # in a row, without a job finished in between
         while True:
             if child is None or _dead(child):
                 if deaths > 1:
                     await asyncio.sleep(min(0.05 * 2 ** (deaths - 2), 5.0))
+                if self._closing or self._broken is not None:
+                    return
                 try:
                     child = await self._main.spawn(worker, name="pool-worker")
                 except (TetherError, OSError) as exc:  # (ConnectionClosed: the pool is closing)
-                    if not self._closing:
-                        log.warning("a pool worker could not be started: %s", exc)
+                    if self._closing or self._broken is not None:
+                        return
                     self._spawn_failed = exc
-                    return
+                    self._start_failures += 1
+                    if self._start_failures == 1:  # (once per streak: no log every 5 s)
+                        log.warning("a pool worker could not be started (retrying): %s", exc)
+                    alive = any(not _dead(c) for c in self._main.children)
+                    if self._start_failures >= self.start_attempts and not alive:
+                        self._break(exc)
+                        return
+                    child = None
+                    deaths += 1
+                    continue
+                self._start_failures = 0
                 child.on_exit(self._on_worker_exit)
             job = await self._next(child)
             if job is None:  # died (or was killed) while idle
@@ -754,7 +841,9 @@ class Pool:
         self._jobs.clear()
 
     def _broken_error(self) -> PeerGone:
-        err = PeerGone(f"the pool cannot start workers: {self._broken}")
+        n = self._start_failures
+        tries = f" ({n} starts failed in a row)" if n > 1 else ""
+        err = PeerGone(f"the pool cannot start workers{tries}: {self._broken}")
         err.__cause__ = self._broken
         return err
 

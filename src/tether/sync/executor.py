@@ -9,21 +9,47 @@ in the asyncio pool, so no future waits on a dead process.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..aio.loop import new_loop
 from ..errors import ConnectionClosed
 from ..executor import Pool as AsyncPool
-from ..executor import _timeout, job_result_type, job_target, moved
+from ..executor import _timeout, check_arguments, job_result_type, job_target, moved
 from ..results import DEFAULT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = ["Pool"]
+
+
+#: the pools not closed yet: terminated at interpreter exit (see :func:`_at_exit`)
+_open: weakref.WeakSet[Pool] = weakref.WeakSet()
+_registered = False
+
+#: seconds :func:`_at_exit` waits for one pool to stop
+EXIT_WAIT = 10.0
+
+
+def _at_exit() -> None:
+    """Terminate every pool still open as the interpreter exits, quietly.
+
+    Registered once, when the first pool has started its workers, so after
+    multiprocessing's own exit handler and therefore run before it (atexit
+    runs handlers last-in, first-out). Left running, the pool's thread would
+    see multiprocessing terminate its workers, start replacements the exiting
+    interpreter abandons mid-start (``EOFError: Ran out of input`` on their
+    stderr) and close process objects multiprocessing then joins (``ValueError:
+    process object is closed``).
+    """
+    for pool in list(_open):
+        with contextlib.suppress(Exception):
+            pool._shutdown(pool._pool.terminate, EXIT_WAIT)
 
 
 def _settle(done: concurrent.futures.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -46,7 +72,10 @@ class Pool:
 
     Same arguments and behaviour as :class:`tether.Pool`; the workers are
     started here (it returns once they said hello). Leaving ``with``
-    normally is :meth:`close`, on an exception :meth:`terminate`.
+    normally is :meth:`close`, on an exception :meth:`terminate`. A pool
+    still open when the interpreter exits (never closed, or the script
+    interrupted with Ctrl-C) is terminated then, quietly: its unfinished
+    jobs are dropped, as a daemon thread's work is; close it to wait for them.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or value.
@@ -84,12 +113,17 @@ class Pool:
             self._ended = self._closed = True
             self._end()
             raise
+        global _registered
+        _open.add(self)
+        if not _registered:
+            atexit.register(_at_exit)
+            _registered = True
 
     async def _started(self) -> None:
         await self._pool.start()
 
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def _end(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -136,6 +170,7 @@ class Pool:
         as :meth:`tether.Pool.submit`.
         """
         job_target(fn, self._pool.start_method)
+        check_arguments(fn, args)
         rtype = job_result_type(fn, result_type)
         if timeout is not DEFAULT:
             _timeout(timeout)
@@ -227,13 +262,14 @@ class Pool:
         """Kill the workers now; unfinished jobs fail with :class:`~tether.ConnectionClosed`."""
         self._shutdown(self._pool.terminate)
 
-    def _shutdown(self, how: Callable[[], Any]) -> None:
+    def _shutdown(self, how: Callable[[], Any], timeout: float | None = None) -> None:
         with self._lock:  # (a submit racing with it then sees the pool closed)
             self._closed = True
+            _open.discard(self)
             if self._ended:
                 return
             try:
-                self._call(how())
+                self._call(how(), timeout)
             finally:
                 self._ended = True
                 self._end()
