@@ -116,7 +116,7 @@ async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dic
 async def test_page_invokes_a_web_channel(main: tether.Main, site: Path) -> None:
     server = await main.listen("ws://127.0.0.1:0", static=site)
     assert isinstance(server, WebServer) and server.address.port != 0
-    assert server.url == f"{server.origin}/?token={server.token}"
+    assert server.url == f"{server.origin}/t/{server.token}/"
     async with await open_page(server) as ws:
         assert await call(ws, 1, "message-from-renderer", "Hola, mundo!") == (
             RESULT,
@@ -124,7 +124,7 @@ async def test_page_invokes_a_web_channel(main: tether.Main, site: Path) -> None
         )
 
 
-async def test_page_is_served_with_the_token_and_refused_without(
+async def test_page_is_served_under_the_secret_path_and_refused_without(
     main: tether.Main, site: Path
 ) -> None:
     server = await main.listen("ws://127.0.0.1:0", static=site)
@@ -132,27 +132,71 @@ async def test_page_is_served_with_the_token_and_refused_without(
     assert (status, body) == (200, b"<h1>page</h1>")
     assert headers["Content-Type"].startswith("text/html")
     assert headers["Referrer-Policy"] == "no-referrer"
-    cookie = headers["Set-Cookie"].split(";")[0]
-    assert cookie == f"tether-{server.address.port}={server.token}"
-    # Without the secret: 403, for the page, a file and the library alike.
-    for path in ("/", "/index.html", "/app.js", "/tether.js"):
-        status, _, _ = await get(server.origin + path)
-        assert status == 403, path
-    status, _, _ = await get(server.url.replace(server.token, server.token[:-1] + "x"))
-    assert status == 403
-    # The cookie the page got lets its own requests through (scripts, a reload).
-    status, headers, body = await get(server.origin + "/app.js", {"Cookie": cookie})
+    assert "Set-Cookie" not in headers  # nothing a same-site page would send back
+    # The page's relative links carry the secret: its own scripts load.
+    status, headers, body = await get(server.url + "app.js")
     assert (status, body) == (200, b"export const x = 1;")
     assert headers["Content-Type"].startswith("text/javascript")
-    assert server.refused >= 5
+    # Without the secret in the path: 403, the old ?token= form included.
+    wrong = server.token[:-1] + ("a" if server.token[-1] != "a" else "b")
+    for path in (
+        "/",
+        "/index.html",
+        "/app.js",
+        f"/?token={server.token}",
+        f"/app.js?token={server.token}",
+        f"/t/{wrong}/",
+        f"/t/{wrong}/app.js",
+        "/t//app.js",
+        f"/x/{server.token}/app.js",
+    ):
+        status, headers, _ = await get(server.origin + path)
+        assert status == 403, path
+        assert headers["Referrer-Policy"] == "no-referrer", path
+    assert server.refused >= 9
+    # /t/<secret> without its slash: sent to the page, whose relative links then work.
+    status, _, body = await get(f"{server.origin}/t/{server.token}")
+    assert (status, body) == (200, b"<h1>page</h1>")
+
+
+async def test_cookies_are_neither_set_nor_taken(main: tether.Main, site: Path) -> None:
+    """A cookie is sent by every page of the same site (any port of 127.0.0.1): never a key."""
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    cookie = f"tether-{server.address.port}={server.token}"
+    status, _, _ = await get(server.origin + "/app.js", {"Cookie": cookie})
+    assert status == 403
+    with pytest.raises(InvalidStatus) as info:
+        await ws_connect(
+            ws_url(server),
+            subprotocols=["tether.json"],  # type: ignore[list-item]
+            origin=server.origin,  # type: ignore[arg-type]
+            additional_headers={"Cookie": cookie},
+            open_timeout=5,
+        )
+    assert info.value.response.status_code == 403
+
+
+async def test_static_files_refuse_requests_from_other_sites(main: tether.Main, site: Path) -> None:
+    """A page on another port of 127.0.0.1 is the same site; the browser says so: refused."""
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    for where in ("same-site", "cross-site"):
+        status, _, _ = await get(server.url + "app.js", {"Sec-Fetch-Site": where})
+        assert status == 403, where
+    for where in ("same-origin", "none"):
+        status, _, _ = await get(server.url + "app.js", {"Sec-Fetch-Site": where})
+        assert status == 200, where
+    # The library is public: any page may load it.
+    status, _, _ = await get(server.origin + "/tether.js", {"Sec-Fetch-Site": "cross-site"})
+    assert status == 200
 
 
 async def test_library_is_served_from_the_package(main: tether.Main) -> None:
     server = await main.listen("ws://127.0.0.1:0")  # no static folder: the library only
-    status, headers, body = await get(f"{server.origin}/tether.js?token={server.token}")
+    status, headers, body = await get(f"{server.origin}/tether.js")  # public: no secret
     assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert headers["Referrer-Policy"] == "no-referrer"
     assert b"export function connect" in body
-    status, _, body = await get(f"{server.origin}/tether.d.ts?token={server.token}")
+    status, _, body = await get(f"{server.origin}/tether.d.ts")
     assert status == 200 and b"export function connect" in body
     status, _, _ = await get(server.url)
     assert status == 404  # no index without a static folder
@@ -200,8 +244,8 @@ async def raw_http(server: WebServer, target: str, host: str | None = None) -> i
     reader, writer = await asyncio.open_connection("127.0.0.1", server.address.port)
     try:
         host = host or f"127.0.0.1:{server.address.port}"
-        cookie = f"tether-{server.address.port}={server.token}"
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n".encode())
+        target = f"/t/{server.token}{target}"
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), 5)
         return int(line.split()[1])

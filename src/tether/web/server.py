@@ -6,12 +6,18 @@ One ``websockets`` server answers three things:
   a :class:`~tether.Peer` of role ``web`` (docs/protocol.md, section 1.1);
 * ``GET /tether.js`` and ``GET /tether.d.ts``: the client library shipped in
   this package;
-* any other ``GET``: a file under ``static`` (``index.html`` for a folder).
+* ``GET /t/<secret>/...``: a file under ``static`` (``index.html`` for a
+  folder); ``server.url`` is ``/t/<secret>/``.
 
-Every request must carry the listener's secret, made fresh at each start
-(docs/security.md, "Web pages"): ``?token=<secret>`` in the URL, or the
-cookie the server sets when a URL carried it (so the page's own scripts,
-images and reloads need no token). Anything else is answered 403. The
+The listener's secret, made fresh at each start (docs/security.md, "Web
+pages"), gates the pages and the socket. It lives in the URL *path*, never
+in a cookie: a cookie is sent by any page of the same *site*, and every
+port of 127.0.0.1 is one site, so another local server would receive it and
+pages on other ports could load the app's files with it. In the path, a
+page's relative links carry it and nothing else does. The socket takes it
+as ``?token=<secret>`` (tether.js reads it from the page's path). Static
+requests a browser marks ``Sec-Fetch-Site: same-site`` or ``cross-site``
+are refused too. The library is not secret: it is public at the root. The
 WebSocket upgrade must also come from the served origin (``Origin``), to a
 host name this server answers to (``Host``): a page of another site cannot
 drive the app even if it learnt the port. HTTP and WebSocket framing are
@@ -29,7 +35,6 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
-from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qs, unquote
@@ -48,10 +53,12 @@ from .stream import WebSocketStream
 if TYPE_CHECKING:
     from ..aio.main import Main
 
-__all__ = ["SUBPROTOCOLS", "WS_PATH", "WebServer", "listen_web"]
+__all__ = ["PAGE_PREFIX", "SUBPROTOCOLS", "WS_PATH", "WebServer", "listen_web"]
 
 #: the path of the WebSocket endpoint
 WS_PATH: Final = "/tether"
+#: pages are served under ``PAGE_PREFIX + secret + "/"``
+PAGE_PREFIX: Final = "/t/"
 #: WebSocket subprotocol -> body encoding of the connection (docs/protocol.md, 1.1)
 SUBPROTOCOLS: Final = {"tether.json": "json", "tether.msgpack": "msgpack"}
 #: the client library, served from this package at these paths
@@ -89,7 +96,7 @@ class WebServer(Server):
     """A ``ws://`` listener: serves pages and their WebSocket (module docstring).
 
     Attributes:
-        url: the page to open, secret included (``http://127.0.0.1:PORT/?token=...``).
+        url: the page to open, secret included (``http://127.0.0.1:PORT/t/SECRET/``).
         origin: the origin pages are served from (``http://127.0.0.1:PORT``).
         static: the folder whose files are served (``None``: only tether.js).
         token: this start's secret (also in :attr:`url`).
@@ -119,10 +126,9 @@ class WebServer(Server):
         self._loop.remove_reader(self._fd)
         self.static = static
         self.token = secrets.token_urlsafe(32)
-        self._cookie = f"tether-{address.port}"
         host = f"[{address.host}]" if ":" in address.host else address.host
         self.origin = f"http://{host}:{address.port}"
-        self.url = f"{self.origin}/?token={self.token}"
+        self.url = f"{self.origin}{PAGE_PREFIX}{self.token}/"
         self._public = public
         port = address.port
         # Host names this server answers to: a page at another name that
@@ -165,22 +171,21 @@ class WebServer(Server):
 
     # -- HTTP -------------------------------------------------------------
 
-    def _token_ok(self, query: str, headers: Headers) -> tuple[bool, bool]:
-        """(the request carries the secret, it came in the URL)."""
+    def _token_ok(self, query: str) -> bool:
+        """Whether the socket's URL carries the secret (``?token=``)."""
         want = self.token.encode()
-        for value in parse_qs(query).get("token", ()):
-            if hmac.compare_digest(value.encode(), want):
-                return True, True
-        for header in headers.get_all("Cookie"):
-            jar: SimpleCookie = SimpleCookie()
-            try:
-                jar.load(header)
-            except CookieError:
-                continue
-            morsel = jar.get(self._cookie)
-            if morsel is not None and hmac.compare_digest(morsel.value.encode(), want):
-                return True, False
-        return False, False
+        return any(
+            hmac.compare_digest(value.encode(), want) for value in parse_qs(query).get("token", ())
+        )
+
+    def _page_path(self, path: str) -> str | None:
+        """The part of ``path`` after ``/t/<secret>`` (``""`` or ``/...``), or ``None``."""
+        if not path.startswith(PAGE_PREFIX):
+            return None
+        secret, slash, rest = path[len(PAGE_PREFIX) :].partition("/")
+        if not hmac.compare_digest(secret.encode(), self.token.encode()):
+            return None
+        return slash + rest
 
     def _respond(
         self, status: int, body: bytes, ctype: str, extra: tuple[tuple[str, str], ...] = ()
@@ -208,12 +213,9 @@ class WebServer(Server):
         host = request.headers.get("Host", "")
         if not self._public and self._host(host) not in self._hosts:
             return self._refuse_http(request, 403, f"unknown host {host!r}")
-        ok, in_url = self._token_ok(query, request.headers)
         if path == WS_PATH:
-            if not ok:
-                return self._refuse_http(
-                    request, 403, "the WebSocket needs the secret (?token= or the cookie)"
-                )
+            if not self._token_ok(query):
+                return self._refuse_http(request, 403, "the WebSocket needs the secret (?token=)")
             origin = request.headers.get("Origin")
             if origin is not None and not self._same_origin(origin, host):
                 return self._refuse_http(request, 403, f"origin {origin!r} is not this server's")
@@ -229,31 +231,37 @@ class WebServer(Server):
             if self.main._closing:
                 return self._respond(503, b"503 closing\n", "text/plain")
             return None  # websockets completes the upgrade
-        if not ok:
+        lib = self._library.get(path)
+        if lib is not None:  # the library is public: nothing secret in it
+            return self._respond(200, lib[0], lib[1])
+        rest = self._page_path(path)
+        if rest is None:
             return self._refuse_http(
                 request, 403, "open the address tether printed: it carries the secret"
             )
-        # The secret came in the URL: keep it in a cookie, so the page's own
-        # requests (scripts, images, a reload without the token) pass too.
-        extra = (
-            (("Set-Cookie", f"{self._cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"),)
-            if in_url
-            else ()
-        )
-        lib = self._library.get(path)
-        if lib is not None:
-            return self._respond(200, lib[0], lib[1], extra)
-        file = self._file(path)
+        # Defence in depth: a browser names where a request comes from; only
+        # the app's own pages (same-origin) or the user (none) load its files.
+        fetch_site = request.headers.get("Sec-Fetch-Site", "none")
+        if fetch_site in ("same-site", "cross-site"):
+            return self._refuse_http(request, 403, f"a {fetch_site} request for a page's file")
+        if rest == "":  # /t/<secret>: relative links need the slash
+            return self._respond(
+                308,
+                b"308 see /\n",
+                "text/plain; charset=utf-8",
+                (("Location", f"{PAGE_PREFIX}{self.token}/"),),
+            )
+        file = self._file(rest)
         if file is None:
-            return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8", extra)
+            return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8")
         try:
             body = await asyncio.to_thread(_read, file)
         except OSError:
-            return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8", extra)
+            return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8")
         ctype = _TYPES.get(os.path.splitext(file)[1].lower())
         if ctype is None:
             ctype = mimetypes.guess_type(file)[0] or "application/octet-stream"
-        return self._respond(200, body, ctype, extra)
+        return self._respond(200, body, ctype)
 
     def _same_origin(self, origin: str, host: str) -> bool:
         """Whether ``Origin`` names the host the request came to (``Host``), over http.
