@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import struct
 import urllib.error
@@ -684,3 +685,73 @@ async def test_without_websockets_listen_says_what_to_install(
     async with tether.Main() as main:
         with pytest.raises(ImportError, match=r"tether-ipc\[web\]"):
             await main.listen("ws://127.0.0.1:0")
+
+
+async def raw_request(server: WebServer, head: str, timeout: float = 5) -> tuple[int, bytes]:
+    """Send ``head`` (request line and headers, no blank line) byte for byte; (status, rest)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.address.port)
+    try:
+        writer.write(head.encode() + b"\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout)
+        status = int(data.split(b" ", 2)[1])
+        return status, data.partition(b"\r\n\r\n")[2]
+    finally:
+        writer.close()
+
+
+async def test_duplicate_host_or_origin_is_a_counted_refusal(
+    main: tether.Main, site: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two Host or Origin headers: 400, counted, logged as a refusal (no traceback)."""
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    host = f"127.0.0.1:{server.address.port}"
+    upgrade = (
+        f"GET /tether?token={server.token} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tether.json"
+    )
+    before = server.refused
+    with caplog.at_level(logging.WARNING):
+        for head in (
+            f"GET /t/{server.token}/ HTTP/1.1\r\nHost: {host}\r\nHost: {host}",
+            f"{upgrade}\r\nOrigin: http://evil.example\r\nOrigin: {server.origin}",
+            f"GET /t/{server.token}/ HTTP/1.1\r\nHost: {host}\r\nSec-Fetch-Site: none"
+            "\r\nSec-Fetch-Site: cross-site",
+        ):
+            status, body = await raw_request(server, head)
+            assert status == 400, head
+            assert b"more than one" in body
+    assert server.refused == before + 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not main.peers
+
+
+async def test_http_methods_head_and_trailing_slash(main: tether.Main, site: Path) -> None:
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    host = f"127.0.0.1:{server.address.port}"
+    page = f"/t/{server.token}/app.js"
+    status, body = await raw_request(server, f"GET {page} HTTP/1.1\r\nHost: {host}")
+    assert (status, body) == (200, b"export const x = 1;")
+    # HEAD: a GET's headers, no body
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.address.port)
+    try:
+        writer.write(f"HEAD {page} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 19" in head
+    assert body == b""
+    for method in ("POST", "OPTIONS", "PUT", "DELETE"):
+        status, _ = await raw_request(server, f"{method} {page} HTTP/1.1\r\nHost: {host}")
+        assert status == 405, method
+        status, _ = await raw_request(server, f"{method} /tether.js HTTP/1.1\r\nHost: {host}")
+        assert status == 405, method
+    # A file is not a folder.
+    (site / "sub").mkdir()
+    (site / "sub" / "a.txt").write_text("a")
+    assert await raw_http(server, "/sub/a.txt") == 200
+    assert await raw_http(server, "/sub/a.txt/") == 404
+    assert await raw_http(server, "/app.js/") == 404
+    assert await raw_http(server, "/sub/") == 404  # no index.html there

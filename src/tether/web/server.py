@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qs, unquote
 
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
@@ -202,18 +202,39 @@ class WebServer(Server):
         return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
     def _refuse_http(self, request: Request, status: int, why: str) -> Response:
-        if status == 403:
-            self.refused += 1
-            if self._may_log_refusal():
-                log_refusal(self, request, why)
+        """A refusal (400, 403): counted in :attr:`refused`, logged at most 10 a second."""
+        self.refused += 1
+        if self._may_log_refusal():
+            log_refusal(self, request, why)
         return self._respond(status, f"{status} {why}\n".encode(), "text/plain; charset=utf-8")
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Answer one HTTP request; ``None`` lets websockets complete an upgrade."""
+        try:
+            response = await self._answer(request)
+        except MultipleValuesError as exc:  # two Host or Origin headers: which one counts?
+            return self._refuse_http(request, 400, f"more than one {exc} header")
+        if request.method == "HEAD" and response is not None:
+            response.body = b""  # the headers (Content-Length included) of a GET, no body
+        return response
+
+    async def _answer(self, request: Request) -> Response | None:
+        if request.method not in ("GET", "HEAD"):
+            return self._respond(
+                405,
+                f"405 {request.method} is not served here\n".encode(),
+                "text/plain; charset=utf-8",
+                (("Allow", "GET, HEAD"),),
+            )
         path, _, query = request.path.partition("?")
         host = request.headers.get("Host", "")
         if not self._public and self._host(host) not in self._hosts:
             return self._refuse_http(request, 403, f"unknown host {host!r}")
         if path == WS_PATH:
+            if request.method != "GET":
+                return self._respond(
+                    405, b"405 a WebSocket opens with GET\n", "text/plain", (("Allow", "GET"),)
+                )
             if not self._token_ok(query):
                 return self._refuse_http(request, 403, "the WebSocket needs the secret (?token=)")
             origin = request.headers.get("Origin")
@@ -298,12 +319,15 @@ class WebServer(Server):
             return None
         if "\0" in rel or "\\" in rel:
             return None
+        trailing_slash = rel.endswith("/")
         parts = [p for p in rel.split("/") if p]
         if any(p.startswith(".") for p in parts):
             return None  # .., hidden files (.git, .env)
         real = os.path.realpath(os.path.join(root, *parts))
         if os.path.isdir(real):
             real = os.path.realpath(os.path.join(real, "index.html"))
+        elif trailing_slash:
+            return None  # a file is not a folder: /a.txt/ names nothing
         if real != root and not real.startswith(root + os.sep):
             return None
         return real if os.path.isfile(real) else None
