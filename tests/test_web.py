@@ -755,3 +755,111 @@ async def test_http_methods_head_and_trailing_slash(main: tether.Main, site: Pat
     assert await raw_http(server, "/sub/a.txt/") == 404
     assert await raw_http(server, "/app.js/") == 404
     assert await raw_http(server, "/sub/") == 404  # no index.html there
+
+
+async def test_static_files_have_a_size_cap(main: tether.Main, site: Path) -> None:
+    from tether.web.server import MAX_STATIC_FILE_SIZE
+
+    with open(site / "huge.bin", "wb") as f:
+        f.truncate(MAX_STATIC_FILE_SIZE + 1)  # sparse: costs no disk
+    with open(site / "edge.bin", "wb") as f:
+        f.truncate(MAX_STATIC_FILE_SIZE)
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    status, _, body = await get(server.url + "huge.bin")
+    assert status == 413 and str(MAX_STATIC_FILE_SIZE).encode() in body
+    status, _, body = await get(server.url + "edge.bin")
+    assert status == 200 and len(body) == MAX_STATIC_FILE_SIZE
+
+
+async def test_static_reads_are_bounded_and_off_the_loop(
+    main: tether.Main, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    from tether.web import server as web_server
+
+    loop_thread = threading.get_ident()
+    lock = threading.Lock()
+    now, most, threads = 0, 0, set()
+    read = web_server._read
+
+    def slow_read(path: str, limit: int) -> bytes | None:
+        nonlocal now, most
+        with lock:
+            now += 1
+            most = max(most, now)
+            threads.add(threading.get_ident())
+        time.sleep(0.1)
+        with lock:
+            now -= 1
+        return read(path, limit)
+
+    monkeypatch.setattr(web_server, "_read", slow_read)
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    got = await asyncio.gather(*(get(server.url + "app.js") for _ in range(12)))
+    assert [g[0] for g in got] == [200] * 12
+    assert 1 <= most <= web_server.MAX_STATIC_READS
+    assert loop_thread not in threads
+
+
+async def test_static_bytes_held_are_bounded(
+    main: tether.Main, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that does not read holds its response: past the budget, others get 503."""
+    import socket
+
+    from tether.web import server as web_server
+
+    size = 8 * 1024 * 1024
+    monkeypatch.setattr(web_server, "MAX_STATIC_BYTES", size + size // 2)
+    with open(site / "big.bin", "wb") as f:
+        f.truncate(size)
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    host = f"127.0.0.1:{server.address.port}"
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", server.address.port))
+    try:
+        stalled.sendall(f"GET /t/{server.token}/big.bin HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        for _ in range(100):  # bounded: until the server holds the response
+            if server._static_bytes:
+                break
+            await asyncio.sleep(0.05)
+        assert server._static_bytes == size
+        status, headers, _ = await get(server.url + "big.bin")
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert (await get(server.url + "app.js"))[0] == 200  # small files still fit
+    finally:
+        stalled.close()
+    for _ in range(100):
+        if not server._static_bytes:
+            break
+        await asyncio.sleep(0.05)
+    assert server._static_bytes == 0
+    status, _, body = await get(server.url + "big.bin")
+    assert status == 200 and len(body) == size
+
+
+async def test_connections_in_the_http_stage_are_bounded(main: tether.Main, site: Path) -> None:
+    """Sockets that never finish their request: past max_handshaking the oldest go."""
+    server = await main.listen("ws://127.0.0.1:0", static=site, max_handshaking=8)
+    assert isinstance(server, WebServer)
+    held = []
+    try:
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.address.port)
+            writer.write(b"GET / HTTP/1.1\r\n")  # never finished
+            held.append((reader, writer))
+        for _ in range(100):
+            if server.http_dropped >= 12:
+                break
+            await asyncio.sleep(0.05)
+        assert server.http_dropped >= 12 and len(server._http) <= 8
+        assert await asyncio.wait_for(held[0][0].read(), 5) == b""  # the oldest: closed
+        # A real request still gets in, at once.
+        status, _, body = await asyncio.wait_for(get(server.url), 5)
+        assert (status, body) == (200, b"<h1>page</h1>")
+    finally:
+        for _, writer in held:
+            writer.close()

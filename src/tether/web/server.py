@@ -35,8 +35,9 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, unquote
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -53,7 +54,14 @@ from .stream import WebSocketStream
 if TYPE_CHECKING:
     from ..aio.main import Main
 
-__all__ = ["PAGE_PREFIX", "SUBPROTOCOLS", "WS_PATH", "WebServer", "listen_web"]
+__all__ = [
+    "MAX_STATIC_FILE_SIZE",
+    "PAGE_PREFIX",
+    "SUBPROTOCOLS",
+    "WS_PATH",
+    "WebServer",
+    "listen_web",
+]
 
 #: the path of the WebSocket endpoint
 WS_PATH: Final = "/tether"
@@ -78,6 +86,13 @@ _TYPES: Final = {
     ".ts": "text/plain; charset=utf-8",
     ".wasm": "application/wasm",
 }
+#: the largest static file served (bytes); larger ones are answered 413. A
+#: response is held whole in memory until it is written: pages, not downloads.
+MAX_STATIC_FILE_SIZE: Final = 16 * 1024 * 1024
+#: static files read at once (each in a thread, off the event loop)
+MAX_STATIC_READS: Final = 4
+#: bytes of static responses held at once, until their connections end; past it 503
+MAX_STATIC_BYTES: Final = 4 * MAX_STATIC_FILE_SIZE
 #: headers on every response: the URL (with its token) never leaves as a
 #: Referer, nothing is sniffed or cached, no other site frames the page
 _SAFE_HEADERS: Final = (
@@ -135,6 +150,17 @@ class WebServer(Server):
         # resolves here (DNS rebinding) is refused, token or not.
         self._hosts = {f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
         self._library = {path: (_library(name), ctype) for path, (name, ctype) in LIBRARY.items()}
+        # Connections not yet upgraded (HTTP requests, upgrades under way), oldest
+        # first; past max_handshaking the oldest is dropped (_http_room).
+        self._http: dict[_Connection, None] = {}
+        self._reads = asyncio.Semaphore(MAX_STATIC_READS)
+        # Its own threads: file reads neither wait for nor hold up the app's
+        # default executor (asyncio.to_thread).
+        self._readers = ThreadPoolExecutor(MAX_STATIC_READS, thread_name_prefix="tether-static")
+        self._static_bytes = 0  # of responses held until their connections end
+        self.http_dropped = 0
+        # websockets makes each connection of this class: it counts itself here
+        connection: type[_Connection] = type("_Connection", (_Connection,), {"web": self})
         self._ws_server = serve(
             self._handler,
             sock=sock,
@@ -146,6 +172,7 @@ class WebServer(Server):
             max_queue=4,
             close_timeout=2.0,
             server_header=None,
+            create_connection=connection,
         )
 
     async def _start(self) -> None:
@@ -161,6 +188,7 @@ class WebServer(Server):
         self._closed = True
         self._ws_server.server.close()  # the listening socket closes now, not at the next turn
         self._ws_server.close(close_connections=False)
+        self._readers.shutdown(wait=False)
 
     async def wait_closed(self) -> None:
         """Wait until every page's connection has ended (after :meth:`close`)."""
@@ -211,14 +239,39 @@ class WebServer(Server):
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         """Answer one HTTP request; ``None`` lets websockets complete an upgrade."""
         try:
-            response = await self._answer(request)
+            response = await self._answer(conn, request)
         except MultipleValuesError as exc:  # two Host or Origin headers: which one counts?
             return self._refuse_http(request, 400, f"more than one {exc} header")
         if request.method == "HEAD" and response is not None:
             response.body = b""  # the headers (Content-Length included) of a GET, no body
         return response
 
-    async def _answer(self, request: Request) -> Response | None:
+    def _too_large(self, request: Request) -> Response:
+        if self._may_log_refusal():
+            log_refusal(self, request, f"a file larger than {MAX_STATIC_FILE_SIZE} bytes")
+        return self._respond(
+            413,
+            f"413 tether serves files up to {MAX_STATIC_FILE_SIZE} bytes\n".encode(),
+            "text/plain; charset=utf-8",
+        )
+
+    def _http_room(self) -> None:
+        """Past ``max_handshaking`` connections not upgraded yet, drop the oldest."""
+        limit = self.max_handshaking
+        http_ = self._http
+        while limit is not None and len(http_) > limit:
+            oldest = next(iter(http_))
+            del http_[oldest]
+            self.http_dropped += 1
+            if self._may_log_refusal():
+                import logging
+
+                logging.getLogger("tether").warning(
+                    "%r: %d connections in the HTTP stage: dropped the oldest", self, limit
+                )
+            oldest.transport.abort()
+
+    async def _answer(self, conn: ServerConnection, request: Request) -> Response | None:
         if request.method not in ("GET", "HEAD"):
             return self._respond(
                 405,
@@ -276,9 +329,24 @@ class WebServer(Server):
         if file is None:
             return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8")
         try:
-            body = await asyncio.to_thread(_read, file)
+            size = os.stat(file).st_size
+            if size > MAX_STATIC_FILE_SIZE:
+                return self._too_large(request)
+            if self._static_bytes + size > MAX_STATIC_BYTES:
+                return self._respond(
+                    503, b"503 busy serving files: retry\n", "text/plain", (("Retry-After", "1"),)
+                )
+            self._static_bytes += size  # held from now: a read in progress counts
+            assert isinstance(conn, _Connection)
+            conn.held_bytes += size
+            async with self._reads:  # bounded wait: websockets' open_timeout
+                body = await self._loop.run_in_executor(
+                    self._readers, _read, file, MAX_STATIC_FILE_SIZE
+                )
         except OSError:
             return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8")
+        if body is None:  # it grew past the limit since stat()
+            return self._too_large(request)
         ctype = _TYPES.get(os.path.splitext(file)[1].lower())
         if ctype is None:
             ctype = mimetypes.guess_type(file)[0] or "application/octet-stream"
@@ -337,6 +405,8 @@ class WebServer(Server):
     async def _handler(self, ws: ServerConnection) -> None:
         """One page's connection: a :class:`~tether.Peer` of role ``web`` until it closes."""
         main = self.main
+        if isinstance(ws, _Connection):
+            self._http.pop(ws, None)  # upgraded: counted with the peers now
         encoding = SUBPROTOCOLS.get(ws.subprotocol or "")
         if encoding is None or main._closing or self._closed:
             await ws.close(1008, "no tether subprotocol" if encoding is None else "closing")
@@ -370,6 +440,28 @@ class WebServer(Server):
         await stream.finish()
 
 
+class _Connection(ServerConnection):
+    """websockets' connection, counted by its :class:`WebServer` until it is upgraded."""
+
+    web: WebServer  # set on the subclass each WebServer makes
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.held_bytes = 0  # of a static response, released when the connection ends
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.web._http[self] = None
+        self.web._http_room()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        web = self.web
+        web._http.pop(self, None)
+        web._static_bytes -= self.held_bytes
+        self.held_bytes = 0
+        super().connection_lost(exc)
+
+
 def _select(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
     """``tether.json`` if the client offers it, else ``tether.msgpack``, else none."""
     for name in SUBPROTOCOLS:
@@ -386,9 +478,11 @@ def log_refusal(server: WebServer, request: Request, why: str) -> None:
     )
 
 
-def _read(path: str) -> bytes:
+def _read(path: str, limit: int) -> bytes | None:
+    """The file's bytes, or ``None`` if it holds more than ``limit``."""
     with open(path, "rb") as f:
-        return f.read()
+        data = f.read(limit + 1)
+    return None if len(data) > limit else data
 
 
 def _loopback(host: str) -> bool:
