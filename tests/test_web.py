@@ -863,3 +863,33 @@ async def test_connections_in_the_http_stage_are_bounded(main: tether.Main, site
     finally:
         for _, writer in held:
             writer.close()
+
+
+async def test_page_dropped_to_make_room_is_told_to_try_again(
+    main: tether.Main, site: Path
+) -> None:
+    """Past max_handshaking pages without HELLO, the oldest closes with 1013 and a reason."""
+    server = await main.listen("ws://127.0.0.1:0", static=site, max_handshaking=2)
+    opened = []
+    try:
+        for _ in range(3):  # upgraded, no HELLO yet
+            opened.append(
+                await ws_connect(
+                    ws_url(server, server.token),
+                    subprotocols=["tether.json"],  # type: ignore[list-item]
+                    origin=server.origin,  # type: ignore[arg-type]
+                    open_timeout=5,
+                    close_timeout=1,
+                )
+            )
+            await asyncio.sleep(0.05)  # each one tracked before the next
+        oldest = opened[0]
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(oldest.recv(), 5)  # main's HELLO, then the close
+        assert oldest.close_code == 1013
+        assert oldest.close_reason == "2 pages still connecting: try again later"
+        assert server.handshakes_dropped == 1
+    finally:
+        for ws in opened:
+            await ws.close()

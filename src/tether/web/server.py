@@ -42,6 +42,7 @@ from urllib.parse import parse_qs, unquote
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers, MultipleValuesError
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
@@ -254,6 +255,18 @@ class WebServer(Server):
             f"413 tether serves files up to {MAX_STATIC_FILE_SIZE} bytes\n".encode(),
             "text/plain; charset=utf-8",
         )
+
+    def _make_handshake_room(self, limit: int) -> None:
+        """As any listener's; a page dropped here is told why: 1013, Try Again Later."""
+        waiting = [p for p in self._handshaking if p.remote_hello is None]
+        super()._make_handshake_room(limit)
+        for p in waiting:
+            stream = p._stream
+            if p not in self._handshaking and isinstance(stream, WebSocketStream):
+                stream.close_as = (
+                    CloseCode.TRY_AGAIN_LATER,
+                    f"{limit} pages still connecting: try again later",
+                )
 
     def _http_room(self) -> None:
         """Past ``max_handshaking`` connections not upgraded yet, drop the oldest."""
