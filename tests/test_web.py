@@ -893,3 +893,41 @@ async def test_page_dropped_to_make_room_is_told_to_try_again(
     finally:
         for ws in opened:
             await ws.close()
+
+
+async def test_json_the_decoder_cannot_take_is_explained_in_json_terms(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    async with await open_page(server) as ws:
+        for rid, raw, says in (
+            (1, b"[18446744073709551616]", "JSON number out of range"),
+            (2, b"[-9223372036854775809]", "JSON number out of range"),
+            (3, b"[1e400]", "JSON number out of range"),
+            (4, b'["\\ud800"]', "invalid JSON body"),
+            (5, b"[1,", "invalid JSON body"),
+            (6, b"[" * 5000 + b"]" * 5000, "invalid JSON body"),
+        ):
+            await ws.send(frame(INVOKE, rid, "message-from-renderer", raw=raw))
+            kind, got, _, body = parse(await asyncio.wait_for(ws.recv(), 5))
+            assert (kind, got, body["code"]) == (ERROR, rid, "bad_request"), body
+            assert says in body["message"] and "MessagePack" not in body["message"], body
+        # the connection is fine
+        assert await call(ws, 9, "message-from-renderer", "x") == (RESULT, "Received: x")
+
+
+async def test_a_page_result_json_cannot_carry_is_explained(main: tether.Main) -> None:
+    got: asyncio.Future[tether.Peer] = asyncio.get_running_loop().create_future()
+
+    @main.handle("ready", roles="web")
+    def ready(call: tether.Call) -> None:
+        got.set_result(call.peer)
+
+    server = await main.listen("ws://127.0.0.1:0")
+    async with await open_page(server) as ws:
+        assert await call(ws, 1, "ready") == (RESULT, None)
+        peer = await asyncio.wait_for(got, 5)
+        task = asyncio.create_task(peer.invoke("page.big", timeout=5))
+        _, rid, _, _ = parse(await asyncio.wait_for(ws.recv(), 5))
+        await ws.send(frame(RESULT, rid, raw=b"18446744073709551616"))
+        with pytest.raises(tether.TetherError) as info:
+            await task
+        assert "JSON number out of range" in str(info.value), info.value
