@@ -931,3 +931,44 @@ async def test_a_page_result_json_cannot_carry_is_explained(main: tether.Main) -
         with pytest.raises(tether.TetherError) as info:
             await task
         assert "JSON number out of range" in str(info.value), info.value
+
+
+async def test_msgpack_page_attachment_references_without_attachments_are_bad_request(
+    main: tether.Main,
+) -> None:
+    """A page has no attachments: Ext 1/2/4 in its frames name none (protocol.md 3.6)."""
+    got: list[Any] = []
+
+    @main.handle("take", roles={"web"})
+    def take(call: tether.Call, x: Any) -> str:
+        got.append(x)
+        return type(x).__name__
+
+    server = await main.listen("ws://127.0.0.1:0")
+    ws = await ws_connect(
+        ws_url(server, server.token),
+        subprotocols=["tether.msgpack"],  # type: ignore[list-item]
+        origin=server.origin,  # type: ignore[arg-type]
+    )
+    async with ws:
+        hello = msgspec.msgpack.encode({"protocol": "tether", "version": 1, "role": "page"})
+        await ws.send(HEADER.pack(16 + len(hello), HELLO, 0, 0, 0, 0, 0, 0) + hello)
+        await asyncio.wait_for(ws.recv(), 5)
+        chan = b"take"
+        refs = [
+            msgspec.msgpack.Ext(1, bytes(4)),
+            msgspec.msgpack.Ext(2, msgspec.msgpack.encode([0, "|u1", [1]])),
+            msgspec.msgpack.Ext(4, bytes(4)),
+        ]
+        for rid, ref in enumerate(refs, 1):
+            body = msgspec.msgpack.encode([ref])
+            await ws.send(
+                HEADER.pack(16 + len(chan) + len(body), INVOKE, 0, len(chan), rid, 0, 0, 0)
+                + chan
+                + body
+            )
+            answer = await asyncio.wait_for(ws.recv(), 5)
+            assert isinstance(answer, bytes) and answer[4] == ERROR
+            info = msgspec.msgpack.decode(answer[20:])
+            assert info["code"] == "bad_request" and "no attachments" in info["message"], info
+    assert got == []

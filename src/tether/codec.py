@@ -57,6 +57,11 @@ def ext_hook(code: int, data: memoryview) -> Any:
         except Exception as exc:
             raise msgspec.ValidationError(f"cannot unpickle: {exc}") from None
     atts = getattr(_local, "attachments", None)
+    if atts is None and code in (EXT_BYTES, EXT_NDARRAY, EXT_HANDLE):
+        # docs/protocol.md 3.6: an index that names no attachment is bad_request
+        raise msgspec.ValidationError(
+            f"attachment reference (extension type {code}) in a frame with no attachments"
+        )
     if code == EXT_BYTES and atts is not None:
         if len(data) != 4:
             raise msgspec.ValidationError("malformed attachment reference")
