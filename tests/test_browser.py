@@ -125,9 +125,13 @@ def page(browser: Browser) -> Iterator[Page]:
         context.close()
 
 
-def without_query(url: str) -> str:
-    """``url`` with its query string (the secret) removed."""
-    return urllib.parse.urlunsplit(urllib.parse.urlsplit(url)._replace(query=""))
+def without_secret(url: str) -> str:
+    """``url`` with the secret (its path's ``/t/<secret>`` prefix) removed."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path
+    if path.startswith("/t/"):
+        path = "/" + path[3:].partition("/")[2]
+    return urllib.parse.urlunsplit(parts._replace(path=path))
 
 
 def http_status(url: str) -> int:
@@ -195,7 +199,7 @@ def test_demo_web_page_clicked(page: Page, child_env: dict[str, str]) -> None:
     demo = Demo(child_env)
     url = demo.url
     try:
-        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\S*\?\S+", url), url
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/t/[\w-]+/", url), url
         response = page.goto(url)
         assert response is not None and response.status == 200
         received = page.locator("#receivedButton")
@@ -214,7 +218,7 @@ def test_demo_web_page_clicked(page: Page, child_env: dict[str, str]) -> None:
         origin = "http://" + urllib.parse.urlsplit(url).netloc
         assert demo.lines.get(timeout=WAIT_S) == f"page connected: role web, origin {origin}"
         # the same server refuses the page without its secret
-        assert http_status(without_query(url)) == 403
+        assert http_status(without_secret(url)) == 403
         assert demo.stop(signal.SIGINT) == 0
     finally:
         demo.close()
@@ -355,9 +359,8 @@ class WebApp:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT_S * 2)
 
     def page_url(self, path: str) -> str:
-        """The address of ``path`` on this server, with the secret."""
-        parts = urllib.parse.urlsplit(self.url)
-        return urllib.parse.urlunsplit(parts._replace(path=path))
+        """The address of ``path`` on this server, with the secret (``/t/<secret>/path``)."""
+        return self.url + path.lstrip("/")
 
     def close(self) -> None:
         try:
@@ -381,6 +384,7 @@ class WebApp:
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebApp]:
     static = tmp_path_factory.mktemp("site")
     (static / "test.html").write_text(TEST_PAGE)
+    (static / "config.js").write_text("window.leaked = 'app config';")
     web = WebApp(static)
     try:
         yield web
@@ -465,18 +469,16 @@ def test_channel_not_exposed_to_pages_is_forbidden(page: Page, app: WebApp) -> N
 
 
 def test_page_request_without_secret_is_refused(page: Page, app: WebApp) -> None:
-    for path in ("/test.html", "/tether.js", "/"):
-        response = page.goto(without_query(app.page_url(path)))
+    for path in ("/test.html", "/"):
+        response = page.goto(without_secret(app.page_url(path)))
         assert response is not None and response.status == 403, path
-    assert http_status(without_query(app.page_url("/test.html"))) == 403
+    assert http_status(without_secret(app.page_url("/test.html"))) == 403
     assert http_status(app.page_url("/test.html")) == 200
+    assert http_status(without_secret(app.page_url("/tether.js"))) == 200  # public library
 
 
 def test_socket_without_secret_is_refused(page: Page, app: WebApp) -> None:
     open_test_page(page, app)
-    # Loading the page with ?token= set a cookie holding the secret, which a
-    # socket without ?token= would carry: drop it, so nothing carries the secret.
-    page.context.clear_cookies()
     ws_url = page.evaluate("window.sockets[0].url")
     assert page.evaluate(PROBE, ws_url) == "open"  # the same socket, secret included
     parts = urllib.parse.urlsplit(ws_url)
@@ -496,10 +498,17 @@ class _EvilSite:
     """A page on another loopback origin (another port) that tries the app's socket."""
 
     def __init__(self, root: Path) -> None:
+        self.cookies: list[str] = []  # every Cookie header the browser sent this site
+        cookies = self.cookies
+
+        def record(handler: SimpleHTTPRequestHandler) -> None:
+            cookies.extend(handler.headers.get_all("Cookie") or [])
+            SimpleHTTPRequestHandler.do_GET(handler)
+
         handler = type(
             "Handler",
             (SimpleHTTPRequestHandler,),
-            {"log_message": lambda *a: None},
+            {"log_message": lambda *a: None, "do_GET": record},
         )
         self.httpd = ThreadingHTTPServer(
             ("127.0.0.1", 0), lambda *a: handler(*a, directory=str(root))
@@ -526,6 +535,36 @@ def test_cross_origin_socket_is_refused(page: Page, app: WebApp, tmp_path: Path)
         assert other.evaluate("location.origin") != page.evaluate("location.origin")
         assert other.evaluate(PROBE, ws_url) == "refused"
         assert page.evaluate(PROBE, ws_url) == "open"  # the app's own origin still gets in
+    finally:
+        evil.close()
+
+
+def test_page_on_another_port_gets_neither_files_nor_secret(
+    page: Page, app: WebApp, tmp_path: Path
+) -> None:
+    """Every port of 127.0.0.1 is one *site*: a page there must not load the app's files
+    (even at the secret address: the browser marks the request same-site), and a server
+    there must receive nothing secret from the browser (no cookie)."""
+    open_test_page(page, app)  # the user has the app open
+    probe = """(src) => new Promise((resolve) => {
+      const s = document.createElement("script");
+      s.src = src;
+      s.onload = () => resolve(window.leaked ?? "loaded");
+      s.onerror = () => resolve("refused");
+      setTimeout(() => resolve("timeout"), 10000);
+      document.head.appendChild(s);
+    })"""
+    (tmp_path / "evil.html").write_text("<!DOCTYPE html><title>evil</title><p>evil</p>")
+    evil = _EvilSite(tmp_path)
+    try:
+        other = page.context.new_page()
+        other.goto(evil.url)
+        assert other.evaluate(probe, without_secret(app.page_url("/config.js"))) == "refused"
+        assert other.evaluate(probe, app.page_url("/config.js")) == "refused"
+        assert page.evaluate(probe, app.page_url("/config.js")) == "app config"  # its own page
+        other.goto(evil.url)  # a second visit: would carry any cookie the app had set
+        assert not any(app.server.token in c for c in evil.cookies), evil.cookies
+        assert page.context.cookies() == []
     finally:
         evil.close()
 

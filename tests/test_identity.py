@@ -381,10 +381,30 @@ async def test_a_pickle_payload_is_never_unpickled(
     assert not marker.exists()
     # Ext 3 is tether's pickle type: refused on a connection that did not opt in...
     assert codec.error_decoder.decode(answers[0].body).code == "bad_request"
+    # ...so is Ext 4 (a descriptor reference) in a frame with no attachments...
+    assert codec.error_decoder.decode(answers[1].body).code == "bad_request"
     # ...an extension type tether does not define reaches a handler undecoded...
-    for f in answers[1:4]:
+    for f in answers[2:4]:
         assert f.kind == wire.K_RESULT and msgspec.msgpack.decode(f.body) == "Ext"
     # ...a typed argument refuses it, and a raw pickle body is no MessagePack.
     for f in answers[4:]:
         assert f.kind == wire.K_ERROR
         assert codec.error_decoder.decode(f.body).code == "bad_request"
+
+
+async def test_attachment_references_in_a_frame_without_attachments_are_bad_request(
+    pickle_target: tuple[str, Path],
+) -> None:
+    """docs/protocol.md 3.6 over a unix socket (no store): Ext 1/2/4 naming no attachment."""
+    path, _ = pickle_target
+    refs = [
+        msgspec.msgpack.Ext(codec.EXT_BYTES, bytes(4)),
+        msgspec.msgpack.Ext(codec.EXT_NDARRAY, codec.encoder.encode([0, "|u1", [1]])),
+        msgspec.msgpack.Ext(codec.EXT_HANDLE, bytes(4)),
+    ]
+    frames = [(b"take", codec.encoder.encode([ref])) for ref in refs]
+    answers = await asyncio.to_thread(_attack, path, frames)
+    for f in answers:
+        assert f.kind == wire.K_ERROR
+        info = codec.error_decoder.decode(f.body)
+        assert info.code == "bad_request" and "no attachments" in info.message, info

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import struct
 import urllib.error
@@ -116,7 +117,7 @@ async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dic
 async def test_page_invokes_a_web_channel(main: tether.Main, site: Path) -> None:
     server = await main.listen("ws://127.0.0.1:0", static=site)
     assert isinstance(server, WebServer) and server.address.port != 0
-    assert server.url == f"{server.origin}/?token={server.token}"
+    assert server.url == f"{server.origin}/t/{server.token}/"
     async with await open_page(server) as ws:
         assert await call(ws, 1, "message-from-renderer", "Hola, mundo!") == (
             RESULT,
@@ -124,7 +125,7 @@ async def test_page_invokes_a_web_channel(main: tether.Main, site: Path) -> None
         )
 
 
-async def test_page_is_served_with_the_token_and_refused_without(
+async def test_page_is_served_under_the_secret_path_and_refused_without(
     main: tether.Main, site: Path
 ) -> None:
     server = await main.listen("ws://127.0.0.1:0", static=site)
@@ -132,27 +133,71 @@ async def test_page_is_served_with_the_token_and_refused_without(
     assert (status, body) == (200, b"<h1>page</h1>")
     assert headers["Content-Type"].startswith("text/html")
     assert headers["Referrer-Policy"] == "no-referrer"
-    cookie = headers["Set-Cookie"].split(";")[0]
-    assert cookie == f"tether-{server.address.port}={server.token}"
-    # Without the secret: 403, for the page, a file and the library alike.
-    for path in ("/", "/index.html", "/app.js", "/tether.js"):
-        status, _, _ = await get(server.origin + path)
-        assert status == 403, path
-    status, _, _ = await get(server.url.replace(server.token, server.token[:-1] + "x"))
-    assert status == 403
-    # The cookie the page got lets its own requests through (scripts, a reload).
-    status, headers, body = await get(server.origin + "/app.js", {"Cookie": cookie})
+    assert "Set-Cookie" not in headers  # nothing a same-site page would send back
+    # The page's relative links carry the secret: its own scripts load.
+    status, headers, body = await get(server.url + "app.js")
     assert (status, body) == (200, b"export const x = 1;")
     assert headers["Content-Type"].startswith("text/javascript")
-    assert server.refused >= 5
+    # Without the secret in the path: 403, the old ?token= form included.
+    wrong = server.token[:-1] + ("a" if server.token[-1] != "a" else "b")
+    for path in (
+        "/",
+        "/index.html",
+        "/app.js",
+        f"/?token={server.token}",
+        f"/app.js?token={server.token}",
+        f"/t/{wrong}/",
+        f"/t/{wrong}/app.js",
+        "/t//app.js",
+        f"/x/{server.token}/app.js",
+    ):
+        status, headers, _ = await get(server.origin + path)
+        assert status == 403, path
+        assert headers["Referrer-Policy"] == "no-referrer", path
+    assert server.refused >= 9
+    # /t/<secret> without its slash: sent to the page, whose relative links then work.
+    status, _, body = await get(f"{server.origin}/t/{server.token}")
+    assert (status, body) == (200, b"<h1>page</h1>")
+
+
+async def test_cookies_are_neither_set_nor_taken(main: tether.Main, site: Path) -> None:
+    """A cookie is sent by every page of the same site (any port of 127.0.0.1): never a key."""
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    cookie = f"tether-{server.address.port}={server.token}"
+    status, _, _ = await get(server.origin + "/app.js", {"Cookie": cookie})
+    assert status == 403
+    with pytest.raises(InvalidStatus) as info:
+        await ws_connect(
+            ws_url(server),
+            subprotocols=["tether.json"],  # type: ignore[list-item]
+            origin=server.origin,  # type: ignore[arg-type]
+            additional_headers={"Cookie": cookie},
+            open_timeout=5,
+        )
+    assert info.value.response.status_code == 403
+
+
+async def test_static_files_refuse_requests_from_other_sites(main: tether.Main, site: Path) -> None:
+    """A page on another port of 127.0.0.1 is the same site; the browser says so: refused."""
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    for where in ("same-site", "cross-site"):
+        status, _, _ = await get(server.url + "app.js", {"Sec-Fetch-Site": where})
+        assert status == 403, where
+    for where in ("same-origin", "none"):
+        status, _, _ = await get(server.url + "app.js", {"Sec-Fetch-Site": where})
+        assert status == 200, where
+    # The library is public: any page may load it.
+    status, _, _ = await get(server.origin + "/tether.js", {"Sec-Fetch-Site": "cross-site"})
+    assert status == 200
 
 
 async def test_library_is_served_from_the_package(main: tether.Main) -> None:
     server = await main.listen("ws://127.0.0.1:0")  # no static folder: the library only
-    status, headers, body = await get(f"{server.origin}/tether.js?token={server.token}")
+    status, headers, body = await get(f"{server.origin}/tether.js")  # public: no secret
     assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert headers["Referrer-Policy"] == "no-referrer"
     assert b"export function connect" in body
-    status, _, body = await get(f"{server.origin}/tether.d.ts?token={server.token}")
+    status, _, body = await get(f"{server.origin}/tether.d.ts")
     assert status == 200 and b"export function connect" in body
     status, _, _ = await get(server.url)
     assert status == 404  # no index without a static folder
@@ -200,8 +245,8 @@ async def raw_http(server: WebServer, target: str, host: str | None = None) -> i
     reader, writer = await asyncio.open_connection("127.0.0.1", server.address.port)
     try:
         host = host or f"127.0.0.1:{server.address.port}"
-        cookie = f"tether-{server.address.port}={server.token}"
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n".encode())
+        target = f"/t/{server.token}{target}"
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), 5)
         return int(line.split()[1])
@@ -640,3 +685,290 @@ async def test_without_websockets_listen_says_what_to_install(
     async with tether.Main() as main:
         with pytest.raises(ImportError, match=r"tether-ipc\[web\]"):
             await main.listen("ws://127.0.0.1:0")
+
+
+async def raw_request(server: WebServer, head: str, timeout: float = 5) -> tuple[int, bytes]:
+    """Send ``head`` (request line and headers, no blank line) byte for byte; (status, rest)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.address.port)
+    try:
+        writer.write(head.encode() + b"\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout)
+        status = int(data.split(b" ", 2)[1])
+        return status, data.partition(b"\r\n\r\n")[2]
+    finally:
+        writer.close()
+
+
+async def test_duplicate_host_or_origin_is_a_counted_refusal(
+    main: tether.Main, site: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two Host or Origin headers: 400, counted, logged as a refusal (no traceback)."""
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    host = f"127.0.0.1:{server.address.port}"
+    upgrade = (
+        f"GET /tether?token={server.token} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tether.json"
+    )
+    before = server.refused
+    with caplog.at_level(logging.WARNING):
+        for head in (
+            f"GET /t/{server.token}/ HTTP/1.1\r\nHost: {host}\r\nHost: {host}",
+            f"{upgrade}\r\nOrigin: http://evil.example\r\nOrigin: {server.origin}",
+            f"GET /t/{server.token}/ HTTP/1.1\r\nHost: {host}\r\nSec-Fetch-Site: none"
+            "\r\nSec-Fetch-Site: cross-site",
+        ):
+            status, body = await raw_request(server, head)
+            assert status == 400, head
+            assert b"more than one" in body
+    assert server.refused == before + 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not main.peers
+
+
+async def test_http_methods_head_and_trailing_slash(main: tether.Main, site: Path) -> None:
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    host = f"127.0.0.1:{server.address.port}"
+    page = f"/t/{server.token}/app.js"
+    status, body = await raw_request(server, f"GET {page} HTTP/1.1\r\nHost: {host}")
+    assert (status, body) == (200, b"export const x = 1;")
+    # HEAD: a GET's headers, no body
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.address.port)
+    try:
+        writer.write(f"HEAD {page} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 19" in head
+    assert body == b""
+    for method in ("POST", "OPTIONS", "PUT", "DELETE"):
+        status, _ = await raw_request(server, f"{method} {page} HTTP/1.1\r\nHost: {host}")
+        assert status == 405, method
+        status, _ = await raw_request(server, f"{method} /tether.js HTTP/1.1\r\nHost: {host}")
+        assert status == 405, method
+    # A file is not a folder.
+    (site / "sub").mkdir()
+    (site / "sub" / "a.txt").write_text("a")
+    assert await raw_http(server, "/sub/a.txt") == 200
+    assert await raw_http(server, "/sub/a.txt/") == 404
+    assert await raw_http(server, "/app.js/") == 404
+    assert await raw_http(server, "/sub/") == 404  # no index.html there
+
+
+async def test_static_files_have_a_size_cap(main: tether.Main, site: Path) -> None:
+    from tether.web.server import MAX_STATIC_FILE_SIZE
+
+    with open(site / "huge.bin", "wb") as f:
+        f.truncate(MAX_STATIC_FILE_SIZE + 1)  # sparse: costs no disk
+    with open(site / "edge.bin", "wb") as f:
+        f.truncate(MAX_STATIC_FILE_SIZE)
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    status, _, body = await get(server.url + "huge.bin")
+    assert status == 413 and str(MAX_STATIC_FILE_SIZE).encode() in body
+    status, _, body = await get(server.url + "edge.bin")
+    assert status == 200 and len(body) == MAX_STATIC_FILE_SIZE
+
+
+async def test_static_reads_are_bounded_and_off_the_loop(
+    main: tether.Main, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    from tether.web import server as web_server
+
+    loop_thread = threading.get_ident()
+    lock = threading.Lock()
+    now, most, threads = 0, 0, set()
+    read = web_server._read
+
+    def slow_read(path: str, limit: int) -> bytes | None:
+        nonlocal now, most
+        with lock:
+            now += 1
+            most = max(most, now)
+            threads.add(threading.get_ident())
+        time.sleep(0.1)
+        with lock:
+            now -= 1
+        return read(path, limit)
+
+    monkeypatch.setattr(web_server, "_read", slow_read)
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    got = await asyncio.gather(*(get(server.url + "app.js") for _ in range(12)))
+    assert [g[0] for g in got] == [200] * 12
+    assert 1 <= most <= web_server.MAX_STATIC_READS
+    assert loop_thread not in threads
+
+
+async def test_static_bytes_held_are_bounded(
+    main: tether.Main, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that does not read holds its response: past the budget, others get 503."""
+    import socket
+
+    from tether.web import server as web_server
+
+    size = 8 * 1024 * 1024
+    monkeypatch.setattr(web_server, "MAX_STATIC_BYTES", size + size // 2)
+    with open(site / "big.bin", "wb") as f:
+        f.truncate(size)
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    host = f"127.0.0.1:{server.address.port}"
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", server.address.port))
+    try:
+        stalled.sendall(f"GET /t/{server.token}/big.bin HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        for _ in range(100):  # bounded: until the server holds the response
+            if server._static_bytes:
+                break
+            await asyncio.sleep(0.05)
+        assert server._static_bytes == size
+        status, headers, _ = await get(server.url + "big.bin")
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert (await get(server.url + "app.js"))[0] == 200  # small files still fit
+    finally:
+        stalled.close()
+    for _ in range(100):
+        if not server._static_bytes:
+            break
+        await asyncio.sleep(0.05)
+    assert server._static_bytes == 0
+    status, _, body = await get(server.url + "big.bin")
+    assert status == 200 and len(body) == size
+
+
+async def test_connections_in_the_http_stage_are_bounded(main: tether.Main, site: Path) -> None:
+    """Sockets that never finish their request: past max_handshaking the oldest go."""
+    server = await main.listen("ws://127.0.0.1:0", static=site, max_handshaking=8)
+    assert isinstance(server, WebServer)
+    held = []
+    try:
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.address.port)
+            writer.write(b"GET / HTTP/1.1\r\n")  # never finished
+            held.append((reader, writer))
+        for _ in range(100):
+            if server.http_dropped >= 12:
+                break
+            await asyncio.sleep(0.05)
+        assert server.http_dropped >= 12 and len(server._http) <= 8
+        assert await asyncio.wait_for(held[0][0].read(), 5) == b""  # the oldest: closed
+        # A real request still gets in, at once.
+        status, _, body = await asyncio.wait_for(get(server.url), 5)
+        assert (status, body) == (200, b"<h1>page</h1>")
+    finally:
+        for _, writer in held:
+            writer.close()
+
+
+async def test_page_dropped_to_make_room_is_told_to_try_again(
+    main: tether.Main, site: Path
+) -> None:
+    """Past max_handshaking pages without HELLO, the oldest closes with 1013 and a reason."""
+    server = await main.listen("ws://127.0.0.1:0", static=site, max_handshaking=2)
+    opened = []
+    try:
+        for _ in range(3):  # upgraded, no HELLO yet
+            opened.append(
+                await ws_connect(
+                    ws_url(server, server.token),
+                    subprotocols=["tether.json"],  # type: ignore[list-item]
+                    origin=server.origin,  # type: ignore[arg-type]
+                    open_timeout=5,
+                    close_timeout=1,
+                )
+            )
+            await asyncio.sleep(0.05)  # each one tracked before the next
+        oldest = opened[0]
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(oldest.recv(), 5)  # main's HELLO, then the close
+        assert oldest.close_code == 1013
+        assert oldest.close_reason == "2 pages still connecting: try again later"
+        assert server.handshakes_dropped == 1
+    finally:
+        for ws in opened:
+            await ws.close()
+
+
+async def test_json_the_decoder_cannot_take_is_explained_in_json_terms(main: tether.Main) -> None:
+    server = await main.listen("ws://127.0.0.1:0")
+    async with await open_page(server) as ws:
+        for rid, raw, says in (
+            (1, b"[18446744073709551616]", "JSON number out of range"),
+            (2, b"[-9223372036854775809]", "JSON number out of range"),
+            (3, b"[1e400]", "JSON number out of range"),
+            (4, b'["\\ud800"]', "invalid JSON body"),
+            (5, b"[1,", "invalid JSON body"),
+            (6, b"[" * 5000 + b"]" * 5000, "invalid JSON body"),
+        ):
+            await ws.send(frame(INVOKE, rid, "message-from-renderer", raw=raw))
+            kind, got, _, body = parse(await asyncio.wait_for(ws.recv(), 5))
+            assert (kind, got, body["code"]) == (ERROR, rid, "bad_request"), body
+            assert says in body["message"] and "MessagePack" not in body["message"], body
+        # the connection is fine
+        assert await call(ws, 9, "message-from-renderer", "x") == (RESULT, "Received: x")
+
+
+async def test_a_page_result_json_cannot_carry_is_explained(main: tether.Main) -> None:
+    got: asyncio.Future[tether.Peer] = asyncio.get_running_loop().create_future()
+
+    @main.handle("ready", roles="web")
+    def ready(call: tether.Call) -> None:
+        got.set_result(call.peer)
+
+    server = await main.listen("ws://127.0.0.1:0")
+    async with await open_page(server) as ws:
+        assert await call(ws, 1, "ready") == (RESULT, None)
+        peer = await asyncio.wait_for(got, 5)
+        task = asyncio.create_task(peer.invoke("page.big", timeout=5))
+        _, rid, _, _ = parse(await asyncio.wait_for(ws.recv(), 5))
+        await ws.send(frame(RESULT, rid, raw=b"18446744073709551616"))
+        with pytest.raises(tether.TetherError) as info:
+            await task
+        assert "JSON number out of range" in str(info.value), info.value
+
+
+async def test_msgpack_page_attachment_references_without_attachments_are_bad_request(
+    main: tether.Main,
+) -> None:
+    """A page has no attachments: Ext 1/2/4 in its frames name none (protocol.md 3.6)."""
+    got: list[Any] = []
+
+    @main.handle("take", roles={"web"})
+    def take(call: tether.Call, x: Any) -> str:
+        got.append(x)
+        return type(x).__name__
+
+    server = await main.listen("ws://127.0.0.1:0")
+    ws = await ws_connect(
+        ws_url(server, server.token),
+        subprotocols=["tether.msgpack"],  # type: ignore[list-item]
+        origin=server.origin,  # type: ignore[arg-type]
+    )
+    async with ws:
+        hello = msgspec.msgpack.encode({"protocol": "tether", "version": 1, "role": "page"})
+        await ws.send(HEADER.pack(16 + len(hello), HELLO, 0, 0, 0, 0, 0, 0) + hello)
+        await asyncio.wait_for(ws.recv(), 5)
+        chan = b"take"
+        refs = [
+            msgspec.msgpack.Ext(1, bytes(4)),
+            msgspec.msgpack.Ext(2, msgspec.msgpack.encode([0, "|u1", [1]])),
+            msgspec.msgpack.Ext(4, bytes(4)),
+        ]
+        for rid, ref in enumerate(refs, 1):
+            body = msgspec.msgpack.encode([ref])
+            await ws.send(
+                HEADER.pack(16 + len(chan) + len(body), INVOKE, 0, len(chan), rid, 0, 0, 0)
+                + chan
+                + body
+            )
+            answer = await asyncio.wait_for(ws.recv(), 5)
+            assert isinstance(answer, bytes) and answer[4] == ERROR
+            info = msgspec.msgpack.decode(answer[20:])
+            assert info["code"] == "bad_request" and "no attachments" in info["message"], info
+    assert got == []

@@ -57,6 +57,11 @@ def ext_hook(code: int, data: memoryview) -> Any:
         except Exception as exc:
             raise msgspec.ValidationError(f"cannot unpickle: {exc}") from None
     atts = getattr(_local, "attachments", None)
+    if atts is None and code in (EXT_BYTES, EXT_NDARRAY, EXT_HANDLE):
+        # docs/protocol.md 3.6: an index that names no attachment is bad_request
+        raise msgspec.ValidationError(
+            f"attachment reference (extension type {code}) in a frame with no attachments"
+        )
     if code == EXT_BYTES and atts is not None:
         if len(data) != 4:
             raise msgspec.ValidationError("malformed attachment reference")
@@ -191,6 +196,36 @@ json_encoder: Final = msgspec.json.Encoder()
 json_any_decoder: Final = msgspec.json.Decoder()
 json_hello_decoder: Final = msgspec.json.Decoder(Hello)
 json_goodbye_decoder: Final = msgspec.json.Decoder(Goodbye)
+
+
+class BadJson(bytes):
+    """A JSON body that could not become MessagePack: bytes no decoder takes (``0xc1``).
+
+    ``why`` says what was wrong in JSON's terms; :func:`malformed` reports it
+    in place of MessagePack's "invalid opcode" (only on the error path).
+    """
+
+    why: str
+
+
+def bad_json(exc: BaseException) -> BadJson:
+    """The stand-in body for a JSON body that failed with ``exc``."""
+    body = BadJson(b"\xc1")
+    if isinstance(exc, OverflowError) or "out of range" in str(exc):
+        body.why = "JSON number out of range (integers: -2**63 to 2**64-1; floats: 64-bit)"
+    elif isinstance(exc, RecursionError):
+        body.why = "invalid JSON body: nested too deeply"
+    elif isinstance(exc, UnicodeError):
+        body.why = "invalid JSON body: a string that is not valid Unicode (a lone surrogate?)"
+    else:
+        body.why = f"invalid JSON body: {exc}"
+    return body
+
+
+def malformed(body: object, exc: BaseException) -> str:
+    """Why ``body`` did not decode: a JSON peer's reason if it has one, else ``exc``."""
+    why = getattr(body, "why", None)
+    return why if isinstance(why, str) else str(exc)
 
 
 def error_info(exc: BaseException, *, traceback: bool = True) -> ErrorInfo:
@@ -433,7 +468,7 @@ class ArgsSpec:
                 return self._converted(body, attachments, pickled, exc)
             raise self._bad(str(exc)) from None
         except msgspec.DecodeError as exc:
-            raise BadRequest(f"malformed arguments: {exc}") from None
+            raise BadRequest(f"malformed arguments: {malformed(body, exc)}") from None
         except RecursionError:  # msgspec's depth guard, for values decoded as Any
             raise BadRequest("malformed arguments: nested too deeply") from None
 
@@ -446,7 +481,7 @@ class ArgsSpec:
         except msgspec.ValidationError as exc:
             raise self._bad(str(exc)) from None
         except msgspec.DecodeError as exc:
-            raise BadRequest(f"malformed arguments: {exc}") from None
+            raise BadRequest(f"malformed arguments: {malformed(body, exc)}") from None
         except RecursionError:
             raise BadRequest("malformed arguments: nested too deeply") from None
         return self._buffers(args) if self.buffers else args

@@ -141,8 +141,6 @@ _STREAM_KINDS: Final = frozenset(int(k) for k in (Kind.STREAM, Kind.ITEM, Kind.C
 _NO_FDS: Final[list[int]] = []
 #: kinds whose body a JSON peer writes as JSON and the layers above read as MessagePack
 _JSON_BODIES: Final = frozenset((K_INVOKE, K_EVENT, K_RESULT, K_ERROR, int(Kind.ROUTE_OPEN)))
-#: stands in for a JSON body that does not decode: never valid MessagePack (0xc1)
-_MALFORMED: Final = b"\xc1"
 _NO_FRAMES: Final[list[Frame]] = []
 #: room kept in an ERROR frame for everything but its message and traceback
 _ERROR_OVERHEAD: Final = 512
@@ -1112,8 +1110,8 @@ def _from_json(frames: Iterable[Frame]) -> None:
         if f.kind in _JSON_BODIES:
             try:
                 f.body = codec.encoder.encode(codec.json_any_decoder.decode(f.body))
-            except Exception:  # not JSON, too deep, an integer beyond 64 bits...
-                f.body = _MALFORMED
+            except Exception as exc:  # not JSON, too deep, an integer beyond 64 bits...
+                f.body = codec.bad_json(exc)
 
 
 def _json_hook(obj: Any) -> Any:

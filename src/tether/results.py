@@ -143,7 +143,7 @@ def decode_result(frame: Frame, result_type: Any) -> Any:
             path=path,
         ) from None
     except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed result: {exc}") from None
+        raise ProtocolError(f"malformed result: {codec.malformed(frame.body, exc)}") from None
     except RecursionError:
         raise ProtocolError("malformed result: nested too deeply") from None
     if target is not None:  # a buffer type: the same type at every size (see ArgsSpec)

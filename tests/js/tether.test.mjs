@@ -316,6 +316,13 @@ test("a malformed frame from main closes with 4002; a lost transport is PeerGone
   assert.deepEqual(t.closed, []);
 });
 
+test("pageToken reads the secret from the path /t/<secret>/", () => {
+  assert.equal(pageToken({ pathname: "/t/abc_-9/", search: "", hash: "" }), "abc_-9");
+  assert.equal(pageToken({ pathname: "/t/abc/sub/page.html", search: "?token=zz" }), "abc");
+  assert.equal(pageToken({ pathname: "/t/abc", search: "" }), null);
+  assert.equal(pageToken({ pathname: "/x/t/abc/", search: "" }), null);
+});
+
 test("pageToken reads ?token= or #token=", () => {
   assert.equal(pageToken({ search: "?token=abc&x=1", hash: "" }), "abc");
   assert.equal(pageToken({ search: "", hash: "#token=def" }), "def");

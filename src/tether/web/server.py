@@ -6,12 +6,18 @@ One ``websockets`` server answers three things:
   a :class:`~tether.Peer` of role ``web`` (docs/protocol.md, section 1.1);
 * ``GET /tether.js`` and ``GET /tether.d.ts``: the client library shipped in
   this package;
-* any other ``GET``: a file under ``static`` (``index.html`` for a folder).
+* ``GET /t/<secret>/...``: a file under ``static`` (``index.html`` for a
+  folder); ``server.url`` is ``/t/<secret>/``.
 
-Every request must carry the listener's secret, made fresh at each start
-(docs/security.md, "Web pages"): ``?token=<secret>`` in the URL, or the
-cookie the server sets when a URL carried it (so the page's own scripts,
-images and reloads need no token). Anything else is answered 403. The
+The listener's secret, made fresh at each start (docs/security.md, "Web
+pages"), gates the pages and the socket. It lives in the URL *path*, never
+in a cookie: a cookie is sent by any page of the same *site*, and every
+port of 127.0.0.1 is one site, so another local server would receive it and
+pages on other ports could load the app's files with it. In the path, a
+page's relative links carry it and nothing else does. The socket takes it
+as ``?token=<secret>`` (tether.js reads it from the page's path). Static
+requests a browser marks ``Sec-Fetch-Site: same-site`` or ``cross-site``
+are refused too. The library is not secret: it is public at the root. The
 WebSocket upgrade must also come from the served origin (``Origin``), to a
 host name this server answers to (``Host``): a page of another site cannot
 drive the app even if it learnt the port. HTTP and WebSocket framing are
@@ -29,13 +35,14 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
-from http.cookies import CookieError, SimpleCookie
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, unquote
 
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
@@ -48,10 +55,19 @@ from .stream import WebSocketStream
 if TYPE_CHECKING:
     from ..aio.main import Main
 
-__all__ = ["SUBPROTOCOLS", "WS_PATH", "WebServer", "listen_web"]
+__all__ = [
+    "MAX_STATIC_FILE_SIZE",
+    "PAGE_PREFIX",
+    "SUBPROTOCOLS",
+    "WS_PATH",
+    "WebServer",
+    "listen_web",
+]
 
 #: the path of the WebSocket endpoint
 WS_PATH: Final = "/tether"
+#: pages are served under ``PAGE_PREFIX + secret + "/"``
+PAGE_PREFIX: Final = "/t/"
 #: WebSocket subprotocol -> body encoding of the connection (docs/protocol.md, 1.1)
 SUBPROTOCOLS: Final = {"tether.json": "json", "tether.msgpack": "msgpack"}
 #: the client library, served from this package at these paths
@@ -71,6 +87,13 @@ _TYPES: Final = {
     ".ts": "text/plain; charset=utf-8",
     ".wasm": "application/wasm",
 }
+#: the largest static file served (bytes); larger ones are answered 413. A
+#: response is held whole in memory until it is written: pages, not downloads.
+MAX_STATIC_FILE_SIZE: Final = 16 * 1024 * 1024
+#: static files read at once (each in a thread, off the event loop)
+MAX_STATIC_READS: Final = 4
+#: bytes of static responses held at once, until their connections end; past it 503
+MAX_STATIC_BYTES: Final = 4 * MAX_STATIC_FILE_SIZE
 #: headers on every response: the URL (with its token) never leaves as a
 #: Referer, nothing is sniffed or cached, no other site frames the page
 _SAFE_HEADERS: Final = (
@@ -89,7 +112,7 @@ class WebServer(Server):
     """A ``ws://`` listener: serves pages and their WebSocket (module docstring).
 
     Attributes:
-        url: the page to open, secret included (``http://127.0.0.1:PORT/?token=...``).
+        url: the page to open, secret included (``http://127.0.0.1:PORT/t/SECRET/``).
         origin: the origin pages are served from (``http://127.0.0.1:PORT``).
         static: the folder whose files are served (``None``: only tether.js).
         token: this start's secret (also in :attr:`url`).
@@ -119,16 +142,26 @@ class WebServer(Server):
         self._loop.remove_reader(self._fd)
         self.static = static
         self.token = secrets.token_urlsafe(32)
-        self._cookie = f"tether-{address.port}"
         host = f"[{address.host}]" if ":" in address.host else address.host
         self.origin = f"http://{host}:{address.port}"
-        self.url = f"{self.origin}/?token={self.token}"
+        self.url = f"{self.origin}{PAGE_PREFIX}{self.token}/"
         self._public = public
         port = address.port
         # Host names this server answers to: a page at another name that
         # resolves here (DNS rebinding) is refused, token or not.
         self._hosts = {f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
         self._library = {path: (_library(name), ctype) for path, (name, ctype) in LIBRARY.items()}
+        # Connections not yet upgraded (HTTP requests, upgrades under way), oldest
+        # first; past max_handshaking the oldest is dropped (_http_room).
+        self._http: dict[_Connection, None] = {}
+        self._reads = asyncio.Semaphore(MAX_STATIC_READS)
+        # Its own threads: file reads neither wait for nor hold up the app's
+        # default executor (asyncio.to_thread).
+        self._readers = ThreadPoolExecutor(MAX_STATIC_READS, thread_name_prefix="tether-static")
+        self._static_bytes = 0  # of responses held until their connections end
+        self.http_dropped = 0
+        # websockets makes each connection of this class: it counts itself here
+        connection: type[_Connection] = type("_Connection", (_Connection,), {"web": self})
         self._ws_server = serve(
             self._handler,
             sock=sock,
@@ -140,6 +173,7 @@ class WebServer(Server):
             max_queue=4,
             close_timeout=2.0,
             server_header=None,
+            create_connection=connection,
         )
 
     async def _start(self) -> None:
@@ -155,6 +189,7 @@ class WebServer(Server):
         self._closed = True
         self._ws_server.server.close()  # the listening socket closes now, not at the next turn
         self._ws_server.close(close_connections=False)
+        self._readers.shutdown(wait=False)
 
     async def wait_closed(self) -> None:
         """Wait until every page's connection has ended (after :meth:`close`)."""
@@ -165,22 +200,21 @@ class WebServer(Server):
 
     # -- HTTP -------------------------------------------------------------
 
-    def _token_ok(self, query: str, headers: Headers) -> tuple[bool, bool]:
-        """(the request carries the secret, it came in the URL)."""
+    def _token_ok(self, query: str) -> bool:
+        """Whether the socket's URL carries the secret (``?token=``)."""
         want = self.token.encode()
-        for value in parse_qs(query).get("token", ()):
-            if hmac.compare_digest(value.encode(), want):
-                return True, True
-        for header in headers.get_all("Cookie"):
-            jar: SimpleCookie = SimpleCookie()
-            try:
-                jar.load(header)
-            except CookieError:
-                continue
-            morsel = jar.get(self._cookie)
-            if morsel is not None and hmac.compare_digest(morsel.value.encode(), want):
-                return True, False
-        return False, False
+        return any(
+            hmac.compare_digest(value.encode(), want) for value in parse_qs(query).get("token", ())
+        )
+
+    def _page_path(self, path: str) -> str | None:
+        """The part of ``path`` after ``/t/<secret>`` (``""`` or ``/...``), or ``None``."""
+        if not path.startswith(PAGE_PREFIX):
+            return None
+        secret, slash, rest = path[len(PAGE_PREFIX) :].partition("/")
+        if not hmac.compare_digest(secret.encode(), self.token.encode()):
+            return None
+        return slash + rest
 
     def _respond(
         self, status: int, body: bytes, ctype: str, extra: tuple[tuple[str, str], ...] = ()
@@ -197,23 +231,78 @@ class WebServer(Server):
         return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
     def _refuse_http(self, request: Request, status: int, why: str) -> Response:
-        if status == 403:
-            self.refused += 1
-            if self._may_log_refusal():
-                log_refusal(self, request, why)
+        """A refusal (400, 403): counted in :attr:`refused`, logged at most 10 a second."""
+        self.refused += 1
+        if self._may_log_refusal():
+            log_refusal(self, request, why)
         return self._respond(status, f"{status} {why}\n".encode(), "text/plain; charset=utf-8")
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Answer one HTTP request; ``None`` lets websockets complete an upgrade."""
+        try:
+            response = await self._answer(conn, request)
+        except MultipleValuesError as exc:  # two Host or Origin headers: which one counts?
+            return self._refuse_http(request, 400, f"more than one {exc} header")
+        if request.method == "HEAD" and response is not None:
+            response.body = b""  # the headers (Content-Length included) of a GET, no body
+        return response
+
+    def _too_large(self, request: Request) -> Response:
+        if self._may_log_refusal():
+            log_refusal(self, request, f"a file larger than {MAX_STATIC_FILE_SIZE} bytes")
+        return self._respond(
+            413,
+            f"413 tether serves files up to {MAX_STATIC_FILE_SIZE} bytes\n".encode(),
+            "text/plain; charset=utf-8",
+        )
+
+    def _make_handshake_room(self, limit: int) -> None:
+        """As any listener's; a page dropped here is told why: 1013, Try Again Later."""
+        waiting = [p for p in self._handshaking if p.remote_hello is None]
+        super()._make_handshake_room(limit)
+        for p in waiting:
+            stream = p._stream
+            if p not in self._handshaking and isinstance(stream, WebSocketStream):
+                stream.close_as = (
+                    CloseCode.TRY_AGAIN_LATER,
+                    f"{limit} pages still connecting: try again later",
+                )
+
+    def _http_room(self) -> None:
+        """Past ``max_handshaking`` connections not upgraded yet, drop the oldest."""
+        limit = self.max_handshaking
+        http_ = self._http
+        while limit is not None and len(http_) > limit:
+            oldest = next(iter(http_))
+            del http_[oldest]
+            self.http_dropped += 1
+            if self._may_log_refusal():
+                import logging
+
+                logging.getLogger("tether").warning(
+                    "%r: %d connections in the HTTP stage: dropped the oldest", self, limit
+                )
+            oldest.transport.abort()
+
+    async def _answer(self, conn: ServerConnection, request: Request) -> Response | None:
+        if request.method not in ("GET", "HEAD"):
+            return self._respond(
+                405,
+                f"405 {request.method} is not served here\n".encode(),
+                "text/plain; charset=utf-8",
+                (("Allow", "GET, HEAD"),),
+            )
         path, _, query = request.path.partition("?")
         host = request.headers.get("Host", "")
         if not self._public and self._host(host) not in self._hosts:
             return self._refuse_http(request, 403, f"unknown host {host!r}")
-        ok, in_url = self._token_ok(query, request.headers)
         if path == WS_PATH:
-            if not ok:
-                return self._refuse_http(
-                    request, 403, "the WebSocket needs the secret (?token= or the cookie)"
+            if request.method != "GET":
+                return self._respond(
+                    405, b"405 a WebSocket opens with GET\n", "text/plain", (("Allow", "GET"),)
                 )
+            if not self._token_ok(query):
+                return self._refuse_http(request, 403, "the WebSocket needs the secret (?token=)")
             origin = request.headers.get("Origin")
             if origin is not None and not self._same_origin(origin, host):
                 return self._refuse_http(request, 403, f"origin {origin!r} is not this server's")
@@ -229,31 +318,52 @@ class WebServer(Server):
             if self.main._closing:
                 return self._respond(503, b"503 closing\n", "text/plain")
             return None  # websockets completes the upgrade
-        if not ok:
+        lib = self._library.get(path)
+        if lib is not None:  # the library is public: nothing secret in it
+            return self._respond(200, lib[0], lib[1])
+        rest = self._page_path(path)
+        if rest is None:
             return self._refuse_http(
                 request, 403, "open the address tether printed: it carries the secret"
             )
-        # The secret came in the URL: keep it in a cookie, so the page's own
-        # requests (scripts, images, a reload without the token) pass too.
-        extra = (
-            (("Set-Cookie", f"{self._cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"),)
-            if in_url
-            else ()
-        )
-        lib = self._library.get(path)
-        if lib is not None:
-            return self._respond(200, lib[0], lib[1], extra)
-        file = self._file(path)
+        # Defence in depth: a browser names where a request comes from; only
+        # the app's own pages (same-origin) or the user (none) load its files.
+        fetch_site = request.headers.get("Sec-Fetch-Site", "none")
+        if fetch_site in ("same-site", "cross-site"):
+            return self._refuse_http(request, 403, f"a {fetch_site} request for a page's file")
+        if rest == "":  # /t/<secret>: relative links need the slash
+            return self._respond(
+                308,
+                b"308 see /\n",
+                "text/plain; charset=utf-8",
+                (("Location", f"{PAGE_PREFIX}{self.token}/"),),
+            )
+        file = self._file(rest)
         if file is None:
-            return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8", extra)
+            return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8")
         try:
-            body = await asyncio.to_thread(_read, file)
+            size = os.stat(file).st_size
+            if size > MAX_STATIC_FILE_SIZE:
+                return self._too_large(request)
+            if self._static_bytes + size > MAX_STATIC_BYTES:
+                return self._respond(
+                    503, b"503 busy serving files: retry\n", "text/plain", (("Retry-After", "1"),)
+                )
+            self._static_bytes += size  # held from now: a read in progress counts
+            assert isinstance(conn, _Connection)
+            conn.held_bytes += size
+            async with self._reads:  # bounded wait: websockets' open_timeout
+                body = await self._loop.run_in_executor(
+                    self._readers, _read, file, MAX_STATIC_FILE_SIZE
+                )
         except OSError:
-            return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8", extra)
+            return self._respond(404, b"404 not found\n", "text/plain; charset=utf-8")
+        if body is None:  # it grew past the limit since stat()
+            return self._too_large(request)
         ctype = _TYPES.get(os.path.splitext(file)[1].lower())
         if ctype is None:
             ctype = mimetypes.guess_type(file)[0] or "application/octet-stream"
-        return self._respond(200, body, ctype, extra)
+        return self._respond(200, body, ctype)
 
     def _same_origin(self, origin: str, host: str) -> bool:
         """Whether ``Origin`` names the host the request came to (``Host``), over http.
@@ -290,12 +400,15 @@ class WebServer(Server):
             return None
         if "\0" in rel or "\\" in rel:
             return None
+        trailing_slash = rel.endswith("/")
         parts = [p for p in rel.split("/") if p]
         if any(p.startswith(".") for p in parts):
             return None  # .., hidden files (.git, .env)
         real = os.path.realpath(os.path.join(root, *parts))
         if os.path.isdir(real):
             real = os.path.realpath(os.path.join(real, "index.html"))
+        elif trailing_slash:
+            return None  # a file is not a folder: /a.txt/ names nothing
         if real != root and not real.startswith(root + os.sep):
             return None
         return real if os.path.isfile(real) else None
@@ -305,6 +418,8 @@ class WebServer(Server):
     async def _handler(self, ws: ServerConnection) -> None:
         """One page's connection: a :class:`~tether.Peer` of role ``web`` until it closes."""
         main = self.main
+        if isinstance(ws, _Connection):
+            self._http.pop(ws, None)  # upgraded: counted with the peers now
         encoding = SUBPROTOCOLS.get(ws.subprotocol or "")
         if encoding is None or main._closing or self._closed:
             await ws.close(1008, "no tether subprotocol" if encoding is None else "closing")
@@ -338,6 +453,28 @@ class WebServer(Server):
         await stream.finish()
 
 
+class _Connection(ServerConnection):
+    """websockets' connection, counted by its :class:`WebServer` until it is upgraded."""
+
+    web: WebServer  # set on the subclass each WebServer makes
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.held_bytes = 0  # of a static response, released when the connection ends
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.web._http[self] = None
+        self.web._http_room()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        web = self.web
+        web._http.pop(self, None)
+        web._static_bytes -= self.held_bytes
+        self.held_bytes = 0
+        super().connection_lost(exc)
+
+
 def _select(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
     """``tether.json`` if the client offers it, else ``tether.msgpack``, else none."""
     for name in SUBPROTOCOLS:
@@ -354,9 +491,11 @@ def log_refusal(server: WebServer, request: Request, why: str) -> None:
     )
 
 
-def _read(path: str) -> bytes:
+def _read(path: str, limit: int) -> bytes | None:
+    """The file's bytes, or ``None`` if it holds more than ``limit``."""
     with open(path, "rb") as f:
-        return f.read()
+        data = f.read(limit + 1)
+    return None if len(data) > limit else data
 
 
 def _loopback(host: str) -> bool:

@@ -73,6 +73,8 @@ class WebSocketStream:
         self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: why the stream closed, once it did (the WebSocket close code follows from it)
         self.closed_with: TetherError | None = None
+        #: the close code and reason to send instead of the one closed_with implies
+        self.close_as: tuple[int, str] | None = None
         self._closed = asyncio.Event()
         sock = ws.transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
@@ -234,14 +236,17 @@ class WebSocketStream:
     async def finish(self) -> None:
         """Wait until the peer closed the stream, then close the WebSocket with a fitting code.
 
-        1002 (protocol error) for a peer that broke the tether protocol,
-        1000 otherwise. Bounded by websockets' own ``close_timeout``.
+        :attr:`close_as` if set (1013 for a page dropped to make room), 1002
+        (protocol error) for a peer that broke the tether protocol, 1000
+        otherwise. Bounded by websockets' own ``close_timeout``.
         """
         await self._closed.wait()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if isinstance(self.closed_with, ProtocolError):
+        if self.close_as is not None:
+            await self._ws.close(*self.close_as)
+        elif isinstance(self.closed_with, ProtocolError):
             await self._ws.close(CloseCode.PROTOCOL_ERROR, "tether protocol error")
         else:
             await self._ws.close()

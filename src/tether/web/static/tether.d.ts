@@ -159,7 +159,7 @@ export class Session {
 export interface ConnectOptions {
   /** The WebSocket endpoint (default: this page's origin, path /tether). */
   url?: string;
-  /** The secret (default: `?token=` or `#token=` of the page's URL; else the cookie is used). */
+  /** The secret (default: the page's, from its path `/t/<secret>/`, `?token=` or `#token=`). */
   token?: string | null;
   /** Default invoke timeout in ms (default 30000); null: none. */
   timeout?: number | null;
@@ -171,8 +171,8 @@ export interface ConnectOptions {
   WebSocket?: typeof WebSocket;
 }
 
-/** The secret the page was opened with (`?token=` or `#token=`), or null. */
-export function pageToken(location?: { search?: string; hash?: string }): string | null;
+/** The secret the page was opened with (path `/t/<secret>/`, `?token=` or `#token=`), or null. */
+export function pageToken(location?: { pathname?: string; search?: string; hash?: string }): string | null;
 
 /** Connect this page to the main that served it; resolves once main said hello. */
 export function connect(options?: ConnectOptions): Promise<Session>;

@@ -503,9 +503,14 @@ export class Session {
 
 // -- the WebSocket ------------------------------------------------------------------------
 
-/** The secret the page was opened with: `?token=` in its URL, or `#token=`. */
+/**
+ * The secret the page was opened with: the `<secret>` of its path `/t/<secret>/...` (where
+ * tether serves pages), else `?token=` or `#token=` in its URL.
+ */
 export function pageToken(loc = globalThis.location) {
   if (!loc) return null;
+  const m = /^\/t\/([^/]+)\//.exec(loc.pathname || "");
+  if (m) return decodeURIComponent(m[1]);
   const q = new URLSearchParams(loc.search || "").get("token");
   if (q) return q;
   return new URLSearchParams((loc.hash || "").replace(/^#/, "")).get("token");
@@ -514,8 +519,8 @@ export function pageToken(loc = globalThis.location) {
 /**
  * Connect this page to the main that served it; resolves once main's HELLO arrived.
  *
- * Options: `url` (default: this origin's /tether), `token` (default: the page URL's; without
- * one the cookie set when the page was loaded is used), `timeout` (default invoke timeout, ms;
+ * Options: `url` (default: this origin's /tether), `token` (default: the page URL's, see
+ * pageToken), `timeout` (default invoke timeout, ms;
  * null: none), `connectTimeout` (ms, default 10000), `name`, `maxFrameSize`, `WebSocket` (a
  * WebSocket class, e.g. for Node).
  */
