@@ -836,6 +836,12 @@ class Main(Handlers):
             )
         if static is not None or public:
             raise ValueError("static= and public= are for ws:// addresses")
+        if isinstance(address, str) and address.startswith("nats://"):
+            if uids is not None or secret is not None:
+                raise ValueError("uids= and secret= are not for nats:// (use NATS credentials)")
+            from ..nats.link import listen_nats  # nats-py is imported only for NATS
+
+            return await listen_nats(self, address, role=role, ssl=ssl)  # type: ignore[return-value]
         if role is None:
             role = "client"
         me = os.geteuid()
@@ -1049,11 +1055,16 @@ class _Connecting:
     """``await connect(...)`` or ``async with connect(...) as peer``."""
 
     def __init__(self, address: str | Address, kw: dict[str, Any]) -> None:
-        self._address = parse_address(address)
+        nats = isinstance(address, str) and address.startswith("nats://")
+        self._address: Address | str = address if nats else parse_address(address)
         self._kw = kw
         self._peer: Peer | None = None
 
     async def _open(self) -> Peer:
+        if isinstance(self._address, str):
+            from ..nats.link import connect_nats
+
+            return await connect_nats(self._address, self._kw)
         kw = dict(self._kw)
         connect_timeout = kw.pop("connect_timeout")
         loop = asyncio.get_running_loop()
