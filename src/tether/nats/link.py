@@ -10,6 +10,8 @@ default ``tether``):
   subject for this connection.
 - ``NS.c.<id>``: the client's inbox (frames main sends to it).
 - ``NS.m.<main>.<id>``: the listener's subject for that connection.
+- ``NS.events``: events a listener sends to every client at once
+  (:meth:`NatsServer.send`); each client reads them as part of its connection.
 
 The messages are tether frames, so every verb, error type, cancel and
 timeout works as on a socket. Credentials come from the address
@@ -28,8 +30,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import msgspec
+
 from ..errors import ConnectError, PeerGone
 from ..identity import NO_CREDENTIALS
+from ..wire import Kind, encode_frame
 from .stream import NatsStream, spawn
 
 if TYPE_CHECKING:
@@ -112,24 +117,32 @@ async def _nats_connect(
     async def quiet(exc: Exception) -> None:
         pass  # reconnect attempts fail while the server is away: expected
 
+    seconds = max(1, int(timeout + 0.999))
     try:
-        return await nats.connect(
-            servers=[addr.server],
-            name=name,
-            connect_timeout=max(1, int(timeout + 0.999)),
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            tls=ssl,
-            tls_hostname=None,
-            disconnected_cb=disconnected,
-            closed_cb=closed,
-            error_cb=quiet,
-            **addr.options,
+        # The first connect fails at once (refused, bad credentials); once in,
+        # the client reconnects for ever.
+        nc = await asyncio.wait_for(
+            nats.connect(
+                servers=[addr.server],
+                name=name,
+                connect_timeout=seconds,
+                allow_reconnect=False,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                tls=ssl,
+                tls_hostname=None,
+                disconnected_cb=disconnected,
+                closed_cb=closed,
+                error_cb=quiet,
+                **addr.options,
+            ),
+            seconds + 1,
         )
     except (OSError, TimeoutError, NatsError) as exc:
         why = str(exc) or type(exc).__name__
         raise ConnectError(f"cannot connect to {addr}: {why}", address=str(addr)) from exc
+    nc.options["allow_reconnect"] = True
+    return nc
 
 
 class NatsServer:
@@ -192,7 +205,7 @@ class NatsServer:
         stream = NatsStream(self.nc, inbox, self.nc.max_payload)
         self._streams[cid] = stream
         kw = main._peer_kw(self.role, self._name, child=False)
-        kw["max_frame_size"] = min(kw["max_frame_size"], self.nc.max_payload)
+        kw["max_frame_size"] = self._max()
         forget = kw["on_close"]
 
         def closed(peer: Peer) -> None:
@@ -217,6 +230,27 @@ class NatsServer:
             main._hello_timers[peer] = asyncio.get_running_loop().call_later(
                 main.hello_timeout, main._check_hello, peer
             )
+
+    async def send(self, channel: str, *args: Any) -> None:
+        """One event to every client connected on this namespace, as one NATS message.
+
+        Every client (whichever listener it is connected to) gets it on its
+        connection, as if its own main had sent it; the server copies it to
+        each, so the cost does not grow with the number of clients here.
+
+        Raises:
+            PayloadTooLarge: the event is larger than the server's ``max_payload``.
+            TypeError: ``channel`` is not a str, or an argument cannot be encoded.
+        """
+        if type(channel) is not str:
+            raise TypeError(f"channel must be a str, not {type(channel).__name__}")
+        out = bytearray()
+        body = msgspec.msgpack.encode(args)
+        encode_frame(out, Kind.EVENT, 0, 0, channel.encode(), body, max_frame_size=self._max())
+        await self.nc.publish(f"{self.address.namespace}.events", bytes(out))
+
+    def _max(self) -> int:
+        return min(self.main.max_frame_size, int(self.nc.max_payload))
 
     def _server_closed(self) -> None:
         for peer in list(self._held):
@@ -335,6 +369,8 @@ async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
         peer.start()
         try:
             await peer.wait_hello(connect_timeout)
+            # After the HELLO: the events every client gets join this connection's frames.
+            await nc.subscribe(f"{addr.namespace}.events", cb=frames)
         except BaseException:
             peer.abort(PeerGone(f"{addr} did not complete the handshake"))
             raise
