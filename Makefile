@@ -15,7 +15,7 @@ FUZZ_SESSIONS ?= 100000
 FUZZ_LIVE_SECONDS ?= 900
 FUZZ_DIR := .fuzz
 
-.PHONY: all demo test bench lint fuzz clean
+.PHONY: all demo test bench lint fuzz clean nats-server
 
 all: test
 
@@ -30,7 +30,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tether demo
 
-test: $(STAMP)
+# The NATS tests run a real nats-server (Debian package nats-server): installed here when missing.
+nats-server:
+	@command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || { \
+		echo "installing nats-server (apt-get)"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get install -y nats-server; \
+		elif command -v sudo >/dev/null; then sudo apt-get install -y nats-server; \
+		else echo "error: the tests need nats-server: run 'apt-get install nats-server' as root" >&2; exit 1; fi; }
+
+test: $(STAMP) nats-server
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
