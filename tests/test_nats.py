@@ -310,3 +310,73 @@ def test_cli_call(nats: NatsServer) -> None:
         assert "no responders" in bad.stderr
     finally:
         stop_workers(procs)
+
+
+async def test_token_refuses_a_wrong_client() -> None:
+    with running("authorization { token: t0ken }\n") as nats:
+        host = nats.url.removeprefix("nats://")
+        async with Main() as main:
+            main.handle("hi", lambda call: "hello", roles="nats")
+            await main.listen(f"nats://t0ken@{host}/tok")
+            with pytest.raises(tether.ConnectError):
+                await tether.connect(f"nats://other@{host}/tok", connect_timeout=5)
+            async with tether.connect(f"nats://t0ken@{host}/tok") as peer:
+                assert await peer.invoke("hi") == "hello"
+
+
+async def test_tls_with_client_certificates(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from test_auth import _ca, _client_ctx, _leaf
+
+    d = str(tmp_path_factory.mktemp("natspki"))
+    _ca(d, "ca")
+    _ca(d, "otherca")
+    _leaf(d, "server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    _leaf(d, "stranger", "otherca", "extendedKeyUsage=clientAuth\n")
+    conf = (
+        f'tls {{\n  cert_file: "{d}/server.pem"\n  key_file: "{d}/server.key"\n'
+        f'  ca_file: "{d}/ca.pem"\n  verify: true\n}}\n'
+    )
+    with running(conf) as nats:
+        url = f"{nats.url}/tls"
+        async with Main() as main:
+            main.handle("hi", lambda call: "hello", roles="nats")
+            await main.listen(url, ssl=_client_ctx(d, cert="client"))
+            for ctx in (_client_ctx(d), _client_ctx(d, "otherca", "stranger"), None):
+                with pytest.raises(tether.ConnectError):
+                    await tether.connect(url, ssl=ctx, connect_timeout=5)
+            async with tether.connect(url, ssl=_client_ctx(d, cert="client")) as peer:
+                assert await peer.invoke("hi") == "hello"
+
+
+async def test_handles_do_not_cross(nats: NatsServer) -> None:
+    url = f"{nats.url}/handles"
+    async with Main() as main:
+        main.handle("take", lambda call, h: "took", roles="nats")
+        await main.listen(url)
+        async with tether.connect(url) as peer:
+            r, w = os.pipe()
+            try:
+                with pytest.raises(tether.HandleRefused):
+                    await peer.invoke("take", tether.Handle(w))
+            finally:
+                os.close(r)
+            assert await peer.invoke("take", 1) == "took"  # the connection goes on
+
+
+async def test_a_closed_listener_leaves_the_queue_group(nats: NatsServer) -> None:
+    url = f"{nats.url}/leave"
+    async with Main() as main:
+        main.handle("pid", lambda call: os.getpid(), roles="nats")
+        server = await main.listen(url)
+        async with tether.connect(url) as held:  # the only listener yet: it is ours
+            assert await held.invoke("pid") == os.getpid()
+            procs = start_workers(url, 1)
+            try:
+                server.close()
+                for _ in range(10):  # every new connection goes to the worker, at once
+                    async with tether.connect(url, connect_timeout=20) as peer:
+                        assert await peer.invoke("pid") == procs[0].pid
+                assert await held.invoke("pid") == os.getpid()  # still served
+            finally:
+                stop_workers(procs)

@@ -22,6 +22,7 @@ timeout works as on a socket. Credentials come from the address
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import ssl as _ssl
@@ -46,6 +47,8 @@ __all__ = ["NatsAddress", "NatsServer", "connect_nats", "listen_nats", "parse_na
 DEFAULT_NAMESPACE: Final = "tether"
 #: the role of peers reached over NATS, unless ``listen(role=...)`` names another
 DEFAULT_ROLE: Final = "nats"
+#: seconds a closed listener waits for its peers to close before it closes its NATS link
+CLOSE_WAIT: Final = 10.0
 _TOKEN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -165,6 +168,7 @@ class NatsServer:
         self._streams: dict[str, NatsStream] = {}
         self._held: set[Peer] = set()
         self._closed = False
+        self._open_sub: Any = None
         self._name = f"{role}@{addr}"
 
     @property
@@ -177,7 +181,7 @@ class NatsServer:
 
     async def _start(self) -> None:
         ns = self.address.namespace
-        await self.nc.subscribe(f"{ns}.open", queue=ns, cb=self._on_open)
+        self._open_sub = await self.nc.subscribe(f"{ns}.open", queue=ns, cb=self._on_open)
         await self.nc.subscribe(f"{ns}.m.{self._id}.*", cb=self._on_frames)
         await self.nc.flush()
 
@@ -261,17 +265,23 @@ class NatsServer:
         if self._closed:
             return
         self._closed = True
-        spawn(self._unsubscribe_open())
+        spawn(self._shutdown())
 
-    async def _unsubscribe_open(self) -> None:
-        # Peers still connected keep their subjects until Main.close closes them.
-        for peer in list(self._held):
-            await peer.wait_closed()
+    async def _shutdown(self) -> None:
+        # New connections go to the other listeners of the namespace at once;
+        # those still open keep their subjects until they close (Main.close
+        # closes them), within a bound.
+        with contextlib.suppress(Exception):
+            await self._open_sub.unsubscribe()
+        held = [peer.wait_closed() for peer in self._held]
+        if held:
+            await asyncio.wait([asyncio.ensure_future(w) for w in held], timeout=CLOSE_WAIT)
         await self.nc.close()
 
     async def wait_closed(self) -> None:
-        """Wait until every peer of this listener closed and the NATS link is closed."""
-        while not self.nc.is_closed:
+        """Wait until the NATS link is closed (after :meth:`close`; within ``CLOSE_WAIT`` s)."""
+        deadline = asyncio.get_running_loop().time() + CLOSE_WAIT + 5
+        while not self.nc.is_closed and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
 
     def __repr__(self) -> str:
