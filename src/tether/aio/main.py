@@ -759,6 +759,13 @@ class Main(Handlers):
         local: they reach only handlers that name ``"web"``. Loopback only,
         unless ``public=True``.
 
+        ``nats://host:port/namespace`` serves them through a NATS server
+        (:mod:`tether.nats`; needs ``nats-py``): clients connect with the same
+        address; listeners on one namespace share the connections (a queue
+        group); clients get ``role`` (default ``nats``) and are never local;
+        ``ssl=`` is the NATS client's TLS context. Returns a
+        :class:`tether.nats.NatsServer`.
+
         Accepted peers get ``role`` (one role, a str); handlers limited with
         ``roles=`` check it. Handlers registered without ``roles=`` answer
         only *local* peers: unix peers of main's own uid. A TCP peer reaches
@@ -1138,6 +1145,8 @@ def connect(
     for a listener started with ``ssl=`` (the server's certificate is checked
     against the address's host). ``max_inflight``,
     ``max_queued`` and ``drain_timeout``: this side's limits, as for :class:`Main`.
+    ``nats://host:port/namespace`` connects through a NATS server to a main
+    listening there (:mod:`tether.nats`; ``ssl=`` is then the NATS client's).
 
     Raises:
         ConnectError: nothing listens there (refused, no such socket file,
