@@ -380,3 +380,22 @@ async def test_a_closed_listener_leaves_the_queue_group(nats: NatsServer) -> Non
                 assert await held.invoke("pid") == os.getpid()  # still served
             finally:
                 stop_workers(procs)
+
+
+async def test_blocking_client_serves_main_too(nats: NatsServer) -> None:
+    url = f"{nats.url}/blocking_back"
+    async with Main() as main:
+
+        @main.handle("relay", roles="nats")
+        async def relay(call: tether.Call, x: int) -> int:
+            return await call.peer.invoke("twice", x)
+
+        await main.listen(url)
+
+        def client() -> int:
+            with tether.sync.connect(url) as peer:
+                peer.handle("twice", lambda call, x: 2 * x)
+                result: int = peer.invoke("relay", 21)
+                return result
+
+        assert await asyncio.get_running_loop().run_in_executor(None, client) == 42
