@@ -1,5 +1,6 @@
 # tether: `make demo` and `make test` are all a fresh checkout needs (python3 >= 3.11 and make).
-# The first run creates $(VENV) and installs the package with its dev extra.
+# The first run creates $(VENV) and installs the package with its dev extra; `make test` also
+# installs Debian's chromium (apt-get, as root or through sudo) when /usr/bin/chromium is missing.
 
 # PYTHON defaults to the first of python3.13/3.12/3.11/python3 that runs and is >= 3.11.
 ifeq ($(origin PYTHON),undefined)
@@ -14,8 +15,10 @@ FUZZ_SECONDS ?= 60
 FUZZ_SESSIONS ?= 100000
 FUZZ_LIVE_SECONDS ?= 900
 FUZZ_DIR := .fuzz
+# The browser tests drive Debian's Chromium (Playwright's own browser download is not used).
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: all demo test bench lint fuzz clean nats-server
+.PHONY: all demo test bench lint fuzz clean chromium nats-server
 
 all: test
 
@@ -30,16 +33,39 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tether demo
 
-# The NATS tests run a real nats-server (Debian package nats-server): installed here when missing.
-nats-server:
-	@command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || { \
-		echo "installing nats-server (apt-get)"; \
-		if [ "$$(id -u)" = 0 ]; then apt-get install -y nats-server; \
-		elif command -v sudo >/dev/null; then sudo apt-get install -y nats-server; \
-		else echo "error: the tests need nats-server: run 'apt-get install nats-server' as root" >&2; exit 1; fi; }
-
-test: $(STAMP) nats-server
+test: $(STAMP) chromium nats-server
 	$(VENV)/bin/python -m pytest -q
+
+# Install Debian's chromium package when $(CHROMIUM) is missing: as root, or through sudo.
+# apt-get update only when the first install fails (a fresh machine has no package lists).
+chromium:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+		else echo "error: $(CHROMIUM) is missing and the browser tests need it; as root run:" \
+			"apt-get install -y chromium (no sudo here to do it)" >&2; exit 1; fi; \
+		echo "installing Debian's chromium for the browser tests ($(CHROMIUM) is missing)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q chromium \
+		|| { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; } \
+		|| { echo "error: could not install chromium with apt-get" >&2; exit 1; }; \
+		[ -x "$(CHROMIUM)" ] || { echo "error: chromium installed but $(CHROMIUM) is missing" >&2; exit 1; }; \
+	fi
+
+# The NATS tests run a real nats-server (Debian's nats-server package): installed the same way
+# when it is missing (the tests fail, not skip, without it).
+nats-server:
+	@if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+		else echo "error: nats-server is missing and the NATS tests need it; as root run:" \
+			"apt-get install -y nats-server (no sudo here to do it)" >&2; exit 1; fi; \
+		echo "installing Debian's nats-server for the NATS tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q nats-server \
+		|| { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q nats-server; } \
+		|| { echo "error: could not install nats-server with apt-get" >&2; exit 1; }; \
+	fi
 
 bench: $(STAMP)
 	$(VENV)/bin/tether bench

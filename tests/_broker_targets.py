@@ -53,3 +53,17 @@ async def open_unreachable(peer: tether.Peer, url: str) -> None:
     except tether.TetherError as exc:
         found = f"{type(exc).__name__}: {exc}"
     await peer.invoke("report", {"error": found}, timeout=10.0)
+
+
+async def flood_reader(peer: tether.Peer, url: str) -> None:
+    """Start a flood, don't read while main watches it stall, then read it all in order."""
+    ws = await open_websocket(peer, url, timeout=10.0)
+    await ws.send("go")
+    await peer.invoke("flooding", timeout=90.0)  # returns once the server stalled
+    count, nbytes = ws.queued
+    received, in_order = 0, True
+    while (message := await ws.recv(timeout=30.0)) != "end":
+        in_order = in_order and message.startswith(f"{received:08d}")
+        received += 1
+    found = {"queued": count, "queued_bytes": nbytes, "received": received, "in_order": in_order}
+    await peer.invoke("report", found, timeout=10.0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
 import os
 import signal
 import time
@@ -98,3 +100,47 @@ async def async_square(x: int) -> int:
 def checksum(data: Any) -> tuple[int, str]:
     """Sum of the bytes of ``data``, and what the worker received."""
     return int(np.frombuffer(data, np.uint8).sum(dtype=np.uint64)), type(data).__name__
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+def kinds(s: set[int], t: tuple[int, int], p: Point, d: datetime.date, b: bytes) -> str:
+    """The type names of what the worker received."""
+    return " ".join(type(v).__name__ for v in (s, t, p, d, b))
+
+
+async def async_kinds(s: set[int], t: tuple[int, int], p: Point, d: datetime.date) -> str:
+    return " ".join(type(v).__name__ for v in (s, t, p, d))
+
+
+def point(x: int, y: int) -> Point:
+    return Point(x, y)
+
+
+def blob(n: int) -> bytes:
+    return b"z" * n
+
+
+def digits(n: int) -> set:  # type: ignore[type-arg]  # (bare set: as the reviewer wrote it)
+    return set(range(n))
+
+
+def pair(a: int, b: int) -> set[int]:
+    return {a, b}
+
+
+def echo(value: Any) -> Any:
+    return value
+
+
+def liar() -> int:
+    """Says int, returns a str."""
+    return "not an int"  # type: ignore[return-value]
+
+
+def a_job_whose_name_is_longer_than_thirty_one_characters(x: int) -> int:
+    return x

@@ -667,8 +667,27 @@ async def test_protocol_errors_are_logged_a_few_times_a_second(
         with caplog.at_level(logging.WARNING, logger="tether"):
             await asyncio.to_thread(garbage)
             await _until(lambda: server.refused >= 200, timeout=10.0)
-        lines = [r for r in caplog.records if "broke the protocol" in r.getMessage()]
+        lines = [r for r in caplog.records if "not a tether" in r.getMessage()]
         assert 1 <= len(lines) <= 40
+
+
+async def test_a_frame_before_hello_logs_one_line_that_does_not_call_the_peer_open(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with tether.Main(timeout=10.0) as main:
+        server = await main.listen(f"unix://{sock_path}")
+        bad = bytearray()
+        encode_frame(bad, Kind.ROUTE_OPEN, 1, 1, b"", b"")
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            _, writer = await asyncio.open_unix_connection(sock_path)
+            writer.write(bytes(bad))
+            await writer.drain()
+            await _until(lambda: server.refused >= 1, timeout=10.0)
+            writer.close()
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(lines) == 1, lines
+        assert "expected HELLO, got frame kind 7" in lines[0]
+        assert " open>" not in lines[0]
 
 
 async def test_listen_refuses_a_client_context_and_uids_on_tcp() -> None:

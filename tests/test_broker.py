@@ -18,8 +18,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 import tether
-from _broker_targets import echo_client, open_and_wait, open_unreachable
-from tether.broker import Policy, WebSocketBroker, open_websocket
+from _broker_targets import echo_client, flood_reader, open_and_wait, open_unreachable
+from tether.broker import BrokeredWebSocket, Policy, WebSocketBroker, open_websocket
 
 # -- the policy -------------------------------------------------------------------
 
@@ -236,3 +236,179 @@ def test_broker_example_runs() -> None:
         "main: 1 URL refused; renderer exited with code 0",
     ):
         assert expected in lines, out.stdout
+
+
+# -- redirects, flow control -----------------------------------------------------------
+
+
+async def _redirector(location: str) -> asyncio.Server:
+    """A loopback HTTP server answering every request ``302 Found`` to ``location``."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n".encode()
+            )
+            await writer.drain()
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+async def test_a_redirect_is_refused_not_followed(sock_path: str) -> None:
+    """An allowed URL whose server redirects to a URL the policy does not name: Forbidden."""
+    async with Echo() as secret:
+        target = secret.url  # its port is not in the policy
+        red = await _redirector(target)
+        async with red:
+            rport = red.sockets[0].getsockname()[1]
+            policy = Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({rport}))
+            broker = WebSocketBroker(policy)
+            async with tether.Main() as main:
+                broker.install(main)
+                await main.listen(f"unix://{sock_path}")
+                async with tether.connect(f"unix://{sock_path}") as peer:
+                    with pytest.raises(tether.Forbidden, match="redirect") as info:
+                        await open_websocket(peer, f"ws://127.0.0.1:{rport}/", timeout=10.0)
+                    assert target in str(info.value)
+                    await broker.wait_idle(10.0)
+        assert secret.connections == 0  # never reached
+    assert [h.closes for h in broker.closed_hosts] == [1]
+
+
+class Flood:
+    """A loopback WebSocket server sending numbered messages as fast as it may, until ``stop``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sent = 0
+        self.stop = False
+        self.server: Any = None
+
+    async def handler(self, ws: ServerConnection) -> None:
+        await ws.recv()
+        pad = "x" * (self.size - 8)
+        try:
+            while not self.stop:
+                await ws.send(f"{self.sent:08d}{pad}")
+                self.sent += 1
+            await ws.send("end")
+            await ws.wait_closed()
+        except ConnectionClosed:
+            pass
+
+    async def __aenter__(self) -> Flood:
+        self.server = await serve(self.handler, "127.0.0.1", 0, compression=None)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        return int(next(iter(self.server.sockets)).getsockname()[1])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("window", "window_bytes", "full"),
+    [
+        (8, 1 << 20, 8),  # the message count fills the window
+        (1000, 64 * 1024, 4),  # the bytes do: 4 messages of 16 KiB
+        (1000, 1000, 1),  # one message larger than the window still goes, alone
+    ],
+)
+async def test_a_child_that_does_not_read_pushes_back_on_the_server(
+    window: int, window_bytes: int, full: int
+) -> None:
+    """Flow control: the window bounds the child's queue, TCP stalls the flood; then all arrives."""
+    size = 16 * 1024
+    async with Flood(size) as flood:
+        policy = Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({flood.port}))
+        broker = WebSocketBroker(policy, window=window, window_bytes=window_bytes)
+        got: dict[str, Any] = {}
+        seen: dict[str, int] = {}
+        async with _main_with(broker, got) as main:
+
+            @main.handle("flooding", roles={"child"})
+            async def flooding(call: tether.Call) -> None:
+                """Return once the server stalled: neither main nor the child reads on."""
+                last = -1
+                async with asyncio.timeout(60.0):
+                    while flood.sent != last or flood.sent == 0:
+                        last = flood.sent
+                        await asyncio.sleep(1.0)
+                (host,) = broker.hosts
+                frames = len(host._ws.recv_messages.frames)  # what websockets holds in main
+                seen.update(sent=flood.sent, inflight=host.inflight, frames=frames)
+                flood.stop = True  # its send in progress completes once the child reads
+
+            child = await main.spawn(flood_reader, f"ws://127.0.0.1:{flood.port}/", sandbox=True)
+            assert await child.wait(90.0) == 0
+    assert seen["inflight"] == full, seen
+    assert seen["frames"] < 256, seen  # main: one read's worth of frames, no more
+    assert got["queued"] <= full, got
+    assert got["queued_bytes"] <= full * size, got
+    assert got["received"] == flood.sent
+    assert got["in_order"] is True
+
+
+async def test_the_real_socket_is_opened_without_compression(sock_path: str) -> None:
+    """Compressed frames could inflate in main beyond any window: none are negotiated."""
+    offered: list[str | None] = []
+
+    async def record(ws: ServerConnection) -> None:
+        offered.append(ws.request.headers.get("Sec-WebSocket-Extensions") if ws.request else "?")
+        await ws.send("hello")
+        await ws.wait_closed()
+
+    async with serve(record, "127.0.0.1", 0) as server:  # offers permessage-deflate itself
+        port = next(iter(server.sockets)).getsockname()[1]
+        broker = WebSocketBroker(Policy(hosts=frozenset({"127.0.0.1"}), ports=frozenset({port})))
+        async with tether.Main() as main:
+            broker.install(main)
+            await main.listen(f"unix://{sock_path}")
+            async with tether.connect(f"unix://{sock_path}") as peer:
+                ws = await open_websocket(peer, f"ws://127.0.0.1:{port}/", timeout=10.0)
+                assert await ws.recv(timeout=10.0) == "hello"
+                (host,) = broker.hosts
+                assert host._ws.protocol.extensions == []
+                await ws.close()
+                await broker.wait_idle(10.0)
+    assert offered == [None]
+
+
+class _StuckRoute:
+    """A route whose sends never complete (a peer that stopped reading): records listeners."""
+
+    id, kind, closed = 2, "websocket", False
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, Any] = {}
+        self.acks: list[tuple[int, int]] = []
+
+    def on(self, channel: str, fn: Any) -> None:
+        self.listeners[channel] = fn
+
+    async def send(self, channel: str, *args: Any) -> None:
+        self.acks.append(args)
+        await asyncio.Event().wait()
+
+
+async def test_recv_returns_its_message_while_the_ack_for_it_cannot_be_sent() -> None:
+    """The credit goes out on its own: a recv never waits on it, so none times out holding data."""
+    route = _StuckRoute()
+    ws = BrokeredWebSocket(route, "ws://127.0.0.1:1/", window=2)  # type: ignore[arg-type]
+    for text in ("one", "two"):
+        route.listeners["message"](None, text)
+    assert ws.queued == (2, 6)
+    assert await ws.recv(timeout=5.0) == "one"  # one message is half the window: an ack
+    assert await ws.recv(timeout=5.0) == "two"
+    assert ws.queued == (0, 0)
+    await asyncio.sleep(0)
+    assert route.acks == [(1, 3), (1, 3)]
+    for task in list(ws._acking):
+        task.cancel()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime
 import functools
 import itertools
 import os
@@ -387,6 +388,123 @@ async def test_a_buffer_is_moved_to_the_worker() -> None:
         fut = spool.submit(jobs.checksum, buf)
         assert buf.consumed
         assert fut.result(timeout=30)[0] == 2 * 4096
+
+
+# -- types: the job's own hints decide, as for a handler ------------------------------
+
+KINDS_ARGS = ({1, 2}, (1, 2), jobs.Point(1, 2), datetime.date(2026, 1, 1), b"z" * 100_000)
+
+
+async def test_arguments_arrive_as_the_job_hints_say() -> None:
+    async with tether.Pool(workers=1) as pool:
+        assert await pool.submit(jobs.kinds, *KINDS_ARGS) == "set tuple Point date bytes"
+        assert await pool.submit(jobs.async_kinds, *KINDS_ARGS[:4]) == "set tuple Point date"
+        small = await pool.submit(jobs.kinds, *KINDS_ARGS[:4], b"z" * 10)
+        assert small == "set tuple Point date bytes"
+
+
+async def test_results_arrive_as_the_return_hint_says() -> None:
+    async with tether.Pool(workers=1) as pool:
+        assert await pool.submit(jobs.point, 1, 2) == jobs.Point(1, 2)
+        for n in (10, 100_000):  # inline and through shared memory alike
+            got = await pool.submit(jobs.blob, n)
+            assert type(got) is bytes and got == b"z" * n
+        assert await pool.submit(jobs.digits, 3) == {0, 1, 2}
+        assert [r async for r in pool.map(jobs.pair, [1, 3], [2, 3])] == [{1, 2}, {3}]
+        # a result that does not match its own hint is refused, naming the hint
+        with pytest.raises(tether.BadRequest, match="result does not match int"):
+            await pool.submit(jobs.liar)
+
+
+async def test_result_type_overrides_the_return_hint() -> None:
+    async with tether.Pool(workers=1) as pool:
+        assert await pool.submit(jobs.echo, [1, 2]) == [1, 2]  # -> Any: as decoded
+        got = await pool.submit(jobs.echo, [1, 2], result_type=tuple[int, int])
+        assert got == (1, 2) and type(got) is tuple
+        view = await pool.submit(jobs.blob, 100_000, result_type=memoryview)
+        assert type(view) is memoryview and bytes(view) == b"z" * 100_000
+        assert await pool.submit(jobs.point, 1, 2, result_type=Any) == {"x": 1, "y": 2}
+        out = [r async for r in pool.map(jobs.echo, [[1], [2]], result_type=set[int])]
+        assert out == [{1}, {2}]
+        with pytest.raises(
+            tether.BadRequest, match=r"result\[0\] does not match set\[str\]: expected str, got int"
+        ):
+            await pool.submit(jobs.echo, [1], result_type=set[str])
+        with pytest.raises(TypeError, match="result_type"):
+            pool.submit(jobs.echo, 1, result_type=42)
+        with pytest.raises(TypeError, match="result_type"):
+            pool.map(jobs.echo, [1], result_type=42)
+
+
+async def test_a_wrong_argument_is_a_bad_request_naming_it() -> None:
+    async with tether.Pool(workers=1) as pool:
+        with pytest.raises(
+            tether.BadRequest, match=r"^add\(\) argument 'b': expected int, got str$"
+        ):
+            await pool.submit(jobs.add, 1, "x")
+        with pytest.raises(tether.BadRequest, match=r"add\(\) takes 2 arguments \(a, b\), got 1"):
+            await pool.submit(jobs.add, 1)
+        with pytest.raises(
+            tether.BadRequest, match=r"async_kinds\(\) argument 'p.y': expected int, got str"
+        ):
+            await pool.submit(jobs.async_kinds, {1}, (1, 2), {"x": 1, "y": "2"}, "2026-01-01")
+        with pytest.raises(
+            tether.BadRequest, match=r"kinds\(\) argument 'b': expected bytes, got str"
+        ):
+            await pool.submit(jobs.kinds, *KINDS_ARGS[:4], "not bytes")
+        assert await pool.submit(jobs.add, 1, 2) == 3  # the worker goes on
+
+
+def test_the_worker_reads_a_job_body_as_msgpack_would() -> None:
+    from tether.codec import encoder
+    from tether.executor import _Jobs
+
+    decoder = _Jobs()
+    long_name = "a_job_whose_name_is_longer_than_thirty_one_characters"  # str8, not fixstr
+    for body, fn, args in [
+        (("_pool_jobs", "add", 1, 2), jobs.add, (1, 2)),
+        (("_pool_jobs", long_name, 5), getattr(jobs, long_name), (5,)),
+        (("builtins", "max", *range(20)), max, tuple(range(20))),  # 16+ items: a longer header
+        (("builtins", "max", *range(70_000)), max, tuple(range(70_000))),
+    ]:
+        data = encoder.encode(body)
+        for raw in (data, memoryview(bytearray(data))):  # (frames hand bodies over as views)
+            got_fn, got_args = decoder.decode(raw)
+            assert got_fn is fn and tuple(got_args) == args
+    for bad in [b"", b"\x01", b"\x91\xa1x", b"\x92\xa5ab", b"\x92\xa1\xff\xa1x", b"\x92\x01\xa1x"]:
+        with pytest.raises(tether.BadRequest, match="malformed job"):
+            decoder.decode(bad)
+
+
+async def test_a_function_its_worker_cannot_import_is_a_remote_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ghost = types.ModuleType("_pool_ghost")  # in main's sys.modules only
+
+    def vanish(x: int) -> int:
+        return x
+
+    vanish.__module__, vanish.__qualname__ = "_pool_ghost", "vanish"
+    ghost.vanish = vanish  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "_pool_ghost", ghost)
+    async with tether.Pool(workers=1) as pool:
+        with pytest.raises(tether.RemoteError, match=r"ModuleNotFoundError.*_pool_ghost"):
+            await pool.submit(vanish, 1)
+        assert await pool.submit(jobs.add, 1, 2) == 3
+
+
+def test_sync_pool_types_follow_the_hints() -> None:
+    with tether.sync.Pool(workers=1) as pool:
+        assert pool.submit(jobs.kinds, *KINDS_ARGS).result(30) == "set tuple Point date bytes"
+        assert pool.submit(jobs.point, 1, 2).result(30) == jobs.Point(1, 2)
+        assert type(pool.submit(jobs.blob, 100_000).result(30)) is bytes
+        assert pool.submit(jobs.digits, 2).result(30) == {0, 1}
+        assert pool.submit(jobs.echo, [1], result_type=tuple[int]).result(30) == (1,)
+        assert list(pool.map(jobs.echo, [[1]], result_type=set[int])) == [{1}]
+        with pytest.raises(tether.BadRequest, match=r"add\(\) argument 'b': expected int, got str"):
+            pool.submit(jobs.add, 1, "x").result(30)
+        with pytest.raises(TypeError, match="result_type"):
+            pool.submit(jobs.echo, 1, result_type=42)
 
 
 # -- the blocking pool ---------------------------------------------------------------

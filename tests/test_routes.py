@@ -756,3 +756,32 @@ async def test_a_host_factory_must_take_the_route_first() -> None:
 
         main.host("right", Right)
         assert "right" in main.registry.hosts
+
+
+async def test_a_host_close_that_never_returns_is_cancelled_and_logged(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hung host ``close()`` does not leave a task forever: bounded, then cancelled."""
+    import tether.aio.route as aio_route
+
+    monkeypatch.setattr(aio_route, "HOST_CLOSE_TIMEOUT", 0.2)
+    cancelled: list[bool] = []
+
+    class Stuck:
+        def __init__(self, route: tether.Route) -> None:
+            self.route = route
+
+        async def close(self) -> None:
+            try:
+                await asyncio.Event().wait()  # never set
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+    pair.host.host("stuck", Stuck, roles={"child"})
+    route = await pair.opener.open("stuck")
+    (host_route,) = pair.host._conn.route_table().routes.values()
+    await route.close()
+    await until(lambda: host_route._close_task is not None and host_route._close_task.done())
+    assert cancelled == [True]
+    assert "did not return within" in caplog.text

@@ -1,4 +1,4 @@
-"""The seed's Chromium system: a privileged main owns the WebSockets of a sandboxed renderer.
+"""Chromium's WebSocket broker: a privileged main owns the WebSockets of a sandboxed renderer.
 
 Run: ``python examples/broker/main.py``. Main starts a local WebSocket echo
 server (127.0.0.1, port 0), hosts the ``websocket`` route kind through a

@@ -13,6 +13,7 @@ on that route, whose routing id names the socket, as Chromium keeps one
       WebSocketHost: connects the real socket     await ws.send("hi")   -> INVOKE "send"
       server frame -> route.send("message")       await ws.recv()       <- EVENT "message"
       server gone  -> route.send("closed"), close  RouteClosed after the "closed" event
+      a full window: stops reading the socket     recv() gives credit: EVENT "ack" (n, bytes)
 
 SendOrDrop: when relaying to the child fails (the child died, its route or
 connection closed, it stopped reading), ``route.send`` drops the route and
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import TYPE_CHECKING, Any, Final
@@ -72,7 +74,9 @@ class Policy:
         schemes: ``"ws"`` and/or ``"wss"``.
 
     A host name is resolved by main when it connects (no proxy is used):
-    name addresses rather than names where DNS is not trusted.
+    name addresses rather than names where DNS is not trusted. Redirects
+    are not followed (the server's ``Location`` could name anything): the
+    open fails with ``Forbidden`` naming the redirect's target.
     """
 
     hosts: frozenset[str]
@@ -117,11 +121,22 @@ class WebSocketHost:
     policy check); it connects at once. Route handlers: ``ready`` (waits
     until the real socket is open, raises if it could not be, and starts
     relaying: the child invokes it once its listeners are in place, so no
-    message arrives before them), ``send(data)`` (one message to the
-    server). Events to the child: ``message(data)``, then ``closed(code, reason)``.
+    message arrives before them; answers ``{"subprotocol", "window",
+    "window_bytes"}``), ``send(data)`` (one message to the server). Events
+    to the child: ``message(data)``, then ``closed(code, reason)``; from the
+    child: ``ack(messages, nbytes)``, credit for messages it consumed.
+
+    Flow control: at most ``window`` messages (and ``window_bytes`` bytes,
+    though one message of any allowed size always fits an empty window) are
+    relayed and not yet acknowledged. While the window is full the host
+    stops reading the real socket, so ``websockets`` pauses the transport
+    and TCP pushes back on the server; neither main nor the child queues
+    more than a window for a child that does not read.
 
     Attributes:
         closes: how many times :meth:`close` ran (exactly once per route).
+        inflight: messages relayed to the child and not yet acknowledged.
+        inflight_bytes: their size (``len`` of each message).
     """
 
     def __init__(self, route: Route, url: str, broker: WebSocketBroker) -> None:
@@ -135,15 +150,21 @@ class WebSocketHost:
         self._connected.add_done_callback(_retrieve)  # a failure nobody asked about is no warning
         self._relay: asyncio.Task[None] | None = None
         self._relay_ending = False  # _end runs (it closes the route): the relay is not cancelled
+        self.inflight = 0
+        self.inflight_bytes = 0
+        self._credit = asyncio.Event()
         route.handle("ready", self._ready)
         route.handle("send", self._send)
+        route.on("ack", self._ack)
 
     async def _connect(self) -> Any:
-        from websockets.asyncio.client import connect
-
         broker = self._broker
-        ws = await connect(
-            self.url, open_timeout=broker.open_timeout, max_size=broker.max_message, proxy=None
+        ws = await _no_redirects()(
+            self.url,
+            open_timeout=broker.open_timeout,
+            max_size=broker.max_message,
+            proxy=None,
+            compression=None,  # a read of compressed frames could inflate without bound in main
         )
         if self._ended:  # the route ended while connecting
             await ws.close(1001, "going away")
@@ -151,10 +172,12 @@ class WebSocketHost:
         self._ws = ws
         return ws
 
-    async def _ready(self, call: Call) -> str | None:
-        """Answer once the real socket is open: its subprotocol. Raises why it could not open."""
+    async def _ready(self, call: Call) -> dict[str, Any]:
+        """Answer once the real socket is open: its subprotocol and the window. Raises why not."""
         try:
             ws = await asyncio.shield(self._connected)
+        except Forbidden:
+            raise  # a redirect: the child gets Forbidden naming its target
         except (OSError, TimeoutError) as exc:
             raise ConnectionError(f"cannot connect to {self.url}: {exc}") from None
         except Exception as exc:  # websockets' handshake errors
@@ -163,7 +186,32 @@ class WebSocketHost:
             ) from None
         if self._relay is None:  # the child listens now: relay the server's messages from here on
             self._relay = asyncio.ensure_future(self._pump(ws))
-        return str(ws.subprotocol) if ws.subprotocol else None
+        broker = self._broker
+        return {
+            "subprotocol": str(ws.subprotocol) if ws.subprotocol else None,
+            "window": broker.window,
+            "window_bytes": broker.window_bytes,
+        }
+
+    def _ack(self, call: Call, messages: int, nbytes: int) -> None:
+        """The child consumed ``messages`` (``nbytes``): room in the window again.
+
+        Credit beyond what is in flight is ignored (a child cannot widen its window).
+        """
+        self.inflight = max(0, self.inflight - max(0, messages))
+        self.inflight_bytes = max(0, self.inflight_bytes - max(0, nbytes))
+        if self.inflight == 0:
+            self.inflight_bytes = 0
+        self._credit.set()
+
+    async def _room(self, size: int) -> None:
+        """Wait for room in the window for a message of ``size`` (bounded by the route's life)."""
+        broker = self._broker
+        while self.inflight and (
+            self.inflight >= broker.window or self.inflight_bytes + size > broker.window_bytes
+        ):
+            self._credit.clear()
+            await self._credit.wait()  # the relay is cancelled when the route ends
 
     async def _send(self, call: Call, data: str | bytes) -> None:
         """Relay one message from the child to the server.
@@ -187,6 +235,10 @@ class WebSocketHost:
         route = self.route
         try:
             async for message in ws:
+                size = len(message)
+                await self._room(size)  # a full window: stop reading, TCP pushes back
+                self.inflight += 1
+                self.inflight_bytes += size
                 await route.send("message", message)  # SendOrDrop: raises RouteClosed, dropped
         except RouteClosed as exc:
             log.debug("broker: %s", exc)  # its message was made before the send
@@ -222,6 +274,29 @@ class WebSocketHost:
         self._broker._closed(self)
 
 
+@functools.cache
+def _no_redirects() -> Any:
+    """``websockets``' ``connect``, refusing HTTP redirects instead of following them.
+
+    The policy checked the URL the child asked for, not where a server
+    redirects it (another host or port, one the policy does not name): a
+    redirect fails the open with :class:`~tether.Forbidden` naming its target.
+    """
+    from websockets.asyncio.client import connect
+
+    class NoRedirects(connect):
+        def process_redirect(self, exc: Exception) -> Exception | str:
+            target = super().process_redirect(exc)
+            if isinstance(target, str):  # a redirect websockets would follow
+                return Forbidden(
+                    f"redirect to {target!r} refused (url {self.uri!r}):"
+                    " the broker follows no redirects"
+                )
+            return target
+
+    return NoRedirects
+
+
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -235,6 +310,9 @@ class WebSocketBroker:
         open_timeout: seconds to open the real socket.
         close_timeout: seconds to close it when the route ends.
         max_message: largest message accepted from the server (bytes).
+        window: messages relayed to a child and not yet consumed by it, at
+            most (flow control, per socket; see :class:`WebSocketHost`).
+        window_bytes: their total size at most (one message always fits).
 
     Attributes:
         hosts: the hosts alive now.
@@ -249,11 +327,17 @@ class WebSocketBroker:
         open_timeout: float = 10.0,
         close_timeout: float = 5.0,
         max_message: int = 1 << 20,
+        window: int = 32,
+        window_bytes: int = 1 << 20,
     ) -> None:
+        if window < 1 or window_bytes < 1:
+            raise ValueError(f"window and window_bytes must be >= 1, not {window}, {window_bytes}")
         self.policy = policy
         self.open_timeout = open_timeout
         self.close_timeout = close_timeout
         self.max_message = max_message
+        self.window = window
+        self.window_bytes = window_bytes
         self._hosts: set[WebSocketHost] = set()
         self.closed_hosts: list[WebSocketHost] = []
         self.refused = 0
@@ -309,19 +393,57 @@ class BrokeredWebSocket:
     main) closed the socket it raises :class:`~tether.RouteClosed`, and
     ``async for message in ws`` ends. ``close_code`` and ``close_reason``
     then say how it closed (1006: abnormally, no close frame).
+
+    ``recv`` gives main credit (an ``ack`` event) for what it consumed, every
+    half window or when nothing is left queued: main relays at most a
+    window ahead of ``recv``, so ``queued`` stays within the window.
     """
 
-    def __init__(self, route: Route, url: str) -> None:
+    def __init__(
+        self, route: Route, url: str, window: int = 32, window_bytes: int = 1 << 20
+    ) -> None:
         self.route = route
         self.url = url
         self.close_code: int | None = None
         self.close_reason = ""
+        self.subprotocol: str | None = None
         self._inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self._window = (max(1, window // 2), max(1, window_bytes // 2))  # ack thresholds
+        self._queued_bytes = 0
+        self._unacked = 0
+        self._unacked_bytes = 0
+        self._acking: set[asyncio.Task[None]] = set()
         route.on("message", self._message)
         route.on("closed", self._closed)
 
+    @property
+    def queued(self) -> tuple[int, int]:
+        """Messages received from main and not yet returned by ``recv``: (count, bytes)."""
+        n = self._inbox.qsize() - (1 if self.close_code is not None else 0)
+        return max(0, n), self._queued_bytes
+
     def _message(self, call: Call, data: str | bytes) -> None:
+        self._queued_bytes += len(data)
         self._inbox.put_nowait(data)
+
+    def _consumed(self, data: str | bytes) -> None:
+        """Count one message ``recv`` returns; give main credit every half window or when idle."""
+        size = len(data)
+        self._queued_bytes -= size
+        self._unacked += 1
+        self._unacked_bytes += size
+        n, nbytes = self._window
+        if self._unacked >= n or self._unacked_bytes >= nbytes or self._inbox.empty():
+            ack = (self._unacked, self._unacked_bytes)
+            self._unacked = self._unacked_bytes = 0
+            # Its own task: a recv timed out or cancelled while the ack waits loses no message.
+            task = asyncio.ensure_future(self._ack(*ack))
+            self._acking.add(task)
+            task.add_done_callback(self._acking.discard)
+
+    async def _ack(self, messages: int, nbytes: int) -> None:
+        with contextlib.suppress(RouteClosed):  # the next recv says the socket ended
+            await self.route.send("ack", messages, nbytes)
 
     def _closed(self, call: Call, code: int, reason: str) -> None:
         self.close_code, self.close_reason = code, reason
@@ -361,6 +483,7 @@ class BrokeredWebSocket:
                 if item is None:
                     self._inbox.put_nowait(None)  # every later recv raises as well
                     raise self._ended()
+                self._consumed(item)
                 return item
 
     async def __aiter__(self) -> AsyncIterator[str | bytes]:
@@ -393,8 +516,10 @@ async def open_websocket(peer: Peer, url: str, *, timeout: float = 30.0) -> Brok
     route = await peer.open(KIND, url, timeout=timeout)
     ws = BrokeredWebSocket(route, url)
     try:
-        await route.invoke("ready", timeout=timeout)
+        ready = await route.invoke("ready", timeout=timeout)
     except BaseException:
         await route.close()
         raise
+    ws.subprotocol = ready["subprotocol"]
+    ws._window = (max(1, int(ready["window"]) // 2), max(1, int(ready["window_bytes"]) // 2))
     return ws

@@ -1,4 +1,4 @@
-"""The ``tether`` command: ``demo``, ``call`` and ``bench``.
+"""The ``tether`` command: ``demo``, ``call``, ``types`` and ``bench``.
 
 Exit codes: 0 on success, 1 when the operation failed (a tether error, a
 failed demo), 2 for a usage error (bad arguments, malformed address).
@@ -105,12 +105,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo",
         help=(
             "run the scenarios tether grew from (a pipe across fork(), Electron's "
-            "main/renderer IPC) end to end"
+            "main/renderer IPC, Chromium's WebSocket broker) end to end"
         ),
+    )
+    demo.add_argument(
+        "--web",
+        action="store_true",
+        help="serve the Electron example's page to a browser until interrupted",
     )
     call = sub.add_parser(
         "call",
@@ -163,6 +168,19 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait to connect and for the result (default: 10)",
     )
+    types = sub.add_parser(
+        "types",
+        help="write TypeScript declarations for the channels a Main exposes to pages",
+        description=(
+            "Import MODULE (a dotted name, or a path to a .py file) and write TypeScript "
+            'declarations for the channels ATTR, a tether.Main, exposes to role "web", typed '
+            "from the handlers' type hints."
+        ),
+    )
+    types.add_argument("--ts", required=True, metavar="MODULE:ATTR", help="e.g. app:main")
+    types.add_argument(
+        "-o", "--output", metavar="FILE", help="write to FILE instead of standard output"
+    )
     sub.add_parser(
         "bench",
         help="benchmark tether against other IPC libraries (arguments go to the benchmark)",
@@ -171,10 +189,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo() -> int:
+def _demo(web: bool = False) -> int:
     from . import demo
 
-    return demo.main()
+    return demo.web_main() if web else demo.main()
 
 
 def _format_channels(channels: Any) -> str:
@@ -245,6 +263,23 @@ def _call(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _types(target: str, output: str | None) -> int:
+    from .tstypes import load_main, typescript
+
+    try:
+        main = load_main(target)
+    except (ValueError, ImportError, AttributeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    text = typescript(main, source=target)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(text)
+    return EXIT_OK
+
+
 def _bench(argv: list[str]) -> int:
     """Hand off to ``tether.bench.main(argv)``, imported only now (it pulls in heavy deps)."""
     bench_main: Any = None
@@ -280,9 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     ns = parser.parse_args(args_list)
     if ns.command == "demo":
-        return _demo()
+        return _demo(ns.web)
     if ns.command == "call":
         return _call(ns)
+    if ns.command == "types":
+        return _types(ns.ts, ns.output)
     parser.print_help(sys.stderr)
     return EXIT_USAGE
 

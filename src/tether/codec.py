@@ -327,7 +327,9 @@ class ArgsSpec:
     """Decodes a call's positional arguments for one handler.
 
     Built once per handler from its signature (the first parameter, the
-    :class:`~tether.Call`, is skipped). Unannotated parameters accept anything.
+    :class:`~tether.Call`, is skipped; with ``call=False`` every parameter is
+    an argument, as for a :class:`tether.Pool` job). Unannotated parameters
+    accept anything.
     A ``*args`` parameter takes the arguments past the named ones, each
     validated against its hint. A parameter hinted ``bytes`` (or
     ``bytearray``) receives that type at every size; ``memoryview`` or
@@ -348,15 +350,16 @@ class ArgsSpec:
         "slow",
     )
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], *, call: bool = True) -> None:
         sig = inspect.signature(fn)
         hints = type_hints(fn)
         self.fname = str(getattr(fn, "__name__", None) or "handler")
         every = list(sig.parameters.values())
-        # The Call comes first; a handler taking only *args gets it in args[0].
-        params = every if every and every[0].kind is every[0].VAR_POSITIONAL else every[1:]
+        # The Call comes first (a handler taking only *args gets it in args[0]); a job has none.
+        skip = call and bool(every) and every[0].kind is not every[0].VAR_POSITIONAL
+        params = every[1:] if skip else every
         #: the parameter that receives the Call (named in arity errors)
-        self.first = every[0].name if every and params is not every else ""
+        self.first = every[0].name if skip else ""
         names: list[str] = []
         types: dict[str, Any] = {}
         defaults: list[Any] = []
@@ -364,7 +367,7 @@ class ArgsSpec:
         for p in params:
             if p.kind is p.VAR_POSITIONAL:
                 rest = hints.get(p.name, Any)
-                if p is every[0]:
+                if call and p is every[0]:
                     rest = Any  # its hint is for the call as well
                 break
             if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD):

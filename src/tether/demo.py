@@ -10,6 +10,9 @@
    WebSockets through main's broker, one route per socket
    (:mod:`tether.demo_broker`).
 
+``tether demo --web`` serves the Electron example's page instead
+(``examples/electron_style/``): a real browser tab is the renderer.
+
 The child's target must be a module-level function, so the ``spawn`` start
 method can import it in the new interpreter.
 """
@@ -21,6 +24,7 @@ import importlib.util
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from .aio.loop import run
 from .aio.main import Main
@@ -28,7 +32,16 @@ from .aio.peer import Peer
 from .pipe import pipe
 from .registry import Call
 
-__all__ = ["ELECTRON_MESSAGE", "PIPE_MESSAGE", "electron_demo", "main", "pipe_demo", "renderer"]
+__all__ = [
+    "ELECTRON_MESSAGE",
+    "PIPE_MESSAGE",
+    "electron_demo",
+    "electron_style_dir",
+    "main",
+    "pipe_demo",
+    "renderer",
+    "web_main",
+]
 
 PIPE_MESSAGE = "Psst .. hello from parent process!"
 ELECTRON_MESSAGE = "Hola, mundo!"
@@ -139,3 +152,41 @@ def main() -> int:
         print(f"broker demo: renderer exited with code {code}", file=sys.stderr)
         return 1
     return 0
+
+
+def electron_style_dir() -> Path:
+    """The Electron example's page and main: inside the wheel, or examples/ in a checkout.
+
+    Raises:
+        FileNotFoundError: neither holds ``main.py``.
+    """
+    here = Path(__file__).resolve().parent
+    for d in (here / "electron_style", here.parent.parent / "examples" / "electron_style"):
+        if (d / "main.py").is_file():
+            return d
+    raise FileNotFoundError("the electron_style example is not installed with tether")
+
+
+def web_main() -> int:
+    """``tether demo --web``: serve the example's page until SIGINT or SIGTERM.
+
+    Prints a heading, then the page's address (secret included) alone on one
+    line. Returns 0 after a clean stop.
+    """
+    path = electron_style_dir() / "main.py"
+    spec = importlib.util.spec_from_file_location("tether_electron_style", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def show(url: str) -> None:
+        _heading("The Electron page in a browser: open this address (Ctrl-C stops)", first=True)
+        print(url, flush=True)
+
+    try:
+        code: int = run(module.serve(on_url=show))
+    except ImportError as exc:  # ws:// without websockets: the message names the extra
+        print(f"error: tether demo --web: {exc}", file=sys.stderr)
+        return 1
+    return code

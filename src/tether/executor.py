@@ -6,7 +6,12 @@ give, without pickle and without hanging on a dead worker:
 * A job names its function by module and qualified name; the worker imports
   it. Arguments and results travel as for :meth:`tether.Peer.invoke`
   (MessagePack; NumPy arrays and :class:`tether.Buffer` through shared
-  memory), so nothing is unpickled on either side.
+  memory), so nothing is unpickled on either side. The function's own type
+  hints decide what arrives, as a handler's do: the worker decodes and
+  checks the arguments by its parameters' hints (a wrong one is a
+  :class:`~tether.BadRequest` naming it, before the job runs), and main
+  decodes the result by its return hint (or ``result_type=``), so a ``set``,
+  ``tuple``, dataclass or ``bytes`` arrives as one, at every size.
 * Each worker is a child started by :meth:`tether.Main.spawn` and runs one job
   at a time. A worker that dies fails the job it was running with
   :class:`~tether.PeerGone` (saying the exit code or signal), or runs it once
@@ -44,12 +49,15 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, ClassVar, Final
 
+import msgspec
+
 from .aio.child import Child
 from .aio.main import Main
 from .aio.peer import Peer
-from .errors import ConnectionClosed, InvokeTimeout, PeerGone, TetherError
+from .codec import ArgsSpec, any_decoder, buffer_target, decode_with, type_hints
+from .errors import BadRequest, ConnectionClosed, InvokeTimeout, PeerGone, TetherError
 from .registry import Call
-from .results import DEFAULT
+from .results import DEFAULT, _typed_decoder
 from .shm import Buffer
 from .wire import DEFAULT_MAX_FRAME_SIZE
 
@@ -66,6 +74,8 @@ IDLE: Final = "tether.pool.idle"
 
 _Target = tuple[str, str, str]  # (channel, module, qualname)
 _targets: weakref.WeakKeyDictionary[Any, _Target] = weakref.WeakKeyDictionary()
+_returns: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_checked: set[Any] = {Any}  # result types found decodable
 
 
 def job_target(fn: object, start_method: str = "spawn") -> _Target:
@@ -123,6 +133,52 @@ def job_target(fn: object, start_method: str = "spawn") -> _Target:
     return target
 
 
+def _decodable(tp: Any) -> bool:
+    """Whether a result can be decoded as ``tp`` (a buffer type, or what msgspec decodes)."""
+    if tp is Any or buffer_target(tp) is not None:
+        return True
+    try:
+        hash(tp)
+        _typed_decoder(tp)
+    except TypeError:
+        return False
+    return True
+
+
+def job_result_type(fn: Any, result_type: Any = DEFAULT) -> Any:
+    """The type ``fn``'s results are decoded as: ``result_type``, else its return hint.
+
+    A return hint a result cannot be decoded as (an ndarray, a class msgspec
+    does not know) is ``Any``: the result arrives as sent (arrays as arrays).
+    Looked up once per function.
+
+    Raises:
+        TypeError: ``result_type`` is given and is not a type a result can be decoded as.
+    """
+    if result_type is not DEFAULT:
+        try:
+            if result_type in _checked:
+                return result_type
+        except TypeError:  # unhashable: not decodable either
+            pass
+        if not _decodable(result_type):
+            raise TypeError(
+                f"result_type {result_type!r} is not a type a result can be decoded as "
+                "(what msgspec decodes, bytes, memoryview, or Any)"
+            )
+        _checked.add(result_type)
+        return result_type
+    try:
+        return _returns[fn]
+    except (KeyError, TypeError):  # (TypeError: not weak-referenceable)
+        pass
+    hint = type_hints(fn).get("return", Any)
+    tp = hint if _decodable(hint) else Any
+    with contextlib.suppress(TypeError):
+        _returns[fn] = tp
+    return tp
+
+
 # -- the worker (runs in the child) -------------------------------------------
 
 
@@ -135,32 +191,132 @@ def _resolve(module: str, qualname: str) -> Callable[..., Any]:
     return found  # type: ignore[no-any-return]
 
 
+_NAMES: Final = msgspec.msgpack.Decoder(tuple[str, str])
+
+
+def _array_header(n: int) -> bytes:
+    """The MessagePack header of an array of ``n`` items."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _split(body: bytes | memoryview) -> tuple[bytes, int, int]:
+    """A job body ``[module, qualname, *args]`` as ``(names, n, start)``.
+
+    ``names``: the two names as raw MessagePack (what jobs are cached by);
+    ``n``: how many arguments follow; ``start``: where they begin. Read by
+    hand, being only two headers: a full decode would cost each small job more.
+
+    Raises:
+        ValueError, IndexError: the body is not an array starting with two strings.
+    """
+    b = body[0]
+    if b & 0xF0 == 0x90:
+        n, pos = b & 0x0F, 1
+    elif b == 0xDC:
+        n, pos = int.from_bytes(body[1:3], "big"), 3
+    elif b == 0xDD:
+        n, pos = int.from_bytes(body[1:5], "big"), 5
+    else:
+        raise ValueError("a job is an array")
+    if n < 2:
+        raise ValueError("a job starts with its function's module and name")
+    first = pos
+    for _ in range(2):
+        b = body[pos]
+        if b & 0xE0 == 0xA0:
+            pos += 1 + (b & 0x1F)
+        elif b == 0xD9:
+            pos += 2 + body[pos + 1]
+        elif b == 0xDA:
+            pos += 3 + int.from_bytes(body[pos + 1 : pos + 3], "big")
+        elif b == 0xDB:
+            pos += 5 + int.from_bytes(body[pos + 1 : pos + 5], "big")
+        else:
+            raise ValueError("a job's module and name are strings")
+    if pos > len(body):
+        raise ValueError("truncated")
+    return bytes(body[first:pos]), n - 2, pos
+
+
+def _raiser(exc: Exception) -> Callable[..., Any]:
+    def unresolved(*args: Any) -> Any:
+        raise exc
+
+    return unresolved
+
+
+class _Jobs:
+    """The worker's argument decoder for jobs: ``[module, qualname, *args]``.
+
+    It stands in for the job channels' own :class:`~tether.codec.ArgsSpec`:
+    it finds the function (imported once), then decodes ``args`` by the
+    function's type hints exactly as a handler's arguments are (an ArgsSpec
+    built with ``call=False``, once per function), so ``set[int]`` gets a set,
+    a dataclass hint the dataclass, ``bytes`` bytes at every size, and a wrong
+    argument is a :class:`~tether.BadRequest` naming it before the job runs.
+    Decoded, a job is ``(fn, args)``.
+    """
+
+    __slots__ = ("cache",)
+
+    def __init__(self) -> None:
+        #: the two names, as raw MessagePack -> the function and its decoder
+        self.cache: dict[bytes, tuple[Callable[..., Any], ArgsSpec | None]] = {}
+
+    def decode(
+        self, body: bytes | memoryview, attachments: Any = (), pickled: bool = False
+    ) -> tuple[Any, ...]:
+        """``(fn, args)``; raises :class:`~tether.BadRequest` naming a bad argument."""
+        try:
+            names, n, start = _split(body)
+        except (ValueError, IndexError) as exc:
+            raise BadRequest(f"malformed job: {exc}") from None
+        found = self.cache.get(names)
+        if found is None:
+            try:
+                module, qualname = _NAMES.decode(b"\x92" + names)
+            except msgspec.MsgspecError as exc:
+                raise BadRequest(f"malformed job: {exc}") from None
+            try:
+                fn = _resolve(module, qualname)
+            except Exception as exc:  # (not importable: the job raises it, as a RemoteError)
+                return _raiser(exc), ()
+            try:
+                spec: ArgsSpec | None = ArgsSpec(fn, call=False)
+            except (TypeError, ValueError):  # no signature (some builtins): arguments as sent
+                spec = None
+            found = self.cache[names] = (fn, spec)
+        fn, spec = found
+        # The arguments, re-framed as an array of their own.
+        args = _array_header(n) + body[start:]
+        if spec is None:
+            return fn, tuple(decode_with(any_decoder, args, attachments, pickled))
+        return fn, spec.decode(args, attachments, pickled)
+
+
 async def worker(peer: Peer) -> None:
     """A pool worker's target: run jobs until main closes the connection."""
     running: set[asyncio.Task[Any]] = set()
-    cache: dict[tuple[str, str], Callable[..., Any]] = {}
-
-    def find(module: str, qualname: str) -> Callable[..., Any]:
-        key = (module, qualname)
-        fn = cache.get(key)
-        if fn is None:
-            fn = cache[key] = _resolve(module, qualname)
-        return fn
 
     @peer.handle(JOB)
-    def job(call: Call, module: str, qualname: str, *args: Any) -> Any:
+    def job(call: Call, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         # Answered inline: the worker reads nothing else (a CANCEL included) until it returns.
-        result = find(module, qualname)(*args)
+        result = fn(*args)
         if inspect.isawaitable(result):
             close = getattr(result, "close", None)
             if close is not None:
                 close()  # (no "never awaited" warning)
-            raise TypeError(f"{module}.{qualname}() returned an awaitable: declare it async def")
+            raise TypeError(
+                f"{fn.__module__}.{fn.__qualname__}() returned an awaitable: declare it async def"
+            )
         return result
 
     @peer.handle(ASYNC_JOB)
-    async def async_job(call: Call, module: str, qualname: str, *args: Any) -> Any:
-        fn = find(module, qualname)
+    async def async_job(call: Call, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         task = asyncio.current_task()
         assert task is not None
         running.add(task)
@@ -168,6 +324,11 @@ async def worker(peer: Peer) -> None:
             return await fn(*args)  # cancelled by a CANCEL (timeout, or the future cancelled)
         finally:
             running.discard(task)
+
+    jobs = _Jobs()
+    for channel in (JOB, ASYNC_JOB):  # their arguments are decoded by each job's own hints
+        handler: Any = peer.registry.invokes[channel]
+        handler.spec = jobs
 
     @peer.handle(IDLE)
     async def idle(call: Call) -> bool:
@@ -195,7 +356,16 @@ def _dead(child: Child) -> bool:
 
 
 class _Job:
-    __slots__ = ("args", "channel", "future", "module", "qualname", "timeout", "tries")
+    __slots__ = (
+        "args",
+        "channel",
+        "future",
+        "module",
+        "qualname",
+        "result_type",
+        "timeout",
+        "tries",
+    )
 
     def __init__(
         self,
@@ -205,6 +375,7 @@ class _Job:
         args: tuple[Any, ...],
         timeout: float | None,
         future: asyncio.Future[Any],
+        result_type: Any,
     ) -> None:
         self.channel = channel
         self.module = module
@@ -212,6 +383,7 @@ class _Job:
         self.args = args
         self.timeout = timeout
         self.future = future
+        self.result_type = result_type
         self.tries = 0
 
     def fail(self, exc: BaseException) -> None:
@@ -397,31 +569,47 @@ class Pool:
     # -- jobs ----------------------------------------------------------------
 
     def submit(
-        self, fn: Callable[..., Any], *args: Any, timeout: Any = DEFAULT
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout: Any = DEFAULT,
+        result_type: Any = DEFAULT,
     ) -> asyncio.Future[Any]:
         """Queue ``fn(*args)`` for a worker; await the returned future for its result.
 
         Arguments are positional and travel as for :meth:`tether.Peer.invoke`
         (what msgspec encodes; arrays and :class:`tether.Buffer` through shared
-        memory); so does the result. A Buffer argument is given away here:
-        it raises :class:`~tether.ConsumedError` from now on.
+        memory); so does the result. ``fn``'s type hints decide what arrives,
+        as a handler's do: the worker decodes and checks each argument by its
+        parameter's hint (a ``set[int]`` gets a set, a dataclass the
+        dataclass, ``bytes`` bytes at every size), and the result is decoded
+        by the return hint. A Buffer argument is given away here: it raises
+        :class:`~tether.ConsumedError` from now on.
 
         ``timeout``: seconds this job may run (default: the pool's), counted
         from when a worker takes it, not while it waits for one. Cancelling
         the future cancels the job (the worker gets a CANCEL).
 
+        ``result_type``: decode the result as this type instead of ``fn``'s
+        return hint (as for :meth:`tether.Peer.invoke`; ``Any``: as sent).
+
         Raises:
             TypeError, ValueError: ``fn`` cannot be imported by name in a
-                worker (see the module's docs), or ``timeout`` is invalid.
+                worker (see the module's docs), or ``timeout`` or
+                ``result_type`` is invalid.
             ConnectionClosed: the pool was closed or terminated.
         Raises (when awaited):
             RemoteError: ``fn`` raised (``type_name`` is the remote exception type).
             PeerGone: the worker died running it (the message says how: exit
                 code or signal), or no worker could be started.
             InvokeTimeout: the job ran out of time.
-            BadRequest, PayloadTooLarge: the arguments or the result could not be sent.
+            BadRequest: an argument does not match ``fn``'s hints (the message
+                names it, as Python would: ``add() argument 'b': expected int,
+                got str``), or the result does not match its type.
+            PayloadTooLarge: the arguments or the result could not be sent.
         """
         channel, module, qualname = job_target(fn, self.start_method)
+        rtype = job_result_type(fn, result_type)
         t = self.timeout if timeout is DEFAULT else _timeout(timeout)
         if self._closing:
             raise ConnectionClosed("the pool is closed: no new jobs")
@@ -433,38 +621,48 @@ class Pool:
             return fut
         self._pending.add(fut)
         fut.add_done_callback(self._pending.discard)
-        self._push(_Job(channel, module, qualname, moved(args), t, fut))
+        self._push(_Job(channel, module, qualname, moved(args), t, fut, rtype))
         return fut
 
     def map(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: Any = DEFAULT
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: Any = DEFAULT,
+        result_type: Any = DEFAULT,
     ) -> AsyncIterator[Any]:
         """``fn`` over the iterables (zipped, as :func:`map`), results in input order.
 
         At most ``2 * workers`` jobs are queued or running at once: the input
         is read as results are consumed, never all at once. The first job that
         raises ends the iteration with its error; jobs still queued are cancelled.
+        ``timeout`` and ``result_type`` apply to each job, as for :meth:`submit`.
 
         Raises:
             TypeError, ValueError, ConnectionClosed: as :meth:`submit`, at the call.
         """
         job_target(fn, self.start_method)
+        rtype = job_result_type(fn, result_type)
         if timeout is not DEFAULT:
             _timeout(timeout)
         if self._closing:
             raise ConnectionClosed("the pool is closed: no new jobs")
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        return self._map(fn, zip(*iterables, strict=False), timeout)
+        return self._map(fn, zip(*iterables, strict=False), timeout, rtype)
 
     async def _map(
-        self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]], timeout: Any
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[tuple[Any, ...]],
+        timeout: Any,
+        result_type: Any,
     ) -> AsyncIterator[Any]:
         window = 2 * self.workers
         ahead: collections.deque[asyncio.Future[Any]] = collections.deque()
         try:
             for args in items:
-                ahead.append(self.submit(fn, *args, timeout=timeout))
+                ahead.append(self.submit(fn, *args, timeout=timeout, result_type=result_type))
                 if len(ahead) >= window:
                     yield await ahead.popleft()
             while ahead:
@@ -563,7 +761,14 @@ class Pool:
     async def _run(self, child: Child, job: _Job) -> bool:
         """Run ``job`` on ``child``; whether the worker can take another job."""
         call = asyncio.ensure_future(
-            child.invoke(job.channel, job.module, job.qualname, *job.args, timeout=job.timeout)
+            child.invoke(
+                job.channel,
+                job.module,
+                job.qualname,
+                *job.args,
+                timeout=job.timeout,
+                result_type=job.result_type,
+            )
         )
 
         def owner_cancelled(fut: asyncio.Future[Any]) -> None:

@@ -417,8 +417,11 @@ class Peer(Handlers):
         """
         if self._closed is not None:
             return
-        if isinstance(exc, ProtocolError) and _may_warn():
-            log.warning("%r broke the protocol: %s", self, exc)
+        if isinstance(exc, ProtocolError):
+            if not self._hello_fut.done():  # who awaits the handshake reports it: one line
+                log.debug("%r broke the protocol: %s", self, exc)
+            elif _may_warn():
+                log.warning("%r broke the protocol: %s", self, exc)
         self._dropped = True
         if isinstance(exc, PeerGone):
             self._shutdown(exc)
@@ -445,7 +448,7 @@ class Peer(Handlers):
         await self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._closed else "open" if self._hello_fut.done() else "handshaking"
         return f"<Peer {self.name or self._fd} role={self.role} {state}>"
 
     # -- calling ----------------------------------------------------------

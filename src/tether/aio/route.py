@@ -38,6 +38,8 @@ ROUTE_FRAMES: Final = frozenset((int(Kind.ROUTE_OPEN), int(Kind.ROUTE_CLOSE)))
 _CLOSING: set[asyncio.Task[Any]] = set()
 #: how long ``Route.close()`` waits for this side's host ``close()`` by default
 CLOSE_TIMEOUT: Final = 5.0
+#: how long a host's async ``close()`` may run before it is cancelled (and logged)
+HOST_CLOSE_TIMEOUT = 30.0
 
 
 def _describe(exc: BaseException) -> str:
@@ -297,13 +299,28 @@ class Route(Handlers):
             log.exception("close() of the host of %r raised", self)
             return
         if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
+            task = asyncio.ensure_future(_bounded(result, self))
             _CLOSING.add(task)
             task.add_done_callback(_closed_host)
             self._close_task = task
             tasks = self.peer._tasks  # so Peer.close() lets it finish (bounded), as a listener
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+
+
+async def _bounded(closing: Any, route: Route) -> None:
+    """Await a host's ``close()`` at most :data:`HOST_CLOSE_TIMEOUT` seconds; then log, move on."""
+    try:
+        async with asyncio.timeout(HOST_CLOSE_TIMEOUT) as deadline:
+            await closing
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        log.warning(
+            "close() of the host of %r did not return within %.0fs: cancelled",
+            route,
+            HOST_CLOSE_TIMEOUT,
+        )
 
 
 def _closed_host(task: asyncio.Task[Any]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from ..aio.loop import new_loop
 from ..errors import ConnectionClosed
 from ..executor import Pool as AsyncPool
-from ..executor import _timeout, job_target, moved
+from ..executor import _timeout, job_result_type, job_target, moved
 from ..results import DEFAULT
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 
@@ -123,20 +123,27 @@ class Pool:
         return self._pool.pids
 
     def submit(
-        self, fn: Callable[..., Any], *args: Any, timeout: Any = DEFAULT
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout: Any = DEFAULT,
+        result_type: Any = DEFAULT,
     ) -> concurrent.futures.Future[Any]:
         """Queue ``fn(*args)`` for a worker; ``.result()`` of the future is its result.
 
-        Cancelling the future cancels the job. Errors as :meth:`tether.Pool.submit`.
+        Cancelling the future cancels the job. ``fn``'s type hints decide what
+        its arguments and result arrive as; ``result_type``, timeout and errors
+        as :meth:`tether.Pool.submit`.
         """
         job_target(fn, self._pool.start_method)
+        rtype = job_result_type(fn, result_type)
         if timeout is not DEFAULT:
             _timeout(timeout)
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise ConnectionClosed("the pool is closed: no new jobs")
-            self._loop.call_soon_threadsafe(self._start_job, done, fn, moved(args), timeout)
+            self._loop.call_soon_threadsafe(self._start_job, done, fn, moved(args), timeout, rtype)
         return done
 
     def _start_job(
@@ -145,12 +152,13 @@ class Pool:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         timeout: Any,
+        result_type: Any,
     ) -> None:
         """In the loop's thread: submit, and tie the two futures together."""
         if done.cancelled():
             return
         try:
-            job = self._pool.submit(fn, *args, timeout=timeout)
+            job = self._pool.submit(fn, *args, timeout=timeout, result_type=result_type)
         except BaseException as exc:  # (the pool closed meanwhile)
             _settle(done, None, exc)
             return
@@ -169,30 +177,40 @@ class Pool:
         done.add_done_callback(cancelled)
 
     def map(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: Any = DEFAULT
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: Any = DEFAULT,
+        result_type: Any = DEFAULT,
     ) -> Iterator[Any]:
         """``fn`` over the iterables (zipped), in input order, ``2 * workers`` jobs ahead at most.
 
         The first job that raises ends the iteration with its error; the jobs
-        still queued are cancelled.
+        still queued are cancelled. ``timeout`` and ``result_type`` apply to
+        each job, as for :meth:`submit`.
         """
         job_target(fn, self._pool.start_method)
+        rtype = job_result_type(fn, result_type)
         if timeout is not DEFAULT:
             _timeout(timeout)
         if self._closed:
             raise ConnectionClosed("the pool is closed: no new jobs")
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        return self._map(fn, zip(*iterables, strict=False), timeout)
+        return self._map(fn, zip(*iterables, strict=False), timeout, rtype)
 
     def _map(
-        self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]], timeout: Any
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[tuple[Any, ...]],
+        timeout: Any,
+        result_type: Any,
     ) -> Iterator[Any]:
         window = 2 * self.workers
         ahead: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
         try:
             for args in items:
-                ahead.append(self.submit(fn, *args, timeout=timeout))
+                ahead.append(self.submit(fn, *args, timeout=timeout, result_type=result_type))
                 if len(ahead) >= window:
                     yield ahead.popleft().result()
             while ahead:
