@@ -18,7 +18,7 @@ FUZZ_DIR := .fuzz
 # The browser tests drive Debian's Chromium (Playwright's own browser download is not used).
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: all demo test bench lint fuzz clean chromium
+.PHONY: all demo test bench lint fuzz clean chromium nats-server
 
 all: test
 
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tether demo
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium nats-server
 	$(VENV)/bin/python -m pytest -q
 
 # Install Debian's chromium package when $(CHROMIUM) is missing: as root, or through sudo.
@@ -50,6 +50,21 @@ chromium:
 		|| { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; } \
 		|| { echo "error: could not install chromium with apt-get" >&2; exit 1; }; \
 		[ -x "$(CHROMIUM)" ] || { echo "error: chromium installed but $(CHROMIUM) is missing" >&2; exit 1; }; \
+	fi
+
+# The NATS tests run a real nats-server (Debian's nats-server package): installed the same way
+# when it is missing (the tests fail, not skip, without it).
+nats-server:
+	@if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+		else echo "error: nats-server is missing and the NATS tests need it; as root run:" \
+			"apt-get install -y nats-server (no sudo here to do it)" >&2; exit 1; fi; \
+		echo "installing Debian's nats-server for the NATS tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q nats-server \
+		|| { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q nats-server; } \
+		|| { echo "error: could not install nats-server with apt-get" >&2; exit 1; }; \
 	fi
 
 bench: $(STAMP)

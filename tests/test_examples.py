@@ -78,6 +78,10 @@ EXPECTED: dict[str, list[str]] = {
         "main: RouteClosed: route 4 ('feed'), channel 'frame': the route is closed",
         "main: the Buffer was consumed by the failed send",
     ],
+    "nats_workers.py": [
+        "squares of 0..29: sum 8555",
+        "30 log events came back",
+    ],
     "errors.py": [
         "RemoteError: ZeroDivisionError: division by zero",
         "NoHandler: no handler for channel 'no-such-channel'",

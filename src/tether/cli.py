@@ -135,7 +135,11 @@ def _build_parser() -> argparse.ArgumentParser:
             "Use -- before arguments that start with a dash."
         ),
     )
-    call.add_argument("address", metavar="ADDRESS", help="unix:///path or tcp://host:port")
+    call.add_argument(
+        "address",
+        metavar="ADDRESS",
+        help="unix:///path, tcp://host:port or nats://host:port/namespace",
+    )
     call.add_argument("channel", metavar="CHANNEL", nargs="?", help="the channel to invoke")
     call.add_argument(
         "args", metavar="ARG", nargs="*", help="arguments: JSON, text, b64:DATA or @FILE"
@@ -234,7 +238,13 @@ def _call(ns: argparse.Namespace) -> int:
         print("error: the CHANNEL to invoke is required (or --list)", file=sys.stderr)
         return EXIT_USAGE
     try:
-        addr = parse_address(address)
+        if address.startswith("nats://"):
+            from .nats.link import parse_nats_address
+
+            parse_nats_address(address)  # checked here: a usage error
+            addr = address
+        else:
+            addr = parse_address(address)
         args = [parse_call_arg(a) for a in raw_args]
         secret = _secret(ns)
         if secret is not None:

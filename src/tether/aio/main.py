@@ -769,6 +769,13 @@ class Main(Handlers):
         local: they reach only handlers that name ``"web"``. Loopback only,
         unless ``public=True``.
 
+        ``nats://host:port/namespace`` serves them through a NATS server
+        (:mod:`tether.nats`; needs ``nats-py``): clients connect with the same
+        address; listeners on one namespace share the connections (a queue
+        group); clients get ``role`` (default ``nats``) and are never local;
+        ``ssl=`` is the NATS client's TLS context. Returns a
+        :class:`tether.nats.NatsServer`.
+
         Accepted peers get ``role`` (one role, a str); handlers limited with
         ``roles=`` check it. Handlers registered without ``roles=`` answer
         only *local* peers: unix peers of main's own uid. A TCP peer reaches
@@ -846,6 +853,12 @@ class Main(Handlers):
             )
         if static is not None or public:
             raise ValueError("static= and public= are for ws:// addresses")
+        if isinstance(address, str) and address.startswith("nats://"):
+            if uids is not None or secret is not None:
+                raise ValueError("uids= and secret= are not for nats:// (use NATS credentials)")
+            from ..nats.link import listen_nats  # nats-py is imported only for NATS
+
+            return await listen_nats(self, address, role=role, ssl=ssl)  # type: ignore[return-value]
         if role is None:
             role = "client"
         me = os.geteuid()
@@ -1063,11 +1076,16 @@ class _Connecting:
     """``await connect(...)`` or ``async with connect(...) as peer``."""
 
     def __init__(self, address: str | Address, kw: dict[str, Any]) -> None:
-        self._address = parse_address(address)
+        nats = isinstance(address, str) and address.startswith("nats://")
+        self._address: Address | str = address if nats else parse_address(address)
         self._kw = kw
         self._peer: Peer | None = None
 
     async def _open(self) -> Peer:
+        if isinstance(self._address, str):
+            from ..nats.link import connect_nats
+
+            return await connect_nats(self._address, self._kw)
         kw = dict(self._kw)
         connect_timeout = kw.pop("connect_timeout")
         loop = asyncio.get_running_loop()
@@ -1141,6 +1159,8 @@ def connect(
     for a listener started with ``ssl=`` (the server's certificate is checked
     against the address's host). ``max_inflight``,
     ``max_queued`` and ``drain_timeout``: this side's limits, as for :class:`Main`.
+    ``nats://host:port/namespace`` connects through a NATS server to a main
+    listening there (:mod:`tether.nats`; ``ssl=`` is then the NATS client's).
 
     Raises:
         ConnectError: nothing listens there (refused, no such socket file,

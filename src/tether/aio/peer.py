@@ -435,6 +435,19 @@ class Peer(Handlers):
         else:
             self._lost(exc)
 
+    def fail_calls(self, exc: TetherError) -> None:
+        """Fail this side's pending invokes with ``exc`` and cancel them, keeping the connection.
+
+        For a transport that outlives a lost link (NATS reconnects by
+        itself): waiting callers learn at once, later calls go through.
+        """
+        conn = self._conn
+        for rid, waiter in list(conn.pending.items()):
+            if isinstance(waiter, asyncio.Future) and not waiter.done():
+                conn.send_cancel(rid)
+                waiter.set_exception(exc)
+        self._kick()
+
     async def __aenter__(self) -> Peer:
         return self
 

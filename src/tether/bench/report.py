@@ -15,7 +15,7 @@ from .scenarios import TARGETS
 
 __all__ = ["compare", "machine", "machine_line", "plot", "table", "to_json"]
 
-PEERS = ("mp_pipe", "zmq", "shm_reuse", "memcpy", "ppe", "loky")
+PEERS = ("mp_pipe", "zmq", "shm_reuse", "memcpy", "ppe", "loky", "nats")
 PEER_TITLES = {
     "mp_pipe": "vs mp.Pipe",
     "zmq": "vs pyzmq",
@@ -23,6 +23,7 @@ PEER_TITLES = {
     "memcpy": "vs memcpy",
     "ppe": "vs PPE",
     "loky": "vs loky",
+    "nats": "vs nats-py",
 }
 
 
@@ -43,6 +44,8 @@ def _same_case(row: Row, other: Row) -> bool:
 
 def _baseline(rows: list[Row], row: Row, peer: str, m: MetricStats) -> MetricStats | None:
     """The peer's metric to compare ``m`` with: same name, else the first of the same unit."""
+    if (peer == "nats") != ("nats" in row.run.scenario.name):
+        return None  # over NATS, only like for like (and nats-py only with NATS rows)
     for other in rows:
         if other.run.scenario.peer == peer and other.status == "ok" and _same_case(row, other):
             same_unit = [b for b in other.metrics if b.unit == m.unit]

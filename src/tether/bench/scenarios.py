@@ -80,6 +80,14 @@ SCENARIOS: dict[str, Scenario] = {
         _s("ev_tether", "ev", "tether send/on"),
         _s("stream_zmq", "stream", "pyzmq PUSH/PULL", "zmq"),
         _s("stream_tether", "stream", "tether stream (async for)"),
+        Scenario("rt_nats_py", "rt", "nats_cases:rt_nats_py", "nats-py request/reply", "nats"),
+        Scenario(
+            "rt_nats_tether", "rt", "nats_cases:rt_nats_tether", "tether over NATS", tether=True
+        ),
+        Scenario("ev_nats_py", "ev", "nats_cases:ev_nats_py", "nats-py publish", "nats"),
+        Scenario(
+            "ev_nats_tether", "ev", "nats_cases:ev_nats_tether", "tether over NATS", tether=True
+        ),
         _s("inflight_zmq", "inflight", "pyzmq DEALER/ROUTER", "zmq"),
         _s("inflight_tether", "inflight", "tether invoke"),
         _s("big_mp_pipe", "big", "mp.Pipe send_bytes", "mp_pipe", BOTH),

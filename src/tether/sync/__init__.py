@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl as _ssl
+from typing import Any, cast
 
 from ..address import Address, parse_address
 from ..checks import check_connect_options
@@ -60,6 +61,13 @@ def connect(
         spin=spin,
         max_inflight=max_inflight,
     )
+    if isinstance(address, str) and address.startswith("nats://"):
+        from ..nats.blocking import connect_blocking  # nats-py is imported only for NATS
+
+        kw: dict[str, Any] = {"timeout": timeout, "connect_timeout": connect_timeout}
+        kw["secret"] = secret
+        kw.update(max_frame_size=max_frame_size, ssl=ssl, max_inflight=max_inflight)
+        return cast(Peer, connect_blocking(address, kw))  # the same verbs, on a loop thread
     addr = parse_address(address)
     if secret is not None:
         check_secret(secret)

@@ -1,0 +1,34 @@
+"""A worker process for tests/test_nats.py: a main serving ``pid`` on a NATS namespace.
+
+Run as ``python tests/_nats_targets.py URL``; prints ``ready`` once listening
+and serves until stdin closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import tether
+
+
+async def serve(url: str) -> None:
+    async with tether.Main() as main:
+
+        @main.handle("pid", roles="nats")
+        def pid(call: tether.Call) -> int:
+            return os.getpid()
+
+        @main.handle("echo", roles="nats")
+        async def echo(call: tether.Call, value: object) -> object:
+            return value
+
+        await main.listen(url)
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, sys.stdin.read)  # until the test closes our stdin
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1]))

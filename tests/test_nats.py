@@ -1,0 +1,401 @@
+"""tether over a real nats-server (started per module on a free loopback port)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import tether
+from _nats_server import NatsServer, running
+from tether import Main
+
+pytestmark = pytest.mark.timeout(180)
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+
+
+@pytest.fixture(scope="module")
+def nats() -> Iterator[NatsServer]:
+    with running() as server:
+        yield server
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([SRC, HERE, env.get("PYTHONPATH", "")])
+    return env
+
+
+def start_workers(url: str, n: int) -> list[subprocess.Popen[str]]:
+    """``n`` worker processes (tests/_nats_targets.py) listening on ``url``, each ready."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "_nats_targets.py"), url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for _ in range(n)
+    ]
+    for p in procs:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "ready"
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.close()
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
+async def until(cond: object, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:  # type: ignore[operator]
+        await asyncio.sleep(0.01)
+
+
+async def test_invoke_and_events_both_ways(nats: NatsServer) -> None:
+    url = f"{nats.url}/t1"
+    async with Main() as main:
+        got: list[str] = []
+
+        @main.handle("add", roles="nats")
+        async def add(call: tether.Call, a: int, b: int) -> int:
+            return await call.peer.invoke("twice", a + b)
+
+        @main.on("note", roles="nats")
+        def note(call: tether.Call, text: str) -> None:
+            got.append(text)
+
+        @main.handle("boom", roles="nats")
+        def boom(call: tether.Call) -> None:
+            raise KeyError("nope")
+
+        await main.listen(url)
+        async with tether.connect(url) as peer:
+
+            @peer.handle("twice")
+            def twice(call: tether.Call, x: int) -> int:
+                return 2 * x
+
+            assert await peer.invoke("add", 2, 3) == 10
+            await peer.send("note", "hi")
+            with pytest.raises(tether.NoHandler):
+                await peer.invoke("nothing")
+            with pytest.raises(tether.BadRequest):
+                await peer.invoke("add", "x", 1)
+            with pytest.raises(tether.RemoteError) as err:
+                await peer.invoke("boom")
+            assert err.value.type_name == "KeyError"
+            await until(lambda: got)
+            assert got == ["hi"]
+
+
+async def test_invoke_across_processes(nats: NatsServer) -> None:
+    url = f"{nats.url}/procs"
+    procs = start_workers(url, 1)
+    try:
+        async with tether.connect(url) as peer:
+            pid = await peer.invoke("pid")
+            assert pid == procs[0].pid != os.getpid()
+            assert await peer.invoke("echo", {"a": [1, b"x"]}) == {"a": [1, b"x"]}
+    finally:
+        stop_workers(procs)
+
+
+async def test_three_workers_share_the_connections(nats: NatsServer) -> None:
+    url = f"{nats.url}/shared"
+    procs = start_workers(url, 3)
+    try:
+        seen: list[int] = []
+        for _ in range(30):
+            async with tether.connect(url) as peer:
+                seen.append(await peer.invoke("pid"))
+        assert set(seen) == {p.pid for p in procs}  # each worker served some
+    finally:
+        stop_workers(procs)
+
+
+async def test_events_reach_every_client(nats: NatsServer) -> None:
+    url = f"{nats.url}/fanout"
+    async with Main() as main:
+        server = await main.listen(url)
+        got: list[tuple[int, str]] = []
+        peers = [await tether.connect(url) for _ in range(3)]
+        try:
+            for i, peer in enumerate(peers):
+                peer.on("news", lambda call, text, i=i: got.append((i, text)))
+            await server.send("news", "one message")  # type: ignore[attr-defined]
+            await until(lambda: len(got) == 3)
+            assert sorted(got) == [(0, "one message"), (1, "one message"), (2, "one message")]
+        finally:
+            for peer in peers:
+                await peer.close()
+
+
+async def test_no_listener_fails_at_once(nats: NatsServer) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(tether.ConnectError, match="no responders"):
+        await tether.connect(f"{nats.url}/nobody", connect_timeout=60)
+    assert time.monotonic() - t0 < 30  # not the connect_timeout
+
+
+async def test_oversized_payload_fails_before_sending(nats: NatsServer) -> None:
+    url = f"{nats.url}/big"
+    async with Main() as main:
+        calls: list[int] = []
+
+        @main.handle("size", roles="nats")
+        def size(call: tether.Call, data: bytes) -> int:
+            calls.append(len(data))
+            return len(data)
+
+        server = await main.listen(url)
+        async with tether.connect(url) as peer:
+            with pytest.raises(tether.PayloadTooLarge):
+                await peer.invoke("size", bytes(2 * 1024 * 1024), timeout=60)
+            with pytest.raises(tether.PayloadTooLarge):
+                await server.send("size", bytes(2 * 1024 * 1024))  # type: ignore[attr-defined]
+            assert calls == []
+            assert await peer.invoke("size", bytes(500_000)) == 500_000
+
+
+async def test_roles_deny_by_default(nats: NatsServer) -> None:
+    async with Main() as main:
+
+        @main.handle("local_only")
+        def local_only(call: tether.Call) -> str:
+            return "no"
+
+        @main.handle("for_workers", roles="worker")
+        def for_workers(call: tether.Call) -> str:
+            return call.peer.role
+
+        await main.listen(f"{nats.url}/roles")
+        await main.listen(f"{nats.url}/roles_w", role="worker")
+        async with tether.connect(f"{nats.url}/roles") as peer:
+            with pytest.raises(tether.Forbidden):
+                await peer.invoke("local_only")
+            with pytest.raises(tether.Forbidden):
+                await peer.invoke("for_workers")
+        async with tether.connect(f"{nats.url}/roles_w") as peer:
+            assert await peer.invoke("for_workers") == "worker"
+
+
+async def test_timeout_and_cancel_reach_the_handler(nats: NatsServer) -> None:
+    url = f"{nats.url}/cancel"
+    async with Main() as main:
+        cancelled: list[str] = []
+
+        @main.handle("hang", roles="nats")
+        async def hang(call: tether.Call, tag: str) -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.append(tag)
+                raise
+
+        await main.listen(url)
+        async with tether.connect(url) as peer:
+            with pytest.raises(tether.InvokeTimeout):
+                await peer.invoke("hang", "timeout", timeout=0.3)
+            task = asyncio.ensure_future(peer.invoke("hang", "cancel"))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            await until(lambda: len(cancelled) == 2)
+            assert sorted(cancelled) == ["cancel", "timeout"]
+
+
+async def test_server_restart_fails_pending_then_reconnects() -> None:
+    with running() as nats:
+        url = f"{nats.url}/restart"
+        async with Main() as main:
+
+            @main.handle("slow", roles="nats")
+            async def slow(call: tether.Call, x: int) -> int:
+                await asyncio.sleep(x)
+                return x
+
+            await main.listen(url)
+            async with tether.connect(url) as peer:
+                assert await peer.invoke("slow", 0) == 0
+                pending = [asyncio.ensure_future(peer.invoke("slow", 60, timeout=90))]
+                await asyncio.sleep(0.3)
+                t0 = time.monotonic()
+                await asyncio.get_running_loop().run_in_executor(None, nats.stop)
+                with pytest.raises(tether.PeerGone):
+                    await pending[0]
+                assert time.monotonic() - t0 < 60  # failed, not timed out
+                await asyncio.get_running_loop().run_in_executor(None, nats.start)
+                result = None
+                deadline = time.monotonic() + 60
+                while result is None and time.monotonic() < deadline:
+                    try:
+                        result = await peer.invoke("slow", 0, timeout=2)
+                    except (tether.PeerGone, tether.InvokeTimeout):
+                        await asyncio.sleep(0.2)
+                assert result == 0
+
+
+CREDENTIALS = "authorization { user: alice, password: s3cret }\n"
+
+
+async def test_credentials_refuse_a_wrong_client() -> None:
+    with running(CREDENTIALS) as nats:
+        host = nats.url.removeprefix("nats://")
+        good = f"nats://alice:s3cret@{host}/auth"
+        async with Main() as main:
+
+            @main.handle("hi", roles="nats")
+            def hi(call: tether.Call) -> str:
+                return "hello"
+
+            await main.listen(good)
+            with pytest.raises(tether.ConnectError):
+                await tether.connect(f"nats://alice:wrong@{host}/auth", connect_timeout=5)
+            with pytest.raises(tether.ConnectError):
+                await tether.connect(f"nats://{host}/auth", connect_timeout=5)
+            async with tether.connect(good) as peer:
+                assert await peer.invoke("hi") == "hello"
+
+
+def test_blocking_client(nats: NatsServer) -> None:
+    url = f"{nats.url}/blocking"
+    procs = start_workers(url, 1)
+    try:
+        with tether.sync.connect(url) as peer:
+            assert peer.invoke("pid") == procs[0].pid
+            assert peer.invoke("echo", [1, 2]) == [1, 2]
+            with pytest.raises(tether.NoHandler):
+                peer.invoke("missing")
+    finally:
+        stop_workers(procs)
+
+
+def test_cli_call(nats: NatsServer) -> None:
+    url = f"{nats.url}/cli"
+    procs = start_workers(url, 1)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "tether", "call", url, "echo", '{"k": 1}'],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == '{"k":1}'
+        bad = subprocess.run(
+            [sys.executable, "-m", "tether", "call", f"{nats.url}/nobody", "echo", "1"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=60,
+        )
+        assert bad.returncode == 1
+        assert "no responders" in bad.stderr
+    finally:
+        stop_workers(procs)
+
+
+async def test_token_refuses_a_wrong_client() -> None:
+    with running("authorization { token: t0ken }\n") as nats:
+        host = nats.url.removeprefix("nats://")
+        async with Main() as main:
+            main.handle("hi", lambda call: "hello", roles="nats")
+            await main.listen(f"nats://t0ken@{host}/tok")
+            with pytest.raises(tether.ConnectError):
+                await tether.connect(f"nats://other@{host}/tok", connect_timeout=5)
+            async with tether.connect(f"nats://t0ken@{host}/tok") as peer:
+                assert await peer.invoke("hi") == "hello"
+
+
+async def test_tls_with_client_certificates(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from test_auth import _ca, _client_ctx, _leaf
+
+    d = str(tmp_path_factory.mktemp("natspki"))
+    _ca(d, "ca")
+    _ca(d, "otherca")
+    _leaf(d, "server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    _leaf(d, "stranger", "otherca", "extendedKeyUsage=clientAuth\n")
+    conf = (
+        f'tls {{\n  cert_file: "{d}/server.pem"\n  key_file: "{d}/server.key"\n'
+        f'  ca_file: "{d}/ca.pem"\n  verify: true\n}}\n'
+    )
+    with running(conf) as nats:
+        url = f"{nats.url}/tls"
+        async with Main() as main:
+            main.handle("hi", lambda call: "hello", roles="nats")
+            await main.listen(url, ssl=_client_ctx(d, cert="client"))
+            for ctx in (_client_ctx(d), _client_ctx(d, "otherca", "stranger"), None):
+                with pytest.raises(tether.ConnectError):
+                    await tether.connect(url, ssl=ctx, connect_timeout=5)
+            async with tether.connect(url, ssl=_client_ctx(d, cert="client")) as peer:
+                assert await peer.invoke("hi") == "hello"
+
+
+async def test_handles_do_not_cross(nats: NatsServer) -> None:
+    url = f"{nats.url}/handles"
+    async with Main() as main:
+        main.handle("take", lambda call, h: "took", roles="nats")
+        await main.listen(url)
+        async with tether.connect(url) as peer:
+            r, w = os.pipe()
+            try:
+                with pytest.raises(tether.HandleRefused):
+                    await peer.invoke("take", tether.Handle(w))
+            finally:
+                os.close(r)
+            assert await peer.invoke("take", 1) == "took"  # the connection goes on
+
+
+async def test_a_closed_listener_leaves_the_queue_group(nats: NatsServer) -> None:
+    url = f"{nats.url}/leave"
+    async with Main() as main:
+        main.handle("pid", lambda call: os.getpid(), roles="nats")
+        server = await main.listen(url)
+        async with tether.connect(url) as held:  # the only listener yet: it is ours
+            assert await held.invoke("pid") == os.getpid()
+            procs = start_workers(url, 1)
+            try:
+                server.close()
+                for _ in range(10):  # every new connection goes to the worker, at once
+                    async with tether.connect(url, connect_timeout=20) as peer:
+                        assert await peer.invoke("pid") == procs[0].pid
+                assert await held.invoke("pid") == os.getpid()  # still served
+            finally:
+                stop_workers(procs)
+
+
+async def test_blocking_client_serves_main_too(nats: NatsServer) -> None:
+    url = f"{nats.url}/blocking_back"
+    async with Main() as main:
+
+        @main.handle("relay", roles="nats")
+        async def relay(call: tether.Call, x: int) -> int:
+            return await call.peer.invoke("twice", x)
+
+        await main.listen(url)
+
+        def client() -> int:
+            with tether.sync.connect(url) as peer:
+                peer.handle("twice", lambda call, x: 2 * x)
+                result: int = peer.invoke("relay", 21)
+                return result
+
+        assert await asyncio.get_running_loop().run_in_executor(None, client) == 42
