@@ -596,3 +596,24 @@ def test_malformed_frame_closes_only_that_page(browser: Browser, app: WebApp) ->
         assert fresh.evaluate("attempt('echo', 'new')") == {"ok": True, "value": "new"}
     finally:
         context.close()
+
+
+def test_demo_web_page_loads_without_a_failed_request(
+    page: Page, child_env: dict[str, str]
+) -> None:
+    """No request of the demo page fails (a browser asks for /favicon.ico unless the page
+    names an icon: a 404 logged in the console on every load)."""
+    demo = Demo(child_env)
+    try:
+        failed: list[str] = []
+        page.on(
+            "response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None
+        )
+        page.on("console", lambda m: failed.append(m.text) if m.type == "error" else None)
+        response = page.goto(demo.url)
+        assert response is not None and response.status == 200
+        expect(page.locator("#fromMain")).to_have_text("Main invoked page.title: 'IPC' (role web)")
+        page.wait_for_load_state("networkidle", timeout=WAIT_MS)
+        assert failed == []
+    finally:
+        demo.close()

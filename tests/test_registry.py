@@ -148,3 +148,31 @@ def test_a_flood_of_bad_events_logs_a_bounded_number_of_lines(
 
 
 def _int_listener(call: object, n: int) -> None: ...
+
+
+def test_an_event_no_listener_is_exposed_to_is_logged_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A page's send to a channel not open to pages is logged like a bad-argument event."""
+    reg = Registry()
+    reg.on("admin.shutdown", _int_listener)  # no roles: local peers only
+    reg.on("audit", _int_listener, roles="admin")
+    reg.on("audit", _int_listener, roles="ops")
+    frame = Frame(5, 0, 0, "admin.shutdown", msgspec.msgpack.encode([]))
+    audit = Frame(5, 0, 0, "audit", msgspec.msgpack.encode([1]))
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        assert reg.listeners(frame, "web", local=False) == []
+        assert reg.listeners(audit, "web", local=False) == []
+        assert len(reg.listeners(audit, "ops", local=False)) == 1  # exposed: no warning
+    lines = [r.getMessage() for r in caplog.records if "dropped event" in r.getMessage()]
+    assert lines == [
+        "dropped event on 'admin.shutdown' from role 'web': no listener is exposed to role 'web'"
+        " (a listener without roles= hears local peers only)",
+        "dropped event on 'audit' from role 'web': no listener is exposed to role 'web'",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        for _ in range(5000):
+            assert reg.listeners(frame, "web", local=False) == []
+    lines = [r.getMessage() for r in caplog.records if "dropped event" in r.getMessage()]
+    assert 1 <= len(lines) <= 2 * Registry.WARNINGS_PER_SECOND

@@ -88,6 +88,20 @@ APP = textwrap.dedent(
     def log(call: tether.Call, line: str, level: int = 0) -> None:
         pass
 
+    class Config(TypedDict, total=False):
+        """Declared out of alphabetical order."""
+        timeout: int
+        retries: int
+        name: str
+
+    @main.handle("set_config", roles="web")
+    def set_config(call: tether.Call, cfg: Config) -> bool:
+        return True
+
+    @main.handle("upload", roles="web")
+    def upload(call: tether.Call, name: str, data: bytes, extra: Optional[bytes] = None) -> bytes:
+        return data
+
     @main.on("internal")
     def internal(call: tether.Call, n: int) -> None:
         pass
@@ -147,8 +161,52 @@ def test_events_and_the_channels_map_of_tether_d_ts(text: str) -> None:
     assert ('export interface WebEvents {\n  "log": [line: string, level?: number];\n}') in text
     # merged into tether.d.ts's Channels, through which Session.invoke is typed
     assert text.endswith(
-        'declare module "/tether.js" {\n  interface Channels extends WebChannels {}\n}\n'
+        'declare module "/tether.js" {\n'
+        "  interface Channels extends WebChannels {}\n"
+        "  interface Events extends WebEvents {}\n"
+        "  interface InvokeWithOnly extends WebAmbiguous {}\n"
+        "}\n"
     )
+
+
+def test_typeddict_fields_in_declared_order(text: str) -> None:
+    assert (
+        "export interface Config {\n  timeout?: number;\n  retries?: number;\n  name?: string;\n}"
+    ) in text
+
+
+def test_bytes_arguments_are_never_and_bytes_results_base64(text: str) -> None:
+    """A page cannot send bytes (the server refuses the string), so no call type-checks."""
+    assert (
+        "  // a bytes argument is `never`: a page cannot send bytes\n"
+        '  "upload": [[name: string, data: never, extra?: never | null], string];'
+    ) in text
+
+
+def test_channels_whose_last_argument_may_be_options_need_invoke_with(text: str) -> None:
+    """invoke() takes a last {timeout}/{signal}-only object for its options: such channels
+    are listed in WebAmbiguous, which tether.d.ts's invoke refuses (invokeWith is typed)."""
+    block = text.split("export interface WebAmbiguous {\n", 1)[1].split("\n}", 1)[0]
+    # Config has a timeout field; "loose" takes anything; the others cannot be options
+    assert block.splitlines() == ['  "loose": true;', '  "set_config": true;']
+
+
+def test_tether_d_ts_types_send_and_refuses_ambiguous_invokes() -> None:
+    from importlib import resources
+
+    dts = (resources.files("tether.web") / "static" / "tether.d.ts").read_text()
+    assert "export interface Events {}" in dts and "export interface InvokeWithOnly {}" in dts
+    assert "send<C extends string>(channel: C, ...args: EventArgs<C>): void;" in dts
+    assert "C extends keyof InvokeWithOnly\n  ? [use_invokeWith_for_this_channel: never]" in dts
+
+
+def test_load_main_names_the_file_of_a_missing_attribute(app: Path) -> None:
+    with pytest.raises(AttributeError) as info:
+        load_main(f"{app}:nosuch")
+    assert str(info.value) == f"{app} has no attribute 'nosuch'"
+    assert "_tether_types_" not in str(info.value)
+    with pytest.raises(AttributeError, match=r":main has no attribute 'deeper'"):
+        load_main(f"{app}:main.deeper")
 
 
 def test_tether_d_ts_has_the_channels_map_it_augments() -> None:
@@ -243,7 +301,10 @@ def test_output_brackets_balance_under_node(
     )
     assert json.loads(done.stdout) == {
         "balanced": True,
-        "decls": ["Opts", "Pair", "Point", "Stamp", "WebChannels", "WebEvents"],
+        "decls": [
+            *("Config", "Opts", "Pair", "Point", "Stamp"),
+            *("WebChannels", "WebEvents", "WebAmbiguous"),
+        ],
     }
 
 

@@ -226,7 +226,7 @@ class Registry:
         self._warned = 0
         self._unlogged = 0
 
-    def _dropped(self, channel: str, role: str, exc: Exception) -> None:
+    def _dropped(self, channel: str, role: str, why: str) -> None:
         now = time.monotonic()
         if now - self._warn_at >= 1.0:
             if self._unlogged:
@@ -236,7 +236,7 @@ class Registry:
             self._unlogged += 1
             return
         self._warned += 1
-        log.warning("dropped event on %r from role %r: %s", channel, role, _describe(exc))
+        log.warning("dropped event on %r from role %r: %s", channel, role, why)
 
     def handle(
         self,
@@ -328,7 +328,9 @@ class Registry:
         ``local`` (its event is dropped for them, as for a wrong role).
 
         A listener whose arguments fail to decode is skipped with one warning
-        (an event has no answer to carry the error). Both I/O layers dispatch
+        (an event has no answer to carry the error), and so is an event that no
+        listener is exposed to (a page's ``send`` to a channel without
+        ``roles={"web"}``): both rate-limited, as :meth:`_dropped` says. Both I/O layers dispatch
         events through this, so they treat bad events alike.
         """
         handlers = self.events.get(f.channel)
@@ -339,21 +341,25 @@ class Registry:
             h = handlers[0]
             roles = h.roles
             if (role not in roles) if roles is not None else not local:
-                log.debug("event %r not exposed to role %r: dropped", f.channel, role)
+                self._dropped(f.channel, role, _not_exposed(role, local, handlers))
                 return []
             try:
                 return [(h, h.spec.decode(f.body, f.attachments, f.pickle))]
             except Exception as exc:
-                self._dropped(f.channel, role, exc)
+                self._dropped(f.channel, role, _describe(exc))
                 return []
         out: list[tuple[Handler, tuple[Any, ...]]] = []
+        allowed = False
         for h in handlers:
             if not h.allows(role, local):
                 continue
+            allowed = True
             try:
                 out.append((h, h.spec.decode(f.body, f.attachments, f.pickle)))
             except Exception as exc:
-                self._dropped(f.channel, role, exc)
+                self._dropped(f.channel, role, _describe(exc))
+        if not allowed:
+            self._dropped(f.channel, role, _not_exposed(role, local, handlers))
         return out
 
     def host(
@@ -426,6 +432,14 @@ def checked_channel(channel: object) -> str:
     if not channel or len(channel.encode()) > 0xFFFF:
         raise ValueError(f"invalid channel name {channel!r}")
     return channel
+
+
+def _not_exposed(role: str, local: bool, handlers: list[Handler]) -> str:
+    """Why an event reached no listener: none of them names the peer's role."""
+    unroled = not local and any(h.roles is None for h in handlers)
+    return f"no listener is exposed to role {role!r}" + (
+        " (a listener without roles= hears local peers only)" if unroled else ""
+    )
 
 
 def checked_roles(roles: object) -> frozenset[str] | None:

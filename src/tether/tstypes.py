@@ -88,8 +88,13 @@ def load_main(target: str) -> Any:
             sys.path.insert(0, os.getcwd())
         module = importlib.import_module(module_name)
     obj = module
+    where = module_name  # the file or module as the user wrote it, not its import name
     for part in attr.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(f"{where} has no attribute {part!r}") from None
+        where = f"{where}:{part}" if where == module_name else f"{where}.{part}"
     if not hasattr(obj, "registry"):
         raise ValueError(f"{target} is a {type(obj).__name__}, not a tether.Main")
     return obj
@@ -163,11 +168,91 @@ class _Schemas:
                 n += 1
                 name = f"{base}_{n}"
             short[key] = name
-        self.components = {short[k]: _renamed(v, short) for k, v in components.items()}
+        order = _typeddict_order(ok)
+        self.components = {
+            short[k]: _in_order(_renamed(v, short), order) for k, v in components.items()
+        }
         self.schemas = [_renamed(x, short) for x in schemas]
 
     def ts(self, i: int) -> str:
         return "unknown" if i in self.unknown else _ts(self.schemas[i])
+
+    def arg_ts(self, i: int) -> str:
+        """An argument's type: as :meth:`ts`, but bytes are ``never`` (a page cannot send them)."""
+        return "unknown" if i in self.unknown else _ts(self.schemas[i], sending=True)
+
+    def may_be_options(self, i: int) -> bool:
+        """Whether an argument of this type could be a plain ``{timeout}``/``{signal}`` object."""
+        return i in self.unknown or self._options(self.schemas[i], 0)
+
+    def _options(self, s: Any, depth: int) -> bool:
+        if s is True or s == {}:
+            return True
+        if s is False or depth > 20:  # depth: a self-referencing type
+            return False
+        if "$ref" in s:
+            return self._options(self.components.get(_name(s["$ref"]), {}), depth + 1)
+        if "anyOf" in s:
+            return any(self._options(x, depth + 1) for x in s["anyOf"])
+        tp = s.get("type")
+        if isinstance(tp, list):
+            return any(self._options({**s, "type": t}, depth + 1) for t in tp)
+        if tp != "object":
+            return False
+        props = s.get("properties")
+        if props is None:  # a Record: {timeout: 5000} fits if its values may be numbers
+            return self._number(s.get("additionalProperties", {}), depth + 1)
+        if not set(s.get("required", ())) <= _OPTION_KEYS:
+            return False
+        return "signal" in props or ("timeout" in props and self._number(props["timeout"], depth))
+
+    def _number(self, s: Any, depth: int) -> bool:
+        if s is True or s == {}:
+            return True
+        if s is False or depth > 20:
+            return False
+        if "$ref" in s:
+            return self._number(self.components.get(_name(s["$ref"]), {}), depth + 1)
+        if "anyOf" in s:
+            return any(self._number(x, depth + 1) for x in s["anyOf"])
+        tp = s.get("type")
+        return bool({"number", "integer"} & set(tp if isinstance(tp, list) else [tp]))
+
+
+#: the keys of invoke()'s options in tether.js
+_OPTION_KEYS: Final = frozenset(("timeout", "signal"))
+
+
+def _typeddict_order(hints: list[Any]) -> dict[str, list[str]]:
+    """TypedDict name -> its fields in declared order (msgspec's schema sorts them)."""
+    out: dict[str, list[str]] = {}
+    seen: set[int] = set()
+    todo = list(hints)
+    while todo:
+        hint = todo.pop()
+        if id(hint) in seen:
+            continue
+        seen.add(id(hint))
+        todo.extend(typing.get_args(hint))
+        if typing.is_typeddict(hint):
+            try:
+                fields = typing.get_type_hints(hint)
+            except Exception:
+                fields = dict(getattr(hint, "__annotations__", {}))
+            out.setdefault(hint.__name__, list(fields))
+            todo.extend(fields.values())
+        elif isinstance(hint, type) and issubclass(hint, msgspec.Struct):
+            todo.extend(f.type for f in msgspec.structs.fields(hint))
+    return out
+
+
+def _in_order(schema: Any, order: dict[str, list[str]]) -> Any:
+    """A TypedDict's object schema with its properties in declared order."""
+    fields = order.get(str(schema.get("title", ""))) if isinstance(schema, dict) else None
+    props = schema.get("properties") if fields else None
+    if not fields or not isinstance(props, dict) or set(props) != set(fields):
+        return schema
+    return {**schema, "properties": {k: props[k] for k in fields}}
 
 
 def _renamed(schema: Any, short: dict[str, str]) -> Any:
@@ -211,23 +296,31 @@ def _array_of(item: str) -> str:
     return f"({item})[]" if " " in item else f"{item}[]"
 
 
-def _ts(s: Any) -> str:
-    """One JSON Schema (as msgspec writes them) as a TypeScript type."""
+def _ts(s: Any, sending: bool = False) -> str:
+    """One JSON Schema (as msgspec writes them) as a TypeScript type.
+
+    ``sending``: the type of what a page sends, in which bytes are ``never``
+    (a bytes argument refuses the base64 string a page could send). Only
+    where the argument's own schema says bytes: a Struct shared with results
+    keeps its one declaration.
+    """
     if s is True or s == {}:
         return "unknown"
     if s is False:
         return "never"
     if "$ref" in s:
         return _name(s["$ref"])
+    if sending and s.get("contentEncoding") == "base64":
+        return "never"
     if "anyOf" in s:
-        return _union(_ts(x) for x in s["anyOf"])
+        return _union(_ts(x, sending) for x in s["anyOf"])
     if "enum" in s:
         return _union(json.dumps(v) for v in s["enum"])
     if "const" in s:
         return json.dumps(s["const"])
     tp = s.get("type")
     if isinstance(tp, list):
-        return _union(_ts({**s, "type": t}) for t in tp)
+        return _union(_ts({**s, "type": t}, sending) for t in tp)
     if tp == "null":
         return "null"
     if tp == "boolean":
@@ -237,21 +330,21 @@ def _ts(s: Any) -> str:
     if tp == "string":
         return "string"
     if tp == "array":
-        return _array(s)
+        return _array(s, sending)
     if tp == "object":
         return _object(s, "; ")
     return "unknown"
 
 
-def _array(s: dict[str, Any]) -> str:
+def _array(s: dict[str, Any], sending: bool = False) -> str:
     prefix = s.get("prefixItems")
     if prefix is None:
-        return _array_of(_ts(s.get("items", {})))
+        return _array_of(_ts(s.get("items", {}), sending))
     need = s.get("minItems", len(prefix))
-    items = [_ts(x) + ("" if i < need else "?") for i, x in enumerate(prefix)]
+    items = [_ts(x, sending) + ("" if i < need else "?") for i, x in enumerate(prefix)]
     rest = s.get("items", False)  # absent: an array_like Struct (extra items are ignored)
     if rest is not False and s.get("maxItems") != len(prefix):
-        items.append("..." + _array_of(_ts(rest)))
+        items.append("..." + _array_of(_ts(rest, sending)))
     return "[" + ", ".join(items) + "]"
 
 
@@ -338,21 +431,26 @@ def typescript(main: Any, *, source: str = "") -> str:
         f'// The channels this Main exposes to pages (handlers whose roles include "{WEB_ROLE}"),',
         "// typed as their JSON encoding: bytes are base64 strings, datetimes ISO 8601 strings.",
         "// (A page can receive bytes, as base64, but not send them: a bytes argument refuses",
-        "// a string with BadRequest.)",
+        "// a string with BadRequest, so it is typed `never`: no call type-checks.)",
         "",
     ]
     for name, comp in sorted(schemas.components.items()):
         out.extend(_component(name, comp))
         out.append("")
-    blocks: dict[bool, list[str]] = {False: [], True: []}
+    blocks: dict[str, list[str]] = {"WebChannels": [], "WebEvents": [], "WebAmbiguous": []}
     for ch, fn, params, first, event in entries:
-        args = _arguments(params, [schemas.ts(first + i) for i in range(len(params))])
+        types = [schemas.arg_ts(first + i) for i in range(len(params))]
+        args = _arguments(params, types)
         entry = args if event else f"[{args}, {schemas.ts(first + len(params))}]"
-        blocks[event].extend(_doc(inspect.getdoc(fn), "  "))
-        blocks[event].append(f"  {json.dumps(ch)}: {entry};")
-    for title, event in (("WebChannels", False), ("WebEvents", True)):
-        out.append(_TITLES[event])
-        body = blocks[event]
+        block = blocks["WebEvents" if event else "WebChannels"]
+        block.extend(_doc(inspect.getdoc(fn), "  "))
+        if any(t == "never" or t.startswith("never ") for t in types):
+            block.append("  // a bytes argument is `never`: a page cannot send bytes")
+        block.append(f"  {json.dumps(ch)}: {entry};")
+        if not event and any(schemas.may_be_options(first + i) for i in _last_positions(params)):
+            blocks["WebAmbiguous"].append(f"  {json.dumps(ch)}: true;")
+    for title, body in blocks.items():
+        out.append(_TITLES[title])
         out.append(
             f"export interface {title} " + ("{\n" + "\n".join(body) + "\n}" if body else "{}")
         )
@@ -361,15 +459,34 @@ def typescript(main: Any, *, source: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
+def _last_positions(params: list[_Param]) -> range:
+    """The indexes of the parameters a call's last argument can land on."""
+    required = sum(1 for p in params if not p.optional and not p.rest)
+    return range(max(required - 1, 0), len(params))
+
+
 _TITLES: Final = {
-    False: "/** What `ipc.invoke(channel, ...args)` takes and resolves to: [arguments, result]. */",
-    True: "/** The arguments of `ipc.send(channel, ...args)` for the events main listens to. */",
+    "WebChannels": (
+        "/** What `ipc.invoke(channel, ...args)` takes and resolves to: [arguments, result]. */"
+    ),
+    "WebEvents": (
+        "/** The arguments of `ipc.send(channel, ...args)` for the events main listens to. */"
+    ),
+    "WebAmbiguous": (
+        "/** Channels whose last argument could be an object of only `timeout`/`signal`, which\n"
+        " *  `invoke` would take for its options: call them with\n"
+        " *  `invokeWith(channel, args, options)`. */"
+    ),
 }
 
-# tether.d.ts types invoke through its (empty) Channels map; this fills it.
+# tether.d.ts types invoke and send through its (empty) Channels, Events and
+# InvokeWithOnly maps; this fills them.
 _AUGMENT: Final = [
-    "// With these, tether.d.ts's `invoke` checks each channel's arguments and result.",
+    "// With these, tether.d.ts's `invoke` and `send` check each channel's arguments and result,",
+    "// and `invoke` refuses the channels of WebAmbiguous (use `invokeWith`).",
     'declare module "/tether.js" {',
     "  interface Channels extends WebChannels {}",
+    "  interface Events extends WebEvents {}",
+    "  interface InvokeWithOnly extends WebAmbiguous {}",
     "}",
 ]

@@ -8,7 +8,7 @@ import { readFileSync } from "node:fs";
 import {
   Kind, Session, encodeFrame, decodeFrame, errorFromBody, pageToken, connect,
   RemoteError, NoHandler, Forbidden, BadRequest, InvokeTimeout, PeerGone, ConnectionClosed,
-  ProtocolError, PayloadTooLarge, Busy, RouteClosed, TetherError, CLOSE_PROTOCOL_ERROR,
+  ProtocolError, PayloadTooLarge, Busy, RouteClosed, TetherError, CLOSE_PROTOCOL_ERROR, ValueError,
 } from "../../src/tether/web/static/tether.js";
 
 const enc = new TextEncoder();
@@ -196,7 +196,8 @@ test("main invokes the page: handle, async handlers, errors, no handler, bad arg
   s.handle("page.title", () => "tether page");
   s.handle("add", async (a, b) => a + b);
   s.handle("fail", () => { throw new TypeError("nope"); });
-  assert.throws(() => s.handle("add", () => 0), /second handler/);
+  assert.throws(() => s.handle("add", () => 0), (e) => e instanceof ValueError && e instanceof TetherError
+    && e.name === "ValueError" && /second handler for "add"/.test(e.message));
   s.receive(encodeFrame(Kind.INVOKE, 1, 0, "page.title", json([])));
   s.receive(encodeFrame(Kind.INVOKE, 2, 0, "add", json([2, 3])));
   s.receive(encodeFrame(Kind.INVOKE, 3, 0, "fail", json([])));
@@ -393,4 +394,33 @@ test("a page hosts no routes: ROUTE_OPEN is refused, frames on a route are not d
   assert.deepEqual([onRoute.kind, onRoute.requestId, onRoute.json.code], [Kind.ERROR, 6, "route_closed"]);
   assert.equal(frames().length, 3);
   assert.deepEqual(seen, []);
+});
+
+test("an invalid timeout is a TypeError or RangeError up front, not an instant InvokeTimeout", async () => {
+  const { s, frames } = opened();
+  for (const [bad, cls] of [["abc", TypeError], [-1, RangeError], [NaN, RangeError], [2 ** 31, RangeError]]) {
+    await assert.rejects(s.invoke("ch", 1, { timeout: bad }), cls);
+    await assert.rejects(s.invokeWith("ch", [1], { timeout: bad }), cls);
+    await assert.rejects(s.ping({ timeout: bad }), cls);
+    assert.throws(() => session({ timeout: bad }), cls);
+    await assert.rejects(connect({ timeout: bad, WebSocket: class { constructor() { throw new Error("opened"); } } }), cls);
+    await assert.rejects(connect({ connectTimeout: bad, WebSocket: class { constructor() { throw new Error("opened"); } } }), cls);
+  }
+  await assert.rejects(connect({ connectTimeout: null, WebSocket: class { constructor() { throw new Error("opened"); } } }), TypeError);
+  await assert.rejects(s.invokeWith("ch", "not an array"), TypeError);
+  assert.deepEqual(frames(), []); // nothing was sent
+  // null and Infinity still mean no timeout; 0 and finite numbers are timeouts
+  const forever = [s.invoke("ch", { timeout: null }), s.invokeWith("ch", [], { timeout: Infinity })];
+  await assert.rejects(s.invoke("ch", { timeout: 0 }), InvokeTimeout);
+  assert.equal(frames().length, 4); // two INVOKEs pending, an INVOKE and its CANCEL
+  s.close();
+  for (const c of forever) await assert.rejects(c, ConnectionClosed);
+});
+
+test("a socket closed before it opened: nothing listening, or refused, in the message", async () => {
+  const refused = connect({ url: "ws://127.0.0.1:9/tether", WebSocket: class {
+    constructor() { setTimeout(() => this.onclose({ code: 1006, reason: "" }), 0); }
+  } });
+  await assert.rejects(refused, (e) => e instanceof PeerGone
+    && e.message === "could not connect to ws://127.0.0.1:9/tether (nothing listening, or refused: wrong secret or origin)");
 });

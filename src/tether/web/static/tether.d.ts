@@ -24,9 +24,26 @@ export type Json = null | boolean | number | string | Json[] | { [key: string]: 
  */
 // eslint-disable-next-line @typescript-eslint/no-empty-interface
 export interface Channels {}
+/** Event channel name -> argument types of `send` (filled like Channels, from `WebEvents`). */
+// eslint-disable-next-line @typescript-eslint/no-empty-interface
+export interface Events {}
+/**
+ * Channel name -> true, for the channels whose last argument could be a plain object of only
+ * `timeout`/`signal`. At run time `invoke` cannot know a channel's arity, so it takes such a
+ * last argument for its options; for these channels `invoke` does not type-check and
+ * `invokeWith(channel, args, options)` must be used. Filled from the generated `WebAmbiguous`.
+ */
+// eslint-disable-next-line @typescript-eslint/no-empty-interface
+export interface InvokeWithOnly {}
 
 type Args<C extends string> = C extends keyof Channels
   ? Channels[C] extends [infer A extends unknown[], unknown] ? A : unknown[]
+  : unknown[];
+type InvokeArgs<C extends string> = C extends keyof InvokeWithOnly
+  ? [use_invokeWith_for_this_channel: never]
+  : [...Args<C>] | [...Args<C>, InvokeOptions];
+type EventArgs<C extends string> = C extends keyof Events
+  ? Events[C] extends infer A extends unknown[] ? A : unknown[]
   : unknown[];
 type Result<C extends string> = C extends keyof Channels
   ? Channels[C] extends [unknown[], infer R] ? R : unknown
@@ -87,6 +104,8 @@ export class PayloadTooLarge extends TetherError { name: "PayloadTooLarge"; }
 export class Busy extends TetherError { name: "Busy"; }
 /** The route the call was made on is closed. */
 export class RouteClosed extends TetherError { name: "RouteClosed"; }
+/** A bad value where tether.js was called (a second `handle` for a channel), as Python's. */
+export class ValueError extends TetherError { name: "ValueError"; }
 
 /** The error an ERROR body stands for. */
 export function errorFromBody(body: { code: string; message: string; type?: string; traceback?: string; path?: string }): TetherError;
@@ -136,15 +155,18 @@ export class Session {
 
   /**
    * Invoke `channel` on main with JSON arguments; a last argument that is a plain object of
-   * only `timeout`/`signal` is the options (use `invokeWith` to pass such an object as data).
+   * only `timeout`/`signal` is the options, whatever the channel (use `invokeWith` to pass such
+   * an object as data; channels typed in InvokeWithOnly refuse `invoke` at compile time).
+   * Throws TypeError/RangeError (as a rejection) for a timeout that is not a number >= 0.
    */
-  invoke<C extends string>(channel: C, ...args: [...Args<C>] | [...Args<C>, InvokeOptions]): Promise<Result<C>>;
+  invoke<C extends string>(channel: C, ...args: InvokeArgs<C>): Promise<Result<C>>;
+  /** invoke() with the arguments as one array: never mistakes an argument for the options. */
   invokeWith<C extends string>(channel: C, args: Args<C>, options?: InvokeOptions): Promise<Result<C>>;
   /** A one-way event; throws if it cannot be sent (closed, too large, not JSON). */
-  send(channel: string, ...args: unknown[]): void;
+  send<C extends string>(channel: C, ...args: EventArgs<C>): void;
   /** Listen to main's events on `channel`; returns the function that stops listening. */
   on(channel: string, listener: (...args: any[]) => void | Promise<void>): () => void;
-  /** Answer main's invokes of `channel` (one handler per channel). */
+  /** Answer main's invokes of `channel` (one handler per channel: a second throws ValueError). */
   handle(channel: string, handler: (...args: any[]) => unknown): void;
   removeHandler(channel: string): void;
   /** PING main; resolves with the round trip in ms. */

@@ -60,6 +60,8 @@ export class PayloadTooLarge extends TetherError {
 export class Busy extends TetherError { constructor(m) { super(m); this.name = "Busy"; } }
 /** The route the call was made on is closed (code `route_closed`). */
 export class RouteClosed extends TetherError { constructor(m) { super(m); this.name = "RouteClosed"; } }
+/** A bad value where tether.js was called (a second `handle` for a channel), as Python's. */
+export class ValueError extends TetherError { constructor(m) { super(m); this.name = "ValueError"; } }
 
 /** The error an ERROR body stands for (docs/protocol.md, 7.3); unknown codes are remote errors. */
 export function errorFromBody(body) {
@@ -143,6 +145,26 @@ function checkChannel(channel) {
   }
 }
 
+const MAX_TIMER = 2 ** 31 - 1; // setTimeout fires at once past this
+
+/**
+ * Throws unless `timeout` is a timeout in ms: a number from 0 to 2**31-1, or (`none` true)
+ * Infinity, null or undefined for none. An invalid one would otherwise fire at once, as an
+ * InvokeTimeout that hides the mistake.
+ */
+function checkTimeout(timeout, what = "timeout", none = true) {
+  if (timeout === undefined || (none && (timeout === null || timeout === Infinity))) return;
+  if (typeof timeout !== "number") {
+    throw new TypeError(`${what} must be a number of milliseconds${none ? " or null" : ""}, not ${timeout === null ? "null" : typeof timeout} ${JSON.stringify(timeout) ?? ""}`.trimEnd());
+  }
+  if (!(timeout >= 0 && timeout <= MAX_TIMER)) {
+    throw new RangeError(`${what} must be from 0 to ${MAX_TIMER} milliseconds${none ? " (or null: none)" : ""}, not ${timeout}`);
+  }
+}
+
+// At run time invoke() cannot know a channel's arity, so a last argument that is a plain
+// object of only these keys is always its options; invokeWith() is the way around, and the
+// declarations `tether types --ts` writes make invoke() of such channels a type error.
 const OPTION_KEYS = new Set(["timeout", "signal"]);
 
 /** Whether the last argument of invoke() is its options: a plain object of only timeout/signal. */
@@ -172,6 +194,7 @@ function describeError(err) {
 export class Session {
   constructor(transport, { name = "", role = "page", maxFrameSize = DEFAULT_MAX_FRAME_SIZE, timeout = DEFAULT_TIMEOUT } = {}) {
     if (maxFrameSize < MIN_MAX_FRAME_SIZE) throw new RangeError(`maxFrameSize must be at least ${MIN_MAX_FRAME_SIZE}`);
+    checkTimeout(timeout);
     this.transport = transport;
     this.maxFrameSize = maxFrameSize;
     /** The default invoke timeout in ms (null: wait forever). */
@@ -222,6 +245,8 @@ export class Session {
   invokeWith(channel, args, { timeout = this.timeout, signal } = {}) {
     return new Promise((resolve, reject) => {
       checkChannel(channel);
+      checkTimeout(timeout);
+      if (!Array.isArray(args)) throw new TypeError("invokeWith takes the arguments as an array");
       this._checkOpen();
       if (signal?.aborted) throw signal.reason;
       let rid = this._nextId;
@@ -250,10 +275,11 @@ export class Session {
   /** PING the other side; resolves with the round trip in ms once its PONG arrives. */
   ping({ timeout = this.timeout } = {}) {
     return new Promise((resolve, reject) => {
+      checkTimeout(timeout);
       this._checkOpen();
       const nonce = this._nextPing = (this._nextPing + 1) >>> 0;
       const started = Date.now();
-      const timer = timeout == null ? null : setTimeout(() => {
+      const timer = timeout == null || timeout === Infinity ? null : setTimeout(() => {
         this._pings.delete(nonce);
         reject(new InvokeTimeout(`no PONG within ${timeout} ms`));
       }, timeout);
@@ -281,7 +307,7 @@ export class Session {
     checkChannel(channel);
     if (typeof fn !== "function") throw new TypeError("handler must be a function");
     if (this._handlers.has(channel)) {
-      throw new Error(`attempted to register a second handler for ${JSON.stringify(channel)}`);
+      throw new ValueError(`attempted to register a second handler for ${JSON.stringify(channel)}`);
     }
     this._handlers.set(channel, fn);
   }
@@ -525,6 +551,7 @@ export function pageToken(loc = globalThis.location) {
  * WebSocket class, e.g. for Node).
  */
 export function connect(options = {}) {
+  try { checkTimeout(options.timeout); checkTimeout(options.connectTimeout, "connectTimeout", false); } catch (err) { return Promise.reject(err); }
   const {
     url, token = pageToken(), timeout = DEFAULT_TIMEOUT, connectTimeout = 10000, name = "",
     maxFrameSize = DEFAULT_MAX_FRAME_SIZE, WebSocket: WS = globalThis.WebSocket,
@@ -556,7 +583,7 @@ export function connect(options = {}) {
     ws.onclose = (ev) => {
       clearTimeout(timer);
       const why = ev.code === 1006 && !session
-        ? `cannot connect to ${where} (refused: a wrong or missing secret, or another origin?)`
+        ? `could not connect to ${where} (nothing listening, or refused: wrong secret or origin)`
         : `${where}: connection lost (code ${ev.code}${ev.reason ? `, ${ev.reason}` : ""})`;
       if (session) session.transportClosed(why); else reject(new PeerGone(why));
     };
