@@ -97,6 +97,11 @@ class MemfdStore:
             self._fds_in.extend(fds)
 
     @property
+    def handles_held(self) -> int:
+        """Descriptors received as Handles that are alive and not yet taken."""
+        return len(self._handles)
+
+    @property
     def unclaimed(self) -> int:
         """Descriptors received that no frame has claimed yet."""
         return len(self._fds_in)

@@ -702,6 +702,11 @@ class Connection:
         return self._store
 
     @property
+    def handles_held(self) -> int:
+        """Descriptors received as :class:`tether.Handle` alive and not yet taken."""
+        return self._store.handles_held if self._store is not None else 0
+
+    @property
     def leases_held(self) -> int:
         """Segments the peer lent this side whose views are still alive.
 

@@ -1,0 +1,81 @@
+"""Flow control with Handles: a slow receiver pauses a well-behaved sender, never drops it.
+
+Reading stops once :data:`tether.handles.HANDLES_HIGH` received Handles are
+alive and untaken, far below the hostile-peer cap (:data:`MAX_LIVE_HANDLES`);
+a sender's queued descriptors count toward its backpressure, so ``send``
+waits for a peer that does not read instead of pinning descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import time
+
+import pytest
+
+import tether
+
+pytestmark = pytest.mark.timeout(120)
+
+N = 1500  # more than MAX_LIVE_HANDLES
+
+
+async def flood_events(peer: tether.Peer) -> None:
+    @peer.handle("flood")
+    async def flood(call: tether.Call, n: int) -> str:
+        r, w = os.pipe()
+        os.close(r)
+        for _ in range(n):
+            await peer.send("slow", tether.Handle(os.dup(w)))
+        os.close(w)
+        return "sent all"
+
+    await peer.wait_closed()
+
+
+async def flood_invokes(peer: tether.Peer) -> None:
+    @peer.handle("flood")
+    async def flood(call: tether.Call, n: int) -> dict[str, int]:
+        r, w = os.pipe()
+        os.close(r)
+        res = await asyncio.gather(
+            *[peer.invoke("slow", tether.Handle(os.dup(w))) for _ in range(n)],
+            return_exceptions=True,
+        )
+        os.close(w)
+        return dict(collections.Counter(type(x).__name__ for x in res))
+
+    await peer.wait_closed()
+
+
+async def test_handles_to_a_slow_listener_pause_the_sender() -> None:
+    async with tether.Main(timeout=60.0) as hub:
+        got = 0
+
+        @hub.on("slow")
+        async def slow(call: tether.Call, h: tether.Handle) -> None:
+            nonlocal got
+            await asyncio.sleep(0.05)
+            got += 1
+
+        c = await hub.spawn(flood_events)
+        assert await c.invoke("flood", N) == "sent all"
+        deadline = time.monotonic() + 30
+        while got < N and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert got == N
+        assert c.exitcode is None
+
+
+async def test_handles_to_a_slow_handler_pause_the_sender() -> None:
+    async with tether.Main(timeout=60.0) as hub:
+
+        @hub.handle("slow")
+        async def slow(call: tether.Call, h: tether.Handle) -> None:
+            await asyncio.sleep(0.05)
+
+        c = await hub.spawn(flood_invokes)
+        assert await c.invoke("flood", N) == {"NoneType": N}
+        assert c.exitcode is None
