@@ -839,7 +839,7 @@ class Peer(Handlers):
         while backlog and not self._paused and self._closed is None:
             f = backlog.popleft()
             if f.attachments:
-                self._backlog_handles -= sum(type(a) is Handle for a in f.attachments)
+                self._backlog_handles -= sum(isinstance(a, Handle) for a in f.attachments)
             self._dispatch(iter((f,)))
             if f.attachments and not self._paused and self._handles_out() > HANDLES_HIGH:
                 self._pause()
@@ -866,7 +866,7 @@ class Peer(Handlers):
                 backlog.append(f)
                 for a in f.attachments:  # mapped segments count as held too
                     self._held += held_size(a)
-                    if type(a) is Handle:
+                    if isinstance(a, Handle):
                         self._backlog_handles += 1
 
     # -- reading ----------------------------------------------------------
