@@ -79,3 +79,55 @@ async def test_handles_to_a_slow_handler_pause_the_sender() -> None:
         c = await hub.spawn(flood_invokes)
         assert await c.invoke("flood", N) == {"NoneType": N}
         assert c.exitcode is None
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def stalled_reader(peer: tether.Peer) -> None:
+    got = 0
+
+    @peer.handle("block")
+    def block(call: tether.Call, h: tether.Handle) -> None:
+        with h.open("rb") as f:
+            f.read(1)  # the loop stops here until main writes: nothing is read meanwhile
+
+    @peer.on("h")
+    def h(call: tether.Call, h: tether.Handle) -> None:
+        nonlocal got
+        got += 1
+
+    @peer.handle("got")
+    def count(call: tether.Call) -> int:
+        return got
+
+    await peer.wait_closed()
+
+
+async def test_queued_handles_make_send_wait_for_a_peer_that_does_not_read() -> None:
+    async with tether.Main(timeout=60.0) as hub:
+        c = await hub.spawn(stalled_reader)
+        r, w = os.pipe()
+        blocked = asyncio.create_task(c.invoke("block", tether.Handle(r)))
+        a, b = os.pipe()
+        base = fd_count()
+
+        async def flood() -> None:
+            for _ in range(3000):
+                await c.send("h", tether.Handle(os.dup(a)))
+
+        sender = asyncio.create_task(flood())
+        peak = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not sender.done():
+            peak = max(peak, fd_count() - base)
+            await asyncio.sleep(0.01)
+        assert not sender.done()  # send waits: the peer reads nothing
+        assert peak < 600  # descriptors queued here are bounded (not one per send)
+        os.write(w, b"x")
+        await asyncio.wait_for(sender, 60)
+        await blocked
+        assert await c.invoke("got") == 3000
+        for fd in (w, a, b):
+            os.close(fd)
