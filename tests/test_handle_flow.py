@@ -131,3 +131,46 @@ async def test_queued_handles_make_send_wait_for_a_peer_that_does_not_read() -> 
         assert await c.invoke("got") == 3000
         for fd in (w, a, b):
             os.close(fd)
+
+
+def waiting_blocking_child(peer: tether.sync.Peer) -> None:
+    n = 0
+
+    @peer.on("h")
+    def h(call: tether.sync.Call, h: tether.Handle) -> None:
+        nonlocal n
+        n += 1
+
+    @peer.handle("ask")
+    def ask(call: tether.sync.Call) -> str:
+        try:
+            return str(peer.invoke("later", timeout=3.0))
+        except tether.InvokeTimeout:
+            return "timeout"
+
+    @peer.handle("n")
+    def count(call: tether.sync.Call) -> int:
+        return n
+
+    peer.wait_closed()
+
+
+async def test_a_blocking_peer_waiting_in_invoke_pauses_on_handles_too() -> None:
+    async with tether.Main(timeout=60.0) as hub:
+
+        @hub.handle("later")
+        async def later(call: tether.Call) -> str:
+            await asyncio.sleep(1.0)
+            return "ok"
+
+        c = await hub.spawn(waiting_blocking_child)
+        asked = asyncio.create_task(c.invoke("ask"))
+        await asyncio.sleep(0.3)  # (the worker waits in invoke: its queue takes every job)
+        r, w = os.pipe()
+        for _ in range(N):
+            await c.send("h", tether.Handle(os.dup(w)))
+        assert await asked in ("ok", "timeout")
+        assert await c.invoke("n") == N
+        assert c.exitcode is None
+        os.close(r)
+        os.close(w)
