@@ -174,3 +174,52 @@ async def test_a_blocking_peer_waiting_in_invoke_pauses_on_handles_too() -> None
         assert c.exitcode is None
         os.close(r)
         os.close(w)
+
+
+# -- small things -------------------------------------------------------------------
+
+
+async def test_a_lost_peer_is_not_called_open(sock_path: str) -> None:
+    async with tether.Main(timeout=10.0) as hub:
+        await hub.listen(f"unix://{sock_path}")
+        client = await tether.connect(f"unix://{sock_path}")
+        assert "open" not in repr(client)
+        await hub.close()
+        await asyncio.wait_for(client.wait_closed(), 10)
+        assert repr(client).endswith(" closed>")
+        assert " open>" not in str(client.close_reason)
+
+
+def test_the_same_handle_twice_in_one_call_says_so() -> None:
+    from tether.attachments import MemfdStore
+    from tether.protocol import Connection
+
+    child = Connection("child", store=MemfdStore(borrow=True))
+    main = Connection("main", store=MemfdStore())
+    main.receive_data(bytes(child.data_to_send()[0]))
+    child.receive_data(bytes(main.data_to_send()[0]))
+    r, w = os.pipe()
+    h, other = tether.Handle(w), tether.Handle(os.dup(r))
+    with pytest.raises(tether.ConsumedError, match="passed twice in one call"):
+        child.send_invoke(b"x", (other, h, h), None)
+    assert h.consumed and other.consumed  # the failed send moved every Handle in it
+    with pytest.raises(tether.ConsumedError, match="sent, detached or closed"):
+        child.send_invoke(b"x", (h,), None)  # a later call: the usual message
+    os.close(r)
+
+
+@pytest.mark.parametrize("extra", ["lease", "moved"])
+def test_handle_with_lease_or_moved_is_a_protocol_error(extra: str) -> None:
+    from tether import wire
+    from tether.attachments import MemfdStore
+
+    store = MemfdStore(borrow=True)
+    r, w = os.pipe()
+    os.close(w)
+    store.receive_fds([r])
+    flag = wire.FLAG_LEASE if extra == "lease" else wire.FLAG_MOVED
+    with pytest.raises(tether.ProtocolError, match="HANDLE together with LEASE or MOVED"):
+        store.claim(0, wire.FLAG_HANDLE | flag, 1)
+    with pytest.raises(OSError):
+        os.fstat(r)  # closed, not leaked
+    store.close()

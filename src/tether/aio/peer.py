@@ -434,8 +434,9 @@ class Peer(Handlers):
         await self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"<Peer {self.name or self._fd} role={self.role} {state}>"
+        # (no "open": the repr goes into the message of the error that closes it)
+        state = " closed" if self._closed else ""
+        return f"<Peer {self.name or self._fd} role={self.role}{state}>"
 
     # -- calling ----------------------------------------------------------
 
