@@ -86,6 +86,10 @@ async def direct_child(peer: tether.Peer) -> None:
     def ping(call: tether.Call) -> str:
         return "pong"
 
+    @peer.handle("siblings")
+    def count(call: tether.Call) -> int:
+        return len(siblings)
+
     @peer.handle("hammer")
     async def hammer(call: tether.Call, n: int) -> int:
         sib = siblings[-1]

@@ -223,3 +223,36 @@ def test_handle_with_lease_or_moved_is_a_protocol_error(extra: str) -> None:
     with pytest.raises(OSError):
         os.fstat(r)  # closed, not leaked
     store.close()
+
+
+# -- Main.connect: check first, announce to a, then to b ------------------------------
+
+
+async def test_a_failed_connect_announces_nothing_to_the_first_side() -> None:
+    import _handle_targets
+
+    async with tether.Main(timeout=30.0) as hub:
+        a = await hub.spawn(_handle_targets.direct_child)
+        silent = await hub.spawn(_handle_targets.no_connect_child)
+        refusing = await hub.spawn(_handle_targets.refusing_child)
+        with pytest.raises(tether.NoHandler):
+            await hub.connect(silent, a)
+        with pytest.raises(tether.RemoteError, match="no siblings here"):
+            await hub.connect(refusing, a)
+        assert await a.invoke("siblings") == 0  # a's on_connect never ran
+        hub.connect_roles.add("client")
+        tcp = await hub.listen("tcp://127.0.0.1:0")
+        async with tether.connect(str(tcp.address)):
+            deadline = time.monotonic() + 10
+            while not [p for p in hub.peers if p.role == "client"]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            (client,) = [p for p in hub.peers if p.role == "client"]
+            with pytest.raises(tether.HandleRefused, match="cannot take a descriptor"):
+                await hub.connect(a, client)  # checked before a hears of it
+        assert await a.invoke("siblings") == 0
+        # the second side refuses: the first, which accepted, sees PeerGone
+        with pytest.raises(tether.RemoteError, match="no siblings here"):
+            await hub.connect(a, refusing)
+        assert await a.invoke("siblings") == 1
+        assert await a.invoke("sibling_gone", timeout=20) == "PeerGone"

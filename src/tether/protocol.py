@@ -744,6 +744,11 @@ class Connection:
         return len(self._out)
 
     @property
+    def passes_fds(self) -> bool:
+        """Whether descriptors can be sent: both HELLOs listed ``fd`` (False before the peer's)."""
+        return self._send_fds
+
+    @property
     def fds_queued(self) -> bool:
         """Whether descriptors are queued (write them soon: each holds a segment open)."""
         return bool(self._fds_out or self._ready)

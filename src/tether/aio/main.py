@@ -958,6 +958,9 @@ class Main(Handlers):
         other, role ``sibling``). Both must have a role in
         :attr:`connect_roles` (``{"child"}`` by default) and be on unix sockets.
         ``timeout``: per child, for its callback (default: the peer's timeout).
+        Roles and descriptor passing are checked before either child hears of
+        it; then ``a`` is asked, and only once it accepted, ``b`` (if ``b``
+        refuses, ``a``'s new peer ends at once with :class:`~tether.PeerGone`).
 
         Raises:
             Forbidden: a peer's role is not in :attr:`connect_roles`.
