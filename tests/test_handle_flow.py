@@ -256,3 +256,21 @@ async def test_a_failed_connect_announces_nothing_to_the_first_side() -> None:
             await hub.connect(a, refusing)
         assert await a.invoke("siblings") == 1
         assert await a.invoke("sibling_gone", timeout=20) == "PeerGone"
+
+
+async def test_invokes_answered_busy_close_their_handles() -> None:
+    async with tether.Main(timeout=60.0, max_inflight=4) as hub:
+
+        @hub.handle("slow")
+        async def slow(call: tether.Call, h: tether.Handle) -> None:
+            await asyncio.sleep(0.2)
+
+        c = await hub.spawn(flood_invokes)
+        base = fd_count()
+        got = await c.invoke("flood", 300)
+        assert got.get("Busy", 0) > 0 and sum(got.values()) == 300
+        deadline = time.monotonic() + 10
+        while fd_count() > base and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert fd_count() <= base  # every refused invoke's Handle was closed here
+        assert c.exitcode is None
