@@ -12,8 +12,8 @@ its own handlers: register them in the callback before its first ``await``
 callback returned). ``Main.connect`` checks first what it can (both roles
 allowed, both ends take descriptors), then announces the channel to ``a``
 and, only once ``a`` accepted, to ``b``; if ``b`` refuses, main shuts the
-socketpair down so ``a``'s new peer ends with :class:`~tether.PeerGone` at
-once. It returns once both callbacks did. From then on the two talk over
+socketpair down so ``a``'s new peer ends with :class:`~tether.PeerGone`
+(its calls fail with it). It returns once both callbacks did. From then on the two talk over
 their own socketpair; main relays nothing and sees nothing.
 
 Each end grants the other the role ``sibling`` (``local``: handlers without

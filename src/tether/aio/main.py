@@ -960,7 +960,8 @@ class Main(Handlers):
         ``timeout``: per child, for its callback (default: the peer's timeout).
         Roles and descriptor passing are checked before either child hears of
         it; then ``a`` is asked, and only once it accepted, ``b`` (if ``b``
-        refuses, ``a``'s new peer ends at once with :class:`~tether.PeerGone`).
+        refuses, the channel is shut down: ``a``'s new peer ends with
+        :class:`~tether.PeerGone`).
 
         Raises:
             Forbidden: a peer's role is not in :attr:`connect_roles`.
