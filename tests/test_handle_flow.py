@@ -255,6 +255,7 @@ async def test_a_failed_connect_announces_nothing_to_the_first_side() -> None:
         with pytest.raises(tether.RemoteError, match="no siblings here"):
             await hub.connect(a, refusing)
         assert await a.invoke("siblings") == 1
+        assert await a.invoke("sibling_gone", timeout=20) == "PeerGone"  # ends by itself
         assert await a.invoke("sibling_call", timeout=20) == "PeerGone"
 
 

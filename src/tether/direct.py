@@ -127,6 +127,20 @@ def sync_accept(
     return accept
 
 
+def _hang_up(sock: socket.socket) -> None:
+    """End a socketpair from this end so the other end reads a clean EOF at once.
+
+    Shut down, then drop whatever the other end had sent (its HELLO): a
+    socket closed with unread data resets its peer instead (ECONNRESET),
+    which some event loops (uvloop) report as a poll error, never as readable.
+    """
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+        for _ in range(64):  # bounded: the peer can't write after the shutdown
+            if not sock.recv(65536, socket.MSG_DONTWAIT):
+                break
+
+
 def _refused(name: str) -> PeerGone:
     return PeerGone(f"the direct channel to {name!r} was refused by this side's on_connect")
 
@@ -161,8 +175,7 @@ async def join(roles: frozenset[str] | set[str], a: Peer, b: Peer, timeout: floa
         try:
             await b.invoke(CONNECT, hb, a.name, a.pid or 0, timeout=timeout)
         except BaseException:
-            with contextlib.suppress(OSError):
-                keep.shutdown(socket.SHUT_RDWR)  # a sees PeerGone now
+            _hang_up(keep)  # a sees PeerGone now
             raise
     finally:
         keep.close()
