@@ -86,6 +86,18 @@ async def direct_child(peer: tether.Peer) -> None:
     def ping(call: tether.Call) -> str:
         return "pong"
 
+    @peer.handle("siblings")
+    def count(call: tether.Call) -> int:
+        return len(siblings)
+
+    @peer.handle("sibling_call")
+    async def sibling_call(call: tether.Call) -> str:
+        try:
+            await siblings[-1].invoke("add", 1, 2, timeout=10)
+        except tether.TetherError as exc:
+            return type(exc).__name__
+        return "answered"
+
     @peer.handle("hammer")
     async def hammer(call: tether.Call, n: int) -> int:
         sib = siblings[-1]

@@ -97,6 +97,11 @@ class MemfdStore:
             self._fds_in.extend(fds)
 
     @property
+    def handles_held(self) -> int:
+        """Descriptors received as Handles that are alive and not yet taken."""
+        return len(self._handles)
+
+    @property
     def unclaimed(self) -> int:
         """Descriptors received that no frame has claimed yet."""
         return len(self._fds_in)
@@ -109,12 +114,16 @@ class MemfdStore:
 
         Raises:
             ProtocolError: no descriptor arrived, it is not sealed, is smaller
-                than announced, or is lent/moved while this side does not borrow.
+                than announced, is lent/moved while this side does not borrow,
+                or is flagged HANDLE together with LEASE or MOVED.
         """
         if not self._fds_in:
             raise ProtocolError("frame refers to a file descriptor that did not arrive")
         fd = self._fds_in.popleft()
         if flags & FLAG_HANDLE:
+            if flags & (FLAG_LEASE | FLAG_MOVED):
+                os.close(fd)
+                raise ProtocolError("a descriptor flagged HANDLE together with LEASE or MOVED")
             if len(self._handles) >= MAX_LIVE_HANDLES:
                 os.close(fd)
                 raise ProtocolError(

@@ -9,7 +9,11 @@ answers it only if it registered a callback with ``@peer.on_connect``; the
 callback gets an ordinary :class:`~tether.Peer` for the other child, with
 its own handlers: register them in the callback before its first ``await``
 (a :class:`tether.sync.Peer` in a blocking child: it serves once the
-callback returned). ``Main.connect`` returns once both callbacks did. From then on the two talk over
+callback returned). ``Main.connect`` checks first what it can (both roles
+allowed, both ends take descriptors), then announces the channel to ``a``
+and, only once ``a`` accepted, to ``b``; if ``b`` refuses, main shuts the
+socketpair down so ``a``'s new peer ends with :class:`~tether.PeerGone`
+(its calls fail with it). It returns once both callbacks did. From then on the two talk over
 their own socketpair; main relays nothing and sees nothing.
 
 Each end grants the other the role ``sibling`` (``local``: handlers without
@@ -21,15 +25,16 @@ channel to main stays up.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import inspect
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from .errors import Forbidden, PeerGone
+from .errors import Forbidden, HandleRefused, PeerGone
 from .handles import Handle
 from .identity import Credentials, peer_credentials
+from .protocol import State
 from .registry import Call, Handler, Registry
 
 if TYPE_CHECKING:
@@ -122,6 +127,20 @@ def sync_accept(
     return accept
 
 
+def _hang_up(sock: socket.socket) -> None:
+    """End a socketpair from this end so the other end reads a clean EOF at once.
+
+    Shut down, then drop whatever the other end had sent (its HELLO): a
+    socket closed with unread data resets its peer instead (ECONNRESET),
+    which some event loops (uvloop) report as a poll error, never as readable.
+    """
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+        for _ in range(64):  # bounded: the peer can't write after the shutdown
+            if not sock.recv(65536, socket.MSG_DONTWAIT):
+                break
+
+
 def _refused(name: str) -> PeerGone:
     return PeerGone(f"the direct channel to {name!r} was refused by this side's on_connect")
 
@@ -136,13 +155,27 @@ async def join(roles: frozenset[str] | set[str], a: Peer, b: Peer, timeout: floa
                 f"{p!r} has role {p.role!r}: main connects only {sorted(roles)} "
                 "(set main.connect_roles to allow more)"
             )
+    for p in (a, b):
+        if p._conn.state is State.OPEN and not p._conn.passes_fds:
+            raise HandleRefused(
+                f"{p!r} cannot take a descriptor (not on a unix socket: TCP or WebSocket), "
+                "so it cannot have a direct channel"
+            )
     sa, sb = socket.socketpair()
-    ha, hb = Handle(sa.detach()), Handle(sb.detach())
-    results = await asyncio.gather(
-        a.invoke(CONNECT, ha, b.name, b.pid or 0, timeout=timeout),
-        b.invoke(CONNECT, hb, a.name, a.pid or 0, timeout=timeout),
-        return_exceptions=True,
-    )
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
+    # Main keeps b's end until b accepted: if b refuses, shutting it down ends a's
+    # channel at once (a has accepted already), whoever else still holds the socket.
+    keep = sb.dup()
+    try:
+        ha, hb = Handle(sa.detach()), Handle(sb.detach())
+        try:
+            await a.invoke(CONNECT, ha, b.name, b.pid or 0, timeout=timeout)
+        except BaseException:
+            hb.close()  # b never hears of it
+            raise
+        try:
+            await b.invoke(CONNECT, hb, a.name, a.pid or 0, timeout=timeout)
+        except BaseException:
+            _hang_up(keep)  # a sees PeerGone now
+            raise
+    finally:
+        keep.close()

@@ -36,6 +36,11 @@ __all__ = ["MAX_LIVE_HANDLES", "Handle", "HandleRefused", "held_size", "received
 #: received Handles one connection may have alive and not taken (detached, opened,
 #: closed); one more is a protocol error (a peer must not exhaust this side's descriptors)
 MAX_LIVE_HANDLES: Final = 1024
+#: received Handles alive and not taken past which a connection stops reading (flow
+#: control, well under :data:`MAX_LIVE_HANDLES`: a well-behaved peer is paused, never dropped)
+HANDLES_HIGH: Final = 256
+#: ...and under which it reads again
+HANDLES_LOW: Final = 64
 #: bytes a received Handle counts for in a paused peer's backlog (bounds held descriptors)
 HELD_SIZE: Final = 4096
 

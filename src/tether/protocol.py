@@ -74,6 +74,7 @@ from . import tracing as _tracing
 from .errors import (
     AuthenticationError,
     ConnectionClosed,
+    ConsumedError,
     PayloadTooLarge,
     ProtocolError,
     StreamMismatch,
@@ -170,6 +171,9 @@ class AttachmentStore(Protocol):
     def receive_fds(self, fds: Iterable[int]) -> None: ...
     @property
     def unclaimed(self) -> int: ...
+
+    @property
+    def handles_held(self) -> int: ...
     def claim(self, nbytes: int, flags: int, aux: int) -> Any: ...
     def released(self) -> list[int]: ...
     @property
@@ -341,6 +345,7 @@ class Connection:
         # chunks cut off so that none carries more than MAX_UNCLAIMED_FDS descriptors
         self._ready: collections.deque[tuple[bytearray, list[int]]] = collections.deque()
         self._atts: list[_Att] = []  # the encoder's attachments for the frame being built
+        self._handles_sent: list[Any] = []  # the Handles taken for the frame being built
         self._released: collections.deque[int] = collections.deque()
         self.encoder: msgspec.msgpack.Encoder | msgspec.json.Encoder = (
             msgspec.json.Encoder(enc_hook=_json_hook)
@@ -749,6 +754,11 @@ class Connection:
         return self._store
 
     @property
+    def handles_held(self) -> int:
+        """Descriptors received as :class:`tether.Handle` alive and not yet taken."""
+        return self._store.handles_held if self._store is not None else 0
+
+    @property
     def leases_held(self) -> int:
         """Segments the peer lent this side whose views are still alive.
 
@@ -774,6 +784,11 @@ class Connection:
         if self._ready:
             return len(self._out) + sum(len(c) for c, _ in self._ready)
         return len(self._out)
+
+    @property
+    def passes_fds(self) -> bool:
+        """Whether descriptors can be sent: both HELLOs listed ``fd`` (False before the peer's)."""
+        return self._send_fds
 
     @property
     def fds_queued(self) -> bool:
@@ -951,6 +966,7 @@ class Connection:
         HEADER.pack_into(out, start, size, kind, 0, len(channel), rid, route, n_att, 0)
         if n_att:
             self._atts = []
+            self._handles_sent.clear()
             if fd_bytes or any(a.where == WHERE_FD for a in atts):
                 fds = [a.fd for a in atts if a.where == WHERE_FD]
                 if self._fds_out and len(self._fds_out) + len(fds) > MAX_UNCLAIMED_FDS:
@@ -1048,11 +1064,17 @@ class Connection:
                 "descriptors (the peer did not announce 'fd'; only unix sockets and "
                 "socketpairs carry them, not TCP or WebSocket)"
             )
+        if handle.consumed and any(h is handle for h in self._handles_sent):
+            raise ConsumedError(
+                "the same tether.Handle was passed twice in one call: a Handle is one "
+                "descriptor, sent once (Handle.from_file(h) before sending makes a second)"
+            )
         if self._fd_count() >= MAX_UNCLAIMED_FDS:
             raise handle.refuse(
                 f"more than {MAX_UNCLAIMED_FDS} descriptors in one message (Handles, large buffers)"
             )
         self._ext(_Att(WHERE_FD, 0, fd=handle.take(), flags=FLAG_HANDLE))
+        self._handles_sent.append(handle)
         return msgspec.msgpack.Ext(codec.EXT_HANDLE, (len(self._atts) - 1).to_bytes(4, "little"))
 
     def _fd_count(self) -> int:
@@ -1086,6 +1108,7 @@ class Connection:
     def _drop_atts(self) -> None:
         """Undo the attachments of a frame that will not be sent."""
         atts, self._atts = self._atts, []
+        self._handles_sent.clear()
         store = self._store
         if store is None:
             return

@@ -983,6 +983,10 @@ class Main(Handlers):
         other, role ``sibling``). Both must have a role in
         :attr:`connect_roles` (``{"child"}`` by default) and be on unix sockets.
         ``timeout``: per child, for its callback (default: the peer's timeout).
+        Roles and descriptor passing are checked before either child hears of
+        it; then ``a`` is asked, and only once it accepted, ``b`` (if ``b``
+        refuses, the channel is shut down: ``a``'s new peer ends with
+        :class:`~tether.PeerGone`).
 
         Raises:
             Forbidden: a peer's role is not in :attr:`connect_roles`.

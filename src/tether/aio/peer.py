@@ -47,7 +47,7 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
-from ..handles import held_size
+from ..handles import HANDLES_HIGH, HANDLES_LOW, Handle, held_size
 from ..identity import NO_CREDENTIALS, Credentials, peer_address, peer_credentials
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
@@ -312,6 +312,8 @@ class Peer(Handlers):
         self._paused = False
         self._backlog: collections.deque[Frame] = collections.deque()
         self._held = 0  # bytes read, and attachment bytes held, while paused
+        self._backlog_handles = 0  # received Handles in frames of the backlog
+        self._handle_timer: asyncio.TimerHandle | None = None  # rechecks Handles while paused
         self._drainer: asyncio.Task[None] | None = None
         self._dropped = False  # the connection dropped; reading never resumes
         self._flush_handle: asyncio.Handle | None = None
@@ -459,8 +461,9 @@ class Peer(Handlers):
         return {"peer": repr(self), "peer_pid": self._peer_pid, "peer_address": self.address}
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open" if self._hello_fut.done() else "handshaking"
-        return f"<Peer {self.name or self._fd} role={self.role} {state}>"
+        # (no "open": the repr goes into the message of the error that closes it)
+        state = " closed" if self._closed else "" if self._hello_fut.done() else " handshaking"
+        return f"<Peer {self.name or self._fd} role={self.role}{state}>"
 
     # -- calling ----------------------------------------------------------
 
@@ -835,7 +838,12 @@ class Peer(Handlers):
         return (
             self._stream.buffered + self._conn.buffered_out > HIGH_WATER
             or len(self._tasks) > MAX_TASKS
+            or self._handles_out() > HANDLES_HIGH
         )
+
+    def _handles_out(self) -> int:
+        """Received Handles alive and untaken outside the backlog (in handlers, tasks, app)."""
+        return self._conn.handles_held - self._backlog_handles
 
     def _pause(self) -> None:
         """Stop reading: this peer made this side hold too much (unless the kernel takes it)."""
@@ -879,14 +887,28 @@ class Peer(Handlers):
             return
         if len(self._tasks) > TASKS_LOW:
             return  # the next task to end checks again
+        if self._handles_out() > HANDLES_LOW:
+            # Handles end in many ways (taken, closed, collected): look again soon
+            if self._handle_timer is None:
+                self._handle_timer = self._loop.call_later(0.02, self._recheck_handles)
+            return
         self._paused = False
         self._held = 0
         backlog = self._backlog
         while backlog and not self._paused and self._closed is None:
-            self._dispatch(iter((backlog.popleft(),)))
+            f = backlog.popleft()
+            if f.attachments:
+                self._backlog_handles -= sum(isinstance(a, Handle) for a in f.attachments)
+            self._dispatch(iter((f,)))
+            if f.attachments and not self._paused and self._handles_out() > HANDLES_HIGH:
+                self._pause()
         if self._conn.buffered_out:
             self._flush()
         self._set_reading()
+
+    def _recheck_handles(self) -> None:
+        self._handle_timer = None
+        self._maybe_resume()
 
     def _hold(self, frames: Iterable[Frame]) -> None:
         """Paused: answers to our calls are handled now, everything else waits in order."""
@@ -903,6 +925,8 @@ class Peer(Handlers):
                 backlog.append(f)
                 for a in f.attachments:  # mapped segments count as held too
                     self._held += held_size(a)
+                    if isinstance(a, Handle):
+                        self._backlog_handles += 1
 
     # -- reading ----------------------------------------------------------
 
@@ -983,6 +1007,8 @@ class Peer(Handlers):
             self._flush()
         if not self._paused and self._stream.buffered > HIGH_WATER:
             self._pause()  # answers made without a handler (no_handler, PONG...) pile up too
+        elif not self._paused and self._handles_out() > HANDLES_HIGH:
+            self._pause()  # received Handles pile up: pause long before MAX_LIVE_HANDLES
         if self._conn.unclaimed_fds and self._fd_timer is None:
             self._fd_timer = self._loop.call_later(FD_CLAIM_TIMEOUT, self._check_unclaimed)
         return True
@@ -1259,6 +1285,8 @@ class Peer(Handlers):
             self._timer.cancel()
         if self._fd_timer is not None:
             self._fd_timer.cancel()
+        if self._handle_timer is not None:
+            self._handle_timer.cancel()
         self._deadlines.clear()
         self._backlog.clear()
         if self._conn.routes is not None:

@@ -27,6 +27,10 @@ __all__ = ["AGAIN", "SocketStream", "Stream", "close_all", "tls_handshake"]
 READ_SIZE: Final = 256 * 1024
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
 _SCM: Final = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+#: bytes a queued descriptor counts for in :attr:`SocketStream.buffered`: each one pins an
+#: entry of this process's descriptor table, so senders wait (at the peer's high water)
+#: once ~256 are queued, not once 4 MiB of ~50-byte frames carrying them are
+FD_QUEUED_SIZE: Final = 16 * 1024
 _local = threading.local()
 #: "try again later" from a non-blocking socket, plain or TLS (``ssl.SSLSocket``)
 AGAIN: Final = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -230,7 +234,7 @@ class SocketStream:
         if self._wfds is None:
             self._wfds = collections.deque()
         self._wfds.append((memoryview(data), fds))
-        self._queue(memoryview(b""), len(data))
+        self._queue(memoryview(b""), len(data) + len(fds) * FD_QUEUED_SIZE)
         return False
 
     def _queue(self, chunk: memoryview, size: int | None = None) -> None:
@@ -261,7 +265,7 @@ class SocketStream:
                 return
             self._wfds.popleft()
             close_all(fds)
-            self.buffered -= n
+            self.buffered -= n + len(fds) * FD_QUEUED_SIZE
             if n < len(data):
                 wbuf[0] = data[n:]
             else:

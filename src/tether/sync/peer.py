@@ -83,7 +83,7 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
-from ..handles import held_size
+from ..handles import MAX_LIVE_HANDLES, held_size
 from ..identity import Credentials, peer_address, peer_credentials
 from ..protocol import Connection
 from ..registry import Call, Handler, Handlers, Registry
@@ -140,6 +140,9 @@ _REPLY_WRITE: Final = 10.0  # seconds to write what the reader queued (PONG, REL
 _ANSWER_WRITE: Final = 30.0  # seconds to write a handler's answer
 #: queued output past which the worker waits for the write lock (below it, the holder writes)
 OUT_HIGH: Final = 4 * 1024 * 1024
+#: received Handles past which reading stops even while the worker waits in ``invoke``
+HANDLES_WAITING: Final = MAX_LIVE_HANDLES * 3 // 4
+_ROOM_SLICE: Final = 0.05  # a paused reader rechecks for room this often
 #: default ``max_inflight``: invokes from the other side queued for the worker at once
 MAX_INFLIGHT: Final = 1024
 _ANC_SPACE: Final = socket.CMSG_SPACE(253 * 4)  # SCM_MAX_FD descriptors
@@ -900,7 +903,7 @@ class Peer(Handlers):
         backlog, q = self._backlog, self._jobs
         moved = False
         while backlog and (
-            (len(q) < HIGH_JOBS and self._jobs_bytes < HIGH_BYTES) or self._worker_waits
+            (len(q) < HIGH_JOBS and self._jobs_bytes < HIGH_BYTES) or self._unbounded()
         ):
             job = backlog.popleft()
             q.append(job)
@@ -930,11 +933,23 @@ class Peer(Handlers):
                     raise InvokeTimeout("timed out")
                 while (
                     (len(self._jobs) > LOW_JOBS or self._jobs_bytes > LOW_BYTES)
-                    and not self._worker_waits
+                    and not self._unbounded()
                     and self._closed is None
                 ):
-                    if not self._room_cv.wait(left):
+                    # (bounded slices: received Handles also go when taken on other threads)
+                    if not self._room_cv.wait(
+                        _ROOM_SLICE if left is None else min(left, _ROOM_SLICE)
+                    ):
                         break
+
+    def _unbounded(self) -> bool:
+        """Whether the queue takes every job read: the worker waits in ``invoke`` for an answer.
+
+        Not once :data:`HANDLES_WAITING` received Handles are untaken: reading
+        stops there (the answer waits behind them, up to the invoke's timeout)
+        rather than pass :data:`MAX_LIVE_HANDLES`, where the peer would be dropped.
+        """
+        return self._worker_waits and self._conn.handles_held < HANDLES_WAITING
 
     def _set_worker_waits(self, waits: bool) -> None:
         with self._mu:
