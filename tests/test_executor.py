@@ -339,7 +339,7 @@ async def test_kill_9_during_a_map_of_many_jobs_loses_no_job() -> None:
         done, _ = await asyncio.wait(futures, timeout=90)
         assert len(done) == 200  # every job returned or raised
         lost = [f.exception() for f in futures if f.exception() is not None]
-        assert all(isinstance(e, tether.PeerGone) and "SIGKILL" in str(e) for e in lost)
+        assert all(isinstance(e, tether.PeerGone) and "SIGKILL" in str(e) for e in lost), lost
         assert len(lost) <= 1  # only the job the victim was running (if it was running one)
         assert sorted(f.result() for f in futures if f.exception() is None) == sorted(
             i for i, f in enumerate(futures) if f.exception() is None

@@ -41,8 +41,12 @@ __all__ = ["Child"]
 _peer_invoke = Peer.invoke
 _peer_send = Peer.send
 
-# After the connection drops (EOF), how long to wait for the exit status.
+# After the exit is seen, how long to let the socket deliver what the child wrote.
 _EXIT_GRACE: Final = 0.05
+# After the connection drops (EOF), how long to wait for the exit status (the
+# exit ends the wait at once: a killed child's error names its signal even when
+# a loaded machine reaps it a little after its socket closed).
+_EOF_GRACE: Final = 0.5
 # After a GOODBYE the child is on its way out; its exit usually follows within
 # this bound, so errors can say how it ended.
 _GOODBYE_GRACE: Final = 1.0
@@ -237,7 +241,7 @@ class Child(Peer):
             self._finish()
             return
         # Wait (bounded) for the exit status, so the error can say how it ended.
-        self._end_in(_EXIT_GRACE if self._conn.goodbye_reason is None else _GOODBYE_GRACE)
+        self._end_in(_EOF_GRACE if self._conn.goodbye_reason is None else _GOODBYE_GRACE)
 
     def _end_in(self, delay: float) -> None:
         if self._end_timer is not None:
