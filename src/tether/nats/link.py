@@ -381,6 +381,9 @@ async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
             await peer.wait_hello(connect_timeout)
             # After the HELLO: the events every client gets join this connection's frames.
             await nc.subscribe(f"{addr.namespace}.events", cb=frames)
+            # the server has the subscription before connect() returns: an event
+            # main sends right after is not missed
+            await nc.flush(timeout=connect_timeout or 10)
         except BaseException:
             peer.abort(PeerGone(f"{addr} did not complete the handshake"))
             raise
