@@ -972,3 +972,33 @@ async def test_msgpack_page_attachment_references_without_attachments_are_bad_re
             info = msgspec.msgpack.decode(answer[20:])
             assert info["code"] == "bad_request" and "no attachments" in info["message"], info
     assert got == []
+
+
+async def test_the_secret_never_reaches_a_log(
+    main: tether.Main, site: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refusals of requests that carry the secret log the path with ``…`` in its place."""
+    from tether.web.server import MAX_STATIC_FILE_SIZE
+
+    with open(site / "huge.bin", "wb") as f:
+        f.truncate(MAX_STATIC_FILE_SIZE + 1)  # sparse: costs no disk
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    host = f"127.0.0.1:{server.address.port}"
+    page = f"/t/{server.token}/"
+    heads = [
+        f"GET {page}app.js HTTP/1.1\r\nHost: {host}\r\nSec-Fetch-Site: same-site",
+        f"GET {page}huge.bin HTTP/1.1\r\nHost: {host}",
+        f"GET {page} HTTP/1.1\r\nHost: {host}\r\nHost: {host}",
+        f"GET /{page} HTTP/1.1\r\nHost: {host}",
+        f"GET /t/{server.token}%2fapp.js HTTP/1.1\r\nHost: {host}",
+        f"GET {server.origin}{page}app.js HTTP/1.1\r\nHost: {host}",
+        f"GET {page}app.js HTTP/1.1\r\nHost: evil.example:{server.address.port}",
+    ]
+    with caplog.at_level(logging.DEBUG):
+        for head in heads:
+            status, body = await raw_request(server, head)
+            assert status >= 400, head
+            assert server.token.encode() not in body, head
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("/t/…/app.js" in m for m in logged)
+    assert not [m for m in logged if server.token in m]

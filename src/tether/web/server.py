@@ -30,11 +30,12 @@ import asyncio
 import hmac
 import http
 import ipaddress
+import logging
 import mimetypes
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
@@ -174,6 +175,7 @@ class WebServer(Server):
             close_timeout=2.0,
             server_header=None,
             create_connection=connection,
+            logger=_Redacting(logging.getLogger("websockets.server"), self._redact),
         )
 
     async def _start(self) -> None:
@@ -215,6 +217,10 @@ class WebServer(Server):
         if not hmac.compare_digest(secret.encode(), self.token.encode()):
             return None
         return slash + rest
+
+    def _redact(self, text: str) -> str:
+        """``text`` with this start's secret replaced by ``…``: logs never hold it."""
+        return text.replace(self.token, "…")
 
     def _respond(
         self, status: int, body: bytes, ctype: str, extra: tuple[tuple[str, str], ...] = ()
@@ -453,6 +459,19 @@ class WebServer(Server):
         await stream.finish()
 
 
+class _Redacting(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets' logger with the secret taken out: its debug lines hold request paths."""
+
+    def __init__(self, logger: logging.Logger, redact: Callable[[str], str]) -> None:
+        super().__init__(logger, {})
+        self._redact_text = redact
+
+    def log(self, level: int, msg: object, *args: Any, **kw: Any) -> None:
+        if self.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            self.logger.log(level, "%s", self._redact_text(text), **kw)
+
+
 class _Connection(ServerConnection):
     """websockets' connection, counted by its :class:`WebServer` until it is upgraded."""
 
@@ -484,10 +503,11 @@ def _select(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotoc
 
 
 def log_refusal(server: WebServer, request: Request, why: str) -> None:
+    """Log a refused request: its path without the query and with the secret shown as ``…``."""
     import logging
 
     logging.getLogger("tether").warning(
-        "%r refused %s: %s", server, request.path.partition("?")[0], why
+        "%r refused %s: %s", server, server._redact(request.path.partition("?")[0]), why
     )
 
 
