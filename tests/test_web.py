@@ -1002,3 +1002,51 @@ async def test_the_secret_never_reaches_a_log(
     logged = [r.getMessage() for r in caplog.records]
     assert any("/t/…/app.js" in m for m in logged)
     assert not [m for m in logged if server.token in m]
+
+
+async def test_a_flood_of_half_requests_does_not_cut_a_download(
+    main: tether.Main, site: Path
+) -> None:
+    """Only connections still sending their request are dropped for room, not one being answered."""
+    import socket
+
+    size = 8 * 1024 * 1024
+    with open(site / "big.bin", "wb") as f:
+        f.truncate(size)
+    server = await main.listen("ws://127.0.0.1:0", static=site, max_handshaking=8)
+    assert isinstance(server, WebServer)
+    port = server.address.port
+    loop = asyncio.get_running_loop()
+    legit = socket.socket()
+    legit.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    legit.settimeout(10)
+    held: list[socket.socket] = []
+    try:
+        legit.connect(("127.0.0.1", port))
+        legit.sendall(
+            f"GET /t/{server.token}/big.bin HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        )
+        got = await loop.run_in_executor(None, legit.recv, 4096)
+        assert got.startswith(b"HTTP/1.1 200")
+        for _ in range(40):  # no secret, never finished
+            attacker = socket.create_connection(("127.0.0.1", port))
+            attacker.sendall(b"GET / HTTP/1.1\r\n")
+            held.append(attacker)
+        for _ in range(100):
+            if server.http_dropped >= 32:
+                break
+            await asyncio.sleep(0.05)
+        assert server.http_dropped >= 32
+
+        def rest() -> bytes:
+            chunks = [got]
+            while chunk := legit.recv(1 << 16):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        data = await loop.run_in_executor(None, rest)
+        assert len(data.partition(b"\r\n\r\n")[2]) == size
+    finally:
+        legit.close()
+        for attacker in held:
+            attacker.close()

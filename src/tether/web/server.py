@@ -152,8 +152,9 @@ class WebServer(Server):
         # resolves here (DNS rebinding) is refused, token or not.
         self._hosts = {f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
         self._library = {path: (_library(name), ctype) for path, (name, ctype) in LIBRARY.items()}
-        # Connections not yet upgraded (HTTP requests, upgrades under way), oldest
-        # first; past max_handshaking the oldest is dropped (_http_room).
+        # Connections still sending their request or upgrading (not those
+        # being answered), oldest first; past max_handshaking the oldest is
+        # dropped (_http_room).
         self._http: dict[_Connection, None] = {}
         self._reads = asyncio.Semaphore(MAX_STATIC_READS)
         # Its own threads: file reads neither wait for nor hold up the app's
@@ -245,10 +246,21 @@ class WebServer(Server):
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         """Answer one HTTP request; ``None`` lets websockets complete an upgrade."""
+        # Its request is in: no longer one _http_room may drop, so a flood of
+        # half-sent requests cannot cut a response (held bytes are bounded by
+        # MAX_STATIC_BYTES). An upgrade goes back in until _handler takes it.
+        http_ = self._http
+        counted = False
+        if isinstance(conn, _Connection) and conn in http_:
+            del http_[conn]
+            counted = True
         try:
             response = await self._answer(conn, request)
         except MultipleValuesError as exc:  # two Host or Origin headers: which one counts?
             return self._refuse_http(request, 400, f"more than one {exc} header")
+        if response is None and isinstance(conn, _Connection) and counted:
+            http_[conn] = None
+            self._http_room()
         if request.method == "HEAD" and response is not None:
             response.body = b""  # the headers (Content-Length included) of a GET, no body
         return response
@@ -275,7 +287,7 @@ class WebServer(Server):
                 )
 
     def _http_room(self) -> None:
-        """Past ``max_handshaking`` connections not upgraded yet, drop the oldest."""
+        """Past ``max_handshaking`` connections sending a request or upgrading, drop the oldest."""
         limit = self.max_handshaking
         http_ = self._http
         while limit is not None and len(http_) > limit:
