@@ -589,7 +589,8 @@ async def test_a_silent_page_is_dropped_after_hello_timeout() -> None:
         )
         async with ws:
             assert parse(await asyncio.wait_for(ws.recv(), 5))[0] == HELLO  # main's
-            assert await _closed_with(ws) == 1002  # then nothing from us: dropped
+            assert await _closed_with(ws) == 1008  # then nothing from us: dropped
+            assert ws.close_reason == "no HELLO within 0.3 s"
         assert server.refused == 1
 
 

@@ -466,9 +466,16 @@ class WebServer(Server):
         peer.start()
         if not peer.closed:
             main._hello_timers[peer] = self._loop.call_later(
-                main.hello_timeout, main._check_hello, peer
+                main.hello_timeout, self._check_hello, peer, stream
             )
         await stream.finish()
+
+    def _check_hello(self, peer: Peer, stream: WebSocketStream) -> None:
+        """Main's hello timeout, with its own close: 1008, "no HELLO within N s"."""
+        if peer.remote_hello is None and not peer.closed:
+            timeout = self.main.hello_timeout
+            stream.close_as = (CloseCode.POLICY_VIOLATION, f"no HELLO within {timeout:g} s")
+        self.main._check_hello(peer)
 
 
 class _Redacting(logging.LoggerAdapter):  # type: ignore[type-arg]
