@@ -1051,3 +1051,16 @@ async def test_a_flood_of_half_requests_does_not_cut_a_download(
         legit.close()
         for attacker in held:
             attacker.close()
+
+
+async def test_favicon_at_the_root_is_no_content_not_a_refusal(
+    main: tether.Main, site: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Browsers ask for /favicon.ico on every page: 204, neither logged nor counted."""
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        status, _, body = await get(server.origin + "/favicon.ico")
+    assert (status, body) == (204, b"")
+    assert server.refused == 0
+    assert not [r for r in caplog.records if r.name == "tether"]
+    assert (await get(server.origin + "/favicon.png"))[0] == 403  # nothing else opens

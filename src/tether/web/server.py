@@ -339,6 +339,8 @@ class WebServer(Server):
         lib = self._library.get(path)
         if lib is not None:  # the library is public: nothing secret in it
             return self._respond(200, lib[0], lib[1])
+        if path == "/favicon.ico":  # browsers ask on every page: no icon, not a refusal
+            return self._respond(204, b"", "text/plain")
         rest = self._page_path(path)
         if rest is None:
             return self._refuse_http(
