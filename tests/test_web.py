@@ -186,6 +186,15 @@ async def test_static_files_refuse_requests_from_other_sites(main: tether.Main, 
     for where in ("same-origin", "none"):
         status, _, _ = await get(server.url + "app.js", {"Sec-Fetch-Site": where})
         assert status == 200, where
+    # A link to the app clicked on another site's page: a top-level navigation, let in.
+    navigate = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    for where in ("same-site", "cross-site"):
+        status, _, body = await get(server.url, {"Sec-Fetch-Site": where, **navigate})
+        assert (status, body) == (200, b"<h1>page</h1>"), where
+        frame = {"Sec-Fetch-Site": where, "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
+        assert (await get(server.url, frame))[0] == 403, where
+        script = {"Sec-Fetch-Site": where, "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "script"}
+        assert (await get(server.url + "app.js", script))[0] == 403, where
     # The library is public: any page may load it.
     status, _, _ = await get(server.origin + "/tether.js", {"Sec-Fetch-Site": "cross-site"})
     assert status == 200

@@ -17,7 +17,8 @@ pages on other ports could load the app's files with it. In the path, a
 page's relative links carry it and nothing else does. The socket takes it
 as ``?token=<secret>`` (tether.js reads it from the page's path). Static
 requests a browser marks ``Sec-Fetch-Site: same-site`` or ``cross-site``
-are refused too. The library is not secret: it is public at the root. The
+are refused too, except top-level navigations (a link to the app clicked
+on another page). The library is not secret: it is public at the root. The
 WebSocket upgrade must also come from the served origin (``Origin``), to a
 host name this server answers to (``Host``): a page of another site cannot
 drive the app even if it learnt the port. HTTP and WebSocket framing are
@@ -348,8 +349,15 @@ class WebServer(Server):
             )
         # Defence in depth: a browser names where a request comes from; only
         # the app's own pages (same-origin) or the user (none) load its files.
+        # A top-level navigation (a link to the printed address, clicked on
+        # another page) is let in: the linking page cannot read the document
+        # and frame-ancestors keeps it out of frames.
         fetch_site = request.headers.get("Sec-Fetch-Site", "none")
-        if fetch_site in ("same-site", "cross-site"):
+        navigation = (
+            request.headers.get("Sec-Fetch-Mode") == "navigate"
+            and request.headers.get("Sec-Fetch-Dest") == "document"
+        )
+        if fetch_site in ("same-site", "cross-site") and not navigation:
             return self._refuse_http(request, 403, f"a {fetch_site} request for a page's file")
         if rest == "":  # /t/<secret>: relative links need the slash
             return self._respond(
