@@ -569,6 +569,38 @@ def test_page_on_another_port_gets_neither_files_nor_secret(
         evil.close()
 
 
+def test_link_to_the_app_on_another_site_opens_it(page: Page, app: WebApp, tmp_path: Path) -> None:
+    """The printed address, clicked on a page of another port (same site) or of
+    ``localhost`` (another site), opens the app; that page's scripts still get nothing."""
+    (tmp_path / "evil.html").write_text("<!DOCTYPE html><title>evil</title><p>evil</p>")
+    evil = _EvilSite(tmp_path)
+    port = evil.httpd.server_address[1]
+    load = """(src) => new Promise((resolve) => {
+      const s = document.createElement("script");
+      s.src = src;
+      s.onload = () => resolve(window.leaked ?? "loaded");
+      s.onerror = () => resolve("refused");
+      setTimeout(() => resolve("timeout"), 10000);
+      document.head.appendChild(s);
+    })"""
+    try:
+        for host in ("127.0.0.1", "localhost"):
+            page.goto(f"http://{host}:{port}/evil.html")
+            assert page.evaluate(load, app.page_url("/config.js")) == "refused", host
+            page.evaluate(
+                """(u) => { const a = document.createElement("a"); a.href = u; a.id = "go";
+                  a.textContent = "open the app"; document.body.appendChild(a); }""",
+                app.page_url("/test.html"),
+            )
+            with page.expect_response(app.page_url("/test.html")) as opened:
+                page.click("#go")
+            assert opened.value.status == 200, host
+            expect(page.locator("#state")).to_have_text("ready")
+            assert page.evaluate("attempt('echo', 'clicked')") == {"ok": True, "value": "clicked"}
+    finally:
+        evil.close()
+
+
 def test_malformed_frame_closes_only_that_page(browser: Browser, app: WebApp) -> None:
     context = browser.new_context()
     context.set_default_timeout(WAIT_MS)

@@ -186,6 +186,15 @@ async def test_static_files_refuse_requests_from_other_sites(main: tether.Main, 
     for where in ("same-origin", "none"):
         status, _, _ = await get(server.url + "app.js", {"Sec-Fetch-Site": where})
         assert status == 200, where
+    # A link to the app clicked on another site's page: a top-level navigation, let in.
+    navigate = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    for where in ("same-site", "cross-site"):
+        status, _, body = await get(server.url, {"Sec-Fetch-Site": where, **navigate})
+        assert (status, body) == (200, b"<h1>page</h1>"), where
+        frame = {"Sec-Fetch-Site": where, "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
+        assert (await get(server.url, frame))[0] == 403, where
+        script = {"Sec-Fetch-Site": where, "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "script"}
+        assert (await get(server.url + "app.js", script))[0] == 403, where
     # The library is public: any page may load it.
     status, _, _ = await get(server.origin + "/tether.js", {"Sec-Fetch-Site": "cross-site"})
     assert status == 200
@@ -589,7 +598,8 @@ async def test_a_silent_page_is_dropped_after_hello_timeout() -> None:
         )
         async with ws:
             assert parse(await asyncio.wait_for(ws.recv(), 5))[0] == HELLO  # main's
-            assert await _closed_with(ws) == 1002  # then nothing from us: dropped
+            assert await _closed_with(ws) == 1008  # then nothing from us: dropped
+            assert ws.close_reason == "no HELLO within 0.3 s"
         assert server.refused == 1
 
 
@@ -972,3 +982,94 @@ async def test_msgpack_page_attachment_references_without_attachments_are_bad_re
             info = msgspec.msgpack.decode(answer[20:])
             assert info["code"] == "bad_request" and "no attachments" in info["message"], info
     assert got == []
+
+
+async def test_the_secret_never_reaches_a_log(
+    main: tether.Main, site: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refusals of requests that carry the secret log the path with ``…`` in its place."""
+    from tether.web.server import MAX_STATIC_FILE_SIZE
+
+    with open(site / "huge.bin", "wb") as f:
+        f.truncate(MAX_STATIC_FILE_SIZE + 1)  # sparse: costs no disk
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    host = f"127.0.0.1:{server.address.port}"
+    page = f"/t/{server.token}/"
+    heads = [
+        f"GET {page}app.js HTTP/1.1\r\nHost: {host}\r\nSec-Fetch-Site: same-site",
+        f"GET {page}huge.bin HTTP/1.1\r\nHost: {host}",
+        f"GET {page} HTTP/1.1\r\nHost: {host}\r\nHost: {host}",
+        f"GET /{page} HTTP/1.1\r\nHost: {host}",
+        f"GET /t/{server.token}%2fapp.js HTTP/1.1\r\nHost: {host}",
+        f"GET {server.origin}{page}app.js HTTP/1.1\r\nHost: {host}",
+        f"GET {page}app.js HTTP/1.1\r\nHost: evil.example:{server.address.port}",
+    ]
+    with caplog.at_level(logging.DEBUG):
+        for head in heads:
+            status, body = await raw_request(server, head)
+            assert status >= 400, head
+            assert server.token.encode() not in body, head
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("/t/…/app.js" in m for m in logged)
+    assert not [m for m in logged if server.token in m]
+
+
+async def test_a_flood_of_half_requests_does_not_cut_a_download(
+    main: tether.Main, site: Path
+) -> None:
+    """Only connections still sending their request are dropped for room, not one being answered."""
+    import socket
+
+    size = 8 * 1024 * 1024
+    with open(site / "big.bin", "wb") as f:
+        f.truncate(size)
+    server = await main.listen("ws://127.0.0.1:0", static=site, max_handshaking=8)
+    assert isinstance(server, WebServer)
+    port = server.address.port
+    loop = asyncio.get_running_loop()
+    legit = socket.socket()
+    legit.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    legit.settimeout(10)
+    held: list[socket.socket] = []
+    try:
+        legit.connect(("127.0.0.1", port))
+        legit.sendall(
+            f"GET /t/{server.token}/big.bin HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        )
+        got = await loop.run_in_executor(None, legit.recv, 4096)
+        assert got.startswith(b"HTTP/1.1 200")
+        for _ in range(40):  # no secret, never finished
+            attacker = socket.create_connection(("127.0.0.1", port))
+            attacker.sendall(b"GET / HTTP/1.1\r\n")
+            held.append(attacker)
+        for _ in range(100):
+            if server.http_dropped >= 32:
+                break
+            await asyncio.sleep(0.05)
+        assert server.http_dropped >= 32
+
+        def rest() -> bytes:
+            chunks = [got]
+            while chunk := legit.recv(1 << 16):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        data = await loop.run_in_executor(None, rest)
+        assert len(data.partition(b"\r\n\r\n")[2]) == size
+    finally:
+        legit.close()
+        for attacker in held:
+            attacker.close()
+
+
+async def test_favicon_at_the_root_is_no_content_not_a_refusal(
+    main: tether.Main, site: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Browsers ask for /favicon.ico on every page: 204, neither logged nor counted."""
+    server = await main.listen("ws://127.0.0.1:0", static=site)
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        status, _, body = await get(server.origin + "/favicon.ico")
+    assert (status, body) == (204, b"")
+    assert server.refused == 0
+    assert not [r for r in caplog.records if r.name == "tether"]
+    assert (await get(server.origin + "/favicon.png"))[0] == 403  # nothing else opens

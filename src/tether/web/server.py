@@ -17,7 +17,8 @@ pages on other ports could load the app's files with it. In the path, a
 page's relative links carry it and nothing else does. The socket takes it
 as ``?token=<secret>`` (tether.js reads it from the page's path). Static
 requests a browser marks ``Sec-Fetch-Site: same-site`` or ``cross-site``
-are refused too. The library is not secret: it is public at the root. The
+are refused too, except top-level navigations (a link to the app clicked
+on another page). The library is not secret: it is public at the root. The
 WebSocket upgrade must also come from the served origin (``Origin``), to a
 host name this server answers to (``Host``): a page of another site cannot
 drive the app even if it learnt the port. HTTP and WebSocket framing are
@@ -30,11 +31,12 @@ import asyncio
 import hmac
 import http
 import ipaddress
+import logging
 import mimetypes
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
@@ -151,8 +153,9 @@ class WebServer(Server):
         # resolves here (DNS rebinding) is refused, token or not.
         self._hosts = {f"{host}:{port}", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
         self._library = {path: (_library(name), ctype) for path, (name, ctype) in LIBRARY.items()}
-        # Connections not yet upgraded (HTTP requests, upgrades under way), oldest
-        # first; past max_handshaking the oldest is dropped (_http_room).
+        # Connections still sending their request or upgrading (not those
+        # being answered), oldest first; past max_handshaking the oldest is
+        # dropped (_http_room).
         self._http: dict[_Connection, None] = {}
         self._reads = asyncio.Semaphore(MAX_STATIC_READS)
         # Its own threads: file reads neither wait for nor hold up the app's
@@ -174,6 +177,7 @@ class WebServer(Server):
             close_timeout=2.0,
             server_header=None,
             create_connection=connection,
+            logger=_Redacting(logging.getLogger("websockets.server"), self._redact),
         )
 
     async def _start(self) -> None:
@@ -216,6 +220,10 @@ class WebServer(Server):
             return None
         return slash + rest
 
+    def _redact(self, text: str) -> str:
+        """``text`` with this start's secret replaced by ``…``: logs never hold it."""
+        return text.replace(self.token, "…")
+
     def _respond(
         self, status: int, body: bytes, ctype: str, extra: tuple[tuple[str, str], ...] = ()
     ) -> Response:
@@ -239,10 +247,21 @@ class WebServer(Server):
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         """Answer one HTTP request; ``None`` lets websockets complete an upgrade."""
+        # Its request is in: no longer one _http_room may drop, so a flood of
+        # half-sent requests cannot cut a response (held bytes are bounded by
+        # MAX_STATIC_BYTES). An upgrade goes back in until _handler takes it.
+        http_ = self._http
+        counted = False
+        if isinstance(conn, _Connection) and conn in http_:
+            del http_[conn]
+            counted = True
         try:
             response = await self._answer(conn, request)
         except MultipleValuesError as exc:  # two Host or Origin headers: which one counts?
             return self._refuse_http(request, 400, f"more than one {exc} header")
+        if response is None and isinstance(conn, _Connection) and counted:
+            http_[conn] = None
+            self._http_room()
         if request.method == "HEAD" and response is not None:
             response.body = b""  # the headers (Content-Length included) of a GET, no body
         return response
@@ -269,7 +288,7 @@ class WebServer(Server):
                 )
 
     def _http_room(self) -> None:
-        """Past ``max_handshaking`` connections not upgraded yet, drop the oldest."""
+        """Past ``max_handshaking`` connections sending a request or upgrading, drop the oldest."""
         limit = self.max_handshaking
         http_ = self._http
         while limit is not None and len(http_) > limit:
@@ -321,6 +340,8 @@ class WebServer(Server):
         lib = self._library.get(path)
         if lib is not None:  # the library is public: nothing secret in it
             return self._respond(200, lib[0], lib[1])
+        if path == "/favicon.ico":  # browsers ask on every page: no icon, not a refusal
+            return self._respond(204, b"", "text/plain")
         rest = self._page_path(path)
         if rest is None:
             return self._refuse_http(
@@ -328,8 +349,15 @@ class WebServer(Server):
             )
         # Defence in depth: a browser names where a request comes from; only
         # the app's own pages (same-origin) or the user (none) load its files.
+        # A top-level navigation (a link to the printed address, clicked on
+        # another page) is let in: the linking page cannot read the document
+        # and frame-ancestors keeps it out of frames.
         fetch_site = request.headers.get("Sec-Fetch-Site", "none")
-        if fetch_site in ("same-site", "cross-site"):
+        navigation = (
+            request.headers.get("Sec-Fetch-Mode") == "navigate"
+            and request.headers.get("Sec-Fetch-Dest") == "document"
+        )
+        if fetch_site in ("same-site", "cross-site") and not navigation:
             return self._refuse_http(request, 403, f"a {fetch_site} request for a page's file")
         if rest == "":  # /t/<secret>: relative links need the slash
             return self._respond(
@@ -448,9 +476,29 @@ class WebServer(Server):
         peer.start()
         if not peer.closed:
             main._hello_timers[peer] = self._loop.call_later(
-                main.hello_timeout, main._check_hello, peer
+                main.hello_timeout, self._check_hello, peer, stream
             )
         await stream.finish()
+
+    def _check_hello(self, peer: Peer, stream: WebSocketStream) -> None:
+        """Main's hello timeout, with its own close: 1008, "no HELLO within N s"."""
+        if peer.remote_hello is None and not peer.closed:
+            timeout = self.main.hello_timeout
+            stream.close_as = (CloseCode.POLICY_VIOLATION, f"no HELLO within {timeout:g} s")
+        self.main._check_hello(peer)
+
+
+class _Redacting(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets' logger with the secret taken out: its debug lines hold request paths."""
+
+    def __init__(self, logger: logging.Logger, redact: Callable[[str], str]) -> None:
+        super().__init__(logger, {})
+        self._redact_text = redact
+
+    def log(self, level: int, msg: object, *args: Any, **kw: Any) -> None:
+        if self.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            self.logger.log(level, "%s", self._redact_text(text), **kw)
 
 
 class _Connection(ServerConnection):
@@ -484,10 +532,11 @@ def _select(conn: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotoc
 
 
 def log_refusal(server: WebServer, request: Request, why: str) -> None:
+    """Log a refused request: its path without the query and with the secret shown as ``…``."""
     import logging
 
     logging.getLogger("tether").warning(
-        "%r refused %s: %s", server, request.path.partition("?")[0], why
+        "%r refused %s: %s", server, server._redact(request.path.partition("?")[0]), why
     )
 
 
