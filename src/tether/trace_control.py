@@ -98,12 +98,19 @@ def _ignore(task: asyncio.Task[Any]) -> None:
         task.exception()  # the watcher left meanwhile: nothing to do
 
 
-def _keep(rec: dict[str, Any], ns: argparse.Namespace) -> bool:
+def _keep(rec: dict[str, Any], ns: argparse.Namespace, *, by_kind: bool = True) -> bool:
+    """Whether ``rec`` passes the filters (``by_kind=False``: all but ``--kind``).
+
+    An answer that completes an invoke (it carries the latency) passes
+    ``--kind invoke`` too: it is the end of the invoke.
+    """
     if ns.channel and rec.get("channel") not in ns.channel:
         return False
     if ns.peer and not any(p in str(rec.get("peer", "")) for p in ns.peer):
         return False
-    return not (ns.kind and rec.get("kind") not in ns.kind)
+    if not by_kind or not ns.kind:
+        return True
+    return rec.get("kind") in ns.kind or ("latency_us" in rec and "invoke" in ns.kind)
 
 
 def format_record(rec: dict[str, Any]) -> str:
@@ -122,8 +129,8 @@ def format_record(rec: dict[str, Any]) -> str:
     if "latency_us" in rec:
         side = "handler" if rec.get("dir") == "send" else "invoke"
         line += f"  {side} {rec['latency_us'] / 1000:.3f} ms"
-        if rec.get("error"):
-            line += " ERROR"
+        if (err := rec.get("error")) is not None and err is not False:
+            line += f" ERROR ({err})" if isinstance(err, str) else " ERROR"
     return line
 
 
@@ -146,9 +153,10 @@ async def watch(ns: argparse.Namespace) -> int:
 
     def on_records(call: Call, records: list[dict[str, Any]]) -> None:
         for rec in records:
-            if _keep(rec, ns):
+            if _keep(rec, ns, by_kind=False):  # --kind filters what is printed, not measured
                 summary.add(rec)
-                console.print(Text(format_record(rec)))
+                if _keep(rec, ns):
+                    console.print(Text(format_record(rec)))
 
     try:
         peer = await connect(ns.address, connect_timeout=ns.timeout, timeout=ns.timeout)

@@ -356,6 +356,7 @@ class Main(Handlers):
     Raises:
         TypeError, ValueError: an argument has the wrong type or an impossible
             value (checked here, so a mistake fails at construction).
+        OSError: ``trace`` names a file whose directory is missing or not writable.
     """
 
     def __init__(
@@ -435,7 +436,9 @@ class Main(Handlers):
         self._closing = False
         # trace=: this main started tracing (it stops it, merging its children's files, at close)
         self._tracing = (
-            tracing.start(trace, name) if trace is not None and tracing.hook is None else None
+            tracing.start(trace, name, strict=True)
+            if trace is not None and tracing.hook is None
+            else None
         )
         self._exit_callbacks: list[hub.ChildExitCallback] = []  # on_child_exit
         self._exit_tasks: set[asyncio.Future[Any]] = set()  # ...the async ones running

@@ -446,7 +446,7 @@ class Peer(Handlers):
         conn = self._conn
         for rid, waiter in list(conn.pending.items()):
             if isinstance(waiter, asyncio.Future) and not waiter.done():
-                conn.send_cancel(rid)
+                conn.send_cancel(rid, "peer gone")
                 waiter.set_exception(exc)
         self._kick()
 
@@ -630,7 +630,7 @@ class Peer(Handlers):
         self, rid: int, fut: asyncio.Future[Any], channel: str, timeout: float, default: bool
     ) -> None:
         if not fut.done():
-            self._conn.send_cancel(rid)
+            self._conn.send_cancel(rid, "timeout")
             self._kick()
             fut.set_exception(InvokeTimeout(timeout_message(channel, timeout, default)))
 
