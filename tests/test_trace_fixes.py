@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -168,3 +169,25 @@ def test_bad_trace_path_fails_fast_or_warns(
         timeout=60,
     )
     assert run.returncode == 0 and "cannot write the trace file" in run.stderr
+
+
+def test_merge_dedupes_refuses_twice_and_names_a_bad_file(tmp_path: Path) -> None:
+    one = tmp_path / "a.json"
+    two = tmp_path / "b.json"
+    meta = {"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "main"}}
+    x = {"name": "x", "ph": "i", "s": "p", "ts": 2, "pid": 1, "tid": 1}
+    y = {"name": "y", "ph": "i", "s": "p", "ts": 1, "pid": 2, "tid": 2}
+    one.write_text(json.dumps({"traceEvents": [meta, x]}))
+    two.write_text(json.dumps([y]))
+    out = tmp_path / "all.json"
+    assert tracing.merge([one, two], out) == 3
+    # merging the merged file with one of its parts again: nothing doubled
+    again = tmp_path / "again.json"
+    assert tracing.merge([out, one], again) == 3
+    assert [e["name"] for e in tracing.load(again)] == ["process_name", "y", "x"]
+    with pytest.raises(ValueError, match="given twice"):
+        tracing.merge([one, tmp_path / "." / "a.json"], again)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json: not a JSON trace file"):
+        tracing.merge([one, bad], again)

@@ -426,7 +426,10 @@ def load(path: str | Path) -> list[dict[str, Any]]:
         OSError: it cannot be read.
     """
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except ValueError as exc:  # JSONDecodeError, or text that is not UTF-8
+            raise ValueError(f"{os.fspath(path)}: not a JSON trace file: {exc}") from None
     if isinstance(data, dict):
         data = data.get("traceEvents")
     if not isinstance(data, list):
@@ -435,10 +438,30 @@ def load(path: str | Path) -> list[dict[str, Any]]:
 
 
 def merge(paths: Iterable[str | Path], out: str | Path) -> int:
-    """Join trace files into one timeline at ``out``; return the number of events."""
-    events: list[dict[str, Any]] = []
+    """Join trace files into one timeline at ``out``; return the number of events.
+
+    Events identical in two files (a file merged before, its process and
+    thread names) are kept once.
+
+    Raises:
+        ValueError: a file is given twice, or is not a trace-event file (named).
+        OSError: a file cannot be read, or ``out`` written.
+    """
+    paths = list(paths)
+    seen_paths: set[str] = set()
     for p in paths:
-        events.extend(load(p))
+        real = os.path.realpath(p)
+        if real in seen_paths:
+            raise ValueError(f"{os.fspath(p)} is given twice: its events would be doubled")
+        seen_paths.add(real)
+    events: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for p in paths:
+        for e in load(p):
+            key = json.dumps(e, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                events.append(e)
     events.sort(key=lambda e: (e.get("ph") != "M", e.get("ts", 0)))
     _dump(Path(out), events, {"merged_from": [str(p) for p in paths]})
     return len(events)
