@@ -191,3 +191,47 @@ def test_merge_dedupes_refuses_twice_and_names_a_bad_file(tmp_path: Path) -> Non
     bad.write_text("{not json")
     with pytest.raises(ValueError, match=r"bad\.json: not a JSON trace file"):
         tracing.merge([one, bad], again)
+
+
+async def test_watcher_says_when_main_goes_away(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir(mode=0o700)
+    address = f"unix://{folder}/main.sock"
+    async with tether.Main(timeout=10.0) as main:
+        await main.listen(address)
+        watcher = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tether",
+            "trace",
+            address,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": _SRC},
+        )
+        try:
+            assert watcher.stdout is not None
+            line = await asyncio.wait_for(watcher.stdout.readline(), 60)
+            assert line.startswith(b"attached to main pid")
+        except BaseException:
+            watcher.kill()
+            await watcher.wait()
+            raise
+    out, err = await asyncio.wait_for(watcher.communicate(), 60)
+    text = out.decode()
+    assert f"main pid {os.getpid()} went away" in text, (text, err)
+    assert text.index("went away") < text.index("invokes per channel")
+
+
+def test_refusal_hint_names_the_uid_check(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.sock"
+    mine.write_text("")
+    assert trace_control._refusal_hint(f"unix://{mine}") == ""
+    assert trace_control._refusal_hint("tcp://127.0.0.1:1") == ""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a file of another uid")
+    theirs = tmp_path / "theirs.sock"
+    theirs.write_text("")
+    os.chown(theirs, 65534, 65534)
+    hint = trace_control._refusal_hint(f"unix://{theirs}")
+    assert "refused by the listener: uid not allowed" in hint and "uid 65534" in hint

@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import tracing
-from .errors import Forbidden, TetherError
+from .errors import Forbidden, PeerGone, TetherError
 from .registry import Call, Handler, Registry
 
 if TYPE_CHECKING:
@@ -134,6 +134,23 @@ def format_record(rec: dict[str, Any]) -> str:
     return line
 
 
+def _refusal_hint(address: str) -> str:
+    """Why a unix listener probably hung up at once: its uid check (it says nothing on the wire)."""
+    if not address.startswith("unix://"):
+        return ""
+    try:
+        owner = os.stat(address[len("unix://") :]).st_uid
+    except OSError:
+        return ""
+    me = os.geteuid()
+    if owner == me:
+        return ""
+    return (
+        f" (refused by the listener: uid not allowed; the socket belongs to uid {owner}, "
+        f"this is uid {me}: main's listen(uids=...) must allow it)"
+    )
+
+
 async def watch(ns: argparse.Namespace) -> int:
     """``tether trace ADDRESS``: print frames until Ctrl-C or ``--duration``, then a summary."""
     from rich.console import Console
@@ -161,7 +178,12 @@ async def watch(ns: argparse.Namespace) -> int:
     try:
         peer = await connect(ns.address, connect_timeout=ns.timeout, timeout=ns.timeout)
     except (TetherError, OSError, ValueError) as exc:
-        console.print(Text(f"error: cannot connect to {ns.address}: {exc}"), style="red")
+        msg = str(exc)
+        if not msg.startswith("cannot connect"):  # the error may say it already
+            msg = f"cannot connect to {ns.address}: {msg}"
+        if isinstance(exc, PeerGone | ConnectionError):
+            msg += _refusal_hint(ns.address)
+        console.print(Text(f"error: {msg}"), style="red")
         return 1
     try:
         peer.on(RECORDS, on_records)
@@ -183,6 +205,10 @@ async def watch(ns: argparse.Namespace) -> int:
             for w in waits:
                 w.cancel()
         elapsed = time.monotonic() - started
+        if peer.closed and not stop.is_set():
+            console.print(
+                Text(f"main pid {info['pid']} went away (connection closed)"), style="red"
+            )
     finally:
         await peer.close()
     table = Table(title=f"invokes per channel ({elapsed:.1f} s)")
