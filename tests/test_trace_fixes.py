@@ -235,3 +235,46 @@ def test_refusal_hint_names_the_uid_check(tmp_path: Path) -> None:
     os.chown(theirs, 65534, 65534)
     hint = trace_control._refusal_hint(f"unix://{theirs}")
     assert "refused by the listener: uid not allowed" in hint and "uid 65534" in hint
+
+
+async def test_logs_name_the_peer_for_failures_timeouts_deaths_and_clients(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir(mode=0o700)
+    address = f"unix://{folder}/main.sock"
+    out = tmp_path / "t.json"
+    caplog.set_level(logging.DEBUG, logger="tether")
+    async with tether.Main(trace=out, timeout=30.0) as main:
+
+        def boom(call: tether.Call) -> None:
+            raise ValueError("kaboom")
+
+        main.handle("boom", boom)
+        await main.listen(address)
+        child = await main.spawn(_trace_targets.slow)
+        with pytest.raises(tether.InvokeTimeout):
+            await child.invoke("hang", timeout=0.3)
+        client = await tether.connect(address, timeout=30.0)
+        with pytest.raises(tether.RemoteError):
+            await client.invoke("boom")
+        await client.close()
+        child.kill()
+        await child.wait(30)
+        for _ in range(200):  # main learns of the client's goodbye on its own turn
+            if not any("left" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.02)
+    messages = [
+        (r.name, r.levelno, r.getMessage(), getattr(r, "peer_pid", None)) for r in caplog.records
+    ]
+
+    def find(text: str) -> tuple[str, int, str, Any]:
+        return next(m for m in messages if text in m[2])
+
+    assert find("timed out after 0.3 s")[3] == child.pid
+    raised = find("raised ValueError: kaboom")
+    assert raised[1] == logging.DEBUG and raised[3] == os.getpid()  # the client: this process
+    assert find("connected from")[3] == os.getpid()
+    assert find(" left: ")[3] == os.getpid()
+    assert find("was killed by SIGKILL")[3] == child.pid
+    assert find(f"trace written to {out}")[0] == "tether.trace"

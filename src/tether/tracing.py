@@ -538,6 +538,8 @@ def stop() -> Path | None:
         return None
     try:
         written = rec.write()
+        if written is not None:
+            log.debug("trace of pid %d written to %s", rec.pid, written)
     except OSError as exc:
         log.warning("trace file %s not written: %s", rec.path, exc)
         written = None
@@ -559,6 +561,9 @@ def stop() -> Path | None:
                     with contextlib.suppress(OSError):
                         p.unlink()
                 written = rec.path
+                log.info("trace written to %s (merged %d children's files)", written, len(parts))
+            elif written is not None:
+                log.info("trace written to %s", written)
     return written
 
 
