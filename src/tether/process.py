@@ -295,6 +295,10 @@ def child_entry(
             redirect(*options["capture"])
         if isinstance(target, TargetRef):  # imported here: an import error is reported
             target = target.resolve()
+        if tracing.hook is not None:  # the track label: which child this is
+            what = options.get("name") or getattr(target, "__qualname__", "")
+            tracing.hook.name = f"child {what} {os.getpid()}".replace("  ", " ")
+            tracing.write_on_sigterm()
         if inspect.iscoroutinefunction(target):
             from .aio.loop import run
 

@@ -687,6 +687,8 @@ class Connection:
 
     def fail_all(self) -> list[Any]:
         """Close for good and hand back every pending waiter, to be failed."""
+        if _tracing.hook is not None:  # tracing: end this connection's open spans
+            _tracing.hook.conn_ended(self)
         self.abort()
         waiters = list(self.pending.values())
         self.pending.clear()
@@ -886,9 +888,14 @@ class Connection:
             except Exception:  # too large, or a str that does not encode: smaller
                 continue
 
-    def send_cancel(self, request_id: int) -> None:
-        """Forget the call ``request_id`` and ask the peer to cancel its handler."""
+    def send_cancel(self, request_id: int, reason: str = "cancelled") -> None:
+        """Forget the call ``request_id`` and ask the peer to cancel its handler.
+
+        ``reason`` (``"timeout"``, ``"cancelled"``) ends the call's span in a trace.
+        """
         self.pending.pop(request_id, None)
+        if _tracing.hook is not None:
+            _tracing.hook.call_ended(self, request_id, reason)
         if self.state in (State.OPEN, State.HANDSHAKE):
             self._emit(Kind.CANCEL, request_id, 0, b"", b"")
 

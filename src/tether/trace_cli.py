@@ -22,8 +22,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import tracing
+from .wire import Kind
 
 __all__ = ["Summary", "main", "plot"]
+
+#: the kinds ``--kind`` accepts: frame kinds, ``unanswered`` (an invoke ended by a
+#: timeout, a cancel or the connection's end) and ``mark`` (a child's exit...)
+KINDS = sorted({tracing.kind_name(int(k)) for k in Kind} | {"unanswered", "mark"})
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -74,14 +79,17 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "tether trace ADDRESS: print a running main's frames live, then a summary of "
             "invokes per channel (Ctrl-C to stop). tether trace merge OUT FILE...: join "
-            "trace files (Chrome trace-event JSON, one per process) into OUT."
+            "trace files (Chrome trace-event JSON, one per process) into OUT. tether trace plot "
+            "TRACE OUT.png: draw a trace file as a timeline (matplotlib)."
         ),
     )
     parser.add_argument("address", metavar="ADDRESS", help="unix:///path of a listening main")
     parser.add_argument("--channel", action="append", help="only this channel (repeatable)")
     parser.add_argument("--peer", action="append", help="only peers whose identity contains this")
     parser.add_argument(
-        "--kind", action="append", help="only this frame kind: invoke, result, error, event..."
+        "--kind",
+        action="append",
+        help=f"only this kind (repeatable): {', '.join(KINDS)}; the summary counts every invoke",
     )
     parser.add_argument(
         "--duration", type=float, metavar="SECONDS", help="stop after SECONDS (default: Ctrl-C)"
@@ -115,7 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _merge(args[1:])
     if args[:1] == ["plot"]:
         return _plot(args[1:])
-    ns = _build_parser().parse_args(args)
+    parser = _build_parser()
+    ns = parser.parse_args(args)
+    bad = [k for k in ns.kind or () if k not in KINDS]
+    if bad:
+        parser.error(f"unknown --kind {', '.join(bad)} (valid: {', '.join(KINDS)})")
     from .trace_control import watch
 
     try:

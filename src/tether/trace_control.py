@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import tracing
-from .errors import Forbidden, TetherError
+from .errors import Forbidden, PeerGone, TetherError
 from .registry import Call, Handler, Registry
 
 if TYPE_CHECKING:
@@ -98,12 +98,19 @@ def _ignore(task: asyncio.Task[Any]) -> None:
         task.exception()  # the watcher left meanwhile: nothing to do
 
 
-def _keep(rec: dict[str, Any], ns: argparse.Namespace) -> bool:
+def _keep(rec: dict[str, Any], ns: argparse.Namespace, *, by_kind: bool = True) -> bool:
+    """Whether ``rec`` passes the filters (``by_kind=False``: all but ``--kind``).
+
+    An answer that completes an invoke (it carries the latency) passes
+    ``--kind invoke`` too: it is the end of the invoke.
+    """
     if ns.channel and rec.get("channel") not in ns.channel:
         return False
     if ns.peer and not any(p in str(rec.get("peer", "")) for p in ns.peer):
         return False
-    return not (ns.kind and rec.get("kind") not in ns.kind)
+    if not by_kind or not ns.kind:
+        return True
+    return rec.get("kind") in ns.kind or ("latency_us" in rec and "invoke" in ns.kind)
 
 
 def format_record(rec: dict[str, Any]) -> str:
@@ -122,9 +129,26 @@ def format_record(rec: dict[str, Any]) -> str:
     if "latency_us" in rec:
         side = "handler" if rec.get("dir") == "send" else "invoke"
         line += f"  {side} {rec['latency_us'] / 1000:.3f} ms"
-        if rec.get("error"):
-            line += " ERROR"
+        if (err := rec.get("error")) is not None and err is not False:
+            line += f" ERROR ({err})" if isinstance(err, str) else " ERROR"
     return line
+
+
+def _refusal_hint(address: str) -> str:
+    """Why a unix listener probably hung up at once: its uid check (it says nothing on the wire)."""
+    if not address.startswith("unix://"):
+        return ""
+    try:
+        owner = os.stat(address[len("unix://") :]).st_uid
+    except OSError:
+        return ""
+    me = os.geteuid()
+    if owner == me:
+        return ""
+    return (
+        f" (refused by the listener: uid not allowed; the socket belongs to uid {owner}, "
+        f"this is uid {me}: main's listen(uids=...) must allow it)"
+    )
 
 
 async def watch(ns: argparse.Namespace) -> int:
@@ -146,14 +170,20 @@ async def watch(ns: argparse.Namespace) -> int:
 
     def on_records(call: Call, records: list[dict[str, Any]]) -> None:
         for rec in records:
-            if _keep(rec, ns):
+            if _keep(rec, ns, by_kind=False):  # --kind filters what is printed, not measured
                 summary.add(rec)
-                console.print(Text(format_record(rec)))
+                if _keep(rec, ns):
+                    console.print(Text(format_record(rec)))
 
     try:
         peer = await connect(ns.address, connect_timeout=ns.timeout, timeout=ns.timeout)
     except (TetherError, OSError, ValueError) as exc:
-        console.print(Text(f"error: cannot connect to {ns.address}: {exc}"), style="red")
+        msg = str(exc)
+        if not msg.startswith("cannot connect"):  # the error may say it already
+            msg = f"cannot connect to {ns.address}: {msg}"
+        if isinstance(exc, PeerGone | ConnectionError):
+            msg += _refusal_hint(ns.address)
+        console.print(Text(f"error: {msg}"), style="red")
         return 1
     try:
         peer.on(RECORDS, on_records)
@@ -175,6 +205,10 @@ async def watch(ns: argparse.Namespace) -> int:
             for w in waits:
                 w.cancel()
         elapsed = time.monotonic() - started
+        if peer.closed and not stop.is_set():
+            console.print(
+                Text(f"main pid {info['pid']} went away (connection closed)"), style="red"
+            )
     finally:
         await peer.close()
     table = Table(title=f"invokes per channel ({elapsed:.1f} s)")

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -52,6 +53,8 @@ __all__ = [
     "merge",
     "start",
     "stop",
+    "unwritable",
+    "write_on_sigterm",
 ]
 
 log = logging.getLogger("tether.trace")
@@ -72,6 +75,7 @@ _K_INVOKE = int(Kind.INVOKE)
 _K_RESULT = int(Kind.RESULT)
 _K_ERROR = int(Kind.ERROR)
 _K_EVENT = int(Kind.EVENT)
+_K_CANCEL = int(Kind.CANCEL)
 _KIND_NAMES = {int(k): k.name.lower() for k in Kind}
 
 
@@ -112,10 +116,12 @@ class Recorder:
     def __init__(self, path: str | Path | None = None, name: str = "") -> None:
         self.path = Path(path) if path is not None else None
         self.pid = os.getpid()
-        self.name = name or f"{'child' if os.environ.get(_ROOT_ENV) else 'process'} {self.pid}"
+        root = os.environ.get(_ROOT_ENV)
+        #: this process's track label: ``main`` unless it is a child of the tracing root
+        self.name = name or (f"child {self.pid}" if root and root != str(self.pid) else "main")
         self.events: list[dict[str, Any]] = []
         self.dropped = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a SIGTERM handler may write the file
         # (id(conn), rid) -> (start µs, channel, route, peer pid, tid) of open invokes (an
         # answer names no route: the request id alone pairs it, per connection and direction)
         self._calls: dict[tuple[int, int], tuple[float, str, int, int, int]] = {}
@@ -214,7 +220,8 @@ class Recorder:
             "attachment_bytes": att,
         }
         key = (id(conn), rid)
-        span: dict[str, Any] | None = None
+        if kind == _K_CANCEL and direction == "recv" and key in self._served:
+            self._unanswered(conn, False, rid, self._served.pop(key), "cancelled")
         if kind == _K_INVOKE:
             table = self._calls if direction == "send" else self._served
             if len(table) >= MAX_OPEN:  # invokes of connections that died unanswered
@@ -224,40 +231,7 @@ class Recorder:
             mine = direction == "recv"  # an answer to our call, or our answer
             opened = (self._calls if mine else self._served).pop(key, None)
             if opened is not None:
-                start, chan, route, _, start_tid = opened
-                rec["channel"] = chan
-                rec["route_id"] = route
-                rec["latency_us"] = ts - start
-                rec["error"] = kind == _K_ERROR
-                caller, callee = (self.pid, peer_pid) if mine else (peer_pid, self.pid)
-                span = {
-                    "name": chan,
-                    "cat": "invoke" if mine else "handler",
-                    "ph": "X",
-                    "ts": start,
-                    "dur": max(ts - start, 0.001),
-                    "pid": self.pid,
-                    "tid": start_tid,
-                    "args": {
-                        "peer": peer,
-                        "request_id": rid,
-                        "route_id": route,
-                        "error": kind == _K_ERROR,
-                        "side": "caller" if mine else "handler",
-                    },
-                }
-                flow = {
-                    "name": chan,
-                    "cat": "invoke",
-                    "ph": "s" if mine else "f",
-                    "id": flow_id(caller, callee, route, rid),
-                    "ts": start,
-                    "pid": self.pid,
-                    "tid": start_tid,
-                }
-                if not mine:
-                    flow["bp"] = "e"
-                self._keep(span, flow)
+                self._close(rec, opened, peer, mine, ts, kind == _K_ERROR)
         elif self.path is not None:
             self._keep(
                 {
@@ -280,6 +254,96 @@ class Recorder:
             )
         if self._listeners:
             self._publish(rec)
+
+    def _close(
+        self,
+        rec: dict[str, Any],
+        opened: tuple[float, str, int, int, int],
+        peer: str,
+        mine: bool,
+        ts: float,
+        error: bool | str,
+    ) -> None:
+        """Complete ``rec`` as the end of an invoke; keep its span and flow event."""
+        start, chan, route, peer_pid, start_tid = opened
+        rid = rec["request_id"]
+        rec["channel"] = chan
+        rec["route_id"] = route
+        rec["latency_us"] = ts - start
+        rec["error"] = error
+        caller, callee = (self.pid, peer_pid) if mine else (peer_pid, self.pid)
+        span = {
+            "name": chan,
+            "cat": "invoke" if mine else "handler",
+            "ph": "X",
+            "ts": start,
+            "dur": max(ts - start, 0.001),
+            "pid": self.pid,
+            "tid": start_tid,
+            "args": {
+                "peer": peer,
+                "request_id": rid,
+                "route_id": route,
+                "error": error,
+                "side": "caller" if mine else "handler",
+            },
+        }
+        flow = {
+            "name": chan,
+            "cat": "invoke",
+            "ph": "s" if mine else "f",
+            "id": flow_id(caller, callee, route, rid),
+            "ts": start,
+            "pid": self.pid,
+            "tid": start_tid,
+        }
+        if not mine:
+            flow["bp"] = "e"
+        self._keep(span, flow)
+
+    def _unanswered(
+        self, conn: Any, mine: bool, rid: int, opened: tuple[float, str, int, int, int], why: str
+    ) -> None:
+        ts = _now_us()
+        peer, _ = peer_label(conn)
+        rec: dict[str, Any] = {
+            "ts": ts,
+            "pid": self.pid,
+            "tid": threading.get_ident(),
+            "dir": "recv" if mine else "send",  # the side the answer would have crossed
+            "peer": peer,
+            "channel": opened[1],
+            "kind": "unanswered",
+            "request_id": rid,
+            "route_id": opened[2],
+            "size": 0,
+            "attachment_bytes": 0,
+        }
+        self._close(rec, opened, peer, mine, ts, why)
+        if self._listeners:
+            self._publish(rec)
+
+    def call_ended(self, conn: Any, rid: int, why: str) -> None:
+        """Our invoke ``rid`` on ``conn`` ended unanswered (``why``: timeout, cancelled).
+
+        Its caller span ends now, as an error; the answer, if it still comes, is not paired.
+        """
+        if conn.trace_off:
+            return
+        opened = self._calls.pop((id(conn), rid), None)
+        if opened is not None:
+            self._unanswered(conn, True, rid, opened, why)
+
+    def conn_ended(self, conn: Any) -> None:
+        """``conn`` is gone: end its open spans (our calls, and the calls we were serving)."""
+        if conn.trace_off:
+            return
+        cid = id(conn)
+        for table, mine in ((self._calls, True), (self._served, False)):
+            for key in [k for k in table if k[0] == cid]:
+                opened = table.pop(key, None)
+                if opened is not None:
+                    self._unanswered(conn, mine, key[1], opened, "peer gone")
 
     def _keep(self, *events: dict[str, Any]) -> None:
         if self.path is None:
@@ -362,7 +426,10 @@ def load(path: str | Path) -> list[dict[str, Any]]:
         OSError: it cannot be read.
     """
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except ValueError as exc:  # JSONDecodeError, or text that is not UTF-8
+            raise ValueError(f"{os.fspath(path)}: not a JSON trace file: {exc}") from None
     if isinstance(data, dict):
         data = data.get("traceEvents")
     if not isinstance(data, list):
@@ -371,10 +438,30 @@ def load(path: str | Path) -> list[dict[str, Any]]:
 
 
 def merge(paths: Iterable[str | Path], out: str | Path) -> int:
-    """Join trace files into one timeline at ``out``; return the number of events."""
-    events: list[dict[str, Any]] = []
+    """Join trace files into one timeline at ``out``; return the number of events.
+
+    Events identical in two files (a file merged before, its process and
+    thread names) are kept once.
+
+    Raises:
+        ValueError: a file is given twice, or is not a trace-event file (named).
+        OSError: a file cannot be read, or ``out`` written.
+    """
+    paths = list(paths)
+    seen_paths: set[str] = set()
     for p in paths:
-        events.extend(load(p))
+        real = os.path.realpath(p)
+        if real in seen_paths:
+            raise ValueError(f"{os.fspath(p)} is given twice: its events would be doubled")
+        seen_paths.add(real)
+    events: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for p in paths:
+        for e in load(p):
+            key = json.dumps(e, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                events.append(e)
     events.sort(key=lambda e: (e.get("ph") != "M", e.get("ts", 0)))
     _dump(Path(out), events, {"merged_from": [str(p) for p in paths]})
     return len(events)
@@ -389,16 +476,42 @@ def child_path(path: str | Path, pid: int) -> Path:
 _started_env: tuple[str | None, str | None] | None = None
 
 
-def start(path: str | os.PathLike[str] | None = None, name: str = "") -> Recorder:
+def unwritable(path: str | os.PathLike[str]) -> str | None:
+    """Why a trace file cannot be written at ``path``, or ``None`` when it can."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"cannot write the trace file {os.fspath(path)!r}: no directory {folder!r}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write the trace file {os.fspath(path)!r}: directory {folder!r} not writable"
+    if os.path.isdir(path):
+        return f"cannot write the trace file {os.fspath(path)!r}: it is a directory"
+    return None
+
+
+def start(
+    path: str | os.PathLike[str] | None = None, name: str = "", *, strict: bool = False
+) -> Recorder:
     """Start tracing in this process (to ``path``, and in the children it spawns).
+
+    A ``path`` that cannot be written is logged as a warning under
+    ``tether.trace`` (tracing still runs, for ``tether trace`` watchers), or
+    with ``strict`` raises.
 
     Returns the recorder (the one already running, if any: a second start
     does not restart it).
+
+    Raises:
+        OSError: (``strict``) the file's directory is missing or not writable.
     """
     global hook, _started_env
     if hook is not None:
         return hook
     if path is not None:
+        problem = unwritable(path)
+        if problem is not None:
+            if strict:
+                raise OSError(problem)
+            log.warning("%s: no trace file will be written", problem)
         path = os.path.abspath(path)
         root = os.environ.get(_ROOT_ENV)
         if root is not None and root.isdigit() and int(root) != os.getpid():
@@ -423,7 +536,13 @@ def stop() -> Path | None:
     rec, hook = hook, None
     if rec is None:
         return None
-    written = rec.write()
+    try:
+        written = rec.write()
+        if written is not None:
+            log.debug("trace of pid %d written to %s", rec.pid, written)
+    except OSError as exc:
+        log.warning("trace file %s not written: %s", rec.path, exc)
+        written = None
     if _started_env is not None:
         old_path, old_root = _started_env
         _started_env = None
@@ -442,6 +561,9 @@ def stop() -> Path | None:
                     with contextlib.suppress(OSError):
                         p.unlink()
                 written = rec.path
+                log.info("trace written to %s (merged %d children's files)", written, len(parts))
+            elif written is not None:
+                log.info("trace written to %s", written)
     return written
 
 
@@ -450,6 +572,27 @@ def child_exited(pid: int, code: int | None, name: str) -> None:
     rec = hook
     if rec is not None:
         rec.instant("child exited", {"child_pid": pid, "exit_code": code, "child": name})
+
+
+def write_on_sigterm() -> None:
+    """In a child: on SIGTERM write this process's file first, then die of SIGTERM as before.
+
+    A signal sent to the whole process group (a terminal, ``timeout``, a
+    service manager) reaches the children with main: without this their
+    records would be lost, and main would merge nothing. Only installed
+    while SIGTERM has its default action.
+    """
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        with contextlib.suppress(Exception):
+            stop()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def _after_fork() -> None:

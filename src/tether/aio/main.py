@@ -356,6 +356,7 @@ class Main(Handlers):
     Raises:
         TypeError, ValueError: an argument has the wrong type or an impossible
             value (checked here, so a mistake fails at construction).
+        OSError: ``trace`` names a file whose directory is missing or not writable.
     """
 
     def __init__(
@@ -435,7 +436,9 @@ class Main(Handlers):
         self._closing = False
         # trace=: this main started tracing (it stops it, merging its children's files, at close)
         self._tracing = (
-            tracing.start(trace, name) if trace is not None and tracing.hook is None else None
+            tracing.start(trace, name, strict=True)
+            if trace is not None and tracing.hook is None
+            else None
         )
         self._exit_callbacks: list[hub.ChildExitCallback] = []  # on_child_exit
         self._exit_tasks: set[asyncio.Future[Any]] = set()  # ...the async ones running
@@ -484,8 +487,20 @@ class Main(Handlers):
         """
         kw = self._peer_kw(role, name, child=False)
         peer = Peer(sock, **kw, secret=server.secret, initiator=False, **ident)
-        self._accepted[peer] = (server, _peer_address(sock))
+        where = _peer_address(sock)
+        self._accepted[peer] = (server, where)
         self.peers.add(peer)
+        cred = ident.get("credentials")
+        pid = getattr(cred, "pid", None)
+        log.info(
+            "%r: %r connected from %s (pid %s, uid %s)",
+            server,
+            peer,
+            where,
+            pid,
+            getattr(cred, "uid", None),
+            extra={"peer": repr(peer), "peer_pid": pid, "peer_address": where},
+        )
         peer.start()
         if not peer.closed:
             # An accepted peer that never says hello is dropped (untrusted by default).
@@ -556,6 +571,15 @@ class Main(Handlers):
     def _forget(self, peer: Peer) -> None:
         self.peers.discard(peer)
         accepted = self._accepted.pop(peer, None)
+        if accepted is not None and peer.remote_hello is not None:
+            log.info(
+                "%r (pid %s) from %s left: %s",
+                peer,
+                peer.remote_hello.pid,
+                accepted[1],
+                peer.close_reason,
+                extra={"peer": repr(peer), "peer_pid": peer.remote_hello.pid},
+            )
         if accepted is not None and peer.remote_hello is None and not self._closing:
             self._refuse(*accepted, peer.close_reason)
         timer = self._hello_timers.pop(peer, None)
@@ -1013,6 +1037,12 @@ class Main(Handlers):
         return fn
 
     def _child_exited(self, child: Child) -> None:
+        log.info(
+            "%r: %s",
+            child,
+            describe_exit(child.pid, child.exitcode),
+            extra={"peer": repr(child), "peer_pid": child.pid},
+        )
         if tracing.hook is not None:
             tracing.child_exited(child.pid, child.exitcode, repr(child))
         hub.child_exited(self, child)

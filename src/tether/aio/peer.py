@@ -446,7 +446,7 @@ class Peer(Handlers):
         conn = self._conn
         for rid, waiter in list(conn.pending.items()):
             if isinstance(waiter, asyncio.Future) and not waiter.done():
-                conn.send_cancel(rid)
+                conn.send_cancel(rid, "peer gone")
                 waiter.set_exception(exc)
         self._kick()
 
@@ -458,7 +458,7 @@ class Peer(Handlers):
 
     def _who(self) -> dict[str, Any]:
         """``extra=`` for a log record about this peer: its identity as ``record.peer``."""
-        return {"peer": repr(self), "peer_pid": self._peer_pid, "peer_address": self.address}
+        return {"peer": repr(self), "peer_pid": self.pid, "peer_address": self.address}
 
     def __repr__(self) -> str:
         # (no "open": the repr goes into the message of the error that closes it)
@@ -630,7 +630,15 @@ class Peer(Handlers):
         self, rid: int, fut: asyncio.Future[Any], channel: str, timeout: float, default: bool
     ) -> None:
         if not fut.done():
-            self._conn.send_cancel(rid)
+            log.debug(
+                "%r: invoke %r (request %d) timed out after %s s; cancelled",
+                self,
+                channel,
+                rid,
+                timeout,
+                extra=self._who(),
+            )
+            self._conn.send_cancel(rid, "timeout")
             self._kick()
             fut.set_exception(InvokeTimeout(timeout_message(channel, timeout, default)))
 
@@ -1153,6 +1161,14 @@ class Peer(Handlers):
         """
         self._send_error(call.request_id, self._describe(exc))
         if isinstance(exc, Exception):
+            log.debug(
+                "%r: handler for %r raised %s: %s; answered with an ERROR",
+                self,
+                call.channel,
+                type(exc).__name__,
+                exc,
+                extra=self._who(),
+            )
             return False
         if isinstance(exc, _EXITS):
             self._flush(poll=False)

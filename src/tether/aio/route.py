@@ -216,7 +216,7 @@ class Route(Handlers):
                         frame = await fut
                 except TimeoutError:
                     if not fut.done() or fut.cancelled():
-                        conn.send_cancel(rid)
+                        conn.send_cancel(rid, "timeout")
                         peer._kick()
                         raise InvokeTimeout(f"no answer on {what} within {timeout} s") from None
                     frame = fut.result()  # answered as the time ran out (or its error)

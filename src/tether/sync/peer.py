@@ -475,7 +475,7 @@ class Peer(Handlers):
             self._wait(slot, deadline)
         except InvokeTimeout:
             with self._lock:
-                self._conn.send_cancel(rid)
+                self._conn.send_cancel(rid, "timeout")
             with contextlib.suppress(TetherError):
                 self._flush(time.monotonic() + 1.0, block=False)
             assert timeout is not None
