@@ -307,6 +307,8 @@ def on_frame(peer: Peer, f: Frame) -> None:
 
 def _open_stream(peer: Peer, f: Frame) -> None:
     rid = f.request_id
+    if peer._reused(rid):  # docs/protocol.md 9.1
+        return
     if f.route_id:  # a stream on a route: that route's handlers (tether.aio.route)
         from .route import resolve_route_invoke
 
