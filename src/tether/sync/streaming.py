@@ -153,7 +153,7 @@ class Stream(Iterator[T], Generic[T]):
                     with contextlib.suppress(TetherError):
                         peer._flush(time.monotonic() + _WRITE, block=False)
                 try:
-                    item: T = decode_result(f, self._item_type)
+                    item: T = decode_result(f, self._item_type, "item")
                 except BaseException:
                     self.close()
                     raise
