@@ -167,7 +167,7 @@ async def test_item_type_is_validated_on_the_reading_side(served: tuple[str, Rec
     address, _ = served
     async with tether.connect(address) as peer:
         s = peer.stream("tokens", "a b", item_type=int)
-        with pytest.raises(tether.BadRequest, match="^item does not match int"):
+        with pytest.raises(tether.BadRequest, match=r"^item does not match int"):
             await s.__anext__()
         # the stream is over for the reader
         with pytest.raises(StopAsyncIteration):
