@@ -120,3 +120,46 @@ async def test_an_id_answered_may_be_used_again() -> None:
     finally:
         b.close()
         await peer.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("second", [Kind.STREAM, Kind.INVOKE])
+def test_reused_stream_id_drops_the_blocking_peer_and_ends_its_generator(second: Kind) -> None:
+    """The blocking peer: a STREAM or INVOKE naming a stream it still serves."""
+    import time
+    from collections.abc import Iterator
+
+    import tether.sync
+
+    state = {"started": 0, "ended": 0}
+    a, b = socket.socketpair()
+    peer = tether.sync.Peer(a, role="main", local_role="child", timeout=10.0)
+
+    def counting(call: tether.Call) -> Iterator[int]:
+        state["started"] += 1
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            state["ended"] += 1
+
+    peer.handle("never", counting)
+    peer.handle("sleepy", lambda call: 1)
+
+    def until(cond: Any) -> None:
+        deadline = time.monotonic() + 20.0
+        while not cond():
+            assert time.monotonic() < deadline, "timed out waiting"
+            time.sleep(0.01)
+
+    try:
+        b.sendall(_hello() + _frames([Kind.STREAM]))
+        until(lambda: state["started"] == 1)  # one item sent; it waits for credit
+        b.sendall(_frames([second]))
+        until(lambda: peer.closed)
+        until(lambda: state["ended"] == 1)
+    finally:
+        b.close()
+        peer.close()
