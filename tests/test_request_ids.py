@@ -163,3 +163,35 @@ def test_reused_stream_id_drops_the_blocking_peer_and_ends_its_generator(second:
     finally:
         b.close()
         peer.close()
+
+
+async def test_a_paused_peer_that_hangs_up_is_released() -> None:
+    """Reading paused (tasks past MAX_TASKS) must still notice the peer is gone."""
+    state = {"started": 0, "ended": 0}
+    baseline = len(asyncio.all_tasks())
+    a, b = socket.socketpair()
+    peer = tether.Peer(a, role="main", local_role="child", timeout=10.0)
+
+    @peer.on("ev")
+    async def ev(call: tether.Call) -> None:
+        state["started"] += 1
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            state["ended"] += 1
+
+    peer.start()
+    data = bytearray()
+    for _ in range(1100):
+        encode_frame(data, Kind.EVENT, 0, 0, b"ev", msgspec.msgpack.encode([]))
+    try:
+        b.sendall(_hello() + bytes(data))
+        await _until(lambda: peer._paused and state["started"] > 1024)
+        b.close()
+        await _until(lambda: peer.closed)  # without the hangup check: paused for ever
+        await peer.close()  # listeners that outlive a dropped peer are reaped here
+        await _until(lambda: state["ended"] == state["started"])
+        await _until(lambda: len(asyncio.all_tasks()) <= baseline)
+    finally:
+        b.close()
+        await peer.close()

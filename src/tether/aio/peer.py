@@ -33,6 +33,7 @@ import collections
 import contextlib
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -103,6 +104,8 @@ MAX_INFLIGHT: Final = 1024
 MAX_QUEUED: Final = 64 * 1024 * 1024
 #: default ``drain_timeout``: seconds a sender waits for a lagging peer to read
 DRAIN_TIMEOUT: Final = 60.0
+#: seconds between checks, while reading is paused, that the peer has not hung up
+HANGUP_CHECK: Final = 1.0
 FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at the next turn
 _BURST: Final = 10e-6  # invokes closer together than this are coalesced into one write
 _LEASE_POLL: Final = 0.002  # first wait between checks for dropped views of lent segments
@@ -314,6 +317,7 @@ class Peer(Handlers):
         self._held = 0  # bytes read, and attachment bytes held, while paused
         self._backlog_handles = 0  # received Handles in frames of the backlog
         self._handle_timer: asyncio.TimerHandle | None = None  # rechecks Handles while paused
+        self._hup_timer: asyncio.TimerHandle | None = None  # looks for a hangup while paused
         self._drainer: asyncio.Task[None] | None = None
         self._dropped = False  # the connection dropped; reading never resumes
         self._flush_handle: asyncio.Handle | None = None
@@ -854,6 +858,32 @@ class Peer(Handlers):
         self._set_reading()
         if self._stream.buffered > LOW_WATER:
             self._watch_drain()
+        if self._hup_timer is None:
+            self._hup_timer = self._loop.call_later(HANGUP_CHECK, self._check_hangup)
+
+    def _check_hangup(self) -> None:
+        """Paused: end the peer if it hung up. Not reading, its EOF would go unseen.
+
+        A peer whose handlers never end keeps this side paused; once it is
+        gone, nothing else would release it (the connection, its tasks).
+        """
+        self._hup_timer = None
+        if not self._paused or self._closed is not None:
+            return
+        fd = self._stream.fileno()
+        if fd < 0:
+            return
+        poller = select.poll()
+        poller.register(fd, getattr(select, "POLLRDHUP", 0))
+        hangup = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+        try:
+            events = poller.poll(0)
+        except OSError:
+            events = []
+        if any(ev & hangup for _, ev in events):
+            self._end(self._gone(None))  # what it sent and this side did not read is dropped
+        else:
+            self._hup_timer = self._loop.call_later(HANGUP_CHECK, self._check_hangup)
 
     def _set_reading(self) -> None:
         """Read the socket unless paused; while paused, only for answers owed to us."""
@@ -1306,6 +1336,8 @@ class Peer(Handlers):
             self._fd_timer.cancel()
         if self._handle_timer is not None:
             self._handle_timer.cancel()
+        if self._hup_timer is not None:
+            self._hup_timer.cancel()
         self._deadlines.clear()
         self._backlog.clear()
         if self._conn.routes is not None:
