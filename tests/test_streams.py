@@ -167,7 +167,7 @@ async def test_item_type_is_validated_on_the_reading_side(served: tuple[str, Rec
     address, _ = served
     async with tether.connect(address) as peer:
         s = peer.stream("tokens", "a b", item_type=int)
-        with pytest.raises(tether.BadRequest):
+        with pytest.raises(tether.BadRequest, match=r"^item does not match int"):
             await s.__anext__()
         # the stream is over for the reader
         with pytest.raises(StopAsyncIteration):
@@ -914,3 +914,21 @@ async def test_open_streams_count_against_max_inflight(sock_path: str) -> None:
             assert await c.__anext__() == 0  # a slot is free again
             await b.aclose()
             await c.aclose()
+
+
+async def test_a_refused_window_leaves_no_noise_from_del(
+    served: tuple[str, Record], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Stream whose window check raised is half built: collecting it says nothing."""
+    import gc
+    import sys
+
+    address, _ = served
+    seen: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    async with tether.connect(address) as peer:
+        with pytest.raises(ValueError):
+            async for _ in peer.stream("tokens", "a", window=0):
+                pass
+        gc.collect()
+    assert seen == []

@@ -113,8 +113,10 @@ def decode_error(frame: Frame) -> TetherError:
         return ProtocolError(f"malformed error frame: {exc}")
 
 
-def decode_result(frame: Frame, result_type: Any) -> Any:
+def decode_result(frame: Frame, result_type: Any, what: str = "result") -> Any:
     """Decode a RESULT body; a body that is not valid MessagePack is a ProtocolError.
+
+    ``what`` names the value in errors (``"item"`` for a stream's ITEM).
 
     ``result_type`` ``bytes``/``bytearray`` gives that type at every size
     (large results arrive as views of an attachment); ``memoryview`` or
@@ -137,19 +139,19 @@ def decode_result(frame: Frame, result_type: Any) -> Any:
         msg, _, where = str(exc).rpartition(" - at `")
         if not msg:
             msg, where = str(exc), "$`"
-        path = "result" + where.rstrip("`")[1:]
+        path = what + where.rstrip("`")[1:]
         raise BadRequest(
             f"{path} does not match {_type_name(result_type)}: {codec.python_words(msg)}",
             path=path,
         ) from None
     except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed result: {codec.malformed(frame.body, exc)}") from None
+        raise ProtocolError(f"malformed {what}: {codec.malformed(frame.body, exc)}") from None
     except RecursionError:
-        raise ProtocolError("malformed result: nested too deeply") from None
+        raise ProtocolError(f"malformed {what}: nested too deeply") from None
     if target is not None:  # a buffer type: the same type at every size (see ArgsSpec)
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise BadRequest(
-                f"result does not match {_type_name(result_type)}: expected {target.__name__}, "
+                f"{what} does not match {_type_name(result_type)}: expected {target.__name__}, "
                 f"got {type(value).__name__}"
             )
         return codec.as_buffer(value, target)

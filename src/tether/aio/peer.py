@@ -33,6 +33,7 @@ import collections
 import contextlib
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -103,6 +104,8 @@ MAX_INFLIGHT: Final = 1024
 MAX_QUEUED: Final = 64 * 1024 * 1024
 #: default ``drain_timeout``: seconds a sender waits for a lagging peer to read
 DRAIN_TIMEOUT: Final = 60.0
+#: seconds between checks, while reading is paused, that the peer has not hung up
+HANGUP_CHECK: Final = 1.0
 FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at the next turn
 _BURST: Final = 10e-6  # invokes closer together than this are coalesced into one write
 _LEASE_POLL: Final = 0.002  # first wait between checks for dropped views of lent segments
@@ -314,6 +317,7 @@ class Peer(Handlers):
         self._held = 0  # bytes read, and attachment bytes held, while paused
         self._backlog_handles = 0  # received Handles in frames of the backlog
         self._handle_timer: asyncio.TimerHandle | None = None  # rechecks Handles while paused
+        self._hup_timer: asyncio.TimerHandle | None = None  # looks for a hangup while paused
         self._drainer: asyncio.Task[None] | None = None
         self._dropped = False  # the connection dropped; reading never resumes
         self._flush_handle: asyncio.Handle | None = None
@@ -862,6 +866,32 @@ class Peer(Handlers):
         self._set_reading()
         if self._stream.buffered > LOW_WATER:
             self._watch_drain()
+        if self._hup_timer is None:
+            self._hup_timer = self._loop.call_later(HANGUP_CHECK, self._check_hangup)
+
+    def _check_hangup(self) -> None:
+        """Paused: end the peer if it hung up. Not reading, its EOF would go unseen.
+
+        A peer whose handlers never end keeps this side paused; once it is
+        gone, nothing else would release it (the connection, its tasks).
+        """
+        self._hup_timer = None
+        if not self._paused or self._closed is not None:
+            return
+        fd = self._stream.fileno()
+        if fd < 0:
+            return
+        poller = select.poll()
+        poller.register(fd, getattr(select, "POLLRDHUP", 0))
+        hangup = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+        try:
+            events = poller.poll(0)
+        except OSError:
+            events = []
+        if any(ev & hangup for _, ev in events):
+            self._end(self._gone(None))  # what it sent and this side did not read is dropped
+        else:
+            self._hup_timer = self._loop.call_later(HANGUP_CHECK, self._check_hangup)
 
     def _set_reading(self) -> None:
         """Read the socket unless paused; while paused, only for answers owed to us."""
@@ -920,6 +950,8 @@ class Peer(Handlers):
 
     def _hold(self, frames: Iterable[Frame]) -> None:
         """Paused: answers to our calls are handled now, everything else waits in order."""
+        if self._closed is not None:
+            return  # dropped midway (e.g. _reused): nothing more is acted on
         backlog = self._backlog
         for f in frames:
             k = f.kind
@@ -1072,6 +1104,8 @@ class Peer(Handlers):
                 return False
             elif k in ROUTE_FRAMES:
                 dispatch_route_frame(self, f)
+                if self._paused:
+                    return True
             elif k >= K_STREAM:  # STREAM, ITEM, CREDIT
                 streaming.on_frame(self, f)
                 if self._paused:
@@ -1087,8 +1121,23 @@ class Peer(Handlers):
         else:
             fut.set_exception(decode_error(f))
 
+    def _reused(self, rid: int) -> bool:
+        """True (and the peer dropped) if ``rid`` names a request still being served.
+
+        docs/protocol.md 9.1: an id is not reused while its request runs. A
+        peer that did would make this side lose track of the first handler
+        (never cancelled, outliving the connection): a protocol error.
+        """
+        if rid not in self._serving:
+            return False
+        self.abort(ProtocolError(f"request id {rid} reused while its request is still served"))
+        self._paused = True  # stops _dispatch: the rest of this read is dropped (see _hold)
+        return True
+
     def _on_invoke(self, f: Frame) -> None:
         rid = f.request_id
+        if rid in self._serving and self._reused(rid):
+            return
         ctx = self._conn.contexts.pop(rid, None) if self._conn.contexts else None
         if f.route_id:
             found = resolve_route_invoke(self, f)
@@ -1303,6 +1352,8 @@ class Peer(Handlers):
             self._fd_timer.cancel()
         if self._handle_timer is not None:
             self._handle_timer.cancel()
+        if self._hup_timer is not None:
+            self._hup_timer.cancel()
         self._deadlines.clear()
         self._backlog.clear()
         if self._conn.routes is not None:

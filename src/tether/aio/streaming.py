@@ -113,6 +113,8 @@ class Stream(AsyncIterator[T], Generic[T]):
         timeout: float | None,
         route: Route | None = None,
     ) -> None:
+        self._rid = 0  # 0: not opened yet (set first: __del__ runs even if check_window raises)
+        self._over = False  # the reader is done with it (ended, abandoned, closed)
         self._peer = peer
         self._route = route  # a route's stream: registered with the route, ended with it
         self._channel = channel
@@ -123,9 +125,7 @@ class Stream(AsyncIterator[T], Generic[T]):
         self._item_timeout = item_timeout
         self._timeout = timeout
         self._route_id = route._key ^ HOST_BIT if route is not None else 0
-        self._rid = 0  # 0: not opened yet
         self._deadline: float | None = None
-        self._over = False  # the reader is done with it (ended, abandoned, closed)
         self._thread = threading.get_ident()
 
     @property
@@ -184,7 +184,7 @@ class Stream(AsyncIterator[T], Generic[T]):
                     peer._conn.send_credit(self._rid, n)
                     peer._flush(poll=False)  # now: the producer refills while we go on
                 try:
-                    item: T = decode_result(f, self._item_type)
+                    item: T = decode_result(f, self._item_type, "item")
                 except BaseException:
                     self._abandon()
                     raise
@@ -307,6 +307,8 @@ def on_frame(peer: Peer, f: Frame) -> None:
 
 def _open_stream(peer: Peer, f: Frame) -> None:
     rid = f.request_id
+    if peer._reused(rid):  # docs/protocol.md 9.1
+        return
     if f.route_id:  # a stream on a route: that route's handlers (tether.aio.route)
         from .route import resolve_route_invoke
 

@@ -153,7 +153,7 @@ class Stream(Iterator[T], Generic[T]):
                     with contextlib.suppress(TetherError):
                         peer._flush(time.monotonic() + _WRITE, block=False)
                 try:
-                    item: T = decode_result(f, self._item_type)
+                    item: T = decode_result(f, self._item_type, "item")
                 except BaseException:
                     self.close()
                     raise
@@ -361,15 +361,18 @@ def produce(peer: Peer, f: Frame) -> None:
     except BaseException as exc:
         if out.cancelled or peer._closed is not None:
             return
+        peer._streams_out.pop(rid, None)  # before the answer: the caller may reuse the id then
         peer._answer(rid, None, codec.error_info(exc, traceback=peer.tracebacks))
         if isinstance(exc, (SystemExit, KeyboardInterrupt)):
             peer._stop_process(exc)
         return
     else:
         if not out.cancelled:
+            peer._streams_out.pop(rid, None)  # (as above)
             peer._answer(rid, None, None)  # RESULT nil: complete
     finally:
         peer._set_worker_waits(False)
-        peer._streams_out.pop(rid, None)
+        if peer._streams_out.get(rid) is out:  # not a later stream's, reusing the id
+            del peer._streams_out[rid]
         if gen is not None:
             gen.close()  # its finally runs (a no-op once it finished)
