@@ -100,6 +100,45 @@ class Stream(Protocol):
         """Close the transport now and drop what is queued; drain waiters get ``exc``."""
 
 
+class DrainWaiters:
+    """Futures waiting for a message-based stream's queue to shrink to their ``low`` mark.
+
+    Shared by the WebSocket and NATS streams, whose writers empty the queue one
+    message at a time: :meth:`wake` after each, :meth:`fail` when the stream closes.
+    """
+
+    __slots__ = ("_loop", "_waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+
+    async def wait(self, low: int, queued: Callable[[], int], open_: Callable[[], bool]) -> None:
+        """Return once ``queued()`` is at most ``low`` (or the stream closed, or failed)."""
+        while queued() > low and open_():
+            w = self._loop.create_future()
+            self._waiting.append((low, w))
+            await w
+
+    def wake(self, buffered: int) -> None:
+        """Wake every waiter whose mark ``buffered`` has reached."""
+        if self._waiting:
+            keep = []
+            for low, w in self._waiting:
+                if buffered > low:
+                    keep.append((low, w))
+                elif not w.done():
+                    w.set_result(None)
+            self._waiting = keep
+
+    def fail(self, exc: BaseException) -> None:
+        """The stream closed: every waiter gets ``exc``."""
+        waiting, self._waiting = self._waiting, []
+        for _, w in waiting:
+            if not w.done():
+                w.set_exception(exc)
+
+
 class SocketStream:
     """One connected socket, read when readable and written without blocking.
 

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final
 
+from ..aio.stream import DrainWaiters
 from ..errors import PayloadTooLarge, TetherError
 
 __all__ = ["NatsStream", "spawn"]
@@ -62,7 +63,7 @@ class NatsStream:
         self._wake = asyncio.Event()
         #: bytes accepted by :meth:`write` and not yet handed to the NATS client
         self.buffered = 0
-        self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._drain_waiters = DrainWaiters(self._loop)
         self.closed_with: TetherError | None = None
         self._writer = self._loop.create_task(self._write_messages())
 
@@ -142,23 +143,10 @@ class NatsStream:
                     self._on_error(ConnectionResetError(f"NATS: {exc}"))
                     return
                 self.buffered -= len(message)
-                self._wake_drained()
-
-    def _wake_drained(self) -> None:
-        keep = []
-        for low, w in self._drain_waiters:
-            if self.buffered <= low:
-                if not w.done():
-                    w.set_result(None)
-            else:
-                keep.append((low, w))
-        self._drain_waiters = keep
+                self._drain_waiters.wake(self.buffered)
 
     async def drain(self, low: int) -> None:
-        while self.buffered > low and self.closed_with is None:
-            w = self._loop.create_future()
-            self._drain_waiters.append((low, w))
-            await w
+        await self._drain_waiters.wait(low, lambda: self.buffered, lambda: self.closed_with is None)
 
     def set_subject(self, subject: str) -> None:
         """The other side's subject became known: send what waited for it."""
@@ -175,10 +163,7 @@ class NatsStream:
         self._writer.cancel()
         queued, self._outbox = list(self._outbox), collections.deque()
         self.buffered = 0
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for _, w in waiters:
-            if not w.done():
-                w.set_exception(exc)
+        self._drain_waiters.fail(exc)
         subject, nc = self.subject, self._nc
         if subject is not None and not nc.is_closed:
             spawn(_say_end(nc, subject, queued))

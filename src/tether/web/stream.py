@@ -28,6 +28,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed as WsClosed
 from websockets.frames import CloseCode
 
+from ..aio.stream import DrainWaiters
 from ..errors import PayloadTooLarge, ProtocolError, TetherError
 from ..wire import HEADER_SIZE
 
@@ -70,7 +71,7 @@ class WebSocketStream:
         self._wake_writer = asyncio.Event()
         #: bytes accepted by :meth:`write` and not yet taken by websockets
         self.buffered = 0
-        self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._drain_waiters = DrainWaiters(self._loop)
         #: why the stream closed, once it did (the WebSocket close code follows from it)
         self.closed_with: TetherError | None = None
         #: the close code and reason to send instead of the one closed_with implies
@@ -195,24 +196,10 @@ class WebSocketStream:
                     self._on_error(ConnectionResetError(f"WebSocket closed: {exc}"))
                     return
                 self.buffered -= len(message)
-                self._wake_drained()
-
-    def _wake_drained(self) -> None:
-        if self._drain_waiters:
-            keep = []
-            for low, w in self._drain_waiters:
-                if self.buffered <= low:
-                    if not w.done():
-                        w.set_result(None)
-                else:
-                    keep.append((low, w))
-            self._drain_waiters = keep
+                self._drain_waiters.wake(self.buffered)
 
     async def drain(self, low: int) -> None:
-        while self.buffered > low and self.closed_with is None:
-            w = self._loop.create_future()
-            self._drain_waiters.append((low, w))
-            await w
+        await self._drain_waiters.wait(low, lambda: self.buffered, lambda: self.closed_with is None)
 
     # -- ending -----------------------------------------------------------
 
@@ -227,10 +214,7 @@ class WebSocketStream:
         self.buffered = 0
         for task in self._tasks:
             task.cancel()
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for _, w in waiters:
-            if not w.done():
-                w.set_exception(exc)
+        self._drain_waiters.fail(exc)
         self._closed.set()
 
     async def finish(self) -> None:
