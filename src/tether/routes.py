@@ -30,6 +30,7 @@ so frames on a route before its close still find it.
 from __future__ import annotations
 
 import inspect
+import logging
 import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -39,8 +40,19 @@ from .errors import Busy, ProtocolError
 
 if TYPE_CHECKING:
     from .protocol import Connection
+    from .registry import Handler
+    from .wire import Frame
 
-__all__ = ["HOST_BIT", "MAX_ROUTES", "RouteTable", "host_spec_target"]
+__all__ = [
+    "HOST_BIT",
+    "MAX_ROUTES",
+    "RouteTable",
+    "host_spec_target",
+    "route_handler",
+    "route_listeners",
+]
+
+log = logging.getLogger("tether")
 
 #: set in the ``route_id`` of every frame the route's host sends
 HOST_BIT: Final = 0x80000000
@@ -209,3 +221,36 @@ def host_spec_target(factory: Callable[..., Any]) -> Callable[..., Any]:
     stand_in.__name__, stand_in.__qualname__ = factory.__name__, factory.__qualname__
     stand_in.__module__ = factory.__module__
     return stand_in
+
+
+def _open_route(conn: Connection, route_id: int) -> Any:
+    """The route (asyncio or blocking) of ``route_id`` on ``conn``, if it is open."""
+    table = conn.routes
+    route = table.routes.get(route_id) if table is not None else None
+    return route if route is not None and route._closed is None else None
+
+
+def route_handler(
+    conn: Connection, f: Frame, role: str
+) -> tuple[Handler, tuple[Any, ...]] | ErrorInfo:
+    """The route handler of an INVOKE (or STREAM) with a route id, or the ERROR to answer.
+
+    Both peers' routes share this: the opener's role was checked at open.
+    """
+    route = _open_route(conn, f.route_id)
+    if route is None:
+        return ErrorInfo(
+            "route_closed", f"route {f.route_id & _ID_MASK} is not open (channel {f.channel!r})"
+        )
+    found: tuple[Handler, tuple[Any, ...]] | ErrorInfo = route.registry.resolve(f, role, True)
+    return found
+
+
+def route_listeners(conn: Connection, f: Frame, role: str) -> list[tuple[Handler, tuple[Any, ...]]]:
+    """The listeners of an EVENT with a route id (none if the route is not open: dropped)."""
+    route = _open_route(conn, f.route_id)
+    if route is None:
+        log.debug("event %r on route %d, which is not open: dropped", f.channel, f.route_id)
+        return []
+    found: list[tuple[Handler, tuple[Any, ...]]] = route.registry.listeners(f, role, True)
+    return found

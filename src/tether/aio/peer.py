@@ -60,6 +60,7 @@ from ..results import (
     decode_result,
     timeout_message,
 )
+from ..routes import route_handler, route_listeners
 from ..shm import consume_all
 from ..streams import DEFAULT_WINDOW
 from ..wire import (
@@ -81,8 +82,6 @@ from .route import (
     dispatch_route_frame,
     end_routes,
     open_route,
-    resolve_route_invoke,
-    route_listeners,
 )
 from .stream import SocketStream, Stream
 
@@ -1140,7 +1139,7 @@ class Peer(Handlers):
             return
         ctx = self._conn.contexts.pop(rid, None) if self._conn.contexts else None
         if f.route_id:
-            found = resolve_route_invoke(self, f)
+            found = route_handler(self._conn, f, self.role)
         else:
             found = self.registry.resolve(f, self.role, self.local)
         if isinstance(found, codec.ErrorInfo):
@@ -1261,7 +1260,7 @@ class Peer(Handlers):
 
     def _on_event(self, f: Frame) -> None:
         if f.route_id:
-            found = route_listeners(self, f)
+            found = route_listeners(self._conn, f, self.role)
         else:
             found = self.registry.listeners(f, self.role, self.local)
         for h, args in found:

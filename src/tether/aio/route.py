@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from .. import codec
 from ..errors import InvokeTimeout, ProtocolError, RouteClosed, TetherError
 from ..protocol import State
-from ..registry import Handler, Handlers, Registry
+from ..registry import Handlers, Registry
 from ..results import DEFAULT, decode_result
 from ..routes import HOST_BIT, MAX_ROUTES
 from ..shm import consume_all
@@ -472,27 +472,6 @@ def dispatch_route_frame(peer: Peer, f: Frame) -> None:
         route._close_host()  # the factory closed its own route: it had no host to close yet
     peer._answer(rid, None)
     peer._kick()
-
-
-def resolve_route_invoke(peer: Peer, f: Frame) -> tuple[Handler, tuple[Any, ...]] | codec.ErrorInfo:
-    """The route handler of an INVOKE with a route id, or the ERROR to answer."""
-    table = peer._conn.routes
-    route: Route | None = table.routes.get(f.route_id) if table is not None else None
-    if route is None or route._closed is not None:
-        return codec.ErrorInfo(
-            "route_closed", f"route {f.route_id & _MASK} is not open (channel {f.channel!r})"
-        )
-    return route.registry.resolve(f, peer.role, True)
-
-
-def route_listeners(peer: Peer, f: Frame) -> list[tuple[Handler, tuple[Any, ...]]]:
-    """The listeners of an EVENT with a route id (none: the route is not open, it is dropped)."""
-    table = peer._conn.routes
-    route: Route | None = table.routes.get(f.route_id) if table is not None else None
-    if route is None or route._closed is not None:
-        log.debug("event %r on route %d, which is not open: dropped", f.channel, f.route_id)
-        return []
-    return route.registry.listeners(f, peer.role, True)
 
 
 def end_routes(peer: Peer, exc: TetherError) -> None:

@@ -21,7 +21,7 @@ from ..errors import InvokeTimeout, ProtocolError, RouteClosed, TetherError
 from ..protocol import State
 from ..registry import Call, Handler
 from ..results import DEFAULT, decode_result
-from ..routes import HOST_BIT
+from ..routes import HOST_BIT, route_handler
 from ..streams import MAX_CREDIT, Inbound, check_window, credit_of, is_streaming, not_a_stream
 from ..wire import K_CREDIT, K_ITEM, K_STREAM, Frame
 
@@ -309,10 +309,8 @@ def _open_stream(peer: Peer, f: Frame) -> None:
     rid = f.request_id
     if peer._reused(rid):  # docs/protocol.md 9.1
         return
-    if f.route_id:  # a stream on a route: that route's handlers (tether.aio.route)
-        from .route import resolve_route_invoke
-
-        found = resolve_route_invoke(peer, f)
+    if f.route_id:  # a stream on a route: that route's handlers
+        found = route_handler(peer._conn, f, peer.role)
     else:
         found = peer.registry.resolve(f, peer.role, peer.local)
     if isinstance(found, codec.ErrorInfo):

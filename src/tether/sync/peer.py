@@ -95,6 +95,7 @@ from ..results import (
     decode_result,
     timeout_message,
 )
+from ..routes import route_handler, route_listeners
 from ..shm import consume_all
 from ..streams import DEFAULT_WINDOW
 from ..wire import (
@@ -118,8 +119,6 @@ from .route import (
     dispatch_route_frame,
     end_routes,
     open_route,
-    route_handler,
-    route_listeners,
 )
 
 __all__ = ["Call", "Peer"]
@@ -1018,7 +1017,7 @@ class Peer(Handlers):
 
     def _run_listeners(self, f: Frame) -> None:
         if f.route_id:
-            found = route_listeners(self, f)
+            found = route_listeners(self._conn, f, self.role)
         else:
             found = self.registry.listeners(f, self.role, self.local)
         for h, args in found:
@@ -1036,7 +1035,7 @@ class Peer(Handlers):
             return
         rid = f.request_id
         if f.route_id:
-            found = route_handler(self, f)
+            found = route_handler(self._conn, f, self.role)
         else:
             found = self.registry.resolve(f, self.role, self.local)
         if isinstance(found, codec.ErrorInfo):

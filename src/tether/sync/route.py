@@ -384,26 +384,6 @@ def dispatch_route_frame(peer: Peer, f: Frame) -> None:
     peer._answer(rid, None, None)
 
 
-def route_handler(peer: Peer, f: Frame) -> tuple[Handler, tuple[Any, ...]] | codec.ErrorInfo:
-    """The route handler of an INVOKE with a route id, or the ERROR to answer."""
-    table = peer._conn.routes
-    route: Route | None = table.routes.get(f.route_id) if table is not None else None
-    if route is None or route._closed is not None:
-        return codec.ErrorInfo(
-            "route_closed", f"route {f.route_id & _MASK} is not open (channel {f.channel!r})"
-        )
-    return route.registry.resolve(f, peer.role, True)
-
-
-def route_listeners(peer: Peer, f: Frame) -> list[tuple[Handler, tuple[Any, ...]]]:
-    """The listeners of an EVENT with a route id (none if the route is not open)."""
-    table = peer._conn.routes
-    route: Route | None = table.routes.get(f.route_id) if table is not None else None
-    if route is None or route._closed is not None:
-        return []
-    return route.registry.listeners(f, peer.role, True)
-
-
 def end_routes(peer: Peer, exc: TetherError) -> Callable[[], None]:
     """The connection ended (the caller holds ``_lock``): end every route.
 

@@ -19,11 +19,10 @@ from .. import codec
 from ..errors import InvokeTimeout, ProtocolError, RouteClosed, TetherError
 from ..registry import Call
 from ..results import DEFAULT, decode_result
-from ..routes import HOST_BIT
+from ..routes import HOST_BIT, route_handler
 from ..shm import consume_all
 from ..streams import MAX_CREDIT, Inbound, check_window, credit_of, is_streaming, not_a_stream
 from ..wire import Frame
-from .route import route_handler
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -315,7 +314,7 @@ def produce(peer: Peer, f: Frame) -> None:
     if out is None:
         return  # cancelled before it started: no answer
     if f.route_id:  # a stream on a route: that route's handlers (tether.sync.route)
-        found = route_handler(peer, f)
+        found = route_handler(peer._conn, f, peer.role)
     else:
         found = peer.registry.resolve(f, peer.role, peer.local)
     if isinstance(found, codec.ErrorInfo):
