@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -197,6 +198,22 @@ def test_refused_sandbox_best_effort_starts_and_says_what_was_skipped(
     assert lines["sum"] == "5"
 
 
+def _readable_copy() -> str:
+    """A folder anyone may read holding tether, msgspec and the test's targets."""
+    import msgspec
+
+    folder = tempfile.mkdtemp(prefix="tether-sandbox-")
+    for pkg in (tether, msgspec):
+        src = os.path.dirname(os.path.abspath(pkg.__file__ or ""))
+        shutil.copytree(src, os.path.join(folder, os.path.basename(src)))
+    shutil.copy(os.path.join(os.path.dirname(__file__), "_sandbox_targets.py"), folder)
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    return folder
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="switches to user nobody")
 def test_unprivileged_main_sandboxes_through_a_user_namespace(child_env: dict[str, str]) -> None:
     if shutil.which("setpriv") is None:
@@ -210,9 +227,14 @@ def test_unprivileged_main_sandboxes_through_a_user_namespace(child_env: dict[st
         "--clear-groups",
         *_main(False, "fork"),
     ]
-    path = os.pathsep.join(os.path.abspath(p) for p in child_env["PYTHONPATH"].split(os.pathsep))
+    # User nobody may not read this checkout (a clone in a 0700 temp dir): give it a
+    # world-readable copy of what the script imports.
+    path = _readable_copy()
     env = dict(child_env, HOME="/tmp", PYTHONPATH=path)
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd="/tmp")
+    try:
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd="/tmp")
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
     if "SandboxError" in out.stdout:
         pytest.skip(f"no unprivileged user namespaces here: {out.stdout}")
     assert out.returncode == 0, out.stderr
