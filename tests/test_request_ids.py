@@ -195,3 +195,53 @@ async def test_a_paused_peer_that_hangs_up_is_released() -> None:
     finally:
         b.close()
         await peer.close()
+
+
+def _open_pair() -> tuple[Connection, Connection]:
+    a, b = Connection("main"), Connection("child", initiator=False)
+    b.receive_data(bytes(a.data_to_send()[0]))
+    a.receive_data(bytes(b.data_to_send()[0]))
+    a.data_to_send()
+    b.data_to_send()
+    return a, b
+
+
+def _one(kind: Kind, rid: int, channel: bytes = b"x") -> bytes:
+    data = bytearray()
+    encode_frame(data, kind, rid, 0, channel, msgspec.msgpack.encode([]))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("first", [Kind.INVOKE, Kind.STREAM])
+@pytest.mark.parametrize("second", [Kind.INVOKE, Kind.STREAM, Kind.ROUTE_OPEN])
+def test_the_core_refuses_an_id_still_served_for_every_layer(first: Kind, second: Kind) -> None:
+    """Connection itself keeps the ids it serves (9.1): one read or two, any I/O layer."""
+    _, b = _open_pair()
+    assert [f.request_id for f in b.receive_data(_one(first, 6))] == [6]
+    assert 6 in b.served
+    with pytest.raises(tether.ProtocolError, match="request id 6 reused"):
+        b.receive_data(_one(second, 6))
+    assert b.state.name == "CLOSED"
+    # In the same read as the first, too.
+    _, c = _open_pair()
+    with pytest.raises(tether.ProtocolError, match="reused"):
+        c.receive_data(_one(first, 6) + _one(second, 6))
+
+
+@pytest.mark.parametrize("how", ["result", "error", "cancel"])
+def test_the_core_frees_an_id_once_answered_or_cancelled(how: str) -> None:
+    _, b = _open_pair()
+    b.receive_data(_one(Kind.INVOKE, 6))
+    if how == "result":
+        b.answer(6, 1)
+    elif how == "error":
+        b.send_error(6, tether.codec.ErrorInfo("remote", "no"))
+    else:
+        data = bytearray()
+        encode_frame(data, Kind.CANCEL, 6, 0, b"", b"")
+        assert [f.kind for f in b.receive_data(bytes(data))] == [Kind.CANCEL]
+    assert 6 not in b.served
+    assert [f.request_id for f in b.receive_data(_one(Kind.INVOKE, 6))] == [6]
+    # Events and answers name no request this side serves: never counted.
+    b.receive_data(_one(Kind.EVENT, 0) + _one(Kind.RESULT, 9))
+    assert b.served == {6}

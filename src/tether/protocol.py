@@ -89,6 +89,7 @@ from .wire import (
     FLAG_MOVED,
     HEADER,
     HEADER_SIZE,
+    K_CANCEL,
     K_ERROR,
     K_EVENT,
     K_GOODBYE,
@@ -125,18 +126,17 @@ MAX_UNCLAIMED_FDS: Final = 16
 MAX_AUTO_REPLIES: Final = 4096
 _BLANK_HEADER: Final = bytes(HEADER_SIZE)
 _WHILE_CLOSING: Final = frozenset((K_RESULT, K_ERROR))  # after our GOODBYE: answers to our calls
-_TO_APP: Final = frozenset(
+#: kinds passed to the application that name no request this side serves
+_PLAIN: Final = frozenset(
     int(k)
     for k in (
-        Kind.INVOKE,
         Kind.RESULT,
         Kind.ERROR,
         Kind.EVENT,
-        Kind.CANCEL,
-        Kind.ROUTE_OPEN,  # routes change state when dispatched, in order (tether.routes)
-        Kind.ROUTE_CLOSE,
+        Kind.ROUTE_CLOSE,  # routes change state when dispatched, in order (tether.routes)
     )
 )
+_K_ROUTE_OPEN: Final = int(Kind.ROUTE_OPEN)
 #: STREAM, ITEM, CREDIT: passed to the application when both sides announced ``stream``
 _STREAM_KINDS: Final = frozenset(int(k) for k in (Kind.STREAM, Kind.ITEM, Kind.CREDIT))
 _NO_FDS: Final[list[int]] = []
@@ -355,6 +355,9 @@ class Connection:
         self._next_rid = 0
         #: request id -> the application's waiter, for invokes awaiting an answer
         self.pending: dict[int, Any] = {}
+        #: ids of the peer's INVOKEs and STREAMs returned and not yet answered (RESULT or
+        #: ERROR sent) nor cancelled: one arriving again is a protocol error (9.1)
+        self.served: set[int] = set()
         #: the routes of this connection, made by :meth:`route_table` on first use
         self.routes: RouteTable | None = None
         hello = (codec.json_encoder if self.json else codec.encoder).encode(
@@ -449,8 +452,9 @@ class Connection:
         it. After this returns, call :meth:`data_to_send` and write what it gives.
 
         Raises:
-            ProtocolError: the peer broke the protocol; the state is now CLOSED
-                and the store closed.
+            ProtocolError: the peer broke the protocol (also: an INVOKE, STREAM
+                or ROUTE_OPEN reusing the id of a request in :attr:`served`);
+                the state is now CLOSED and the store closed.
         """
         if self.state is State.CLOSED or self.their_goodbye:
             return []
@@ -473,12 +477,32 @@ class Connection:
             out: list[Frame] = []
             append = out.append
             take_all = self.state is State.OPEN  # checked again after each GOODBYE
+            served = self.served
             for f in frames:
                 k = f.kind
-                if k in _TO_APP:  # the common case, kept short
-                    if k == K_INVOKE and not f.request_id:
-                        raise ProtocolError("INVOKE with request id 0")
+                if k in _PLAIN:  # the common case, kept short
                     if take_all or (k in _WHILE_CLOSING and not self.their_goodbye):
+                        append(f)
+                    continue
+                if k == K_INVOKE:
+                    rid = f.request_id
+                    if not rid:
+                        raise ProtocolError("INVOKE with request id 0")
+                    if take_all:
+                        if rid in served:
+                            raise _reused(rid)
+                        served.add(rid)
+                        append(f)
+                    continue
+                if k == K_CANCEL:
+                    served.discard(f.request_id)  # its id may be used again (9.1)
+                    if take_all:
+                        append(f)
+                    continue
+                if k == _K_ROUTE_OPEN:  # answered as it is dispatched: checked, not kept
+                    if f.request_id in served:
+                        raise _reused(f.request_id)
+                    if take_all:
                         append(f)
                     continue
                 if k == K_HELLO:
@@ -506,8 +530,13 @@ class Connection:
                         raise ProtocolError(
                             f"frame kind {k} from a peer that did not announce stream"
                         )
-                    if k == K_STREAM and not f.request_id:
-                        raise ProtocolError("STREAM with request id 0")
+                    if k == K_STREAM:
+                        rid = f.request_id
+                        if not rid:
+                            raise ProtocolError("STREAM with request id 0")
+                        if rid in served:
+                            raise _reused(rid)
+                        served.add(rid)
                     append(f)
                 # PONG: nothing to do
             if self.json:
@@ -854,6 +883,7 @@ class Connection:
         if type(value) in _BYTESLIKE and len(value) >= SHM_THRESHOLD:
             value = _Blob(value)
         self._emit_obj(K_RESULT, request_id, 0, b"", value)
+        self.served.discard(request_id)
 
     def answer(self, request_id: int, value: Any) -> None:
         """Queue the RESULT of an incoming invoke, or the ERROR saying why it can't be sent.
@@ -881,6 +911,7 @@ class Connection:
         """
         if self.state is not State.OPEN and (self.state is State.CLOSED or self.our_goodbye):
             return
+        self.served.discard(request_id)
         for attempt in _smaller_errors(info, self.send_limit):
             try:
                 self._emit_obj(K_ERROR, request_id, 0, b"", attempt)
@@ -1122,6 +1153,15 @@ class Connection:
         for a in atts:
             if a.where == WHERE_FD:
                 store.unsent(a.fd, a.aux if a.flags & FLAG_LEASE else 0)
+
+
+def _reused(rid: int) -> ProtocolError:
+    """A request id reused while its request is still served (docs/protocol.md 9.1).
+
+    The receiver would lose track of the first request (never cancelled,
+    outliving the connection): a protocol error, whatever the I/O layer.
+    """
+    return ProtocolError(f"request id {rid} reused while its request is still served")
 
 
 def _from_json(frames: Iterable[Frame]) -> None:

@@ -950,7 +950,7 @@ class Peer(Handlers):
     def _hold(self, frames: Iterable[Frame]) -> None:
         """Paused: answers to our calls are handled now, everything else waits in order."""
         if self._closed is not None:
-            return  # dropped midway (e.g. _reused): nothing more is acted on
+            return  # dropped midway: nothing more is acted on
         backlog = self._backlog
         for f in frames:
             k = f.kind
@@ -1120,23 +1120,8 @@ class Peer(Handlers):
         else:
             fut.set_exception(decode_error(f))
 
-    def _reused(self, rid: int) -> bool:
-        """True (and the peer dropped) if ``rid`` names a request still being served.
-
-        docs/protocol.md 9.1: an id is not reused while its request runs. A
-        peer that did would make this side lose track of the first handler
-        (never cancelled, outliving the connection): a protocol error.
-        """
-        if rid not in self._serving:
-            return False
-        self.abort(ProtocolError(f"request id {rid} reused while its request is still served"))
-        self._paused = True  # stops _dispatch: the rest of this read is dropped (see _hold)
-        return True
-
     def _on_invoke(self, f: Frame) -> None:
-        rid = f.request_id
-        if rid in self._serving and self._reused(rid):
-            return
+        rid = f.request_id  # (a reused one was refused by the core: Connection.served)
         ctx = self._conn.contexts.pop(rid, None) if self._conn.contexts else None
         if f.route_id:
             found = route_handler(self._conn, f, self.role)

@@ -436,8 +436,6 @@ def dispatch_route_frame(peer: Peer, f: Frame) -> None:
     if not rid:
         peer.abort(ProtocolError("ROUTE_OPEN with request id 0"))
         return
-    if peer._reused(rid):  # docs/protocol.md 9.1
-        return
     table.max_routes = peer.max_routes
     try:
         refusal = table.accept(f.route_id)

@@ -306,9 +306,7 @@ def on_frame(peer: Peer, f: Frame) -> None:
 
 
 def _open_stream(peer: Peer, f: Frame) -> None:
-    rid = f.request_id
-    if peer._reused(rid):  # docs/protocol.md 9.1
-        return
+    rid = f.request_id  # (a reused one was refused by the core: Connection.served)
     if f.route_id:  # a stream on a route: that route's handlers
         found = route_handler(peer._conn, f, peer.role)
     else:

@@ -177,11 +177,6 @@ def _job_size(f: Frame) -> int:
     return n
 
 
-def _reused(rid: int) -> ProtocolError:
-    """A STREAM, or an INVOKE, naming a stream this side still serves (protocol.md 9.1)."""
-    return ProtocolError(f"request id {rid} reused while its request is still served")
-
-
 class Peer(Handlers):
     """A blocking peer, safe to share between threads.
 
@@ -798,18 +793,12 @@ class Peer(Handlers):
                     if slot is not None:
                         errors.append((slot, f))
                         settled.append(slot)
-                elif k in JOBS:
-                    if k == K_INVOKE and f.request_id in self._streams_out:
-                        err = _reused(f.request_id)  # docs/protocol.md 9.1
-                        break
+                elif k in JOBS:  # (a reused request id was refused by the core, 9.1)
                     if jobs is None:
                         jobs = []
                     jobs.append((f, _job_size(f)))
                 elif k >= K_STREAM:  # STREAM, ITEM, CREDIT (tether.sync.streaming)
                     if k == K_STREAM:
-                        if f.request_id in self._streams_out:
-                            err = _reused(f.request_id)  # docs/protocol.md 9.1
-                            break
                         if jobs is None:
                             jobs = []
                         jobs.append((f, _job_size(f)))
