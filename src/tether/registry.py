@@ -211,7 +211,7 @@ def _check_call_param(fn: Callable[..., Any], first_type: type = Call) -> None:
 class Registry:
     """Channel name -> :class:`Handler`, for invokes and for events."""
 
-    __slots__ = ("_unlogged", "_warn_at", "_warned", "events", "hosts", "invokes")
+    __slots__ = ("_unlogged", "_warn_at", "_warned", "events", "hosts", "invokes", "version")
 
     #: dropped-event warnings logged per second at most (a flood of bad events
     #: must not become a flood of log lines); the rest are counted
@@ -222,6 +222,8 @@ class Registry:
         self.events: dict[str, list[Handler]] = {}
         #: route kind -> host factory (see :meth:`Handlers.host` and :mod:`tether.routes`)
         self.hosts: dict[str, Handler] = {}
+        #: bumped whenever the event listeners change (peers cache what they resolved)
+        self.version = 0
         self._warn_at = 0.0
         self._warned = 0
         self._unlogged = 0
@@ -281,6 +283,7 @@ class Registry:
         channel = checked_channel(channel)
         h = Handler(fn, roles)  # before the table: a refused listener leaves no trace
         self.events.setdefault(channel, []).append(h)
+        self.version += 1
 
     def remove_handler(self, channel: str) -> None:
         """Drop the invoke handler of ``channel``, if any (its event listeners stay).
@@ -411,6 +414,26 @@ class Registry:
         """Drop the invoke handler and every event listener of ``channel``."""
         self.invokes.pop(_not_reserved(channel), None)
         self.events.pop(channel, None)
+        self.version += 1
+
+    def plain_listener(
+        self, channel: str, role: str, local: bool = True
+    ) -> tuple[Callable[..., Any], Callable[[Any], tuple[Any, ...]]] | None:
+        """The lone plain listener of ``channel`` and its decoder, if that is all an event needs.
+
+        For the I/O layer's per-event fast path: exactly one listener, which
+        ``role`` may reach, a plain (not ``async``) function whose arguments
+        decode in one step. ``None``: use :meth:`listeners` (several, async,
+        refused, none, or buffer and ``*args`` hints). Valid until
+        :attr:`version` changes.
+        """
+        handlers = self.events.get(channel)
+        if not handlers or len(handlers) != 1:
+            return None
+        h = handlers[0]
+        if h.is_async or h.spec.slow or not h.allows(role, local):
+            return None
+        return h.fn, h.spec.decoder.decode
 
 
 def _describe(exc: BaseException) -> str:

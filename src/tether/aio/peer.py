@@ -303,6 +303,10 @@ class Peer(Handlers):
         self._spinning = False
         self._woke = False  # the last read resolved a future or started a task
         self._chan_cache: dict[str, bytes] = {}
+        # channel -> (listener, decode, Call) of events dispatched inline (see _event_entry)
+        self._ev_cache: dict[str, tuple[Any, ...]] = {}
+        self._ev_version = -1
+        self._ev_for: tuple[str, bool] = ("", False)
         # invokes being served by a task and still owing an answer (CANCEL pops them)
         self._serving: dict[int, Call | None] = {}  # each with its task in ``_task``
         # every handler and listener task until it ends: held, counted, cancelled on close
@@ -1074,6 +1078,11 @@ class Peer(Handlers):
         its answer (see :class:`Peer`). Only ``SystemExit`` and
         ``KeyboardInterrupt`` propagate, after the ERROR was written.
         """
+        reg = self.registry
+        if reg.version != self._ev_version or self._ev_for != (self.role, self.local):
+            self._ev_cache.clear()
+            self._ev_version, self._ev_for = reg.version, (self.role, self.local)
+        events = self._ev_cache
         for f in frames:
             k = f.kind
             if k == K_INVOKE:
@@ -1082,11 +1091,34 @@ class Peer(Handlers):
                     return True
                 continue
             self._woke = True  # anything else hands work to the loop
-            if k == K_RESULT:
+            if k == K_EVENT and not f.route_id and not f.attachments:
+                # The common event: one plain listener, called here (Registry.plain_listener).
+                ent = events.get(f.channel)
+                if ent is None:
+                    ent = self._event_entry(f.channel)
+                if ent:
+                    fn, decode, call = ent
+                    try:
+                        args = decode(f.body)
+                    except Exception:  # malformed, or a pickle: the full path says why
+                        self._on_event(f)
+                    else:
+                        try:
+                            fn(call, *args)
+                        except Exception:
+                            log.exception("listener for %r raised", f.channel, extra=self._who())
+                        except BaseException as exc:
+                            if self._listener_raised(call, exc):
+                                raise
+                else:
+                    self._on_event(f)
+                if self._paused:
+                    return True
+            elif k == K_RESULT:
                 fut = self._conn.take_pending(f.request_id)
                 if fut is not None and not fut.done():
                     fut.set_result(f)
-            elif k == K_EVENT:
+            elif k == K_EVENT:  # on a route, or with attachments
                 self._on_event(f)
                 if self._paused:
                     return True
@@ -1110,6 +1142,19 @@ class Peer(Handlers):
                 if self._paused:
                     return True
         return False
+
+    def _event_entry(self, channel: str) -> tuple[Any, ...]:
+        """(listener, decode, its Call) for the fast path, or ``()``: take :meth:`_on_event`.
+
+        Kept per channel that has listeners (so a peer's made-up channels
+        don't grow it) until the registry, role or ``local`` changes. The
+        Call is shared by the events of the channel: its fields are the same.
+        """
+        found = self.registry.plain_listener(channel, self.role, self.local)
+        ent: tuple[Any, ...] = () if found is None else (*found, Call(self, channel, 0, 0))
+        if channel in self.registry.events:
+            self._ev_cache[channel] = ent
+        return ent
 
     def _on_answer(self, f: Frame) -> None:
         fut = self._conn.take_pending(f.request_id)
