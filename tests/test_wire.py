@@ -436,3 +436,17 @@ def test_the_first_frame_has_its_own_limit() -> None:
     encode_frame(second, Kind.EVENT, 0, 0, b"c", bytes(10_000))
     frames = p.feed(bytes(first + second))
     assert [f.kind for f in frames] == [Kind.HELLO, Kind.EVENT]
+
+
+def test_small_bodies_of_whole_frames_are_bytes_and_frames_are_not_gc_tracked() -> None:
+    """Many small frames per read: no view and no GC-tracked object per frame."""
+    import gc
+
+    small = encode(Kind.EVENT, channel="c", body=b"x" * 512)
+    big = encode(Kind.EVENT, channel="c", body=b"y" * 513)
+    data = bytes(small + big)
+    f1, f2 = FrameParser().feed(data)
+    assert type(f1.body) is bytes and f1.body == b"x" * 512
+    assert isinstance(f2.body, memoryview) and f2.body.obj is data  # larger: still a view
+    assert not gc.is_tracked(f1) and not gc.is_tracked(f2)
+    assert f1 == Frame(Kind.EVENT, channel="c", body=memoryview(b"x" * 512))

@@ -236,6 +236,9 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+_OPEN: Final = State.OPEN
+
+
 class Connection:
     """Protocol state for one connection. See the module docstring.
 
@@ -866,9 +869,13 @@ class Connection:
 
     def send_event(self, channel: bytes, args: Any, route_id: int = 0) -> None:
         """Queue a one-way EVENT on ``channel``."""
-        if self.state is not State.OPEN:
+        if self.state is not _OPEN:
             self._check_open(args)
-        self._emit_obj(K_EVENT, 0, route_id, channel, _wrap(args))
+        for a in args:  # (_wrap's test, inline: this runs for every event)
+            if type(a) in _BYTESLIKE and len(a) >= SHM_THRESHOLD:
+                args = _wrap(args)
+                break
+        self._emit_obj(K_EVENT, 0, route_id, channel, args)
 
     def send_result(self, request_id: int, value: Any) -> None:
         """Queue the RESULT of an incoming invoke (dropped once this side said goodbye).
@@ -970,7 +977,6 @@ class Connection:
         start = len(out)
         out += _BLANK_HEADER  # filled in once the size is known
         out += channel
-        body_start = len(out)
         try:
             self.encoder.encode_into(obj, out, -1)
         except BaseException:
@@ -978,41 +984,56 @@ class Connection:
             self._drop_atts()
             _consume_all(obj)  # Buffers the encoder did not reach are moved too
             raise
+        if self._atts:
+            self._place_atts(out, start, kind, rid, route, channel)
+            return
+        size = len(out) - start - 4
+        if size > self.send_limit:
+            del out[start:]
+            raise self._too_large(size, 0)
+        HEADER.pack_into(out, start, size, kind, 0, len(channel), rid, route, 0, 0)
+
+    def _too_large(self, size: int, fd_bytes: int) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"frame of {size} bytes (and {fd_bytes} in descriptors) exceeds "
+            f"the limit of {self.send_limit} bytes (max_frame_size: raise it on both "
+            "sides for larger transfers)"
+        )
+
+    def _place_atts(
+        self, out: bytearray, start: int, kind: int, rid: int, route: int, channel: bytes
+    ) -> None:
+        """Finish a frame whose body, just encoded, took attachments: table, body, inline data."""
         atts = self._atts
         n_att = len(atts)
         fd_bytes = 0
-        if n_att:
-            body = bytes(out[body_start:])
-            del out[body_start:]
-            for a in atts:
-                out += ATT.pack(a.where, a.flags, 0, a.aux, a.length)
-                if a.where == WHERE_FD:
-                    fd_bytes += a.length
-            out += body
-            for a in atts:
-                if a.where == WHERE_INLINE:
-                    out += a.data
+        body_start = start + HEADER_SIZE + len(channel)
+        body = bytes(out[body_start:])
+        del out[body_start:]
+        for a in atts:
+            out += ATT.pack(a.where, a.flags, 0, a.aux, a.length)
+            if a.where == WHERE_FD:
+                fd_bytes += a.length
+        out += body
+        for a in atts:
+            if a.where == WHERE_INLINE:
+                out += a.data
         size = len(out) - start - 4
         if size > self.send_limit or fd_bytes > self.send_limit:
             del out[start:]
             self._drop_atts()
-            raise PayloadTooLarge(
-                f"frame of {size} bytes (and {fd_bytes} in descriptors) exceeds "
-                f"the limit of {self.send_limit} bytes (max_frame_size: raise it on both "
-                "sides for larger transfers)"
-            )
+            raise self._too_large(size, fd_bytes)
         HEADER.pack_into(out, start, size, kind, 0, len(channel), rid, route, n_att, 0)
-        if n_att:
-            self._atts = []
-            self._handles_sent.clear()
-            if fd_bytes or any(a.where == WHERE_FD for a in atts):
-                fds = [a.fd for a in atts if a.where == WHERE_FD]
-                if self._fds_out and len(self._fds_out) + len(fds) > MAX_UNCLAIMED_FDS:
-                    # Cut here: the peer holds at most one chunk's descriptors unclaimed.
-                    self._ready.append((out[:start], self._fds_out))
-                    del out[:start]
-                    self._fds_out = []
-                self._fds_out.extend(fds)
+        self._atts = []
+        self._handles_sent.clear()
+        if fd_bytes or any(a.where == WHERE_FD for a in atts):
+            fds = [a.fd for a in atts if a.where == WHERE_FD]
+            if self._fds_out and len(self._fds_out) + len(fds) > MAX_UNCLAIMED_FDS:
+                # Cut here: the peer holds at most one chunk's descriptors unclaimed.
+                self._ready.append((out[:start], self._fds_out))
+                del out[:start]
+                self._fds_out = []
+            self._fds_out.extend(fds)
 
     # -- streams (docs/protocol.md 7.6; their accounting: tether.streams) ---
 
