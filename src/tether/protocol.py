@@ -477,9 +477,15 @@ class Connection:
                 if self._handshaking:
                     taken += self._take_handshake(frames, taken)
                 frames = frames[taken:]
+            take_all = self.state is State.OPEN  # checked again after each GOODBYE
+            if take_all:
+                for f in frames:  # a read of events and answers only: nothing to do per frame
+                    if f.kind not in _PLAIN:
+                        break
+                else:
+                    return self._passed(frames)
             out: list[Frame] = []
             append = out.append
-            take_all = self.state is State.OPEN  # checked again after each GOODBYE
             served = self.served
             for f in frames:
                 k = f.kind
@@ -542,21 +548,29 @@ class Connection:
                         served.add(rid)
                     append(f)
                 # PONG: nothing to do
-            if self.json:
-                _from_json(frames)
-            if self._fds_in:
-                self._check_unclaimed()
-            if self.pickle:
-                for f in out:
-                    f.pickle = True
-            if self.trace_context:
-                self._take_contexts(out)
-            if _tracing.hook is not None and out:  # tracing: once per read, not per frame
-                _tracing.hook.received(self, out)
-            return out
+            return self._passed(out, frames)
         except ProtocolError:
             self.abort()
             raise
+
+    def _passed(self, out: list[Frame], frames: list[Frame] | None = None) -> list[Frame]:
+        """The last steps of :meth:`receive_data` (``frames``: all of the read, if not ``out``).
+
+        Raises:
+            ProtocolError: descriptors arrived that no frame claims (the caller aborts).
+        """
+        if self.json:
+            _from_json(out if frames is None else frames)
+        if self._fds_in:
+            self._check_unclaimed()
+        if self.pickle:
+            for f in out:
+                f.pickle = True
+        if self.trace_context:
+            self._take_contexts(out)
+        if _tracing.hook is not None and out:  # tracing: once per read, not per frame
+            _tracing.hook.received(self, out)
+        return out
 
     def _take_contexts(self, frames: list[Frame]) -> None:
         """Split a trace context off the channel of each INVOKE that carries one (7.7)."""
@@ -831,12 +845,16 @@ class Connection:
 
     def send_invoke(self, channel: bytes, args: Any, waiter: Any, route_id: int = 0) -> int:
         """Queue an INVOKE of ``channel`` with ``args`` (a tuple); return its request id."""
-        if self.state is not State.OPEN:
+        if self.state is not _OPEN:
             self._check_open(args)
         rid = self._next_rid = (self._next_rid + 1) & _U32 or 1
         while rid in self.pending:  # wrapped onto a call still in flight
             rid = self._next_rid = (rid + 1) & _U32 or 1
-        self._emit_obj(K_INVOKE, rid, route_id, channel, _wrap(args))
+        for a in args:  # (_wrap's test, inline)
+            if type(a) in _BYTESLIKE and len(a) >= SHM_THRESHOLD:
+                args = _wrap(args)
+                break
+        self._emit_obj(K_INVOKE, rid, route_id, channel, args)
         self.pending[rid] = waiter
         return rid
 
@@ -884,7 +902,7 @@ class Connection:
             PayloadTooLarge: the value does not fit; send an error instead.
             Exception: whatever encoding ``value`` raised (nothing was queued).
         """
-        if self.state is not State.OPEN and (self.state is State.CLOSED or self.our_goodbye):
+        if self.state is not _OPEN and (self.state is State.CLOSED or self.our_goodbye):
             _consume_all(value)
             return
         if type(value) in _BYTESLIKE and len(value) >= SHM_THRESHOLD:

@@ -673,7 +673,7 @@ class Peer(Handlers):
             # while this side keeps producing (a loop that never yields would
             # otherwise alternate with its reader instead of overlapping).
             self._flush()
-        else:
+        elif self._flush_handle is None:  # (else a write is due this turn already)
             self._kick()
         if (queued := self._stream.buffered + queued) > HIGH_WATER:
             self._check_queued(queued)
