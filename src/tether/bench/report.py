@@ -15,10 +15,11 @@ from .scenarios import TARGETS
 
 __all__ = ["compare", "machine", "machine_line", "plot", "table", "to_json"]
 
-PEERS = ("mp_pipe", "zmq", "shm_reuse", "memcpy", "ppe", "loky", "nats")
+PEERS = ("mp_pipe", "zmq", "grpc", "shm_reuse", "memcpy", "ppe", "loky", "nats")
 PEER_TITLES = {
     "mp_pipe": "vs mp.Pipe",
     "zmq": "vs pyzmq",
+    "grpc": "vs gRPC",
     "shm_reuse": "vs shm reuse",
     "memcpy": "vs memcpy",
     "ppe": "vs PPE",
@@ -174,7 +175,12 @@ def fmt_cpu(m: MetricStats) -> tuple[str, str]:
 
 
 def table(rows: list[Row]) -> str:
-    """The printed table: one line per metric, ratios and targets for tether's rows."""
+    """The printed table: one line per metric, ratios and targets for tether's rows.
+
+    A ratio column appears only when some row has a ratio in it, so a run of a
+    few scenarios (``--only``) stays narrow.
+    """
+    peers = [p for p in PEERS if any(p in m.ratios for row in rows for m in row.metrics)]
     head = [
         "scenario",
         "metric",
@@ -182,7 +188,7 @@ def table(rows: list[Row]) -> str:
         "p99 / max",
         "CPU",
         "CPU/op",
-        *PEER_TITLES.values(),
+        *(PEER_TITLES[p] for p in peers),
         "target",
         "",
     ]
@@ -204,7 +210,7 @@ def table(rows: list[Row]) -> str:
                     fmt_value(m.median, m.unit),
                     fmt_tail(m),
                     *fmt_cpu(m),
-                    *(_ratio(m, p) for p in PEERS),
+                    *(_ratio(m, p) for p in peers),
                     targets,
                     ok,
                 ]
@@ -215,7 +221,7 @@ def table(rows: list[Row]) -> str:
             if ln[1] in ("error", "unavailable") and i == 2:
                 continue  # the reason may overflow its column
             widths[i] = max(widths[i], len(cell))
-    right = set(range(2, 6 + len(PEERS)))
+    right = set(range(2, 6 + len(peers)))
 
     def render(cells: list[str]) -> str:
         if cells[1] in ("error", "unavailable"):
@@ -254,6 +260,8 @@ def notes(rows: list[Row]) -> str:
         "and per operation (round trip, event, invoke or transfer).\n"
         "big: m->c main -> child, c->m child -> main; 'cold transfer' is each process's "
         "first transfer, left out of 'transfer'.\n"
+        "gRPC: grpcio over a unix socket, generic bytes handlers, msgspec bodies; 'vs gRPC' "
+        "is against rt_grpc (blocking client, thread-pool server) and stream_grpc (grpc.aio).\n"
         "pool: 2 workers, chunksize 1; kill: 200 jobs of 10 ms, one worker SIGKILLed after 20; "
         "'lost' jobs neither returned nor raised within 5 s (a map over them hangs)."
     )
