@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
@@ -32,12 +31,12 @@ from .common import (
     CpuMeter,
     Params,
     Result,
+    ServerProcess,
     child_init,
-    join_or_kill,
     latency,
     rate,
+    rate_loop_async,
     scratch_dir,
-    spawn_ctx,
     time_loop,
     time_loop_async,
 )
@@ -109,25 +108,12 @@ def _server_process(address: str, aio: bool, ready: Any, parent_pid: int) -> Non
     server.wait_for_termination()
 
 
-class _GrpcServer:
+class _GrpcServer(ServerProcess):
     """A process serving :data:`SERVICE` on ``unix:{tmp}/grpc.sock`` (``grpc.aio`` if ``aio``)."""
 
     def __init__(self, tmp: str, aio: bool) -> None:
-        ctx = spawn_ctx()
         self.address = f"unix:{tmp}/grpc.sock"
-        ready = ctx.Event()
-        self.proc = ctx.Process(
-            target=_server_process, args=(self.address, aio, ready, os.getpid()), daemon=True
-        )
-        self.proc.start()
-        if not ready.wait(WAIT):
-            self.stop()
-            raise TimeoutError(f"the gRPC server did not start within {WAIT} s")
-
-    def stop(self) -> None:
-        if self.proc.exitcode is None:
-            self.proc.terminate()
-        join_or_kill(self.proc)
+        super().__init__(_server_process, self.address, aio, what="gRPC server", timeout=WAIT)
 
 
 # -- round trip ------------------------------------------------------------------------
@@ -139,22 +125,21 @@ def rt_grpc(params: Params) -> Result:
 
     enc = msgspec.msgpack.Encoder()
     dec = msgspec.msgpack.Decoder()
-    with scratch_dir() as tmp:
-        server = _GrpcServer(tmp, aio=False)
-        try:
-            with grpc.insecure_channel(server.address) as channel:
-                grpc.channel_ready_future(channel).result(timeout=WAIT)
-                call = channel.unary_unary(ECHO)
+    with (
+        scratch_dir() as tmp,
+        _GrpcServer(tmp, aio=False) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        grpc.channel_ready_future(channel).result(timeout=WAIT)
+        call = channel.unary_unary(ECHO)
 
-                def op() -> object:
-                    return dec.decode(call(enc.encode(PAYLOAD)))
+        def op() -> object:
+            return dec.decode(call(enc.encode(PAYLOAD)))
 
-                assert op() == PAYLOAD
-                meter = CpuMeter(server.proc.pid)
-                samples = time_loop(op, **rt_budget(params), meter=meter)
-                cpu = meter.stop(len(samples))
-        finally:
-            server.stop()
+        assert op() == PAYLOAD
+        meter = CpuMeter(server.proc.pid)
+        samples = time_loop(op, **rt_budget(params), meter=meter)
+        cpu = meter.stop(len(samples))
     return {
         "metrics": [latency("round trip", samples, cpu=cpu)],
         "info": {"grpc": grpc.__version__},
@@ -181,12 +166,8 @@ def rt_grpc_aio(params: Params) -> Result:
             samples = await time_loop_async(op, **rt_budget(params), meter=meter)
             return samples, meter.stop(len(samples)), loop_name()
 
-    with scratch_dir() as tmp:
-        server = _GrpcServer(tmp, aio=True)
-        try:
-            samples, cpu, loop = bounded(measure(server), params)
-        finally:
-            server.stop()
+    with scratch_dir() as tmp, _GrpcServer(tmp, aio=True) as server:
+        samples, cpu, loop = bounded(measure(server), params)
     info = {"loop": loop, "grpc": grpc.__version__}
     return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": info}
 
@@ -222,22 +203,11 @@ def stream_grpc(params: Params) -> Result:
                     raise RuntimeError(f"received {got} items, expected {count}")
                 return count / elapsed
 
-            await batch(n // 10)
-            rates: list[float] = []
             meter = CpuMeter(server.proc.pid)
-            meter.start()
-            end = time.perf_counter() + max_s
-            for _ in range(batches):
-                rates.append(await batch(n))
-                if time.perf_counter() > end:
-                    break
-            return rates, meter.stop(n * len(rates)), loop_name()
+            rates, cpu = await rate_loop_async(batch, n, batches, max_s, meter)
+            return rates, cpu, loop_name()
 
-    with scratch_dir() as tmp:
-        server = _GrpcServer(tmp, aio=True)
-        try:
-            rates, cpu, loop = bounded(measure(server), params)
-        finally:
-            server.stop()
+    with scratch_dir() as tmp, _GrpcServer(tmp, aio=True) as server:
+        rates, cpu, loop = bounded(measure(server), params)
     info = {"loop": loop, "grpc": grpc.__version__}
     return {"metrics": [rate("items", rates, "/s", cpu=cpu)], "info": info}
