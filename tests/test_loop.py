@@ -77,3 +77,38 @@ async def test_an_async_child_runs_on_uvloop() -> None:
     async with tether.Main(timeout=30.0) as main:
         child = await main.spawn(_loop_targets.loop_kind)
         assert (await child.invoke("loop")).startswith("uvloop")
+
+
+class _FakeNatsPeer:
+    """Stands in for the NATS connection: only what NatsPeer.close uses."""
+
+    timeout = 5.0
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("uvloop_imports", [True, False])
+def test_the_blocking_nats_peer_loop_thread_is_tethers_kind(
+    monkeypatch: pytest.MonkeyPatch, uvloop_imports: bool
+) -> None:
+    from tether.nats import blocking
+
+    monkeypatch.delenv("TETHER_LOOP", raising=False)
+    if uvloop_imports:
+        pytest.importorskip("uvloop")
+    else:
+        monkeypatch.setitem(sys.modules, "uvloop", None)
+
+    async def fake_connect(address: str, kw: dict[str, object]) -> _FakeNatsPeer:
+        return _FakeNatsPeer()
+
+    monkeypatch.setattr(blocking, "connect_nats", fake_connect)
+    peer = blocking.connect_blocking("nats://127.0.0.1:4222/x", {"connect_timeout": 5.0})
+    try:
+        kind = type(peer._loop).__module__
+        assert kind.startswith("uvloop" if uvloop_imports else "asyncio"), kind
+    finally:
+        peer.close()
+    assert peer.aio.closed and not peer._thread.is_alive()
