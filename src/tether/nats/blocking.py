@@ -92,7 +92,7 @@ class NatsPeer:
 
 def connect_blocking(address: str, kw: dict[str, Any]) -> NatsPeer:
     """Connect on a new loop thread; raise what :func:`~tether.nats.link.connect_nats` raises."""
-    loop = new_loop()  # uvloop's where installed, like every loop tether starts
+    loop = new_loop()  # uvloop's where installed, as for tether.run
     thread = threading.Thread(target=loop.run_forever, name="tether-nats", daemon=True)
     thread.start()
     fut = asyncio.run_coroutine_threadsafe(connect_nats(address, kw), loop)
