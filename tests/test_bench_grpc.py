@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tether.bench.case import MARKER
-from tether.bench.report import compare, table
+from tether.bench.report import compare, plot, rt_axis, table
 from tether.bench.runner import MetricStats, Row
 from tether.bench.scenarios import SCENARIOS, Run, select
 
@@ -97,3 +97,17 @@ def test_a_case_without_grpcio_is_unavailable_not_an_error() -> None:
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER))
     result = json.loads(line[len(MARKER) :])
     assert "grpc is not installed" in result["unavailable"]
+
+
+def test_round_trip_chart_goes_log_when_grpc_dwarfs_the_pipe() -> None:
+    assert rt_axis([30.0, 60.0, 90.0]) == ("linear", (0.0, 270.0))
+    scale, (left, right) = rt_axis([16.0, 30.0, 60.0, 570.0])  # spin, pipe, tether, gRPC
+    assert scale == "log" and left == 8.0 and right == 1710.0
+
+
+def test_plot_with_grpc_rows_writes_png(tmp_path: Path) -> None:
+    rows = [_row("rt_mp_pipe", 30.0), _row("rt_tether_async", 60.0), _row("rt_grpc", 400.0)]
+    rows += [_row("stream_tether", 2e5, "/s", "items"), _row("stream_grpc", 2e4, "/s", "items")]
+    path = tmp_path / "chart.png"
+    plot(rows, str(path), {"cpu": "test", "cores": 2, "python": "3", "loop": "uvloop"})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
