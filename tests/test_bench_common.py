@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tether.bench.common import CpuMeter, ServerProcess, rate_loop, rate_loop_async
+from tether.bench.common import CpuMeter, ServerProcess, batch_rate, rate_loop, rate_loop_async
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,3 +61,10 @@ def test_rate_loop_async_does_the_same_for_a_coroutine() -> None:
 
     rates, cpu = asyncio.run(rate_loop_async(batch, 50, 2, 60.0, CpuMeter()))
     assert calls == [5, 50, 50] and rates == [100.0, 100.0] and cpu["ops"] == 100
+
+
+def test_batch_rate_is_count_per_second_and_checks_the_count() -> None:
+    t0 = time.perf_counter() - 0.5
+    assert 0 < batch_rate(100, 100, t0, "items") <= 200.0  # at least half a second ago
+    with pytest.raises(RuntimeError, match="got 99 events, expected 100"):
+        batch_rate(100, 99, t0, "events")

@@ -30,6 +30,7 @@ from .common import (
     CpuMeter,
     Params,
     Result,
+    batch_rate,
     child_init,
     join_or_kill,
     latency,
@@ -217,10 +218,7 @@ def ev_mp_pipe(params: Params) -> Result:
                 send(PAYLOAD)
             send(None)
             got = _recv_ack(parent)
-            elapsed = time.perf_counter() - t0
-            if got != count:
-                raise RuntimeError(f"child counted {got} events, expected {count}")
-            return count / elapsed
+            return batch_rate(count, got, t0, "events")
 
         rates, cpu = rate_loop(batch, n, batches, max_s, CpuMeter(proc.pid))
         parent.send("stop")
@@ -319,10 +317,7 @@ def ev_zmq(params: Params) -> Result:
                     send(enc.encode(PAYLOAD))
                 send(b"")
                 got = int.from_bytes(ack.recv(), "little")
-                elapsed = time.perf_counter() - t0
-                if got != count:
-                    raise RuntimeError(f"child counted {got} events, expected {count}")
-                return count / elapsed
+                return batch_rate(count, got, t0, "events")
 
             rates, cpu = rate_loop(batch, n, batches, max_s, CpuMeter(proc.pid))
             push.send(b"S")
@@ -381,10 +376,7 @@ def stream_zmq(params: Params) -> Result:
                 while msg := recv():
                     dec.decode(msg)
                     got += 1
-                elapsed = time.perf_counter() - t0
-                if got != count:
-                    raise RuntimeError(f"received {got} items, expected {count}")
-                return count / elapsed
+                return batch_rate(count, got, t0, "items")
 
             rates, cpu = rate_loop(batch, n, batches, max_s, CpuMeter(proc.pid))
             ctl.send((0).to_bytes(8, "little"))

@@ -29,6 +29,7 @@ __all__ = [
     "Params",
     "Result",
     "ServerProcess",
+    "batch_rate",
     "child_init",
     "join_or_kill",
     "latency",
@@ -261,6 +262,19 @@ async def time_loop_async(
         if not i & 127 and t1 > deadline:
             break
     return out
+
+
+def batch_rate(count: int, got: int, t0: float, what: str) -> float:
+    """``count`` per second since ``t0`` (a ``perf_counter``), once the other side saw them all.
+
+    Raises:
+        RuntimeError: ``got`` (what the other side counted or sent) is not
+            ``count``; ``what`` ("events", "items") names them in the message.
+    """
+    elapsed = time.perf_counter() - t0
+    if got != count:
+        raise RuntimeError(f"got {got} {what}, expected {count}")
+    return count / elapsed
 
 
 def rate_loop(

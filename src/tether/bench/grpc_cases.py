@@ -32,6 +32,7 @@ from .common import (
     Params,
     Result,
     ServerProcess,
+    batch_rate,
     child_init,
     latency,
     rate,
@@ -198,10 +199,7 @@ def stream_grpc(params: Params) -> Result:
                 async for msg in call(enc.encode(count)):
                     dec.decode(msg)
                     got += 1
-                elapsed = time.perf_counter() - t0
-                if got != count:
-                    raise RuntimeError(f"received {got} items, expected {count}")
-                return count / elapsed
+                return batch_rate(count, got, t0, "items")
 
             meter = CpuMeter(server.proc.pid)
             rates, cpu = await rate_loop_async(batch, n, batches, max_s, meter)

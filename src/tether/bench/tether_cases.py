@@ -25,6 +25,7 @@ from .common import (
     Params,
     Result,
     ServerProcess,
+    batch_rate,
     child_init,
     latency,
     rate,
@@ -248,10 +249,7 @@ def ev_tether(params: Params) -> Result:
                 for _ in range(count):
                     await child.send("ev", PAYLOAD)
                 got = await child.invoke("count")
-                elapsed = time.perf_counter() - t0
-                if got != count:
-                    raise RuntimeError(f"child counted {got} events, expected {count}")
-                return count / elapsed
+                return batch_rate(count, got, t0, "events")
 
             rates, cpu = await rate_loop_async(batch, n, batches, max_s, CpuMeter(child.pid))
             return rates, cpu, loop_name()
@@ -285,10 +283,7 @@ def stream_tether(params: Params) -> Result:
                 got = 0
                 async for _ in child.stream("items", count):
                     got += 1
-                elapsed = time.perf_counter() - t0
-                if got != count:
-                    raise RuntimeError(f"received {got} items, expected {count}")
-                return count / elapsed
+                return batch_rate(count, got, t0, "items")
 
             rates, cpu = await rate_loop_async(batch, n, batches, max_s, CpuMeter(child.pid))
             return rates, cpu, loop_name()
