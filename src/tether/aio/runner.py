@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from .loop import loop_factory
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "run"]
 
@@ -19,24 +20,12 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    """What makes the loop: uvloop's if installed (``TETHER_LOOP=asyncio`` opts out), as
-    :func:`tether.aio.loop.run` chooses."""
-    if os.environ.get("TETHER_LOOP", "") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return uvloop.new_event_loop
-    return asyncio.new_event_loop
-
-
 def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
     """Run the coroutine ``main`` to completion and return its result.
 
-    The loop is uvloop's when uvloop is installed (``TETHER_LOOP=asyncio``
-    picks asyncio's own). Call it once, from the main thread, as
+    The loop is uvloop's when uvloop imports (it is a dependency of tether on
+    CPython outside Windows), asyncio's own otherwise or with
+    ``TETHER_LOOP=asyncio``. Call it once, from the main thread, as
     ``tether.run(amain())``: it does what ``asyncio.run`` does, and on Ctrl-C
     (SIGINT) it cancels ``main``, so its ``async with tether.Main()`` blocks
     close (children are ended, listeners removed), then exits the process with
@@ -56,7 +45,7 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
         hint = " (call it: tether.run(amain()), not tether.run(amain))" if callable(main) else ""
         raise TypeError(f"tether.run() needs a coroutine, not {type(main).__name__}{hint}")
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(), debug=debug) as runner:
+        with asyncio.Runner(loop_factory=loop_factory(), debug=debug) as runner:
             return runner.run(_ending_on_sigterm(main))
     except KeyboardInterrupt:
         raise SystemExit(EXIT_INTERRUPTED) from None

@@ -13,11 +13,14 @@ acknowledgements outside the hot loop have their own timeouts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
 import time
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import msgspec
@@ -27,10 +30,12 @@ from .common import (
     CpuMeter,
     Params,
     Result,
+    batch_rate,
     child_init,
     join_or_kill,
     latency,
     rate,
+    rate_loop,
     scratch_dir,
     spawn_ctx,
     time_loop,
@@ -71,6 +76,50 @@ def _recv_ack(conn: Connection, timeout: float = ACK_TIMEOUT) -> Any:
     return conn.recv()
 
 
+@contextlib.contextmanager
+def _child(target: Callable[..., None], *args: Any) -> Iterator[BaseProcess]:
+    """``target(*args, parent_pid)`` in a spawned child for the block; reaped (or killed) after."""
+    proc = spawn_ctx().Process(target=target, args=(*args, os.getpid()), daemon=True)
+    try:
+        proc.start()
+        yield proc
+    finally:
+        join_or_kill(proc)
+
+
+@contextlib.contextmanager
+def _child_over(
+    target: Callable[..., None],
+    here: socket.socket | Connection,
+    there: socket.socket | Connection,
+) -> Iterator[BaseProcess]:
+    """``target(there, parent_pid)`` in a spawned child; this process keeps ``here``.
+
+    ``there`` is closed here once the child has it; at the end ``here`` is
+    closed first (the child reads end-of-file), then the child is reaped.
+    """
+    proc = spawn_ctx().Process(target=target, args=(there, os.getpid()), daemon=True)
+    try:
+        proc.start()
+        there.close()
+        yield proc
+    finally:
+        here.close()
+        join_or_kill(proc)
+
+
+@contextlib.contextmanager
+def _zmq_context() -> Iterator[Any]:
+    """A ``zmq.Context`` for the block: every socket of it closed (linger 0), then ended."""
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)
+
+
 # -- raw socketpair -----------------------------------------------------------
 
 
@@ -92,10 +141,7 @@ def rt_socketpair(params: Params) -> Result:
     enc = msgspec.msgpack.Encoder()
     dec = msgspec.msgpack.Decoder()
     parent, child = socket.socketpair()
-    proc = spawn_ctx().Process(target=_socketpair_echo, args=(child, os.getpid()), daemon=True)
-    try:
-        proc.start()
-        child.close()
+    with _child_over(_socketpair_echo, parent, child) as proc:
         recv = parent.recv
         waitall = socket.MSG_WAITALL
         unpack = _LEN.unpack
@@ -112,9 +158,6 @@ def rt_socketpair(params: Params) -> Result:
         samples = time_loop(op, **rt_budget(params), meter=meter)
         cpu = meter.stop(len(samples))
         parent.sendall(_LEN.pack(0))
-    finally:
-        parent.close()
-        join_or_kill(proc)
     return {"metrics": [latency("round trip", samples, cpu=cpu)]}
 
 
@@ -132,12 +175,8 @@ def _pipe_echo(conn: Connection, parent_pid: int) -> None:
 
 def rt_mp_pipe(params: Params) -> Result:
     """multiprocessing.Pipe: send a dict, the child sends it back (pickle both ways)."""
-    ctx = spawn_ctx()
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_pipe_echo, args=(child, os.getpid()), daemon=True)
-    try:
-        proc.start()
-        child.close()
+    parent, child = spawn_ctx().Pipe()
+    with _child_over(_pipe_echo, parent, child) as proc:
         send, recv = parent.send, parent.recv
 
         def op() -> object:
@@ -149,9 +188,6 @@ def rt_mp_pipe(params: Params) -> Result:
         samples = time_loop(op, **rt_budget(params), meter=meter)
         cpu = meter.stop(len(samples))
         parent.send(None)
-    finally:
-        parent.close()
-        join_or_kill(proc)
     return {"metrics": [latency("round trip", samples, cpu=cpu)]}
 
 
@@ -171,14 +207,9 @@ def _pipe_count(conn: Connection, parent_pid: int) -> None:
 
 def ev_mp_pipe(params: Params) -> Result:
     """multiprocessing.Pipe one-way: N dicts to a child that counts, then one ack."""
-    ctx = spawn_ctx()
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_pipe_count, args=(child, os.getpid()), daemon=True)
+    parent, child = spawn_ctx().Pipe()
     n, batches, max_s = ev_budget(params)
-    rates: list[float] = []
-    try:
-        proc.start()
-        child.close()
+    with _child_over(_pipe_count, parent, child) as proc:
         send = parent.send
 
         def batch(count: int) -> float:
@@ -187,24 +218,10 @@ def ev_mp_pipe(params: Params) -> Result:
                 send(PAYLOAD)
             send(None)
             got = _recv_ack(parent)
-            elapsed = time.perf_counter() - t0
-            if got != count:
-                raise RuntimeError(f"child counted {got} events, expected {count}")
-            return count / elapsed
+            return batch_rate(count, got, t0, "events")
 
-        batch(n // 10)  # warm-up
-        meter = CpuMeter(proc.pid)
-        meter.start()
-        end = time.perf_counter() + max_s
-        for _ in range(batches):
-            rates.append(batch(n))
-            if time.perf_counter() > end:
-                break
-        cpu = meter.stop(n * len(rates))
+        rates, cpu = rate_loop(batch, n, batches, max_s, CpuMeter(proc.pid))
         parent.send("stop")
-    finally:
-        parent.close()
-        join_or_kill(proc)
     return {"metrics": [rate("events", rates, "/s", cpu=cpu)]}
 
 
@@ -217,19 +234,15 @@ def _zmq_rep(addr: str, parent_pid: int) -> None:
     child_init(parent_pid)
     enc = msgspec.msgpack.Encoder()
     dec = msgspec.msgpack.Decoder()
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.REP)
-    sock.bind(addr)
-    try:
+    with _zmq_context() as ctx:
+        sock = ctx.socket(zmq.REP)
+        sock.bind(addr)
         while True:
             msg = sock.recv()
             if not msg:
                 sock.send(b"")
                 return
             sock.send(enc.encode(dec.decode(msg)))
-    finally:
-        sock.close(linger=0)
-        ctx.term()
 
 
 def rt_zmq(params: Params) -> Result:
@@ -238,14 +251,11 @@ def rt_zmq(params: Params) -> Result:
 
     enc = msgspec.msgpack.Encoder()
     dec = msgspec.msgpack.Decoder()
-    with scratch_dir() as tmp:
+    with scratch_dir() as tmp, _zmq_context() as ctx:
         addr = f"ipc://{tmp}/rt.ipc"
-        proc = spawn_ctx().Process(target=_zmq_rep, args=(addr, os.getpid()), daemon=True)
-        ctx = zmq.Context()
         sock = ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.RCVTIMEO, int(ACK_TIMEOUT * 1000))
-        try:
-            proc.start()
+        with _child(_zmq_rep, addr) as proc:
             sock.connect(addr)
             send, recv = sock.send, sock.recv
 
@@ -259,10 +269,6 @@ def rt_zmq(params: Params) -> Result:
             cpu = meter.stop(len(samples))
             sock.send(b"")
             sock.recv()
-        finally:
-            sock.close(linger=0)
-            ctx.term()
-            join_or_kill(proc)
     return {"metrics": [latency("round trip", samples, cpu=cpu)]}
 
 
@@ -271,13 +277,12 @@ def _zmq_pull_count(addr: str, ack_addr: str, parent_pid: int) -> None:
 
     child_init(parent_pid)
     dec = msgspec.msgpack.Decoder()
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(addr)
-    ack = ctx.socket(zmq.PUSH)
-    ack.connect(ack_addr)
-    n = 0
-    try:
+    with _zmq_context() as ctx:
+        pull = ctx.socket(zmq.PULL)
+        pull.bind(addr)
+        ack = ctx.socket(zmq.PUSH)
+        ack.connect(ack_addr)
+        n = 0
         while True:
             msg = pull.recv()
             if len(msg) > 1:
@@ -288,10 +293,6 @@ def _zmq_pull_count(addr: str, ack_addr: str, parent_pid: int) -> None:
                 n = 0
             else:
                 return
-    finally:
-        pull.close(linger=0)
-        ack.close(linger=0)
-        ctx.term()
 
 
 def ev_zmq(params: Params) -> Result:
@@ -300,19 +301,13 @@ def ev_zmq(params: Params) -> Result:
 
     enc = msgspec.msgpack.Encoder()
     n, batches, max_s = ev_budget(params)
-    rates: list[float] = []
-    with scratch_dir() as tmp:
+    with scratch_dir() as tmp, _zmq_context() as ctx:
         addr, ack_addr = f"ipc://{tmp}/ev.ipc", f"ipc://{tmp}/ack.ipc"
-        ctx = zmq.Context()
         push = ctx.socket(zmq.PUSH)
         ack = ctx.socket(zmq.PULL)
         ack.setsockopt(zmq.RCVTIMEO, int(ACK_TIMEOUT * 1000))
         ack.bind(ack_addr)
-        proc = spawn_ctx().Process(
-            target=_zmq_pull_count, args=(addr, ack_addr, os.getpid()), daemon=True
-        )
-        try:
-            proc.start()
+        with _child(_zmq_pull_count, addr, ack_addr) as proc:
             push.connect(addr)
             send = push.send
 
@@ -322,27 +317,11 @@ def ev_zmq(params: Params) -> Result:
                     send(enc.encode(PAYLOAD))
                 send(b"")
                 got = int.from_bytes(ack.recv(), "little")
-                elapsed = time.perf_counter() - t0
-                if got != count:
-                    raise RuntimeError(f"child counted {got} events, expected {count}")
-                return count / elapsed
+                return batch_rate(count, got, t0, "events")
 
-            batch(n // 10)
-            meter = CpuMeter(proc.pid)
-            meter.start()
-            end = time.perf_counter() + max_s
-            for _ in range(batches):
-                rates.append(batch(n))
-                if time.perf_counter() > end:
-                    break
-            cpu = meter.stop(n * len(rates))
+            rates, cpu = rate_loop(batch, n, batches, max_s, CpuMeter(proc.pid))
             push.send(b"S")
             proc.join(5.0)
-        finally:
-            push.close(linger=0)
-            ack.close(linger=0)
-            ctx.term()
-            join_or_kill(proc)
     return {"metrics": [rate("events", rates, "/s", cpu=cpu)]}
 
 
@@ -355,12 +334,11 @@ def _zmq_push_items(addr: str, ctl_addr: str, parent_pid: int) -> None:
 
     child_init(parent_pid)
     enc = msgspec.msgpack.Encoder()
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.connect(addr)
-    ctl = ctx.socket(zmq.PULL)
-    ctl.bind(ctl_addr)
-    try:
+    with _zmq_context() as ctx:
+        push = ctx.socket(zmq.PUSH)
+        push.connect(addr)
+        ctl = ctx.socket(zmq.PULL)
+        ctl.bind(ctl_addr)
         while True:
             n = int.from_bytes(ctl.recv(), "little")
             if not n:
@@ -369,10 +347,6 @@ def _zmq_push_items(addr: str, ctl_addr: str, parent_pid: int) -> None:
             for _ in range(n):
                 send(enc.encode(PAYLOAD))
             send(b"")
-    finally:
-        push.close(linger=0)
-        ctl.close(linger=0)
-        ctx.term()
 
 
 def stream_zmq(params: Params) -> Result:
@@ -385,19 +359,13 @@ def stream_zmq(params: Params) -> Result:
 
     dec = msgspec.msgpack.Decoder()
     n, batches, max_s = ev_budget(params)
-    rates: list[float] = []
-    with scratch_dir() as tmp:
+    with scratch_dir() as tmp, _zmq_context() as ctx:
         addr, ctl_addr = f"ipc://{tmp}/items.ipc", f"ipc://{tmp}/ctl.ipc"
-        ctx = zmq.Context()
         pull = ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.RCVTIMEO, int(ACK_TIMEOUT * 1000))
         pull.bind(addr)
         ctl = ctx.socket(zmq.PUSH)
-        proc = spawn_ctx().Process(
-            target=_zmq_push_items, args=(addr, ctl_addr, os.getpid()), daemon=True
-        )
-        try:
-            proc.start()
+        with _child(_zmq_push_items, addr, ctl_addr) as proc:
             ctl.connect(ctl_addr)
             recv = pull.recv
 
@@ -408,27 +376,11 @@ def stream_zmq(params: Params) -> Result:
                 while msg := recv():
                     dec.decode(msg)
                     got += 1
-                elapsed = time.perf_counter() - t0
-                if got != count:
-                    raise RuntimeError(f"received {got} items, expected {count}")
-                return count / elapsed
+                return batch_rate(count, got, t0, "items")
 
-            batch(n // 10)
-            meter = CpuMeter(proc.pid)
-            meter.start()
-            end = time.perf_counter() + max_s
-            for _ in range(batches):
-                rates.append(batch(n))
-                if time.perf_counter() > end:
-                    break
-            cpu = meter.stop(n * len(rates))
+            rates, cpu = rate_loop(batch, n, batches, max_s, CpuMeter(proc.pid))
             ctl.send((0).to_bytes(8, "little"))
             proc.join(5.0)
-        finally:
-            pull.close(linger=0)
-            ctl.close(linger=0)
-            ctx.term()
-            join_or_kill(proc)
     return {"metrics": [rate("items", rates, "/s", cpu=cpu)]}
 
 
@@ -438,18 +390,14 @@ def _zmq_router(addr: str, parent_pid: int) -> None:
     child_init(parent_pid)
     enc = msgspec.msgpack.Encoder()
     dec = msgspec.msgpack.Decoder()
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.bind(addr)
-    try:
+    with _zmq_context() as ctx:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.bind(addr)
         while True:
             ident, rid, body = sock.recv_multipart()
             if not rid:
                 return
             sock.send_multipart([ident, rid, enc.encode(dec.decode(body))])
-    finally:
-        sock.close(linger=0)
-        ctx.term()
 
 
 def inflight_budget(params: Params) -> tuple[int, int, int, float]:
@@ -466,15 +414,11 @@ def inflight_zmq(params: Params) -> Result:
     enc = msgspec.msgpack.Encoder()
     dec = msgspec.msgpack.Decoder()
     n, batches, window, max_s = inflight_budget(params)
-    rates: list[float] = []
-    with scratch_dir() as tmp:
+    with scratch_dir() as tmp, _zmq_context() as ctx:
         addr = f"ipc://{tmp}/inflight.ipc"
-        ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.RCVTIMEO, int(ACK_TIMEOUT * 1000))
-        proc = spawn_ctx().Process(target=_zmq_router, args=(addr, os.getpid()), daemon=True)
-        try:
-            proc.start()
+        with _child(_zmq_router, addr) as proc:
             sock.connect(addr)
             send, recv = sock.send_multipart, sock.recv_multipart
 
@@ -501,19 +445,7 @@ def inflight_zmq(params: Params) -> Result:
                     raise RuntimeError(f"{len(pending)} requests unanswered")
                 return count / elapsed
 
-            batch(n // 10)
-            meter = CpuMeter(proc.pid)
-            meter.start()
-            end = time.perf_counter() + max_s
-            for _ in range(batches):
-                rates.append(batch(n))
-                if time.perf_counter() > end:
-                    break
-            cpu = meter.stop(n * len(rates))
+            rates, cpu = rate_loop(batch, n, batches, max_s, CpuMeter(proc.pid))
             sock.send_multipart([b"", b""])
             proc.join(5.0)
-        finally:
-            sock.close(linger=0)
-            ctx.term()
-            join_or_kill(proc)
     return {"metrics": [rate("invokes", rates, "/s", cpu=cpu)]}

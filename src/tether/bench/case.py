@@ -27,7 +27,7 @@ __all__ = ["MARKER", "main", "run_scenario"]
 
 MARKER = "@@tether-bench@@ "
 #: Packages a case may need that tether itself does not.
-OPTIONAL = frozenset({"zmq", "numpy"})
+OPTIONAL = frozenset({"zmq", "numpy", "grpc"})
 
 
 def run_scenario(name: str, params: dict[str, Any]) -> dict[str, Any]:

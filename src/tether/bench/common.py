@@ -19,7 +19,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final
+from typing import Any, Final, Self
 
 __all__ = [
     "CpuMeter",
@@ -28,11 +28,15 @@ __all__ = [
     "Metric",
     "Params",
     "Result",
+    "ServerProcess",
+    "batch_rate",
     "child_init",
     "join_or_kill",
     "latency",
     "percentile",
     "rate",
+    "rate_loop",
+    "rate_loop_async",
     "scratch_dir",
     "spawn_ctx",
     "time_loop",
@@ -70,6 +74,43 @@ def join_or_kill(proc: multiprocessing.process.BaseProcess | None, timeout: floa
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
         proc.join(2.0)
+
+
+class ServerProcess:
+    """A serving process started with ``spawn``, ready once it says so; a context manager.
+
+    ``target(*args, ready, parent_pid)`` runs in the child: it calls
+    :func:`child_init` with ``parent_pid``, starts serving, then sets the
+    ``ready`` event. Leaving the ``with`` block (or :meth:`stop`) terminates
+    the process and reaps it.
+
+    Raises:
+        TimeoutError: ``ready`` was not set within ``timeout`` seconds (the
+            process is ended first); ``what`` names the server in the message.
+    """
+
+    def __init__(
+        self, target: Callable[..., None], *args: Any, what: str, timeout: float = 30.0
+    ) -> None:
+        ctx = spawn_ctx()
+        ready = ctx.Event()
+        self.proc = ctx.Process(target=target, args=(*args, ready, os.getpid()), daemon=True)
+        self.proc.start()
+        if not ready.wait(timeout):
+            self.stop()
+            raise TimeoutError(f"the {what} did not start within {timeout:g} s")
+
+    def stop(self) -> None:
+        """Terminate the server (if it still runs) and reap it. Safe to call twice."""
+        if self.proc.exitcode is None:
+            self.proc.terminate()
+        join_or_kill(self.proc)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @contextlib.contextmanager
@@ -221,3 +262,51 @@ async def time_loop_async(
         if not i & 127 and t1 > deadline:
             break
     return out
+
+
+def batch_rate(count: int, got: int, t0: float, what: str) -> float:
+    """``count`` per second since ``t0`` (a ``perf_counter``), once the other side saw them all.
+
+    Raises:
+        RuntimeError: ``got`` (what the other side counted or sent) is not
+            ``count``; ``what`` ("events", "items") names them in the message.
+    """
+    elapsed = time.perf_counter() - t0
+    if got != count:
+        raise RuntimeError(f"got {got} {what}, expected {count}")
+    return count / elapsed
+
+
+def rate_loop(
+    batch: Callable[[int], float], n: int, batches: int, max_s: float, meter: CpuMeter
+) -> tuple[list[float], dict[str, float]]:
+    """A rate case's measurement: ``batch(count)`` runs ``count`` operations and returns their rate.
+
+    One warm-up batch of ``n // 10``, then up to ``batches`` batches of ``n``,
+    stopping once ``max_s`` seconds have passed. Returns each batch's rate and
+    what ``meter`` measured over the timed batches.
+    """
+    batch(n // 10)
+    rates: list[float] = []
+    meter.start()
+    end = time.perf_counter() + max_s
+    for _ in range(batches):
+        rates.append(batch(n))
+        if time.perf_counter() > end:
+            break
+    return rates, meter.stop(n * len(rates))
+
+
+async def rate_loop_async(
+    batch: Callable[[int], Awaitable[float]], n: int, batches: int, max_s: float, meter: CpuMeter
+) -> tuple[list[float], dict[str, float]]:
+    """:func:`rate_loop` for a coroutine function."""
+    await batch(n // 10)
+    rates: list[float] = []
+    meter.start()
+    end = time.perf_counter() + max_s
+    for _ in range(batches):
+        rates.append(await batch(n))
+        if time.perf_counter() > end:
+            break
+    return rates, meter.stop(n * len(rates))

@@ -13,12 +13,13 @@ from typing import Any
 from .runner import MetricStats, Row
 from .scenarios import TARGETS
 
-__all__ = ["compare", "machine", "machine_line", "plot", "table", "to_json"]
+__all__ = ["compare", "machine", "machine_line", "plot", "rt_axis", "table", "to_json"]
 
-PEERS = ("mp_pipe", "zmq", "shm_reuse", "memcpy", "ppe", "loky", "nats")
+PEERS = ("mp_pipe", "zmq", "grpc", "shm_reuse", "memcpy", "ppe", "loky", "nats")
 PEER_TITLES = {
     "mp_pipe": "vs mp.Pipe",
     "zmq": "vs pyzmq",
+    "grpc": "vs gRPC",
     "shm_reuse": "vs shm reuse",
     "memcpy": "vs memcpy",
     "ppe": "vs PPE",
@@ -174,7 +175,12 @@ def fmt_cpu(m: MetricStats) -> tuple[str, str]:
 
 
 def table(rows: list[Row]) -> str:
-    """The printed table: one line per metric, ratios and targets for tether's rows."""
+    """The printed table: one line per metric, ratios and targets for tether's rows.
+
+    A ratio column appears only when some row has a ratio in it, so a run of a
+    few scenarios (``--only``) stays narrow.
+    """
+    peers = [p for p in PEERS if any(p in m.ratios for row in rows for m in row.metrics)]
     head = [
         "scenario",
         "metric",
@@ -182,7 +188,7 @@ def table(rows: list[Row]) -> str:
         "p99 / max",
         "CPU",
         "CPU/op",
-        *PEER_TITLES.values(),
+        *(PEER_TITLES[p] for p in peers),
         "target",
         "",
     ]
@@ -204,7 +210,7 @@ def table(rows: list[Row]) -> str:
                     fmt_value(m.median, m.unit),
                     fmt_tail(m),
                     *fmt_cpu(m),
-                    *(_ratio(m, p) for p in PEERS),
+                    *(_ratio(m, p) for p in peers),
                     targets,
                     ok,
                 ]
@@ -215,7 +221,7 @@ def table(rows: list[Row]) -> str:
             if ln[1] in ("error", "unavailable") and i == 2:
                 continue  # the reason may overflow its column
             widths[i] = max(widths[i], len(cell))
-    right = set(range(2, 6 + len(PEERS)))
+    right = set(range(2, 6 + len(peers)))
 
     def render(cells: list[str]) -> str:
         if cells[1] in ("error", "unavailable"):
@@ -254,6 +260,8 @@ def notes(rows: list[Row]) -> str:
         "and per operation (round trip, event, invoke or transfer).\n"
         "big: m->c main -> child, c->m child -> main; 'cold transfer' is each process's "
         "first transfer, left out of 'transfer'.\n"
+        "gRPC: grpcio over a unix socket, generic bytes handlers, msgspec bodies; 'vs gRPC' "
+        "is against rt_grpc (blocking client, thread-pool server) and stream_grpc (grpc.aio).\n"
         "pool: 2 workers, chunksize 1; kill: 200 jobs of 10 ms, one worker SIGKILLed after 20; "
         "'lost' jobs neither returned nor raised within 5 s (a map over them hangs)."
     )
@@ -295,6 +303,19 @@ def write_json(path: str, data: dict[str, Any]) -> None:
 # -- the chart ----------------------------------------------------------------------
 
 
+def rt_axis(medians: list[float]) -> tuple[str, tuple[float, float]]:
+    """The round-trip chart's x scale and limits: ``(scale, (left, right))``.
+
+    Linear from 0 up to 3x the largest median (a p99 tail far out would squash
+    the medians); logarithmic when the medians span more than 10x (gRPC's
+    beside a raw pipe's), so the short bars stay readable.
+    """
+    limit = 3.0 * max(medians)
+    if max(medians) > 10.0 * min(medians) > 0:
+        return "log", (min(medians) / 2.0, limit)
+    return "linear", (0.0, limit)
+
+
 def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
     """A PNG with grouped bar charts: round trip, message rates, large transfers, ms."""
     import matplotlib
@@ -320,16 +341,19 @@ def plot(rows: list[Row], path: str, mach: dict[str, Any]) -> None:
         ys = list(range(len(rt)))
         meds = [m.median for _, m in rt]
         p99s = [(m.tail() or ("", 0.0))[1] for _, m in rt]
-        limit = 3.0 * max(meds)  # a p99 tail far out would squash the medians
-        ax.barh(ys, meds, color=[colour[r.run.scenario.tether] for r, _ in rt])
+        scale, (left, limit) = rt_axis(meds)
+        ax.set_xscale(scale)
+        colours = [colour[r.run.scenario.tether] for r, _ in rt]
+        ax.barh(ys, [v - left for v in meds], left=left, color=colours)
         shown = [(p, y) for p, y in zip(p99s, ys, strict=True) if p <= limit]
         ax.scatter([p for p, _ in shown], [y for _, y in shown], marker="|", s=200, color="k")
-        ax.set_xlim(0, limit)
+        ax.set_xlim(left, limit)
         ax.set_yticks(ys, [r.run.scenario.title for r, _ in rt])
         ax.invert_yaxis()
         for y, v, (_, m) in zip(ys, meds, rt, strict=True):
             ax.text(v, y, f" {v:.1f}  ({fmt_tail(m)})", va="center", fontsize=8)
-    ax.set_title("small round trip, median (us, lower is better)")
+    log = " log," if rt and ax.get_xscale() == "log" else ""
+    ax.set_title(f"small round trip, median (us,{log} lower is better)")
     ax.set_xlabel("microseconds (|: p99, or max with few samples, when it fits)")
 
     # Message rates.

@@ -2,7 +2,7 @@
 
 A scenario is one function ``fn(params) -> Result`` run in a fresh process by
 :mod:`tether.bench.case`. ``peer`` names what a baseline stands for in the
-ratio columns (``mp_pipe``, ``zmq``, ``shm_reuse``, ``memcpy``); tether's rows
+ratio columns (``mp_pipe``, ``zmq``, ``grpc``, ``shm_reuse``, ``memcpy``); tether's rows
 are compared with the baselines of the same group, size, direction and metric
 (memcpy, which has no direction, with either).
 """
@@ -75,11 +75,17 @@ SCENARIOS: dict[str, Scenario] = {
         _s("rt_tether_main_child", "rt", "tether main->child"),
         _s("rt_tether_spin", "rt", "tether main->child, spin"),
         _s("rt_tether_traced", "rt", "tether async, tracing on"),
+        Scenario("rt_grpc", "rt", "grpc_cases:rt_grpc", "gRPC unary, blocking", "grpc"),
+        # its own peer name: the 'vs gRPC' column compares with rt_grpc only
+        Scenario("rt_grpc_aio", "rt", "grpc_cases:rt_grpc_aio", "gRPC unary, grpc.aio", "grpc_aio"),
         _s("ev_mp_pipe", "ev", "mp.Pipe", "mp_pipe"),
         _s("ev_zmq", "ev", "pyzmq PUSH/PULL", "zmq"),
         _s("ev_tether", "ev", "tether send/on"),
         _s("stream_zmq", "stream", "pyzmq PUSH/PULL", "zmq"),
         _s("stream_tether", "stream", "tether stream (async for)"),
+        Scenario(
+            "stream_grpc", "stream", "grpc_cases:stream_grpc", "gRPC server streaming", "grpc"
+        ),
         Scenario("rt_nats_py", "rt", "nats_cases:rt_nats_py", "nats-py request/reply", "nats"),
         Scenario(
             "rt_nats_tether", "rt", "nats_cases:rt_nats_tether", "tether over NATS", tether=True

@@ -24,12 +24,13 @@ from .common import (
     CpuMeter,
     Params,
     Result,
+    ServerProcess,
+    batch_rate,
     child_init,
-    join_or_kill,
     latency,
     rate,
+    rate_loop_async,
     scratch_dir,
-    spawn_ctx,
     time_loop,
     time_loop_async,
     unavailable,
@@ -96,26 +97,13 @@ def _server_process(path: str, ready: Any, parent_pid: int) -> None:
     run(_serve(path, ready))
 
 
-class _Server:
+class _Server(ServerProcess):
     """A process running a :class:`tether.Main` that answers ``echo`` on a unix socket."""
 
     def __init__(self, tmp: str) -> None:
-        ctx = spawn_ctx()
         self.path = f"{tmp}/main.sock"
         self.address = f"unix://{self.path}"
-        ready = ctx.Event()
-        self.proc = ctx.Process(
-            target=_server_process, args=(self.path, ready, os.getpid()), daemon=True
-        )
-        self.proc.start()
-        if not ready.wait(WAIT):
-            self.stop()
-            raise TimeoutError(f"the tether server did not start within {WAIT} s")
-
-    def stop(self) -> None:
-        if self.proc.exitcode is None:
-            self.proc.terminate()
-        join_or_kill(self.proc)
+        super().__init__(_server_process, self.path, what="tether server", timeout=WAIT)
 
 
 # -- small round trip ------------------------------------------------------------
@@ -133,12 +121,8 @@ def rt_tether_async(params: Params) -> Result:
             )
             return samples, meter.stop(len(samples)), loop_name()
 
-    with scratch_dir() as tmp:
-        server = _Server(tmp)
-        try:
-            samples, cpu, loop = bounded(measure(server), params)
-        finally:
-            server.stop()
+    with scratch_dir() as tmp, _Server(tmp) as server:
+        samples, cpu, loop = bounded(measure(server), params)
     return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"loop": loop}}
 
 
@@ -168,18 +152,15 @@ def rt_tether_sync(params: Params, spin: float | None = None) -> Result:
     ``spin``: the client's polling window (default: the library's, 200 us).
     """
     kw: dict[str, Any] = {} if spin is None else {"spin": spin}
-    with scratch_dir() as tmp:
-        server = _Server(tmp)
-        try:
-            with tether.sync.connect(server.address, timeout=WAIT, **kw) as peer:
-                assert peer.invoke("echo", PAYLOAD) == PAYLOAD
-                meter = CpuMeter(server.proc.pid)
-                samples = time_loop(
-                    lambda: peer.invoke("echo", PAYLOAD), **rt_budget(params), meter=meter
-                )
-                cpu = meter.stop(len(samples))
-        finally:
-            server.stop()
+    with (
+        scratch_dir() as tmp,
+        _Server(tmp) as server,
+        tether.sync.connect(server.address, timeout=WAIT, **kw) as peer,
+    ):
+        assert peer.invoke("echo", PAYLOAD) == PAYLOAD
+        meter = CpuMeter(server.proc.pid)
+        samples = time_loop(lambda: peer.invoke("echo", PAYLOAD), **rt_budget(params), meter=meter)
+        cpu = meter.stop(len(samples))
     return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"spin_s": peer.spin}}
 
 
@@ -191,20 +172,23 @@ def rt_tether_sync_nospin(params: Params) -> Result:
     return rt_tether_sync(params, spin=0.0)
 
 
+async def _rt_main_child(
+    main: tether.Main, params: Params
+) -> tuple[list[int], dict[str, float], str]:
+    """``main`` spawns an echo child and times invokes of it: samples, CPU, loop name."""
+    async with main:
+        child = await main.spawn(_echo_child)
+        assert await child.invoke("echo", PAYLOAD) == PAYLOAD
+        meter = CpuMeter(child.pid)
+        samples = await time_loop_async(
+            lambda: child.invoke("echo", PAYLOAD), **rt_budget(params), meter=meter
+        )
+        return samples, meter.stop(len(samples)), loop_name()
+
+
 def rt_tether_main_child(params: Params) -> Result:
     """Main invokes ``echo`` on a child it spawned (main -> child)."""
-
-    async def measure() -> tuple[list[int], dict[str, float], str]:
-        async with tether.Main(timeout=WAIT) as main:
-            child = await main.spawn(_echo_child)
-            assert await child.invoke("echo", PAYLOAD) == PAYLOAD
-            meter = CpuMeter(child.pid)
-            samples = await time_loop_async(
-                lambda: child.invoke("echo", PAYLOAD), **rt_budget(params), meter=meter
-            )
-            return samples, meter.stop(len(samples)), loop_name()
-
-    samples, cpu, loop = bounded(measure(), params)
+    samples, cpu, loop = bounded(_rt_main_child(tether.Main(timeout=WAIT), params), params)
     return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"loop": loop}}
 
 
@@ -221,18 +205,7 @@ def rt_tether_spin(params: Params) -> Result:
         main = tether.Main(timeout=WAIT, spin=SPIN)
     except TypeError as exc:
         return unavailable(f"tether.Main has no low-latency mode: {exc}")
-
-    async def measure() -> tuple[list[int], dict[str, float], str]:
-        async with main:
-            child = await main.spawn(_echo_child)
-            assert await child.invoke("echo", PAYLOAD) == PAYLOAD
-            meter = CpuMeter(child.pid)
-            samples = await time_loop_async(
-                lambda: child.invoke("echo", PAYLOAD), **rt_budget(params), meter=meter
-            )
-            return samples, meter.stop(len(samples)), loop_name()
-
-    samples, cpu, loop = bounded(measure(), params)
+    samples, cpu, loop = bounded(_rt_main_child(main, params), params)
     return {
         "metrics": [latency("round trip", samples, cpu=cpu)],
         "info": {"loop": loop, "spin_s": SPIN},
@@ -276,21 +249,10 @@ def ev_tether(params: Params) -> Result:
                 for _ in range(count):
                     await child.send("ev", PAYLOAD)
                 got = await child.invoke("count")
-                elapsed = time.perf_counter() - t0
-                if got != count:
-                    raise RuntimeError(f"child counted {got} events, expected {count}")
-                return count / elapsed
+                return batch_rate(count, got, t0, "events")
 
-            await batch(n // 10)
-            rates: list[float] = []
-            meter = CpuMeter(child.pid)
-            meter.start()
-            end = time.perf_counter() + max_s
-            for _ in range(batches):
-                rates.append(await batch(n))
-                if time.perf_counter() > end:
-                    break
-            return rates, meter.stop(n * len(rates)), loop_name()
+            rates, cpu = await rate_loop_async(batch, n, batches, max_s, CpuMeter(child.pid))
+            return rates, cpu, loop_name()
 
     rates, cpu, loop = bounded(measure(), params)
     return {"metrics": [rate("events", rates, "/s", cpu=cpu)], "info": {"loop": loop}}
@@ -321,21 +283,10 @@ def stream_tether(params: Params) -> Result:
                 got = 0
                 async for _ in child.stream("items", count):
                     got += 1
-                elapsed = time.perf_counter() - t0
-                if got != count:
-                    raise RuntimeError(f"received {got} items, expected {count}")
-                return count / elapsed
+                return batch_rate(count, got, t0, "items")
 
-            await batch(n // 10)
-            rates: list[float] = []
-            meter = CpuMeter(child.pid)
-            meter.start()
-            end = time.perf_counter() + max_s
-            for _ in range(batches):
-                rates.append(await batch(n))
-                if time.perf_counter() > end:
-                    break
-            return rates, meter.stop(n * len(rates)), loop_name()
+            rates, cpu = await rate_loop_async(batch, n, batches, max_s, CpuMeter(child.pid))
+            return rates, cpu, loop_name()
 
     rates, cpu, loop = bounded(measure(), params)
     return {"metrics": [rate("items", rates, "/s", cpu=cpu)], "info": {"loop": loop}}
@@ -365,23 +316,12 @@ def inflight_tether(params: Params) -> Result:
                 await asyncio.wait_for(asyncio.gather(*workers), WAIT)
                 return count / (time.perf_counter() - t0)
 
-            await batch(n // 10)
-            rates: list[float] = []
             meter = CpuMeter(server.proc.pid)
-            meter.start()
-            end = time.perf_counter() + max_s
-            for _ in range(batches):
-                rates.append(await batch(n))
-                if time.perf_counter() > end:
-                    break
-            return rates, meter.stop(n * len(rates)), loop_name()
+            rates, cpu = await rate_loop_async(batch, n, batches, max_s, meter)
+            return rates, cpu, loop_name()
 
-    with scratch_dir() as tmp:
-        server = _Server(tmp)
-        try:
-            rates, cpu, loop = bounded(measure(server), params)
-        finally:
-            server.stop()
+    with scratch_dir() as tmp, _Server(tmp) as server:
+        rates, cpu, loop = bounded(measure(server), params)
     return {"metrics": [rate("invokes", rates, "/s", cpu=cpu)], "info": {"loop": loop}}
 
 

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..aio.loop import new_loop
 from ..aio.peer import Peer as AsyncPeer
 from ..errors import InvokeTimeout, PeerGone
 from ..results import DEFAULT
@@ -91,7 +92,7 @@ class NatsPeer:
 
 def connect_blocking(address: str, kw: dict[str, Any]) -> NatsPeer:
     """Connect on a new loop thread; raise what :func:`~tether.nats.link.connect_nats` raises."""
-    loop = asyncio.new_event_loop()
+    loop = new_loop()  # uvloop's where installed, as for tether.run
     thread = threading.Thread(target=loop.run_forever, name="tether-nats", daemon=True)
     thread.start()
     fut = asyncio.run_coroutine_threadsafe(connect_nats(address, kw), loop)
