@@ -65,6 +65,15 @@ def decode(frame: Any) -> Any:
     return codec.decode_with(codec.any_decoder, frame.body, frame.attachments)
 
 
+def warm(child: Connection, main: Connection, nbytes: int) -> None:
+    """Send one attachment of ``nbytes``: the first of its size class goes sealed."""
+    child.send_event(b"warm", (np.zeros(nbytes, np.uint8),))
+    assert store(child).leases_out == 0
+    (frame,) = deliver(child, main)
+    assert len(decode(frame)[0]) == nbytes
+    assert store(main).copied.mapped == 0  # mapped in place: nothing to copy out
+
+
 def holder_map(x: Any) -> Any:
     """The mmap that finally owns ``x``'s memory."""
     o = x
@@ -83,6 +92,7 @@ def test_main_announces_copy_and_the_child_lends_to_it() -> None:
     assert "copy" in store(main).features and "lease" not in store(main).features
     assert child.peer_hello is not None and "copy" in child.peer_hello.features
     arr = np.arange(64 * KIB, dtype=np.uint32)
+    warm(child, main, arr.nbytes)
     child.send_event(b"take", (arr,))
     assert store(child).leases_out == 1  # lent, not sealed
     (frame,) = deliver(child, main)
@@ -98,6 +108,7 @@ def test_main_announces_copy_and_the_child_lends_to_it() -> None:
 
 def test_the_childs_segment_and_mains_mapping_of_it_are_reused() -> None:
     child, main = family()
+    warm(child, main, 100 * KIB)
     for i in range(5):
         child.send_event(b"take", (np.full(100 * KIB, i, np.uint8),))
         seg = next(iter(store(child)._leases.values()))
@@ -115,6 +126,7 @@ def test_the_childs_segment_and_mains_mapping_of_it_are_reused() -> None:
 def test_a_child_rewriting_its_segment_after_sending_changes_nothing_main_sees() -> None:
     child, main = family()
     arr = np.full(128 * KIB, 7, np.uint8)
+    warm(child, main, arr.nbytes)
     child.send_event(b"take", (arr,))
     seg = next(iter(store(child)._leases.values()))
     (frame,) = deliver(child, main)
@@ -177,6 +189,7 @@ def _memfd(size: int, seals: int) -> int:
 
 def test_a_child_lending_a_new_segment_each_time_leaves_main_a_bounded_cache() -> None:
     child, main = family()
+    warm(child, main, 64 * KIB)
     cache = store(main).copied
     for i in range(3 * cache.max_maps):
         child.send_event(b"take", (np.full(64 * KIB, i, np.uint8),))
@@ -190,13 +203,26 @@ def test_a_child_lending_a_new_segment_each_time_leaves_main_a_bounded_cache() -
     assert cache.mapped == 0 and cache.mapped_bytes == 0
 
 
+def test_the_first_attachment_of_a_size_goes_sealed_the_next_are_lent() -> None:
+    child, main = family()
+    warm(child, main, 100 * KIB)  # a one-off costs what it did: no segment kept anywhere
+    assert store(child).idle_segments == 0
+    warm(child, main, 1 * MIB)  # another size class: sealed again
+    child.send_event(b"e", (np.zeros(90 * KIB, np.uint8),))  # the first class again
+    assert store(child).leases_out == 1
+    deliver(child, main)
+    assert store(main).copied.mapped == 1
+
+
 def test_past_the_childs_pool_attachments_go_sealed() -> None:
     child, main = family(max_idle=256 * KIB, max_segments=2)
-    # too large for the pool at all: a sealed one-off, nothing lent
-    child.send_event(b"big", (np.full(300 * KIB, 1, np.uint8),))
-    assert store(child).leases_out == 0
-    (frame,) = deliver(child, main)
-    assert int(decode(frame)[0][-1]) == 1
+    warm(child, main, 128 * KIB)
+    # too large for the pool at all: sealed one-offs, nothing lent, even the second time
+    for i in range(2):
+        child.send_event(b"big", (np.full(300 * KIB, i, np.uint8),))
+        assert store(child).leases_out == 0
+        (frame,) = deliver(child, main)
+        assert int(decode(frame)[0][-1]) == i
     assert store(main).copied.mapped == 0  # mapped in place (sealed), not copied
     # the segments lent out at once stay within the pool: the third goes sealed
     for i in range(3):
@@ -222,7 +248,9 @@ def test_main_refuses_leases_when_it_does_not_copy() -> None:
 
 def test_no_release_after_mains_goodbye() -> None:
     child, main = family()
+    warm(child, main, 64 * KIB)
     child.send_event(b"take", (np.zeros(64 * KIB, np.uint8),))
+    assert store(child).leases_out == 1
     data, fds = child.data_to_send()
     main.send_goodbye("closing")
     main.data_to_send()

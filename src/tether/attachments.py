@@ -100,6 +100,7 @@ class MemfdStore:
         self._leases: dict[int, Segment] = {}  # lent out, awaiting RELEASE
         self._next_lease = 0
         self._lent_bytes = 0  # size of the segments lent out
+        self._classes: set[int] = set()  # size classes sent to a copying peer so far
         #: segments the peer lent this side
         self.borrowed = Borrowed()
         #: segments the peer lent this side to copy out (a main)
@@ -207,16 +208,21 @@ class MemfdStore:
         the pool: its size class, added to the segments already out, would
         pass ``max_idle`` or ``max_segments``. So every segment lent to a
         copying peer is reused, and a flood of sends holds at most
-        ``max_idle`` bytes of them here.
+        ``max_idle`` bytes of them here. And the first attachment of each
+        size class goes sealed too: a one-off send costs what it did before
+        (the receiver maps it in place, nobody keeps a segment, a mapping
+        or a copy's pages for it); a size sent again is worth a segment.
         """
         if not self.lend or len(self._leases) >= MAX_LEASES or self.closed:
             return None
         pool = self._pool
-        if pooled and (
-            self._lent_bytes + _size_class(data.nbytes) > pool.max_idle
-            or len(self._leases) >= pool.max_segments
-        ):
-            return None
+        if pooled:
+            cls = _size_class(data.nbytes)
+            if cls not in self._classes:
+                self._classes.add(cls)
+                return None
+            if self._lent_bytes + cls > pool.max_idle or len(self._leases) >= pool.max_segments:
+                return None
         seg = pool.get(data.nbytes)
         try:
             seg.fill(data)
