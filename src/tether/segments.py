@@ -8,8 +8,9 @@ the receiver trusts the sender (a child trusts its main, a client the main it
 connected to), the sender may instead *lend* a segment from this pool: it
 copies into pages that are already mapped and faulted in, passes the
 descriptor with the LEASE flag, and takes the segment back when the receiver
-sends RELEASE (its last view of the data was dropped). A main never accepts
-leases: what an untrusted child sends it is always sealed.
+sends RELEASE (its last view of the data was dropped). A main never reads a
+lease in place: it copies what a child lends it out at once and releases it
+(:mod:`tether.copyout`), or takes sealed segments.
 
 Safety rules: a segment is written only while no lease on it is out; a lease
 whose connection ends without a RELEASE is discarded, never reused; and pools
