@@ -54,9 +54,9 @@ FLAT = " ".join(TEXT.split())  # the document with line breaks folded, for phras
 EMPTY = object()  # the frame has a zero-length body
 
 # What the asyncio peers of the worked example announce (section 6).
-FEATURES = {"child": ["fd", "lease", "stream"], "main": ["fd", "stream"]}
+FEATURES = {"child": ["fd", "lease", "stream"], "main": ["fd", "copy", "stream"]}
 # What the attachment stores of those peers announce (the rest is "stream").
-STORE_FEATURES = {"child": ["fd", "lease"], "main": ["fd"]}
+STORE_FEATURES = {"child": ["fd", "lease"], "main": ["fd", "copy"]}
 _HELLO = {"protocol": "tether", "version": 1, "name": "renderer", "max_frame_size": 64 << 20}
 _BUFFER = b"\x01\x02\x03"
 _REF0 = ("ext", 1, b"\x00\x00\x00\x00")  # ext type 1 referring to attachment 0
@@ -185,7 +185,7 @@ BLOCKS = doc_blocks()
 def _connections() -> tuple[Connection, Connection]:
     """The two ends of the worked example: asyncio peers on a socketpair."""
     child = Connection("child", name="renderer", pid=4242, store=MemfdStore(borrow=True))
-    main = Connection("main", name="renderer", pid=4241, store=MemfdStore(lend=True))
+    main = Connection("main", name="renderer", pid=4241, store=MemfdStore(lend=True, copy=True))
     stores = [list(c.store.features) for c in (child, main)]
     assert stores == [STORE_FEATURES["child"], STORE_FEATURES["main"]]
     return child, main
@@ -410,7 +410,7 @@ def test_worked_example_conversation() -> None:
     frames = child.receive_data(BLOCKS["hello-main"] + BLOCKS["result"])
     assert child.state is State.OPEN
     assert child.peer_hello is not None and child.peer_hello.role == "main"
-    assert child.peer_hello.features == ["fd", "stream"]
+    assert child.peer_hello.features == ["fd", "copy", "stream"]
     assert [(f.kind, f.request_id) for f in frames] == [(Kind.RESULT, 1)]
     assert child.take_pending(1) is waiter
     assert msgspec.msgpack.decode(frames[0].body) == "Received: Hola, mundo!"
@@ -491,11 +491,12 @@ def test_segments_carry_the_documented_seals(name: str, present: int, absent: in
 @needs_memfd
 @pytest.mark.parametrize("name", ["invoke-buffer-moved", "event-ndarray-lease"])
 def test_flagged_descriptor_needs_the_lease_feature(name: str) -> None:
-    """3.5: a receiver that did not announce "lease" treats either flag as an error."""
+    """3.5: a receiver that did not announce "lease" (nor "copy") treats either flag as an error."""
     if name in _NUMPY_BLOCKS:
         pytest.importorskip("numpy")
     with _fd_send(name) as (_, data, fds):
-        strict = _open_pair()["main"]  # announced "fd" only
+        strict = Connection("main", store=MemfdStore(lend=True))  # announces "fd" only
+        strict.receive_data(BLOCKS["hello-child"])
         try:
             strict.receive_fds(fds)
             with pytest.raises(tether.ProtocolError):
@@ -503,6 +504,32 @@ def test_flagged_descriptor_needs_the_lease_feature(name: str) -> None:
             assert strict.state is State.CLOSED
         finally:
             strict.abort()
+
+
+@needs_memfd
+def test_a_copying_receiver_takes_a_lent_segment_and_releases_it_at_once() -> None:
+    """3.5 "Copied out": main (``copy``) takes LEASE, copies, RELEASEs in that same read."""
+    pytest.importorskip("numpy")
+    with _fd_send("event-ndarray-lease") as (_, data, fds):
+        main = _open_pair()["main"]
+        main.data_to_send()
+        main.receive_fds(fds)
+        (f,) = main.receive_data(data)
+        assert bytes(main.data_to_send()[0]) == BLOCKS["release"]
+        body = codec.decode_with(codec.any_decoder, f.body, f.attachments)
+        assert _plain(body) == [_FRAME_ARRAY]
+        main.abort()
+
+
+@needs_memfd
+def test_a_copying_receiver_refuses_a_moved_segment() -> None:
+    """3.5: ``copy`` admits LEASE alone; MOVED still needs ``lease``."""
+    with _fd_send("invoke-buffer-moved") as (_, data, fds):
+        main = _open_pair()["main"]
+        main.receive_fds(fds)
+        with pytest.raises(tether.ProtocolError, match="does not trust"):
+            main.receive_data(data)
+        assert main.state is State.CLOSED
 
 
 @needs_memfd
@@ -709,7 +736,14 @@ def test_pool_limits_match_the_doc() -> None:
 def test_feature_table_matches_code() -> None:
     keys, features, roles = _tables("## 6. Handshake: HELLO")
     assert [r[0].strip("`") for r in keys] == list(codec.Hello.__struct_fields__)
-    assert [r[0].strip("`") for r in features] == ["fd", "lease", "pickle", "stream", "trace"]
+    assert [r[0].strip("`") for r in features] == [
+        "fd",
+        "lease",
+        "copy",
+        "pickle",
+        "stream",
+        "trace",
+    ]
     assert len(roles) == 3
 
 

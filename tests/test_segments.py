@@ -2,8 +2,9 @@
 
 A child trusts its main, so main lends it pooled segments (one copy into
 pages already faulted in) and hands Buffers over in O(1). A main trusts no
-child: whatever a child sends is sealed, and a lease offered to a main is a
-protocol error.
+child: what a child lends it is copied out on arrival (tests/test_copyout.py),
+and a lease offered to a side that neither borrows nor copies is a protocol
+error.
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ def test_a_leased_segment_is_never_rewritten_while_the_receiver_holds_it() -> No
         assert (held == 1).all()  # still the first payload
 
 
-def test_a_main_refuses_a_lent_segment() -> None:
-    # A child (sender) that pretends main accepts leases.
+def test_a_main_that_does_not_copy_refuses_a_lent_segment() -> None:
+    # A child (sender) that pretends main accepts leases (this main's store neither
+    # borrows nor copies: it announced "fd" only).
     child = Connection("child", store=MemfdStore(lend=True, borrow=True))
     main = Connection("main", store=MemfdStore())
     main.receive_data(child.data_to_send()[0])
@@ -208,9 +210,12 @@ async def test_main_to_child_arrays_are_lent_and_come_back() -> None:
                 break
             await asyncio.sleep(0.01)
         assert store(child._conn).idle_segments == 8
-        # a child's arrays reach main sealed (main lends nothing back to itself)
-        got = await child.invoke("give", 200 * KIB)
-        assert got.nbytes == 200 * KIB and (got == 7).all()
+        # a child's arrays reach main sealed the first time, then in the child's
+        # lent segment, copied out at once
+        for _ in range(2):
+            got = await child.invoke("give", 200 * KIB)
+            assert got.nbytes == 200 * KIB and (got == 7).all()
+        assert store(child._conn).copied.mapped == 1
 
 
 async def test_buffer_moves_to_a_trusting_child_in_constant_time() -> None:

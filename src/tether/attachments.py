@@ -9,7 +9,8 @@ handed to :class:`~tether.protocol.Connection`:
 * sealed segments made for outgoing attachments;
 * segments *lent* to the peer (leases) and this connection's own pool of idle
   ones, so a segment lent to one peer is never refilled for another;
-* read-only mappings of segments the peer lent to this side.
+* read-only mappings of segments the peer lent to this side, or, on a main,
+  of segments a peer lent it to copy out (:mod:`tether.copyout`).
 
 :meth:`MemfdStore.close` releases all of it. In a forked child every store
 inherited from the parent is closed (its memfds and mappings), never written.
@@ -24,9 +25,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from . import shm
+from .copyout import CopiedLeases
 from .errors import ProtocolError
 from .handles import MAX_LIVE_HANDLES, Handle, received
-from .segments import Borrowed, Segment, SegmentPool
+from .segments import Borrowed, Segment, SegmentPool, _size_class
 from .wire import FLAG_HANDLE, FLAG_LEASE, FLAG_MOVED
 
 __all__ = ["MAX_LEASES", "MemfdStore"]
@@ -44,12 +46,19 @@ def store_for(unix: bool, peer_role: str, local_role: str) -> MemfdStore | None:
     The one place the lending rule lives, for both I/O layers: on unix sockets
     descriptors pass; a main lends its pooled segments only to the children it
     spawned (``peer_role == "child"``), and every side but a main accepts
-    segments lent by the other side (it trusts the privileged side's pages);
-    two children on a direct channel (``sibling``) trust neither: sealed only.
+    segments lent by the other side (it trusts the privileged side's pages).
+    A main trusts no peer's pages but takes their lent segments to copy out
+    at once (``copy``), so children and clients lend to it. Two children on a
+    direct channel (``sibling``) trust neither: sealed only.
     """
     if not unix:
         return None
-    return MemfdStore(lend=peer_role == "child", borrow=local_role not in ("main", "sibling"))
+    main = local_role == "main"
+    return MemfdStore(
+        lend=peer_role in ("child", "main"),
+        borrow=not main and local_role != "sibling",
+        copy=main,
+    )
 
 
 class MemfdStore:
@@ -62,7 +71,11 @@ class MemfdStore:
             and are refilled, for this same peer only, after its RELEASE.
         borrow: accept segments lent or moved by the peer (this side trusts
             the peer's pages not to change under it: a child trusts its main).
-        max_idle, max_segments: bounds of this connection's idle segments.
+        copy: accept segments lent by a peer this side does not trust, copied
+            into private memory as each frame is parsed and released at once
+            (:mod:`tether.copyout`; a main). Ignored when ``borrow``.
+        max_idle, max_segments: bounds of this connection's idle segments
+            (and, lending to a copying peer, of the segments lent out at once).
     """
 
     def __init__(
@@ -70,20 +83,28 @@ class MemfdStore:
         *,
         lend: bool = False,
         borrow: bool = False,
+        copy: bool = False,
         max_idle: int = 256 << 20,
         max_segments: int = 8,
     ) -> None:
         self.lend = lend
         self.borrow = borrow
         #: HELLO features this store supports
-        self.features: tuple[str, ...] = ("fd", "lease") if borrow else ("fd",)
+        self.copy = copy and not borrow
+        self.features: tuple[str, ...] = (
+            ("fd", "lease") if borrow else ("fd", "copy") if self.copy else ("fd",)
+        )
         self._fds_in: collections.deque[int] = collections.deque()
         self._handles: weakref.WeakSet[Handle] = weakref.WeakSet()  # received, not yet taken
         self._pool = SegmentPool(max_idle, max_segments)
         self._leases: dict[int, Segment] = {}  # lent out, awaiting RELEASE
         self._next_lease = 0
+        self._lent_bytes = 0  # size of the segments lent out
+        self._classes: set[int] = set()  # size classes sent to a copying peer so far
         #: segments the peer lent this side
         self.borrowed = Borrowed()
+        #: segments the peer lent this side to copy out (a main)
+        self.copied = CopiedLeases(max_idle, max_segments)
         self.closed = False
         _STORES.add(self)
 
@@ -114,8 +135,9 @@ class MemfdStore:
 
         Raises:
             ProtocolError: no descriptor arrived, it is not sealed, is smaller
-                than announced, is lent/moved while this side does not borrow,
-                or is flagged HANDLE together with LEASE or MOVED.
+                than announced, is lent/moved while this side neither borrows
+                nor copies (or moved to a side that only copies), or is flagged
+                HANDLE together with LEASE or MOVED.
         """
         if not self._fds_in:
             raise ProtocolError("frame refers to a file descriptor that did not arrive")
@@ -133,6 +155,8 @@ class MemfdStore:
             return received(fd, self._handles)
         if not flags & (FLAG_LEASE | FLAG_MOVED):
             return shm.map_sealed(fd, nbytes)
+        if self.copy and flags & (FLAG_LEASE | FLAG_MOVED) == FLAG_LEASE:
+            return self.copied.take(fd, nbytes, aux)
         if not self.borrow:
             os.close(fd)
             raise ProtocolError("a lent or moved segment from a peer this side does not trust")
@@ -141,7 +165,9 @@ class MemfdStore:
         return self.borrowed.map_lease(fd, nbytes, aux)
 
     def released(self) -> list[int]:
-        """Leases the peer lent whose views are all gone (send RELEASE for each)."""
+        """Leases the peer lent whose views are all gone, or copied out (send RELEASE for each)."""
+        if self.copy:
+            return self.copied.copied()
         return self.borrowed.released()
 
     @property
@@ -173,15 +199,31 @@ class MemfdStore:
         """Copy ``data`` into a new sealed segment; ``(fd, nbytes)`` to send and close."""
         return shm.segment_from(data)
 
-    def lend_segment(self, data: memoryview) -> tuple[int, int] | None:
+    def lend_segment(self, data: memoryview, pooled: bool = False) -> tuple[int, int] | None:
         """Copy ``data`` into a pooled segment lent to the peer: ``(fd, lease id)``.
 
         ``None`` when this store does not lend or too many leases are out
-        (then send a sealed segment).
+        (then send a sealed segment). With ``pooled`` (the peer copies out
+        and releases at once), also when the segment could not go back to
+        the pool: its size class, added to the segments already out, would
+        pass ``max_idle`` or ``max_segments``. So every segment lent to a
+        copying peer is reused, and a flood of sends holds at most
+        ``max_idle`` bytes of them here. And the first attachment of each
+        size class goes sealed too: a one-off send costs what it did before
+        (the receiver maps it in place, nobody keeps a segment, a mapping
+        or a copy's pages for it); a size sent again is worth a segment.
         """
         if not self.lend or len(self._leases) >= MAX_LEASES or self.closed:
             return None
-        seg = self._pool.get(data.nbytes)
+        pool = self._pool
+        if pooled:
+            cls = _size_class(data.nbytes)
+            if cls not in self._classes:
+                self._classes.add(cls)
+                return None
+            if self._lent_bytes + cls > pool.max_idle or len(self._leases) >= pool.max_segments:
+                return None
+        seg = pool.get(data.nbytes)
         try:
             seg.fill(data)
             fd = os.dup(seg.fd)
@@ -192,6 +234,7 @@ class MemfdStore:
         while lease in self._leases:  # wrapped onto a lease still out
             lease = self._next_lease = (lease + 1) & _U32 or 1
         self._leases[lease] = seg
+        self._lent_bytes += seg.size
         return fd, lease
 
     def move(self, buf: Any, trusted: bool) -> tuple[int, int]:
@@ -203,6 +246,7 @@ class MemfdStore:
         """The peer sent RELEASE for ``lease``: its segment may be refilled (for this peer)."""
         seg = self._leases.pop(lease, None)
         if seg is not None:
+            self._lent_bytes -= seg.size
             if self.closed:
                 seg.close()
             else:
@@ -242,11 +286,12 @@ class MemfdStore:
         q = self._fds_in
         while q:
             os.close(q.popleft())
-        leases, self._leases = self._leases, {}
+        leases, self._leases, self._lent_bytes = self._leases, {}, 0
         for seg in leases.values():
             seg.close()
         self._pool.clear()
         self.borrowed.clear()
+        self.copied.clear()
 
 
 def _close_inherited() -> None:

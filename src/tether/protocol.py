@@ -179,7 +179,7 @@ class AttachmentStore(Protocol):
     @property
     def outstanding(self) -> int: ...
     def seal(self, data: memoryview) -> tuple[int, int]: ...
-    def lend_segment(self, data: memoryview) -> tuple[int, int] | None: ...
+    def lend_segment(self, data: memoryview, pooled: bool = ...) -> tuple[int, int] | None: ...
     def move(self, buf: Any, trusted: bool) -> tuple[int, int]: ...
     def returned(self, lease: int) -> None: ...
     def unsent(self, fd: int, lease: int) -> None: ...
@@ -309,6 +309,9 @@ class Connection:
         self._send_fds = False  # both sides pass descriptors: set at handshake
         self._send_moved = False  # the peer trusts our pages (``lease``): set at handshake
         self._send_leases = False  # ... and our store lends to it: set at handshake
+        self._peer_copies = False  # the peer copies lent segments out (``copy``): set at handshake
+        # our store copies out what the peer lends: release each at once
+        self._copying = store is not None and "copy" in store.features
         self._peer_fd = False  # the peer announced ``fd``: set at handshake
         self._handshaking = True  # the peer's HELLO (and AUTH) not yet all taken off the frames
         self._hello: codec.Hello | None = None  # the peer's HELLO, before it is authenticated
@@ -563,6 +566,8 @@ class Connection:
             _from_json(out if frames is None else frames)
         if self._fds_in:
             self._check_unclaimed()
+            if self._copying:
+                self._release_copies()
         if self.pickle:
             for f in out:
                 f.pickle = True
@@ -601,6 +606,14 @@ class Connection:
         if n > MAX_UNCLAIMED_FDS:
             raise ProtocolError(f"{n} file descriptors arrived that no frame claims")
         self._fds_in = n > 0
+
+    def _release_copies(self) -> None:
+        """RELEASE at once every lent segment this read copied out (docs/protocol.md 3.5)."""
+        assert self._store is not None
+        done = self._store.released()
+        if done and self.state is not State.CLOSED and not self.our_goodbye:
+            for lease in done:
+                self._emit(Kind.RELEASE, lease, 0, b"", b"")
 
     def receive_eof(self) -> None:
         """The peer closed its end; the state is now CLOSED.
@@ -704,7 +717,10 @@ class Connection:
         store = self._store
         self._send_fds = store is not None and self._peer_fd
         self._send_moved = self._send_fds and "lease" in hello.features
-        self._send_leases = self._send_moved and store is not None and store.lend
+        self._peer_copies = self._send_fds and "copy" in hello.features
+        self._send_leases = (
+            (self._send_moved or self._peer_copies) and store is not None and store.lend
+        )
         self.pickle = self._pickle_local and "pickle" in hello.features
         self.streams = "stream" in hello.features
         self.trace_context = self._ctx_local and "trace" in hello.features
@@ -1168,8 +1184,9 @@ class Connection:
         ):
             return self._ext(_Att(WHERE_INLINE, n, data=view))
         if self._send_leases:
-            # Lend a pooled segment: pages already faulted in, one copy at memory speed.
-            lent = store.lend_segment(view)
+            # Lend a pooled segment: pages already faulted in, one copy at memory speed
+            # (a copying peer makes its own copy and gives the segment back at once).
+            lent = store.lend_segment(view, self._peer_copies)
             if lent is not None:
                 fd, lease = lent
                 return self._ext(_Att(WHERE_FD, n, fd=fd, flags=FLAG_LEASE, aux=lease))

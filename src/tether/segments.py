@@ -8,8 +8,9 @@ the receiver trusts the sender (a child trusts its main, a client the main it
 connected to), the sender may instead *lend* a segment from this pool: it
 copies into pages that are already mapped and faulted in, passes the
 descriptor with the LEASE flag, and takes the segment back when the receiver
-sends RELEASE (its last view of the data was dropped). A main never accepts
-leases: what an untrusted child sends it is always sealed.
+sends RELEASE (its last view of the data was dropped). A main never reads a
+lease in place: it copies what a child lends it out at once and releases it
+(:mod:`tether.copyout`), or takes sealed segments.
 
 Safety rules: a segment is written only while no lease on it is out; a lease
 whose connection ends without a RELEASE is discarded, never reused; and pools
@@ -49,6 +50,7 @@ def _numpy() -> Any:
 
 
 _MIN_CLASS: Final = 64 * 1024
+_MADV_POPULATE_WRITE: Final = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
 _LENDER_SEALS: Final = (
     getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
     | fcntl.F_SEAL_GROW
@@ -65,7 +67,7 @@ def _size_class(n: int) -> int:
 class Segment:
     """A memfd with a writable mapping kept for reuse."""
 
-    __slots__ = ("fd", "map", "size")
+    __slots__ = ("fd", "filled", "map", "size")
 
     def __init__(self, size: int) -> None:
         self.fd = os.memfd_create("tether-lease", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -83,10 +85,17 @@ class Segment:
             os.close(fd)
             raise
         self.size = size
+        self.filled = 0  # bytes of it written so far: pages past it are still to be faulted in
 
     def fill(self, data: memoryview) -> None:
         """Copy ``data`` into the start of the segment."""
-        self.map[: data.nbytes] = data
+        n = data.nbytes
+        if n > self.filled:  # fault fresh pages in at once, not one per 4 KiB of the copy
+            start = self.filled & -mmap.PAGESIZE
+            with contextlib.suppress(OSError, ValueError):
+                self.map.madvise(_MADV_POPULATE_WRITE, start, n - start)
+            self.filled = n
+        self.map[:n] = data
 
     def close(self) -> None:
         """Unmap and close (once); a receiver's own mapping keeps the pages alive."""
