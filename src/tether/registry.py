@@ -211,7 +211,7 @@ def _check_call_param(fn: Callable[..., Any], first_type: type = Call) -> None:
 class Registry:
     """Channel name -> :class:`Handler`, for invokes and for events."""
 
-    __slots__ = ("_unlogged", "_warn_at", "_warned", "events", "hosts", "invokes")
+    __slots__ = ("_unlogged", "_warn_at", "_warned", "events", "hosts", "invokes", "watchers")
 
     #: dropped-event warnings logged per second at most (a flood of bad events
     #: must not become a flood of log lines); the rest are counted
@@ -222,6 +222,9 @@ class Registry:
         self.events: dict[str, list[Handler]] = {}
         #: route kind -> host factory (see :meth:`Handlers.host` and :mod:`tether.routes`)
         self.hosts: dict[str, Handler] = {}
+        #: called with the channel after an invoke handler is added or removed
+        #: (a NATS listener follows its subjects); rarely more than one
+        self.watchers: list[Callable[[str], None]] = []
         self._warn_at = 0.0
         self._warned = 0
         self._unlogged = 0
@@ -265,6 +268,8 @@ class Registry:
                 f"(remove_handler({channel!r}) removes the first)"
             )
         self.invokes[channel] = Handler(fn, roles, thread)
+        for watch in self.watchers:
+            watch(channel)
 
     def on(
         self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | str | None = None
@@ -288,7 +293,9 @@ class Registry:
         Invokes that arrive afterwards get :class:`~tether.NoHandler`; calls
         already running finish.
         """
-        self.invokes.pop(_not_reserved(channel), None)
+        if self.invokes.pop(_not_reserved(channel), None) is not None:
+            for watch in self.watchers:
+                watch(channel)
 
     def resolve(
         self, f: Frame, role: str, local: bool = True
@@ -409,7 +416,9 @@ class Registry:
 
     def remove(self, channel: str) -> None:
         """Drop the invoke handler and every event listener of ``channel``."""
-        self.invokes.pop(_not_reserved(channel), None)
+        if self.invokes.pop(_not_reserved(channel), None) is not None:
+            for watch in self.watchers:
+                watch(channel)
         self.events.pop(channel, None)
 
 
