@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -460,3 +461,127 @@ async def test_blocking_client_serves_main_too(nats: NatsServer) -> None:
                 return result
 
         assert await asyncio.get_running_loop().run_in_executor(None, client) == 42
+
+
+async def test_a_client_that_leaves_is_forgotten(nats: NatsServer) -> None:
+    url = f"{nats.url}/forget"
+    async with Main() as main:
+        main.handle("hi", lambda call: "hello", roles="nats")
+        server = await main.listen(url)
+        assert server.idle_timeout > 100  # type: ignore[attr-defined]
+        async with tether.connect(url) as peer:  # says goodbye (NS.bye) on close
+            assert await peer.invoke("hi") == "hello"
+            assert len(server.peers) == 1  # type: ignore[attr-defined]
+        await until(lambda: not server.peers)  # type: ignore[attr-defined]
+        assert not server.peers  # type: ignore[attr-defined]
+        # One that vanishes without a goodbye is dropped once idle (nothing in flight).
+        server.idle_timeout = 0.5  # type: ignore[attr-defined]
+        gone = await tether.connect(url)
+        assert await gone.invoke("hi") == "hello"
+        assert len(server.peers) == 1  # type: ignore[attr-defined]
+        gone.abort(tether.PeerGone("vanished"))  # no goodbye
+        await until(lambda: not server.peers)  # type: ignore[attr-defined]
+        assert not server.peers  # type: ignore[attr-defined]
+
+
+async def test_a_busy_client_is_not_dropped_as_idle(nats: NatsServer) -> None:
+    url = f"{nats.url}/busy"
+    async with Main() as main:
+
+        @main.handle("slow", roles="nats")
+        async def slow(call: tether.Call) -> str:
+            await asyncio.sleep(1.5)
+            return "done"
+
+        server = await main.listen(url)
+        server.idle_timeout = 0.2  # type: ignore[attr-defined]
+        async with tether.connect(url) as peer:
+            assert await peer.invoke("slow") == "done"  # served past the idle bound
+
+
+async def _raw(url: str) -> object:
+    import nats as nats_py
+
+    return await nats_py.connect(url)
+
+
+def _frame(kind: int, rid: int, channel: bytes, body: bytes) -> bytes:
+    from tether.wire import encode_frame
+
+    out = bytearray()
+    encode_frame(out, kind, rid, 0, channel, body)
+    return bytes(out)
+
+
+async def test_a_hostile_publisher_does_not_hurt_a_listener(nats: NatsServer) -> None:
+    from tether.wire import Kind
+
+    url = f"{nats.url}/hostile"
+    ns = "hostile"
+    async with Main() as main:
+        got: list[str] = []
+        main.handle("x", lambda call, n: n + 1, roles="nats")
+        main.on("x", lambda call, text: got.append(text), roles="nats")
+        server = await main.listen(url)
+        nc: Any = await _raw(nats.url)
+        try:
+            me = "0123456789abcdef"
+            good_invoke = _frame(Kind.INVOKE, 1, b"x", b"\x91\x01")
+            garbage = [
+                (f"{ns}.h.x", b"\x00garbage", f"{ns}.p.{me}.r.1"),
+                (f"{ns}.h.x", good_invoke, ""),  # no reply subject: who is it?
+                (f"{ns}.h.x", good_invoke, f"{ns}.p.NOT-AN-ID.r.1"),
+                (f"{ns}.h.x", good_invoke, f"{ns}.p.{me}.r.2"),  # not its request id
+                (f"{ns}.h.x", _frame(Kind.INVOKE, 1, b"y", b"\x90"), f"{ns}.p.{me}.r.1"),
+                (f"{ns}.h.x", _frame(Kind.HELLO, 0, b"", b"\x80"), f"{ns}.p.{me}.r.0"),
+                (f"{ns}.h.x", good_invoke + good_invoke, f"{ns}.p.{me}.r.1"),
+                (f"{ns}.e.x", b"\xff" * 40, f"{ns}.p.{me}.e"),
+                (f"{ns}.e.x", _frame(Kind.EVENT, 0, b"z", b"\x90"), f"{ns}.p.{me}.e"),
+                (f"{ns}.e.x", _frame(Kind.INVOKE, 3, b"x", b"\x90"), f"{ns}.p.{me}.e"),
+                (f"{ns}.x", b"\x01\x02", f"{ns}.p.{me}.x"),
+                (f"{ns}.x", _frame(Kind.CANCEL, 1, b"", b""), ""),
+                (f"{ns}.bye", b"bye", ""),
+                (f"{ns}.bye", b"bye", f"{ns}.p.x.b"),
+            ]
+            for subject, data, reply in garbage:
+                await nc.publish(subject, data, reply=reply)
+            await nc.flush()
+            await until(lambda: server.dropped >= len(garbage))  # type: ignore[attr-defined]
+            assert server.dropped == len(garbage)  # type: ignore[attr-defined]
+            # Well framed, a body that does not decode: that caller gets its BadRequest.
+            inbox = await nc.subscribe(f"{ns}.p.{me}.>")
+            bad = _frame(Kind.INVOKE, 7, b"x", b"\xc1")
+            await nc.publish(f"{ns}.h.x", bad, reply=f"{ns}.p.{me}.r.7")
+            answer = await inbox.next_msg(timeout=20)
+            assert answer.subject == f"{ns}.p.{me}.r.7"
+            assert answer.data[4] == Kind.ERROR and b"bad_request" in answer.data
+            async with tether.connect(url) as peer:  # the listener serves on
+                assert await peer.invoke("x", 41) == 42
+                await peer.send("x", "fine")
+                await until(lambda: got == ["fine"])
+                assert got == ["fine"]
+        finally:
+            await nc.close()
+
+
+async def test_a_flood_of_client_ids_is_capped(nats: NatsServer) -> None:
+    url = f"{nats.url}/flood"
+    ns = "flood"
+    async with Main() as main:
+        got: list[str] = []
+        main.on("note", lambda call, text: got.append(text), roles="nats")
+        server = await main.listen(url)
+        server.max_clients = 5  # type: ignore[attr-defined]
+        nc: Any = await _raw(nats.url)
+        try:
+            from tether.wire import Kind
+
+            event = _frame(Kind.EVENT, 0, b"note", b"\x91\xa2hi")
+            for i in range(50):
+                await nc.publish(f"{ns}.e.note", event, reply=f"{ns}.p.{i:016x}.e")
+            await nc.flush()
+            await until(lambda: len(got) == 50)
+            assert len(got) == 50  # each was heard (the longest idle made room)
+            assert len(server.peers) <= 5  # type: ignore[attr-defined]
+        finally:
+            await nc.close()

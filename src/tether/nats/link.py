@@ -198,7 +198,7 @@ class NatsServer:
         self.role = role
         self.refused = 0
         self.dropped = 0
-        self.idle_timeout = IDLE_TIMEOUT
+        self._idle_timeout = IDLE_TIMEOUT
         self.max_clients = MAX_CLIENTS
         self.nc = nc
         self._id = secrets.token_hex(8)
@@ -216,6 +216,20 @@ class NatsServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._warned_at = 0.0
         self._warned = 0
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds a client with nothing in flight is kept (then its peer is dropped)."""
+        return self._idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, seconds: float) -> None:
+        if not seconds > 0:
+            raise ValueError(f"idle_timeout must be a positive number of seconds, not {seconds!r}")
+        self._idle_timeout = float(seconds)
+        if self._sweeper is not None:  # the next sweep comes on the new period
+            self._sweeper.cancel()
+            self._arm_sweep()
 
     @property
     def peers(self) -> list[Peer]:
