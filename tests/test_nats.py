@@ -460,7 +460,12 @@ async def test_blocking_client_serves_main_too(nats: NatsServer) -> None:
                 result: int = peer.invoke("relay", 21)
                 return result
 
+        server = await main.listen(url)  # a second listener: its own clients
         assert await asyncio.get_running_loop().run_in_executor(None, client) == 42
+        # the blocking client's goodbye went out before its loop stopped
+        await until(lambda: not any(s.peers for s in main.servers))  # type: ignore[attr-defined]
+        assert not any(s.peers for s in main.servers)  # type: ignore[attr-defined]
+        assert server.idle_timeout > 100  # type: ignore[attr-defined]
 
 
 async def test_a_client_that_leaves_is_forgotten(nats: NatsServer) -> None:
@@ -585,3 +590,33 @@ async def test_a_flood_of_client_ids_is_capped(nats: NatsServer) -> None:
             assert len(server.peers) <= 5  # type: ignore[attr-defined]
         finally:
             await nc.close()
+
+
+async def test_an_invoke_to_a_vanished_client_fails_at_once(nats: NatsServer) -> None:
+    url = f"{nats.url}/vanish"
+    async with Main() as main:
+        held: list[tether.Peer] = []
+
+        @main.handle("hold", roles="nats")
+        def hold(call: tether.Call) -> None:
+            held.append(call.peer)
+
+        await main.listen(url)
+        peer = await tether.connect(url)
+        peer.handle("twice", lambda call, x: 2 * x)
+        await peer.invoke("hold")
+        assert await held[0].invoke("twice", 4) == 8
+        peer.abort(tether.PeerGone("vanished"))  # no goodbye; its NATS link closes
+        await asyncio.wait_for(peer._stream.finished, 20)  # type: ignore[attr-defined]
+        # (the NATS server drops the client's subscription a moment after its link
+        # closed: an invoke that still reached it just times out)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                await held[0].invoke("twice", 4, timeout=2)
+            except tether.InvokeTimeout:
+                continue
+            except tether.PeerGone as exc:
+                assert "no responders" in str(exc)
+                break
+        assert held[0].closed
