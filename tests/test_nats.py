@@ -360,6 +360,15 @@ def test_cli_call(nats: NatsServer) -> None:
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == '{"k":1}'
+        listed = subprocess.run(
+            [sys.executable, "-m", "tether", "call", "--list", url],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert "pid() -> int" in listed.stdout  # tether.channels answered over NATS
         bad = subprocess.run(
             [sys.executable, "-m", "tether", "call", f"{nats.url}/nobody", "echo", "1"],
             capture_output=True,
@@ -620,3 +629,14 @@ async def test_an_invoke_to_a_vanished_client_fails_at_once(nats: NatsServer) ->
                 assert "no responders" in str(exc)
                 break
         assert held[0].closed
+
+
+def test_channel_tokens() -> None:
+    from tether.nats.stream import channel_token
+
+    assert channel_token(b"math.add") == "math.add"
+    assert channel_token(b"tether.channels") == "tether.channels"
+    assert channel_token(b"a b") == "~meqge"  # docs/protocol.md 1.2
+    for other in (b"a..b", b".a", b"a.", b"a*", b"a.>", "\u00e9".encode(), b"a\x00b"):
+        token = channel_token(other)
+        assert token.startswith("~") and set(token[1:]) <= set("abcdefghijklmnopqrstuvwxyz234567")
