@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import AsyncIterator
 
 import tether
 
@@ -24,6 +25,11 @@ async def serve(url: str, name: str | None) -> None:
         @main.handle("echo", roles="nats")
         async def echo(call: tether.Call, value: object) -> object:
             return value
+
+        @main.handle("count", roles="nats")
+        async def count(call: tether.Call, n: int) -> AsyncIterator[tuple[int, int]]:
+            for i in range(n):
+                yield os.getpid(), i
 
         if name is not None:
             main.handle(f"only.{name}", lambda call: os.getpid(), roles="nats")

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -129,6 +129,22 @@ async def test_three_workers_share_the_invokes_of_one_client(nats: NatsServer) -
             seen = [await peer.invoke("pid") for _ in range(60)]
             seen += await asyncio.gather(*(peer.invoke("pid") for _ in range(60)))
         assert set(seen) == {p.pid for p in procs}  # each worker served some, one client
+    finally:
+        stop_workers(procs)
+
+
+async def test_streams_of_one_client_shared_by_workers(nats: NatsServer) -> None:
+    url = f"{nats.url}/sharedstreams"
+    procs = start_workers(url, 3)
+    try:
+        async with tether.connect(url) as peer:
+            pids = set()
+            for _ in range(12):
+                items = [x async for x in peer.stream("count", 20, window=2)]
+                assert [i for _, i in items] == list(range(20))
+                assert len({pid for pid, _ in items}) == 1  # one worker makes a stream
+                pids.add(items[0][0])
+            assert len(pids) > 1
     finally:
         stop_workers(procs)
 
@@ -640,3 +656,35 @@ def test_channel_tokens() -> None:
     for other in (b"a..b", b".a", b"a.", b"a*", b"a.>", "\u00e9".encode(), b"a\x00b"):
         token = channel_token(other)
         assert token.startswith("~") and set(token[1:]) <= set("abcdefghijklmnopqrstuvwxyz234567")
+
+
+async def test_streams_cross_nats(nats: NatsServer) -> None:
+    url = f"{nats.url}/streams"
+    async with Main() as main:
+        stopped: list[int] = []
+
+        @main.handle("count", roles="nats")
+        async def count(call: tether.Call, n: int) -> AsyncIterator[int]:
+            try:
+                for i in range(n):
+                    yield i
+            finally:
+                stopped.append(n)
+
+        await main.listen(url)
+        async with tether.connect(url) as peer:
+            # window 4: CREDITs go back to the listener serving the stream, once known
+            got = [x async for x in peer.stream("count", 50, window=4)]
+            assert got == list(range(50))
+            partial = []
+            async for x in peer.stream("count", 10_000, window=2):
+                partial.append(x)
+                if x == 5:
+                    break  # a CANCEL to the listener producing it
+            await until(lambda: 10_000 in stopped)
+            assert partial == list(range(6)) and 10_000 in stopped
+            with pytest.raises(tether.NoHandler, match="no responders"):
+                async for _ in peer.stream("nothing.streams.here"):
+                    pass
+            with pytest.raises(tether.RouteClosed, match="routes do not cross NATS"):
+                await peer.open("anything")

@@ -37,7 +37,18 @@ import msgspec
 
 from ..errors import ConnectError, PeerGone
 from ..identity import NO_CREDENTIALS
-from ..wire import K_CANCEL, K_ERROR, K_EVENT, K_INVOKE, K_RESULT, Kind, encode_frame
+from ..wire import (
+    K_CANCEL,
+    K_CREDIT,
+    K_ERROR,
+    K_EVENT,
+    K_INVOKE,
+    K_ITEM,
+    K_RESULT,
+    K_STREAM,
+    Kind,
+    encode_frame,
+)
 from .stream import (
     NO_RESPONDERS,
     ClientStream,
@@ -64,6 +75,10 @@ IDLE_TIMEOUT: Final = 300.0
 #: default :attr:`NatsServer.max_clients`: clients one listener keeps a peer for at once
 MAX_CLIENTS: Final = 4096
 _ID_CHARS: Final = frozenset("0123456789abcdef")
+#: what a client sends a listener on ``NS.m.<M>.<I>``
+_FROM_CLIENT: Final = frozenset((K_RESULT, K_ERROR, K_CANCEL, K_CREDIT, K_ITEM))
+#: what a client sends on ``NS.x`` (to whichever listener serves the request)
+_UNSURE: Final = frozenset((K_CANCEL, K_CREDIT))
 
 log = logging.getLogger("tether")
 _TOKEN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -336,15 +351,17 @@ class NatsServer:
         data = msg.data
         caller = self._caller(msg.reply, "r")
         frames = frames_of(data)
-        if caller is None or frames is None or len(frames) != 1:
+        if caller is None or frames is None:
             self._bad("invoke", subject)
             return
         cid, rid = caller
         _, _, kind, frame_rid, chan_len = frames[0]
         if (
-            kind != K_INVOKE
+            (kind != K_INVOKE and kind != K_STREAM)
             or frame_rid != rid
             or self._h + channel_token(bytes(data[20 : 20 + chan_len])) != subject
+            # a STREAM's first CREDIT may follow it
+            or any(f[2] != K_CREDIT or f[3] != rid or kind != K_STREAM for f in frames[1:])
         ):
             self._bad("invoke", subject)
             return
@@ -366,11 +383,13 @@ class NatsServer:
         if caller is None or frames is None:
             self._bad("event", subject)
             return
-        for start, _, kind, _, chan_len in frames:
-            chan = bytes(data[start + 20 : start + 20 + chan_len])
-            if kind != K_EVENT or self._e + channel_token(chan) != subject:
-                self._bad("event", subject)
-                return
+        chan = b"\0"
+        for start, _, kind, _, chan_len in frames:  # all of the channel of the subject
+            if kind != K_EVENT or chan_len != len(chan) or not data.startswith(chan, start + 20):
+                chan = bytes(data[start + 20 : start + 20 + chan_len])
+                if kind != K_EVENT or self._e + channel_token(chan) != subject:
+                    self._bad("event", subject)
+                    return
         stream = self._client(caller[0])
         if stream is not None:
             stream.last = self._loop.time()
@@ -386,7 +405,7 @@ class NatsServer:
                 entry[1].abort(PeerGone(f"{entry[1]!r}: the client is gone (NATS: no responders)"))
             return
         frames = frames_of(data)
-        if frames is None or any(f[2] not in (K_RESULT, K_ERROR, K_CANCEL) for f in frames):
+        if frames is None or any(f[2] not in _FROM_CLIENT for f in frames):
             self._bad("answer", msg.subject)
             return
         if entry is None:
@@ -401,16 +420,20 @@ class NatsServer:
     def _on_cancel(self, msg: Any) -> None:
         caller = self._caller(msg.reply, "x")
         frames = frames_of(msg.data)
-        if caller is None or frames is None or any(f[2] != K_CANCEL for f in frames):
+        if caller is None or frames is None or any(f[2] not in _UNSURE for f in frames):
             self._bad("cancel", msg.subject)
             return
         entry = self._clients.get(caller[0])
         if entry is None:
             return
-        stream = entry[0]
-        mine = [f for f in frames if stream.replies.pop(f[3], None) is not None]
+        replies = entry[0].replies
+        mine = [
+            f
+            for f in frames
+            if (replies.pop(f[3], None) if f[2] == K_CANCEL else replies.get(f[3])) is not None
+        ]
         if mine:  # the calls this listener serves (every listener hears every cancel)
-            stream.feed(b"".join(msg.data[f[0] : f[1]] for f in mine))
+            entry[0].feed(b"".join(msg.data[f[0] : f[1]] for f in mine))
 
     def _on_bye(self, msg: Any) -> None:
         caller = self._caller(msg.reply, "b")

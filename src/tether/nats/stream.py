@@ -9,9 +9,9 @@ message of at most ``max_payload`` bytes (events by the thousand, in few
 messages). Incoming messages are checked frame by frame before the peer
 sees them, so what a stranger publishes costs a count, not the connection.
 
-No HELLO crosses NATS: both ends use a fixed profile (MessagePack; no
-descriptors, leases, pickle, streams or trace context; the largest frame is
-the server's ``max_payload``), so each stream feeds its own peer a HELLO
+No HELLO crosses NATS: both ends use a fixed profile (MessagePack and
+streams; no descriptors, leases, pickle or trace context; the largest frame
+is the server's ``max_payload``), so each stream feeds its own peer a HELLO
 in that profile and drops the one its peer writes.
 
 - :class:`ClientStream`: the client's one peer for a namespace, whose other
@@ -37,11 +37,14 @@ from ..errors import PayloadTooLarge, TetherError
 from ..wire import (
     HEADER_SIZE,
     K_CANCEL,
+    K_CREDIT,
     K_ERROR,
     K_EVENT,
     K_GOODBYE,
     K_INVOKE,
+    K_ITEM,
     K_RESULT,
+    K_STREAM,
     Kind,
     encode_frame,
     frame_header,
@@ -62,6 +65,8 @@ log = logging.getLogger("tether")
 
 _tasks: set[asyncio.Task[Any]] = set()
 _K_ROUTE_OPEN: Final = int(Kind.ROUTE_OPEN)
+#: what a listener's peer sends a client on ``NS.p.<I>.f``
+_TO_CLIENT: Final = frozenset((K_EVENT, K_INVOKE, K_CANCEL, K_STREAM, K_CREDIT))
 _PLAIN: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _TOKENS: Final = 1024  # channel -> subject token cache entries (then it starts over)
 _token_cache: dict[bytes, str] = {}
@@ -96,7 +101,7 @@ def channel_token(channel: bytes) -> str:
 
 
 def hello_frame(role: str, name: str, max_frame_size: int) -> bytes:
-    """The HELLO a stream feeds its own peer: the fixed NATS profile (no features)."""
+    """The HELLO a stream feeds its own peer: the fixed NATS profile (streams only)."""
     out = bytearray()
     body = codec.encoder.encode(
         codec.Hello(
@@ -105,6 +110,7 @@ def hello_frame(role: str, name: str, max_frame_size: int) -> bytes:
             role=role,
             name=name,
             max_frame_size=max_frame_size,
+            features=["stream"],
         )
     )
     encode_frame(out, Kind.HELLO, 0, 0, b"", body)
@@ -342,12 +348,16 @@ class ClientStream(NatsStream):
         self._b = f"{ns}.p.{cid}.b"
         self._main_prefix = f"{ns}.m."
         self._main_suffix = f".{cid}"
-        # request id of our invoke awaiting its answer -> its channel
+        # request id of our invoke (or stream) awaiting its answer -> its channel
         self._calls: dict[int, bytes] = {}
+        # ... -> the subject of the listener serving it, once it sent something for it
+        self._mains: dict[int, str] = {}
         # id of a listener's invoke on our peer -> (its listener's subject, its own id)
         self._served: dict[int, tuple[str, int]] = {}
         self._served_ids: dict[tuple[str, int], int] = {}
         self._next = 0
+        self._ev_chan = b"\0"  # (no channel is a NUL) the last event's channel...
+        self._ev_dest = ("", "", False)  # ...and its destination
         #: messages or frames from NATS that were not ours to take (dropped, counted)
         self.dropped = 0
         self.finished: asyncio.Future[None] = self._loop.create_future()
@@ -357,26 +367,36 @@ class ClientStream(NatsStream):
     ) -> tuple[str, str, bool] | None:
         ns = self.namespace
         if kind == K_EVENT:
-            return (
-                f"{ns}.e.{channel_token(bytes(buf[pos + 20 : pos + 20 + chan_len]))}",
-                self._e,
-                False,
-            )
-        if kind == K_INVOKE:
+            chan = self._ev_chan  # events come in runs on one channel: no copy for those
+            if chan_len != len(chan) or not buf.startswith(chan, pos + 20):
+                chan = self._ev_chan = bytes(buf[pos + 20 : pos + 20 + chan_len])
+                self._ev_dest = f"{ns}.e.{channel_token(chan)}", self._e, False
+            return self._ev_dest
+        if kind in (K_INVOKE, K_STREAM):
             chan = bytes(buf[pos + 20 : pos + 20 + chan_len])
             self._calls[rid] = chan
-            return f"{ns}.h.{channel_token(chan)}", f"{self._r}{rid}", True
-        if kind == K_CANCEL:
-            # Which listener serves the call is not known (it sent nothing for it
-            # yet): every listener hears it, the one serving (I, rid) cancels.
-            if self._calls.pop(rid, None) is None:
+            # a STREAM's first CREDIT follows it in its message (see below)
+            return f"{ns}.h.{channel_token(chan)}", f"{self._r}{rid}", kind == K_INVOKE
+        if kind in (K_CANCEL, K_CREDIT):
+            if rid not in self._calls:
                 return None  # answered already
+            main = self._mains.pop(rid, "") if kind == K_CANCEL else self._mains.get(rid, "")
+            if kind == K_CANCEL:
+                del self._calls[rid]
+            if main:  # the listener serving it is known
+                return main, "", False
+            if self._message and self._reply == f"{self._r}{rid}":
+                return self._subject, self._reply, False  # with the STREAM it is for
+            # Not known yet (it sent nothing for the call): every listener
+            # hears it, the one serving (I, rid) takes it.
             return f"{ns}.x", self._x, False
-        if kind in (K_RESULT, K_ERROR):
-            served = self._served.pop(rid, None)
+        if kind in (K_RESULT, K_ERROR, K_ITEM):
+            served = self._served.get(rid)
             if served is None:
                 return None
-            del self._served_ids[served]
+            if kind != K_ITEM:
+                del self._served[rid]
+                del self._served_ids[served]
             set_request_id(buf, pos, served[1])
             return served[0], "", False
         if kind == K_GOODBYE:
@@ -403,14 +423,25 @@ class ClientStream(NatsStream):
         buf: bytearray | None = None
         keep: list[tuple[int, int]] = []
         for start, end, kind, rid, _ in frames:
-            if kind in (K_RESULT, K_ERROR, K_EVENT):
-                if kind != K_EVENT:
-                    self._calls.pop(rid, None)
-            elif kind == K_INVOKE and main:
+            if kind == K_EVENT:
+                pass
+            elif kind in (K_RESULT, K_ERROR):
+                self._calls.pop(rid, None)
+                self._mains.pop(rid, None)
+            elif kind == K_ITEM:
+                if main and rid in self._calls:
+                    self._mains[rid] = main  # where its CREDITs and CANCEL go
+            elif (kind in (K_INVOKE, K_STREAM)) and main:
                 buf = buf if buf is not None else bytearray(data)
                 set_request_id(buf, start, self._local_id(main, rid))
-            elif kind == K_CANCEL and main and (local := self._served_ids.pop((main, rid), 0)):
-                del self._served[local]
+            elif (
+                (kind in (K_CANCEL, K_CREDIT))
+                and main
+                and (local := self._served_ids.get((main, rid), 0))
+            ):
+                if kind == K_CANCEL:
+                    del self._served[local]
+                    del self._served_ids[(main, rid)]
                 buf = buf if buf is not None else bytearray(data)
                 set_request_id(buf, start, local)
             else:
@@ -439,7 +470,7 @@ class ClientStream(NatsStream):
         except ValueError:
             return
         call = self._calls.pop(rid, None)
-        if call is not None:
+        if call is not None and rid not in self._mains:
             channel = call.decode("utf-8", "replace")
             self.feed(
                 error_frame(
@@ -498,10 +529,10 @@ class ServerStream(NatsStream):
     def _route(
         self, buf: bytearray, pos: int, kind: int, rid: int, chan_len: int
     ) -> tuple[str, str, bool] | None:
-        if kind in (K_RESULT, K_ERROR):
-            reply = self.replies.pop(rid, None)
+        if kind in (K_RESULT, K_ERROR, K_ITEM):
+            reply = self.replies.pop(rid, None) if kind != K_ITEM else self.replies.get(rid)
             return None if reply is None else (reply, self._me, False)
-        if kind in (K_EVENT, K_INVOKE, K_CANCEL):
+        if kind in _TO_CLIENT:
             self.last = self._loop.time()
             return self._to, self._me, False
         if kind == _K_ROUTE_OPEN:
