@@ -180,6 +180,11 @@ async def _nats_connect(
     return nc
 
 
+def _credits(frames: list[tuple[int, int, int, int, int]], rid: int, kind: int) -> bool:
+    """Whether the frames after a STREAM are CREDITs for it (all a client puts there)."""
+    return kind == K_STREAM and all(f[2] == K_CREDIT and f[3] == rid for f in frames[1:])
+
+
 def _is_id(text: str) -> bool:
     """A client or listener id: 16 lowercase hex digits (what tether makes)."""
     return len(text) == 16 and set(text) <= _ID_CHARS
@@ -222,6 +227,7 @@ class NatsServer:
         self._e = f"{ns}.e."
         self._p = f"{ns}.p."
         self._clients: dict[str, tuple[ServerStream, Peer]] = {}
+        self._heads: dict[str, str] = {}  # "NS.p.<I>.r" -> I, for clients kept
         self._channels: dict[str, Any] = {}  # channel -> its NS.h subscription
         self._subs: list[Any] = []
         self._closed = False
@@ -281,10 +287,11 @@ class NatsServer:
 
     async def _subscribe(self, channel: str) -> None:
         ns = self.address.namespace
-        subject = self._h + channel_token(channel.encode())
+        chan = channel.encode()
+        subject = self._h + channel_token(chan)
 
         async def invoke(msg: Any) -> None:
-            await self._on_invoke(msg, subject)
+            await self._on_invoke(msg, subject, chan)
 
         self._channels[channel] = await self.nc.subscribe(subject, queue=ns, cb=invoke)
 
@@ -331,7 +338,14 @@ class NatsServer:
 
     def _caller(self, reply: str | None, kind: str) -> tuple[str, int] | None:
         """Client id (and request id, for ``r``) of a reply subject ``NS.p.<I>.<kind>[.<rid>]``."""
-        if not reply or not reply.startswith(self._p):
+        if not reply:
+            return None
+        if kind == "r":  # the common case: NS.p.<I>.r.<rid>, one client's prefix seen before
+            head, _, rid = reply.rpartition(".")
+            cid = self._heads.get(head)
+            if cid is not None and rid.isdigit() and len(rid) <= 10:
+                return cid, int(rid)
+        if not reply.startswith(self._p):
             return None
         parts = reply[len(self._p) :].split(".")
         if not _is_id(parts[0]) or len(parts) < 2 or parts[1] != kind:
@@ -340,6 +354,10 @@ class NatsServer:
             return (parts[0], 0) if len(parts) == 2 else None
         if len(parts) != 3 or not parts[2].isdigit() or len(parts[2]) > 10:
             return None
+        if parts[0] in self._clients:  # (so the cache holds no more than the clients)
+            if len(self._heads) >= self.max_clients:
+                self._heads.clear()
+            self._heads[f"{self._p}{parts[0]}.r"] = parts[0]
         return parts[0], int(parts[2])
 
     async def _on_hello(self, msg: Any) -> None:
@@ -347,7 +365,7 @@ class NatsServer:
             with contextlib.suppress(Exception):
                 await msg.respond(b"")
 
-    async def _on_invoke(self, msg: Any, subject: str) -> None:
+    async def _on_invoke(self, msg: Any, subject: str, channel: bytes) -> None:
         data = msg.data
         caller = self._caller(msg.reply, "r")
         frames = frames_of(data)
@@ -359,9 +377,10 @@ class NatsServer:
         if (
             (kind != K_INVOKE and kind != K_STREAM)
             or frame_rid != rid
-            or self._h + channel_token(bytes(data[20 : 20 + chan_len])) != subject
+            or chan_len != len(channel)  # the channel of the subject it came on
+            or not data.startswith(channel, 20)
             # a STREAM's first CREDIT may follow it
-            or any(f[2] != K_CREDIT or f[3] != rid or kind != K_STREAM for f in frames[1:])
+            or (len(frames) > 1 and not _credits(frames, rid, kind))
         ):
             self._bad("invoke", subject)
             return
