@@ -688,3 +688,16 @@ async def test_streams_cross_nats(nats: NatsServer) -> None:
                     pass
             with pytest.raises(tether.RouteClosed, match="routes do not cross NATS"):
                 await peer.open("anything")
+
+
+async def test_many_events_split_under_max_payload(nats: NatsServer) -> None:
+    url = f"{nats.url}/split"
+    async with Main() as main:
+        got: list[int] = []
+        main.on("big", lambda call, n, pad: got.append(n), roles="nats")
+        await main.listen(url)
+        async with tether.connect(url) as peer:
+            for n in range(3000):  # ~3 MB queued in one turn: several messages of <= 1 MiB
+                await peer.send("big", n, "x" * 1000)
+            await until(lambda: len(got) == 3000)
+        assert got == list(range(3000))

@@ -38,6 +38,7 @@ import msgspec
 from ..errors import ConnectError, PeerGone
 from ..identity import NO_CREDENTIALS
 from ..wire import (
+    HEADER_SIZE,
     K_CANCEL,
     K_CREDIT,
     K_ERROR,
@@ -48,6 +49,7 @@ from ..wire import (
     K_STREAM,
     Kind,
     encode_frame,
+    frame_header,
 )
 from .stream import (
     NO_RESPONDERS,
@@ -398,17 +400,22 @@ class NatsServer:
     def _on_event(self, msg: Any) -> None:
         data, subject = msg.data, msg.subject
         caller = self._caller(msg.reply, "e")
-        frames = frames_of(data)
-        if caller is None or frames is None:
+        pos, n = 0, len(data)
+        chan = b"\0"
+        while pos < n:  # whole EVENT frames, all of the channel of the subject
+            if n - pos < HEADER_SIZE:
+                break
+            end, kind, _, chan_len = frame_header(data, pos)
+            if kind != K_EVENT or end > n or end - pos < HEADER_SIZE + chan_len:
+                break
+            if chan_len != len(chan) or not data.startswith(chan, pos + HEADER_SIZE):
+                chan = bytes(data[pos + HEADER_SIZE : pos + HEADER_SIZE + chan_len])
+                if self._e + channel_token(chan) != subject:
+                    break
+            pos = end
+        if caller is None or pos != n or not n:
             self._bad("event", subject)
             return
-        chan = b"\0"
-        for start, _, kind, _, chan_len in frames:  # all of the channel of the subject
-            if kind != K_EVENT or chan_len != len(chan) or not data.startswith(chan, start + 20):
-                chan = bytes(data[start + 20 : start + 20 + chan_len])
-                if kind != K_EVENT or self._e + channel_token(chan) != subject:
-                    self._bad("event", subject)
-                    return
         stream = self._client(caller[0])
         if stream is not None:
             stream.last = self._loop.time()

@@ -185,7 +185,7 @@ class NatsStream:
         self._writer = self._loop.create_task(self._write_messages())
         self._subject = ""
         self._reply = ""
-        self._message = bytearray()
+        self._size = 0
 
     def attach(self, on_readable: Callable[[], None], on_error: Callable[[OSError], None]) -> None:
         self._on_readable = on_readable
@@ -247,34 +247,44 @@ class NatsStream:
             return False
         pos, n = 0, len(data)
         view = memoryview(data)
+        chunks: list[memoryview] = []  # of the message being made: runs of frames
+        run = 0  # where the frames taken since the last chunk start
+        self._size = 0  # bytes of the message being made (to self._subject, self._reply)
         while pos < n:
             end, kind, rid, chan_len = frame_header(data, pos)
             dest = self._route(data, pos, kind, rid, chan_len)
-            if dest is not None:
+            if dest is None:  # dropped: the run stops before it
+                if pos > run:
+                    chunks.append(view[run:pos])
+                run = end
+            else:
                 subject, reply, alone = dest
-                msg = self._message
-                if msg and (
+                if self._size and (
                     subject != self._subject
                     or reply != self._reply
-                    or len(msg) + end - pos > self._max
+                    or self._size + end - pos > self._max
                 ):
-                    self._queue()
-                    msg = self._message
-                if not msg:
-                    self._subject, self._reply = subject, reply
-                msg += view[pos:end]
+                    if pos > run:
+                        chunks.append(view[run:pos])
+                    self._queue(chunks)
+                    chunks, run = [], pos
+                self._subject, self._reply = subject, reply
+                self._size += end - pos
                 if alone:
-                    self._queue()
+                    chunks.append(view[run:end])
+                    self._queue(chunks)
+                    chunks, run = [], end
             pos = end
-        view.release()
-        if self._message:
-            self._queue()
+        if self._size:
+            if n > run:
+                chunks.append(view[run:n])
+            self._queue(chunks)
         self._wake.set()
         return False
 
-    def _queue(self) -> None:
-        payload = bytes(self._message)
-        self._message = bytearray()
+    def _queue(self, chunks: list[memoryview]) -> None:
+        payload = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
+        self._size = 0
         self._outbox.append((self._subject, self._reply, payload))
         self.buffered += len(payload)
 
@@ -385,7 +395,7 @@ class ClientStream(NatsStream):
                 del self._calls[rid]
             if main:  # the listener serving it is known
                 return main, "", False
-            if self._message and self._reply == f"{self._r}{rid}":
+            if self._size and self._reply == f"{self._r}{rid}":
                 return self._subject, self._reply, False  # with the STREAM it is for
             # Not known yet (it sent nothing for the call): every listener
             # hears it, the one serving (I, rid) takes it.
