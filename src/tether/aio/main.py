@@ -795,8 +795,9 @@ class Main(Handlers):
 
         ``nats://host:port/namespace`` serves them through a NATS server
         (:mod:`tether.nats`; needs ``nats-py``): clients connect with the same
-        address; listeners on one namespace share the connections (a queue
-        group); clients get ``role`` (default ``nats``) and are never local;
+        address; listeners on one namespace share the invokes of each channel
+        they handle, one by one (a queue group per channel); clients get
+        ``role`` (default ``nats``) and are never local;
         ``ssl=`` is the NATS client's TLS context. Returns a
         :class:`tether.nats.NatsServer`.
 
@@ -1193,8 +1194,9 @@ def connect(
     for a listener started with ``ssl=`` (the server's certificate is checked
     against the address's host). ``max_inflight``,
     ``max_queued`` and ``drain_timeout``: this side's limits, as for :class:`Main`.
-    ``nats://host:port/namespace`` connects through a NATS server to a main
-    listening there (:mod:`tether.nats`; ``ssl=`` is then the NATS client's).
+    ``nats://host:port/namespace`` connects through a NATS server to every
+    main listening there, as one peer: each invoke goes to one of those that
+    handle its channel (:mod:`tether.nats`; ``ssl=`` is then the NATS client's).
 
     Raises:
         ConnectError: nothing listens there (refused, no such socket file,
