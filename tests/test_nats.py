@@ -701,3 +701,23 @@ async def test_many_events_split_under_max_payload(nats: NatsServer) -> None:
                 await peer.send("big", n, "x" * 1000)
             await until(lambda: len(got) == 3000)
         assert got == list(range(3000))
+
+
+async def test_broadcast_reaches_every_client_of_the_namespace(nats: NatsServer) -> None:
+    url = f"{nats.url}/bcast"
+    async with Main() as main:
+        main.handle("hi", lambda call: "hello", roles="nats")
+        await main.listen(url)
+        got: list[int] = []
+        quiet, talking = await tether.connect(url), await tether.connect(url)
+        try:
+            for i, peer in enumerate((quiet, talking)):
+                peer.on("news", lambda call, text, i=i: got.append(i))
+            assert await talking.invoke("hi") == "hello"  # main keeps a peer for this one only
+            assert await main.broadcast("news", "to all") == 1
+            assert await main.broadcast("news", "nobody", role="nobody") == 0
+            await until(lambda: len(got) == 2)
+            assert sorted(got) == [0, 1]  # also the client main never heard from
+        finally:
+            await quiet.close()
+            await talking.close()

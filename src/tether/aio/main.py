@@ -989,7 +989,9 @@ class Main(Handlers):
         slow peer does not hold up the others. A peer that is gone, or is
         dropped while this runs because it stopped reading (``max_queued``,
         ``drain_timeout``: it is closed with :class:`PeerGone`), is not
-        counted and does not stop the rest. A ``tether.Buffer`` cannot be
+        counted and does not stop the rest. Through a NATS listener the event
+        goes to every client of its namespace as one message (``NS.events``);
+        those count as the clients the listener keeps. A ``tether.Buffer`` cannot be
         broadcast (a send moves it); arrays and bytes can.
 
         Raises:

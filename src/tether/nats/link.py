@@ -567,6 +567,12 @@ class NatsServer:
         encode_frame(out, Kind.EVENT, 0, 0, channel.encode(), body, max_frame_size=self._max())
         await self.nc.publish(f"{self.address.namespace}.events", bytes(out))
 
+    async def fanout(self, channel: str, args: tuple[Any, ...]) -> int:
+        """``Main.broadcast``'s part for this namespace: :meth:`send`; returns the
+        clients this listener keeps (every client of the namespace gets it)."""
+        await self.send(channel, *args)
+        return len(self.peers)
+
     def _max(self) -> int:
         return min(self.main.max_frame_size, int(self.nc.max_payload) - 4)
 

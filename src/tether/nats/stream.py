@@ -526,6 +526,9 @@ class ServerStream(NatsStream):
     this listener reads.
     """
 
+    #: ``Main.broadcast`` reaches this client through its listener's ``fanout`` (``NS.events``)
+    fanout = True
+
     def __init__(self, nc: Any, namespace: str, mid: str, cid: str, max_payload: int) -> None:
         super().__init__(nc, max_payload, hello_frame("client", cid, max_payload - 4))
         self.cid = cid
