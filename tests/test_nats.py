@@ -721,3 +721,23 @@ async def test_broadcast_reaches_every_client_of_the_namespace(nats: NatsServer)
         finally:
             await quiet.close()
             await talking.close()
+
+
+async def test_a_handler_streams_from_its_caller(nats: NatsServer) -> None:
+    url = f"{nats.url}/backstream"
+    async with Main() as main:
+
+        @main.handle("total", roles="nats")
+        async def total(call: tether.Call, n: int) -> int:
+            return sum([x async for x in call.peer.stream("numbers", n, window=3)])
+
+        await main.listen(url)
+        async with tether.connect(url) as peer:
+
+            @peer.handle("numbers")
+            async def numbers(call: tether.Call, n: int) -> AsyncIterator[int]:
+                for i in range(n):
+                    yield i
+
+            assert await peer.invoke("total", 40) == sum(range(40))
+            assert await asyncio.gather(*(peer.invoke("total", 10) for _ in range(5))) == [45] * 5
