@@ -741,3 +741,24 @@ async def test_a_handler_streams_from_its_caller(nats: NatsServer) -> None:
 
             assert await peer.invoke("total", 40) == sum(range(40))
             assert await asyncio.gather(*(peer.invoke("total", 10) for _ in range(5))) == [45] * 5
+
+
+async def test_a_closing_main_fails_the_invokes_it_serves(nats: NatsServer) -> None:
+    url = f"{nats.url}/closing"
+    async with tether.Main() as main:
+        started = asyncio.Event()
+
+        @main.handle("hang", roles="nats")
+        async def hang(call: tether.Call) -> None:
+            started.set()
+            await asyncio.sleep(3600)
+
+        await main.listen(url)
+        async with tether.connect(url, timeout=60) as peer:
+            pending = asyncio.ensure_future(peer.invoke("hang"))
+            await asyncio.wait_for(started.wait(), 20)
+            t0 = time.monotonic()
+            await main.close()
+            with pytest.raises(tether.PeerGone, match="closed"):
+                await pending
+            assert time.monotonic() - t0 < 30  # not the timeout

@@ -548,6 +548,12 @@ class ServerStream(NatsStream):
         if kind in _TO_CLIENT:
             self.last = self._loop.time()
             return self._to, self._me, False
+        if kind == K_GOODBYE and self.replies:  # closing while serving: the callers learn it
+            for rid, reply in self.replies.items():
+                payload = error_frame(rid, "closed", "the main serving the call closed")
+                self._outbox.append((reply, self._me, payload))
+                self.buffered += len(payload)
+            self.replies.clear()
         if kind == _K_ROUTE_OPEN:
             self.feed(error_frame(rid, "route_closed", "routes do not cross NATS"))
         return None  # HELLO, GOODBYE (the client learns nothing from it), PING...
