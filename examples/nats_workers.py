@@ -4,10 +4,11 @@
     python examples/nats_workers.py nats://127.0.0.1:4222 # or uses yours
 
 Three worker processes each run a :class:`tether.Main` listening on the same
-NATS namespace (``nats://.../jobs``); NATS hands each new connection to one
-of them (a queue group). The coordinator opens a connection per job; each
-worker answers with ``square`` and sends a log event back on the caller's
-connection (``call.peer``). Nothing here is tied to one machine: run the
+NATS namespace (``nats://.../jobs``) and handling the channel ``square``:
+each invoke of it goes to one of them (they subscribe in a queue group).
+The coordinator makes ONE connection and invokes ``square`` 30 times at
+once; each worker answers some of the invokes and sends a log event back
+to the caller (``call.peer``). Nothing here is tied to one machine: run the
 workers wherever the NATS server is reachable.
 """
 
@@ -44,17 +45,15 @@ async def worker(url: str) -> None:
 
 async def coordinator(url: str) -> None:
     logs: list[str] = []
-
-    async def job(x: int) -> tuple[int, int]:
-        async with tether.connect(url, timeout=10.0) as peer:
-            peer.on("log", lambda call, text: logs.append(text))
-            pid, result = await peer.invoke("square", x)
-            return pid, result
-
-    answers = await asyncio.gather(*(job(x) for x in range(JOBS)))
+    async with tether.connect(url, timeout=10.0) as peer:
+        peer.on("log", lambda call, text: logs.append(text))
+        answers = await asyncio.gather(*(peer.invoke("square", x) for x in range(JOBS)))
+        deadline = time.monotonic() + 10
+        while len(logs) < JOBS and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the events may trail the last answer
     print(f"squares of 0..{JOBS - 1}: sum {sum(r for _, r in answers)}")
     print(f"{len(logs)} log events came back")
-    print(f"served by {len({pid for pid, _ in answers})} of {WORKERS} worker processes")
+    print(f"one client's invokes served by {len({pid for pid, _ in answers})} of {WORKERS} workers")
 
 
 def start_nats_server() -> tuple[subprocess.Popen[bytes], str]:

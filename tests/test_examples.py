@@ -81,6 +81,7 @@ EXPECTED: dict[str, list[str]] = {
     "nats_workers.py": [
         "squares of 0..29: sum 8555",
         "30 log events came back",
+        "one client's invokes served by 3 of 3 workers",
     ],
     "errors.py": [
         "RemoteError: ZeroDivisionError: division by zero",

@@ -211,7 +211,16 @@ def _check_call_param(fn: Callable[..., Any], first_type: type = Call) -> None:
 class Registry:
     """Channel name -> :class:`Handler`, for invokes and for events."""
 
-    __slots__ = ("_unlogged", "_warn_at", "_warned", "events", "hosts", "invokes", "version")
+    __slots__ = (
+        "_unlogged",
+        "_warn_at",
+        "_warned",
+        "events",
+        "hosts",
+        "invokes",
+        "version",
+        "watchers",
+    )
 
     #: dropped-event warnings logged per second at most (a flood of bad events
     #: must not become a flood of log lines); the rest are counted
@@ -224,6 +233,9 @@ class Registry:
         self.hosts: dict[str, Handler] = {}
         #: bumped whenever the event listeners change (peers cache what they resolved)
         self.version = 0
+        #: called with the channel after an invoke handler is added or removed
+        #: (a NATS listener follows its subjects); rarely more than one
+        self.watchers: list[Callable[[str], None]] = []
         self._warn_at = 0.0
         self._warned = 0
         self._unlogged = 0
@@ -267,6 +279,8 @@ class Registry:
                 f"(remove_handler({channel!r}) removes the first)"
             )
         self.invokes[channel] = Handler(fn, roles, thread)
+        for watch in self.watchers:
+            watch(channel)
 
     def on(
         self, channel: str, fn: Callable[..., Any], *, roles: Collection[str] | str | None = None
@@ -291,7 +305,9 @@ class Registry:
         Invokes that arrive afterwards get :class:`~tether.NoHandler`; calls
         already running finish.
         """
-        self.invokes.pop(_not_reserved(channel), None)
+        if self.invokes.pop(_not_reserved(channel), None) is not None:
+            for watch in self.watchers:
+                watch(channel)
 
     def resolve(
         self, f: Frame, role: str, local: bool = True
@@ -412,7 +428,9 @@ class Registry:
 
     def remove(self, channel: str) -> None:
         """Drop the invoke handler and every event listener of ``channel``."""
-        self.invokes.pop(_not_reserved(channel), None)
+        if self.invokes.pop(_not_reserved(channel), None) is not None:
+            for watch in self.watchers:
+                watch(channel)
         self.events.pop(channel, None)
         self.version += 1
 

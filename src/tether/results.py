@@ -18,6 +18,7 @@ from .errors import (
     Forbidden,
     NoHandler,
     PayloadTooLarge,
+    PeerGone,
     ProtocolError,
     RemoteError,
     RouteClosed,
@@ -102,6 +103,8 @@ def error_from_info(info: codec.ErrorInfo) -> TetherError:
         return StreamMismatch(info.message)
     if code == "route_closed":
         return RouteClosed(info.message)
+    if code == "closed":
+        return PeerGone(info.message)
     return RemoteError(info.type or code, info.message, info.traceback)
 
 

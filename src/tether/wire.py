@@ -46,6 +46,8 @@ __all__ = [
     "FrameParser",
     "Kind",
     "encode_frame",
+    "frame_header",
+    "set_request_id",
 ]
 
 DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
@@ -182,6 +184,24 @@ def encode_frame(
     out += body
     for a in attachments:
         out += a
+
+
+_RID: Final = struct.Struct("<I")
+
+
+def frame_header(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int, int, int]:
+    """The frame starting at ``pos``: its end offset, kind, request id and channel length.
+
+    For transports that route frames without parsing them whole (NATS). Only
+    the header is read; ``ValueError`` (struct.error) if fewer than 20 bytes remain.
+    """
+    size, kind, _, chan_len, rid, _, _, _ = HEADER.unpack_from(buf, pos)
+    return pos + 4 + size, kind, rid, chan_len
+
+
+def set_request_id(buf: bytearray | memoryview, pos: int, rid: int) -> None:
+    """Rewrite the request id of the frame starting at ``pos`` (a NATS peer maps ids)."""
+    _RID.pack_into(buf, pos + 8, rid)
 
 
 class FrameParser:

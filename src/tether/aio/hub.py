@@ -91,6 +91,8 @@ def _reaches(peer: Peer, roles: frozenset[str] | None) -> bool:
         not peer.closed
         and peer.remote_hello is not None  # still in its handshake: not yet a peer
         and (roles is None or peer.role in roles)
+        # a NATS listener's client: reached through the listener's fanout (below)
+        and not getattr(peer._stream, "fanout", False)
     )
 
 
@@ -112,14 +114,28 @@ async def broadcast(
                 "a tether.Handle is moved by a send, so it cannot go to several peers: "
                 "send each one its own (Handle.from_file or from_socket duplicate)"
             )
-    peers = [p for p in list(main.peers) if _reaches(p, roles)]
+    peers: list[Any] = [p for p in list(main.peers) if _reaches(p, roles)]
+    # NATS listeners send one message every client of the namespace gets (tether.nats)
+    peers += [
+        s
+        for s in main.servers
+        if getattr(s, "fanout", None) is not None and (roles is None or s.role in roles)
+    ]
     if not peers:
         return 0
-    results = await asyncio.gather(*(p.send(channel, *args) for p in peers), return_exceptions=True)
+    results = await asyncio.gather(
+        *(
+            p.fanout(channel, args) if hasattr(p, "fanout") else p.send(channel, *args)
+            for p in peers
+        ),
+        return_exceptions=True,
+    )
     reached = 0
     first: BaseException | None = None
     for peer, res in zip(peers, results, strict=True):
-        if res is None:
+        if isinstance(res, int):
+            reached += res
+        elif res is None:
             reached += 1
         elif isinstance(res, _PEER_ERRORS):
             log.debug("broadcast %r: %r not reached: %s", channel, peer, res)

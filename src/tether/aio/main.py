@@ -795,8 +795,9 @@ class Main(Handlers):
 
         ``nats://host:port/namespace`` serves them through a NATS server
         (:mod:`tether.nats`; needs ``nats-py``): clients connect with the same
-        address; listeners on one namespace share the connections (a queue
-        group); clients get ``role`` (default ``nats``) and are never local;
+        address; listeners on one namespace share the invokes of each channel
+        they handle, one by one (a queue group per channel); clients get
+        ``role`` (default ``nats``) and are never local;
         ``ssl=`` is the NATS client's TLS context. Returns a
         :class:`tether.nats.NatsServer`.
 
@@ -988,7 +989,9 @@ class Main(Handlers):
         slow peer does not hold up the others. A peer that is gone, or is
         dropped while this runs because it stopped reading (``max_queued``,
         ``drain_timeout``: it is closed with :class:`PeerGone`), is not
-        counted and does not stop the rest. A ``tether.Buffer`` cannot be
+        counted and does not stop the rest. Through a NATS listener the event
+        goes to every client of its namespace as one message (``NS.events``);
+        those count as the clients the listener keeps. A ``tether.Buffer`` cannot be
         broadcast (a send moves it); arrays and bytes can.
 
         Raises:
@@ -1193,8 +1196,9 @@ def connect(
     for a listener started with ``ssl=`` (the server's certificate is checked
     against the address's host). ``max_inflight``,
     ``max_queued`` and ``drain_timeout``: this side's limits, as for :class:`Main`.
-    ``nats://host:port/namespace`` connects through a NATS server to a main
-    listening there (:mod:`tether.nats`; ``ssl=`` is then the NATS client's).
+    ``nats://host:port/namespace`` connects through a NATS server to every
+    main listening there, as one peer: each invoke goes to one of those that
+    handle its channel (:mod:`tether.nats`; ``ssl=`` is then the NATS client's).
 
     Raises:
         ConnectError: nothing listens there (refused, no such socket file,

@@ -8,12 +8,15 @@ section of ``docs/protocol.md``. Needs the ``nats-py`` package
 from __future__ import annotations
 
 from .link import NatsAddress, NatsServer, connect_nats, listen_nats, parse_nats_address
-from .stream import NatsStream
+from .stream import ClientStream, NatsStream, ServerStream, channel_token
 
 __all__ = [
+    "ClientStream",
     "NatsAddress",
     "NatsServer",
     "NatsStream",
+    "ServerStream",
+    "channel_token",
     "connect_nats",
     "listen_nats",
     "parse_nats_address",

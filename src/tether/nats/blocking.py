@@ -77,6 +77,10 @@ class NatsPeer:
         if self._thread.is_alive():
             with contextlib.suppress(PeerGone, InvokeTimeout, RuntimeError):
                 self._run(self._peer.close(), 5.0)
+            finished = getattr(self._peer._stream, "finished", None)
+            if finished is not None:  # the goodbye published and the NATS link closed
+                with contextlib.suppress(Exception):
+                    self._run(asyncio.wait_for(asyncio.shield(finished), 5.0), 5.0)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 

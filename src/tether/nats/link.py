@@ -1,29 +1,31 @@
-"""``nats://`` listeners and connections: tether connections carried by a NATS server.
+"""``nats://`` listeners and clients: tether's verbs carried by a NATS server, per channel.
 
 Subjects, under the address's namespace ``NS`` (``nats://host:4222/NS``,
-default ``tether``):
+default ``tether``; docs/protocol.md 1.2 is the full table):
 
-- ``NS.open``: a client's request to open a connection. Listeners subscribe
-  in the queue group ``NS``, so each connection is taken by one of the
-  processes listening on the namespace (load is shared per connection).
-  The request carries the client's inbox; the reply, the listener's
-  subject for this connection.
-- ``NS.c.<id>``: the client's inbox (frames main sends to it).
-- ``NS.m.<main>.<id>``: the listener's subject for that connection.
-- ``NS.events``: events a listener sends to every client at once
-  (:meth:`NatsServer.send`); each client reads them as part of its connection.
+- ``NS.h.<channel>``: invokes of a channel. Each listener subscribes, in the
+  queue group ``NS``, one subject per channel its main handles, so every
+  invoke goes to one of the processes that handle its channel (load is
+  shared per invoke) and NATS answers "no responders" at once when none does.
+- ``NS.e.<channel>``: a client's events, to every listener.
+- ``NS.events``: a listener's events to every client (:meth:`NatsServer.send`).
+- ``NS.p.<I>.>``: client ``I``'s inbox (answers, and what a handler's
+  ``call.peer`` sends it); ``NS.m.<M>.<I>``: listener ``M``'s subject for
+  what client ``I`` answers it; ``NS.x``: cancels; ``NS.bye``: a client left;
+  ``NS.hello``: a connecting client's check that some main listens.
 
-The messages are tether frames, so every verb, error type, cancel and
-timeout works as on a socket. Credentials come from the address
+The messages are tether frames, so every error type, cancel and timeout
+works as on a socket. Credentials come from the address
 (``nats://user:password@host``, ``nats://token@host``) or its query
-(``?creds=/path/user.creds``, ``?nkey=/path/seed.nk``); TLS from ``ssl=``.
+(``?creds=/path/user.creds``, ``?nkey=/path/seed.nk``; these two need the
+``nkeys`` package); TLS from ``ssl=``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import secrets
 import ssl as _ssl
 from collections.abc import Callable
@@ -35,8 +37,29 @@ import msgspec
 
 from ..errors import ConnectError, PeerGone
 from ..identity import NO_CREDENTIALS
-from ..wire import Kind, encode_frame
-from .stream import NatsStream, spawn
+from ..wire import (
+    HEADER_SIZE,
+    K_CANCEL,
+    K_CREDIT,
+    K_ERROR,
+    K_EVENT,
+    K_INVOKE,
+    K_ITEM,
+    K_RESULT,
+    K_STREAM,
+    Kind,
+    encode_frame,
+    frame_header,
+)
+from .stream import (
+    NO_RESPONDERS,
+    ClientStream,
+    ServerStream,
+    channel_token,
+    error_frame,
+    frames_of,
+    spawn,
+)
 
 if TYPE_CHECKING:
     from ..aio.main import Main
@@ -49,6 +72,17 @@ DEFAULT_NAMESPACE: Final = "tether"
 DEFAULT_ROLE: Final = "nats"
 #: seconds a closed listener waits for its peers to close before it closes its NATS link
 CLOSE_WAIT: Final = 10.0
+#: default :attr:`NatsServer.idle_timeout`: seconds a client with nothing in flight is kept
+IDLE_TIMEOUT: Final = 300.0
+#: default :attr:`NatsServer.max_clients`: clients one listener keeps a peer for at once
+MAX_CLIENTS: Final = 4096
+_ID_CHARS: Final = frozenset("0123456789abcdef")
+#: what a client sends a listener on ``NS.m.<M>.<I>``
+_FROM_CLIENT: Final = frozenset((K_RESULT, K_ERROR, K_CANCEL, K_CREDIT, K_ITEM))
+#: what a client sends on ``NS.x`` (to whichever listener serves the request)
+_UNSURE: Final = frozenset((K_CANCEL, K_CREDIT))
+
+log = logging.getLogger("tether")
 _TOKEN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -148,13 +182,35 @@ async def _nats_connect(
     return nc
 
 
+def _credits(frames: list[tuple[int, int, int, int, int]], rid: int, kind: int) -> bool:
+    """Whether the frames after a STREAM are CREDITs for it (all a client puts there)."""
+    return kind == K_STREAM and all(f[2] == K_CREDIT and f[3] == rid for f in frames[1:])
+
+
+def _is_id(text: str) -> bool:
+    """A client or listener id: 16 lowercase hex digits (what tether makes)."""
+    return len(text) == 16 and set(text) <= _ID_CHARS
+
+
 class NatsServer:
     """A ``nats://`` listener of a :class:`~tether.Main` (what :meth:`Main.listen` returns).
 
+    It keeps one :class:`~tether.Peer` per client ``I`` it has heard from
+    (made at its first message, with this listener's role, never local), so
+    a handler's ``call.peer`` reaches the caller. A peer is dropped when its
+    client says goodbye, when a message to it finds no responders (the
+    client is gone), or after :attr:`idle_timeout` seconds with nothing in
+    flight; at most :attr:`max_clients` are kept (past it, the longest idle
+    is dropped, or the newcomer refused with ``Busy``).
+
     Attributes:
         url: the address listened on (``nats://host:port/namespace``).
-        role: the role of every peer that connects through it.
-        refused: connection requests refused (malformed, or main closing).
+        role: the role of every client that reaches it.
+        idle_timeout: seconds a client with nothing in flight is kept.
+        max_clients: clients kept at once.
+        refused: messages of clients refused (``max_clients`` reached, or closing).
+        dropped: messages that were not well-formed tether messages (counted,
+            logged at most ten times a second): a stranger's garbage.
     """
 
     def __init__(self, main: Main, addr: NatsAddress, role: str, nc: Any) -> None:
@@ -163,58 +219,288 @@ class NatsServer:
         self.url = str(addr)
         self.role = role
         self.refused = 0
+        self.dropped = 0
+        self._idle_timeout = IDLE_TIMEOUT
+        self.max_clients = MAX_CLIENTS
         self.nc = nc
         self._id = secrets.token_hex(8)
-        self._streams: dict[str, NatsStream] = {}
-        self._held: set[Peer] = set()
+        ns = addr.namespace
+        self._h = f"{ns}.h."
+        self._e = f"{ns}.e."
+        self._p = f"{ns}.p."
+        self._clients: dict[str, tuple[ServerStream, Peer]] = {}
+        self._heads: dict[str, str] = {}  # "NS.p.<I>.r" -> I, for clients kept
+        self._channels: dict[str, Any] = {}  # channel -> its NS.h subscription
+        self._subs: list[Any] = []
         self._closed = False
-        self._open_sub: Any = None
         self._name = f"{role}@{addr}"
+        self._loop = asyncio.get_running_loop()
+        self._resync: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._warned_at = 0.0
+        self._warned = 0
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds a client with nothing in flight is kept (then its peer is dropped)."""
+        return self._idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, seconds: float) -> None:
+        if not seconds > 0:
+            raise ValueError(f"idle_timeout must be a positive number of seconds, not {seconds!r}")
+        self._idle_timeout = float(seconds)
+        if self._sweeper is not None:  # the next sweep comes on the new period
+            self._sweeper.cancel()
+            self._arm_sweep()
 
     @property
     def peers(self) -> list[Peer]:
-        """The peers connected through this listener that said HELLO."""
-        return [p for p in self._held if p.remote_hello is not None and not p.closed]
+        """The peers of the clients this listener keeps."""
+        return [p for _, p in self._clients.values() if not p.closed]
 
     def fileno(self) -> int:
         return -1
 
     async def _start(self) -> None:
+        ns, nc = self.address.namespace, self.nc
+        for channel in list(self.main.registry.invokes):
+            await self._subscribe(channel)
+        self.main.registry.watchers.append(self._watch)
+
+        def cb(fn: Callable[[Any], None]) -> Callable[[Any], Any]:
+            async def run(msg: Any) -> None:
+                fn(msg)
+
+            return run
+
+        self._subs = [
+            await nc.subscribe(f"{ns}.e.>", cb=cb(self._on_event)),
+            await nc.subscribe(f"{ns}.m.{self._id}.*", cb=cb(self._on_direct)),
+            await nc.subscribe(f"{ns}.x", cb=cb(self._on_cancel)),
+            await nc.subscribe(f"{ns}.bye", cb=cb(self._on_bye)),
+            # last: a client that got an answer here finds every channel subscribed
+            await nc.subscribe(f"{ns}.hello", queue=ns, cb=self._on_hello),
+        ]
+        await nc.flush()
+        self._arm_sweep()
+
+    # -- following the main's handlers ---------------------------------------
+
+    async def _subscribe(self, channel: str) -> None:
         ns = self.address.namespace
-        self._open_sub = await self.nc.subscribe(f"{ns}.open", queue=ns, cb=self._on_open)
-        await self.nc.subscribe(f"{ns}.m.{self._id}.*", cb=self._on_frames)
-        await self.nc.flush()
+        chan = channel.encode()
+        subject = self._h + channel_token(chan)
 
-    async def _on_frames(self, msg: Any) -> None:
-        stream = self._streams.get(msg.subject.rpartition(".")[2])
+        async def invoke(msg: Any) -> None:
+            await self._on_invoke(msg, subject, chan)
+
+        self._channels[channel] = await self.nc.subscribe(subject, queue=ns, cb=invoke)
+
+    def _watch(self, channel: str) -> None:
+        """A handler was added or removed (registry watcher): follow it soon."""
+        if self._resync is None and not self._closed:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to follow
+                self._loop.call_soon_threadsafe(self._start_sync)
+
+    def _start_sync(self) -> None:
+        if self._resync is None and not self._closed:
+            self._resync = self._loop.create_task(self.sync())
+
+    async def sync(self) -> None:
+        """Subscribe the channels handled since, drop those removed; return once the
+        NATS server has it (handlers added after ``listen`` are followed by
+        themselves; await this to know they are reachable)."""
+        try:
+            while not self._closed:
+                want = set(self.main.registry.invokes)
+                have = set(self._channels)
+                if want == have:
+                    break
+                for channel in want - have:
+                    await self._subscribe(channel)
+                for channel in have - want:
+                    with contextlib.suppress(Exception):
+                        await self._channels.pop(channel).unsubscribe()
+            if not self.nc.is_closed:
+                await self.nc.flush()
+        finally:
+            self._resync = None
+
+    # -- messages in -----------------------------------------------------------
+
+    def _bad(self, what: str, subject: str) -> None:
+        self.dropped += 1
+        now = self._loop.time()
+        if now - self._warned_at >= 1.0:
+            self._warned_at, self._warned = now, 0
+        self._warned += 1
+        if self._warned <= 10:
+            log.warning("%r: dropped a malformed %s on %s", self, what, subject)
+
+    def _caller(self, reply: str | None, kind: str) -> tuple[str, int] | None:
+        """Client id (and request id, for ``r``) of a reply subject ``NS.p.<I>.<kind>[.<rid>]``."""
+        if not reply:
+            return None
+        if kind == "r":  # the common case: NS.p.<I>.r.<rid>, one client's prefix seen before
+            head, _, rid = reply.rpartition(".")
+            cid = self._heads.get(head)
+            if cid is not None and rid.isdigit() and len(rid) <= 10:
+                return cid, int(rid)
+        if not reply.startswith(self._p):
+            return None
+        parts = reply[len(self._p) :].split(".")
+        if not _is_id(parts[0]) or len(parts) < 2 or parts[1] != kind:
+            return None
+        if kind != "r":
+            return (parts[0], 0) if len(parts) == 2 else None
+        if len(parts) != 3 or not parts[2].isdigit() or len(parts[2]) > 10:
+            return None
+        if parts[0] in self._clients:  # (so the cache holds no more than the clients)
+            if len(self._heads) >= self.max_clients:
+                self._heads.clear()
+            self._heads[f"{self._p}{parts[0]}.r"] = parts[0]
+        return parts[0], int(parts[2])
+
+    async def _on_hello(self, msg: Any) -> None:
+        if not self._closed and msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(b"")
+
+    async def _on_invoke(self, msg: Any, subject: str, channel: bytes) -> None:
+        data = msg.data
+        caller = self._caller(msg.reply, "r")
+        frames = frames_of(data)
+        if caller is None or frames is None:
+            self._bad("invoke", subject)
+            return
+        cid, rid = caller
+        _, _, kind, frame_rid, chan_len = frames[0]
+        if (
+            (kind != K_INVOKE and kind != K_STREAM)
+            or frame_rid != rid
+            or chan_len != len(channel)  # the channel of the subject it came on
+            or not data.startswith(channel, 20)
+            # a STREAM's first CREDIT may follow it
+            or (len(frames) > 1 and not _credits(frames, rid, kind))
+        ):
+            self._bad("invoke", subject)
+            return
+        stream = self._client(cid)
+        if stream is None:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(
+                    msg.reply, error_frame(rid, "busy", f"{self!r} takes no more clients")
+                )
+            return
+        stream.replies[rid] = msg.reply
+        stream.last = self._loop.time()
+        stream.feed(data)
+
+    def _on_event(self, msg: Any) -> None:
+        data, subject = msg.data, msg.subject
+        caller = self._caller(msg.reply, "e")
+        pos, n = 0, len(data)
+        chan = b"\0"
+        while pos < n:  # whole EVENT frames, all of the channel of the subject
+            if n - pos < HEADER_SIZE:
+                break
+            end, kind, _, chan_len = frame_header(data, pos)
+            if kind != K_EVENT or end > n or end - pos < HEADER_SIZE + chan_len:
+                break
+            if chan_len != len(chan) or not data.startswith(chan, pos + HEADER_SIZE):
+                chan = bytes(data[pos + HEADER_SIZE : pos + HEADER_SIZE + chan_len])
+                if self._e + channel_token(chan) != subject:
+                    break
+            pos = end
+        if caller is None or pos != n or not n:
+            self._bad("event", subject)
+            return
+        stream = self._client(caller[0])
         if stream is not None:
-            stream.feed(msg.data)
+            stream.last = self._loop.time()
+            stream.feed(data)
 
-    async def _on_open(self, msg: Any) -> None:
+    def _on_direct(self, msg: Any) -> None:
+        cid = msg.subject.rpartition(".")[2]
+        entry = self._clients.get(cid)
+        data = msg.data
+        if not data:
+            headers = msg.headers
+            if entry is not None and headers and headers.get("Status") == NO_RESPONDERS:
+                entry[1].abort(PeerGone(f"{entry[1]!r}: the client is gone (NATS: no responders)"))
+            return
+        frames = frames_of(data)
+        if frames is None or any(f[2] not in _FROM_CLIENT for f in frames):
+            self._bad("answer", msg.subject)
+            return
+        if entry is None:
+            return  # dropped meanwhile: nobody waits for it
+        stream = entry[0]
+        for f in frames:
+            if f[2] == K_CANCEL:
+                stream.replies.pop(f[3], None)  # no answer is owed any more
+        stream.last = self._loop.time()
+        stream.feed(data)
+
+    def _on_cancel(self, msg: Any) -> None:
+        caller = self._caller(msg.reply, "x")
+        frames = frames_of(msg.data)
+        if caller is None or frames is None or any(f[2] not in _UNSURE for f in frames):
+            self._bad("cancel", msg.subject)
+            return
+        entry = self._clients.get(caller[0])
+        if entry is None:
+            return
+        replies = entry[0].replies
+        mine = [
+            f
+            for f in frames
+            if (replies.pop(f[3], None) if f[2] == K_CANCEL else replies.get(f[3])) is not None
+        ]
+        if mine:  # the calls this listener serves (every listener hears every cancel)
+            entry[0].feed(b"".join(msg.data[f[0] : f[1]] for f in mine))
+
+    def _on_bye(self, msg: Any) -> None:
+        caller = self._caller(msg.reply, "b")
+        if caller is None:
+            self._bad("goodbye", msg.subject)
+            return
+        entry = self._clients.get(caller[0])
+        if entry is not None:
+            entry[1].abort(PeerGone(f"{entry[1]!r} said goodbye"))
+
+    # -- the clients' peers ----------------------------------------------------
+
+    def _client(self, cid: str) -> ServerStream | None:
+        """The stream of client ``cid``, made (with its peer) at its first message."""
+        entry = self._clients.get(cid)
+        if entry is not None:
+            return entry[0]
+        main = self.main
+        if self._closed or main._closing:
+            self.refused += 1
+            return None
+        if len(self._clients) >= self.max_clients and not self._evict():
+            self.refused += 1
+            if (
+                self.refused & (self.refused - 1) == 0
+            ):  # 1, 2, 4, 8...: a flood is not a flood of lines
+                log.warning(
+                    "%r: %d clients kept already; refused %d", self, self.max_clients, self.refused
+                )
+            return None
         from ..aio.peer import Peer
 
-        main = self.main
-        try:
-            inbox = json.loads(msg.data)["inbox"]
-            ns = self.address.namespace
-            if not (isinstance(inbox, str) and inbox.startswith(f"{ns}.c.")):
-                raise ValueError(inbox)
-        except (ValueError, KeyError, TypeError):
-            self.refused += 1
-            return
-        if main._closing or self._closed:
-            self.refused += 1
-            return
-        cid = secrets.token_hex(8)
-        stream = NatsStream(self.nc, inbox, self.nc.max_payload)
-        self._streams[cid] = stream
-        kw = main._peer_kw(self.role, self._name, child=False)
+        ns = self.address.namespace
+        stream = ServerStream(self.nc, ns, self._id, cid, int(self.nc.max_payload))
+        kw = main._peer_kw(self.role, f"{self._name}#{cid}", child=False)
         kw["max_frame_size"] = self._max()
         forget = kw["on_close"]
 
         def closed(peer: Peer) -> None:
-            self._streams.pop(cid, None)
-            self._held.discard(peer)
+            if self._clients.get(cid, (None, None))[1] is peer:
+                del self._clients[cid]
             forget(peer)
 
         kw["on_close"] = closed
@@ -222,25 +508,53 @@ class NatsServer:
             stream,
             **kw,
             credentials=NO_CREDENTIALS,
-            address=f"{self.address}#{inbox}",
+            address=f"{self.address}#{cid}",
             local=False,
             initiator=False,
         )
+        self._clients[cid] = (stream, peer)
         main.peers.add(peer)
-        self._held.add(peer)
-        await msg.respond(json.dumps({"subject": f"{ns}.m.{self._id}.{cid}"}).encode())
         peer.start()
-        if not peer.closed:
-            main._hello_timers[peer] = asyncio.get_running_loop().call_later(
-                main.hello_timeout, main._check_hello, peer
-            )
+        return stream
+
+    @staticmethod
+    def _idle(stream: ServerStream, peer: Peer) -> bool:
+        """Nothing in flight: no invoke served, none of main's calls to it, no listener running."""
+        return not stream.busy and not peer._conn.pending and not peer._tasks
+
+    def _evict(self) -> bool:
+        """Drop the longest idle client among the oldest kept; False if none is idle."""
+        oldest: tuple[float, Peer] | None = None
+        for i, (stream, peer) in enumerate(self._clients.values()):
+            if i >= 64:
+                break
+            if self._idle(stream, peer) and (oldest is None or stream.last < oldest[0]):
+                oldest = (stream.last, peer)
+        if oldest is None:
+            return False
+        oldest[1].abort(PeerGone(f"{oldest[1]!r} dropped: {self.max_clients} clients kept"))
+        return True
+
+    def _arm_sweep(self) -> None:
+        if not self._closed:
+            period = max(0.05, min(self.idle_timeout / 2, 30.0))
+            self._sweeper = self._loop.call_later(period, self._sweep)
+
+    def _sweep(self) -> None:
+        """Drop the clients idle for ``idle_timeout`` (one that vanished says no goodbye)."""
+        now = self._loop.time()
+        for stream, peer in list(self._clients.values()):
+            if now - stream.last > self.idle_timeout and self._idle(stream, peer):
+                peer.abort(PeerGone(f"{peer!r} idle for {self.idle_timeout} s; dropped"))
+        self._arm_sweep()
+
+    # -- main's own messages ---------------------------------------------------
 
     async def send(self, channel: str, *args: Any) -> None:
-        """One event to every client connected on this namespace, as one NATS message.
+        """One event to every client of the namespace, as one NATS message (``NS.events``).
 
-        Every client (whichever listener it is connected to) gets it on its
-        connection, as if its own main had sent it; the server copies it to
-        each, so the cost does not grow with the number of clients here.
+        Every client gets it, whichever listeners it has reached; the server
+        copies it to each, so the cost does not grow with the clients.
 
         Raises:
             PayloadTooLarge: the event is larger than the server's ``max_payload``.
@@ -253,35 +567,49 @@ class NatsServer:
         encode_frame(out, Kind.EVENT, 0, 0, channel.encode(), body, max_frame_size=self._max())
         await self.nc.publish(f"{self.address.namespace}.events", bytes(out))
 
+    async def fanout(self, channel: str, args: tuple[Any, ...]) -> int:
+        """``Main.broadcast``'s part for this namespace: :meth:`send`; returns the
+        clients this listener keeps (every client of the namespace gets it)."""
+        await self.send(channel, *args)
+        return len(self.peers)
+
     def _max(self) -> int:
-        return min(self.main.max_frame_size, int(self.nc.max_payload))
+        return min(self.main.max_frame_size, int(self.nc.max_payload) - 4)
 
     def _server_closed(self) -> None:
-        for peer in list(self._held):
+        for _, peer in list(self._clients.values()):
             peer.abort(PeerGone(f"{self!r}: the NATS connection closed"))
 
     def close(self) -> None:
-        """Stop taking connections; connected peers stay until their peers close."""
+        """Leave the queue groups at once (invokes go to the other listeners); the
+        clients' peers stay until they close (``Main.close`` closes them)."""
         if self._closed:
             return
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        with contextlib.suppress(ValueError):
+            self.main.registry.watchers.remove(self._watch)
         spawn(self._shutdown())
 
     async def _shutdown(self) -> None:
-        # New connections go to the other listeners of the namespace at once;
-        # those still open keep their subjects until they close (Main.close
-        # closes them), within a bound.
+        subs = [*self._channels.values(), self._subs[-1]] if self._subs else []
+        self._channels.clear()
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         with contextlib.suppress(Exception):
-            await self._open_sub.unsubscribe()
-        held = [peer.wait_closed() for peer in self._held]
+            await self.nc.flush(2)
+        held = [peer.wait_closed() for _, peer in self._clients.values()]
         if held:
             await asyncio.wait([asyncio.ensure_future(w) for w in held], timeout=CLOSE_WAIT)
+        self._server_closed()
         await self.nc.close()
 
     async def wait_closed(self) -> None:
         """Wait until the NATS link is closed (after :meth:`close`; within ``CLOSE_WAIT`` s)."""
-        deadline = asyncio.get_running_loop().time() + CLOSE_WAIT + 5
-        while not self.nc.is_closed and asyncio.get_running_loop().time() < deadline:
+        deadline = self._loop.time() + CLOSE_WAIT + 5
+        while not self.nc.is_closed and self._loop.time() < deadline:
             await asyncio.sleep(0.01)
 
     def __repr__(self) -> str:
@@ -305,6 +633,7 @@ async def listen_nats(
     try:
         await server._start()
     except BaseException:
+        server.close()
         await nc.close()
         raise
     main.servers.append(server)  # type: ignore[arg-type]
@@ -312,12 +641,12 @@ async def listen_nats(
 
 
 async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
-    """Open a tether connection to whichever main listens on the address's namespace.
+    """A peer for every main listening on the address's namespace (role ``main``).
 
     Raises:
         ConnectError: the NATS server cannot be reached or refused us
             (credentials, TLS), or no main listens on the namespace (NATS
-            answered "no responders": at once, not after a timeout).
+            answered "no responders" to ``NS.hello``: at once, not after a timeout).
     """
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
@@ -330,6 +659,7 @@ async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
     if kw.pop("secret") is not None:
         raise ValueError("secret= is not for nats:// (use the NATS server's credentials)")
     addr = parse_nats_address(address)
+    ns = addr.namespace
     holder: list[Peer] = []
 
     def disconnected() -> None:
@@ -342,29 +672,25 @@ async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
 
     nc = await _nats_connect(addr, ssl, connect_timeout, "tether client", disconnected, closed)
     try:
-        inbox = f"{addr.namespace}.c.{secrets.token_hex(8)}"
-        stream = NatsStream(nc, None, nc.max_payload)
+        stream = ClientStream(nc, ns, secrets.token_hex(8), int(nc.max_payload))
 
-        async def frames(msg: Any) -> None:
-            stream.feed(msg.data)
+        async def inbox(msg: Any) -> None:
+            stream.on_message(msg)
 
-        await nc.subscribe(inbox, cb=frames)
-        try:
-            reply = await nc.request(
-                f"{addr.namespace}.open", json.dumps({"inbox": inbox}).encode(), connect_timeout
-            )
+        async def events(msg: Any) -> None:
+            stream.on_event(msg)
+
+        await nc.subscribe(stream.inbox, cb=inbox)
+        await nc.subscribe(f"{ns}.events", cb=events)
+        try:  # (the request flushes our subscriptions first: nothing sent to us is missed)
+            await nc.request(f"{ns}.hello", b"", connect_timeout or 10)
         except NoRespondersError as exc:
             raise ConnectError(
                 f"no main listens on {addr} (NATS: no responders)", address=str(addr)
             ) from exc
         except NatsTimeout as exc:
             raise ConnectError(f"{addr}: no answer within {connect_timeout} s") from exc
-        stream.set_subject(json.loads(reply.data)["subject"])
-
-        def peer_closed(peer: Peer) -> None:
-            spawn(nc.close())
-
-        kw["max_frame_size"] = min(kw["max_frame_size"], nc.max_payload)
+        kw["max_frame_size"] = min(kw["max_frame_size"], int(nc.max_payload) - 4)
         peer = Peer(
             stream,
             role="main",
@@ -372,21 +698,11 @@ async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
             name=str(addr),
             address=str(addr),
             initiator=True,
-            on_close=peer_closed,
             **kw,
         )
         holder.append(peer)
         peer.start()
-        try:
-            await peer.wait_hello(connect_timeout)
-            # After the HELLO: the events every client gets join this connection's frames.
-            await nc.subscribe(f"{addr.namespace}.events", cb=frames)
-            # the server has the subscription before connect() returns: an event
-            # main sends right after is not missed
-            await nc.flush(timeout=connect_timeout or 10)
-        except BaseException:
-            peer.abort(PeerGone(f"{addr} did not complete the handshake"))
-            raise
+        await peer.wait_hello(connect_timeout)
     except BaseException:
         await nc.close()
         raise
