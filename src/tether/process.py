@@ -384,7 +384,7 @@ async def _run_async(
     from .aio.peer import Peer
     from .errors import PeerGone
 
-    peer = Peer(sock, **_peer_options(options), spin=options.get("spin", 0.0))
+    peer = Peer(sock, **_peer_options(options), spin=options.get("spin"))
     if "max_routes" in options:  # main's cap: the child opens (and hosts) as many
         peer.max_routes = options["max_routes"]
     task = asyncio.ensure_future(target(peer, *args))
