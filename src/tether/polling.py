@@ -21,7 +21,7 @@ mutexes, :class:`SpinPolicy` learns per peer when that is:
 * each miss in a row (or hit that leaves the average above the bound)
   doubles how many chances pass without polling (up to
   ``2 ** BACKOFF_MAX - 1``); the next chance after them polls again as a
-  probe, with a window twice as long (so a peer that slowed down within
+  probe, with a longer window (so a peer that slowed down within
   :data:`WINDOW_MAX` is caught again). A slow handler (10 ms per answer)
   so costs its caller one window in every 256 calls, and an idle connection
   has no chances at all.

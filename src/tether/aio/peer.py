@@ -310,6 +310,7 @@ class Peer(Handlers):
         self._request_poll = SpinPolicy(spin)  # waiting for the next request after answering
         self._spin_handle: asyncio.Handle | None = None  # a poll queued behind ready callbacks
         self._spinning = False
+        self._wrote = False  # something was written since the read began (an answer...)
         self._woke = False  # the last read resolved a future or started a task
         self._chan_cache: dict[str, bytes] = {}
         # invokes being served by a task and still owing an answer (CANCEL pops them)
@@ -841,6 +842,7 @@ class Peer(Handlers):
         except OSError as exc:
             self._lost(self._gone(exc))  # only the write failed: what was sent may still be read
             return
+        self._wrote = True
         if (
             done
             and poll
@@ -986,14 +988,15 @@ class Peer(Handlers):
     # -- reading ----------------------------------------------------------
 
     def _on_readable(self) -> None:
+        self._wrote = False
         if self._read_once():
             if self._conn.leases_held:
                 self._leases_active()  # handlers may have dropped what they were lent
-            if not self._woke:
+            if self._wrote and not self._woke:
                 self._spin_for_request()
 
     def _spin_for_request(self) -> None:
-        """Requests were answered inline: poll for the next, if the requests' policy says so."""
+        """A read was answered inline: poll for the next request if the policy says so."""
         if self._spin_handle is None and (window := self._request_poll.window()):
             self._spin_handle = self._loop.call_soon(self._spin, self._request_poll, window)
 
@@ -1013,6 +1016,7 @@ class Peer(Handlers):
         if policy is self._answer_poll and not self._conn.pending:
             return  # answered meanwhile
         self._spinning = True
+        self._wrote = False
         try:
             start = time.perf_counter()
             deadline = start + window
@@ -1024,7 +1028,7 @@ class Peer(Handlers):
             policy.spun(time.perf_counter() - start)
         finally:
             self._spinning = False
-        if not self._woke and self._closed is None and not self._paused:
+        if self._wrote and not self._woke and self._closed is None and not self._paused:
             self._spin_for_request()  # answered inline: the next request may follow
 
     def _read_once(self) -> bool:

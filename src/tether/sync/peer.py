@@ -698,10 +698,12 @@ class Peer(Handlers):
                     raise InvokeTimeout("timed out")
                 cv.wait(left)
         try:
+            after_read = False
             while not slot.done:
                 if self._backlog:
                     self._make_room(wait=True, deadline=deadline)
-                data = self._recv_wait(deadline)
+                data = self._recv_wait(deadline, after_read)
+                after_read = True
                 self._handle(data)
                 if self._leased:
                     # After _handle let go of the frames; the worker checks
@@ -751,11 +753,18 @@ class Peer(Handlers):
             self._bad_message(err)
             raise err
 
-    def _recv_wait(self, deadline: float | None) -> bytes:
-        """The next bytes: polled for while the policy says they are due soon, else slept for."""
+    def _recv_wait(self, deadline: float | None, after_read: bool = False) -> bytes:
+        """The next bytes: polled for while a policy says they are due soon, else slept for.
+
+        A chance to poll: an answer is awaited (the answers' policy), or this
+        thread just handled a read (the requests' policy: more may follow).
+        """
         sock = self._sock
-        policy = self._answer_poll if self._conn.pending else self._request_poll
-        if window := policy.window():
+        if self._conn.pending:
+            policy: SpinPolicy | None = self._answer_poll
+        else:
+            policy = self._request_poll if after_read else None
+        if policy is not None and (window := policy.window()):
             start = time.perf_counter()
             while True:
                 if self._closed is not None:
