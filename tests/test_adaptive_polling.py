@@ -143,6 +143,20 @@ async def test_main_and_children_poll_adaptively_by_default() -> None:
         assert await child.invoke("spin") == [0, True]
 
 
+def _sync_child_reporting_spin(peer: tether.sync.Peer) -> None:
+    peer.handle("spin", lambda call: [peer.spin, peer._request_poll.off])
+    peer.wait_closed(30.0)
+
+
+async def test_blocking_children_take_mains_spin() -> None:
+    async with tether.Main(spin=0) as main:
+        child = await main.spawn(_sync_child_reporting_spin)
+        assert await child.invoke("spin") == [0, True]
+    async with tether.Main(spin=0.0001) as main:
+        child = await main.spawn(_sync_child_reporting_spin)
+        assert (await child.invoke("spin"))[0] == 0.0001
+
+
 async def _child_reporting_spin(peer: tether.Peer) -> None:
     peer.handle("spin", lambda call: [peer.spin, peer._request_poll.off])
     await peer.wait_closed()

@@ -166,8 +166,8 @@ class Peer(Handlers):
         spin: polling the socket instead of sleeping while an answer or the
             next request is due (it saves the 20-30 us a sleeping process
             takes to wake). ``None`` (the default): adaptive, learned from this
-            peer's recent answer times and request gaps, only while they are
-            under :data:`tether.polling.WINDOW_MAX`, backing off when polling
+            peer's recent answer times and request gaps, only while they
+            average under :data:`tether.polling.HIT_BOUND`, backing off when polling
             does not pay, never on an idle connection or with fewer than 2
             usable CPUs (:mod:`tether.polling`). 0 turns it off; a number of
             seconds polls that long at every chance (low-latency mode). Polling

@@ -191,8 +191,8 @@ class Peer(Handlers):
             sleeps (a sleeping thread takes 20-30 us to wake). ``None`` (the
             default): adaptive, as for :class:`tether.Peer` -- learned from
             recent answer times (a caller waiting) and request gaps (the
-            reader serving handlers), only while bytes come within
-            :data:`tether.polling.WINDOW_MAX`, backing off when polling does
+            reader serving handlers), only while they average under
+            :data:`tether.polling.HIT_BOUND`, backing off when polling does
             not pay, never with fewer than 2 usable CPUs. 0: never; a number
             of seconds: poll that long each time.
         lazy: don't start serving handlers when they are registered; start at
