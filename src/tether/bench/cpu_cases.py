@@ -9,6 +9,8 @@ in a server process on a unix socket; this process is the asyncio client.
 * ``cpu_slow_handler``: the client invokes a handler that takes 10 ms
   (``asyncio.sleep``), one call after the other. Reported: the client's own
   CPU time (``getrusage``) as % of one core, per batch of 10 calls.
+  ``cpu_slow_handler_sync``: the same with the blocking client
+  (:func:`tether.sync.connect`), whose polling is adaptive too.
 * ``cpu_idle``: 10 connections each make 100 quick round trips (so polling was
   on), then stay idle. Reported: the CPU time of both processes (each read
   with ``getrusage`` in its own process) as % of one core, per 0.5 s span.
@@ -37,7 +39,7 @@ from .common import (
 )
 from .tether_cases import WAIT, bounded, loop_name
 
-__all__ = ["CONNECTIONS", "HANDLER_S", "cpu_idle", "cpu_slow_handler"]
+__all__ = ["CONNECTIONS", "HANDLER_S", "cpu_idle", "cpu_slow_handler", "cpu_slow_handler_sync"]
 
 #: how long the slow handler takes per call, in seconds
 HANDLER_S: Final = 0.01
@@ -125,6 +127,28 @@ def cpu_slow_handler(params: Params) -> Result:
             return samples, info
 
     samples, info = _serve_and(params, measure)
+    return {"metrics": [_percent("caller CPU", samples)], "info": info}
+
+
+def cpu_slow_handler_sync(params: Params) -> Result:
+    """:func:`cpu_slow_handler` with the blocking client."""
+    batches = 10 if params.get("quick") else 30
+    with scratch_dir() as tmp:
+        server = _Server(tmp)
+        try:
+            with tether.sync.connect(server.address, timeout=WAIT) as peer:
+                for _ in range(3):
+                    assert peer.invoke("echo", PAYLOAD) == PAYLOAD
+                samples = []
+                for _ in range(batches):
+                    t0, c0 = time.perf_counter(), _cpu_s()
+                    for _ in range(_BATCH):
+                        peer.invoke("slow")
+                    samples.append(100.0 * (_cpu_s() - c0) / (time.perf_counter() - t0))
+                polls = peer._answer_poll.spins
+        finally:
+            server.stop()
+    info = {"polls": polls, "calls": batches * _BATCH}
     return {"metrics": [_percent("caller CPU", samples)], "info": info}
 
 
