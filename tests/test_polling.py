@@ -90,6 +90,18 @@ def test_the_probe_after_a_miss_waits_longer() -> None:
     assert p.misses == 0 and p.skip == 0
 
 
+def test_a_long_quiet_spell_does_not_slow_the_recovery() -> None:
+    """However many misses, the average stays bounded: one fast hit turns polling back on."""
+    p = SpinPolicy(cpus=2)
+    chances(p, 10, 10 * US)
+    chances(p, 200_000, None)
+    assert p.average <= WINDOW_MAX
+    while not p.window():
+        pass
+    p.spun(10 * US)
+    assert p.skip == 0 and p.window() > 0
+
+
 def test_hits_that_average_past_the_bound_back_off() -> None:
     """Bytes caught only after ~HIT_BOUND or longer did not save enough to keep polling."""
     p = SpinPolicy(cpus=2)

@@ -144,7 +144,9 @@ class SpinPolicy:
                 self.misses = self.skip = 0
                 return
         elif self.average:
-            self.average *= 2  # the probe after the skips waits twice as long (up to the cap)
+            # The probe after the skips waits longer, up to WINDOW_MAX (and one fast hit
+            # brings the average back under the bound).
+            self.average = min(2 * self.average, WINDOW_MAX / WINDOW_FACTOR)
         if self.misses < BACKOFF_MAX:
             self.misses += 1
         self.skip = (1 << self.misses) - 1
