@@ -1060,6 +1060,7 @@ class Peer(Handlers):
         if self._awaiting_hello and self._conn.peer_hello is not None:
             self._awaiting_hello = False
             self._hello_fut.set_result(None)
+            self._woke = True  # whoever waits for the HELLO runs next: no poll before it
         if self._paused or self._backlog:
             self._held += len(data)
             self._hold(frames)
