@@ -146,6 +146,23 @@ def test_spin_is_checked(spin: object, exc: type[Exception]) -> None:
         SpinPolicy(spin)  # type: ignore[arg-type]
 
 
+def test_solo_refuses_peers_taking_turns() -> None:
+    """Two peers busy at once never poll (each would hold up the other); one alone does."""
+    solo = polling.Solo()
+    a, b = object(), object()
+    assert solo.claim(a, 0.0)
+    assert solo.claim(a, 0.0001)  # the same peer again
+    t = 0.0002
+    turns = []
+    for _ in range(10):  # a and b alternate, closer together than SOLO_GAP
+        turns += [solo.claim(b, t), solo.claim(a, t + 0.0001)]
+        t += 0.0002
+    assert turns == [False] * 20
+    later = t + polling.SOLO_GAP
+    assert solo.claim(b, later)  # b alone for a while: polls again
+    assert solo.claim(b, later + 0.0001)
+
+
 def test_repr_says_the_mode() -> None:
     assert "adaptive" in repr(SpinPolicy(cpus=2))
     assert "off" in repr(SpinPolicy(0, cpus=2))

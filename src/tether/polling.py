@@ -48,6 +48,7 @@ __all__ = [
     "HIT_BOUND",
     "WINDOW_MAX",
     "WINDOW_MIN",
+    "Solo",
     "SpinPolicy",
     "check_spin",
     "usable_cpus",
@@ -63,8 +64,33 @@ WINDOW_FACTOR: Final = 4.0
 HIT_BOUND: Final = 100e-6
 #: misses in a row past which the chances skipped stop doubling (2**8 - 1 = 255)
 BACKOFF_MAX: Final = 8
+#: seconds within which another peer's poll means several peers of the process are busy
+SOLO_GAP: Final = 0.001
 #: weight of the newest hit time in the running average
 _WEIGHT: Final = 0.25
+
+
+class Solo:
+    """Polls only while one peer of the process is busy: with more, each would hold up the rest.
+
+    A peer polling its socket blocks its event loop, so another peer's answer
+    (a second worker of a pool, say) waits until the window ends. Each poll
+    asks :meth:`claim` first: refused while a different peer asked within
+    :data:`SOLO_GAP` seconds, so peers taking turns never poll, and a peer
+    busy on its own polls as its policy says.
+    """
+
+    __slots__ = ("at", "owner")
+
+    def __init__(self) -> None:
+        self.owner: object = None
+        self.at = float("-inf")
+
+    def claim(self, peer: object, now: float) -> bool:
+        """May ``peer`` poll at ``now`` (seconds, any monotonic clock)?"""
+        alone = self.owner is peer or now - self.at >= SOLO_GAP
+        self.owner, self.at = peer, now
+        return alone
 
 
 def usable_cpus() -> int:

@@ -50,7 +50,7 @@ from ..errors import (
 )
 from ..handles import HANDLES_HIGH, HANDLES_LOW, Handle, held_size
 from ..identity import NO_CREDENTIALS, Credentials, peer_address, peer_credentials
-from ..polling import SpinPolicy
+from ..polling import Solo, SpinPolicy
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
 from ..results import (
@@ -119,6 +119,7 @@ _THREAD_POLL: Final = 1.0  # how often send_threadsafe checks that the loop stil
 _OPEN: Final = State.OPEN
 _ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
 _EXITS: Final = (SystemExit, KeyboardInterrupt)
+_SOLO: Final = Solo()  # polling only while one peer of the process is busy
 
 
 _warned_at = 0.0
@@ -1015,10 +1016,12 @@ class Peer(Handlers):
             return
         if policy is self._answer_poll and not self._conn.pending:
             return  # answered meanwhile
+        start = time.perf_counter()
+        if not _SOLO.claim(self, start):
+            return  # other peers are busy too: polling for this one would hold them up
         self._spinning = True
         self._wrote = False
         try:
-            start = time.perf_counter()
             deadline = start + window
             while not self._read_once():
                 if self._closed is not None or time.perf_counter() >= deadline:
