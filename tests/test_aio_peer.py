@@ -1073,20 +1073,29 @@ async def test_non_str_channel_raises_type_error_naming_it(unix_hub: Hub, channe
 
 
 async def test_invoke_deadline_is_set_before_writing_can_block() -> None:
-    """With spin, writing an invoke may poll (and run handlers) before the call waits; its
-    timeout still counts from the call, not from when writing returned."""
+    """A poll (here a fixed 0.3 s) runs once the loop has nothing else ready, never
+    inside invoke's write; the call's timeout counts from the call all the same."""
     a, b = socket.socketpair()
     caller = tether.Peer(a, role="main", local_role="client", spin=0.3)
     answering = tether.Peer(b, role="client", local_role="main")
     answering.handle("echo", lambda call, x: x)
+
+    @answering.handle("late")
+    async def late(call: tether.Call) -> str:
+        await asyncio.sleep(0.2)
+        return "late"
+
     caller.start()
     answering.start()
     try:
         await asyncio.sleep(0.05)  # handshake done
+        # The answering peer shares the loop: it cannot answer while the caller polls,
+        # so the poll misses, and the loop then runs it.
+        assert await caller.invoke("echo", 1, timeout=10.0) == 1
+        assert (caller._answer_poll.spins, caller._answer_poll.hits) == (1, 0)
         t0 = time.monotonic()
         with pytest.raises(tether.InvokeTimeout):
-            # The 0.3 s poll blocks the loop, so the answer cannot come in time.
-            await caller.invoke("echo", 1, timeout=0.05)
+            await caller.invoke("late", timeout=0.05)  # the 0.3 s poll does not extend it
         assert time.monotonic() - t0 < 2.0
     finally:
         await caller.close()

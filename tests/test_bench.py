@@ -16,7 +16,7 @@ from tether.bench import main
 from tether.bench.common import CpuMeter, percentile
 from tether.bench.report import compare, fmt_value, plot, table, to_json
 from tether.bench.runner import MIN_P99_SAMPLES, MetricStats, Row, _pool, run_once
-from tether.bench.scenarios import SCENARIOS, Run, plan, select
+from tether.bench.scenarios import SCENARIOS, TARGETS, Run, plan, select
 
 SUBSET = ["rt_mp_pipe", "rt_tether_sync", "rt_tether_sync_nospin", "ev_tether", "kill_to_peergone"]
 
@@ -78,7 +78,7 @@ def test_quick_run_prints_table_and_writes_json_and_png(tmp_path: Path) -> None:
     assert math.isclose(sync["ratios"]["mp_pipe"], sync["median"] / pipe)
     assert "zmq" not in sync["ratios"]  # pyzmq did not run: no ratio invented
     # The blocking client with and without its polling window, side by side.
-    assert results["rt_tether_sync"]["info"]["spin_s"] > 0
+    assert results["rt_tether_sync"]["info"]["spin_s"] == "adaptive"
     assert results["rt_tether_sync_nospin"]["info"]["spin_s"] == 0.0
     kill = results["kill_to_peergone"]["metrics"][0]
     assert kill["unit"] == "ms" and kill["targets"][0]["target"] == "<10"
@@ -387,3 +387,27 @@ def test_pool_scenarios_side_by_side_and_what_a_killed_worker_does(tmp_path: Pat
     assert tether_row["kill: jobs failed"]["ratios"] == {}
     header = proc.stdout.splitlines()[0]
     assert "vs PPE" in header and "vs loky" in header
+
+
+@pytest.mark.timeout(90)
+def test_cpu_rows_show_what_polling_costs_when_it_does_not_pay() -> None:
+    """Issue 14: a caller of a 10 ms handler polls only now and then (adaptive polling backs
+    off), and idle connections never poll; each row reports CPU % samples with a target."""
+    for name in ("cpu_slow_handler", "cpu_slow_handler_sync"):
+        slow = run_once(Run(SCENARIOS[name], "", {"quick": True}), timeout=75.0)
+        assert "error" not in slow and "unavailable" not in slow, slow
+        (m,) = slow["metrics"]
+        assert (m["metric"], m["unit"], m["better"]) == ("caller CPU", "%", "lower")
+        assert len(m["samples"]) == 10 and all(s >= 0 for s in m["samples"])
+        assert slow["info"]["calls"] == 100
+        # 3 echoes, then probes 1, 2, 4, ... 64 chances apart: at most 9 polls in 103 calls
+        assert slow["info"]["polls"] <= 9, (name, slow["info"])
+    idle = run_once(Run(SCENARIOS["cpu_idle"], "", {"quick": True}), timeout=75.0)
+    assert "error" not in idle and "unavailable" not in idle, idle
+    (m,) = idle["metrics"]
+    assert (m["metric"], m["unit"]) == ("idle CPU", "%")
+    assert len(m["samples"]) == 4 and idle["info"]["connections"] == 10
+    targets = {(t.scenario, t.metric): t.text() for t in TARGETS}
+    assert targets[("cpu_slow_handler", "caller CPU")] == "<5"
+    assert targets[("cpu_slow_handler_sync", "caller CPU")] == "<5"
+    assert targets[("cpu_idle", "idle CPU")] == "<1"

@@ -246,11 +246,17 @@ async def test_capture_gives_main_the_childs_output(method: str) -> None:
     async with tether.Main() as main:
         printed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         main.on("printed", lambda call, n: printed.set_result(n))
-        main.handle("go", lambda call: None)
+        listening = asyncio.Event()  # the child prints once on_line below is in place
+
+        @main.handle("go")
+        async def go(call: tether.Call) -> None:
+            await asyncio.wait_for(listening.wait(), 30)
+
         child = await main.spawn(_child_targets.chatter, 3, capture=True, start_method=method)
         assert child.stdout is not None and child.stderr is not None
         seen: list[str] = []
         child.stdout.on_line(seen.append)
+        listening.set()
         assert await asyncio.wait_for(printed, 30) == 3
         await child.close()
         await child.wait(30)

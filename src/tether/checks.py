@@ -52,7 +52,7 @@ def check_connect_options(
     check_seconds("timeout", timeout, none=True)
     check_seconds("connect_timeout", connect_timeout)
     check_count("max_frame_size", max_frame_size, least=MIN_MAX_FRAME_SIZE, unit=" bytes")
-    check_seconds("spin", spin, zero=True)
+    check_seconds("spin", spin, zero=True, none=True)
     check_count("max_inflight", max_inflight)
     check_count("max_queued", max_queued)
     check_seconds("drain_timeout", drain_timeout, none=True)

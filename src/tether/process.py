@@ -384,7 +384,7 @@ async def _run_async(
     from .aio.peer import Peer
     from .errors import PeerGone
 
-    peer = Peer(sock, **_peer_options(options), spin=options.get("spin", 0.0))
+    peer = Peer(sock, **_peer_options(options), spin=options.get("spin"))
     if "max_routes" in options:  # main's cap: the child opens (and hosts) as many
         peer.max_routes = options["max_routes"]
     task = asyncio.ensure_future(target(peer, *args))
@@ -418,7 +418,7 @@ def _run_sync(
     from .sync.peer import Peer
 
     # lazy: read nothing until the target's first blocking call, so its handlers are in place
-    with Peer(sock, **_peer_options(options), lazy=True) as peer:
+    with Peer(sock, **_peer_options(options), lazy=True, spin=options.get("spin")) as peer:
         if "max_routes" in options:  # main's cap: the child opens (and hosts) as many
             peer.max_routes = options["max_routes"]
         try:

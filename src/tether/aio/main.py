@@ -31,6 +31,7 @@ from ..errors import (
     TetherError,
 )
 from ..identity import peer_address, peer_credentials
+from ..polling import check_spin
 from ..process import Deferred, check_spawn_options, check_target, child_entry, describe_exit
 from ..protocol import check_secret
 from ..registry import Handlers, Registry
@@ -328,7 +329,9 @@ class Main(Handlers):
         hello_timeout: how long an accepted connection may take to complete its
             handshake: its HELLO and, with ``secret=``, its proof (and, with
             ``ssl=``, the TLS handshake before them, bounded separately by the same time).
-        spin: low-latency mode for every peer and child (see :class:`Peer`).
+        spin: polling instead of sleeping, for every peer and child (see
+            :class:`Peer`): ``None`` (the default) adaptive, 0 off, a number of
+            seconds a fixed window (low-latency mode).
         close_timeout: how long :meth:`close` lets children exit before killing them.
         tracebacks: which peers get the handler's traceback in an ERROR:
             ``"children"`` (the default: spawned children, which main trusts;
@@ -367,7 +370,7 @@ class Main(Handlers):
         start_method: str = "spawn",
         spawn_timeout: float = 60.0,
         hello_timeout: float = 10.0,
-        spin: float = 0.0,
+        spin: float | None = None,
         close_timeout: float = 5.0,
         name: str = "main",
         tracebacks: str = "children",
@@ -389,7 +392,7 @@ class Main(Handlers):
             ("close_timeout", close_timeout),
         ):
             _seconds(arg, value)
-        _seconds("spin", spin, zero=True)
+        check_spin(spin)
         if not isinstance(max_frame_size, int) or isinstance(max_frame_size, bool):
             raise TypeError(f"max_frame_size must be an int, not {type(max_frame_size).__name__}")
         if max_frame_size < MIN_MAX_FRAME_SIZE:
@@ -1179,7 +1182,7 @@ def connect(
     connect_timeout: float = 10.0,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     registry: Registry | None = None,
-    spin: float = 0.0,
+    spin: float | None = None,
     tracebacks: bool = True,
     max_inflight: int = MAX_INFLIGHT,
     max_queued: int = MAX_QUEUED,
@@ -1196,6 +1199,8 @@ def connect(
     for a listener started with ``ssl=`` (the server's certificate is checked
     against the address's host). ``max_inflight``,
     ``max_queued`` and ``drain_timeout``: this side's limits, as for :class:`Main`.
+    ``spin``: polling instead of sleeping (``None``: adaptive; 0: off; seconds:
+    a fixed window), as for :class:`Peer`.
     ``nats://host:port/namespace`` connects through a NATS server to every
     main listening there, as one peer: each invoke goes to one of those that
     handle its channel (:mod:`tether.nats`; ``ssl=`` is then the NATS client's).

@@ -50,6 +50,7 @@ from ..errors import (
 )
 from ..handles import HANDLES_HIGH, HANDLES_LOW, Handle, held_size
 from ..identity import NO_CREDENTIALS, Credentials, peer_address, peer_credentials
+from ..polling import Solo, SpinPolicy
 from ..protocol import Connection, State
 from ..registry import Call, Handler, Handlers, Registry
 from ..results import (
@@ -109,7 +110,6 @@ FLUSH_SIZE: Final = 64 * 1024  # queued bytes that are written at once, not at t
 _BURST: Final = 10e-6  # invokes closer together than this are coalesced into one write
 _LEASE_POLL: Final = 0.002  # first wait between checks for dropped views of lent segments
 _LEASE_POLL_MAX: Final = 1.0  # the wait doubles up to this while nothing is released
-_SPIN_EXTEND: Final = 0.002  # how far answering inline may stretch one spin window
 FD_CLAIM_TIMEOUT: Final = 5.0  # seconds received descriptors may wait for their frame
 _REAP_GRACE: Final = 0.5  # how long close() waits for listeners it had to cancel
 _HELLO_WAIT: Final = 10.0  # a call with no timeout waits this long for the peer's HELLO
@@ -119,6 +119,7 @@ _THREAD_POLL: Final = 1.0  # how often send_threadsafe checks that the loop stil
 _OPEN: Final = State.OPEN
 _ANSWERS: Final = frozenset((K_RESULT, K_ERROR))
 _EXITS: Final = (SystemExit, KeyboardInterrupt)
+_SOLO: Final = Solo()  # polling only while one peer of the process is busy
 
 
 _warned_at = 0.0
@@ -163,10 +164,16 @@ class Peer(Handlers):
         role: the role granted to the *other* side (``child``, ``client``,
             ``main``...). Handlers restricted with ``roles=`` check it.
         timeout: the default invoke timeout in seconds (``None``: wait forever).
-        spin: low-latency mode: seconds to keep polling the socket, instead of
-            sleeping, while an answer or the next request is expected. It
-            blocks the event loop while it polls (at most ``spin`` seconds at a
-            time, so other peers get their turn); 0 (the default) turns it off.
+        spin: polling the socket instead of sleeping while an answer or the
+            next request is due (it saves the 20-30 us a sleeping process
+            takes to wake). ``None`` (the default): adaptive, learned from this
+            peer's recent answer times and request gaps, only while they
+            average under :data:`tether.polling.HIT_BOUND`, backing off when polling
+            does not pay, never on an idle connection or with fewer than 2
+            usable CPUs (:mod:`tether.polling`). 0 turns it off; a number of
+            seconds polls that long at every chance (low-latency mode). Polling
+            runs when the loop has nothing else ready, and blocks it for at most
+            one window at a time, so other peers get their turn.
         tracebacks: whether ERRORs this side sends carry the handler's
             traceback (file paths, source lines): only for peers trusted to see them.
         local: whether the other side is *local*: a spawned child, a unix
@@ -220,7 +227,7 @@ class Peer(Handlers):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         name: str = "",
         on_close: Callable[[Peer], None] | None = None,
-        spin: float = 0.0,
+        spin: float | None = None,
         tracebacks: bool = True,
         credentials: Credentials | None = None,
         address: str = "",
@@ -298,9 +305,13 @@ class Peer(Handlers):
         self._timer: asyncio.TimerHandle | None = None
         self._fd_timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        #: seconds to poll the socket before the loop sleeps (0: never; low-latency mode)
+        #: polling: None adaptive, 0 off, else a fixed window in seconds (tether.polling)
         self.spin = spin
+        self._answer_poll = SpinPolicy(spin)  # waiting for answers to our invokes
+        self._request_poll = SpinPolicy(spin)  # waiting for the next request after answering
+        self._spin_handle: asyncio.Handle | None = None  # a poll queued behind ready callbacks
         self._spinning = False
+        self._wrote = False  # something was written since the read began (an answer...)
         self._woke = False  # the last read resolved a future or started a task
         self._chan_cache: dict[str, bytes] = {}
         # channel -> (listener, decode, Call) of events dispatched inline (see _event_entry)
@@ -818,8 +829,9 @@ class Peer(Handlers):
     def _flush(self, poll: bool = True) -> None:
         """Write what the connection queued (the stream keeps what the socket won't take).
 
-        In spin mode, once all went out and an answer is awaited, poll for it
-        (unless ``poll`` is false).
+        Once all went out and an answer is awaited, poll for it if the
+        answers' :class:`~tether.polling.SpinPolicy` says so (unless ``poll``
+        is false).
         """
         self._flush_handle = None
         if not self._started or self._closed is not None:
@@ -835,8 +847,15 @@ class Peer(Handlers):
         except OSError as exc:
             self._lost(self._gone(exc))  # only the write failed: what was sent may still be read
             return
-        if done and poll and self.spin and self._conn.pending and not self._spinning:
-            self._spin()  # our caller awaits an answer: poll for it
+        self._wrote = True
+        if (
+            done
+            and poll
+            and self._conn.pending  # our caller awaits an answer
+            and self._spin_handle is None
+            and (window := self._answer_poll.window())
+        ):
+            self._spin_handle = self._loop.call_soon(self._spin, self._answer_poll, window)
 
     def _write_failed(self, exc: OSError) -> None:
         self._lost(self._gone(exc))
@@ -974,40 +993,50 @@ class Peer(Handlers):
     # -- reading ----------------------------------------------------------
 
     def _on_readable(self) -> None:
+        self._wrote = False
         if self._read_once():
             if self._conn.leases_held:
                 self._leases_active()  # handlers may have dropped what they were lent
-            if self.spin and not self._spinning:
-                self._spin()  # more is likely on its way: answer it without sleeping
+            if self._wrote and not self._woke:
+                self._spin_for_request()
 
-    def _spin(self) -> None:
-        """Low-latency mode: poll the socket for up to ``spin`` seconds.
+    def _spin_for_request(self) -> None:
+        """A read was answered inline: poll for the next request if the policy says so."""
+        if self._spin_handle is None and (window := self._request_poll.window()):
+            self._spin_handle = self._loop.call_soon(self._spin, self._request_poll, window)
 
-        Blocks the event loop while it polls, trading CPU for the 20-30 us a
-        sleeping process takes to wake; only used when asked for. Each request
-        answered inline extends the window, but never past ``spin`` plus
-        ``_SPIN_EXTEND`` in all: however busy this peer is, the loop (and every
-        other peer) gets a turn at least that often.
+    def _spin(self, policy: SpinPolicy, window: float) -> None:
+        """Poll the socket for up to ``window`` seconds instead of sleeping; tell ``policy``.
+
+        Queued with ``call_soon`` by :meth:`_flush` (an answer is awaited) or
+        :meth:`_on_readable` (requests were answered inline), so it runs once
+        the callbacks ready then have run, when the loop would otherwise go to
+        sleep. Blocks the loop while it polls, trading CPU for the 20-30 us a
+        sleeping process takes to wake; it returns at the first bytes, so
+        every other peer gets a turn at least once a window.
         """
+        self._spin_handle = None
+        if self._closed is not None or self._paused:
+            return
+        if policy is self._answer_poll and not self._conn.pending:
+            return  # answered meanwhile
+        start = time.perf_counter()
+        if not _SOLO.claim(self, start):
+            return  # other peers are busy too: polling for this one would hold them up
         self._spinning = True
+        self._wrote = False
         try:
-            now = time.perf_counter()
-            deadline = now + self.spin
-            limit = deadline + _SPIN_EXTEND
-            while self._closed is None and not self._paused:
-                if self._read_once():
-                    if self._woke:
-                        return  # a result or a task is ready: let the loop run it
-                    now = time.perf_counter()
-                    if now >= limit:
-                        return
-                    deadline = min(now + self.spin, limit)
-                elif time.perf_counter() >= deadline:
+            deadline = start + window
+            while not self._read_once():
+                if self._closed is not None or time.perf_counter() >= deadline:
+                    policy.spun(None)
                     return
-                else:
-                    os.sched_yield()  # the peer may share this CPU: let it run
+                os.sched_yield()  # the peer may share this CPU: let it run
+            policy.spun(time.perf_counter() - start)
         finally:
             self._spinning = False
+        if self._wrote and not self._woke and self._closed is None and not self._paused:
+            self._spin_for_request()  # answered inline: the next request may follow
 
     def _read_once(self) -> bool:
         """Read and handle what is available; True if bytes arrived."""
@@ -1038,6 +1067,7 @@ class Peer(Handlers):
         if self._awaiting_hello and self._conn.peer_hello is not None:
             self._awaiting_hello = False
             self._hello_fut.set_result(None)
+            self._woke = True  # whoever waits for the HELLO runs next: no poll before it
         if self._paused or self._backlog:
             self._held += len(data)
             self._hold(frames)

@@ -113,6 +113,23 @@ SCENARIOS: dict[str, Scenario] = {
             "websockets",
         ),
         Scenario("mem_tether_flood", "mem", "connmem:mem_tether_flood", "tether Main", tether=True),
+        Scenario(
+            "cpu_slow_handler",
+            "cpu",
+            "cpu_cases:cpu_slow_handler",
+            "tether caller of a 10 ms handler",
+            tether=True,
+        ),
+        Scenario(
+            "cpu_slow_handler_sync",
+            "cpu",
+            "cpu_cases:cpu_slow_handler_sync",
+            "tether blocking caller of a 10 ms handler",
+            tether=True,
+        ),
+        Scenario(
+            "cpu_idle", "cpu", "cpu_cases:cpu_idle", "tether, 10 idle connections", tether=True
+        ),
         Scenario("pool_ppe", "pool", "pools:pool_ppe", "ProcessPoolExecutor", "ppe"),
         Scenario("pool_loky", "pool", "pools:pool_loky", "loky reusable executor", "loky"),
         Scenario("pool_mp", "pool", "pools:pool_mp", "multiprocessing.Pool", "mp_pool"),
@@ -181,6 +198,9 @@ TARGETS: list[Target] = [
     Target("mem_tether_idle", "idle connection", "<=", 16.0),  # KiB
     Target("mem_tether_flood", "RSS growth", "<", 100.0),  # MiB
     Target("mem_tether_flood", "peak RSS growth", "<", 100.0),
+    Target("cpu_slow_handler", "caller CPU", "<", 5.0),  # % of one core
+    Target("cpu_slow_handler_sync", "caller CPU", "<", 5.0),
+    Target("cpu_idle", "idle CPU", "<", 1.0),  # % of one core, both processes
 ]
 
 

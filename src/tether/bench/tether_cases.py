@@ -149,7 +149,7 @@ def rt_tether_traced(params: Params) -> Result:
 def rt_tether_sync(params: Params, spin: float | None = None) -> Result:
     """A blocking client (:func:`tether.sync.connect`) invokes ``echo`` on a main process.
 
-    ``spin``: the client's polling window (default: the library's, 200 us).
+    ``spin``: the client's polling (default: the library's, adaptive: :mod:`tether.polling`).
     """
     kw: dict[str, Any] = {} if spin is None else {"spin": spin}
     with (
@@ -161,13 +161,15 @@ def rt_tether_sync(params: Params, spin: float | None = None) -> Result:
         meter = CpuMeter(server.proc.pid)
         samples = time_loop(lambda: peer.invoke("echo", PAYLOAD), **rt_budget(params), meter=meter)
         cpu = meter.stop(len(samples))
-    return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"spin_s": peer.spin}}
+    mode = "adaptive" if peer.spin is None else peer.spin
+    return {"metrics": [latency("round trip", samples, cpu=cpu)], "info": {"spin_s": mode}}
 
 
 def rt_tether_sync_nospin(params: Params) -> Result:
     """:func:`rt_tether_sync` with ``spin=0``: the client sleeps in ``select`` at once.
 
-    Beside the default row, it shows what the default's polling buys and costs (CPU column).
+    Beside the default row, it shows what the default (adaptive) polling buys and costs
+    (CPU column).
     """
     return rt_tether_sync(params, spin=0.0)
 

@@ -15,7 +15,7 @@ from ..results import DEFAULT_TIMEOUT
 from ..tls import tls_connect, tls_refusal
 from ..wire import DEFAULT_MAX_FRAME_SIZE
 from .executor import Pool
-from .peer import MAX_INFLIGHT, SPIN_SECONDS, Call, Peer, loop_serves
+from .peer import MAX_INFLIGHT, Call, Peer, loop_serves
 from .route import Route
 
 __all__ = ["Call", "Peer", "Pool", "Route", "connect"]
@@ -27,7 +27,7 @@ def connect(
     timeout: float | None = DEFAULT_TIMEOUT,
     connect_timeout: float = 10.0,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-    spin: float = SPIN_SECONDS,
+    spin: float | None = None,
     max_inflight: int = MAX_INFLIGHT,
     secret: bytes | None = None,
     ssl: _ssl.SSLContext | None = None,
@@ -40,7 +40,9 @@ def connect(
     with ``secret=`` (proven both ways in the handshake, never sent). ``ssl``:
     a client ``ssl.SSLContext`` for a listener started with ``ssl=``.
     ``max_inflight``: how many of main's invokes may wait for this side's
-    handlers at once (more are answered ``busy``).
+    handlers at once (more are answered ``busy``). ``spin``: how a waiting
+    thread polls the socket before it sleeps (``None``: adaptive; 0: never;
+    seconds: a fixed window), as for :class:`Peer`.
 
     Raises:
         ConnectError: nothing listens at ``address`` (a :class:`PeerGone`).

@@ -2,7 +2,8 @@
 
 Reading. One thread at a time reads the socket: the *reader*. Until the peer
 has handlers, a thread waiting for its result reads itself (leader/follower:
-it spins briefly before it sleeps, which saves a wake-up per round trip) and
+it polls the socket briefly before it sleeps while that pays, which saves a
+wake-up per round trip: :mod:`tether.polling`) and
 hands other threads their results. Once handlers are registered (or the other
 side invokes or sends), a dispatcher thread reads instead, and handlers run in
 order on one worker thread, so a handler may itself invoke or send. A handler
@@ -85,6 +86,7 @@ from ..errors import (
 )
 from ..handles import MAX_LIVE_HANDLES, held_size
 from ..identity import Credentials, peer_address, peer_credentials
+from ..polling import SpinPolicy
 from ..protocol import Connection
 from ..registry import Call, Handler, Handlers, Registry
 from ..results import (
@@ -125,7 +127,6 @@ __all__ = ["Call", "Peer"]
 
 log = logging.getLogger("tether")
 
-SPIN_SECONDS: Final = 0.0002
 #: jobs (and their bytes) queued for the worker at which the reader pauses
 HIGH_JOBS: Final = 64
 HIGH_BYTES: Final = 16 * 1024 * 1024
@@ -181,8 +182,14 @@ class Peer(Handlers):
     """A blocking peer, safe to share between threads.
 
     Args:
-        spin: seconds a waiting thread polls the socket before it sleeps
-            (200 us by default: a sleeping thread takes 20-30 us to wake).
+        spin: how a thread waiting for bytes polls the socket before it
+            sleeps (a sleeping thread takes 20-30 us to wake). ``None`` (the
+            default): adaptive, as for :class:`tether.Peer` -- learned from
+            recent answer times (a caller waiting) and request gaps (the
+            reader serving handlers), only while they average under
+            :data:`tether.polling.HIT_BOUND`, backing off when polling does
+            not pay, never with fewer than 2 usable CPUs. 0: never; a number
+            of seconds: poll that long each time.
         lazy: don't start serving handlers when they are registered; start at
             the first blocking call instead (used for a child's sync target, so
             every handler is in place before anything is read).
@@ -227,7 +234,7 @@ class Peer(Handlers):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         name: str = "",
         lazy: bool = False,
-        spin: float = SPIN_SECONDS,
+        spin: float | None = None,
         tracebacks: bool = True,
         credentials: Credentials | None = None,
         address: str = "",
@@ -264,6 +271,8 @@ class Peer(Handlers):
         self.tracebacks = tracebacks
         self._lazy = lazy
         self.spin = spin
+        self._answer_poll = SpinPolicy(spin)  # a caller waits for its answer
+        self._request_poll = SpinPolicy(spin)  # the reader waits for the next request
         self._wlock = threading.Lock()  # 1: writing the socket
         self._lock = threading.Lock()  # 2: the Connection
         self._mu = threading.Lock()  # 3: reader role, results, jobs, closed
@@ -684,10 +693,12 @@ class Peer(Handlers):
                     raise InvokeTimeout("timed out")
                 cv.wait(left)
         try:
+            after_read = False
             while not slot.done:
                 if self._backlog:
                     self._make_room(wait=True, deadline=deadline)
-                data = self._recv_wait(deadline)
+                data = self._recv_wait(deadline, after_read)
+                after_read = True
                 self._handle(data)
                 if self._leased:
                     # After _handle let go of the frames; the worker checks
@@ -737,18 +748,36 @@ class Peer(Handlers):
             self._bad_message(err)
             raise err
 
-    def _recv_wait(self, deadline: float | None) -> bytes:
+    def _recv_wait(self, deadline: float | None, after_read: bool = False) -> bytes:
+        """The next bytes: polled for while a policy says they are due soon, else slept for.
+
+        A chance to poll: an answer is awaited (the answers' policy), or this
+        thread just handled a read (the requests' policy: more may follow).
+        """
         sock = self._sock
-        spin_until = time.perf_counter() + self.spin
+        if self._conn.pending:
+            policy: SpinPolicy | None = self._answer_poll
+        else:
+            policy = self._request_poll if after_read else None
+        if policy is not None and (window := policy.window()):
+            start = time.perf_counter()
+            while True:
+                if self._closed is not None:
+                    raise self._closed
+                data = self._recv()
+                if data is not None:
+                    policy.spun(time.perf_counter() - start)
+                    return data
+                if time.perf_counter() - start >= window:
+                    policy.spun(None)
+                    break
+                os.sched_yield()  # the peer may share this CPU: let it run
         while True:
             if self._closed is not None:
                 raise self._closed
             data = self._recv()
             if data is not None:
                 return data
-            if time.perf_counter() < spin_until:
-                os.sched_yield()  # the peer may share this CPU: let it run
-                continue
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise InvokeTimeout("timed out")

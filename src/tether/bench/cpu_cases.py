@@ -1,0 +1,181 @@
+"""What polling costs when it should not poll: a caller of a slow handler, idle connections.
+
+tether polls a socket instead of sleeping while answers or requests come fast
+(adaptive polling, :mod:`tether.polling`, on by default); the CPU column of
+the round-trip rows shows what that costs while it pays. These rows show that
+it stops when it does not, at default settings. Both run a :class:`tether.Main`
+in a server process on a unix socket; this process is the asyncio client.
+
+* ``cpu_slow_handler``: the client invokes a handler that takes 10 ms
+  (``asyncio.sleep``), one call after the other. Reported: the client's own
+  CPU time (``getrusage``) as % of one core, per batch of 10 calls.
+  ``cpu_slow_handler_sync``: the same with the blocking client
+  (:func:`tether.sync.connect`), whose polling is adaptive too.
+* ``cpu_idle``: 10 connections each make 100 quick round trips (so polling was
+  on), then stay idle. Reported: the CPU time of both processes (each read
+  with ``getrusage`` in its own process) as % of one core, per 0.5 s span.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+from typing import Any, Final
+
+import tether
+
+from ..aio.loop import run
+from .common import (
+    PAYLOAD,
+    Metric,
+    Params,
+    Result,
+    child_init,
+    join_or_kill,
+    scratch_dir,
+    spawn_ctx,
+)
+from .tether_cases import WAIT, bounded, loop_name
+
+__all__ = ["CONNECTIONS", "HANDLER_S", "cpu_idle", "cpu_slow_handler", "cpu_slow_handler_sync"]
+
+#: how long the slow handler takes per call, in seconds
+HANDLER_S: Final = 0.01
+#: idle connections held by ``cpu_idle``
+CONNECTIONS: Final = 10
+_BATCH: Final = 10  # slow calls per sample
+_SPAN: Final = 0.5  # seconds per idle sample
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def _slow(call: tether.Call) -> None:
+    await asyncio.sleep(HANDLER_S)
+
+
+async def _serve(path: str, ready: Any) -> None:
+    main = tether.Main()
+    main.handle("echo", lambda call, d: d)
+    main.handle("slow", _slow)
+    main.handle("cpu", lambda call: _cpu_s())
+    async with main:
+        await main.listen(f"unix://{path}")
+        ready.set()
+        await asyncio.get_running_loop().create_future()  # until the parent ends us
+
+
+def _server_process(path: str, ready: Any, parent_pid: int) -> None:
+    child_init(parent_pid)
+    run(_serve(path, ready))
+
+
+class _Server:
+    """A process running a :class:`tether.Main` with ``echo``, ``slow`` and ``cpu``."""
+
+    def __init__(self, tmp: str) -> None:
+        ctx = spawn_ctx()
+        self.address = f"unix://{tmp}/cpu.sock"
+        ready = ctx.Event()
+        self.proc = ctx.Process(
+            target=_server_process, args=(f"{tmp}/cpu.sock", ready, os.getpid()), daemon=True
+        )
+        self.proc.start()
+        if not ready.wait(WAIT):
+            self.stop()
+            raise TimeoutError(f"the tether server did not start within {WAIT} s")
+
+    def stop(self) -> None:
+        if self.proc.exitcode is None:
+            self.proc.terminate()
+        join_or_kill(self.proc)
+
+
+def _percent(name: str, samples: list[float]) -> Metric:
+    return {"metric": name, "unit": "%", "better": "lower", "samples": samples}
+
+
+def _serve_and(params: Params, measure: Any) -> Any:
+    with scratch_dir() as tmp:
+        server = _Server(tmp)
+        try:
+            return bounded(measure(server.address), params)
+        finally:
+            server.stop()
+
+
+def cpu_slow_handler(params: Params) -> Result:
+    """The client's CPU while it waits on a 10 ms handler, call after call (default settings)."""
+    batches = 10 if params.get("quick") else 30
+
+    async def measure(address: str) -> tuple[list[float], dict[str, Any]]:
+        async with tether.connect(address, timeout=WAIT) as peer:
+            for _ in range(3):
+                assert await peer.invoke("echo", PAYLOAD) == PAYLOAD
+            samples = []
+            for _ in range(batches):
+                t0, c0 = time.perf_counter(), _cpu_s()
+                for _ in range(_BATCH):
+                    await peer.invoke("slow")
+                samples.append(100.0 * (_cpu_s() - c0) / (time.perf_counter() - t0))
+            poll = peer._answer_poll
+            info = {"loop": loop_name(), "polls": poll.spins, "calls": batches * _BATCH}
+            return samples, info
+
+    samples, info = _serve_and(params, measure)
+    return {"metrics": [_percent("caller CPU", samples)], "info": info}
+
+
+def cpu_slow_handler_sync(params: Params) -> Result:
+    """:func:`cpu_slow_handler` with the blocking client."""
+    batches = 10 if params.get("quick") else 30
+    with scratch_dir() as tmp:
+        server = _Server(tmp)
+        try:
+            with tether.sync.connect(server.address, timeout=WAIT) as peer:
+                for _ in range(3):
+                    assert peer.invoke("echo", PAYLOAD) == PAYLOAD
+                samples = []
+                for _ in range(batches):
+                    t0, c0 = time.perf_counter(), _cpu_s()
+                    for _ in range(_BATCH):
+                        peer.invoke("slow")
+                    samples.append(100.0 * (_cpu_s() - c0) / (time.perf_counter() - t0))
+                polls = peer._answer_poll.spins
+        finally:
+            server.stop()
+    info = {"polls": polls, "calls": batches * _BATCH}
+    return {"metrics": [_percent("caller CPU", samples)], "info": info}
+
+
+def cpu_idle(params: Params) -> Result:
+    """Both processes' CPU while 10 connections that were just busy stay idle."""
+    spans = 4 if params.get("quick") else 8
+
+    async def measure(address: str) -> tuple[list[float], dict[str, Any]]:
+        peers = [await tether.connect(address, timeout=WAIT) for _ in range(CONNECTIONS)]
+        try:
+            for p in peers:
+                for _ in range(100):
+                    await p.invoke("echo", PAYLOAD)
+            await asyncio.sleep(0.05)  # the last polls end
+            control = peers[0]
+            samples = []
+            for _ in range(spans):
+                t0, c0, s0 = time.perf_counter(), _cpu_s(), await control.invoke("cpu")
+                await asyncio.sleep(_SPAN)
+                s1 = await control.invoke("cpu")
+                cpu = _cpu_s() - c0 + s1 - s0
+                samples.append(100.0 * cpu / (time.perf_counter() - t0))
+            polls = sum(p._answer_poll.spins + p._request_poll.spins for p in peers)
+            return samples, {"loop": loop_name(), "connections": CONNECTIONS, "polls": polls}
+        finally:
+            for p in peers:
+                await p.close()
+
+    samples, info = _serve_and(params, measure)
+    return {"metrics": [_percent("idle CPU", samples)], "info": info}
