@@ -404,10 +404,11 @@ def test_cpu_rows_show_what_polling_costs_when_it_does_not_pay() -> None:
         assert slow["info"]["polls"] <= 9, (name, slow["info"])
     idle = run_once(Run(SCENARIOS["cpu_idle"], "", {"quick": True}), timeout=75.0)
     assert "error" not in idle and "unavailable" not in idle, idle
-    (m,) = idle["metrics"]
-    assert (m["metric"], m["unit"]) == ("idle CPU", "%")
-    assert len(m["samples"]) == 4 and idle["info"]["connections"] == 10
+    names = [(m["metric"], m["unit"]) for m in idle["metrics"]]
+    assert names == [("idle CPU", "%"), ("no connection", "%"), ("idle CPU over floor", "%")]
+    assert all(len(m["samples"]) == 4 for m in idle["metrics"])
+    assert idle["info"]["connections"] == 10
     targets = {(t.scenario, t.metric): t.text() for t in TARGETS}
     assert targets[("cpu_slow_handler", "caller CPU")] == "<5"
     assert targets[("cpu_slow_handler_sync", "caller CPU")] == "<5"
-    assert targets[("cpu_idle", "idle CPU")] == "<1"
+    assert targets[("cpu_idle", "idle CPU over floor")] == "<1"
