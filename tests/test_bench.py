@@ -244,6 +244,10 @@ def test_compare_matches_size_direction_and_metric() -> None:
     compare(rows)
     c2m, c2m_cold = rows[4].metrics
     assert c2m.ratios == {"shm_reuse": 0.5, "memcpy": 0.2}  # same size and direction only
+    # each direction has its own targets: main copies out what a child lends
+    assert [(t["target"], t["pass"]) for t in c2m.targets] == [(">=0.3x memcpy", False)]
+    m2c = rows[5].metrics[0]
+    assert [t["target"] for t in m2c.targets] == [">=0.6x memcpy", ">=8x pipe"]
     assert c2m_cold.ratios["shm_reuse"] == 0.5  # cold against cold, not against warm
     assert rows[5].metrics[0].ratios == {"shm_reuse": 0.75, "memcpy": 0.6}
     assert "vs shm reuse" in table(rows)
