@@ -36,6 +36,7 @@ import os
 import select
 import socket
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar, overload
 
@@ -138,6 +139,16 @@ def _may_warn() -> bool:
         _warned_at, _warned = now, 0
     _warned += 1
     return _warned <= WARNINGS_PER_SECOND
+
+
+def _drop_locals(exc: BaseException) -> None:
+    """Clear the locals of ``exc``'s finished frames: it is about to end a task that keeps it.
+
+    A handler's frames would otherwise hold its arguments (received
+    attachments) for as long as the task object lives, often in a cycle
+    that only a garbage collection breaks.
+    """
+    traceback.clear_frames(exc.__traceback__)
 
 
 class Peer(Handlers):
@@ -1299,20 +1310,27 @@ class Peer(Handlers):
                 # The caller's CANCEL or timeout, or the connection ended: no
                 # one awaits an answer any more.
                 if isinstance(exc, (asyncio.CancelledError, *_EXITS)):
+                    _drop_locals(exc)
                     raise
                 return
             task = asyncio.current_task()
             if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
                 # Cancelled from outside, e.g. by the loop ending with the process:
                 # the caller learns it from the connection (PeerGone, exit code).
+                _drop_locals(exc)
                 raise
             if self._fail(call, exc):
+                _drop_locals(exc)
                 raise
         else:
             if self._serving.pop(rid, None) is None:
                 return  # cancelled by the caller meanwhile
             self._answer(rid, result)
         finally:
+            # The task keeps the exception it ends with, whose traceback keeps
+            # this frame: its arguments (received attachments: descriptors,
+            # mappings) would wait for a garbage collection. Drop them now.
+            args = call = None  # type: ignore[assignment]
             self._tasks.discard(asyncio.current_task())
             if self._paused:
                 self._maybe_resume()
@@ -1358,15 +1376,18 @@ class Peer(Handlers):
             await h.fn(call, *args)
         except Exception:
             log.exception("listener for %r raised", call.channel, extra=self._who())
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                raise  # the peer closed (or the loop is ending)
+                _drop_locals(exc)  # the peer closed (or the loop is ending)
+                raise
             log.error("listener for %r raised CancelledError", call.channel, extra=self._who())
         except BaseException as exc:
             if self._listener_raised(call, exc):
+                _drop_locals(exc)
                 raise
         finally:
+            args = call = None  # type: ignore[assignment]  # (see _run_async)
             self._tasks.discard(asyncio.current_task())
             if self._paused:
                 self._maybe_resume()
