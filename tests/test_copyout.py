@@ -144,10 +144,10 @@ def test_a_child_rewriting_its_segment_after_sending_changes_nothing_main_sees()
     assert int(got2.min()) == 9 == int(got2.max())
 
 
-def _lent_event(length: int) -> bytes:
-    """An EVENT whose one argument is a LEASE descriptor (lease 1) of ``length`` bytes."""
+def _lent_event(length: int, lease: int = 1) -> bytes:
+    """An EVENT whose one argument is a LEASE descriptor (``lease``) of ``length`` bytes."""
     body = codec.encoder.encode([msgspec.msgpack.Ext(codec.EXT_BYTES, bytes(4))])
-    table = ATT.pack(WHERE_FD, FLAG_LEASE, 0, 1, length)
+    table = ATT.pack(WHERE_FD, FLAG_LEASE, 0, lease, length)
     size = HEADER.size - 4 + 1 + len(table) + len(body)
     return HEADER.pack(size, Kind.EVENT, 0, 1, 0, 0, 1, 0) + b"e" + table + body
 
@@ -178,6 +178,35 @@ def test_main_refuses_a_lent_segment_it_cannot_copy_safely(make: Any, match: str
         main.receive_data(_lent_event(64 * KIB))
     assert _closed(fd)
     assert store(main).closed
+
+
+def test_lease_id_0_is_a_protocol_error() -> None:
+    _, main = family()
+    fd = _memfd(64 * KIB, fcntl.F_SEAL_SHRINK)
+    main.receive_fds([fd])
+    with pytest.raises(tether.ProtocolError, match="lease id 0"):
+        main.receive_data(_lent_event(64 * KIB, lease=0))
+    assert _closed(fd)
+
+
+def test_a_lent_segment_that_grew_is_mapped_afresh() -> None:
+    # Sealed only against shrinking, a lender may grow its segment between two
+    # leases: main's cached mapping of the smaller one must not cut the data short.
+    _, main = family()
+    fd = _memfd(64 * KIB, fcntl.F_SEAL_SHRINK)
+    os.pwrite(fd, b"a" * (64 * KIB), 0)
+    main.receive_fds([os.dup(fd)])
+    (frame,) = main.receive_data(_lent_event(64 * KIB, lease=1))
+    assert bytes(decode(frame)[0]) == b"a" * (64 * KIB)
+    os.ftruncate(fd, 4 * MIB)
+    os.pwrite(fd, b"b" * (4 * MIB), 0)
+    main.receive_fds([os.dup(fd)])
+    (frame,) = main.receive_data(_lent_event(4 * MIB, lease=2))
+    got = decode(frame)[0]
+    assert len(got) == 4 * MIB and bytes(got) == b"b" * (4 * MIB)
+    assert store(main).copied.mapped == 1 and store(main).copied.mapped_bytes == 4 * MIB
+    assert main.data_to_send()[0]  # both RELEASEs
+    os.close(fd)
 
 
 def _memfd(size: int, seals: int) -> int:

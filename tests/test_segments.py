@@ -10,6 +10,7 @@ error.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import os
 from typing import Any
@@ -22,7 +23,7 @@ from tether import codec
 from tether.attachments import MAX_LEASES, MemfdStore
 from tether.errors import ProtocolError
 from tether.protocol import Connection
-from tether.segments import SegmentPool, _size_class
+from tether.segments import Borrowed, SegmentPool, _size_class
 from tether.wire import Kind
 
 pytestmark = pytest.mark.timeout(60)
@@ -365,3 +366,22 @@ def test_a_segment_dropped_without_close_closes_its_descriptor() -> None:
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_a_borrowed_segment_that_grew_is_mapped_afresh() -> None:
+    fd = os.memfd_create("grown", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 64 << 10)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    borrowed = Borrowed()
+    view = borrowed.map_lease(os.dup(fd), 64 << 10, 1)
+    assert len(view) == 64 << 10
+    del view
+    gc.collect()
+    assert borrowed.released() == [1]
+    os.ftruncate(fd, 4 << 20)
+    os.pwrite(fd, b"b" * (4 << 20), 0)
+    view = borrowed.map_lease(os.dup(fd), 4 << 20, 2)
+    assert len(view) == 4 << 20 and bytes(view) == b"b" * (4 << 20)
+    del view
+    borrowed.clear()
+    os.close(fd)

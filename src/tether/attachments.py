@@ -135,9 +135,9 @@ class MemfdStore:
 
         Raises:
             ProtocolError: no descriptor arrived, it is not sealed, is smaller
-                than announced, is lent/moved while this side neither borrows
-                nor copies (or moved to a side that only copies), or is flagged
-                HANDLE together with LEASE or MOVED.
+                than announced, is lent with lease id 0, is lent/moved while
+                this side neither borrows nor copies (or moved to a side that
+                only copies), or is flagged HANDLE together with LEASE or MOVED.
         """
         if not self._fds_in:
             raise ProtocolError("frame refers to a file descriptor that did not arrive")
@@ -155,6 +155,9 @@ class MemfdStore:
             return received(fd, self._handles)
         if not flags & (FLAG_LEASE | FLAG_MOVED):
             return shm.map_sealed(fd, nbytes)
+        if flags & FLAG_LEASE and not aux:
+            os.close(fd)
+            raise ProtocolError("a lent segment with lease id 0")
         if self.copy and flags & (FLAG_LEASE | FLAG_MOVED) == FLAG_LEASE:
             return self.copied.take(fd, nbytes, aux)
         if not self.borrow:

@@ -224,6 +224,12 @@ class CopiedLeases:
                 raise ProtocolError(f"lent segment of {st.st_size} bytes, {nbytes} announced")
             key = (st.st_dev, st.st_ino)
             src = self._maps.pop(key, None)
+            if src is not None and len(src) != st.st_size:
+                # The segment grew since it was mapped (it may, sealed only against
+                # shrinking): the old mapping would cut the data short. Map it afresh.
+                self._bytes -= len(src)
+                _unmap(src)
+                src = None
             if src is None:
                 src = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
                 self._bytes += st.st_size

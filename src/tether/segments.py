@@ -207,6 +207,11 @@ class Borrowed:
             m = self._maps.pop(key, None)
             if m is not None and any(x is m for x in self._out.values()):
                 raise ProtocolError("segment lent again before it was released")
+            if m is not None and len(m) != st.st_size:  # it grew: map it afresh (see copyout)
+                self._bytes -= len(m)
+                with contextlib.suppress(BufferError):
+                    m.close()
+                m = None
             if m is None:
                 m = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
                 self._bytes += st.st_size
