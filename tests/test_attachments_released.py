@@ -22,7 +22,9 @@ import pytest
 
 import tether
 from tether.attachments import MemfdStore
+from tether.handles import HANDLES_HIGH
 from tether.protocol import Connection
+from tether.shm import MAPS_WITHOUT_FD
 from tether.wire import HEADER
 
 pytestmark = pytest.mark.timeout(60)
@@ -133,3 +135,32 @@ async def test_a_handlers_attachments_are_released_however_it_ends(
         assert await _settle(base) <= 0, f"{ending}: main holds its descriptors"
         if ending != "hangup":
             client.sock.close()
+
+
+@pytest.mark.skipif(MAPS_WITHOUT_FD, reason="a mapping keeps no descriptor from Python 3.13 on")
+async def test_kept_attachments_pause_their_peer_like_handles(sock_path: str) -> None:
+    # Before 3.13 each received sealed attachment the application keeps costs
+    # a descriptor: past HANDLES_HIGH of them reading the peer pauses (it is
+    # not dropped), and resumes once the application lets them go.
+    kept: list[memoryview] = []
+    async with tether.Main(timeout=30.0) as main:
+
+        @main.handle("keep")
+        def keep(call: tether.Call, *parts: memoryview) -> int:
+            kept.extend(parts)
+            return len(kept)
+
+        await main.listen(f"unix://{sock_path}")
+        client = await asyncio.to_thread(_Client, sock_path)
+        per = HANDLES_HIGH // PARTS + 1  # invokes that take main past the mark
+        for _ in range(per + 3):
+            client.invoke("keep")
+        await asyncio.to_thread(client.answers, per)
+        (peer,) = main.peers
+        assert peer._paused
+        assert len(kept) == per * PARTS
+        kept.clear()
+        await asyncio.to_thread(client.answers, per + 3)
+        assert len(kept) == 3 * PARTS
+        kept.clear()
+        client.sock.close()

@@ -19,6 +19,7 @@ inherited from the parent is closed (its memfds and mappings), never written.
 from __future__ import annotations
 
 import collections
+import mmap
 import os
 import weakref
 from collections.abc import Callable, Iterable
@@ -96,6 +97,8 @@ class MemfdStore:
         )
         self._fds_in: collections.deque[int] = collections.deque()
         self._handles: weakref.WeakSet[Handle] = weakref.WeakSet()  # received, not yet taken
+        # received sealed or moved segments mapped, each keeping a descriptor (Python < 3.13)
+        self._mapped: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
         self._pool = SegmentPool(max_idle, max_segments)
         self._leases: dict[int, Segment] = {}  # lent out, awaiting RELEASE
         self._next_lease = 0
@@ -119,8 +122,19 @@ class MemfdStore:
 
     @property
     def handles_held(self) -> int:
-        """Descriptors received as Handles that are alive and not yet taken."""
-        return len(self._handles)
+        """Received descriptors alive here: Handles not yet taken, and mapped segments.
+
+        Before Python 3.13 a mapping keeps a duplicate of its descriptor
+        (:data:`tether.shm.MAPS_WITHOUT_FD`), so each received sealed or moved
+        segment the application still holds costs one: the I/O layers stop
+        reading a peer that made this side hold too many (``HANDLES_HIGH``),
+        as for Handles.
+        """
+        return len(self._handles) + len(self._mapped)
+
+    def holds_descriptor(self, att: Any) -> bool:
+        """Whether attachment ``att`` (as claimed) counts in :attr:`handles_held`."""
+        return isinstance(att, Handle) or (type(att) is memoryview and att.obj in self._mapped)
 
     @property
     def unclaimed(self) -> int:
@@ -154,7 +168,7 @@ class MemfdStore:
                 )
             return received(fd, self._handles)
         if not flags & (FLAG_LEASE | FLAG_MOVED):
-            return shm.map_sealed(fd, nbytes)
+            return self._count(shm.map_sealed(fd, nbytes))
         if flags & FLAG_LEASE and not aux:
             os.close(fd)
             raise ProtocolError("a lent segment with lease id 0")
@@ -164,8 +178,13 @@ class MemfdStore:
             os.close(fd)
             raise ProtocolError("a lent or moved segment from a peer this side does not trust")
         if flags & FLAG_MOVED:
-            return shm.map_moved(fd, nbytes)
+            return self._count(shm.map_moved(fd, nbytes))
         return self.borrowed.map_lease(fd, nbytes, aux)
+
+    def _count(self, view: memoryview) -> memoryview:
+        if not shm.MAPS_WITHOUT_FD and isinstance(view.obj, mmap.mmap):
+            self._mapped.add(view.obj)
+        return view
 
     def released(self) -> list[int]:
         """Leases the peer lent whose views are all gone, or copied out (send RELEASE for each)."""

@@ -41,6 +41,7 @@ from typing import Final
 
 from .errors import ProtocolError
 from .segments import _numpy, _size_class
+from .shm import map_readonly
 
 __all__ = ["DESTINATIONS", "CopiedLeases", "Destinations"]
 
@@ -231,7 +232,7 @@ class CopiedLeases:
                 _unmap(src)
                 src = None
             if src is None:
-                src = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+                src = map_readonly(fd, st.st_size)
                 self._bytes += st.st_size
                 populate(src, nbytes, _MADV_POPULATE_READ)
             self._maps[key] = src  # (now the most recently used)

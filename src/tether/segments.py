@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from .errors import ProtocolError
+from .shm import map_readonly
 
 __all__ = ["Borrowed", "Segment", "SegmentPool"]
 
@@ -213,7 +214,7 @@ class Borrowed:
                     m.close()
                 m = None
             if m is None:
-                m = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+                m = map_readonly(fd, st.st_size)
                 self._bytes += st.st_size
             self._maps[key] = m
         except (OSError, ValueError) as exc:

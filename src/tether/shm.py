@@ -108,6 +108,22 @@ def segment_from(data: Any) -> tuple[int, int]:
     return fd, n
 
 
+#: whether a read-only mapping of a received segment costs no descriptor of its own:
+#: before Python 3.13, ``mmap.mmap`` keeps a duplicate of the descriptor while it lives
+MAPS_WITHOUT_FD: Final = sys.version_info >= (3, 13)
+
+
+def map_readonly(fd: int, length: int) -> mmap.mmap:
+    """A shared read-only mapping of ``length`` bytes of ``fd`` (which stays the caller's).
+
+    From Python 3.13 on the mapping keeps no duplicate of ``fd`` (``trackfd=False``):
+    a received segment the application holds costs no descriptor, only the mapping.
+    """
+    if sys.version_info >= (3, 13):
+        return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ, trackfd=False)
+    return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ)
+
+
 def map_moved(fd: int, nbytes: int) -> memoryview:
     """Map a Buffer moved by a trusted sender (sealed against future writes)."""
     return map_sealed(fd, nbytes, MOVE_SEALS)
@@ -129,7 +145,7 @@ def map_sealed(fd: int, nbytes: int, required: int = _SEALS) -> memoryview:
             raise ProtocolError(f"shared-memory attachment has {size} bytes, {nbytes} announced")
         if nbytes == 0:
             return memoryview(b"")
-        m = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+        m = map_readonly(fd, nbytes)
     except OSError as exc:
         raise ProtocolError(f"cannot map shared-memory attachment: {exc}") from exc
     finally:

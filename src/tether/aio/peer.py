@@ -49,7 +49,7 @@ from ..errors import (
     ProtocolError,
     TetherError,
 )
-from ..handles import HANDLES_HIGH, HANDLES_LOW, Handle, held_size
+from ..handles import HANDLES_HIGH, HANDLES_LOW, held_size
 from ..identity import NO_CREDENTIALS, Credentials, peer_address, peer_credentials
 from ..polling import Solo, SpinPolicy
 from ..protocol import Connection, State
@@ -139,6 +139,14 @@ def _may_warn() -> bool:
         _warned_at, _warned = now, 0
     _warned += 1
     return _warned <= WARNINGS_PER_SECOND
+
+
+def _descriptors(conn: Connection, atts: Iterable[Any]) -> int:
+    """How many of a frame's attachments count as received descriptors held (Handles, maps)."""
+    store = conn.store
+    if not isinstance(store, MemfdStore):
+        return 0
+    return sum(store.holds_descriptor(a) for a in atts)
 
 
 def _drop_locals(exc: BaseException) -> None:
@@ -899,6 +907,10 @@ class Peer(Handlers):
         self._set_reading()
         if self._stream.buffered > LOW_WATER:
             self._watch_drain()
+        if self._handle_timer is None and self._handles_out() > HANDLES_HIGH:
+            # held descriptors go in many ways (dropped, taken, collected), often
+            # with no task ending to look again: poll (see _maybe_resume)
+            self._handle_timer = self._loop.call_later(0.02, self._recheck_handles)
         if self._hup_timer is None:
             self._hup_timer = self._loop.call_later(HANGUP_CHECK, self._check_hangup)
 
@@ -969,7 +981,7 @@ class Peer(Handlers):
         while backlog and not self._paused and self._closed is None:
             f = backlog.popleft()
             if f.attachments:
-                self._backlog_handles -= sum(isinstance(a, Handle) for a in f.attachments)
+                self._backlog_handles -= _descriptors(self._conn, f.attachments)
             self._dispatch(iter((f,)))
             if f.attachments and not self._paused and self._handles_out() > HANDLES_HIGH:
                 self._pause()
@@ -998,8 +1010,8 @@ class Peer(Handlers):
                 backlog.append(f)
                 for a in f.attachments:  # mapped segments count as held too
                     self._held += held_size(a)
-                    if isinstance(a, Handle):
-                        self._backlog_handles += 1
+                if f.attachments:
+                    self._backlog_handles += _descriptors(self._conn, f.attachments)
 
     # -- reading ----------------------------------------------------------
 
