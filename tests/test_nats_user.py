@@ -1,0 +1,139 @@
+"""tether over NATS as a new user meets it: the blocking client's API, timeouts,
+``tether call --list``, ``Main.broadcast``, what cannot cross (a real nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import tether
+import tether.sync
+from _nats_server import NatsServer, running
+from tether import Main
+
+pytestmark = pytest.mark.timeout(180)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+#: public names of a blocking unix peer the blocking NATS client has not, and why
+NOT_OVER_NATS = {
+    "on_connect": "direct channels pass a socket as a descriptor; none cross NATS",
+    "max_queued": "a statistic of the blocking peer's worker queue; the NATS client has none",
+}
+
+
+@pytest.fixture(scope="module")
+def nats() -> Iterator[NatsServer]:
+    with running() as server:
+        yield server
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.join(ROOT, "src"), HERE, env.get("PYTHONPATH", "")]
+    )
+    return env
+
+
+async def _cli(*argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tether",
+        "call",
+        *argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _public(obj: object) -> set[str]:
+    return {a for a in dir(obj) if not a.startswith("_")}
+
+
+async def test_the_blocking_client_has_the_blocking_peers_api(nats: NatsServer) -> None:
+    url = f"{nats.url}/api"
+    async with Main() as main:
+
+        @main.handle("slow", roles="nats")
+        async def slow(call: tether.Call, seconds: float) -> str:
+            await asyncio.sleep(seconds)
+            return "done"
+
+        @main.handle("count", roles="nats")
+        async def count(call: tether.Call, n: int) -> AsyncIterator[int]:
+            for i in range(n):
+                yield i
+
+        @main.handle("ask", roles="nats")
+        async def ask(call: tether.Call) -> str:
+            return await call.peer.invoke("whoami")
+
+        addr = f"unix://{tempfile.mkdtemp()}/a.sock"
+        await main.listen(addr)
+        await main.listen(url)
+
+        def blocking() -> None:
+            with tether.sync.connect(addr) as u, tether.sync.connect(url, timeout=5, spin=0) as n:
+                missing = _public(u) - _public(n)
+                assert missing == set(NOT_OVER_NATS), sorted(missing)
+                assert n.role == "main" and n.local is True
+                assert n.name == n.address == url
+                assert n.remote_hello is not None and n.remote_hello.features == ["stream"]
+                assert n.timeout == 5 and n.spin == 0 and n.pid is None
+                n.timeout = 7
+                assert n.timeout == 7 == n.aio.timeout
+                assert list(n.stream("count", 4, window=2)) == [0, 1, 2, 3]
+                with n.stream("count", 1000, window=2) as it:
+                    assert next(it) == 0  # left early: the producer is stopped
+                n.handle("whoami", lambda call: "sync")
+                assert n.invoke("ask") == "sync"
+                n.remove_handler("whoami")
+                with pytest.raises(tether.RemoteError, match="no handler for channel 'whoami'"):
+                    n.invoke("ask")
+                with pytest.raises(tether.RouteClosed, match="routes do not cross NATS"):
+                    n.open("anything")
+                n.send_threadsafe("nobody.listens", 1)
+                n.wait_hello(1)
+                with pytest.raises(TimeoutError, match="still open"):
+                    n.wait_closed(0.1)
+                n.close()
+                n.wait_closed(5)  # closed: returns at once
+                assert n.closed
+
+        await asyncio.to_thread(blocking)
+
+
+async def test_a_blocking_timeout_names_the_channel(nats: NatsServer) -> None:
+    url = f"{nats.url}/slow"
+    async with Main() as main:
+
+        @main.handle("slow", roles="nats")
+        async def slow(call: tether.Call, seconds: float) -> str:
+            await asyncio.sleep(seconds)
+            return "done"
+
+        await main.listen(url)
+
+        def blocking() -> str:
+            with tether.sync.connect(url) as peer:
+                with pytest.raises(tether.InvokeTimeout) as err:
+                    peer.invoke("slow", 30, timeout=0.5)
+                return str(err.value)
+
+        said = await asyncio.to_thread(blocking)
+        assert "no answer on 'slow' within 0.5 s" in said
+        code, _, err = await _cli("--timeout", "0.5", url, "slow", "30")
+        assert code == 1
+        assert "InvokeTimeout: no answer on 'slow' within 0.5 s" in err
