@@ -137,3 +137,40 @@ async def test_a_blocking_timeout_names_the_channel(nats: NatsServer) -> None:
         code, _, err = await _cli("--timeout", "0.5", url, "slow", "30")
         assert code == 1
         assert "InvokeTimeout: no answer on 'slow' within 0.5 s" in err
+
+
+async def test_broadcast_counts_a_nats_namespace_as_one(nats: NatsServer) -> None:
+    url = f"{nats.url}/bcast"
+    async with Main() as main:
+        main.handle("hi", lambda call: 1, roles="nats")
+        await main.listen(url)
+        await main.listen(url)  # a second listener on the same namespace
+        assert await main.broadcast("all", 0) == 1  # no client yet: NATS cannot tell
+        got: list[list[int]] = [[], [], []]
+        clients = [await tether.connect(url) for _ in got]
+        try:
+            for c, box in zip(clients, got, strict=True):
+                c.on("all", lambda call, x, box=box: box.append(x))
+            await clients[0].invoke("hi")  # one client heard from, two never
+            assert await main.broadcast("all", 1) == 1
+            child = await main.spawn(_listens_to_all)
+            await child.invoke("ready")
+            assert await main.broadcast("all", 2) == 2  # the namespace, and the child
+            assert await child.invoke("seen") == [2]
+            deadline = asyncio.get_running_loop().time() + 20
+            while any(len(b) < 2 for b in got) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # a second copy (one per listener) would be in by now
+            assert got == [[1, 2]] * 3  # every client, once each, never heard from or not
+            assert await main.broadcast("all", 3, role="child") == 1
+        finally:
+            for c in clients:
+                await c.close()
+
+
+async def _listens_to_all(peer: tether.Peer) -> None:
+    seen: list[int] = []
+    peer.on("all", lambda call, x: seen.append(x))
+    peer.handle("ready", lambda call: True)
+    peer.handle("seen", lambda call: seen)
+    await peer.wait_closed()

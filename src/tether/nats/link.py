@@ -568,10 +568,19 @@ class NatsServer:
         await self.nc.publish(f"{self.address.namespace}.events", bytes(out))
 
     async def fanout(self, channel: str, args: tuple[Any, ...]) -> int:
-        """``Main.broadcast``'s part for this namespace: :meth:`send`; returns the
-        clients this listener keeps (every client of the namespace gets it)."""
+        """``Main.broadcast``'s part for this namespace: :meth:`send`; returns 1.
+
+        One message reaches every client of the namespace, and NATS does not
+        say how many there are (nor does this listener know: it keeps only
+        the clients it heard from), so the namespace counts as one.
+
+        Raises:
+            PeerGone: the NATS connection is closed (nothing was sent).
+        """
+        if self.nc.is_closed:
+            raise PeerGone(f"{self!r}: the NATS connection closed")
         await self.send(channel, *args)
-        return len(self.peers)
+        return 1
 
     def _max(self) -> int:
         return min(self.main.max_frame_size, int(self.nc.max_payload) - 4)
