@@ -174,3 +174,39 @@ async def _listens_to_all(peer: tether.Peer) -> None:
     peer.handle("ready", lambda call: True)
     peer.handle("seen", lambda call: seen)
     await peer.wait_closed()
+
+
+async def test_what_cannot_share_memory_over_nats(nats: NatsServer) -> None:
+    url = f"{nats.url}/inline"
+    async with Main() as main:
+
+        @main.handle("take", roles="nats")
+        def take(call: tether.Call, value: object) -> list[int]:
+            data = bytes(value)  # type: ignore[call-overload]
+            return [len(data), data[0], data[-1]]
+
+        await main.listen(url)
+        async with tether.connect(url) as peer:
+            r, w = os.pipe()
+            try:
+                with pytest.raises(tether.HandleRefused, match="NATS"):
+                    await peer.invoke("take", tether.Handle(w))
+            finally:
+                os.close(r)
+            buf = tether.Buffer(100_000)  # inline (copied), as the docs say
+            view = buf.view()
+            view[0], view[-1] = 7, 9
+            del view
+            assert await peer.invoke("take", buf) == [100_000, 7, 9]
+            with pytest.raises(tether.ConsumedError):
+                buf.view()
+            big = tether.Buffer(2 << 20)  # above max_payload: refused before sending
+            with pytest.raises(tether.PayloadTooLarge):
+                await peer.invoke("take", big)
+            with pytest.raises(tether.ConsumedError):
+                big.view()
+    with open(os.path.join(ROOT, "docs", "protocol.md"), encoding="utf-8") as f:
+        doc = f.read()
+    nats_part = doc[doc.index("### 1.2 NATS") : doc.index("## 2. Encoding")]
+    assert "`tether.Buffer` travel **inline**" in nats_part
+    assert "shared-memory attachment\n  is refused" not in nats_part
