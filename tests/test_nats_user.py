@@ -210,3 +210,33 @@ async def test_what_cannot_share_memory_over_nats(nats: NatsServer) -> None:
     nats_part = doc[doc.index("### 1.2 NATS") : doc.index("## 2. Encoding")]
     assert "`tether.Buffer` travel **inline**" in nats_part
     assert "shared-memory attachment\n  is refused" not in nats_part
+
+
+async def test_list_shows_the_channels_of_every_listener(nats: NatsServer) -> None:
+    from tether.nats.listing import list_channels
+
+    url = f"{nats.url}/listsplit"
+    async with Main() as a, Main() as b:
+        a.handle("only_a", lambda call: "A", roles="nats")
+        b.handle("only_b", lambda call: "B", roles="nats")
+        for m in (a, b):
+            m.handle("both", lambda call: 1, roles="nats")
+            m.handle("private", lambda call: 1)  # local peers only: not for NATS clients
+            m.on("note", lambda call, text: None, roles="nats")
+        await a.listen(url)
+        await b.listen(url)
+        async with tether.connect(url) as peer:
+            for _ in range(3):  # not one listener's, whichever the queue group picks
+                names = [(e["kind"], e["channel"]) for e in await list_channels(peer)]
+                assert names == [
+                    ("invoke", "both"),
+                    ("invoke", "only_a"),
+                    ("invoke", "only_b"),
+                    ("event", "note"),
+                ]
+        for _ in range(2):
+            code, out, err = await _cli("--list", url)
+            assert code == 0, err
+            lines = out.splitlines()
+            assert "invoke  only_a() -> Any" in lines and "invoke  only_b() -> Any" in lines
+            assert len(lines) == 4 and "private" not in out

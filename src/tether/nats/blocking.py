@@ -21,9 +21,10 @@ from ..errors import InvokeTimeout, PeerGone
 from ..registry import Handlers
 from ..results import DEFAULT, timeout_message
 from ..streams import DEFAULT_WINDOW
+from . import listing
 from .link import connect_nats
 
-__all__ = ["NatsPeer", "NatsStreamIter", "connect_blocking"]
+__all__ = ["NatsPeer", "NatsStreamIter", "connect_blocking", "list_channels"]
 
 _SLACK = 5.0  # seconds past a call's own timeout before the waiting thread gives up
 
@@ -268,3 +269,9 @@ def connect_blocking(address: str, kw: dict[str, Any]) -> NatsPeer:
         thread.join(10)
         raise
     return NatsPeer(loop, thread, peer, spin)
+
+
+def list_channels(peer: NatsPeer, timeout: float | None = 10.0) -> list[dict[str, Any]]:
+    """Blocking :func:`tether.nats.listing.list_channels`: every listener's channels, once each."""
+    result: list[dict[str, Any]] = peer._run(listing.list_channels(peer.aio, timeout), timeout)
+    return result

@@ -51,6 +51,7 @@ from ..wire import (
     encode_frame,
     frame_header,
 )
+from .listing import answer as _answer_list
 from .stream import (
     NO_RESPONDERS,
     ClientStream,
@@ -274,11 +275,15 @@ class NatsServer:
 
             return run
 
+        async def listing(msg: Any) -> None:  # every listener answers (tether.nats.listing)
+            await _answer_list(self, msg)
+
         self._subs = [
             await nc.subscribe(f"{ns}.e.>", cb=cb(self._on_event)),
             await nc.subscribe(f"{ns}.m.{self._id}.*", cb=cb(self._on_direct)),
             await nc.subscribe(f"{ns}.x", cb=cb(self._on_cancel)),
             await nc.subscribe(f"{ns}.bye", cb=cb(self._on_bye)),
+            await nc.subscribe(f"{ns}.list", cb=listing),
             # last: a client that got an answer here finds every channel subscribed
             await nc.subscribe(f"{ns}.hello", queue=ns, cb=self._on_hello),
         ]
