@@ -71,10 +71,15 @@ async def test_the_blocking_client_has_the_blocking_peers_api(nats: NatsServer) 
             await asyncio.sleep(seconds)
             return "done"
 
+        stopped: list[int] = []
+
         @main.handle("count", roles="nats")
         async def count(call: tether.Call, n: int) -> AsyncIterator[int]:
-            for i in range(n):
-                yield i
+            try:
+                for i in range(n):
+                    yield i
+            finally:
+                stopped.append(n)
 
         @main.handle("ask", roles="nats")
         async def ask(call: tether.Call) -> str:
@@ -97,6 +102,9 @@ async def test_the_blocking_client_has_the_blocking_peers_api(nats: NatsServer) 
                 assert list(n.stream("count", 4, window=2)) == [0, 1, 2, 3]
                 with n.stream("count", 1000, window=2) as it:
                     assert next(it) == 0  # left early: the producer is stopped
+                for x in n.stream("count", 2000, window=2):
+                    assert x == 0
+                    break  # dropped: stopped too
                 n.handle("whoami", lambda call: "sync")
                 assert n.invoke("ask") == "sync"
                 n.remove_handler("whoami")
@@ -113,6 +121,10 @@ async def test_the_blocking_client_has_the_blocking_peers_api(nats: NatsServer) 
                 assert n.closed
 
         await asyncio.to_thread(blocking)
+        deadline = asyncio.get_running_loop().time() + 20
+        while len(stopped) < 3 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert sorted(stopped) == [4, 1000, 2000]
 
 
 async def test_a_blocking_timeout_names_the_channel(nats: NatsServer) -> None:
