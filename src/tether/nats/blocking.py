@@ -180,7 +180,8 @@ class NatsPeer(Handlers):
         if self._thread.is_alive():
             with contextlib.suppress(PeerGone, InvokeTimeout, RuntimeError):
                 self._run(self._peer.close(reason), 5.0)
-            finished = getattr(self._peer._stream, "finished", None)
+            stream = getattr(self._peer, "_stream", None)
+            finished = getattr(stream, "finished", None)
             if finished is not None:  # the goodbye published and the NATS link closed
                 with contextlib.suppress(Exception):
                     self._run(asyncio.wait_for(asyncio.shield(finished), 5.0), 5.0)
