@@ -78,9 +78,29 @@ async def test_malformed_frames_to_a_client_are_dropped(nats: NatsServer) -> Non
                 await nc.flush()
                 dropped = peer._stream  # type: ignore[attr-defined]
                 await until(lambda: dropped.dropped >= 5)
-                assert dropped.dropped >= 5
+                assert dropped.dropped == 5
                 assert await peer.invoke("square", 3) == 9
                 assert await other.invoke("square", 4) == 16
+                # posing as a listener: an INVOKE, then another with the id it still serves
+                gate, calls = asyncio.Event(), []
+
+                @peer.handle("wait")
+                async def wait(call: tether.Call) -> str:
+                    calls.append(1)
+                    await gate.wait()
+                    return "ok"
+
+                invoke = _frame(Kind.INVOKE, 5, b"wait", b"\x90")
+                m = f"{ns}.m.{'0' * 16}.{cid}"
+                await nc.publish(f"{ns}.p.{cid}.f", invoke, reply=m)
+                await nc.flush()
+                await until(lambda: calls)
+                await nc.publish(f"{ns}.p.{cid}.f", invoke, reply=m)
+                await nc.flush()
+                await until(lambda: dropped.dropped >= 6)
+                assert dropped.dropped == 6 and calls == [1]
+                gate.set()
+                assert await peer.invoke("square", 6) == 36
         finally:
             await nc.close()
 
