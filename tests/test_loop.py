@@ -84,6 +84,7 @@ class _FakeNatsPeer:
 
     timeout = 5.0
     closed = False
+    _stream = None  # no NATS link whose goodbye close() would wait for
 
     async def close(self) -> None:
         self.closed = True
