@@ -85,6 +85,7 @@ class _FakeNatsPeer:
     timeout = 5.0
     closed = False
     registry = None  # NatsPeer shares the peer's registry; nothing registers here
+    _stream = None  # no NATS link whose goodbye close() would wait for
 
     async def close(self, reason: str = "closed") -> None:
         self.closed = True
