@@ -581,9 +581,9 @@ async def test_a_hostile_publisher_does_not_hurt_a_listener(nats: NatsServer) ->
             # Well framed, a body that does not decode: that caller gets its BadRequest.
             inbox = await nc.subscribe(f"{ns}.p.{me}.>")
             bad = _frame(Kind.INVOKE, 7, b"x", b"\xc1")
-            await nc.publish(f"{ns}.h.x", bad, reply=f"{ns}.p.{me}.r.7")
+            await nc.publish(f"{ns}.h.x", bad, reply=f"{ns}.p.{me}.r.7.{'7' * 16}")
             answer = await inbox.next_msg(timeout=20)
-            assert answer.subject == f"{ns}.p.{me}.r.7"
+            assert answer.subject == f"{ns}.p.{me}.r.7.{'7' * 16}"
             assert answer.data[4] == Kind.ERROR and b"bad_request" in answer.data
             async with tether.connect(url) as peer:  # the listener serves on
                 assert await peer.invoke("x", 41) == 42

@@ -24,6 +24,7 @@ works as on a socket. Credentials come from the address
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
@@ -51,12 +52,14 @@ from ..wire import (
     encode_frame,
     frame_header,
 )
+from .listing import answer as _answer_list
 from .stream import (
     NO_RESPONDERS,
     ClientStream,
     ServerStream,
     channel_token,
     error_frame,
+    frame_ok,
     frames_of,
     spawn,
 )
@@ -76,6 +79,8 @@ CLOSE_WAIT: Final = 10.0
 IDLE_TIMEOUT: Final = 300.0
 #: default :attr:`NatsServer.max_clients`: clients one listener keeps a peer for at once
 MAX_CLIENTS: Final = 4096
+#: seconds newcomers are refused without a look after a look found every client busy
+EVICT_HOLDOFF: Final = 0.1
 _ID_CHARS: Final = frozenset("0123456789abcdef")
 #: what a client sends a listener on ``NS.m.<M>.<I>``
 _FROM_CLIENT: Final = frozenset((K_RESULT, K_ERROR, K_CANCEL, K_CREDIT, K_ITEM))
@@ -228,7 +233,11 @@ class NatsServer:
         self._h = f"{ns}.h."
         self._e = f"{ns}.e."
         self._p = f"{ns}.p."
-        self._clients: dict[str, tuple[ServerStream, Peer]] = {}
+        # least recently heard from first (each message moves its client last)
+        self._clients: collections.OrderedDict[str, tuple[ServerStream, Peer]] = (
+            collections.OrderedDict()
+        )
+        self._all_busy_at = -EVICT_HOLDOFF  # loop time of the last look that found none idle
         self._heads: dict[str, str] = {}  # "NS.p.<I>.r" -> I, for clients kept
         self._channels: dict[str, Any] = {}  # channel -> its NS.h subscription
         self._subs: list[Any] = []
@@ -274,11 +283,15 @@ class NatsServer:
 
             return run
 
+        async def listing(msg: Any) -> None:  # every listener answers (tether.nats.listing)
+            await _answer_list(self, msg)
+
         self._subs = [
             await nc.subscribe(f"{ns}.e.>", cb=cb(self._on_event)),
             await nc.subscribe(f"{ns}.m.{self._id}.*", cb=cb(self._on_direct)),
             await nc.subscribe(f"{ns}.x", cb=cb(self._on_cancel)),
             await nc.subscribe(f"{ns}.bye", cb=cb(self._on_bye)),
+            await nc.subscribe(f"{ns}.list", cb=listing),
             # last: a client that got an answer here finds every channel subscribed
             await nc.subscribe(f"{ns}.hello", queue=ns, cb=self._on_hello),
         ]
@@ -339,13 +352,16 @@ class NatsServer:
             log.warning("%r: dropped a malformed %s on %s", self, what, subject)
 
     def _caller(self, reply: str | None, kind: str) -> tuple[str, int] | None:
-        """Client id (and request id, for ``r``) of a reply subject ``NS.p.<I>.<kind>[.<rid>]``."""
+        """Client id (and request id, for ``r``) of a reply subject
+        ``NS.p.<I>.<kind>`` or ``NS.p.<I>.r.<rid>.<token>`` (the token is the client's
+        to check; here it is 16 hex digits)."""
         if not reply:
             return None
-        if kind == "r":  # the common case: NS.p.<I>.r.<rid>, one client's prefix seen before
-            head, _, rid = reply.rpartition(".")
+        if kind == "r":  # the common case: one client's prefix seen before
+            head, _, token = reply.rpartition(".")
+            head, _, rid = head.rpartition(".")
             cid = self._heads.get(head)
-            if cid is not None and rid.isdigit() and len(rid) <= 10:
+            if cid is not None and rid.isdigit() and len(rid) <= 10 and _is_id(token):
                 return cid, int(rid)
         if not reply.startswith(self._p):
             return None
@@ -354,7 +370,7 @@ class NatsServer:
             return None
         if kind != "r":
             return (parts[0], 0) if len(parts) == 2 else None
-        if len(parts) != 3 or not parts[2].isdigit() or len(parts[2]) > 10:
+        if len(parts) != 4 or not parts[2].isdigit() or len(parts[2]) > 10 or not _is_id(parts[3]):
             return None
         if parts[0] in self._clients:  # (so the cache holds no more than the clients)
             if len(self._heads) >= self.max_clients:
@@ -378,6 +394,7 @@ class NatsServer:
         _, _, kind, frame_rid, chan_len = frames[0]
         if (
             (kind != K_INVOKE and kind != K_STREAM)
+            or not rid
             or frame_rid != rid
             or chan_len != len(channel)  # the channel of the subject it came on
             or not data.startswith(channel, 20)
@@ -393,15 +410,24 @@ class NatsServer:
                     msg.reply, error_frame(rid, "busy", f"{self!r} takes no more clients")
                 )
             return
+        if rid in stream.replies:  # the id of a call still served: not that client's
+            self._bad("invoke (request id in use)", subject)
+            return
         stream.replies[rid] = msg.reply
         stream.last = self._loop.time()
-        stream.feed(data)
+        if not stream.offer(data):  # its peer left too much unread: refused
+            del stream.replies[rid]
+            self.refused += 1
+            why = f"{self!r}: too much from this client waits unread"
+            with contextlib.suppress(Exception):
+                await self.nc.publish(msg.reply, error_frame(rid, "busy", why))
 
     def _on_event(self, msg: Any) -> None:
         data, subject = msg.data, msg.subject
         caller = self._caller(msg.reply, "e")
         pos, n = 0, len(data)
         chan = b"\0"
+        limit = self._max()
         while pos < n:  # whole EVENT frames, all of the channel of the subject
             if n - pos < HEADER_SIZE:
                 break
@@ -409,9 +435,15 @@ class NatsServer:
             if kind != K_EVENT or end > n or end - pos < HEADER_SIZE + chan_len:
                 break
             if chan_len != len(chan) or not data.startswith(chan, pos + HEADER_SIZE):
+                if not frame_ok(data, pos, end, kind, chan_len, limit):
+                    break
                 chan = bytes(data[pos + HEADER_SIZE : pos + HEADER_SIZE + chan_len])
                 if self._e + channel_token(chan) != subject:
                     break
+            elif (end - pos - 4 > limit or data[pos + 16] or data[pos + 17]) and not frame_ok(
+                data, pos, end, kind, chan_len, limit
+            ):
+                break  # (a channel seen in this message is valid UTF-8: the rest is checked)
             pos = end
         if caller is None or pos != n or not n:
             self._bad("event", subject)
@@ -419,7 +451,8 @@ class NatsServer:
         stream = self._client(caller[0])
         if stream is not None:
             stream.last = self._loop.time()
-            stream.feed(data)
+            if not stream.offer(data):  # its peer left too much unread: dropped
+                self.refused += 1
 
     def _on_direct(self, msg: Any) -> None:
         cid = msg.subject.rpartition(".")[2]
@@ -430,7 +463,7 @@ class NatsServer:
             if entry is not None and headers and headers.get("Status") == NO_RESPONDERS:
                 entry[1].abort(PeerGone(f"{entry[1]!r}: the client is gone (NATS: no responders)"))
             return
-        frames = frames_of(data)
+        frames = frames_of(data, self._max())
         if frames is None or any(f[2] not in _FROM_CLIENT for f in frames):
             self._bad("answer", msg.subject)
             return
@@ -441,11 +474,12 @@ class NatsServer:
             if f[2] == K_CANCEL:
                 stream.replies.pop(f[3], None)  # no answer is owed any more
         stream.last = self._loop.time()
-        stream.feed(data)
+        if not stream.offer(data):
+            self.refused += 1
 
     def _on_cancel(self, msg: Any) -> None:
         caller = self._caller(msg.reply, "x")
-        frames = frames_of(msg.data)
+        frames = frames_of(msg.data, self._max())
         if caller is None or frames is None or any(f[2] not in _UNSURE for f in frames):
             self._bad("cancel", msg.subject)
             return
@@ -458,8 +492,8 @@ class NatsServer:
             for f in frames
             if (replies.pop(f[3], None) if f[2] == K_CANCEL else replies.get(f[3])) is not None
         ]
-        if mine:  # the calls this listener serves (every listener hears every cancel)
-            entry[0].feed(b"".join(msg.data[f[0] : f[1]] for f in mine))
+        if mine and not entry[0].offer(b"".join(msg.data[f[0] : f[1]] for f in mine)):
+            self.refused += 1  # (mine: the calls this listener serves; all hear every cancel)
 
     def _on_bye(self, msg: Any) -> None:
         caller = self._caller(msg.reply, "b")
@@ -476,6 +510,7 @@ class NatsServer:
         """The stream of client ``cid``, made (with its peer) at its first message."""
         entry = self._clients.get(cid)
         if entry is not None:
+            self._clients.move_to_end(cid)
             return entry[0]
         main = self.main
         if self._closed or main._closing:
@@ -523,17 +558,26 @@ class NatsServer:
         return not stream.busy and not peer._conn.pending and not peer._tasks
 
     def _evict(self) -> bool:
-        """Drop the longest idle client among the oldest kept; False if none is idle."""
-        oldest: tuple[float, Peer] | None = None
-        for i, (stream, peer) in enumerate(self._clients.values()):
-            if i >= 64:
-                break
-            if self._idle(stream, peer) and (oldest is None or stream.last < oldest[0]):
-                oldest = (stream.last, peer)
-        if oldest is None:
+        """Drop the idle client least recently heard from; False if none is idle.
+
+        Busy clients met on the way go last, so a flood of newcomers costs
+        little each while some client is idle; after a look found none, the
+        next is :data:`EVICT_HOLDOFF` seconds away.
+        """
+        now = self._loop.time()
+        if now - self._all_busy_at < EVICT_HOLDOFF:
             return False
-        oldest[1].abort(PeerGone(f"{oldest[1]!r} dropped: {self.max_clients} clients kept"))
-        return True
+        clients = self._clients
+        for _ in range(len(clients)):
+            cid = next(iter(clients))
+            stream, peer = clients[cid]
+            if self._idle(stream, peer):
+                peer.abort(PeerGone(f"{peer!r} dropped: {self.max_clients} clients kept"))
+                clients.pop(cid, None)  # (its on_close did already)
+                return True
+            clients.move_to_end(cid)
+        self._all_busy_at = now
+        return False
 
     def _arm_sweep(self) -> None:
         if not self._closed:
@@ -568,10 +612,19 @@ class NatsServer:
         await self.nc.publish(f"{self.address.namespace}.events", bytes(out))
 
     async def fanout(self, channel: str, args: tuple[Any, ...]) -> int:
-        """``Main.broadcast``'s part for this namespace: :meth:`send`; returns the
-        clients this listener keeps (every client of the namespace gets it)."""
+        """``Main.broadcast``'s part for this namespace: :meth:`send`; returns 1.
+
+        One message reaches every client of the namespace, and NATS does not
+        say how many there are (nor does this listener know: it keeps only
+        the clients it heard from), so the namespace counts as one.
+
+        Raises:
+            PeerGone: the NATS connection is closed (nothing was sent).
+        """
+        if self.nc.is_closed:
+            raise PeerGone(f"{self!r}: the NATS connection closed")
         await self.send(channel, *args)
-        return len(self.peers)
+        return 1
 
     def _max(self) -> int:
         return min(self.main.max_frame_size, int(self.nc.max_payload) - 4)
@@ -690,7 +743,7 @@ async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
             ) from exc
         except NatsTimeout as exc:
             raise ConnectError(f"{addr}: no answer within {connect_timeout} s") from exc
-        kw["max_frame_size"] = min(kw["max_frame_size"], int(nc.max_payload) - 4)
+        kw["max_frame_size"] = stream.limit = min(kw["max_frame_size"], int(nc.max_payload) - 4)
         peer = Peer(
             stream,
             role="main",

@@ -28,6 +28,7 @@ import collections
 import contextlib
 import logging
 import re
+import secrets
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -35,6 +36,9 @@ from .. import codec
 from ..aio.stream import DrainWaiters
 from ..errors import PayloadTooLarge, TetherError
 from ..wire import (
+    ATT,
+    ATT_SIZE,
+    HEADER,
     HEADER_SIZE,
     K_CANCEL,
     K_CREDIT,
@@ -45,6 +49,7 @@ from ..wire import (
     K_ITEM,
     K_RESULT,
     K_STREAM,
+    WHERE_INLINE,
     Kind,
     encode_frame,
     frame_header,
@@ -57,6 +62,7 @@ __all__ = [
     "ServerStream",
     "channel_token",
     "error_frame",
+    "frame_ok",
     "frames_of",
     "spawn",
 ]
@@ -71,6 +77,10 @@ _PLAIN: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _TOKENS: Final = 1024  # channel -> subject token cache entries (then it starts over)
 _token_cache: dict[bytes, str] = {}
 _U32: Final = 0xFFFFFFFF
+_KINDS: Final = frozenset(int(k) for k in Kind)
+#: bytes of messages a peer may leave unread (it paused: its handlers hold too
+#: much); past it, more are refused (NATS cannot be asked to wait, as a socket is)
+INBOX_LIMIT: Final = 4 * 1024 * 1024
 #: the NATS status header of a "no responders" answer
 NO_RESPONDERS: Final = "503"
 
@@ -125,10 +135,15 @@ def error_frame(rid: int, code: str, message: str) -> bytes:
     return bytes(out)
 
 
-def frames_of(data: bytes | bytearray) -> list[tuple[int, int, int, int, int]] | None:
+def frames_of(
+    data: bytes | bytearray, limit: int = 0
+) -> list[tuple[int, int, int, int, int]] | None:
     """``(start, end, kind, request id, channel length)`` of each frame of a message.
 
-    ``None`` when the message is not whole frames (a stranger's garbage).
+    ``None`` when the message is not whole, well-formed frames (a stranger's
+    garbage): every check the peer's parser makes that would end the peer
+    is made here first (:func:`frame_ok`), so such a message is dropped and
+    counted instead. ``limit``: the largest frame size field taken (0: any).
     """
     out = []
     pos, n = 0, len(data)
@@ -136,11 +151,40 @@ def frames_of(data: bytes | bytearray) -> list[tuple[int, int, int, int, int]] |
         if n - pos < HEADER_SIZE:
             return None
         end, kind, rid, chan_len = frame_header(data, pos)
-        if end > n or end - pos < HEADER_SIZE + chan_len:
+        if end > n or not frame_ok(data, pos, end, kind, chan_len, limit):
             return None
         out.append((pos, end, kind, rid, chan_len))
         pos = end
     return out or None
+
+
+def frame_ok(
+    data: bytes | bytearray, pos: int, end: int, kind: int, chan_len: int, limit: int
+) -> bool:
+    """Whether the frame at ``data[pos:end]`` passes the parser (docs/protocol.md 3):
+    a known kind, a channel of valid UTF-8 inside it, inline attachments only,
+    the table and their bytes inside it, and its size field at most ``limit`` (if not 0)."""
+    if end - pos < HEADER_SIZE + chan_len or kind not in _KINDS:
+        return False
+    if limit and end - pos - 4 > limit:
+        return False
+    if chan_len:
+        try:
+            data[pos + HEADER_SIZE : pos + HEADER_SIZE + chan_len].decode()
+        except UnicodeDecodeError:
+            return False
+    n_att = HEADER.unpack_from(data, pos)[6]
+    if n_att:
+        table = pos + HEADER_SIZE + chan_len
+        inline = table + ATT_SIZE * n_att
+        if inline > end:
+            return False
+        for i in range(n_att):
+            where, _, _, _, length = ATT.unpack_from(data, table + i * ATT_SIZE)
+            inline += length
+            if where != WHERE_INLINE or inline > end:
+                return False
+    return True
 
 
 def _ignore(*args: object) -> None:
@@ -172,6 +216,7 @@ class NatsStream:
         self._on_readable: Callable[[], None] = _ignore
         self._on_error: Callable[[OSError], None] = _ignore
         self._inbox: collections.deque[bytes] = collections.deque([hello])
+        self._waiting = 0  # bytes fed and not read yet
         self._eof = False
         self._reading = False
         self._outbox: collections.deque[_Message] = collections.deque()
@@ -213,15 +258,25 @@ class NatsStream:
             return
         if data:
             self._inbox.append(bytes(data))
+            self._waiting += len(data)
         else:
             self._eof = True
         self._readable()
+
+    def offer(self, data: bytes | bytearray) -> bool:
+        """Whole frames from NATS for the peer; False (not taken) when the peer
+        left :data:`INBOX_LIMIT` bytes unread (one message is always taken)."""
+        if self._waiting and self._waiting + len(data) > INBOX_LIMIT:
+            return False
+        self.feed(data)
+        return True
 
     def recv(self, on_fds: Callable[[array.array[int]], None]) -> bytes | None:
         inbox = self._inbox
         if inbox:
             data = inbox.popleft() if len(inbox) == 1 else b"".join(inbox)
             inbox.clear()
+            self._waiting = 0
             if self._eof:
                 self._loop.call_soon(self._readable)
             return data
@@ -338,7 +393,8 @@ class ClientStream(NatsStream):
     """The client's stream: one peer (role ``main``) for every listener of a namespace.
 
     Outgoing: an INVOKE to ``NS.h.<channel>`` (one message each, reply
-    subject ``NS.p.<I>.r.<rid>``), events to ``NS.e.<channel>``, a CANCEL to
+    subject ``NS.p.<I>.r.<rid>.<token>``, the token random per request:
+    answers on any other subject are dropped and counted), events to ``NS.e.<channel>``, a CANCEL to
     ``NS.x`` (every listener; the one serving the call cancels it), answers to a
     listener's invokes to ``NS.m.<M>.<I>``, the GOODBYE to ``NS.bye``.
     Incoming (:meth:`on_message`): what listeners send to ``NS.p.<I>.>``;
@@ -360,6 +416,8 @@ class ClientStream(NatsStream):
         self._main_suffix = f".{cid}"
         # request id of our invoke (or stream) awaiting its answer -> its channel
         self._calls: dict[int, bytes] = {}
+        # ... -> the reply subject it went with (its answers must come on it)
+        self._replies: dict[int, str] = {}
         # ... -> the subject of the listener serving it, once it sent something for it
         self._mains: dict[int, str] = {}
         # id of a listener's invoke on our peer -> (its listener's subject, its own id)
@@ -370,6 +428,8 @@ class ClientStream(NatsStream):
         self._ev_dest = ("", "", False)  # ...and its destination
         #: messages or frames from NATS that were not ours to take (dropped, counted)
         self.dropped = 0
+        #: the largest frame size field taken (the peer's ``max_frame_size``)
+        self.limit = max_payload - 4
         self.finished: asyncio.Future[None] = self._loop.create_future()
 
     def _route(
@@ -385,17 +445,21 @@ class ClientStream(NatsStream):
         if kind in (K_INVOKE, K_STREAM):
             chan = bytes(buf[pos + 20 : pos + 20 + chan_len])
             self._calls[rid] = chan
+            # unguessable: only who reads NS.h.<channel> or our inbox can answer
+            reply = self._replies[rid] = f"{self._r}{rid}.{secrets.token_hex(8)}"
             # a STREAM's first CREDIT follows it in its message (see below)
-            return f"{ns}.h.{channel_token(chan)}", f"{self._r}{rid}", kind == K_INVOKE
+            return f"{ns}.h.{channel_token(chan)}", reply, kind == K_INVOKE
         if kind in (K_CANCEL, K_CREDIT):
             if rid not in self._calls:
                 return None  # answered already
             main = self._mains.pop(rid, "") if kind == K_CANCEL else self._mains.get(rid, "")
+            sent_with = self._replies.get(rid)
             if kind == K_CANCEL:
                 del self._calls[rid]
+                self._replies.pop(rid, None)
             if main:  # the listener serving it is known
                 return main, "", False
-            if self._size and self._reply == f"{self._r}{rid}":
+            if self._size and self._reply == sent_with:
                 return self._subject, self._reply, False  # with the STREAM it is for
             # Not known yet (it sent nothing for the call): every listener
             # hears it, the one serving (I, rid) takes it.
@@ -423,10 +487,11 @@ class ClientStream(NatsStream):
             if headers and headers.get("Status") == NO_RESPONDERS:
                 self._no_responders(msg.subject)
             return
-        frames = frames_of(data)
+        frames = frames_of(data, self.limit)
         if frames is None:
             self.dropped += 1
             return
+        subject = msg.subject
         main = msg.reply or ""
         if not (main.startswith(self._main_prefix) and main.endswith(self._main_suffix)):
             main = ""
@@ -435,13 +500,17 @@ class ClientStream(NatsStream):
         for start, end, kind, rid, _ in frames:
             if kind == K_EVENT:
                 pass
+            elif kind in (K_RESULT, K_ERROR, K_ITEM) and self._replies.get(rid) != subject:
+                self.dropped += 1  # not on the reply subject of that request: forged or late
+                continue
             elif kind in (K_RESULT, K_ERROR):
                 self._calls.pop(rid, None)
                 self._mains.pop(rid, None)
+                del self._replies[rid]
             elif kind == K_ITEM:
                 if main and rid in self._calls:
                     self._mains[rid] = main  # where its CREDITs and CANCEL go
-            elif (kind in (K_INVOKE, K_STREAM)) and main:
+            elif (kind in (K_INVOKE, K_STREAM)) and main and (main, rid) not in self._served_ids:
                 buf = buf if buf is not None else bytearray(data)
                 set_request_id(buf, start, self._local_id(main, rid))
             elif (
@@ -459,26 +528,35 @@ class ClientStream(NatsStream):
                 continue
             keep.append((start, end))
         if len(keep) == len(frames):
-            self.feed(data if buf is None else buf)
+            ok = self.offer(data if buf is None else buf)
         elif keep:
             src = data if buf is None else buf
-            self.feed(b"".join(src[s:e] for s, e in keep))
+            ok = self.offer(b"".join(src[s:e] for s, e in keep))
+        else:
+            return
+        if not ok:
+            self.dropped += 1  # our peer left too much unread
 
     def on_event(self, msg: Any) -> None:
         """A message on ``NS.events``: EVENT frames for every client."""
-        frames = frames_of(msg.data)
+        frames = frames_of(msg.data, self.limit)
         if frames is None or any(kind != K_EVENT for _, _, kind, _, _ in frames):
             self.dropped += 1
             return
-        self.feed(msg.data)
+        if not self.offer(msg.data):
+            self.dropped += 1  # our peer left too much unread
 
     def _no_responders(self, subject: str) -> None:
         if not subject.startswith(self._r):
             return  # an event, a cancel or the goodbye nobody took: nothing waits for it
         try:
-            rid = int(subject[len(self._r) :])
+            rid = int(subject[len(self._r) :].partition(".")[0])
         except ValueError:
             return
+        if self._replies.get(rid) != subject:
+            self.dropped += 1  # not the reply subject of that request: forged
+            return
+        del self._replies[rid]
         call = self._calls.pop(rid, None)
         if call is not None and rid not in self._mains:
             channel = call.decode("utf-8", "replace")
@@ -557,6 +635,17 @@ class ServerStream(NatsStream):
         if kind == _K_ROUTE_OPEN:
             self.feed(error_frame(rid, "route_closed", "routes do not cross NATS"))
         return None  # HELLO, GOODBYE (the client learns nothing from it), PING...
+
+    def close(self, exc: TetherError) -> None:
+        """Stop now; each invoke still served is answered ERROR ``closed`` (``PeerGone``
+        for its caller, at once: an ended peer sends no GOODBYE, and one would
+        speak for every listener)."""
+        if self.closed_with is None and self.replies:
+            for rid, reply in self.replies.items():
+                payload = error_frame(rid, "closed", f"the main serving the call dropped it: {exc}")
+                self._outbox.append((reply, self._me, payload))
+            self.replies.clear()
+        super().close(exc)
 
     @property
     def busy(self) -> bool:
