@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import ssl as _ssl
 from collections.abc import Callable
@@ -215,8 +216,8 @@ async def _nats_connect(
         cause = failed.result() if failed.done() else None
         if cause is None and not task.cancelled():
             cause = task.exception()
-        if isinstance(cause, OSError) and cause.strerror:
-            why = cause.strerror
+        if isinstance(cause, OSError) and cause.errno:  # "Connection refused", not the call
+            why = os.strerror(cause.errno)
         elif cause is not None:
             why = str(cause) or type(cause).__name__
         else:
