@@ -92,13 +92,13 @@ async def test_an_invoke_over_main_max_frame_size_is_answered_at_once(nats: Nats
         server = await main.listen(url)
         async with tether.connect(url) as peer:
             assert await peer.invoke("echo", bytes(10), timeout=30) == 10
-            kept = list(server.peers)  # type: ignore[attr-defined]
+            kept = list(server.peers)
             assert len(kept) == 1
             with pytest.raises(tether.PayloadTooLarge, match="max_frame_size of 100000"):
                 await peer.invoke("echo", bytes(500_000), timeout=60)  # not InvokeTimeout
             assert server.too_large == 1  # type: ignore[attr-defined]
             assert await peer.invoke("echo", bytes(20), timeout=30) == 20
-            assert server.peers == kept  # type: ignore[attr-defined]
+            assert server.peers == kept
 
 
 async def test_payload_too_large_names_max_payload(nats: NatsServer) -> None:
@@ -121,13 +121,13 @@ async def test_payload_too_large_names_max_payload(nats: NatsServer) -> None:
 async def test_an_unreachable_server_is_a_connect_error_naming_the_cause() -> None:
     url = f"nats://127.0.0.1:{free_port()}/gone"
     t0 = time.monotonic()
-    with pytest.raises(tether.ConnectError, match="(?i)refused"):
+    with pytest.raises(tether.ConnectError, match=r"(?i)refused"):
         await tether.connect(url, connect_timeout=40)
     async with Main() as main:
-        with pytest.raises(tether.ConnectError, match="(?i)refused"):
+        with pytest.raises(tether.ConnectError, match=r"(?i)refused"):
             await main.listen(url)
     loop = asyncio.get_running_loop()
-    with pytest.raises(tether.ConnectError, match="(?i)refused"):
+    with pytest.raises(tether.ConnectError, match=r"(?i)refused"):
         await loop.run_in_executor(None, lambda: tether.sync.connect(url, connect_timeout=40))
     assert time.monotonic() - t0 < 40  # not one connect_timeout, let alone three
 
@@ -164,7 +164,7 @@ async def test_calls_while_reconnecting_fail_at_once_then_work() -> None:
                 await loop.run_in_executor(None, nats.stop)
                 await until(lambda: not nc.is_connected)
                 assert not nc.is_connected
-                with pytest.raises(tether.PeerGone, match="lost the NATS server.*reconnecting"):
+                with pytest.raises(tether.PeerGone, match=r"lost the NATS server.*reconnecting"):
                     await peer.invoke("twice", 2, timeout=60)  # at once, not InvokeTimeout
                 with pytest.raises(tether.PeerGone, match="reconnecting"):
                     await peer.send("twice", 3)
