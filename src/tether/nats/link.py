@@ -141,7 +141,10 @@ def _need_nats(addr: NatsAddress | None = None) -> None:
     ``?creds=``/``?nkey=``) is missing, rather than a bare ModuleNotFoundError."""
     for module, why in (
         ("nats", "nats:// needs the nats-py package: pip install 'tether-ipc[nats]'"),
-        ("nkeys", "nats:// with ?creds= or ?nkey= needs the nkeys package: pip install nkeys"),
+        (
+            "nkeys",
+            "nats:// ?creds= and ?nkey= need the nkeys package: pip install 'nats-py[nkeys]'",
+        ),
     ):
         if module == "nkeys" and not (
             addr and ("user_credentials" in addr.options or "nkeys_seed" in addr.options)
