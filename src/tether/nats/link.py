@@ -288,6 +288,7 @@ class NatsServer:
         self._name = f"{role}@{addr}"
         self._loop = asyncio.get_running_loop()
         self._resync: asyncio.Task[None] | None = None
+        self._sync_lock = asyncio.Lock()
         self._sweeper: asyncio.TimerHandle | None = None
         self._warned_at = 0.0
         self._warned = 0
@@ -364,20 +365,25 @@ class NatsServer:
         NATS server has it (handlers added after ``listen`` are followed by
         themselves; await this to know they are reachable)."""
         try:
-            while not self._closed:
-                want = set(self.main.registry.invokes)
-                have = set(self._channels)
-                if want == have:
-                    break
-                for channel in want - have:
-                    await self._subscribe(channel)
-                for channel in have - want:
-                    with contextlib.suppress(Exception):
-                        await self._channels.pop(channel).unsubscribe()
-            if not self.nc.is_closed:
-                await self.nc.flush()
+            async with self._sync_lock:  # one at a time: a second saw a half-done first
+                await self._sync()
         finally:
-            self._resync = None
+            if self._resync is asyncio.current_task():
+                self._resync = None
+
+    async def _sync(self) -> None:
+        while not self._closed:
+            want = set(self.main.registry.invokes)
+            have = set(self._channels)
+            if want == have:
+                break
+            for channel in want - have:
+                await self._subscribe(channel)
+            for channel in have - want:
+                with contextlib.suppress(Exception):
+                    await self._channels.pop(channel).unsubscribe()
+        if not self.nc.is_closed:
+            await self.nc.flush()
 
     # -- messages in -----------------------------------------------------------
 
