@@ -244,6 +244,10 @@ def test_compare_matches_size_direction_and_metric() -> None:
     compare(rows)
     c2m, c2m_cold = rows[4].metrics
     assert c2m.ratios == {"shm_reuse": 0.5, "memcpy": 0.2}  # same size and direction only
+    # each direction has its own targets: main copies out what a child lends
+    assert [(t["target"], t["pass"]) for t in c2m.targets] == [(">=0.3x memcpy", False)]
+    m2c = rows[5].metrics[0]
+    assert [t["target"] for t in m2c.targets] == [">=0.6x memcpy", ">=8x pipe"]
     assert c2m_cold.ratios["shm_reuse"] == 0.5  # cold against cold, not against warm
     assert rows[5].metrics[0].ratios == {"shm_reuse": 0.75, "memcpy": 0.6}
     assert "vs shm reuse" in table(rows)
@@ -404,10 +408,11 @@ def test_cpu_rows_show_what_polling_costs_when_it_does_not_pay() -> None:
         assert slow["info"]["polls"] <= 9, (name, slow["info"])
     idle = run_once(Run(SCENARIOS["cpu_idle"], "", {"quick": True}), timeout=75.0)
     assert "error" not in idle and "unavailable" not in idle, idle
-    (m,) = idle["metrics"]
-    assert (m["metric"], m["unit"]) == ("idle CPU", "%")
-    assert len(m["samples"]) == 4 and idle["info"]["connections"] == 10
+    names = [(m["metric"], m["unit"]) for m in idle["metrics"]]
+    assert names == [("idle CPU", "%"), ("no connection", "%"), ("idle CPU over floor", "%")]
+    assert all(len(m["samples"]) == 4 for m in idle["metrics"])
+    assert idle["info"]["connections"] == 10
     targets = {(t.scenario, t.metric): t.text() for t in TARGETS}
     assert targets[("cpu_slow_handler", "caller CPU")] == "<5"
     assert targets[("cpu_slow_handler_sync", "caller CPU")] == "<5"
-    assert targets[("cpu_idle", "idle CPU")] == "<1"
+    assert targets[("cpu_idle", "idle CPU over floor")] == "<1"

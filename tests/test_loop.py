@@ -80,12 +80,13 @@ async def test_an_async_child_runs_on_uvloop() -> None:
 
 
 class _FakeNatsPeer:
-    """Stands in for the NATS connection: only what NatsPeer.close uses."""
+    """Stands in for the NATS connection: only what NatsPeer and its close use."""
 
     timeout = 5.0
     closed = False
+    registry = None  # NatsPeer shares the peer's registry; nothing registers here
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "closed") -> None:
         self.closed = True
 
 

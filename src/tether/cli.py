@@ -256,7 +256,12 @@ def _call(ns: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         with sync.connect(addr, timeout=timeout, connect_timeout=timeout, secret=secret) as peer:
-            result = peer.invoke(channel, *args)
+            if ns.list and isinstance(addr, str):  # nats://: the channels of every listener
+                from .nats.blocking import list_channels
+
+                result = list_channels(peer, timeout)  # type: ignore[arg-type]
+            else:
+                result = peer.invoke(channel, *args)
         if ns.list:
             print(_format_channels(result))
             return EXIT_OK

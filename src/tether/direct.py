@@ -158,7 +158,7 @@ async def join(roles: frozenset[str] | set[str], a: Peer, b: Peer, timeout: floa
     for p in (a, b):
         if p._conn.state is State.OPEN and not p._conn.passes_fds:
             raise HandleRefused(
-                f"{p!r} cannot take a descriptor (not on a unix socket: TCP or WebSocket), "
+                f"{p!r} cannot take a descriptor (not on a unix socket: TCP, WebSocket, NATS), "
                 "so it cannot have a direct channel"
             )
     sa, sb = socket.socketpair()

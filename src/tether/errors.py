@@ -183,7 +183,7 @@ class HandleRefused(TetherError, TypeError):
     """A :class:`~tether.Handle` was sent on a connection that passes no descriptors.
 
     Only unix sockets and socketpairs carry descriptors (the ``fd`` feature of
-    both HELLOs); over TCP or WebSocket the send fails and nothing is sent. The
+    both HELLOs); over TCP, WebSocket or NATS the send fails and nothing is sent. The
     Handle is consumed (its descriptor closed) all the same, as a sent one is.
     """
 

@@ -1157,7 +1157,7 @@ class Connection:
             raise handle.refuse(
                 "a tether.Handle cannot be sent on this connection: it passes no file "
                 "descriptors (the peer did not announce 'fd'; only unix sockets and "
-                "socketpairs carry them, not TCP or WebSocket)"
+                "socketpairs carry them, not TCP, WebSocket or NATS)"
             )
         if handle.consumed and any(h is handle for h in self._handles_sent):
             raise ConsumedError(

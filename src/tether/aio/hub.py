@@ -115,12 +115,14 @@ async def broadcast(
                 "send each one its own (Handle.from_file or from_socket duplicate)"
             )
     peers: list[Any] = [p for p in list(main.peers) if _reaches(p, roles)]
-    # NATS listeners send one message every client of the namespace gets (tether.nats)
-    peers += [
-        s
+    # NATS listeners send one message every client of the namespace gets (tether.nats):
+    # one per namespace (two listeners on one would deliver it twice), counted as 1
+    fans = {
+        s.url: s
         for s in main.servers
         if getattr(s, "fanout", None) is not None and (roles is None or s.role in roles)
-    ]
+    }
+    peers += fans.values()
     if not peers:
         return 0
     results = await asyncio.gather(

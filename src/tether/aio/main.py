@@ -993,8 +993,11 @@ class Main(Handlers):
         dropped while this runs because it stopped reading (``max_queued``,
         ``drain_timeout``: it is closed with :class:`PeerGone`), is not
         counted and does not stop the rest. Through a NATS listener the event
-        goes to every client of its namespace as one message (``NS.events``);
-        those count as the clients the listener keeps. A ``tether.Buffer`` cannot be
+        goes to every client of its namespace as one message (``NS.events``),
+        once per namespace however many listeners main has there; each
+        namespace counts as 1 (NATS does not say how many clients got it),
+        so the count is peers and children reached plus NATS namespaces
+        reached. A ``tether.Buffer`` cannot be
         broadcast (a send moves it); arrays and bytes can.
 
         Raises:

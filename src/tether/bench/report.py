@@ -70,7 +70,7 @@ def compare(rows: list[Row]) -> None:
                 if base is not None and base.median > 0:
                     m.ratios[peer] = m.median / base.median
             for t in TARGETS:
-                if t.scenario != row.run.scenario.name or t.metric != m.metric:
+                if not t.applies(row.run, m.metric):
                     continue
                 value = m.median if t.peer is None else m.ratios.get(t.peer)
                 m.targets.append(

@@ -52,6 +52,7 @@ from ..wire import (
     encode_frame,
     frame_header,
 )
+from .listing import answer as _answer_list
 from .stream import (
     NO_RESPONDERS,
     ClientStream,
@@ -327,11 +328,15 @@ class NatsServer:
 
             return run
 
+        async def listing(msg: Any) -> None:  # every listener answers (tether.nats.listing)
+            await _answer_list(self, msg)
+
         self._subs = [
             await nc.subscribe(f"{ns}.e.>", cb=cb(self._on_event)),
             await nc.subscribe(f"{ns}.m.{self._id}.*", cb=cb(self._on_direct)),
             await nc.subscribe(f"{ns}.x", cb=cb(self._on_cancel)),
             await nc.subscribe(f"{ns}.bye", cb=cb(self._on_bye)),
+            await nc.subscribe(f"{ns}.list", cb=listing),
             # last: a client that got an answer here finds every channel subscribed
             await nc.subscribe(f"{ns}.hello", queue=ns, cb=self._on_hello),
         ]
@@ -644,10 +649,19 @@ class NatsServer:
         await self.nc.publish(f"{self.address.namespace}.events", bytes(out))
 
     async def fanout(self, channel: str, args: tuple[Any, ...]) -> int:
-        """``Main.broadcast``'s part for this namespace: :meth:`send`; returns the
-        clients this listener keeps (every client of the namespace gets it)."""
+        """``Main.broadcast``'s part for this namespace: :meth:`send`; returns 1.
+
+        One message reaches every client of the namespace, and NATS does not
+        say how many there are (nor does this listener know: it keeps only
+        the clients it heard from), so the namespace counts as one.
+
+        Raises:
+            PeerGone: the NATS connection is closed (nothing was sent).
+        """
+        if self.nc.is_closed:
+            raise PeerGone(f"{self!r}: the NATS connection closed")
         await self.send(channel, *args)
-        return len(self.peers)
+        return 1
 
     def _max(self) -> int:
         return min(self.main.max_frame_size, int(self.nc.max_payload) - 4)

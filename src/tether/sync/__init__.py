@@ -69,6 +69,7 @@ def connect(
         kw: dict[str, Any] = {"timeout": timeout, "connect_timeout": connect_timeout}
         kw["secret"] = secret
         kw.update(max_frame_size=max_frame_size, ssl=ssl, max_inflight=max_inflight)
+        kw["spin"] = spin  # kept on the peer; the NATS client reads on its own loop thread
         return cast(Peer, connect_blocking(address, kw))  # the same verbs, on a loop thread
     addr = parse_address(address)
     if secret is not None:
