@@ -4,6 +4,7 @@ missing server, missing packages (a real nats-server on a free loopback port).""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -201,6 +202,17 @@ async def test_missing_packages_are_named(
 
 
 def test_cli_errors_over_nats_are_one_line(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger = logging.getLogger("tether")
+    level = logger.level
+    try:
+        _cli_errors(nats, monkeypatch, capsys)
+    finally:
+        logger.setLevel(level)  # (the CLI quiets tether's logger; the tests after need it)
+
+
+def _cli_errors(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"{nats.url}/cli.errors"
