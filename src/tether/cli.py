@@ -247,6 +247,8 @@ def _call(ns: argparse.Namespace) -> int:
             addr = parse_address(address)
         args = [parse_call_arg(a) for a in raw_args]
         secret = _secret(ns)
+        if secret is not None and address.startswith("nats://"):
+            raise ValueError("--secret is not for nats:// (NATS credentials go in the address)")
         if secret is not None:
             check_secret(secret)
     except (ValueError, TypeError, OSError) as exc:
@@ -264,6 +266,9 @@ def _call(ns: argparse.Namespace) -> int:
             print(_format_channels(result))
             return EXIT_OK
         text = msgspec.json.encode(result).decode()
+    except ImportError as exc:  # a package the address needs (nats-py, nkeys)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except TetherError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         if ns.list and isinstance(exc, NoHandler):

@@ -269,6 +269,9 @@ class Connection:
             not fit in it.
     """
 
+    #: what a PayloadTooLarge advises (a transport with another limit says its own)
+    too_large_hint = "max_frame_size: raise it on both sides for larger transfers"
+
     def __init__(
         self,
         local_role: str,
@@ -1030,8 +1033,7 @@ class Connection:
     def _too_large(self, size: int, fd_bytes: int) -> PayloadTooLarge:
         return PayloadTooLarge(
             f"frame of {size} bytes (and {fd_bytes} in descriptors) exceeds "
-            f"the limit of {self.send_limit} bytes (max_frame_size: raise it on both "
-            "sides for larger transfers)"
+            f"the limit of {self.send_limit} bytes ({self.too_large_hint})"
         )
 
     def _place_atts(

@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import secrets
 import ssl as _ssl
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 
-from ..errors import ConnectError, PeerGone
+from ..errors import ConnectError, PayloadTooLarge, PeerGone
 from ..identity import NO_CREDENTIALS
 from ..wire import (
     HEADER_SIZE,
@@ -82,6 +83,8 @@ MAX_CLIENTS: Final = 4096
 #: seconds newcomers are refused without a look after a look found every client busy
 EVICT_HOLDOFF: Final = 0.1
 _ID_CHARS: Final = frozenset("0123456789abcdef")
+#: what a PayloadTooLarge says to do when the NATS server's max_payload is the limit
+TOO_LARGE_HINT: Final = "max_payload: raise it in the NATS server's configuration"
 #: what a client sends a listener on ``NS.m.<M>.<I>``
 _FROM_CLIENT: Final = frozenset((K_RESULT, K_ERROR, K_CANCEL, K_CREDIT, K_ITEM))
 #: what a client sends on ``NS.x`` (to whichever listener serves the request)
@@ -138,6 +141,28 @@ def parse_nats_address(address: str) -> NatsAddress:
     return NatsAddress(f"nats://{shown}:{port or 4222}", ns, options)
 
 
+def _need_nats(addr: NatsAddress | None = None) -> None:
+    """Raise ImportError naming what to install when nats-py (or nkeys, for
+    ``?creds=``/``?nkey=``) is missing, rather than a bare ModuleNotFoundError."""
+    for module, why in (
+        ("nats", "nats:// needs the nats-py package: pip install 'tether-ipc[nats]'"),
+        (
+            "nkeys",
+            "nats:// ?creds= and ?nkey= need the nkeys package: pip install 'nats-py[nkeys]'",
+        ),
+    ):
+        if module == "nkeys" and not (
+            addr and ("user_credentials" in addr.options or "nkeys_seed" in addr.options)
+        ):
+            continue
+        try:
+            __import__(module)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] != module:
+                raise
+            raise ImportError(why) from exc
+
+
 async def _nats_connect(
     addr: NatsAddress,
     ssl: _ssl.SSLContext | None,
@@ -146,9 +171,18 @@ async def _nats_connect(
     on_disconnect: Callable[[], None],
     on_closed: Callable[[], None],
 ) -> Any:
-    """A NATS client connection that reconnects for ever (a failed first connect raises)."""
+    """A NATS client connection that reconnects for ever (a failed first connect raises).
+
+    Raises:
+        ConnectError: the first attempt failed (its cause named: refused,
+            credentials, TLS), or no answer within ``timeout`` (at least 1 s).
+        ImportError: nats-py, or nkeys for ``?creds=``/``?nkey=``, is missing.
+    """
+    _need_nats(addr)
     import nats
-    from nats.errors import Error as NatsError
+
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[BaseException] = loop.create_future()
 
     async def disconnected() -> None:
         on_disconnect()
@@ -156,33 +190,49 @@ async def _nats_connect(
     async def closed() -> None:
         on_closed()
 
-    async def quiet(exc: Exception) -> None:
-        pass  # reconnect attempts fail while the server is away: expected
+    async def first_error(exc: Exception) -> None:
+        # The first connect's failure ends it at once (nats-py would retry);
+        # once in, reconnect attempts fail while the server is away: expected.
+        if not failed.done():
+            failed.set_result(exc)
 
     seconds = max(1, int(timeout + 0.999))
-    try:
-        # The first connect fails at once (refused, bad credentials); once in,
-        # the client reconnects for ever.
-        nc = await asyncio.wait_for(
-            nats.connect(
-                servers=[addr.server],
-                name=name,
-                connect_timeout=seconds,
-                allow_reconnect=False,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                tls=ssl,
-                tls_hostname=None,
-                disconnected_cb=disconnected,
-                closed_cb=closed,
-                error_cb=quiet,
-                **addr.options,
-            ),
-            seconds + 1,
+    task = loop.create_task(
+        nats.connect(
+            servers=[addr.server],
+            name=name,
+            connect_timeout=seconds,
+            allow_reconnect=False,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            tls=ssl,
+            tls_hostname=None,
+            disconnected_cb=disconnected,
+            closed_cb=closed,
+            error_cb=first_error,
+            **addr.options,
         )
-    except (OSError, TimeoutError, NatsError) as exc:
-        why = str(exc) or type(exc).__name__
-        raise ConnectError(f"cannot connect to {addr}: {why}", address=str(addr)) from exc
+    )
+    try:
+        either: list[asyncio.Future[Any]] = [task, failed]
+        await asyncio.wait(either, timeout=seconds + 1, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.wait([task])  # (it ends at its next await once cancelled)
+    if task.cancelled() or task.exception() is not None:
+        cause = failed.result() if failed.done() else None
+        if cause is None and not task.cancelled():
+            cause = task.exception()
+        if isinstance(cause, OSError) and cause.errno:  # "Connection refused", not the call
+            why = os.strerror(cause.errno)
+        elif cause is not None:
+            why = str(cause) or type(cause).__name__
+        else:
+            why = f"no answer within {seconds + 1} s"
+        raise ConnectError(f"cannot connect to {addr}: {why}", address=str(addr)) from cause
+    failed.cancel()  # (first_error is quiet from now on)
+    nc = task.result()
     nc.options["allow_reconnect"] = True
     return nc
 
@@ -216,6 +266,7 @@ class NatsServer:
         refused: messages of clients refused (``max_clients`` reached, or closing).
         dropped: messages that were not well-formed tether messages (counted,
             logged at most ten times a second): a stranger's garbage.
+        too_large: invokes larger than main's ``max_frame_size`` (answered ``too_large``).
     """
 
     def __init__(self, main: Main, addr: NatsAddress, role: str, nc: Any) -> None:
@@ -225,6 +276,7 @@ class NatsServer:
         self.role = role
         self.refused = 0
         self.dropped = 0
+        self.too_large = 0
         self._idle_timeout = IDLE_TIMEOUT
         self.max_clients = MAX_CLIENTS
         self.nc = nc
@@ -245,6 +297,7 @@ class NatsServer:
         self._name = f"{role}@{addr}"
         self._loop = asyncio.get_running_loop()
         self._resync: asyncio.Task[None] | None = None
+        self._sync_lock = asyncio.Lock()
         self._sweeper: asyncio.TimerHandle | None = None
         self._warned_at = 0.0
         self._warned = 0
@@ -325,20 +378,25 @@ class NatsServer:
         NATS server has it (handlers added after ``listen`` are followed by
         themselves; await this to know they are reachable)."""
         try:
-            while not self._closed:
-                want = set(self.main.registry.invokes)
-                have = set(self._channels)
-                if want == have:
-                    break
-                for channel in want - have:
-                    await self._subscribe(channel)
-                for channel in have - want:
-                    with contextlib.suppress(Exception):
-                        await self._channels.pop(channel).unsubscribe()
-            if not self.nc.is_closed:
-                await self.nc.flush()
+            async with self._sync_lock:  # one at a time: a second saw a half-done first
+                await self._sync()
         finally:
-            self._resync = None
+            if self._resync is asyncio.current_task():
+                self._resync = None
+
+    async def _sync(self) -> None:
+        while not self._closed:
+            want = set(self.main.registry.invokes)
+            have = set(self._channels)
+            if want == have:
+                break
+            for channel in want - have:
+                await self._subscribe(channel)
+            for channel in have - want:
+                with contextlib.suppress(Exception):
+                    await self._channels.pop(channel).unsubscribe()
+        if not self.nc.is_closed:
+            await self.nc.flush()
 
     # -- messages in -----------------------------------------------------------
 
@@ -402,6 +460,16 @@ class NatsServer:
             or (len(frames) > 1 and not _credits(frames, rid, kind))
         ):
             self._bad("invoke", subject)
+            return
+        if frames[0][1] - 4 > self._max():  # under max_payload, over main's max_frame_size
+            self.too_large += 1
+            what = channel.decode("utf-8", "replace")
+            why = (
+                f"{self!r}: a frame of {frames[0][1] - 4} bytes on {what!r} exceeds this "
+                f"main's max_frame_size of {self._max()} bytes"
+            )
+            with contextlib.suppress(Exception):
+                await self.nc.publish(msg.reply, error_frame(rid, "too_large", why))
             return
         stream = self._client(cid)
         if stream is None:
@@ -547,6 +615,8 @@ class NatsServer:
             local=False,
             initiator=False,
         )
+        if kw["max_frame_size"] == int(self.nc.max_payload) - 4:
+            peer._conn.too_large_hint = TOO_LARGE_HINT
         self._clients[cid] = (stream, peer)
         main.peers.add(peer)
         peer.start()
@@ -608,7 +678,13 @@ class NatsServer:
             raise TypeError(f"channel must be a str, not {type(channel).__name__}")
         out = bytearray()
         body = msgspec.msgpack.encode(args)
-        encode_frame(out, Kind.EVENT, 0, 0, channel.encode(), body, max_frame_size=self._max())
+        limit = self._max()
+        try:
+            encode_frame(out, Kind.EVENT, 0, 0, channel.encode(), body, max_frame_size=limit)
+        except PayloadTooLarge as exc:
+            if limit != int(self.nc.max_payload) - 4:
+                raise
+            raise PayloadTooLarge(f"{exc} ({TOO_LARGE_HINT})") from None
         await self.nc.publish(f"{self.address.namespace}.events", bytes(out))
 
     async def fanout(self, channel: str, args: tuple[Any, ...]) -> int:
@@ -673,6 +749,7 @@ async def listen_nats(
     main: Main, address: str, *, role: str | None, ssl: _ssl.SSLContext | None
 ) -> NatsServer:
     """Serve ``main``'s handlers on a NATS namespace (see :meth:`tether.Main.listen`)."""
+    _need_nats()
     addr = parse_nats_address(address)
     holder: list[NatsServer] = []
 
@@ -701,10 +778,11 @@ async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
             (credentials, TLS), or no main listens on the namespace (NATS
             answered "no responders" to ``NS.hello``: at once, not after a timeout).
     """
+    _need_nats()
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
-    from ..aio.peer import Peer
+    from .client import NatsClientPeer
 
     kw = dict(kw)
     connect_timeout = kw.pop("connect_timeout")
@@ -724,8 +802,10 @@ async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
             holder[0].abort(PeerGone(f"{addr}: the NATS connection closed"))
 
     nc = await _nats_connect(addr, ssl, connect_timeout, "tether client", disconnected, closed)
+    stream: ClientStream | None = None
     try:
         stream = ClientStream(nc, ns, secrets.token_hex(8), int(nc.max_payload))
+        stream.where = str(addr)
 
         async def inbox(msg: Any) -> None:
             stream.on_message(msg)
@@ -744,7 +824,7 @@ async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
         except NatsTimeout as exc:
             raise ConnectError(f"{addr}: no answer within {connect_timeout} s") from exc
         kw["max_frame_size"] = stream.limit = min(kw["max_frame_size"], int(nc.max_payload) - 4)
-        peer = Peer(
+        peer = NatsClientPeer(
             stream,
             role="main",
             local_role="client",
@@ -753,10 +833,14 @@ async def connect_nats(address: str, kw: dict[str, Any]) -> Peer:
             initiator=True,
             **kw,
         )
+        if kw["max_frame_size"] == int(nc.max_payload) - 4:
+            peer._conn.too_large_hint = TOO_LARGE_HINT
         holder.append(peer)
         peer.start()
         await peer.wait_hello(connect_timeout)
     except BaseException:
+        if stream is not None:  # stop its writer task (else "Task was destroyed")
+            stream._writer.cancel()
         await nc.close()
         raise
     return peer

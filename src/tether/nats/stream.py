@@ -26,6 +26,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import hashlib
 import logging
 import re
 import secrets
@@ -75,6 +76,8 @@ _K_ROUTE_OPEN: Final = int(Kind.ROUTE_OPEN)
 _TO_CLIENT: Final = frozenset((K_EVENT, K_INVOKE, K_CANCEL, K_STREAM, K_CREDIT))
 _PLAIN: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _TOKENS: Final = 1024  # channel -> subject token cache entries (then it starts over)
+#: longest subject token a channel maps to as itself (or its base32); longer ones are hashed
+MAX_TOKEN: Final = 128
 _token_cache: dict[bytes, str] = {}
 _U32: Final = 0xFFFFFFFF
 _KINDS: Final = frozenset(int(k) for k in Kind)
@@ -96,6 +99,11 @@ def channel_token(channel: bytes) -> str:
     """The subject token(s) of a channel (UTF-8): itself when it is dot-separated
     tokens of letters, digits, ``_`` and ``-``, else ``~`` and the lowercase
     unpadded base32 of its bytes (no wildcard or space ever reaches a subject).
+
+    A token longer than :data:`MAX_TOKEN` characters is ``~~`` and the base32
+    of the first 20 bytes of the channel's SHA-256 instead (34 characters), so
+    a long channel (up to 65535 bytes) never overflows the NATS server's
+    control line; the frame still carries the whole channel name.
     """
     tok = _token_cache.get(channel)
     if tok is None:
@@ -104,6 +112,9 @@ def channel_token(channel: bytes) -> str:
             tok = text
         else:
             tok = "~" + base64.b32encode(channel).decode().rstrip("=").lower()
+        if len(tok) > MAX_TOKEN:
+            digest = hashlib.sha256(channel).digest()[:20]
+            tok = "~~" + base64.b32encode(digest).decode().lower()
         if len(_token_cache) >= _TOKENS:
             _token_cache.clear()
         _token_cache[bytes(channel)] = tok
@@ -431,6 +442,8 @@ class ClientStream(NatsStream):
         #: the largest frame size field taken (the peer's ``max_frame_size``)
         self.limit = max_payload - 4
         self.finished: asyncio.Future[None] = self._loop.create_future()
+        #: the address connected to (named when the NATS server is lost)
+        self.where = ""
 
     def _route(
         self, buf: bytearray, pos: int, kind: int, rid: int, chan_len: int
@@ -443,6 +456,9 @@ class ClientStream(NatsStream):
                 self._ev_dest = f"{ns}.e.{channel_token(chan)}", self._e, False
             return self._ev_dest
         if kind in (K_INVOKE, K_STREAM):
+            if not self._nc.is_connected:  # reconnecting: fail it now, not at its timeout
+                self.feed(error_frame(rid, "closed", self.lost_server()))
+                return None
             chan = bytes(buf[pos + 20 : pos + 20 + chan_len])
             self._calls[rid] = chan
             # unguessable: only who reads NS.h.<channel> or our inbox can answer
@@ -478,6 +494,10 @@ class ClientStream(NatsStream):
         if kind == _K_ROUTE_OPEN:
             self.feed(error_frame(rid, "route_closed", "routes do not cross NATS"))
         return None  # HELLO (fixed profile), PING, ROUTE_CLOSE: not over NATS
+
+    def lost_server(self) -> str:
+        """Why a call made while the NATS link is down fails (``PeerGone``)."""
+        return f"{self.where or self.namespace}: lost the NATS server; reconnecting"
 
     def on_message(self, msg: Any) -> None:
         """A message on ``NS.p.<I>.>``: a listener's answers, invokes, events; or a status."""
