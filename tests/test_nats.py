@@ -762,3 +762,24 @@ async def test_a_closing_main_fails_the_invokes_it_serves(nats: NatsServer) -> N
             with pytest.raises(tether.PeerGone, match="closed"):
                 await pending
             assert time.monotonic() - t0 < 30  # not the timeout
+
+
+async def test_flushed_pushes_queued_commands_out_before_its_ping() -> None:
+    """nats-py's flush() writes PING ahead of SUBs still queued: the PONG proved nothing.
+
+    Seen as a handler added after listen answering "no responders" right after
+    ``server.sync()`` (about one full NATS test run in three).
+    """
+    from tether.nats.stream import flushed
+
+    order: list[str] = []
+
+    class Client:
+        async def _flush_pending(self, force_flush: bool = False) -> None:
+            order.append(f"queue out (forced={force_flush})")
+
+        async def flush(self, timeout: float = 10) -> None:
+            order.append("ping")
+
+    await flushed(Client(), 1.0)
+    assert order == ["queue out (forced=True)", "ping"]

@@ -60,6 +60,7 @@ from .stream import (
     ServerStream,
     channel_token,
     error_frame,
+    flushed,
     frame_ok,
     frames_of,
     spawn,
@@ -348,7 +349,7 @@ class NatsServer:
             # last: a client that got an answer here finds every channel subscribed
             await nc.subscribe(f"{ns}.hello", queue=ns, cb=self._on_hello),
         ]
-        await nc.flush()
+        await flushed(nc)
         self._arm_sweep()
 
     # -- following the main's handlers ---------------------------------------
@@ -396,7 +397,7 @@ class NatsServer:
                 with contextlib.suppress(Exception):
                     await self._channels.pop(channel).unsubscribe()
         if not self.nc.is_closed:
-            await self.nc.flush()
+            await flushed(self.nc)
 
     # -- messages in -----------------------------------------------------------
 

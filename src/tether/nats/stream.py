@@ -95,6 +95,20 @@ def spawn(coro: Any) -> None:
     task.add_done_callback(_tasks.discard)
 
 
+async def flushed(nc: Any, timeout: float = 10.0) -> None:
+    """Return once the NATS server has processed every command sent so far.
+
+    nats-py's ``flush()`` writes its PING straight to the socket, ahead of the
+    commands still queued for its flusher task (SUB, UNSUB, PUB), so the PONG
+    can come back before they reach the server: a subscription "flushed" that
+    way may not be there yet. The queue goes out first here.
+    """
+    push = getattr(nc, "_flush_pending", None)
+    if push is not None:
+        await asyncio.wait_for(push(force_flush=True), timeout)
+    await nc.flush(timeout)
+
+
 def channel_token(channel: bytes) -> str:
     """The subject token(s) of a channel (UTF-8): itself when it is dot-separated
     tokens of letters, digits, ``_`` and ``-``, else ``~`` and the lowercase
