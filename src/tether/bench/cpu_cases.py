@@ -34,10 +34,9 @@ from .common import (
     Metric,
     Params,
     Result,
+    ServerProcess,
     child_init,
-    join_or_kill,
     scratch_dir,
-    spawn_ctx,
 )
 from .tether_cases import WAIT, bounded, loop_name
 
@@ -76,25 +75,12 @@ def _server_process(path: str, ready: Any, parent_pid: int) -> None:
     run(_serve(path, ready))
 
 
-class _Server:
+class _Server(ServerProcess):
     """A process running a :class:`tether.Main` with ``echo``, ``slow`` and ``cpu``."""
 
     def __init__(self, tmp: str) -> None:
-        ctx = spawn_ctx()
         self.address = f"unix://{tmp}/cpu.sock"
-        ready = ctx.Event()
-        self.proc = ctx.Process(
-            target=_server_process, args=(f"{tmp}/cpu.sock", ready, os.getpid()), daemon=True
-        )
-        self.proc.start()
-        if not ready.wait(WAIT):
-            self.stop()
-            raise TimeoutError(f"the tether server did not start within {WAIT} s")
-
-    def stop(self) -> None:
-        if self.proc.exitcode is None:
-            self.proc.terminate()
-        join_or_kill(self.proc)
+        super().__init__(_server_process, f"{tmp}/cpu.sock", what="tether server", timeout=WAIT)
 
 
 def _percent(name: str, samples: list[float]) -> Metric:
